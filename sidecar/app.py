@@ -1,0 +1,76 @@
+"""The request pipeline, in one place, read top to bottom.
+
+    boundary        every own error -> JSON error body, never a stack trace
+    identity        accept a sane X-Request-ID or make one; trace context; log binding
+    observe         count and time every request
+    routing         pick the configured route (404/405) and its limits
+    handler         forward to the model and relay its answer
+
+Nobody adds a middleware anywhere else. Later stages (auth, rate limit, limits,
+validation) slot in between routing and the handler, in this list.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from sidecar import admin, middlewares
+from sidecar.context import REQUEST_CONTEXT
+from sidecar.proxy import forward
+from sidecar.runtime import Runtime
+
+RUNTIME: web.AppKey[Runtime] = web.AppKey("sidecar_runtime", Runtime)
+
+
+def pipeline(runtime: Runtime) -> list[Middleware]:
+    config = runtime.config
+    return [
+        middlewares.error_boundary(),
+        middlewares.request_identity(),
+        middlewares.observe(metrics=runtime.metrics),
+        middlewares.routing(routes=runtime.routes, default_body_limit=config.server.max_body_size),
+    ]
+
+
+def _proxy_handler(runtime: Runtime) -> web.Handler:
+    upstreams = runtime.upstreams
+    metrics = runtime.metrics
+
+    async def proxy(request: web.Request) -> web.StreamResponse:
+        ctx = request[REQUEST_CONTEXT]
+        assert ctx.route is not None  # set by the routing stage
+        return await forward(request, ctx, upstreams[ctx.route.upstream], metrics)
+
+    return proxy
+
+
+def build_main_app(runtime: Runtime) -> web.Application:
+    """The listener clients and Kubernetes talk to."""
+    app = web.Application(middlewares=pipeline(runtime))
+    app[RUNTIME] = runtime
+    app.router.add_get("/livez", admin.livez_handler(runtime), name="livez")
+    app.router.add_get("/readyz", admin.readyz_handler(runtime), name="readyz")
+    if not runtime.config.admin.enabled:
+        # Without an admin listener the detailed endpoints live here; with one, these
+        # paths reach the model server (whose own /metrics may matter to its owners).
+        app.router.add_get("/health", admin.health_handler(runtime), name="health")
+        app.router.add_get("/metrics", admin.metrics_handler(runtime), name="metrics")
+    app.router.add_route("*", "/{tail:.*}", _proxy_handler(runtime), name=middlewares.PROXY_ROUTE_NAME)
+    return app
+
+
+def build_admin_app(runtime: Runtime) -> web.Application:
+    """The operator's listener (loopback by default): health detail and metrics."""
+    app = web.Application(
+        middlewares=[
+            middlewares.error_boundary(),
+            middlewares.request_identity(),
+        ]
+    )
+    app[RUNTIME] = runtime
+    app.router.add_get("/livez", admin.livez_handler(runtime), name="livez")
+    app.router.add_get("/readyz", admin.readyz_handler(runtime), name="readyz")
+    app.router.add_get("/health", admin.health_handler(runtime), name="health")
+    app.router.add_get("/metrics", admin.metrics_handler(runtime), name="metrics")
+    return app

@@ -1,0 +1,376 @@
+"""Deployment config: one YAML file becomes frozen, typed objects.
+
+Loading is a short pipeline, and every step reports problems as ``ConfigIssue``
+(a key path and a message) so that ``sidecar check-config`` can list them all:
+
+    read YAML (duplicate keys are errors)
+      -> substitute ``${VAR}`` / ``${VAR:-default}`` from the given environment
+      -> validate with pydantic (unknown keys, missing keys and wrong types)
+      -> cross-reference checks (a route names an upstream that exists, ...)
+
+This is the only module that reads the process environment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
+
+# --- units -----------------------------------------------------------------------
+
+_DURATION_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|ms|s|m|h)\s*$")
+_SIZE_UNITS = {
+    "B": 1,
+    "KB": 1000,
+    "MB": 1000**2,
+    "GB": 1000**3,
+    "KiB": 1024,
+    "MiB": 1024**2,
+    "GiB": 1024**3,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*(B|KB|MB|GB|KiB|MiB|GiB)\s*$")
+
+
+def parse_duration(value: object) -> float:
+    """``"250ms"`` -> 0.25. A bare number is refused: the unit must be explicit."""
+    if isinstance(value, bool) or not isinstance(value, str):
+        raise ValueError("a duration needs a unit, e.g. '250ms', '10s', '5m' (us, ms, s, m, h)")
+    match = _DURATION_RE.match(value)
+    if match is None:
+        raise ValueError(f"{value!r} is not a duration such as '250ms', '10s' or '5m'")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def format_duration(seconds: float) -> str:
+    for unit, scale in (("h", 3600.0), ("m", 60.0), ("s", 1.0), ("ms", 1e-3)):
+        count = seconds / scale
+        if count >= 1 and abs(count - round(count)) < 1e-9:
+            return f"{round(count)}{unit}"
+    return f"{round(seconds * 1e6)}us"
+
+
+def parse_size(value: object) -> int:
+    """``"10MiB"`` -> 10485760. A bare number is refused: the unit must be explicit."""
+    if isinstance(value, bool) or not isinstance(value, str):
+        raise ValueError("a size needs a unit, e.g. '512KiB', '10MiB' (B, KB, MB, GB, KiB, MiB, GiB)")
+    match = _SIZE_RE.match(value)
+    if match is None:
+        raise ValueError(f"{value!r} is not a size such as '512KiB' or '10MiB'")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+
+
+def format_size(size: int) -> str:
+    for unit in ("GiB", "MiB", "KiB"):
+        if size and size % _SIZE_UNITS[unit] == 0:
+            return f"{size // _SIZE_UNITS[unit]}{unit}"
+    return f"{size}B"
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(format_duration)]
+ByteSize = Annotated[int, BeforeValidator(parse_size), PlainSerializer(format_size)]
+
+_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+# --- the config tree -------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Listener(_Strict):
+    host: str = "0.0.0.0"
+    port: int = Field(default=8080, ge=0, le=65535)
+
+
+class AdminListener(_Strict):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=9901, ge=0, le=65535)
+
+
+class ServerSettings(_Strict):
+    drain_timeout: Duration = 10.0
+    keepalive_timeout: Duration = 75.0
+    max_body_size: ByteSize = 10 * 1024 * 1024
+
+
+class UpstreamHealth(_Strict):
+    path: str = "/v2/health/ready"
+    interval: Duration = 5.0
+    timeout: Duration = 2.0
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, path: str) -> str:
+        if not path.startswith("/"):
+            raise ValueError("must start with '/'")
+        return path
+
+
+class Upstream(_Strict):
+    url: str
+    max_connections: int = Field(default=100, ge=1, le=100_000)
+    connect_timeout: Duration = 1.0
+    read_timeout: Duration = 30.0
+    headers: dict[str, SecretStr] = Field(default_factory=dict)
+    health: UpstreamHealth = UpstreamHealth()
+
+    @field_validator("url")
+    @classmethod
+    def _http_origin(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError("must be an origin only (scheme, host, port), without a path")
+        try:
+            parts.port  # noqa: B018 - urlsplit validates the port lazily
+        except ValueError as exc:
+            raise ValueError(f"bad port: {exc}") from None
+        return url.rstrip("/")
+
+
+class Route(_Strict):
+    name: str = Field(pattern=_NAME_PATTERN)
+    path_prefix: str = "/"
+    methods: tuple[str, ...] = ()
+    upstream: str
+    timeout: Duration = 30.0
+    max_body_size: ByteSize | None = None
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _absolute(cls, prefix: str) -> str:
+        if not prefix.startswith("/"):
+            raise ValueError("must start with '/'")
+        return prefix
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, methods: tuple[str, ...]) -> tuple[str, ...]:
+        upper = tuple(m.upper() for m in methods)
+        unknown = sorted(set(upper) - _HTTP_METHODS)
+        if unknown:
+            raise ValueError(f"unknown HTTP method(s): {', '.join(unknown)}")
+        return upper
+
+
+class LoggingSettings(_Strict):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Config(_Strict):
+    listen: Listener = Listener()
+    admin: AdminListener = AdminListener()
+    server: ServerSettings = ServerSettings()
+    upstreams: dict[str, Upstream] = Field(min_length=1)
+    routes: tuple[Route, ...] = Field(min_length=1)
+    logging: LoggingSettings = LoggingSettings()
+
+    def route_body_limit(self, route: Route) -> int:
+        return route.max_body_size if route.max_body_size is not None else self.server.max_body_size
+
+
+# --- loading ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigIssue:
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class ConfigError(Exception):
+    """Every problem found in one config file, each with the path of its key."""
+
+    def __init__(self, source: str, issues: list[ConfigIssue]) -> None:
+        self.source = source
+        self.issues = issues
+        super().__init__(f"{source}: {len(issues)} config error(s)")
+
+    def render(self) -> str:
+        lines = [f"{self.source}: {len(self.issues)} error(s)"]
+        lines += [f"  - {issue}" for issue in self.issues]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedConfig:
+    """A validated config plus where it came from (for reloads and relative paths)."""
+
+    config: Config
+    path: Path
+    sha256: str
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate mapping keys instead of keeping the last."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    mapping: dict[Any, Any] = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node)
+        if key in mapping:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        mapping[key] = loader.construct_object(value_node, deep=True)
+    return mapping
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    _construct_unique_mapping,  # type: ignore[arg-type]
+)
+
+_ENV_RE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def format_path(loc: tuple[int | str, ...]) -> str:
+    """``('routes', 0, 'upstream')`` -> ``routes[0].upstream``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _substitute_env(
+    node: Any, env: Mapping[str, str], loc: tuple[int | str, ...], issues: list[ConfigIssue]
+) -> Any:
+    if isinstance(node, dict):
+        return {k: _substitute_env(v, env, (*loc, k), issues) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_substitute_env(v, env, (*loc, i), issues) for i, v in enumerate(node)]
+    if not isinstance(node, str) or "$" not in node:
+        return node
+
+    def replace(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, default = match.group(1), match.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        issues.append(ConfigIssue(format_path(loc), f"environment variable {name} is not set"))
+        return ""
+
+    return _ENV_RE.sub(replace, node)
+
+
+_MESSAGES = {
+    "extra_forbidden": "unknown key",
+    "missing": "missing required key",
+}
+
+
+def _pydantic_issues(exc: ValidationError) -> Iterator[ConfigIssue]:
+    for error in exc.errors(include_url=False):
+        message = _MESSAGES.get(error["type"], error["msg"])
+        message = message.removeprefix("Value error, ")
+        yield ConfigIssue(format_path(tuple(error["loc"])), message)
+
+
+def _cross_reference_issues(config: Config) -> Iterator[ConfigIssue]:
+    seen: set[str] = set()
+    for index, route in enumerate(config.routes):
+        if route.upstream not in config.upstreams:
+            known = ", ".join(sorted(config.upstreams))
+            yield ConfigIssue(
+                f"routes[{index}].upstream", f"no upstream named {route.upstream!r} (known: {known})"
+            )
+        if route.name in seen:
+            yield ConfigIssue(f"routes[{index}].name", f"duplicate route name {route.name!r}")
+        seen.add(route.name)
+    for name in config.upstreams:
+        if re.match(_NAME_PATTERN, name) is None:
+            yield ConfigIssue(f"upstreams.{name}", "names use letters, digits, '_', '.', '-'")
+    if config.admin.enabled and (config.admin.host, config.admin.port) == (
+        config.listen.host,
+        config.listen.port,
+    ) and config.listen.port != 0:
+        yield ConfigIssue("admin.port", "the admin listener needs a port of its own")
+
+
+def parse_config(text: str, *, source: str, env: Mapping[str, str]) -> Config:
+    """Validate config text. Raises ``ConfigError`` listing every problem found."""
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(source, [ConfigIssue("", f"{where}invalid YAML: {problem}")]) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(source, [ConfigIssue("", "the top level must be a mapping of keys")])
+
+    issues: list[ConfigIssue] = []
+    substituted = _substitute_env(raw, env, (), issues)
+    try:
+        config = Config.model_validate(substituted)
+    except ValidationError as exc:
+        raise ConfigError(source, issues + list(_pydantic_issues(exc))) from None
+    issues += _cross_reference_issues(config)
+    if issues:
+        raise ConfigError(source, issues)
+    return config
+
+
+def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> LoadedConfig:
+    """Read and validate a config file; ``env`` defaults to the process environment."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(str(path), [ConfigIssue("", f"cannot read: {exc.strerror}")]) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(str(path), [ConfigIssue("", "not valid UTF-8")]) from None
+    config = parse_config(text, source=str(path), env=os.environ if env is None else env)
+    return LoadedConfig(config=config, path=path.resolve(), sha256=hashlib.sha256(data).hexdigest())
+
+
+def render_effective(config: Config) -> str:
+    """The config with every default filled in and every secret redacted, as YAML."""
+    dumped = config.model_dump(mode="json")
+    return yaml.safe_dump(dumped, sort_keys=False, default_flow_style=False)
+
+
+def bundled_config_dir() -> Path:
+    """Where ``config/`` lives: inside an installed wheel, or beside the source tree."""
+    installed = Path(__file__).resolve().parent / "_bundled_config"
+    if installed.is_dir():
+        return installed
+    return Path(__file__).resolve().parent.parent / "config"

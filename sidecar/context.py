@@ -1,0 +1,49 @@
+"""Per-request state shared by the pipeline stages, and what the client sees of it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from sidecar.config import Route
+from sidecar.metrics import OUTCOME_OK
+
+
+@dataclass(slots=True)
+class RequestContext:
+    request_id: str
+    traceparent: str
+    trace_id: str
+    started: float = field(default_factory=time.perf_counter)
+    route: Route | None = None
+    route_name: str = "-"
+    body_limit: int = 0
+    outcome: str = OUTCOME_OK
+    attempts: int = 0
+    upstream_started: float | None = None
+    upstream_seconds: float | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+    def finish_upstream(self) -> None:
+        if self.upstream_started is not None:
+            self.upstream_seconds = time.perf_counter() - self.upstream_started
+
+    def stamp(self, headers: CIMultiDict[str]) -> None:
+        """Add the identity and timing headers every answer carries."""
+        headers["X-Request-ID"] = self.request_id
+        total_ms = (time.perf_counter() - self.started) * 1000.0
+        # add, not set: a model's own Server-Timing entries are kept beside ours.
+        if self.upstream_seconds is not None:
+            headers.add(
+                "Server-Timing",
+                f"upstream;dur={self.upstream_seconds * 1000.0:.3f}, total;dur={total_ms:.3f}",
+            )
+        else:
+            headers.add("Server-Timing", f"total;dur={total_ms:.3f}")
+
+
+REQUEST_CONTEXT: web.RequestKey[RequestContext] = web.RequestKey("sidecar_ctx", RequestContext)

@@ -1,0 +1,1 @@
+"""The built-in demo: an iris model server, a candidate model and the sidecar."""

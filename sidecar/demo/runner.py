@@ -1,0 +1,79 @@
+"""``sidecar demo``: the demo model, its candidate, and the sidecar in front of them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from sidecar.config import bundled_config_dir, load_config
+from sidecar.demo.model import build_model_app, candidate_model, production_model
+from sidecar.runtime import Runtime
+from sidecar.server import RunningSidecar
+
+DEMO_INPUT = '{"inputs":[{"name":"input-0","shape":[1,4],"datatype":"FP32","data":[5.1,3.5,1.4,0.2]}]}'
+
+
+@dataclass(frozen=True, slots=True)
+class DemoPorts:
+    port: int = 8080
+    model_port: int = 8081
+    shadow_port: int = 8082
+    admin_port: int = 9901
+
+
+def demo_environment(ports: DemoPorts) -> dict[str, str]:
+    """The variables config/demo.yaml reads, on top of the process environment."""
+    return {
+        **os.environ,
+        "SIDECAR_DEMO_PORT": str(ports.port),
+        "SIDECAR_DEMO_ADMIN_PORT": str(ports.admin_port),
+        "SIDECAR_DEMO_MODEL_URL": f"http://127.0.0.1:{ports.model_port}",
+        "SIDECAR_DEMO_SHADOW_URL": f"http://127.0.0.1:{ports.shadow_port}",
+    }
+
+
+async def _start_model(app: web.Application, port: int) -> web.AppRunner:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner
+
+
+def banner(ports: DemoPorts) -> str:
+    base = f"http://127.0.0.1:{ports.port}"
+    return "\n".join([
+        "sidecar demo is running:",
+        f"  sidecar        {base}   (proxying the iris model)",
+        f"  admin          http://127.0.0.1:{ports.admin_port}/health  and  /metrics",
+        f"  model          http://127.0.0.1:{ports.model_port}   (POST /demo/chaos to break it)",
+        f"  candidate      http://127.0.0.1:{ports.shadow_port}",
+        "",
+        "try:",
+        f"  curl -i -H 'Content-Type: application/json' -d '{DEMO_INPUT}' \\",
+        f"       {base}/v2/models/iris/infer",
+        "",
+        "Ctrl-C stops everything.",
+    ])
+
+
+async def run_demo(ports: DemoPorts) -> None:
+    loaded = load_config(bundled_config_dir() / "demo.yaml", env=demo_environment(ports))
+    model = await _start_model(build_model_app(production_model()), ports.model_port)
+    candidate = await _start_model(build_model_app(candidate_model()), ports.shadow_port)
+    sidecar = RunningSidecar(Runtime(loaded))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await sidecar.start()
+        print(banner(ports), flush=True)
+        await stop.wait()
+    finally:
+        await sidecar.stop()
+        await candidate.cleanup()
+        await model.cleanup()

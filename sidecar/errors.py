@@ -1,0 +1,150 @@
+"""The sidecar's own errors, and the one place they become HTTP responses.
+
+    SidecarError
+     ├── BadRequest            400 bad_request
+     ├── InvalidJson           400 invalid_json
+     ├── Unauthorized          401 unauthorized
+     ├── Forbidden             403 forbidden
+     ├── NoRoute               404 no_route
+     ├── MethodNotAllowed      405 method_not_allowed
+     ├── BodyTooLarge          413 body_too_large
+     ├── UnsupportedMediaType  415 unsupported_media_type
+     ├── SchemaViolation       422 schema_violation
+     ├── RateLimited           429 rate_limited
+     ├── InternalError         500 internal_error
+     ├── UpstreamError         502 upstream_error
+     ├── Overloaded            503 overloaded
+     ├── CircuitOpen           503 circuit_open
+     └── UpstreamTimeout       504 upstream_timeout
+
+Middlewares and handlers raise these; only the error boundary turns them into a
+response (``error_response``). A model server's own error answers are not
+``SidecarError``: they pass through untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import ClassVar
+
+import orjson
+from aiohttp import web
+
+from sidecar.metrics import (
+    OUTCOME_ERROR,
+    OUTCOME_OVERLOADED,
+    OUTCOME_REJECTED,
+    OUTCOME_UPSTREAM_FAILED,
+)
+
+
+class SidecarError(Exception):
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "internal_error"
+    outcome: ClassVar[str] = OUTCOME_ERROR  # as counted in metrics and the access log
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        close_connection: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = dict(headers or {})
+        # True when the request body was left unread: the connection cannot be reused.
+        self.close_connection = close_connection
+
+
+class BadRequest(SidecarError):
+    status, type = 400, "bad_request"
+    outcome = OUTCOME_REJECTED
+
+
+class InvalidJson(SidecarError):
+    status, type = 400, "invalid_json"
+    outcome = OUTCOME_REJECTED
+
+
+class Unauthorized(SidecarError):
+    status, type = 401, "unauthorized"
+    outcome = OUTCOME_REJECTED
+
+
+class Forbidden(SidecarError):
+    status, type = 403, "forbidden"
+    outcome = OUTCOME_REJECTED
+
+
+class NoRoute(SidecarError):
+    status, type = 404, "no_route"
+    outcome = OUTCOME_REJECTED
+
+
+class MethodNotAllowed(SidecarError):
+    status, type = 405, "method_not_allowed"
+    outcome = OUTCOME_REJECTED
+
+
+class BodyTooLarge(SidecarError):
+    status, type = 413, "body_too_large"
+    outcome = OUTCOME_REJECTED
+
+
+class UnsupportedMediaType(SidecarError):
+    status, type = 415, "unsupported_media_type"
+    outcome = OUTCOME_REJECTED
+
+
+class SchemaViolation(SidecarError):
+    status, type = 422, "schema_violation"
+    outcome = OUTCOME_REJECTED
+
+
+class RateLimited(SidecarError):
+    status, type = 429, "rate_limited"
+    outcome = OUTCOME_REJECTED
+
+
+class InternalError(SidecarError):
+    status, type = 500, "internal_error"
+
+
+class UpstreamError(SidecarError):
+    status, type = 502, "upstream_error"
+    outcome = OUTCOME_UPSTREAM_FAILED
+
+
+class Overloaded(SidecarError):
+    status, type = 503, "overloaded"
+    outcome = OUTCOME_OVERLOADED
+
+
+class CircuitOpen(SidecarError):
+    status, type = 503, "circuit_open"
+    outcome = OUTCOME_OVERLOADED
+
+
+class UpstreamTimeout(SidecarError):
+    status, type = 504, "upstream_timeout"
+    outcome = OUTCOME_UPSTREAM_FAILED
+
+
+def error_body(error_type: str, message: str, request_id: str) -> bytes:
+    return orjson.dumps(
+        {"error": {"type": error_type, "message": message, "request_id": request_id}}
+    )
+
+
+def error_response(error: SidecarError, request_id: str) -> web.Response:
+    """The JSON error body of DESIGN.md, with the request id in body and header."""
+    response = web.Response(
+        status=error.status,
+        body=error_body(error.type, error.message, request_id),
+        content_type="application/json",
+        headers=error.headers,
+    )
+    if error.close_connection:
+        response.force_close()
+    return response

@@ -1,0 +1,41 @@
+"""Request identity: X-Request-ID and W3C trace context."""
+
+from __future__ import annotations
+
+import os
+import re
+
+_SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_ZERO_TRACE = "0" * 32
+_ZERO_SPAN = "0" * 16
+
+
+def new_request_id() -> str:
+    return os.urandom(16).hex()
+
+
+def accept_request_id(client_value: str | None) -> str:
+    """The client's id when it is safe to log and echo, else a fresh one."""
+    if client_value is not None and _SAFE_REQUEST_ID.fullmatch(client_value):
+        return client_value
+    return new_request_id()
+
+
+def accept_traceparent(client_value: str | None) -> tuple[str, str]:
+    """Return ``(traceparent, trace_id)``: the client's header when valid, else a new one.
+
+    The sidecar passes a valid context through unchanged (it records no span of its
+    own). A new context is marked sampled so an instrumented model server keeps it.
+    """
+    if client_value is not None:
+        match = _TRACEPARENT.fullmatch(client_value.strip())
+        if (
+            match is not None
+            and match.group(1) != "ff"
+            and match.group(2) != _ZERO_TRACE
+            and match.group(3) != _ZERO_SPAN
+        ):
+            return match.group(0), match.group(2)
+    trace_id = os.urandom(16).hex()
+    return f"00-{trace_id}-{os.urandom(8).hex()}-01", trace_id

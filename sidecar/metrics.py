@@ -1,0 +1,79 @@
+"""Every Prometheus series the sidecar exports, declared once on an injectable registry.
+
+Label values come from config names (route and upstream names), HTTP status codes
+and a fixed set of outcomes, never from raw paths or request ids, so the number of
+series stays bounded whatever the traffic.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+# Model latency spans GPU micro-batches (ms) to LLM generations (tens of seconds).
+MODEL_LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)
+
+# Outcomes of a request, as used in sidecar_requests_total and the access log.
+OUTCOME_OK = "ok"  # the model answered (any status below 500)
+OUTCOME_MODEL_ERROR = "model_error"  # the model answered with a 5xx, passed through
+OUTCOME_REJECTED = "rejected"  # the sidecar refused the request (4xx of its own)
+OUTCOME_UPSTREAM_FAILED = "upstream_failed"  # no usable answer: 502/504 of the sidecar
+OUTCOME_ABORTED = "aborted"  # the upstream failed after the response had started
+OUTCOME_OVERLOADED = "overloaded"  # shed or circuit open without a fallback
+OUTCOME_ERROR = "error"  # a bug in the sidecar (500)
+OUTCOME_OWN = "own"  # the sidecar's own endpoints (/livez, /readyz, ...)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+# The *_created series double the output and no dashboard of ours reads them.
+disable_created_metrics()
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "sidecar_requests_total",
+            "Requests answered, by route, HTTP status and outcome.",
+            ["route", "status", "outcome"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "sidecar_request_duration_seconds",
+            "Time from request received to response finished, by route.",
+            ["route"],
+            buckets=MODEL_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "sidecar_upstream_duration_seconds",
+            "Time until the upstream's response headers arrived, by upstream.",
+            ["upstream"],
+            buckets=MODEL_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "sidecar_in_flight_requests",
+            "Requests being handled right now.",
+            registry=r,
+        )
+        self.upstream_ready = Gauge(
+            "sidecar_upstream_ready",
+            "1 when the upstream's last readiness probe passed, else 0.",
+            ["upstream"],
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,131 @@
+"""The generic stages of the request pipeline. Their order is set in ``sidecar.app``.
+
+Each factory takes keyword-only settings and returns an aiohttp middleware. A stage
+that refuses a request raises a ``SidecarError``; only the boundary builds error
+responses.
+"""
+
+from __future__ import annotations
+
+import time
+
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from sidecar import errors
+from sidecar.context import REQUEST_CONTEXT, RequestContext
+from sidecar.identity import accept_request_id, accept_traceparent, new_request_id
+from sidecar.metrics import OUTCOME_OWN, Metrics
+from sidecar.routing import RouteTable
+
+log = structlog.get_logger("sidecar.pipeline")
+
+# Name of the catch-all aiohttp route that forwards to the model; own endpoints
+# (/livez, /metrics, ...) have other names and skip routing and forwarding.
+PROXY_ROUTE_NAME = "proxy"
+
+
+def error_boundary() -> Middleware:
+    """Outermost: every failure becomes the JSON error body, never a stack trace."""
+
+    @web.middleware
+    async def boundary(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except errors.SidecarError as exc:
+            error = exc
+        except web.HTTPException as exc:
+            # Raised by aiohttp itself (e.g. a malformed request it refused).
+            error = _from_aiohttp(exc)
+        except Exception:
+            log.exception("unhandled_error", path=request.path)
+            error = errors.InternalError("the sidecar failed to handle this request")
+        ctx = request.get(REQUEST_CONTEXT)
+        response = errors.error_response(error, ctx.request_id if ctx else new_request_id())
+        if ctx is not None:
+            ctx.stamp(response.headers)
+        return response
+
+    return boundary
+
+
+def _from_aiohttp(exc: web.HTTPException) -> errors.SidecarError:
+    by_status: dict[int, type[errors.SidecarError]] = {
+        404: errors.NoRoute,
+        405: errors.MethodNotAllowed,
+        413: errors.BodyTooLarge,
+        415: errors.UnsupportedMediaType,
+    }
+    kind = by_status.get(exc.status, errors.BadRequest if exc.status < 500 else errors.InternalError)
+    return kind(exc.reason or "request refused")
+
+
+def request_identity() -> Middleware:
+    """Accept or make the request id and trace context; bind them to every log line."""
+
+    @web.middleware
+    async def identity(request: web.Request, handler: Handler) -> web.StreamResponse:
+        headers = request.headers
+        request_id = accept_request_id(headers.get("X-Request-ID"))
+        traceparent, trace_id = accept_traceparent(headers.get("traceparent"))
+        ctx = RequestContext(request_id=request_id, traceparent=traceparent, trace_id=trace_id)
+        request[REQUEST_CONTEXT] = ctx
+        # aiohttp runs each request in its own task, so this binding is per request.
+        structlog.contextvars.bind_contextvars(request_id=request_id, trace_id=trace_id)
+        response = await handler(request)
+        if not response.prepared:
+            ctx.stamp(response.headers)
+        return response
+
+    return identity
+
+
+def observe(*, metrics: Metrics) -> Middleware:
+    """Count and time every request (its status and outcome, errors included)."""
+
+    @web.middleware
+    async def observer(request: web.Request, handler: Handler) -> web.StreamResponse:
+        ctx = request[REQUEST_CONTEXT]
+        metrics.in_flight.inc()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except errors.SidecarError as exc:
+            status, ctx.outcome = exc.status, exc.outcome
+            raise
+        finally:
+            metrics.in_flight.dec()
+            metrics.requests.labels(ctx.route_name, str(status), ctx.outcome).inc()
+            metrics.request_duration.labels(ctx.route_name).observe(
+                time.perf_counter() - ctx.started
+            )
+
+    return observer
+
+
+def routing(*, routes: RouteTable, default_body_limit: int) -> Middleware:
+    """Pick the configured route, or answer 404/405; own endpoints skip this."""
+
+    @web.middleware
+    async def router(request: web.Request, handler: Handler) -> web.StreamResponse:
+        ctx = request[REQUEST_CONTEXT]
+        if request.match_info.route.name != PROXY_ROUTE_NAME:
+            ctx.route_name = "_" + (request.match_info.route.name or "own")
+            ctx.outcome = OUTCOME_OWN
+            return await handler(request)
+        if not request.raw_path.startswith("/"):
+            raise errors.BadRequest("the request target must be a path (origin-form)")
+        route, path_matched = routes.match(request.path, request.method)
+        if route is None:
+            if path_matched:
+                raise errors.MethodNotAllowed(f"method {request.method} is not allowed here")
+            raise errors.NoRoute(f"no route for {request.method} {request.path}")
+        ctx.route = route
+        ctx.route_name = route.name
+        ctx.body_limit = route.max_body_size if route.max_body_size is not None else default_body_limit
+        return await handler(request)
+
+    return router

@@ -1,0 +1,254 @@
+"""Forwarding one request to its upstream and relaying the answer.
+
+The request body is read whole (bounded by the route's limit) so it can be
+validated and replayed; the response is relayed as the model writes it, except that
+a small response with a known length is read in one piece, which is cheaper.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import aiohttp
+import structlog
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from sidecar import errors
+from sidecar.context import RequestContext
+from sidecar.metrics import OUTCOME_ABORTED, OUTCOME_MODEL_ERROR, OUTCOME_OK, Metrics
+from sidecar.upstreams import UpstreamClient
+
+log = structlog.get_logger("sidecar.proxy")
+
+# RFC 9110 section 7.6.1, plus the proxy-only and legacy ones proxies drop too.
+HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "Proxy-Connection",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+    )
+)
+# Set by the sidecar itself towards the upstream (or meaningless once the body is
+# buffered, like Expect), so the client's copies are not forwarded.
+_REPLACED_UPSTREAM = frozenset(
+    {"host", "content-length", "expect", "x-request-id", "traceparent",
+     "x-forwarded-proto", "x-forwarded-host"}
+)
+_DROP_FROM_REQUEST = HOP_BY_HOP | _REPLACED_UPSTREAM
+# aiohttp computes these for the response it writes.
+_DROP_FROM_RESPONSE = HOP_BY_HOP | {"content-length"}
+
+# Answers up to this size with a Content-Length are read in one piece; larger ones,
+# chunked ones and event streams are relayed chunk by chunk as they arrive.
+BUFFER_RESPONSE_LIMIT = 256 * 1024
+
+
+def _connection_listed(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+    """Header names a sender listed in Connection: hop-by-hop for that message only."""
+    values = headers.getall("Connection", ())
+    if not values:
+        return frozenset()
+    return frozenset(
+        token.strip().lower() for value in values for token in value.split(",") if token.strip()
+    )
+
+
+def upstream_request_headers(
+    request: web.Request, ctx: RequestContext, upstream: UpstreamClient
+) -> CIMultiDict[str]:
+    incoming = request.headers
+    listed = _connection_listed(incoming)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        lower = name.lower()
+        if lower in _DROP_FROM_REQUEST or lower in listed or lower == "x-forwarded-for":
+            continue
+        out.add(name, value)
+    peer = request.remote or ""
+    earlier = incoming.get("X-Forwarded-For")
+    out["X-Forwarded-For"] = f"{earlier}, {peer}" if earlier else peer
+    out["X-Forwarded-Proto"] = request.scheme
+    if request.host:
+        out["X-Forwarded-Host"] = request.host
+    out["X-Request-ID"] = ctx.request_id
+    out["traceparent"] = ctx.traceparent
+    for name, value in upstream.extra_headers:
+        out[name] = value
+    return out
+
+
+def client_response_headers(upstream_headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    listed = _connection_listed(upstream_headers)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream_headers.items():
+        lower = name.lower()
+        if lower in _DROP_FROM_RESPONSE or lower in listed:
+            continue
+        out.add(name, value)
+    return out
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole request body, refusing it (413) as soon as it passes ``limit``.
+
+    A declared Content-Length over the limit is refused before a byte of the body is
+    read; the connection is then closed rather than drained.
+    """
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise errors.BodyTooLarge(
+            f"request body of {declared} bytes exceeds the limit of {limit} bytes",
+            close_connection=True,
+        )
+    if not request.body_exists:
+        return b""
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await request.content.readany():
+        size += len(chunk)
+        if size > limit:
+            raise errors.BodyTooLarge(
+                f"request body exceeds the limit of {limit} bytes", close_connection=True
+            )
+        chunks.append(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamCall:
+    """What is sent upstream; kept whole so a retry can replay it."""
+
+    method: str
+    url: URL
+    headers: CIMultiDict[str]
+    body: bytes | None
+    timeout: float
+
+
+async def send(upstream: UpstreamClient, call: UpstreamCall) -> aiohttp.ClientResponse:
+    """Send one attempt and return once response headers have arrived.
+
+    The caller owns the returned response and must release it. Raises
+    ``UpstreamTimeout`` or ``UpstreamError``.
+    """
+    try:
+        async with asyncio.timeout(call.timeout):
+            return await upstream.session.request(
+                call.method,
+                call.url,
+                headers=call.headers,
+                data=call.body,
+                allow_redirects=False,
+            )
+    except TimeoutError:
+        raise errors.UpstreamTimeout(
+            f"upstream {upstream.name!r} did not answer within {call.timeout:g}s"
+        ) from None
+    except aiohttp.ClientConnectorError as exc:
+        raise errors.UpstreamError(
+            f"cannot connect to upstream {upstream.name!r}: {exc.os_error.strerror or exc}"
+        ) from None
+    except aiohttp.ClientError as exc:
+        raise errors.UpstreamError(
+            f"upstream {upstream.name!r} failed: {type(exc).__name__}"
+        ) from None
+
+
+async def relay(
+    request: web.Request,
+    ctx: RequestContext,
+    upstream: UpstreamClient,
+    response: aiohttp.ClientResponse,
+) -> web.StreamResponse:
+    """Relay an upstream response to the client; the model's own errors pass untouched."""
+    ctx.outcome = OUTCOME_MODEL_ERROR if response.status >= 500 else OUTCOME_OK
+    headers = client_response_headers(response.headers)
+    length = response.content_length
+    streaming = (
+        length is None
+        or length > BUFFER_RESPONSE_LIMIT
+        or response.content_type == "text/event-stream"
+        or request.method == "HEAD"
+    )
+    if not streaming:
+        try:
+            body = await response.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise errors.UpstreamError(
+                f"upstream {upstream.name!r} broke off its answer: {type(exc).__name__}"
+            ) from None
+        ctx.finish_upstream()
+        ctx.bytes_out = len(body)
+        # The identity middleware stamps X-Request-ID and Server-Timing on it.
+        return web.Response(
+            status=response.status, reason=response.reason, headers=headers, body=body
+        )
+
+    ctx.finish_upstream()
+    out = web.StreamResponse(status=response.status, reason=response.reason, headers=headers)
+    if length is not None:
+        out.content_length = length
+    ctx.stamp(out.headers)
+    await out.prepare(request)
+    if request.method == "HEAD":
+        return out
+    try:
+        async for chunk in response.content.iter_any():
+            await out.write(chunk)
+            ctx.bytes_out += len(chunk)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        # Bytes already reached the client: no error answer is possible. Closing the
+        # connection without the final chunk tells the client the answer is cut short.
+        ctx.outcome = OUTCOME_ABORTED
+        log.warning("upstream_aborted_stream", upstream=upstream.name, error=type(exc).__name__)
+        response.close()
+        if request.transport is not None:
+            request.transport.close()
+        return out
+    except ConnectionError:
+        # The client went away mid-stream; stop reading from the model.
+        ctx.outcome = OUTCOME_ABORTED
+        response.close()
+        return out
+    await out.write_eof()
+    return out
+
+
+async def forward(
+    request: web.Request, ctx: RequestContext, upstream: UpstreamClient, metrics: Metrics
+) -> web.StreamResponse:
+    route = ctx.route
+    assert route is not None  # the routing middleware ran first
+    body = await read_body(request, ctx.body_limit)
+    ctx.bytes_in = len(body)
+    call = UpstreamCall(
+        method=request.method,
+        # Concatenation keeps the client's path bytes exactly (no re-encoding, no
+        # dot-segment folding); the routing middleware checked it is origin-form.
+        url=URL(upstream.config.url + request.raw_path, encoded=True),
+        headers=upstream_request_headers(request, ctx, upstream),
+        body=body if body or request.body_exists else None,
+        timeout=route.timeout,
+    )
+    ctx.upstream_started = time.perf_counter()
+    ctx.attempts += 1
+    response = await send(upstream, call)
+    metrics.upstream_duration.labels(upstream.name).observe(
+        time.perf_counter() - ctx.upstream_started
+    )
+    try:
+        return await relay(request, ctx, upstream, response)
+    finally:
+        response.release()
+

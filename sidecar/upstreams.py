@@ -1,0 +1,152 @@
+"""Upstream model servers: one long-lived client session and keep-alive pool each,
+and a background readiness probe whose verdict the own endpoints read."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import aiohttp
+import structlog
+from yarl import URL
+
+from sidecar.background import BackgroundTasks
+from sidecar.config import Upstream
+from sidecar.metrics import Metrics
+
+log = structlog.get_logger("sidecar.upstreams")
+
+# A proxy must not invent request headers the client did not send: aiohttp would add
+# these by default (and an added Accept-Encoding would make the model compress
+# answers for clients that never asked for it).
+_NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+
+
+@dataclass(slots=True)
+class ProbeResult:
+    ready: bool
+    checked_at: float  # wall-clock seconds
+    latency: float
+    error: str | None
+
+
+class UpstreamClient:
+    """One upstream model server."""
+
+    def __init__(self, name: str, config: Upstream) -> None:
+        self.name = name
+        self.config = config
+        self.origin = URL(config.url)
+        # Secrets are revealed once, here, and only ever go to this upstream.
+        self.extra_headers: tuple[tuple[str, str], ...] = tuple(
+            (key, value.get_secret_value()) for key, value in config.headers.items()
+        )
+        self._session: aiohttp.ClientSession | None = None
+        self.last_probe: ProbeResult | None = None
+        self.last_success: float | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError(f"upstream {self.name!r} is not started")
+        return self._session
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=self.config.max_connections,
+            limit_per_host=0,
+            keepalive_timeout=30.0,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(
+                total=None,
+                sock_connect=self.config.connect_timeout,
+                sock_read=self.config.read_timeout,
+            ),
+            auto_decompress=False,  # bytes pass through exactly as the model sent them
+            cookie_jar=aiohttp.DummyCookieJar(),  # one client's cookies never reach another
+            skip_auto_headers=_NO_AUTO_HEADERS,
+            trust_env=False,
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def ready(self) -> bool:
+        return self.last_probe is not None and self.last_probe.ready
+
+    async def probe(self) -> ProbeResult:
+        health = self.config.health
+        started = time.perf_counter()
+        error: str | None = None
+        try:
+            async with asyncio.timeout(health.timeout):
+                async with self.session.get(
+                    self.origin.with_path(health.path), headers=self.extra_headers
+                ) as response:
+                    await response.read()
+                    if response.status != 200:
+                        error = f"{health.path} answered {response.status}"
+        except TimeoutError:
+            error = f"{health.path} did not answer within {health.timeout:g}s"
+        except aiohttp.ClientError as exc:
+            error = f"{health.path}: {type(exc).__name__}: {exc}"
+        now = time.time()
+        result = ProbeResult(error is None, now, time.perf_counter() - started, error)
+        if result.ready:
+            self.last_success = now
+        self.last_probe = result
+        return result
+
+
+class Upstreams:
+    """All upstreams of a config, started and stopped together."""
+
+    def __init__(self, configs: Mapping[str, Upstream], metrics: Metrics) -> None:
+        self.clients = {name: UpstreamClient(name, cfg) for name, cfg in configs.items()}
+        self._metrics = metrics
+        self._tasks = BackgroundTasks()
+        self.first_pass_done = asyncio.Event()
+        self._was_ready: dict[str, bool] = {}
+
+    def __getitem__(self, name: str) -> UpstreamClient:
+        return self.clients[name]
+
+    async def start(self) -> None:
+        for client in self.clients.values():
+            await client.start()
+        self._tasks.spawn(self._probe_forever(), name="upstream-prober")
+
+    async def stop(self) -> None:
+        await self._tasks.stop()
+        for client in self.clients.values():
+            await client.close()
+
+    @property
+    def all_ready(self) -> bool:
+        return self.first_pass_done.is_set() and all(c.ready for c in self.clients.values())
+
+    async def probe_all(self) -> None:
+        results = await asyncio.gather(*(c.probe() for c in self.clients.values()))
+        for client, result in zip(self.clients.values(), results, strict=True):
+            self._metrics.upstream_ready.labels(client.name).set(1 if result.ready else 0)
+            if result.ready != self._was_ready.get(client.name):
+                # Log changes only: a probe every few seconds must not flood the log.
+                if result.ready:
+                    log.info("upstream_ready", upstream=client.name)
+                else:
+                    log.warning("upstream_not_ready", upstream=client.name, error=result.error)
+                self._was_ready[client.name] = result.ready
+        self.first_pass_done.set()
+
+    async def _probe_forever(self) -> None:
+        interval = min(c.config.health.interval for c in self.clients.values())
+        while True:
+            await self.probe_all()
+            await asyncio.sleep(interval)
