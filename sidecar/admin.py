@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from sidecar.metrics import CONTENT_TYPE
 from sidecar.runtime import Runtime
@@ -13,7 +14,7 @@ def _json(payload: object, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(payload), status=status, content_type="application/json")
 
 
-def livez_handler(runtime: Runtime) -> web.Handler:
+def livez_handler(runtime: Runtime) -> Handler:
     async def livez(request: web.Request) -> web.Response:
         # Answering at all proves the process and its event loop are alive.
         return _json({"status": "alive"})
@@ -33,7 +34,7 @@ def _not_ready_reasons(runtime: Runtime) -> list[str]:
     ]
 
 
-def readyz_handler(runtime: Runtime) -> web.Handler:
+def readyz_handler(runtime: Runtime) -> Handler:
     async def readyz(request: web.Request) -> web.Response:
         # Served from the background probe's cached verdict: a probe storm from
         # Kubernetes never turns into calls to the model.
@@ -45,7 +46,7 @@ def readyz_handler(runtime: Runtime) -> web.Handler:
     return readyz
 
 
-def health_handler(runtime: Runtime) -> web.Handler:
+def health_handler(runtime: Runtime) -> Handler:
     async def health(request: web.Request) -> web.Response:
         checks = {}
         for client in runtime.upstreams.clients.values():
@@ -71,7 +72,7 @@ def health_handler(runtime: Runtime) -> web.Handler:
     return health
 
 
-def metrics_handler(runtime: Runtime) -> web.Handler:
+def metrics_handler(runtime: Runtime) -> Handler:
     async def metrics(request: web.Request) -> web.Response:
         response = web.Response(body=runtime.metrics.render())
         response.headers["Content-Type"] = CONTENT_TYPE

@@ -13,7 +13,7 @@ validation) slot in between routing and the handler, in this list.
 from __future__ import annotations
 
 from aiohttp import web
-from aiohttp.typedefs import Middleware
+from aiohttp.typedefs import Handler, Middleware
 
 from sidecar import admin, middlewares
 from sidecar.context import REQUEST_CONTEXT
@@ -29,11 +29,11 @@ def pipeline(runtime: Runtime) -> list[Middleware]:
         middlewares.error_boundary(),
         middlewares.request_identity(),
         middlewares.observe(metrics=runtime.metrics),
-        middlewares.routing(routes=runtime.routes, default_body_limit=config.server.max_body_size),
+        middlewares.routing(routes=runtime.routes, config=config),
     ]
 
 
-def _proxy_handler(runtime: Runtime) -> web.Handler:
+def _proxy_handler(runtime: Runtime) -> Handler:
     upstreams = runtime.upstreams
     metrics = runtime.metrics
 
@@ -56,7 +56,9 @@ def build_main_app(runtime: Runtime) -> web.Application:
         # paths reach the model server (whose own /metrics may matter to its owners).
         app.router.add_get("/health", admin.health_handler(runtime), name="health")
         app.router.add_get("/metrics", admin.metrics_handler(runtime), name="metrics")
-    app.router.add_route("*", "/{tail:.*}", _proxy_handler(runtime), name=middlewares.PROXY_ROUTE_NAME)
+    app.router.add_route(
+        "*", "/{tail:.*}", _proxy_handler(runtime), name=middlewares.PROXY_ROUTE_NAME
+    )
     return app
 
 

@@ -71,7 +71,9 @@ def format_duration(seconds: float) -> str:
 def parse_size(value: object) -> int:
     """``"10MiB"`` -> 10485760. A bare number is refused: the unit must be explicit."""
     if isinstance(value, bool) or not isinstance(value, str):
-        raise ValueError("a size needs a unit, e.g. '512KiB', '10MiB' (B, KB, MB, GB, KiB, MiB, GiB)")
+        raise ValueError(
+            "a size needs a unit, e.g. '512KiB', '10MiB' (B, KB, MB, GB, KiB, MiB, GiB)"
+        )
     match = _SIZE_RE.match(value)
     if match is None:
         raise ValueError(f"{value!r} is not a size such as '512KiB' or '10MiB'")
@@ -246,7 +248,7 @@ def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) 
 
 _UniqueKeyLoader.add_constructor(
     yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
-    _construct_unique_mapping,  # type: ignore[arg-type]
+    _construct_unique_mapping,
 )
 
 _ENV_RE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -306,7 +308,8 @@ def _cross_reference_issues(config: Config) -> Iterator[ConfigIssue]:
         if route.upstream not in config.upstreams:
             known = ", ".join(sorted(config.upstreams))
             yield ConfigIssue(
-                f"routes[{index}].upstream", f"no upstream named {route.upstream!r} (known: {known})"
+                f"routes[{index}].upstream",
+                f"no upstream named {route.upstream!r} (known: {known})",
             )
         if route.name in seen:
             yield ConfigIssue(f"routes[{index}].name", f"duplicate route name {route.name!r}")
@@ -314,10 +317,15 @@ def _cross_reference_issues(config: Config) -> Iterator[ConfigIssue]:
     for name in config.upstreams:
         if re.match(_NAME_PATTERN, name) is None:
             yield ConfigIssue(f"upstreams.{name}", "names use letters, digits, '_', '.', '-'")
-    if config.admin.enabled and (config.admin.host, config.admin.port) == (
-        config.listen.host,
-        config.listen.port,
-    ) and config.listen.port != 0:
+    if (
+        config.admin.enabled
+        and (config.admin.host, config.admin.port)
+        == (
+            config.listen.host,
+            config.listen.port,
+        )
+        and config.listen.port != 0
+    ):
         yield ConfigIssue("admin.port", "the admin listener needs a port of its own")
 
 

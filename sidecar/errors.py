@@ -146,5 +146,5 @@ def error_response(error: SidecarError, request_id: str) -> web.Response:
         headers=error.headers,
     )
     if error.close_connection:
-        response.force_close()
+        response.force_close()  # says "Connection: close" to the client
     return response

@@ -19,7 +19,20 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 # Model latency spans GPU micro-batches (ms) to LLM generations (tens of seconds).
 MODEL_LATENCY_BUCKETS = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
 )
 
 # Outcomes of a request, as used in sidecar_requests_total and the access log.
@@ -36,7 +49,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 # The *_created series double the output and no dashboard of ours reads them.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 class Metrics:

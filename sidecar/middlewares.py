@@ -14,6 +14,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from sidecar import errors
+from sidecar.config import Config
 from sidecar.context import REQUEST_CONTEXT, RequestContext
 from sidecar.identity import accept_request_id, accept_traceparent, new_request_id
 from sidecar.metrics import OUTCOME_OWN, Metrics
@@ -45,6 +46,12 @@ def error_boundary() -> Middleware:
         response = errors.error_response(error, ctx.request_id if ctx else new_request_id())
         if ctx is not None:
             ctx.stamp(response.headers)
+        if error.close_connection:
+            # The body was left unread: send the answer, then close at once rather
+            # than let aiohttp drain (read) the rest of the body first.
+            await response.prepare(request)
+            await response.write_eof()
+            request.protocol.force_close()
         return response
 
     return boundary
@@ -57,7 +64,8 @@ def _from_aiohttp(exc: web.HTTPException) -> errors.SidecarError:
         413: errors.BodyTooLarge,
         415: errors.UnsupportedMediaType,
     }
-    kind = by_status.get(exc.status, errors.BadRequest if exc.status < 500 else errors.InternalError)
+    fallback = errors.BadRequest if exc.status < 500 else errors.InternalError
+    kind = by_status.get(exc.status, fallback)
     return kind(exc.reason or "request refused")
 
 
@@ -106,7 +114,7 @@ def observe(*, metrics: Metrics) -> Middleware:
     return observer
 
 
-def routing(*, routes: RouteTable, default_body_limit: int) -> Middleware:
+def routing(*, routes: RouteTable, config: Config) -> Middleware:
     """Pick the configured route, or answer 404/405; own endpoints skip this."""
 
     @web.middleware
@@ -125,7 +133,7 @@ def routing(*, routes: RouteTable, default_body_limit: int) -> Middleware:
             raise errors.NoRoute(f"no route for {request.method} {request.path}")
         ctx.route = route
         ctx.route_name = route.name
-        ctx.body_limit = route.max_body_size if route.max_body_size is not None else default_body_limit
+        ctx.body_limit = config.route_body_limit(route)
         return await handler(request)
 
     return router

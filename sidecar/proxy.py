@@ -8,6 +8,7 @@ a small response with a known length is read in one piece, which is cheaper.
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 from dataclasses import dataclass
 
@@ -42,8 +43,15 @@ HOP_BY_HOP = frozenset(
 # Set by the sidecar itself towards the upstream (or meaningless once the body is
 # buffered, like Expect), so the client's copies are not forwarded.
 _REPLACED_UPSTREAM = frozenset(
-    {"host", "content-length", "expect", "x-request-id", "traceparent",
-     "x-forwarded-proto", "x-forwarded-host"}
+    {
+        "host",
+        "content-length",
+        "expect",
+        "x-request-id",
+        "traceparent",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+    }
 )
 _DROP_FROM_REQUEST = HOP_BY_HOP | _REPLACED_UPSTREAM
 # aiohttp computes these for the response it writes.
@@ -52,6 +60,8 @@ _DROP_FROM_RESPONSE = HOP_BY_HOP | {"content-length"}
 # Answers up to this size with a Content-Length are read in one piece; larger ones,
 # chunked ones and event streams are relayed chunk by chunk as they arrive.
 BUFFER_RESPONSE_LIMIT = 256 * 1024
+# aiohttp writes larger request bodies more gently from a stream than from bytes.
+_INLINE_BODY_LIMIT = 1024 * 1024
 
 
 def _connection_listed(headers: CIMultiDictProxy[str]) -> frozenset[str]:
@@ -135,6 +145,12 @@ class UpstreamCall:
     body: bytes | None
     timeout: float
 
+    def payload(self) -> bytes | io.BytesIO | None:
+        """The body for one attempt; large bodies go as a stream aiohttp writes in parts."""
+        if self.body is not None and len(self.body) > _INLINE_BODY_LIMIT:
+            return io.BytesIO(self.body)  # shares the buffer: no copy
+        return self.body
+
 
 async def send(upstream: UpstreamClient, call: UpstreamCall) -> aiohttp.ClientResponse:
     """Send one attempt and return once response headers have arrived.
@@ -148,7 +164,7 @@ async def send(upstream: UpstreamClient, call: UpstreamCall) -> aiohttp.ClientRe
                 call.method,
                 call.url,
                 headers=call.headers,
-                data=call.body,
+                data=call.payload(),
                 allow_redirects=False,
             )
     except TimeoutError:
@@ -251,4 +267,3 @@ async def forward(
         return await relay(request, ctx, upstream, response)
     finally:
         response.release()
-

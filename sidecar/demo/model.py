@@ -45,8 +45,10 @@ class IrisModel:
     bias: tuple[float, ...]
 
     def predict(self, row: list[float]) -> tuple[list[float], int]:
-        logits = [sum(w * x for w, x in zip(ws, row, strict=True)) + b
-                  for ws, b in zip(self.weights, self.bias, strict=True)]
+        logits = [
+            sum(w * x for w, x in zip(ws, row, strict=True)) + b
+            for ws, b in zip(self.weights, self.bias, strict=True)
+        ]
         top = max(logits)
         exps = [math.exp(z - top) for z in logits]
         total = sum(exps)
@@ -71,8 +73,12 @@ class Chaos:
     hits: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "status": self.status, "latency_ms": self.latency_ms,
-                "hits": dict(self.hits)}
+        return {
+            "mode": self.mode,
+            "status": self.status,
+            "latency_ms": self.latency_ms,
+            "hits": dict(self.hits),
+        }
 
 
 CHAOS: web.AppKey[Chaos] = web.AppKey("demo_chaos", Chaos)
@@ -125,7 +131,7 @@ def parse_v2_rows(payload: Any) -> list[list[float]]:
     if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in flat):
         raise ValueError("data must hold numbers only")
     width = len(FEATURES)
-    return [[float(v) for v in flat[i:i + width]] for i in range(0, len(flat), width)]
+    return [[float(v) for v in flat[i : i + width]] for i in range(0, len(flat), width)]
 
 
 async def infer(request: web.Request) -> web.Response:
@@ -148,16 +154,22 @@ async def infer(request: web.Request) -> web.Response:
         probs, label = model.predict(row)
         probabilities.extend(round(p, 6) for p in probs)
         labels.append(label)
-    return _json({
-        "model_name": model.name,
-        "model_version": model.version,
-        "id": payload.get("id", request.headers.get("X-Request-ID", "")),
-        "outputs": [
-            {"name": "probabilities", "shape": [len(rows), len(CLASSES)], "datatype": "FP32",
-             "data": probabilities},
-            {"name": "label", "shape": [len(rows)], "datatype": "INT64", "data": labels},
-        ],
-    })
+    return _json(
+        {
+            "model_name": model.name,
+            "model_version": model.version,
+            "id": payload.get("id", request.headers.get("X-Request-ID", "")),
+            "outputs": [
+                {
+                    "name": "probabilities",
+                    "shape": [len(rows), len(CLASSES)],
+                    "datatype": "FP32",
+                    "data": probabilities,
+                },
+                {"name": "label", "shape": [len(rows)], "datatype": "INT64", "data": labels},
+            ],
+        }
+    )
 
 
 async def generate_stream(request: web.Request) -> web.StreamResponse:
@@ -171,8 +183,9 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
         return chaos_answer
     body = await request.read()
     hold = bool(body) and orjson.loads(body).get("hold") is True
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                           "Cache-Control": "no-cache"})
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
     await response.prepare(request)
     chaos = request.app[CHAOS]
     for index, token in enumerate(CLASSES):
@@ -226,12 +239,18 @@ def build_model_app(model: IrisModel | None = None) -> web.Application:
     async def metadata(request: web.Request) -> web.Response:
         if request.match_info["name"] != model.name:
             return _v2_error("unknown model", status=404)
-        return _json({
-            "name": model.name, "versions": [model.version], "platform": "python",
-            "inputs": [{"name": "input-0", "datatype": "FP32", "shape": [-1, len(FEATURES)]}],
-            "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 3]},
-                        {"name": "label", "datatype": "INT64", "shape": [-1]}],
-        })
+        return _json(
+            {
+                "name": model.name,
+                "versions": [model.version],
+                "platform": "python",
+                "inputs": [{"name": "input-0", "datatype": "FP32", "shape": [-1, len(FEATURES)]}],
+                "outputs": [
+                    {"name": "probabilities", "datatype": "FP32", "shape": [-1, 3]},
+                    {"name": "label", "datatype": "INT64", "shape": [-1]},
+                ],
+            }
+        )
 
     app.router.add_get("/v2/health/live", live)
     app.router.add_get("/v2/health/ready", ready)

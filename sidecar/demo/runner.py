@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from aiohttp import web
 
@@ -14,7 +14,9 @@ from sidecar.demo.model import build_model_app, candidate_model, production_mode
 from sidecar.runtime import Runtime
 from sidecar.server import RunningSidecar
 
-DEMO_INPUT = '{"inputs":[{"name":"input-0","shape":[1,4],"datatype":"FP32","data":[5.1,3.5,1.4,0.2]}]}'
+DEMO_INPUT = (
+    '{"inputs":[{"name":"input-0","shape":[1,4],"datatype":"FP32","data":[5.1,3.5,1.4,0.2]}]}'
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,35 +47,49 @@ async def _start_model(app: web.Application, port: int) -> web.AppRunner:
 
 def banner(ports: DemoPorts) -> str:
     base = f"http://127.0.0.1:{ports.port}"
-    return "\n".join([
-        "sidecar demo is running:",
-        f"  sidecar        {base}   (proxying the iris model)",
-        f"  admin          http://127.0.0.1:{ports.admin_port}/health  and  /metrics",
-        f"  model          http://127.0.0.1:{ports.model_port}   (POST /demo/chaos to break it)",
-        f"  candidate      http://127.0.0.1:{ports.shadow_port}",
-        "",
-        "try:",
-        f"  curl -i -H 'Content-Type: application/json' -d '{DEMO_INPUT}' \\",
-        f"       {base}/v2/models/iris/infer",
-        "",
-        "Ctrl-C stops everything.",
-    ])
+    return "\n".join(
+        [
+            "sidecar demo is running:",
+            f"  sidecar        {base}   (proxying the iris model)",
+            f"  admin          http://127.0.0.1:{ports.admin_port}/health  and  /metrics",
+            f"  model          http://127.0.0.1:{ports.model_port}   (POST /demo/chaos breaks it)",
+            f"  candidate      http://127.0.0.1:{ports.shadow_port}",
+            "",
+            "try:",
+            f"  curl -i -H 'Content-Type: application/json' -d '{DEMO_INPUT}' \\",
+            f"       {base}/v2/models/iris/infer",
+            "",
+            "Ctrl-C stops everything.",
+        ]
+    )
+
+
+def _port(runner: web.AppRunner) -> int:
+    port: int = runner.addresses[0][1]
+    return port
 
 
 async def run_demo(ports: DemoPorts) -> None:
-    loaded = load_config(bundled_config_dir() / "demo.yaml", env=demo_environment(ports))
+    """Serve the demo until SIGINT or SIGTERM. A port of 0 takes any free port."""
     model = await _start_model(build_model_app(production_model()), ports.model_port)
     candidate = await _start_model(build_model_app(candidate_model()), ports.shadow_port)
-    sidecar = RunningSidecar(Runtime(loaded))
+    sidecar: RunningSidecar | None = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
+        env = demo_environment(
+            replace(ports, model_port=_port(model), shadow_port=_port(candidate))
+        )
+        loaded = load_config(bundled_config_dir() / "demo.yaml", env=env)
+        sidecar = RunningSidecar(Runtime(loaded))
         await sidecar.start()
-        print(banner(ports), flush=True)
+        actual = DemoPorts(sidecar.main_port, _port(model), _port(candidate), sidecar.admin_port)
+        print(banner(actual), flush=True)
         await stop.wait()
     finally:
-        await sidecar.stop()
+        if sidecar is not None:
+            await sidecar.stop()
         await candidate.cleanup()
         await model.cleanup()

@@ -1,0 +1,169 @@
+"""Shared fixtures: a scriptable fake model server and a real sidecar, both on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from sidecar.config import load_config
+from sidecar.runtime import Runtime
+from sidecar.server import RunningSidecar
+
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass
+class Hit:
+    method: str
+    path: str
+    target: str  # the raw request target, path and query as sent
+    headers: dict[str, list[str]]
+    body: bytes
+
+
+ModelHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class FakeModel:
+    """A model server whose answers each test scripts; it records every request."""
+
+    server: TestServer
+    hits: list[Hit] = field(default_factory=list)
+    routes: dict[str, ModelHandler] = field(default_factory=dict)
+    health_status: int = 200
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.server.port}"
+
+    def on(self, path: str, handler: ModelHandler) -> None:
+        self.routes[path] = handler
+
+    def hits_for(self, path: str) -> list[Hit]:
+        return [h for h in self.hits if h.path == path]
+
+
+async def _echo(request: web.Request) -> web.Response:
+    body = await request.read()
+    return web.json_response(
+        {"method": request.method, "path": request.raw_path, "size": len(body)},
+        headers={"X-Model": "fake"},
+    )
+
+
+@pytest.fixture
+async def fake_model(aiohttp_server: Any) -> FakeModel:
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    holder: list[FakeModel] = []
+
+    async def dispatch(request: web.Request) -> web.StreamResponse:
+        model = holder[0]
+        if request.path == "/v2/health/ready":
+            return web.json_response(
+                {"ready": model.health_status == 200}, status=model.health_status
+            )
+        body = await request.read()
+        headers: dict[str, list[str]] = {}
+        for key, value in request.headers.items():
+            headers.setdefault(key.lower(), []).append(value)
+        model.hits.append(Hit(request.method, request.path, request.raw_path, headers, body))
+        handler = model.routes.get(request.path, _echo)
+        return await handler(request)
+
+    app.router.add_route("*", "/{tail:.*}", dispatch)
+    server = await aiohttp_server(app, host=LOOPBACK)
+    model = FakeModel(server=server)
+    holder.append(model)
+    return model
+
+
+def base_config(upstream_url: str, **overrides: Any) -> dict[str, Any]:
+    """A minimal config dict for tests: one upstream, one catch-all route."""
+    config: dict[str, Any] = {
+        "listen": {"host": LOOPBACK, "port": 0},
+        "admin": {"enabled": True, "host": LOOPBACK, "port": 0},
+        "server": {"drain_timeout": "5s", "max_body_size": "1MiB"},
+        "upstreams": {
+            "model": {
+                "url": upstream_url,
+                "connect_timeout": "1s",
+                "read_timeout": "5s",
+                "health": {"interval": "1s", "timeout": "1s"},
+            }
+        },
+        "routes": [{"name": "all", "path_prefix": "/", "upstream": "model", "timeout": "5s"}],
+    }
+    for key, value in overrides.items():
+        config[key] = value
+    return config
+
+
+@dataclass
+class SidecarHandle:
+    running: RunningSidecar
+    session: aiohttp.ClientSession
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.running.main_port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.running.admin_port}"
+
+
+StartSidecar = Callable[..., Awaitable[SidecarHandle]]
+
+
+@pytest.fixture
+async def start_sidecar(tmp_path: Path) -> AsyncIterator[StartSidecar]:
+    """Start a real sidecar from a config dict; every one started is stopped after."""
+    started: list[SidecarHandle] = []
+
+    async def start(config: dict[str, Any], *, wait_ready: bool = True) -> SidecarHandle:
+        path = tmp_path / f"sidecar-{len(started)}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        running = RunningSidecar(Runtime(load_config(path, env={})))
+        await running.start()
+        handle = SidecarHandle(running, aiohttp.ClientSession(auto_decompress=False))
+        started.append(handle)
+        if wait_ready:
+            await asyncio.wait_for(running.runtime.upstreams.first_pass_done.wait(), 5)
+        return handle
+
+    yield start
+    for handle in started:
+        await handle.session.close()
+        await handle.running.stop()
+
+
+def closed_port() -> int:
+    """A loopback port with nothing listening (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+async def raw_request(port: int, data: bytes, *, read_until_close: bool = True) -> bytes:
+    """Send raw bytes to a loopback port and return what comes back until it closes."""
+    reader, writer = await asyncio.open_connection(LOOPBACK, port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        if read_until_close:
+            return await asyncio.wait_for(reader.read(), 10)
+        return await asyncio.wait_for(reader.read(65536), 10)
+    finally:
+        writer.close()

@@ -1,0 +1,400 @@
+"""Forwarding, streaming, header handling and error mapping, over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import io
+import os
+import re
+
+import aiohttp
+import orjson
+from aiohttp import web
+from yarl import URL
+
+from tests.conftest import LOOPBACK, FakeModel, StartSidecar, base_config, closed_port, raw_request
+
+TRACEPARENT_RE = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
+async def test_get_with_query_string_is_forwarded_exactly(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    sidecar = await start_sidecar(base_config(fake_model.url))
+    target = URL(sidecar.url + "/v1/models/m:predict?a=1&b=%2Fx&a=2", encoded=True)
+    async with sidecar.session.get(target, headers={"X-Custom": "yes"}) as resp:
+        assert resp.status == 200
+        assert (await resp.json())["path"] == "/v1/models/m:predict?a=1&b=%2Fx&a=2"
+        assert resp.headers["X-Model"] == "fake"
+    hit = fake_model.hits_for("/v1/models/m:predict")[0]
+    assert hit.method == "GET"
+    assert hit.target == "/v1/models/m:predict?a=1&b=%2Fx&a=2"
+    assert hit.headers["x-custom"] == ["yes"]
+    assert hit.body == b""
+
+
+async def test_binary_post_body_arrives_intact(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    sidecar = await start_sidecar(base_config(fake_model.url))
+    body = bytes(range(256)) * 40 + b"\xff\xfe\x00"
+    async with sidecar.session.post(
+        sidecar.url + "/infer", data=body, headers={"Content-Type": "application/octet-stream"}
+    ) as resp:
+        assert resp.status == 200
+    hit = fake_model.hits_for("/infer")[0]
+    assert hit.body == body
+    assert hit.headers["content-type"] == ["application/octet-stream"]
+
+
+async def test_ten_megabyte_body_forwarded_intact(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    config = base_config(fake_model.url, server={"max_body_size": "16MiB"})
+    sidecar = await start_sidecar(config)
+    body = os.urandom(10 * 1024 * 1024)
+
+    async def digest(request: web.Request) -> web.Response:
+        data = await request.read()
+        return web.json_response({"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)})
+
+    fake_model.on("/big", digest)
+    async with sidecar.session.put(sidecar.url + "/big", data=io.BytesIO(body)) as resp:
+        assert resp.status == 200
+        answer = await resp.json()
+    assert answer == {"sha256": hashlib.sha256(body).hexdigest(), "size": len(body)}
+
+
+async def test_large_response_streams_back_intact(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    payload = os.urandom(3 * 1024 * 1024)
+
+    async def big(request: web.Request) -> web.Response:
+        return web.Response(body=payload, content_type="application/octet-stream")
+
+    fake_model.on("/big-answer", big)
+    sidecar = await start_sidecar(base_config(fake_model.url))
+    async with sidecar.session.get(sidecar.url + "/big-answer") as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Length"] == str(len(payload))
+        assert await resp.read() == payload
+
+
+async def test_declared_oversized_body_is_refused_before_it_is_sent(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    sidecar = await start_sidecar(base_config(fake_model.url))
+    # Only the head is sent: an answer proves the sidecar did not wait for the body.
+    head = (
+        b"POST /infer HTTP/1.1\r\nHost: x\r\nX-Request-ID: big-1\r\n"
+        b"Content-Length: 50000000\r\nContent-Type: application/json\r\n\r\n"
+    )
+    answer = await raw_request(sidecar.running.main_port, head)
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 413 Request Entity Too Large"
+    body = orjson.loads(rest.split(b"\r\n\r\n", 1)[1])
+    assert body["error"]["type"] == "body_too_large"
+    assert body["error"]["request_id"] == "big-1"
+    assert fake_model.hits_for("/infer") == []
+
+
+async def test_chunked_body_over_the_limit_is_refused(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    sidecar = await start_sidecar(base_config(fake_model.url, server={"max_body_size": "1KiB"}))
+
+    async def chunks():  # type: ignore[no-untyped-def]
+        for _ in range(4):
+            yield b"x" * 512
+
+    async with sidecar.session.post(sidecar.url + "/infer", data=chunks()) as resp:
+        assert resp.status == 413
+        assert (await resp.json())["error"]["type"] == "body_too_large"
+    assert fake_model.hits_for("/infer") == []
+
+
+async def test_route_body_limit_overrides_the_server_default(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    config = base_config(fake_model.url)
+    config["routes"] = [
+        {"name": "small", "path_prefix": "/small", "upstream": "model", "max_body_size": "10B"},
+        {"name": "all", "path_prefix": "/", "upstream": "model"},
+    ]
+    sidecar = await start_sidecar(config)
+    async with sidecar.session.post(sidecar.url + "/small", data=b"x" * 11) as resp:
+        assert resp.status == 413
+    async with sidecar.session.post(sidecar.url + "/other", data=b"x" * 11) as resp:
+        assert resp.status == 200
+
+
+async def test_sse_first_event_arrives_while_upstream_holds_the_stream(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    release = asyncio.Event()
+    order: list[str] = []
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: first\n\n")
+        order.append("upstream sent first")
+        await release.wait()
+        order.append("upstream released")
+        await response.write(b"data: second\n\n")
+        await response.write_eof()
+        return response
+
+    fake_model.on("/stream", stream)
+    sidecar = await start_sidecar(base_config(fake_model.url))
+    async with sidecar.session.post(sidecar.url + "/stream", data=b"{}") as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"] == "text/event-stream"
+        assert "X-Request-ID" in resp.headers
+        first = await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 10)
+        order.append("client got first")
+        release.set()
+        rest = await resp.read()
+    assert first == b"data: first\n\n"
+    assert rest == b"data: second\n\n"
+    assert order == ["upstream sent first", "client got first", "upstream released"]
+
+
+async def test_hop_by_hop_headers_are_dropped_both_ways(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(
+            text="ok",
+            headers={
+                "Connection": "keep-alive, X-Up-Private",
+                "X-Up-Private": "1",
+                "Keep-Alive": "timeout=5",
+                "X-Up-Public": "1",
+            },
+        )
+
+    fake_model.on("/hop", answer)
+    sidecar = await start_sidecar(base_config(fake_model.url))
+    headers = {
+        "Connection": "keep-alive, X-Client-Private",
+        "X-Client-Private": "secret-ish",
+        "Keep-Alive": "timeout=5",
+        "TE": "trailers",
+        "Proxy-Authorization": "Basic abc",
+        "X-Client-Public": "1",
+    }
+    async with sidecar.session.get(sidecar.url + "/hop", headers=headers) as resp:
+        assert resp.status == 200
+        assert resp.headers["X-Up-Public"] == "1"
+        assert "X-Up-Private" not in resp.headers
+        assert "Keep-Alive" not in resp.headers
+    hit = fake_model.hits_for("/hop")[0]
+    for name in ("x-client-private", "keep-alive", "te", "proxy-authorization"):
+        assert name not in hit.headers, name
+    assert hit.headers["x-client-public"] == ["1"]
+    assert hit.headers["x-forwarded-for"] == [LOOPBACK]
+    assert hit.headers["x-forwarded-proto"] == ["http"]
+    assert hit.headers["x-forwarded-host"] == [f"{LOOPBACK}:{sidecar.running.main_port}"]
+
+
+async def test_x_forwarded_for_is_appended(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    sidecar = await start_sidecar(base_config(fake_model.url))
+    async with sidecar.session.get(sidecar.url + "/x", headers={"X-Forwarded-For": "10.1.2.3"}):
+        pass
+    assert fake_model.hits_for("/x")[0].headers["x-forwarded-for"] == [f"10.1.2.3, {LOOPBACK}"]
+
+
+async def test_request_id_kept_replaced_and_echoed(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    sidecar = await start_sidecar(base_config(fake_model.url))
+    async with sidecar.session.get(
+        sidecar.url + "/a", headers={"X-Request-ID": "req.1:A-b_c"}
+    ) as r:
+        assert r.headers["X-Request-ID"] == "req.1:A-b_c"
+    assert fake_model.hits_for("/a")[0].headers["x-request-id"] == ["req.1:A-b_c"]
+
+    for unsafe in ("has space", "x" * 129, "semi;colon", "<script>"):
+        async with sidecar.session.get(sidecar.url + "/b", headers={"X-Request-ID": unsafe}) as r:
+            made = r.headers["X-Request-ID"]
+            assert made != unsafe
+            assert re.fullmatch(r"[0-9a-f]{32}", made)
+        assert fake_model.hits_for("/b")[-1].headers["x-request-id"] == [made]
+
+    async with sidecar.session.get(sidecar.url + "/c") as r:
+        assert re.fullmatch(r"[0-9a-f]{32}", r.headers["X-Request-ID"])
+
+
+async def test_traceparent_made_when_absent_and_kept_when_valid(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    sidecar = await start_sidecar(base_config(fake_model.url))
+    async with sidecar.session.get(sidecar.url + "/t1"):
+        pass
+    made = fake_model.hits_for("/t1")[0].headers["traceparent"]
+    assert len(made) == 1
+    assert TRACEPARENT_RE.fullmatch(made[0])
+
+    valid = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    async with sidecar.session.get(sidecar.url + "/t2", headers={"traceparent": valid}):
+        pass
+    assert fake_model.hits_for("/t2")[0].headers["traceparent"] == [valid]
+
+    for invalid in (
+        "garbage",
+        "00-" + "0" * 32 + "-00f067aa0ba902b7-01",
+        "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    ):
+        async with sidecar.session.get(sidecar.url + "/t3", headers={"traceparent": invalid}):
+            pass
+        sent = fake_model.hits_for("/t3")[-1].headers["traceparent"][0]
+        assert sent != invalid
+        assert TRACEPARENT_RE.fullmatch(sent)
+
+
+async def test_server_timing_names_upstream_and_total(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    sidecar = await start_sidecar(base_config(fake_model.url))
+    async with sidecar.session.get(sidecar.url + "/timed") as resp:
+        timing = resp.headers["Server-Timing"]
+    match = re.fullmatch(r"upstream;dur=([\d.]+), total;dur=([\d.]+)", timing)
+    assert match is not None, timing
+    assert float(match.group(1)) <= float(match.group(2))
+
+
+async def test_connection_refused_is_502_upstream_error(start_sidecar: StartSidecar) -> None:
+    sidecar = await start_sidecar(base_config(f"http://{LOOPBACK}:{closed_port()}"))
+    async with sidecar.session.post(
+        sidecar.url + "/infer", data=b"{}", headers={"X-Request-ID": "refused-1"}
+    ) as resp:
+        assert resp.status == 502
+        assert resp.headers["X-Request-ID"] == "refused-1"
+        assert resp.content_type == "application/json"
+        error = (await resp.json())["error"]
+    assert error["type"] == "upstream_error"
+    assert error["request_id"] == "refused-1"
+    assert "Traceback" not in error["message"]
+
+
+async def test_upstream_timeout_is_504(fake_model: FakeModel, start_sidecar: StartSidecar) -> None:
+    never = asyncio.Event()
+
+    async def hang(request: web.Request) -> web.Response:
+        await never.wait()
+        return web.Response()
+
+    fake_model.on("/hang", hang)
+    config = base_config(fake_model.url)
+    config["routes"][0]["timeout"] = "200ms"
+    sidecar = await start_sidecar(config)
+    async with sidecar.session.get(sidecar.url + "/hang") as resp:
+        assert resp.status == 504
+        body = await resp.json()
+    assert body["error"]["type"] == "upstream_timeout"
+    assert body["error"]["request_id"] == resp.headers["X-Request-ID"]
+    never.set()
+
+
+async def test_model_errors_pass_through_untouched(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    async def bad_input(request: web.Request) -> web.Response:
+        return web.Response(status=400, text="model says: bad tensor", content_type="text/plain")
+
+    async def crashed(request: web.Request) -> web.Response:
+        return web.json_response(
+            {"error": "CUDA out of memory"}, status=500, headers={"X-Model-Error": "oom"}
+        )
+
+    fake_model.on("/bad", bad_input)
+    fake_model.on("/crash", crashed)
+    sidecar = await start_sidecar(base_config(fake_model.url))
+    async with sidecar.session.post(sidecar.url + "/bad", data=b"{}") as resp:
+        assert resp.status == 400
+        assert await resp.text() == "model says: bad tensor"
+        assert resp.content_type == "text/plain"
+    async with sidecar.session.post(sidecar.url + "/crash", data=b"{}") as resp:
+        assert resp.status == 500
+        assert await resp.json() == {"error": "CUDA out of memory"}
+        assert resp.headers["X-Model-Error"] == "oom"
+
+
+async def test_compressed_answer_passes_through_byte_for_byte(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    compressed = gzip.compress(b'{"outputs": []}' * 100)
+
+    async def gz(request: web.Request) -> web.Response:
+        return web.Response(
+            body=compressed,
+            headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+        )
+
+    fake_model.on("/gz", gz)
+    sidecar = await start_sidecar(base_config(fake_model.url))
+    async with sidecar.session.get(sidecar.url + "/gz", headers={"Accept-Encoding": "gzip"}) as r:
+        assert r.headers["Content-Encoding"] == "gzip"
+        assert await r.read() == compressed
+    # A client that did not ask for compression is not made to ask by the sidecar.
+    async with sidecar.session.get(sidecar.url + "/plain", skip_auto_headers=["Accept-Encoding"]):
+        pass
+    assert "accept-encoding" not in fake_model.hits_for("/plain")[0].headers
+
+
+async def test_one_clients_cookies_never_reach_another(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    async def set_cookie(request: web.Request) -> web.Response:
+        response = web.Response(text="ok")
+        response.set_cookie("session", "alice-secret")
+        return response
+
+    fake_model.on("/login", set_cookie)
+    sidecar = await start_sidecar(base_config(fake_model.url))
+    async with sidecar.session.get(sidecar.url + "/login") as resp:
+        assert "session=alice-secret" in resp.headers["Set-Cookie"]
+    async with aiohttp.ClientSession() as bob, bob.get(sidecar.url + "/after"):
+        pass
+    assert "cookie" not in fake_model.hits_for("/after")[0].headers
+
+
+async def test_absolute_form_target_is_refused(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    sidecar = await start_sidecar(base_config(fake_model.url))
+    request = (
+        b"GET http://evil.example/x HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n"
+    )
+    answer = await raw_request(sidecar.running.main_port, request)
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert b'"type":"bad_request"' in answer
+    assert fake_model.hits == []
+
+
+async def test_unknown_route_and_method(fake_model: FakeModel, start_sidecar: StartSidecar) -> None:
+    config = base_config(fake_model.url)
+    config["routes"] = [
+        {
+            "name": "infer",
+            "path_prefix": "/v2/models/iris/infer",
+            "methods": ["POST"],
+            "upstream": "model",
+        },
+    ]
+    sidecar = await start_sidecar(config)
+    async with sidecar.session.get(sidecar.url + "/v2/models/iris/infer") as resp:
+        assert resp.status == 405
+        assert (await resp.json())["error"]["type"] == "method_not_allowed"
+    async with sidecar.session.post(sidecar.url + "/v2/models/iris/inferX") as resp:
+        assert resp.status == 404
+        assert (await resp.json())["error"]["type"] == "no_route"
+    async with sidecar.session.post(sidecar.url + "/v2/models/iris/infer/", data=b"{}") as resp:
+        assert resp.status == 200
+    assert len(fake_model.hits) == 1
