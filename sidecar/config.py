@@ -187,9 +187,18 @@ class Config(_Strict):
     listen: Listener = Listener()
     admin: AdminListener = AdminListener()
     server: ServerSettings = ServerSettings()
-    upstreams: dict[str, Upstream] = Field(min_length=1)
-    routes: tuple[Route, ...] = Field(min_length=1)
+    upstreams: dict[str, Upstream]
+    routes: tuple[Route, ...]
     logging: LoggingSettings = LoggingSettings()
+
+    # An after-validator, not min_length: min_length would also complain about an
+    # empty list when the only problem is a bad item inside it.
+    @field_validator("upstreams", "routes")
+    @classmethod
+    def _not_empty(cls, value: dict[str, Upstream] | tuple[Route, ...]) -> Any:
+        if not value:
+            raise ValueError("needs at least one entry")
+        return value
 
     def route_body_limit(self, route: Route) -> int:
         return route.max_body_size if route.max_body_size is not None else self.server.max_body_size

@@ -42,6 +42,7 @@ class FakeModel:
     hits: list[Hit] = field(default_factory=list)
     routes: dict[str, ModelHandler] = field(default_factory=dict)
     health_status: int = 200
+    health_gate: asyncio.Event | None = None  # when set, health answers wait for it
 
     @property
     def url(self) -> str:
@@ -70,6 +71,8 @@ async def fake_model(aiohttp_server: Any) -> FakeModel:
     async def dispatch(request: web.Request) -> web.StreamResponse:
         model = holder[0]
         if request.path == "/v2/health/ready":
+            if model.health_gate is not None:
+                await model.health_gate.wait()
             return web.json_response(
                 {"ready": model.health_status == 200}, status=model.health_status
             )

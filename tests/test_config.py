@@ -1,0 +1,268 @@
+"""Config loading: every class of error names its key path; units; env; redaction."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sidecar.config import (
+    ConfigError,
+    bundled_config_dir,
+    format_duration,
+    format_size,
+    load_config,
+    parse_config,
+    parse_duration,
+    parse_size,
+    render_effective,
+)
+
+MINIMAL = """
+upstreams:
+  model:
+    url: http://127.0.0.1:8081
+routes:
+  - name: all
+    upstream: model
+"""
+
+
+def issues_of(text: str, env: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, source="test.yaml", env=env or {})
+    return [str(issue) for issue in caught.value.issues]
+
+
+def test_minimal_config_fills_defaults() -> None:
+    config = parse_config(MINIMAL, source="t", env={})
+    assert config.listen.port == 8080
+    assert config.admin.host == "127.0.0.1"
+    assert config.server.max_body_size == 10 * 1024 * 1024
+    assert config.routes[0].path_prefix == "/"
+    assert config.routes[0].timeout == 30.0
+
+
+def test_bundled_configs_are_valid() -> None:
+    for name in ("demo.yaml", "sidecar.example.yaml"):
+        loaded = load_config(bundled_config_dir() / name, env={"MODEL_TOKEN": "t"})
+        assert loaded.config.routes
+
+
+def test_config_objects_are_frozen() -> None:
+    config = parse_config(MINIMAL, source="t", env={})
+    with pytest.raises(ValueError, match="frozen"):
+        config.listen.port = 1  # type: ignore[misc]
+
+
+def test_unknown_keys_are_named_with_their_path() -> None:
+    text = MINIMAL + "listne:\n  port: 1\n"
+    text = text.replace("    url: http", "    urll: x\n    url: http")
+    issues = issues_of(text)
+    assert "listne: unknown key" in issues
+    assert "upstreams.model.urll: unknown key" in issues
+
+
+def test_unknown_key_inside_a_list_item() -> None:
+    issues = issues_of(MINIMAL + "    timout: 5s\n")
+    assert issues == ["routes[0].timout: unknown key"]
+
+
+def test_missing_keys_are_named() -> None:
+    issues = issues_of("upstreams:\n  model: {}\nroutes:\n  - name: x\n")
+    assert "upstreams.model.url: missing required key" in issues
+    assert "routes[0].upstream: missing required key" in issues
+
+
+def test_wrong_types_are_named() -> None:
+    text = MINIMAL + "listen:\n  port: eighty\nadmin:\n  enabled: perhaps\n"
+    issues = issues_of(text)
+    assert any(i.startswith("listen.port: ") for i in issues)
+    assert any(i.startswith("admin.enabled: ") for i in issues)
+
+
+def test_every_error_is_listed_at_once() -> None:
+    text = MINIMAL + "bogus: 1\nserver:\n  drain_timeout: 10\n  max_body_size: 1 mile\n"
+    issues = issues_of(text)
+    assert len(issues) == 3
+    assert "bogus: unknown key" in issues
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("250ms", 0.25), ("10s", 10.0), ("1.5s", 1.5), ("5m", 300.0), ("1h", 3600.0), ("50us", 5e-5)],
+)
+def test_durations_need_and_respect_units(value: str, seconds: float) -> None:
+    assert parse_duration(value) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("value", [10, "10", "10 sec", "-1s", True, ""])
+def test_durations_without_a_known_unit_are_refused(value: object) -> None:
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(value)
+
+
+def test_duration_error_is_reported_at_its_key() -> None:
+    issues = issues_of(MINIMAL + "    timeout: 30\n")
+    assert len(issues) == 1
+    assert issues[0].startswith("routes[0].timeout: a duration needs a unit")
+
+
+@pytest.mark.parametrize(
+    ("value", "size"),
+    [("512B", 512), ("1KB", 1000), ("1KiB", 1024), ("10MiB", 10485760), ("2GB", 2 * 10**9)],
+)
+def test_sizes(value: str, size: int) -> None:
+    assert parse_size(value) == size
+
+
+@pytest.mark.parametrize("value", [1024, "10", "10 mb", "1.5MiB"])
+def test_sizes_without_a_known_unit_are_refused(value: object) -> None:
+    with pytest.raises(ValueError, match="size"):
+        parse_size(value)
+
+
+@pytest.mark.parametrize("seconds", [0.25, 10.0, 300.0, 3600.0, 5e-5, 1.5])
+def test_durations_print_back_to_the_same_value(seconds: float) -> None:
+    assert parse_duration(format_duration(seconds)) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("size", [1, 1000, 1024, 10485760, 3 * 1024**3])
+def test_sizes_print_back_to_the_same_value(size: int) -> None:
+    assert parse_size(format_size(size)) == size
+
+
+def test_env_substitution_with_default_and_escape() -> None:
+    text = MINIMAL.replace("http://127.0.0.1:8081", "${MODEL_URL}") + (
+        "listen:\n  host: ${HOST:-127.0.0.2}\n  port: ${PORT}\n    \n"
+    )
+    text += "upstreams_note_unused: $${NOT_A_VAR}\n"
+    issues = issues_of(text, env={"MODEL_URL": "http://10.0.0.1:9000", "PORT": "9999"})
+    # The escaped $$ stays literal and the only error is the made-up key.
+    assert issues == ["upstreams_note_unused: unknown key"]
+
+    good = MINIMAL.replace("http://127.0.0.1:8081", "${MODEL_URL}") + (
+        "listen:\n  host: ${HOST:-127.0.0.2}\n  port: ${PORT}\n"
+    )
+    config = parse_config(good, source="t", env={"MODEL_URL": "http://10.0.0.1:9000", "PORT": "9"})
+    assert config.upstreams["model"].url == "http://10.0.0.1:9000"
+    assert config.listen.host == "127.0.0.2"
+    assert config.listen.port == 9
+
+
+def test_missing_env_var_is_named_with_the_key() -> None:
+    text = MINIMAL + "    max_body_size: ${BODY_LIMIT}\n"
+    issues = issues_of(text)
+    assert "routes[0].max_body_size: environment variable BODY_LIMIT is not set" in issues
+
+
+def test_secrets_are_redacted_in_the_effective_config() -> None:
+    text = MINIMAL.replace(
+        "    url: http://127.0.0.1:8081",
+        "    url: http://127.0.0.1:8081\n    headers:\n      Authorization: Bearer ${TOKEN}",
+    )
+    config = parse_config(text, source="t", env={"TOKEN": "s3cr3t-value"})
+    assert config.upstreams["model"].headers["Authorization"].get_secret_value() == (
+        "Bearer s3cr3t-value"
+    )
+    rendered = render_effective(config)
+    assert "s3cr3t-value" not in rendered
+    assert (
+        yaml.safe_load(rendered)["upstreams"]["model"]["headers"]["Authorization"] == "**********"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("a: [1,\n", "invalid YAML"),
+        ("- just\n- a list\n", "the top level must be a mapping"),
+        ("listen: {port: 1}\nlisten: {port: 2}\n", "duplicate key 'listen'"),
+    ],
+)
+def test_malformed_files(text: str, expected: str) -> None:
+    issues = issues_of(text)
+    assert len(issues) == 1
+    assert expected in issues[0]
+
+
+def test_cross_references_are_checked() -> None:
+    text = MINIMAL + "  - name: all\n    upstream: nowhere\n"
+    issues = issues_of(text)
+    assert "routes[1].name: duplicate route name 'all'" in issues
+    assert any(i.startswith("routes[1].upstream: no upstream named 'nowhere'") for i in issues)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("ftp://host", "http:// or https://"),
+        ("http://host:99999", "bad port"),
+        ("http://host/v2", "origin only"),
+    ],
+)
+def test_upstream_urls(url: str, message: str) -> None:
+    issues = issues_of(MINIMAL.replace("http://127.0.0.1:8081", url))
+    assert len(issues) == 1
+    assert issues[0].startswith("upstreams.model.url: ")
+    assert message in issues[0]
+
+
+def test_route_methods_and_prefix() -> None:
+    issues = issues_of(MINIMAL + "    methods: [post, FETCH]\n    path_prefix: v2\n")
+    assert "routes[0].methods: unknown HTTP method(s): FETCH" in issues
+    assert "routes[0].path_prefix: must start with '/'" in issues
+
+
+def test_unreadable_and_non_utf8_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config error"):
+        load_config(tmp_path / "absent.yaml", env={})
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ConfigError) as caught:
+        load_config(binary, env={})
+    assert caught.value.issues[0].message == "not valid UTF-8"
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sidecar", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+
+
+def test_check_config_prints_the_effective_config_and_exits_0(tmp_path: Path) -> None:
+    path = tmp_path / "ok.yaml"
+    path.write_text(MINIMAL)
+    result = _cli("check-config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "configuration is valid" in result.stdout
+    effective = yaml.safe_load(result.stdout)
+    assert effective["listen"]["port"] == 8080
+    assert effective["routes"][0]["timeout"] == "30s"
+
+
+def test_check_config_lists_every_error_and_exits_1(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(MINIMAL + "    upstreem: x\nlisten:\n  prot: 1\n")
+    result = _cli("check-config", str(path))
+    assert result.returncode == 1
+    assert "2 error(s)" in result.stderr
+    assert "routes[0].upstreem: unknown key" in result.stderr
+    assert "listen.prot: unknown key" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_run_with_a_broken_config_exits_1_without_serving(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("routes: []\n")
+    result = _cli("run", "--config", str(path))
+    assert result.returncode == 1
+    assert "upstreams: missing required key" in result.stderr

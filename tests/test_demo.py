@@ -1,0 +1,146 @@
+"""The demo: its model answers correctly, chaos works, and `sidecar demo` serves."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import sys
+from typing import Any
+
+import aiohttp
+import pytest
+
+from sidecar.demo.model import (
+    CLASSES,
+    build_model_app,
+    candidate_model,
+    parse_v2_rows,
+    production_model,
+)
+from sidecar.demo.runner import DEMO_INPUT
+
+SETOSA = [5.1, 3.5, 1.4, 0.2]
+VERSICOLOR = [5.7, 2.6, 3.5, 1.0]
+WIDE_VERSICOLOR = [6.0, 2.9, 4.5, 1.5]  # in the slice the candidate gets wrong
+VIRGINICA = [6.9, 3.1, 5.4, 2.1]
+
+
+def v2_request(*rows: list[float]) -> dict[str, Any]:
+    flat = [v for row in rows for v in row]
+    return {
+        "inputs": [{"name": "input-0", "shape": [len(rows), 4], "datatype": "FP32", "data": flat}]
+    }
+
+
+@pytest.mark.parametrize(
+    ("row", "label"), [(SETOSA, 0), (VERSICOLOR, 1), (WIDE_VERSICOLOR, 1), (VIRGINICA, 2)]
+)
+def test_production_model_labels_classic_flowers(row: list[float], label: int) -> None:
+    probs, predicted = production_model().predict(row)
+    assert predicted == label
+    assert sum(probs) == pytest.approx(1.0)
+    assert len(probs) == len(CLASSES)
+
+
+def test_candidate_disagrees_only_on_its_known_slice() -> None:
+    candidate = candidate_model()
+    assert candidate.predict(WIDE_VERSICOLOR)[1] == 2
+    for row in (SETOSA, VERSICOLOR, VIRGINICA):
+        assert candidate.predict(row)[1] == production_model().predict(row)[1]
+
+
+def test_v2_rows_accept_flat_and_nested_data() -> None:
+    assert parse_v2_rows(v2_request(SETOSA, VIRGINICA)) == [SETOSA, VIRGINICA]
+    nested = {"inputs": [{"data": [SETOSA, VIRGINICA]}]}
+    assert parse_v2_rows(nested) == [SETOSA, VIRGINICA]
+    for bad in (
+        {},
+        {"inputs": []},
+        {"inputs": [{"data": [1, 2, 3]}]},
+        {"inputs": [{"data": ["a", "b", "c", "d"]}]},
+    ):
+        with pytest.raises(ValueError):  # noqa: PT011 - each has its own message
+            parse_v2_rows(bad)
+
+
+async def test_model_server_batch_and_chaos(aiohttp_client: Any) -> None:
+    client = await aiohttp_client(build_model_app())
+    resp = await client.post("/v2/models/iris/infer", json=v2_request(SETOSA, VIRGINICA))
+    assert resp.status == 200
+    body = await resp.json()
+    assert body["outputs"][1]["data"] == [0, 2]
+    assert body["outputs"][0]["shape"] == [2, 3]
+
+    resp = await client.post("/demo/chaos", json={"mode": "fail", "status": 500})
+    assert resp.status == 200
+    resp = await client.post("/v2/models/iris/infer", json=v2_request(SETOSA))
+    assert resp.status == 500
+
+    resp = await client.post("/demo/chaos", json={"mode": "hang"})
+    hanging = asyncio.create_task(client.post("/v2/models/iris/infer", json=v2_request(SETOSA)))
+    for _ in range(500):  # bounded: until the hanging request has reached the model
+        if (await (await client.get("/demo/chaos")).json())["hits"]["infer"] == 3:
+            break
+        await asyncio.sleep(0.01)
+    else:
+        pytest.fail("the request never reached the model")
+    assert not hanging.done()
+    await client.post("/demo/chaos", json={"mode": "ok"})
+    assert (await hanging).status == 503
+
+    resp = await client.post("/demo/chaos", json={"mode": "explode"})
+    assert resp.status == 400
+
+
+async def test_generate_stream_sends_events(aiohttp_client: Any) -> None:
+    client = await aiohttp_client(build_model_app())
+    resp = await client.post("/v2/models/iris/generate_stream", json={})
+    assert resp.headers["Content-Type"] == "text/event-stream"
+    text = await resp.text()
+    assert text.count("data: ") == 4
+    assert text.endswith("data: [DONE]\n\n")
+
+
+async def test_sidecar_demo_command_serves_a_prediction() -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sidecar",
+        "demo",
+        "--port",
+        "0",
+        "--model-port",
+        "0",
+        "--shadow-port",
+        "0",
+        "--admin-port",
+        "0",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        banner = ""
+        while "Ctrl-C" not in banner:
+            line = await asyncio.wait_for(process.stdout.readline(), 30)
+            assert line, "demo exited early"
+            banner += line.decode()
+        url = re.search(r"^\s+(http://\S+/v2/models/iris/infer)", banner, re.M)
+        assert url is not None, banner
+        assert DEMO_INPUT in banner
+        async with aiohttp.ClientSession() as session:
+            async with session.post(
+                url.group(1), data=DEMO_INPUT, headers={"Content-Type": "application/json"}
+            ) as resp:
+                assert resp.status == 200
+                body = await resp.json()
+                assert "X-Request-ID" in resp.headers
+                assert "upstream;dur=" in resp.headers["Server-Timing"]
+        assert body["outputs"][1]["data"] == [0]
+        process.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
