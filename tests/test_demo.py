@@ -129,14 +129,16 @@ async def test_sidecar_demo_command_serves_a_prediction() -> None:
         url = re.search(r"^\s+(http://\S+/v2/models/iris/infer)", banner, re.M)
         assert url is not None, banner
         assert DEMO_INPUT in banner
-        async with aiohttp.ClientSession() as session:
-            async with session.post(
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
                 url.group(1), data=DEMO_INPUT, headers={"Content-Type": "application/json"}
-            ) as resp:
-                assert resp.status == 200
-                body = await resp.json()
-                assert "X-Request-ID" in resp.headers
-                assert "upstream;dur=" in resp.headers["Server-Timing"]
+            ) as resp,
+        ):
+            assert resp.status == 200
+            body = await resp.json()
+            assert "X-Request-ID" in resp.headers
+            assert "upstream;dur=" in resp.headers["Server-Timing"]
         assert body["outputs"][1]["data"] == [0]
         process.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(process.wait(), 30) == 0

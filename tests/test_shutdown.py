@@ -80,7 +80,7 @@ async def test_sigterm_with_nothing_in_flight_exits_0(
 ) -> None:
     config_path = tmp_path / "sidecar.yaml"
     config_path.write_text(yaml.safe_dump(base_config(fake_model.url)))
-    process, port = await _start_sidecar_process(config_path)
+    process, _port = await _start_sidecar_process(config_path)
     try:
         os.kill(process.pid, signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 30) == 0
