@@ -17,7 +17,10 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_dockerfile_passes_hadolint() -> None:
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     result = subprocess.run(
-        [hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60,
+        [hadolint, str(ROOT / "Dockerfile")],
+        capture_output=True,
+        text=True,
+        timeout=60,
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -40,12 +43,24 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
     for name in ("sidecar", "config"):
-        shutil.copytree(ROOT / name, source / name,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(
+            ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+        )
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target",
-         str(target), str(source)],
-        check=True, timeout=300, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--target",
+            str(target),
+            str(source),
+        ],
+        check=True,
+        timeout=300,
+        capture_output=True,
     )
     return target
 
@@ -53,16 +68,29 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_installed_package_carries_the_demo_config(installed: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(installed)}
     probe = subprocess.run(
-        [sys.executable, "-c",
-         "import sidecar, sidecar.config as c; print(sidecar.__file__); print(c.bundled_config_dir())"],
-        capture_output=True, text=True, check=True, timeout=60, env=env, cwd=installed,
+        [
+            sys.executable,
+            "-c",
+            "import sidecar, sidecar.config as c; print(sidecar.__file__, c.bundled_config_dir())",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        env=env,
+        cwd=installed,
     )
     module_file, config_dir = probe.stdout.split()
     assert module_file.startswith(str(installed))
     assert Path(config_dir, "demo.yaml").is_file()
     result = subprocess.run(
         [sys.executable, "-m", "sidecar", "check-config", str(Path(config_dir, "demo.yaml"))],
-        capture_output=True, text=True, timeout=60, env=env, check=False, cwd=installed,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+        cwd=installed,
     )
     assert result.returncode == 0, result.stderr
     assert "configuration is valid" in result.stdout
