@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 import yaml
 from aiohttp import web
@@ -170,3 +172,24 @@ async def raw_request(port: int, data: bytes, *, read_until_close: bool = True) 
         return await asyncio.wait_for(reader.read(65536), 10)
     finally:
         writer.close()
+
+
+async def start_sidecar_process(config_path: Path) -> tuple[asyncio.subprocess.Process, int]:
+    """``sidecar run`` as a child process; returns it and its main port once it serves."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sidecar",
+        "run",
+        "--config",
+        str(config_path),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    while True:  # the port is in the start-up log line
+        line = await asyncio.wait_for(process.stdout.readline(), 30)
+        assert line, "sidecar exited before it started"
+        record = orjson.loads(line)
+        if record["event"] == "sidecar_started":
+            return process, int(record["listen"].rsplit(":", 1)[1])

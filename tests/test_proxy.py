@@ -8,13 +8,24 @@ import hashlib
 import io
 import os
 import re
+from pathlib import Path
 
 import aiohttp
 import orjson
+import pytest
+import yaml
 from aiohttp import web
 from yarl import URL
 
-from tests.conftest import LOOPBACK, FakeModel, StartSidecar, base_config, closed_port, raw_request
+from tests.conftest import (
+    LOOPBACK,
+    FakeModel,
+    StartSidecar,
+    base_config,
+    closed_port,
+    raw_request,
+    start_sidecar_process,
+)
 
 TRACEPARENT_RE = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 
@@ -398,3 +409,42 @@ async def test_unknown_route_and_method(fake_model: FakeModel, start_sidecar: St
     async with sidecar.session.post(sidecar.url + "/v2/models/iris/infer/", data=b"{}") as resp:
         assert resp.status == 200
     assert len(fake_model.hits) == 1
+
+
+async def test_stream_broken_by_the_model_is_cut_short_and_logged(
+    fake_model: FakeModel, tmp_path: Path
+) -> None:
+    async def broken(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: partial\n\n")
+        assert request.transport is not None
+        request.transport.close()  # the model dies mid-answer
+        return response
+
+    fake_model.on("/broken", broken)
+    config_path = tmp_path / "sidecar.yaml"
+    config_path.write_text(yaml.safe_dump(base_config(fake_model.url)))
+    process, port = await start_sidecar_process(config_path)
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"http://{LOOPBACK}:{port}/broken", headers={"X-Request-ID": "cut-1"}
+            ) as resp,
+        ):
+            assert resp.status == 200
+            assert await resp.content.readuntil(b"\n\n") == b"data: partial\n\n"
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await resp.read()
+        assert process.stdout is not None
+        while True:  # every log line is JSON; the one about this request names it
+            record = orjson.loads(await asyncio.wait_for(process.stdout.readline(), 30))
+            if record["event"] == "upstream_aborted_stream":
+                break
+        assert record["request_id"] == "cut-1"
+        assert record["upstream"] == "model"
+        assert re.fullmatch(r"[0-9a-f]{32}", record["trace_id"])
+    finally:
+        process.terminate()
+        await process.wait()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sys
 from pathlib import Path
 
 import aiohttp
@@ -13,27 +12,7 @@ import orjson
 import yaml
 from aiohttp import web
 
-from tests.conftest import LOOPBACK, FakeModel, base_config
-
-
-async def _start_sidecar_process(config_path: Path) -> tuple[asyncio.subprocess.Process, int]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "sidecar",
-        "run",
-        "--config",
-        str(config_path),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert process.stdout is not None
-    while True:  # the port is in the start-up log line
-        line = await asyncio.wait_for(process.stdout.readline(), 30)
-        assert line, "sidecar exited before it started"
-        record = orjson.loads(line)
-        if record["event"] == "sidecar_started":
-            return process, int(record["listen"].rsplit(":", 1)[1])
+from tests.conftest import LOOPBACK, FakeModel, base_config, start_sidecar_process
 
 
 async def test_sigterm_lets_the_request_in_flight_finish(
@@ -50,7 +29,7 @@ async def test_sigterm_lets_the_request_in_flight_finish(
     fake_model.on("/slow", slow)
     config_path = tmp_path / "sidecar.yaml"
     config_path.write_text(yaml.safe_dump(base_config(fake_model.url, admin={"enabled": False})))
-    process, port = await _start_sidecar_process(config_path)
+    process, port = await start_sidecar_process(config_path)
     try:
         async with aiohttp.ClientSession() as session:
             pending = asyncio.create_task(session.get(f"http://{LOOPBACK}:{port}/slow"))
@@ -80,7 +59,7 @@ async def test_sigterm_with_nothing_in_flight_exits_0(
 ) -> None:
     config_path = tmp_path / "sidecar.yaml"
     config_path.write_text(yaml.safe_dump(base_config(fake_model.url)))
-    process, _port = await _start_sidecar_process(config_path)
+    process, _port = await start_sidecar_process(config_path)
     try:
         os.kill(process.pid, signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 30) == 0
