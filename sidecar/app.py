@@ -4,7 +4,8 @@
     identity        accept a sane X-Request-ID or make one; trace context; log binding
     observe         count and time every request
     routing         pick the configured route (404/405) and its limits
-    handler         forward to the model and relay its answer
+    admission       in-flight caps: 503 overloaded (or the fallback) past them
+    handler         forward = fallback(breaker(retry(send))), relay the answer
 
 Nobody adds a middleware anywhere else. Later stages (auth, rate limit, limits,
 validation) slot in between routing and the handler, in this list.
@@ -17,7 +18,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from sidecar import admin, middlewares
 from sidecar.context import REQUEST_CONTEXT
-from sidecar.proxy import forward
+from sidecar.forwarding import forward
 from sidecar.runtime import Runtime
 
 RUNTIME: web.AppKey[Runtime] = web.AppKey("sidecar_runtime", Runtime)
@@ -30,17 +31,17 @@ def pipeline(runtime: Runtime) -> list[Middleware]:
         middlewares.request_identity(),
         middlewares.observe(metrics=runtime.metrics),
         middlewares.routing(routes=runtime.routes, config=config),
+        middlewares.admission(runtime=runtime),
     ]
 
 
 def _proxy_handler(runtime: Runtime) -> Handler:
-    upstreams = runtime.upstreams
-    metrics = runtime.metrics
+    paths = runtime.paths
 
     async def proxy(request: web.Request) -> web.StreamResponse:
         ctx = request[REQUEST_CONTEXT]
         assert ctx.route is not None  # set by the routing stage
-        return await forward(request, ctx, upstreams[ctx.route.upstream], metrics)
+        return await forward(request, ctx, paths[ctx.route.name])
 
     return proxy
 

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -32,7 +33,10 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
+
+from sidecar.rules import compile_condition
 
 # --- units -----------------------------------------------------------------------
 
@@ -116,6 +120,8 @@ class ServerSettings(_Strict):
     drain_timeout: Duration = 10.0
     keepalive_timeout: Duration = 75.0
     max_body_size: ByteSize = 10 * 1024 * 1024
+    max_in_flight: int | None = Field(default=None, ge=1)
+    overload_retry_after: Duration = 1.0
 
 
 class UpstreamHealth(_Strict):
@@ -131,6 +137,18 @@ class UpstreamHealth(_Strict):
         return path
 
 
+class BreakerSettings(_Strict):
+    enabled: bool = True
+    failures: int = Field(default=5, ge=1)
+    reset_timeout: Duration = 10.0
+    half_open_probes: int = Field(default=1, ge=1)
+
+
+class RetryBudgetSettings(_Strict):
+    ratio: float = Field(default=0.2, gt=0.0, le=1.0)
+    min_retries: int = Field(default=3, ge=0)
+
+
 class Upstream(_Strict):
     url: str
     max_connections: int = Field(default=100, ge=1, le=100_000)
@@ -138,6 +156,8 @@ class Upstream(_Strict):
     read_timeout: Duration = 30.0
     headers: dict[str, SecretStr] = Field(default_factory=dict)
     health: UpstreamHealth = UpstreamHealth()
+    breaker: BreakerSettings = BreakerSettings()
+    retry_budget: RetryBudgetSettings = RetryBudgetSettings()
 
     @field_validator("url")
     @classmethod
@@ -154,13 +174,92 @@ class Upstream(_Strict):
         return url.rstrip("/")
 
 
+class RetryPolicy(_Strict):
+    attempts: int = Field(default=2, ge=1, le=10)
+    on_statuses: tuple[int, ...] = (502, 503, 504)
+    backoff_base: Duration = 0.025
+    backoff_max: Duration = 0.25
+
+
+def _check_condition(node: Any) -> Any:
+    compile_condition(node)
+    return node
+
+
+Condition = Annotated[dict[str, Any], AfterValidator(_check_condition)]
+
+
+class Answer(_Strict):
+    status: int = Field(default=200, ge=200, le=599)
+    body: Any = None
+    headers: dict[str, str] = Field(default_factory=dict)
+
+
+class Rule(_Strict):
+    name: str = Field(pattern=_NAME_PATTERN)
+    when: Condition
+    respond: Answer
+
+
+class StaticFallback(Answer):
+    name: str = Field(default="static", pattern=_NAME_PATTERN)
+
+
+class CacheFallback(_Strict):
+    max_entries: int = Field(default=1000, ge=1)
+    ttl: Duration = 300.0
+    max_body_size: ByteSize = 64 * 1024
+
+
+class UpstreamFallback(_Strict):
+    name: str
+    timeout: Duration = 1.0
+
+
+FallbackTrigger = Literal["circuit_open", "upstream_error", "timeout", "overloaded"]
+
+
+class FallbackStep(_Strict):
+    cache: CacheFallback | None = None
+    rules: tuple[Rule, ...] | None = None
+    static: StaticFallback | None = None
+    upstream: UpstreamFallback | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> FallbackStep:
+        given = [
+            k for k in ("cache", "rules", "static", "upstream") if getattr(self, k) is not None
+        ]
+        if len(given) != 1:
+            raise ValueError("each step is exactly one of: cache, rules, static, upstream")
+        return self
+
+
+class FallbackPolicy(_Strict):
+    on: tuple[FallbackTrigger, ...] = ("circuit_open", "upstream_error", "timeout", "overloaded")
+    chain: tuple[FallbackStep, ...]
+
+    @field_validator("chain")
+    @classmethod
+    def _not_empty(cls, chain: tuple[FallbackStep, ...]) -> tuple[FallbackStep, ...]:
+        if not chain:
+            raise ValueError("needs at least one step")
+        return chain
+
+
 class Route(_Strict):
     name: str = Field(pattern=_NAME_PATTERN)
     path_prefix: str = "/"
     methods: tuple[str, ...] = ()
     upstream: str
     timeout: Duration = 30.0
+    per_try_timeout: Duration | None = None
+    connect_timeout: Duration | None = None
+    retryable: bool = False
+    retry: RetryPolicy = RetryPolicy()
     max_body_size: ByteSize | None = None
+    max_in_flight: int | None = Field(default=None, ge=1)
+    fallback: FallbackPolicy | None = None
 
     @field_validator("path_prefix")
     @classmethod
@@ -323,6 +422,19 @@ def _cross_reference_issues(config: Config) -> Iterator[ConfigIssue]:
         if route.name in seen:
             yield ConfigIssue(f"routes[{index}].name", f"duplicate route name {route.name!r}")
         seen.add(route.name)
+        if route.per_try_timeout is not None and route.per_try_timeout > route.timeout:
+            yield ConfigIssue(
+                f"routes[{index}].per_try_timeout", "is longer than the route's total timeout"
+            )
+        if route.fallback is not None:
+            for step_index, step in enumerate(route.fallback.chain):
+                if step.upstream is None:
+                    continue
+                where = f"routes[{index}].fallback.chain[{step_index}].upstream.name"
+                if step.upstream.name not in config.upstreams:
+                    yield ConfigIssue(where, f"no upstream named {step.upstream.name!r}")
+                elif step.upstream.name == route.upstream:
+                    yield ConfigIssue(where, "a fallback upstream must differ from the route's")
     for name in config.upstreams:
         if re.match(_NAME_PATTERN, name) is None:
             yield ConfigIssue(f"upstreams.{name}", "names use letters, digits, '_', '.', '-'")

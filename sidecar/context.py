@@ -27,6 +27,8 @@ class RequestContext:
     upstream_seconds: float | None = None
     bytes_in: int = 0
     bytes_out: int = 0
+    shed: bool = False  # over an in-flight cap: answer from the fallback or refuse
+    fallback_rule: str | None = None
 
     def finish_upstream(self) -> None:
         if self.upstream_started is not None:

@@ -49,12 +49,15 @@ class SidecarError(Exception):
         *,
         headers: Mapping[str, str] | None = None,
         close_connection: bool = False,
+        retryable: bool = False,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.headers = dict(headers or {})
         # True when the request body was left unread: the connection cannot be reused.
         self.close_connection = close_connection
+        # True for upstream failures a retry may cure (connect errors, per-try timeouts).
+        self.retryable = retryable
 
 
 class BadRequest(SidecarError):

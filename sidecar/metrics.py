@@ -42,6 +42,7 @@ OUTCOME_REJECTED = "rejected"  # the sidecar refused the request (4xx of its own
 OUTCOME_UPSTREAM_FAILED = "upstream_failed"  # no usable answer: 502/504 of the sidecar
 OUTCOME_ABORTED = "aborted"  # the upstream failed after the response had started
 OUTCOME_OVERLOADED = "overloaded"  # shed or circuit open without a fallback
+OUTCOME_FALLBACK = "fallback"  # answered by a fallback rule instead of the model
 OUTCOME_ERROR = "error"  # a bug in the sidecar (500)
 OUTCOME_OWN = "own"  # the sidecar's own endpoints (/livez, /readyz, ...)
 
@@ -85,6 +86,37 @@ class Metrics:
             "sidecar_upstream_ready",
             "1 when the upstream's last readiness probe passed, else 0.",
             ["upstream"],
+            registry=r,
+        )
+
+        self.retries = Counter(
+            "sidecar_retries_total",
+            "Retries sent to an upstream, by reason (connect, timeout, status).",
+            ["upstream", "reason"],
+            registry=r,
+        )
+        self.retry_budget_exhausted = Counter(
+            "sidecar_retry_budget_exhausted_total",
+            "Retries not sent because the upstream's retry budget was used up.",
+            ["upstream"],
+            registry=r,
+        )
+        self.circuit_state = Gauge(
+            "sidecar_circuit_state",
+            "Circuit breaker state per upstream: 0 closed, 1 half-open, 2 open.",
+            ["upstream"],
+            registry=r,
+        )
+        self.circuit_transitions = Counter(
+            "sidecar_circuit_transitions_total",
+            "Circuit breaker state changes per upstream.",
+            ["upstream", "from_state", "to_state"],
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "sidecar_fallback_total",
+            "Answers given by a fallback instead of the model, by route and rule.",
+            ["route", "rule"],
             registry=r,
         )
 

@@ -19,6 +19,7 @@ from sidecar.context import REQUEST_CONTEXT, RequestContext
 from sidecar.identity import accept_request_id, accept_traceparent, new_request_id
 from sidecar.metrics import OUTCOME_OWN, Metrics
 from sidecar.routing import RouteTable
+from sidecar.runtime import Runtime
 
 log = structlog.get_logger("sidecar.pipeline")
 
@@ -137,3 +138,37 @@ def routing(*, routes: RouteTable, config: Config) -> Middleware:
         return await handler(request)
 
     return router
+
+
+def admission(*, runtime: Runtime) -> Middleware:
+    """Load shedding: caps on requests in flight, per route and server-wide.
+
+    Past a cap the request is refused at once (503 overloaded, Retry-After), or,
+    when the route's fallback answers overload, handed on marked as shed. Nothing
+    queues: a request is either admitted or answered now.
+    """
+    server_cap = runtime.config.server.max_in_flight
+
+    @web.middleware
+    async def admit(request: web.Request, handler: Handler) -> web.StreamResponse:
+        ctx = request[REQUEST_CONTEXT]
+        if ctx.route is None:
+            return await handler(request)
+        path = runtime.paths[ctx.route.name]
+        route_cap = path.route.max_in_flight
+        if (server_cap is not None and runtime.in_flight >= server_cap) or (
+            route_cap is not None and path.in_flight >= route_cap
+        ):
+            if not path.sheds_to_fallback:
+                raise path.overloaded()
+            ctx.shed = True
+            return await handler(request)
+        runtime.in_flight += 1
+        path.in_flight += 1
+        try:
+            return await handler(request)
+        finally:
+            runtime.in_flight -= 1
+            path.in_flight -= 1
+
+    return admit

@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import io
-import time
 from dataclasses import dataclass
 
 import aiohttp
 import structlog
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
 
 from sidecar import errors
 from sidecar.context import RequestContext
-from sidecar.metrics import OUTCOME_ABORTED, OUTCOME_MODEL_ERROR, OUTCOME_OK, Metrics
+from sidecar.metrics import OUTCOME_ABORTED, OUTCOME_MODEL_ERROR, OUTCOME_OK
 from sidecar.upstreams import UpstreamClient
 
 log = structlog.get_logger("sidecar.proxy")
@@ -135,15 +133,18 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-@dataclass(frozen=True, slots=True)
+# Tells the model server how long this attempt may take, so it can give up too.
+DEADLINE_HEADER = "X-Sidecar-Timeout-Ms"
+
+
+@dataclass(slots=True)
 class UpstreamCall:
-    """What is sent upstream; kept whole so a retry can replay it."""
+    """What is sent upstream; kept whole so a retry or a fallback can replay it."""
 
     method: str
-    url: URL
+    target: str  # the raw path and query, exactly as the client sent them
     headers: CIMultiDict[str]
     body: bytes | None
-    timeout: float
 
     def payload(self) -> bytes | io.BytesIO | None:
         """The body for one attempt; large bodies go as a stream aiohttp writes in parts."""
@@ -152,28 +153,37 @@ class UpstreamCall:
         return self.body
 
 
-async def send(upstream: UpstreamClient, call: UpstreamCall) -> aiohttp.ClientResponse:
-    """Send one attempt and return once response headers have arrived.
+async def send(
+    upstream: UpstreamClient,
+    call: UpstreamCall,
+    *,
+    within: float,
+    client_timeout: aiohttp.ClientTimeout | None = None,
+) -> aiohttp.ClientResponse:
+    """Send one attempt and return once response headers have arrived, ``within`` seconds.
 
     The caller owns the returned response and must release it. Raises
-    ``UpstreamTimeout`` or ``UpstreamError``.
+    ``UpstreamTimeout`` or ``UpstreamError`` (``retryable`` when a retry may cure it).
     """
+    call.headers[DEADLINE_HEADER] = str(max(1, int(within * 1000)))
     try:
-        async with asyncio.timeout(call.timeout):
+        async with asyncio.timeout(within):
             return await upstream.session.request(
                 call.method,
-                call.url,
+                upstream.url_for(call.target),
                 headers=call.headers,
                 data=call.payload(),
                 allow_redirects=False,
+                timeout=client_timeout or upstream.session.timeout,
             )
     except TimeoutError:
         raise errors.UpstreamTimeout(
-            f"upstream {upstream.name!r} did not answer within {call.timeout:g}s"
+            f"upstream {upstream.name!r} did not answer within {within:g}s", retryable=True
         ) from None
     except aiohttp.ClientConnectorError as exc:
         raise errors.UpstreamError(
-            f"cannot connect to upstream {upstream.name!r}: {exc.os_error.strerror or exc}"
+            f"cannot connect to upstream {upstream.name!r}: {exc.os_error.strerror or exc}",
+            retryable=True,
         ) from None
     except aiohttp.ClientError as exc:
         raise errors.UpstreamError(
@@ -239,31 +249,3 @@ async def relay(
         return out
     await out.write_eof()
     return out
-
-
-async def forward(
-    request: web.Request, ctx: RequestContext, upstream: UpstreamClient, metrics: Metrics
-) -> web.StreamResponse:
-    route = ctx.route
-    assert route is not None  # the routing middleware ran first
-    body = await read_body(request, ctx.body_limit)
-    ctx.bytes_in = len(body)
-    call = UpstreamCall(
-        method=request.method,
-        # Concatenation keeps the client's path bytes exactly (no re-encoding, no
-        # dot-segment folding); the routing middleware checked it is origin-form.
-        url=URL(upstream.config.url + request.raw_path, encoded=True),
-        headers=upstream_request_headers(request, ctx, upstream),
-        body=body if body or request.body_exists else None,
-        timeout=route.timeout,
-    )
-    ctx.upstream_started = time.perf_counter()
-    ctx.attempts += 1
-    response = await send(upstream, call)
-    metrics.upstream_duration.labels(upstream.name).observe(
-        time.perf_counter() - ctx.upstream_started
-    )
-    try:
-        return await relay(request, ctx, upstream, response)
-    finally:
-        response.release()

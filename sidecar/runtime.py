@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from sidecar.breaker import UpstreamBreaker
 from sidecar.config import LoadedConfig
+from sidecar.fallback import FallbackChain
+from sidecar.forwarding import RoutePath, UpstreamGuard
 from sidecar.metrics import Metrics
+from sidecar.retry import RetryBudget
 from sidecar.routing import RouteTable
 from sidecar.upstreams import Upstreams
 
@@ -11,10 +15,35 @@ from sidecar.upstreams import Upstreams
 class Runtime:
     def __init__(self, loaded: LoadedConfig, metrics: Metrics | None = None) -> None:
         self.loaded = loaded
-        self.config = loaded.config
+        self.config = config = loaded.config
         self.metrics = metrics if metrics is not None else Metrics()
-        self.routes = RouteTable(self.config.routes)
-        self.upstreams = Upstreams(self.config.upstreams, self.metrics)
+        self.routes = RouteTable(config.routes)
+        self.upstreams = Upstreams(config.upstreams, self.metrics)
+        self.guards = {
+            name: UpstreamGuard(
+                breaker=(
+                    UpstreamBreaker(name, upstream.breaker, self.metrics)
+                    if upstream.breaker.enabled
+                    else None
+                ),
+                budget=RetryBudget(upstream.retry_budget),
+            )
+            for name, upstream in config.upstreams.items()
+        }
+        self.paths = {
+            route.name: RoutePath(
+                route=route,
+                upstream=self.upstreams[route.upstream],
+                guard=self.guards[route.upstream],
+                fallback=(
+                    FallbackChain(route.fallback, self.upstreams) if route.fallback else None
+                ),
+                metrics=self.metrics,
+                overload_retry_after=config.server.overload_retry_after,
+            )
+            for route in config.routes
+        }
+        self.in_flight = 0  # proxied requests admitted, for the server-wide cap
         self.draining = False
 
     async def start(self) -> None:

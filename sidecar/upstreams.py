@@ -47,6 +47,14 @@ class UpstreamClient:
         self.last_probe: ProbeResult | None = None
         self.last_success: float | None = None
 
+    def url_for(self, target: str) -> URL:
+        """The URL of a request target (path and query) on this upstream.
+
+        Concatenation keeps the client's bytes exactly: no re-encoding and no
+        folding of dot segments (the routing stage checked the target is a path).
+        """
+        return URL(self.config.url + target, encoded=True)
+
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:

@@ -1,0 +1,135 @@
+"""A circuit breaker per upstream, built on pybreaker, with a bounded half-open state.
+
+pybreaker counts consecutive failures and opens; after ``reset_timeout`` the next
+call runs in half-open and its result closes or re-opens the circuit. Two things
+are added here for asyncio:
+
+* pybreaker lets *every* concurrent caller through in half-open; here at most
+  ``half_open_probes`` requests probe at once and everyone else is refused (and so
+  gets the fallback), so a recovering model is not hit by the whole backlog.
+* pybreaker treats any exception raised inside ``calling()`` as a failure unless it
+  is excluded. Only ``BreakerFailure`` counts: a cancelled request
+  (``asyncio.CancelledError``, a ``BaseException``) and the sidecar's own 4xx
+  rejections are excluded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pybreaker
+import structlog
+
+from sidecar import errors
+from sidecar.config import BreakerSettings
+from sidecar.metrics import Metrics
+
+log = structlog.get_logger("sidecar.breaker")
+
+T = TypeVar("T")
+
+CLOSED, OPEN, HALF_OPEN = pybreaker.STATE_CLOSED, pybreaker.STATE_OPEN, pybreaker.STATE_HALF_OPEN
+# sidecar_circuit_state values: the higher, the worse.
+STATE_VALUES = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
+
+
+class BreakerFailure(Exception):
+    """Raised inside the breaker for an outcome that counts as the upstream failing.
+
+    ``cause`` is what the caller acts on afterwards (a ``SidecarError``, or the
+    model's own 5xx response, which still passes through or falls back).
+    """
+
+    def __init__(self, cause: Any) -> None:
+        super().__init__(type(cause).__name__)
+        self.cause = cause
+
+
+def _not_a_failure(exc: BaseException) -> bool:
+    return not isinstance(exc, BreakerFailure)
+
+
+# pybreaker treats an excluded exception as a success; these must never count.
+_EXCLUDED: list[Any] = [asyncio.CancelledError, _not_a_failure]
+
+
+class _StateListener(pybreaker.CircuitBreakerListener):
+    def __init__(self, owner: UpstreamBreaker) -> None:
+        self._owner = owner
+
+    def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:
+        old = old_state.name if old_state is not None else "none"
+        self._owner._on_state_change(old, new_state.name)
+
+
+class UpstreamBreaker:
+    def __init__(
+        self,
+        upstream: str,
+        settings: BreakerSettings,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.upstream = upstream
+        self.settings = settings
+        self._metrics = metrics
+        self._clock = clock
+        self._opened_at: float | None = None
+        self._probes_in_flight = 0
+        self._breaker = pybreaker.CircuitBreaker(
+            fail_max=settings.failures,
+            reset_timeout=settings.reset_timeout,
+            exclude=_EXCLUDED,
+            listeners=[_StateListener(self)],
+            throw_new_error_on_trip=False,  # the tripping request keeps its own error
+            name=upstream,
+        )
+        metrics.circuit_state.labels(upstream).set(STATE_VALUES[CLOSED])
+
+    @property
+    def state(self) -> str:
+        return str(self._breaker.current_state)
+
+    def _on_state_change(self, old: str, new: str) -> None:
+        if new == OPEN:
+            self._opened_at = self._clock()
+        self._metrics.circuit_state.labels(self.upstream).set(STATE_VALUES[new])
+        self._metrics.circuit_transitions.labels(self.upstream, old, new).inc()
+        log.warning("circuit_state_changed", upstream=self.upstream, old=old, new=new)
+
+    def _admit(self) -> bool:
+        """Let a request through (True if it is a half-open probe) or raise CircuitOpen."""
+        state = self.state
+        if state == CLOSED:
+            return False
+        if state == OPEN and (
+            self._opened_at is not None
+            and self._clock() - self._opened_at < self.settings.reset_timeout
+        ):
+            raise errors.CircuitOpen(f"circuit for upstream {self.upstream!r} is open")
+        if self._probes_in_flight >= self.settings.half_open_probes:
+            raise errors.CircuitOpen(
+                f"circuit for upstream {self.upstream!r} is half-open and its probes are busy"
+            )
+        self._probes_in_flight += 1
+        return True
+
+    async def call(self, attempt: Callable[[bool], Awaitable[T]]) -> T:
+        """Run ``attempt(is_probe)`` under the breaker.
+
+        ``attempt`` raises ``BreakerFailure`` for an outcome that counts against the
+        upstream. Raises ``CircuitOpen`` without calling it while the circuit is open.
+        """
+        probe = self._admit()
+        try:
+            with self._breaker.calling():
+                return await attempt(probe)
+        except pybreaker.CircuitBreakerError:
+            # pybreaker's own clock said the reset timeout has not quite passed.
+            raise errors.CircuitOpen(f"circuit for upstream {self.upstream!r} is open") from None
+        finally:
+            if probe:
+                self._probes_in_flight -= 1

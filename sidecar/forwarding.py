@@ -1,0 +1,251 @@
+"""The upstream path of one route, composed of plain async steps:
+
+    forward = fallback( breaker( retry( send ) ) )
+
+* retry: connect errors, per-try timeouts and configured statuses are retried on
+  routes marked ``retryable``, with full-jitter backoff, ``Retry-After`` honoured,
+  inside the route's total deadline and the upstream's retry budget. Nothing is
+  retried once a byte of the answer has gone to the client: retries happen before
+  the answer is relayed.
+* breaker: one per upstream; open means the upstream is not called at all.
+* fallback: when a configured trigger fires (circuit_open, upstream_error, timeout,
+  overloaded) the route's chain may answer instead; otherwise the original error
+  (or the model's own 5xx answer) goes to the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from sidecar import errors
+from sidecar.breaker import BreakerFailure, UpstreamBreaker
+from sidecar.config import Route
+from sidecar.context import RequestContext
+from sidecar.fallback import FallbackChain
+from sidecar.metrics import OUTCOME_FALLBACK, Metrics
+from sidecar.proxy import UpstreamCall, read_body, relay, send, upstream_request_headers
+from sidecar.retry import RetryBudget, backoff_delay, parse_retry_after
+from sidecar.upstreams import UpstreamClient
+
+log = structlog.get_logger("sidecar.forwarding")
+
+# Error bodies up to this size are read before a retry so the connection is reused.
+_DRAIN_LIMIT = 64 * 1024
+
+
+@dataclass(slots=True)
+class ModelFailed:
+    """The model answered, but with a 5xx: a failure for the breaker, still an answer."""
+
+    response: aiohttp.ClientResponse
+
+
+@dataclass(slots=True)
+class UpstreamGuard:
+    """Per-upstream protection shared by every route that uses the upstream."""
+
+    breaker: UpstreamBreaker | None
+    budget: RetryBudget
+
+
+@dataclass(slots=True)
+class RoutePath:
+    """Everything one route needs to forward a request, built once per config."""
+
+    route: Route
+    upstream: UpstreamClient
+    guard: UpstreamGuard
+    fallback: FallbackChain | None
+    metrics: Metrics
+    overload_retry_after: float
+    rng: random.Random = field(default_factory=random.Random)
+    in_flight: int = 0
+
+    client_timeout: aiohttp.ClientTimeout | None = None  # set when the route overrides connect
+
+    def __post_init__(self) -> None:
+        if self.route.connect_timeout is not None:
+            self.client_timeout = aiohttp.ClientTimeout(
+                total=None,
+                sock_connect=self.route.connect_timeout,
+                sock_read=self.upstream.config.read_timeout,
+            )
+
+    @property
+    def per_try_timeout(self) -> float:
+        return self.route.per_try_timeout or self.route.timeout
+
+    @property
+    def sheds_to_fallback(self) -> bool:
+        return self.fallback is not None and "overloaded" in self.fallback.triggers
+
+    def overloaded(self) -> errors.Overloaded:
+        return errors.Overloaded(
+            f"too many requests in flight for route {self.route.name!r}",
+            headers={"Retry-After": str(max(1, round(self.overload_retry_after)))},
+        )
+
+
+def _trigger(cause: object) -> str:
+    if isinstance(cause, errors.CircuitOpen):
+        return "circuit_open"
+    if isinstance(cause, errors.Overloaded):
+        return "overloaded"
+    if isinstance(cause, errors.UpstreamTimeout):
+        return "timeout"
+    return "upstream_error"
+
+
+async def _discard(response: aiohttp.ClientResponse) -> None:
+    """Drop an answer we will not relay, keeping the connection when that is cheap."""
+    length = response.content_length
+    if length is not None and length <= _DRAIN_LIMIT:
+        try:
+            await response.read()
+        except (aiohttp.ClientError, TimeoutError):
+            response.close()  # a broken body: the connection cannot be reused
+            return
+    response.release()
+
+
+async def _with_retries(
+    path: RoutePath, ctx: RequestContext, call: UpstreamCall, probe: bool
+) -> aiohttp.ClientResponse:
+    """Attempts until an answer worth relaying; raises BreakerFailure otherwise."""
+    route, upstream, budget = path.route, path.upstream, path.guard.budget
+    policy = route.retry
+    # A half-open probe asks one question: is the model back? It is never retried.
+    max_attempts = policy.attempts if route.retryable and not probe else 1
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + route.timeout
+    budget.active_requests += 1
+    holding_retry = False
+    try:
+        attempt = 0
+        while True:
+            attempt += 1
+            remaining = deadline - loop.time()
+            timeout = min(path.per_try_timeout, remaining)
+            ctx.attempts += 1
+            started = time.perf_counter()
+            ctx.upstream_started = started
+            failure: errors.SidecarError | ModelFailed
+            retry_after: float | None = None
+            try:
+                response = await send(
+                    upstream, call, within=timeout, client_timeout=path.client_timeout
+                )
+            except errors.SidecarError as exc:
+                failure = exc
+                retryable = exc.retryable
+            else:
+                path.metrics.upstream_duration.labels(upstream.name).observe(
+                    time.perf_counter() - started
+                )
+                if response.status < 500:
+                    return response
+                failure = ModelFailed(response)
+                retryable = response.status in policy.on_statuses
+                retry_after = parse_retry_after(response.headers.get("Retry-After"))
+
+            delay = max(backoff_delay(policy, attempt, path.rng), retry_after or 0.0)
+            give_up = not retryable or attempt >= max_attempts or loop.time() + delay >= deadline
+            if holding_retry:
+                budget.release()
+                holding_retry = False
+            if not give_up and not budget.try_acquire():
+                path.metrics.retry_budget_exhausted.labels(upstream.name).inc()
+                give_up = True
+            if give_up:
+                if isinstance(failure, errors.UpstreamTimeout) and remaining < path.per_try_timeout:
+                    failure = errors.UpstreamTimeout(
+                        f"upstream {upstream.name!r} did not answer within the route's "
+                        f"{route.timeout:g}s deadline ({attempt} attempt(s))"
+                    )
+                raise BreakerFailure(failure)
+            holding_retry = True
+            path.metrics.retries.labels(upstream.name, _retry_reason(failure)).inc()
+            if isinstance(failure, ModelFailed):
+                await _discard(failure.response)
+            await asyncio.sleep(delay)
+    finally:
+        budget.active_requests -= 1
+        if holding_retry:
+            budget.release()
+
+
+def _retry_reason(failure: errors.SidecarError | ModelFailed) -> str:
+    if isinstance(failure, ModelFailed):
+        return "status"
+    if isinstance(failure, errors.UpstreamTimeout):
+        return "timeout"
+    return "connect"
+
+
+async def forward(request: web.Request, ctx: RequestContext, path: RoutePath) -> web.StreamResponse:
+    """Forward one request along its route and relay (or replace) the answer."""
+    body = await read_body(request, ctx.body_limit)
+    ctx.bytes_in = len(body)
+    call = UpstreamCall(
+        method=request.method,
+        target=request.raw_path,
+        headers=upstream_request_headers(request, ctx, path.upstream),
+        body=body if body or request.body_exists else None,
+    )
+    breaker = path.guard.breaker
+    cause: errors.SidecarError | ModelFailed
+    try:
+        if ctx.shed:
+            raise path.overloaded()
+        if breaker is None:
+            response = await _with_retries(path, ctx, call, False)
+        else:
+            response = await breaker.call(lambda probe: _with_retries(path, ctx, call, probe))
+    except BreakerFailure as failure:
+        cause = failure.cause
+    except (errors.CircuitOpen, errors.Overloaded) as exc:
+        cause = exc
+    else:
+        try:
+            answer = await relay(request, ctx, path.upstream, response)
+        finally:
+            response.release()
+        if path.fallback is not None and path.fallback.cache is not None:
+            _remember(path, body, answer)
+        return answer
+
+    fallback = path.fallback
+    if fallback is not None and _trigger(cause) in fallback.triggers:
+        replacement = await fallback.answer(request.method, call.target, call.headers, body)
+        if replacement is not None:
+            if isinstance(cause, ModelFailed):
+                cause.response.release()
+            rule = replacement.headers.get("X-Sidecar-Fallback", "")
+            ctx.outcome, ctx.fallback_rule = OUTCOME_FALLBACK, rule
+            path.metrics.fallbacks.labels(path.route.name, rule).inc()
+            return replacement
+    if isinstance(cause, ModelFailed):
+        try:
+            return await relay(request, ctx, path.upstream, cause.response)
+        finally:
+            cause.response.release()
+    raise cause
+
+
+def _remember(path: RoutePath, request_body: bytes, answer: web.StreamResponse) -> None:
+    """Keep a good, fully read answer for the cache fallback."""
+    if (
+        isinstance(answer, web.Response)
+        and 200 <= answer.status < 300
+        and isinstance(answer.body, bytes)
+        and path.fallback is not None
+        and path.fallback.cache is not None
+    ):
+        path.fallback.cache.store(request_body, answer.status, answer.content_type, answer.body)
