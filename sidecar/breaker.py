@@ -81,7 +81,9 @@ class UpstreamBreaker:
         self._probes_in_flight = 0
         self._breaker = pybreaker.CircuitBreaker(
             fail_max=settings.failures,
-            reset_timeout=settings.reset_timeout,
+            # The reset timeout is enforced by _admit() on an injectable monotonic
+            # clock; pybreaker's own check (on the wall clock) is switched off.
+            reset_timeout=0,
             exclude=_EXCLUDED,
             listeners=[_StateListener(self)],
             throw_new_error_on_trip=False,  # the tripping request keeps its own error
@@ -128,7 +130,7 @@ class UpstreamBreaker:
             with self._breaker.calling():
                 return await attempt(probe)
         except pybreaker.CircuitBreakerError:
-            # pybreaker's own clock said the reset timeout has not quite passed.
+            # Another caller re-opened the circuit between _admit() and here.
             raise errors.CircuitOpen(f"circuit for upstream {self.upstream!r} is open") from None
         finally:
             if probe:

@@ -236,7 +236,13 @@ class FallbackStep(_Strict):
 
 
 class FallbackPolicy(_Strict):
-    on: tuple[FallbackTrigger, ...] = ("circuit_open", "upstream_error", "timeout", "overloaded")
+    # Not "on": YAML 1.1 reads a bare `on` key as the boolean true.
+    triggers: tuple[FallbackTrigger, ...] = (
+        "circuit_open",
+        "upstream_error",
+        "timeout",
+        "overloaded",
+    )
     chain: tuple[FallbackStep, ...]
 
     @field_validator("chain")

@@ -170,7 +170,7 @@ class FallbackChain:
         upstreams: Upstreams,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.triggers = frozenset(policy.on)
+        self.triggers = frozenset(policy.triggers)
         self.cache: ResponseCache | None = None
         steps: list[Step] = []
         for step in policy.chain:

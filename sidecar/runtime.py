@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 from sidecar.breaker import UpstreamBreaker
 from sidecar.config import LoadedConfig
 from sidecar.fallback import FallbackChain
@@ -13,7 +16,12 @@ from sidecar.upstreams import Upstreams
 
 
 class Runtime:
-    def __init__(self, loaded: LoadedConfig, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        loaded: LoadedConfig,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.loaded = loaded
         self.config = config = loaded.config
         self.metrics = metrics if metrics is not None else Metrics()
@@ -22,7 +30,7 @@ class Runtime:
         self.guards = {
             name: UpstreamGuard(
                 breaker=(
-                    UpstreamBreaker(name, upstream.breaker, self.metrics)
+                    UpstreamBreaker(name, upstream.breaker, self.metrics, clock)
                     if upstream.breaker.enabled
                     else None
                 ),
@@ -36,7 +44,7 @@ class Runtime:
                 upstream=self.upstreams[route.upstream],
                 guard=self.guards[route.upstream],
                 fallback=(
-                    FallbackChain(route.fallback, self.upstreams) if route.fallback else None
+                    FallbackChain(route.fallback, self.upstreams, clock) if route.fallback else None
                 ),
                 metrics=self.metrics,
                 overload_retry_after=config.server.overload_retry_after,

@@ -65,32 +65,45 @@ async def _echo(request: web.Request) -> web.Response:
     )
 
 
+MakeFakeModel = Callable[[], Awaitable[FakeModel]]
+
+
 @pytest.fixture
-async def fake_model(aiohttp_server: Any) -> FakeModel:
-    app = web.Application(client_max_size=64 * 1024 * 1024)
-    holder: list[FakeModel] = []
+def make_fake_model(aiohttp_server: Any) -> MakeFakeModel:
+    """Start another fake model server (each test may need several)."""
 
-    async def dispatch(request: web.Request) -> web.StreamResponse:
-        model = holder[0]
-        if request.path == "/v2/health/ready":
-            if model.health_gate is not None:
-                await model.health_gate.wait()
-            return web.json_response(
-                {"ready": model.health_status == 200}, status=model.health_status
-            )
-        body = await request.read()
-        headers: dict[str, list[str]] = {}
-        for key, value in request.headers.items():
-            headers.setdefault(key.lower(), []).append(value)
-        model.hits.append(Hit(request.method, request.path, request.raw_path, headers, body))
-        handler = model.routes.get(request.path, _echo)
-        return await handler(request)
+    async def make() -> FakeModel:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        holder: list[FakeModel] = []
 
-    app.router.add_route("*", "/{tail:.*}", dispatch)
-    server = await aiohttp_server(app, host=LOOPBACK)
-    model = FakeModel(server=server)
-    holder.append(model)
-    return model
+        async def dispatch(request: web.Request) -> web.StreamResponse:
+            model = holder[0]
+            if request.path == "/v2/health/ready":
+                if model.health_gate is not None:
+                    await model.health_gate.wait()
+                return web.json_response(
+                    {"ready": model.health_status == 200}, status=model.health_status
+                )
+            body = await request.read()
+            headers: dict[str, list[str]] = {}
+            for key, value in request.headers.items():
+                headers.setdefault(key.lower(), []).append(value)
+            model.hits.append(Hit(request.method, request.path, request.raw_path, headers, body))
+            handler = model.routes.get(request.path, _echo)
+            return await handler(request)
+
+        app.router.add_route("*", "/{tail:.*}", dispatch)
+        server = await aiohttp_server(app, host=LOOPBACK)
+        model = FakeModel(server=server)
+        holder.append(model)
+        return model
+
+    return make
+
+
+@pytest.fixture
+async def fake_model(make_fake_model: MakeFakeModel) -> FakeModel:
+    return await make_fake_model()
 
 
 def base_config(upstream_url: str, **overrides: Any) -> dict[str, Any]:
@@ -112,6 +125,19 @@ def base_config(upstream_url: str, **overrides: Any) -> dict[str, Any]:
     for key, value in overrides.items():
         config[key] = value
     return config
+
+
+class FakeClock:
+    """A monotonic clock that moves only when a test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 @dataclass
@@ -136,10 +162,14 @@ async def start_sidecar(tmp_path: Path) -> AsyncIterator[StartSidecar]:
     """Start a real sidecar from a config dict; every one started is stopped after."""
     started: list[SidecarHandle] = []
 
-    async def start(config: dict[str, Any], *, wait_ready: bool = True) -> SidecarHandle:
+    async def start(
+        config: dict[str, Any], *, wait_ready: bool = True, clock: FakeClock | None = None
+    ) -> SidecarHandle:
         path = tmp_path / f"sidecar-{len(started)}.yaml"
         path.write_text(yaml.safe_dump(config))
-        running = RunningSidecar(Runtime(load_config(path, env={})))
+        loaded = load_config(path, env={})
+        runtime = Runtime(loaded, clock=clock) if clock is not None else Runtime(loaded)
+        running = RunningSidecar(runtime)
         await running.start()
         handle = SidecarHandle(running, aiohttp.ClientSession(auto_decompress=False))
         started.append(handle)

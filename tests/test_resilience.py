@@ -1,0 +1,564 @@
+"""Deadlines, retries, the retry budget, the breaker, fallbacks and load shedding.
+
+Every test scripts the fake model and asserts on counts and order, not on time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from tests.conftest import (
+    LOOPBACK,
+    FakeClock,
+    FakeModel,
+    MakeFakeModel,
+    SidecarHandle,
+    StartSidecar,
+    base_config,
+    closed_port,
+)
+from tests.test_endpoints import metric_value
+
+
+def route(**settings: Any) -> dict[str, Any]:
+    return {"name": "infer", "path_prefix": "/", "upstream": "model", **settings}
+
+
+def config_with(
+    upstream_url: str, route_settings: dict[str, Any], **upstream: Any
+) -> dict[str, Any]:
+    config = base_config(upstream_url)
+    config["routes"] = [route(**route_settings)]
+    config["upstreams"]["model"].update(upstream)
+    return config
+
+
+async def metrics_text(sidecar: SidecarHandle) -> str:
+    async with sidecar.session.get(sidecar.admin_url + "/metrics") as resp:
+        return await resp.text()
+
+
+def status_handler(status: int, headers: dict[str, str] | None = None) -> Any:
+    async def answer(request: web.Request) -> web.Response:
+        return web.json_response({"status": status}, status=status, headers=headers)
+
+    return answer
+
+
+STATIC = {"static": {"name": "default-answer", "status": 200, "body": {"label": -1}}}
+
+
+async def test_refused_connections_are_retried_then_fall_back(
+    start_sidecar: StartSidecar,
+) -> None:
+    config = config_with(
+        f"http://{LOOPBACK}:{closed_port()}",
+        {
+            "retryable": True,
+            "retry": {"attempts": 3, "backoff_base": "1ms"},
+            "fallback": {"chain": [STATIC]},
+        },
+        breaker={"enabled": False},
+    )
+    sidecar = await start_sidecar(config, wait_ready=False)
+    async with sidecar.session.post(sidecar.url + "/infer", json={"x": 1}) as resp:
+        assert resp.status == 200
+        assert resp.headers["X-Sidecar-Fallback"] == "default-answer"
+        assert await resp.json() == {"label": -1}
+    text = await metrics_text(sidecar)
+    assert metric_value(text, "sidecar_retries_total", upstream="model", reason="connect") == 2
+    assert metric_value(text, "sidecar_fallback_total", route="infer", rule="default-answer") == 1
+    assert metric_value(text, "sidecar_requests_total", route="infer", outcome="fallback") == 1
+
+
+async def test_hang_gives_504_after_exactly_the_configured_attempts(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    never = asyncio.Event()
+
+    async def hang(request: web.Request) -> web.Response:
+        await never.wait()
+        return web.Response()
+
+    fake_model.on("/infer", hang)
+    config = config_with(
+        fake_model.url,
+        {
+            "retryable": True,
+            "timeout": "10s",
+            "per_try_timeout": "100ms",
+            "retry": {"attempts": 3, "backoff_base": "1ms"},
+        },
+    )
+    sidecar = await start_sidecar(config)
+    async with sidecar.session.post(sidecar.url + "/infer", data=b"{}") as resp:
+        assert resp.status == 504
+        assert (await resp.json())["error"]["type"] == "upstream_timeout"
+    assert len(fake_model.hits_for("/infer")) == 3
+    # Each attempt told the model how long it had.
+    assert all(
+        int(h.headers["x-sidecar-timeout-ms"][0]) <= 100 for h in fake_model.hits_for("/infer")
+    )
+    never.set()
+
+
+async def test_the_total_deadline_bounds_the_retries(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    never = asyncio.Event()
+
+    async def hang(request: web.Request) -> web.Response:
+        await never.wait()
+        return web.Response()
+
+    fake_model.on("/infer", hang)
+    config = config_with(
+        fake_model.url,
+        {
+            "retryable": True,
+            "timeout": "300ms",
+            "per_try_timeout": "200ms",
+            "retry": {"attempts": 5, "backoff_base": "1ms"},
+        },
+    )
+    sidecar = await start_sidecar(config)
+    async with sidecar.session.post(sidecar.url + "/infer", data=b"{}") as resp:
+        assert resp.status == 504
+        assert "deadline" in (await resp.json())["error"]["message"]
+    # 300 ms holds one 200 ms try and what is left of a second, never the five allowed
+    # (a busy machine may leave room for only the first).
+    assert 1 <= len(fake_model.hits_for("/infer")) <= 2
+    never.set()
+
+
+async def test_non_retryable_routes_are_tried_once(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    fake_model.on("/infer", status_handler(503))
+    config = config_with(fake_model.url, {"retry": {"attempts": 3}})
+    sidecar = await start_sidecar(config)
+    async with sidecar.session.post(sidecar.url + "/infer", data=b"{}") as resp:
+        assert resp.status == 503
+        assert await resp.json() == {"status": 503}  # the model's own answer
+    assert len(fake_model.hits_for("/infer")) == 1
+
+
+async def test_only_configured_statuses_are_retried(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    fake_model.on("/e500", status_handler(500))
+    fake_model.on("/e503", status_handler(503))
+    config = config_with(
+        fake_model.url,
+        {"retryable": True, "retry": {"attempts": 3, "backoff_base": "1ms"}},
+        breaker={"enabled": False},
+    )
+    sidecar = await start_sidecar(config)
+    async with sidecar.session.post(sidecar.url + "/e500", data=b"{}") as resp:
+        assert resp.status == 500
+    async with sidecar.session.post(sidecar.url + "/e503", data=b"{}") as resp:
+        assert resp.status == 503
+    assert len(fake_model.hits_for("/e500")) == 1
+    assert len(fake_model.hits_for("/e503")) == 3
+
+
+async def test_retry_after_is_honoured(fake_model: FakeModel, start_sidecar: StartSidecar) -> None:
+    arrivals: list[float] = []
+
+    async def busy_once(request: web.Request) -> web.Response:
+        arrivals.append(time.monotonic())
+        if len(arrivals) == 1:
+            return web.json_response({}, status=503, headers={"Retry-After": "1"})
+        return web.json_response({"ok": True})
+
+    fake_model.on("/infer", busy_once)
+    config = config_with(
+        fake_model.url, {"retryable": True, "timeout": "5s", "retry": {"backoff_base": "1ms"}}
+    )
+    sidecar = await start_sidecar(config)
+    async with sidecar.session.post(sidecar.url + "/infer", data=b"{}") as resp:
+        assert resp.status == 200
+    assert len(arrivals) == 2
+    assert arrivals[1] - arrivals[0] >= 1.0  # a lower bound: the wait it was asked for
+
+
+async def test_retry_after_beyond_the_deadline_is_not_waited_for(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    fake_model.on("/infer", status_handler(503, {"Retry-After": "30"}))
+    config = config_with(fake_model.url, {"retryable": True, "timeout": "2s"})
+    sidecar = await start_sidecar(config)
+    async with sidecar.session.post(sidecar.url + "/infer", data=b"{}") as resp:
+        assert resp.status == 503
+        assert resp.headers["Retry-After"] == "30"
+    assert len(fake_model.hits_for("/infer")) == 1
+
+
+async def test_retry_budget_caps_attempts_in_a_full_outage(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    clients = 100
+    everyone_in = asyncio.Event()
+
+    async def failing(request: web.Request) -> web.Response:
+        # Hold the first attempts until every client's request is in flight, so the
+        # outage meets 100 concurrent requests, then fail them all.
+        if len(fake_model.hits_for("/infer")) >= clients:
+            everyone_in.set()
+        await everyone_in.wait()
+        return web.json_response({"error": "down"}, status=503)
+
+    fake_model.on("/infer", failing)
+    config = config_with(
+        fake_model.url,
+        {"retryable": True, "timeout": "20s", "retry": {"attempts": 2, "backoff_base": "10ms"}},
+        breaker={"enabled": False},
+        max_connections=200,
+    )
+    sidecar = await start_sidecar(config)
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one() -> int:
+            async with session.post(sidecar.url + "/infer", data=b"{}") as resp:
+                await resp.read()
+                return resp.status
+
+        statuses = await asyncio.wait_for(asyncio.gather(*(one() for _ in range(clients))), 60)
+    assert statuses == [503] * clients
+    attempts = len(fake_model.hits_for("/infer"))
+    assert clients < attempts <= 1.2 * clients, attempts
+    text = await metrics_text(sidecar)
+    assert metric_value(text, "sidecar_retry_budget_exhausted_total", upstream="model") == (
+        2 * clients - attempts
+    )
+
+
+async def test_breaker_opens_stops_calling_probes_once_and_closes(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    gate = asyncio.Event()
+    probe_arrived = asyncio.Event()
+    healthy = False
+
+    async def storm_then_recover(request: web.Request) -> web.Response:
+        if not healthy:
+            return web.json_response({"error": "overloaded GPU"}, status=500)
+        probe_arrived.set()
+        await gate.wait()
+        return web.json_response({"ok": True})
+
+    fake_model.on("/infer", storm_then_recover)
+    config = config_with(
+        fake_model.url,
+        {},
+        breaker={"failures": 3, "reset_timeout": "10s", "half_open_probes": 1},
+    )
+    clock = FakeClock()
+    sidecar = await start_sidecar(config, clock=clock)
+    url = sidecar.url + "/infer"
+    for _ in range(3):
+        async with sidecar.session.post(url, data=b"{}") as resp:
+            assert resp.status == 500  # the model's answer passes through
+    for _ in range(5):
+        async with sidecar.session.post(url, data=b"{}") as resp:
+            assert resp.status == 503
+            assert (await resp.json())["error"]["type"] == "circuit_open"
+    assert len(fake_model.hits_for("/infer")) == 3  # open: the model was not called
+
+    healthy = True
+    clock.advance(9.9)
+    async with sidecar.session.post(url, data=b"{}") as resp:
+        assert resp.status == 503  # not yet: the reset timeout has not passed
+    clock.advance(0.2)
+    probe = asyncio.create_task(sidecar.session.post(url, data=b"{}"))
+    await asyncio.wait_for(probe_arrived.wait(), 10)
+    for _ in range(5):  # while the single probe is out, everyone else is refused
+        async with sidecar.session.post(url, data=b"{}") as resp:
+            assert resp.status == 503
+            assert (await resp.json())["error"]["type"] == "circuit_open"
+    assert len(fake_model.hits_for("/infer")) == 4
+    gate.set()
+    async with await probe as resp:
+        assert resp.status == 200
+    for _ in range(3):
+        async with sidecar.session.post(url, data=b"{}") as resp:
+            assert resp.status == 200
+    assert len(fake_model.hits_for("/infer")) == 7
+
+    text = await metrics_text(sidecar)
+    assert metric_value(text, "sidecar_circuit_state", upstream="model") == 0
+    for old, new in (("closed", "open"), ("open", "half-open"), ("half-open", "closed")):
+        assert (
+            metric_value(
+                text,
+                "sidecar_circuit_transitions_total",
+                upstream="model",
+                from_state=old,
+                to_state=new,
+            )
+            == 1
+        )
+
+
+async def test_failed_probe_reopens_the_circuit(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    fake_model.on("/infer", status_handler(502))
+    config = config_with(fake_model.url, {}, breaker={"failures": 1, "reset_timeout": "5s"})
+    clock = FakeClock()
+    sidecar = await start_sidecar(config, clock=clock)
+    url = sidecar.url + "/infer"
+    async with sidecar.session.post(url, data=b"{}") as resp:
+        assert resp.status == 502
+    clock.advance(5.1)
+    async with sidecar.session.post(url, data=b"{}") as resp:
+        assert resp.status == 502  # the probe reached the model and failed
+    async with sidecar.session.post(url, data=b"{}") as resp:
+        assert (await resp.json())["error"]["type"] == "circuit_open"
+    assert len(fake_model.hits_for("/infer")) == 2
+    text = await metrics_text(sidecar)
+    assert metric_value(text, "sidecar_circuit_state", upstream="model") == 2
+    assert (
+        metric_value(
+            text,
+            "sidecar_circuit_transitions_total",
+            upstream="model",
+            from_state="half-open",
+            to_state="open",
+        )
+        == 1
+    )
+
+
+async def test_model_4xx_answers_do_not_open_the_breaker(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    fake_model.on("/infer", status_handler(422))
+    config = config_with(fake_model.url, {}, breaker={"failures": 2})
+    sidecar = await start_sidecar(config)
+    for _ in range(6):
+        async with sidecar.session.post(sidecar.url + "/infer", data=b"{}") as resp:
+            assert resp.status == 422
+    assert len(fake_model.hits_for("/infer")) == 6
+
+
+async def test_open_circuit_answers_from_the_fallback(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    fake_model.on("/infer", status_handler(503))
+    config = config_with(
+        fake_model.url,
+        {"fallback": {"triggers": ["circuit_open"], "chain": [STATIC]}},
+        breaker={"failures": 2, "reset_timeout": "1h"},
+    )
+    sidecar = await start_sidecar(config)
+    for _ in range(2):  # upstream_error is not a trigger here: the model's 503 passes
+        async with sidecar.session.post(sidecar.url + "/infer", data=b"{}") as resp:
+            assert resp.status == 503
+            assert "X-Sidecar-Fallback" not in resp.headers
+    async with sidecar.session.post(sidecar.url + "/infer", data=b"{}") as resp:
+        assert resp.status == 200
+        assert resp.headers["X-Sidecar-Fallback"] == "default-answer"
+
+
+RULES = {
+    "rules": [
+        {
+            "name": "wide-petals",
+            "when": {"field": "inputs[0].data[3]", "gt": 1.7},
+            "respond": {"body": {"label": 2}},
+        },
+        {
+            "name": "tier-gold",
+            "when": {
+                "all": [
+                    {"field": "parameters.tier", "in": ["gold"]},
+                    {"field": "inputs", "exists": True},
+                ]
+            },
+            "respond": {"status": 200, "body": {"label": 0}, "headers": {"X-Rule": "gold"}},
+        },
+    ]
+}
+
+
+async def test_rules_answer_by_the_request_fields_else_the_next_step(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    fake_model.on("/infer", status_handler(503))
+    config = config_with(
+        fake_model.url, {"fallback": {"chain": [RULES, STATIC]}}, breaker={"enabled": False}
+    )
+    sidecar = await start_sidecar(config)
+
+    async def ask(payload: Any) -> tuple[str, Any, aiohttp.ClientResponse]:
+        async with sidecar.session.post(sidecar.url + "/infer", json=payload) as resp:
+            return resp.headers["X-Sidecar-Fallback"], await resp.json(), resp
+
+    rule, body, _ = await ask({"inputs": [{"data": [6.9, 3.1, 5.4, 2.1]}]})
+    assert (rule, body) == ("wide-petals", {"label": 2})
+    rule, body, resp = await ask(
+        {"inputs": [{"data": [5, 3, 1, 0.2]}], "parameters": {"tier": "gold"}}
+    )
+    assert (rule, body) == ("tier-gold", {"label": 0})
+    assert resp.headers["X-Rule"] == "gold"
+    rule, body, _ = await ask({"inputs": [{"data": [5, 3, 1, 0.2]}]})
+    assert (rule, body) == ("default-answer", {"label": -1})
+
+
+async def test_cache_serves_the_earlier_good_answer_with_age(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    state = {"up": True}
+
+    async def flaky(request: web.Request) -> web.Response:
+        if state["up"]:
+            payload = await request.json()
+            return web.json_response({"echo": payload})
+        return web.json_response({"error": "down"}, status=503)
+
+    fake_model.on("/infer", flaky)
+    config = config_with(
+        fake_model.url,
+        {"fallback": {"chain": [{"cache": {"ttl": "1h"}}, STATIC]}},
+        breaker={"enabled": False},
+    )
+    clock = FakeClock()
+    sidecar = await start_sidecar(config, clock=clock)
+    async with sidecar.session.post(
+        sidecar.url + "/infer",
+        data=b'{"b": 2, "a": 1}',
+        headers={"Content-Type": "application/json"},
+    ) as resp:
+        assert resp.status == 200
+        good = await resp.read()
+    state["up"] = False
+    clock.advance(42)
+    # The same request written differently (key order, spaces) hits the cache.
+    async with sidecar.session.post(sidecar.url + "/infer", data=b'{ "a": 1, "b": 2 }') as resp:
+        assert resp.status == 200
+        assert resp.headers["X-Sidecar-Fallback"] == "cache"
+        assert resp.headers["Age"] == "42"
+        assert resp.content_type == "application/json"
+        assert await resp.read() == good
+    async with sidecar.session.post(sidecar.url + "/infer", data=b'{"a": 2}') as resp:
+        assert resp.headers["X-Sidecar-Fallback"] == "default-answer"
+    clock.advance(3600)  # past the TTL the entry is gone
+    async with sidecar.session.post(sidecar.url + "/infer", data=b'{"a": 1, "b": 2}') as resp:
+        assert resp.headers["X-Sidecar-Fallback"] == "default-answer"
+
+
+async def test_secondary_upstream_answers_when_the_primary_fails(
+    make_fake_model: MakeFakeModel, start_sidecar: StartSidecar
+) -> None:
+    primary, simple = await make_fake_model(), await make_fake_model()
+    primary.on("/infer", status_handler(500))
+
+    async def simple_answer(request: web.Request) -> web.Response:
+        return web.json_response({"label": 1, "model": "simple"})
+
+    simple.on("/infer", simple_answer)
+    config = config_with(
+        primary.url,
+        {"fallback": {"chain": [{"upstream": {"name": "simple", "timeout": "1s"}}, STATIC]}},
+        breaker={"enabled": False},
+    )
+    config["upstreams"]["simple"] = {"url": simple.url}
+    sidecar = await start_sidecar(config)
+    async with sidecar.session.post(
+        sidecar.url + "/infer?v=1", json={"x": 1}, headers={"X-Request-ID": "fb-1"}
+    ) as resp:
+        assert resp.status == 200
+        assert resp.headers["X-Sidecar-Fallback"] == "simple"
+        assert await resp.json() == {"label": 1, "model": "simple"}
+    hit = simple.hits_for("/infer")[0]
+    assert hit.target == "/infer?v=1"
+    assert hit.headers["x-request-id"] == ["fb-1"]
+    assert hit.body == b'{"x": 1}'
+
+
+async def test_overload_is_refused_at_once_with_retry_after(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    gate = asyncio.Event()
+    arrived = asyncio.Event()
+
+    async def held(request: web.Request) -> web.Response:
+        if len(fake_model.hits_for("/infer")) == 2:
+            arrived.set()
+        await gate.wait()
+        return web.json_response({"ok": True})
+
+    fake_model.on("/infer", held)
+    config = base_config(fake_model.url, server={"overload_retry_after": "2s"})
+    config["routes"] = [
+        route(max_in_flight=2),
+        {
+            "name": "shed-to-fallback",
+            "path_prefix": "/soft",
+            "upstream": "model",
+            "max_in_flight": 1,
+            "fallback": {"triggers": ["overloaded"], "chain": [STATIC]},
+        },
+    ]
+    config["routes"].reverse()
+    sidecar = await start_sidecar(config)
+    held_requests = [
+        asyncio.create_task(sidecar.session.post(sidecar.url + "/infer", data=b"{}"))
+        for _ in range(2)
+    ]
+    await asyncio.wait_for(arrived.wait(), 10)
+    async with sidecar.session.post(sidecar.url + "/infer", data=b"{}") as resp:
+        assert resp.status == 503
+        assert resp.headers["Retry-After"] == "2"
+        assert (await resp.json())["error"]["type"] == "overloaded"
+    assert len(fake_model.hits_for("/infer")) == 2
+
+    soft_arrived = asyncio.Event()
+
+    async def soft_held_answer(request: web.Request) -> web.Response:
+        soft_arrived.set()
+        await gate.wait()
+        return web.json_response({"ok": True})
+
+    fake_model.on("/soft", soft_held_answer)
+    soft_held = asyncio.create_task(sidecar.session.post(sidecar.url + "/soft", data=b"{}"))
+    await asyncio.wait_for(soft_arrived.wait(), 10)
+    async with sidecar.session.post(sidecar.url + "/soft", data=b"{}") as resp:
+        assert resp.status == 200
+        assert resp.headers["X-Sidecar-Fallback"] == "default-answer"
+    gate.set()
+    for task in [*held_requests, soft_held]:
+        async with await task as resp:
+            assert resp.status == 200
+
+
+async def test_a_stream_that_sent_bytes_is_never_retried(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    async def broken(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: one\n\n")
+        assert request.transport is not None
+        request.transport.close()
+        return response
+
+    fake_model.on("/stream", broken)
+    config = config_with(fake_model.url, {"retryable": True, "retry": {"attempts": 3}})
+    sidecar = await start_sidecar(config)
+    received = b""
+    async with sidecar.session.post(sidecar.url + "/stream", data=b"{}") as resp:
+        try:
+            async for chunk in resp.content.iter_any():
+                received += chunk
+        except aiohttp.ClientPayloadError:
+            pass
+    assert received == b"data: one\n\n"
+    assert len(fake_model.hits_for("/stream")) == 1
