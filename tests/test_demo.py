@@ -6,6 +6,7 @@ import asyncio
 import re
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -20,6 +21,7 @@ from sidecar.demo.model import (
 )
 from sidecar.demo.runner import DEMO_INPUT
 
+CHAOS_SCRIPT = Path(__file__).resolve().parent.parent / "loadtests" / "chaos.py"
 SETOSA = [5.1, 3.5, 1.4, 0.2]
 VERSICOLOR = [5.7, 2.6, 3.5, 1.0]
 WIDE_VERSICOLOR = [6.0, 2.9, 4.5, 1.5]  # in the slice the candidate gets wrong
@@ -140,9 +142,45 @@ async def test_sidecar_demo_command_serves_a_prediction() -> None:
             assert "X-Request-ID" in resp.headers
             assert "upstream;dur=" in resp.headers["Server-Timing"]
         assert body["outputs"][1]["data"] == [0]
+
+        # Break the model: the rule-based fallback answers in the model's own format.
+        model_url = re.search(r"^\s+model\s+(http://\S+)", banner, re.M)
+        assert model_url is not None
+        async with aiohttp.ClientSession() as session:
+            async with session.post(
+                model_url.group(1) + "/demo/chaos", json={"mode": "fail", "status": 503}
+            ) as resp:
+                assert resp.status == 200
+            wide = DEMO_INPUT.replace("5.1,3.5,1.4,0.2", "6.9,3.1,5.4,2.1")
+            async with session.post(
+                url.group(1), data=wide, headers={"Content-Type": "application/json"}
+            ) as resp:
+                assert resp.status == 200
+                assert resp.headers["X-Sidecar-Fallback"] == "rule-virginica"
+                assert (await resp.json())["outputs"][0]["data"] == [2]
         process.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(process.wait(), 30) == 0
     finally:
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_chaos_run_gives_every_request_an_answer() -> None:
+    """The chaos script, short: no sidecar-made 500 and no request left unanswered."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(CHAOS_SCRIPT),
+        "--phase-seconds",
+        "1",
+        "--concurrency",
+        "4",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 120)
+    text = stdout.decode()
+    assert process.returncode == 0, text + stderr.decode()
+    assert "sidecar-made 500s: 0   requests without an answer: 0" in text
+    fail_row = next(line for line in text.splitlines() if line.startswith("fail "))
+    assert fail_row.split()[2] == "0"  # no answer came from the failing model
