@@ -2,7 +2,7 @@
 
     boundary        every own error -> JSON error body, never a stack trace
     identity        accept a sane X-Request-ID or make one; trace context; log binding
-    observe         count and time every request
+    observe         count and time every request; queue its access-log record
     routing         pick the configured route (404/405) and its limits
     admission       in-flight caps: 503 overloaded (or the fallback) past them
     handler         forward = fallback(breaker(retry(send))), relay the answer
@@ -29,7 +29,7 @@ def pipeline(runtime: Runtime) -> list[Middleware]:
     return [
         middlewares.error_boundary(),
         middlewares.request_identity(),
-        middlewares.observe(metrics=runtime.metrics),
+        middlewares.observe(metrics=runtime.metrics, access_log=runtime.logs.access),
         middlewares.routing(routes=runtime.routes, config=config),
         middlewares.admission(runtime=runtime),
     ]

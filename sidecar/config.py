@@ -36,7 +36,7 @@ from pydantic import (
     model_validator,
 )
 
-from sidecar.rules import compile_condition
+from sidecar.rules import compile_condition, parse_field_path
 
 # --- units -----------------------------------------------------------------------
 
@@ -266,6 +266,7 @@ class Route(_Strict):
     max_body_size: ByteSize | None = None
     max_in_flight: int | None = Field(default=None, ge=1)
     fallback: FallbackPolicy | None = None
+    payload_sample: float = Field(default=0.0, ge=0.0, le=1.0)
 
     @field_validator("path_prefix")
     @classmethod
@@ -284,8 +285,34 @@ class Route(_Strict):
         return upper
 
 
+def _check_field_path(path: str) -> str:
+    parse_field_path(path)
+    return path
+
+
+FieldPathText = Annotated[str, AfterValidator(_check_field_path)]
+
+
+class AccessLogSettings(_Strict):
+    enabled: bool = True
+    path: str = "-"
+    max_bytes: ByteSize | None = None
+    backups: int = Field(default=3, ge=0, le=100)
+
+
+class PayloadLogSettings(_Strict):
+    path: str
+    max_body_size: ByteSize = 64 * 1024
+    max_bytes: ByteSize | None = None
+    backups: int = Field(default=3, ge=0, le=100)
+
+
 class LoggingSettings(_Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
+    queue_size: int = Field(default=10_000, ge=1)
+    access_log: AccessLogSettings = AccessLogSettings()
+    payload_log: PayloadLogSettings | None = None
+    redact_fields: tuple[FieldPathText, ...] = ()
 
 
 class Config(_Strict):
@@ -342,6 +369,10 @@ class LoadedConfig:
     config: Config
     path: Path
     sha256: str
+
+    def resolve(self, file: str) -> Path:
+        """A path from the config: relative ones are relative to the config's folder."""
+        return (self.path.parent / file).resolve()
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -431,6 +462,10 @@ def _cross_reference_issues(config: Config) -> Iterator[ConfigIssue]:
         if route.per_try_timeout is not None and route.per_try_timeout > route.timeout:
             yield ConfigIssue(
                 f"routes[{index}].per_try_timeout", "is longer than the route's total timeout"
+            )
+        if route.payload_sample > 0 and config.logging.payload_log is None:
+            yield ConfigIssue(
+                f"routes[{index}].payload_sample", "needs logging.payload_log to write to"
             )
         if route.fallback is not None:
             for step_index, step in enumerate(route.fallback.chain):

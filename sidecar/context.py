@@ -29,6 +29,8 @@ class RequestContext:
     bytes_out: int = 0
     shed: bool = False  # over an in-flight cap: answer from the fallback or refuse
     fallback_rule: str | None = None
+    breaker_state: str | None = None
+    principal: str | None = None
 
     def finish_upstream(self) -> None:
         if self.upstream_started is not None:

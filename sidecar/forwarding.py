@@ -200,6 +200,8 @@ async def forward(request: web.Request, ctx: RequestContext, path: RoutePath) ->
         body=body if body or request.body_exists else None,
     )
     breaker = path.guard.breaker
+    if breaker is not None:
+        ctx.breaker_state = breaker.state
     cause: errors.SidecarError | ModelFailed
     try:
         if ctx.shed:

@@ -1,12 +1,25 @@
-"""Structured JSON logs (structlog + orjson), one line per event, on stdout."""
+"""The sidecar's logs: structured event lines and the access log, both off the hot path.
+
+    events   structlog lines (start, state changes, warnings) -> stdout
+    access   one JSON line per request                      -> stdout or a file
+    payload  sampled request and response bodies (optional) -> a file
+
+Each is a ``LogWriter``: bounded queue, batched writes from a thread, drops counted.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 import orjson
 import structlog
+
+from sidecar.config import LoadedConfig, PayloadLogSettings
+from sidecar.logwriter import FileSink, LogWriter, QueueFile, Record, Sink, StreamSink, render
+from sidecar.metrics import Metrics
+from sidecar.redaction import Redactor
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -14,6 +27,9 @@ _LEVELS = {
     "warning": logging.WARNING,
     "error": logging.ERROR,
 }
+
+# structlog writes into this; a running sidecar attaches its event writer to it.
+EVENT_STREAM = QueueFile()
 
 
 def configure_logging(level: str = "info") -> None:
@@ -26,8 +42,76 @@ def configure_logging(level: str = "info") -> None:
             structlog.processors.JSONRenderer(serializer=orjson.dumps),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.BytesLoggerFactory(sys.stdout.buffer),
+        logger_factory=structlog.BytesLoggerFactory(EVENT_STREAM),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
     # aiohttp's own loggers (low-level protocol errors) go to stderr as plain text.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+
+
+def _sink(loaded: LoadedConfig, path: str, max_bytes: int | None, backups: int) -> Sink:
+    if path == "-":
+        return StreamSink()
+    return FileSink(loaded.resolve(path), max_bytes=max_bytes or 0, backups=backups)
+
+
+def payload_renderer(settings: PayloadLogSettings, redactor: Redactor) -> Any:
+    """Bodies are kept as bytes on the hot path; decoding and redaction happen here."""
+    limit = settings.max_body_size
+
+    def decode(body: bytes) -> Any:
+        if len(body) > limit:
+            return {"truncated": True, "size": len(body)}
+        try:
+            return redactor.json(orjson.loads(body))
+        except orjson.JSONDecodeError:
+            return {"non_json": True, "size": len(body)}
+
+    def render_payload(record: Record) -> bytes:
+        if isinstance(record, dict):
+            record["request"] = decode(record["request"])
+            record["response"] = decode(record["response"])
+        return render(record)
+
+    return render_payload
+
+
+class Logs:
+    def __init__(self, loaded: LoadedConfig, metrics: Metrics) -> None:
+        settings = loaded.config.logging
+        size = settings.queue_size
+        self.events = LogWriter("events", StreamSink(), metrics, queue_size=size)
+        access = settings.access_log
+        self.access: LogWriter | None = None
+        if access.enabled:
+            sink = _sink(loaded, access.path, access.max_bytes, access.backups)
+            self.access = LogWriter("access", sink, metrics, queue_size=size)
+        self.payload: LogWriter | None = None
+        if settings.payload_log is not None:
+            payload = settings.payload_log
+            self.payload = LogWriter(
+                "payload",
+                _sink(loaded, payload.path, payload.max_bytes, payload.backups),
+                metrics,
+                queue_size=size,
+                renderer=payload_renderer(payload, Redactor(settings.redact_fields)),
+            )
+
+    @property
+    def writers(self) -> list[LogWriter]:
+        return [w for w in (self.access, self.payload, self.events) if w is not None]
+
+    def start(self, *, capture_events: bool = True) -> None:
+        for writer in self.writers:
+            writer.start()
+        if capture_events:
+            EVENT_STREAM.writer = self.events
+
+    async def stop(self) -> None:
+        for writer in self.writers:
+            if writer is self.events:
+                continue
+            await writer.stop()
+        if EVENT_STREAM.writer is self.events:
+            EVENT_STREAM.writer = None
+        await self.events.stop()

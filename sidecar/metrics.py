@@ -120,5 +120,24 @@ class Metrics:
             registry=r,
         )
 
+        self.log_dropped = Counter(
+            "sidecar_log_dropped_total",
+            "Log records dropped because the log's queue was full (or its sink stuck).",
+            ["log"],
+            registry=r,
+        )
+        self.log_written = Counter(
+            "sidecar_log_written_total",
+            "Log records written, by log.",
+            ["log"],
+            registry=r,
+        )
+        self.log_queue_depth = Gauge(
+            "sidecar_log_queue_depth",
+            "Log records waiting to be written, by log.",
+            ["log"],
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -17,6 +17,7 @@ from sidecar import errors
 from sidecar.config import Config
 from sidecar.context import REQUEST_CONTEXT, RequestContext
 from sidecar.identity import accept_request_id, accept_traceparent, new_request_id
+from sidecar.logwriter import LogWriter
 from sidecar.metrics import OUTCOME_OWN, Metrics
 from sidecar.routing import RouteTable
 from sidecar.runtime import Runtime
@@ -90,8 +91,8 @@ def request_identity() -> Middleware:
     return identity
 
 
-def observe(*, metrics: Metrics) -> Middleware:
-    """Count and time every request (its status and outcome, errors included)."""
+def observe(*, metrics: Metrics, access_log: LogWriter | None) -> Middleware:
+    """Count and time every request (errors included) and queue its access record."""
 
     @web.middleware
     async def observer(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -106,11 +107,37 @@ def observe(*, metrics: Metrics) -> Middleware:
             status, ctx.outcome = exc.status, exc.outcome
             raise
         finally:
+            duration = time.perf_counter() - ctx.started
             metrics.in_flight.dec()
             metrics.requests.labels(ctx.route_name, str(status), ctx.outcome).inc()
-            metrics.request_duration.labels(ctx.route_name).observe(
-                time.perf_counter() - ctx.started
-            )
+            metrics.request_duration.labels(ctx.route_name).observe(duration)
+            if access_log is not None:
+                # A dict into a bounded queue; rendering and I/O happen in the writer.
+                access_log.submit(
+                    {
+                        "event": "request",
+                        "timestamp": time.time(),
+                        "request_id": ctx.request_id,
+                        "trace_id": ctx.trace_id,
+                        "route": ctx.route_name,
+                        "method": request.method,
+                        "path": request.path,
+                        "status": status,
+                        "outcome": ctx.outcome,
+                        "duration_ms": round(duration * 1000.0, 3),
+                        "upstream_ms": (
+                            None
+                            if ctx.upstream_seconds is None
+                            else round(ctx.upstream_seconds * 1000.0, 3)
+                        ),
+                        "attempts": ctx.attempts,
+                        "breaker": ctx.breaker_state,
+                        "fallback": ctx.fallback_rule,
+                        "principal": ctx.principal,
+                        "bytes_in": ctx.bytes_in,
+                        "bytes_out": ctx.bytes_out,
+                    }
+                )
 
     return observer
 

@@ -9,6 +9,7 @@ from sidecar.breaker import UpstreamBreaker
 from sidecar.config import LoadedConfig
 from sidecar.fallback import FallbackChain
 from sidecar.forwarding import RoutePath, UpstreamGuard
+from sidecar.logs import Logs
 from sidecar.metrics import Metrics
 from sidecar.retry import RetryBudget
 from sidecar.routing import RouteTable
@@ -25,6 +26,7 @@ class Runtime:
         self.loaded = loaded
         self.config = config = loaded.config
         self.metrics = metrics if metrics is not None else Metrics()
+        self.logs = Logs(loaded, self.metrics)
         self.routes = RouteTable(config.routes)
         self.upstreams = Upstreams(config.upstreams, self.metrics)
         self.guards = {
@@ -55,7 +57,9 @@ class Runtime:
         self.draining = False
 
     async def start(self) -> None:
+        self.logs.start()
         await self.upstreams.start()
 
     async def stop(self) -> None:
         await self.upstreams.stop()
+        await self.logs.stop()  # last, so everything logged while stopping is written
