@@ -31,7 +31,81 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--model-port", type=int, default=8081, help="the demo model's port (8081)")
     demo.add_argument("--shadow-port", type=int, default=8082, help="the candidate's port (8082)")
     demo.add_argument("--admin-port", type=int, default=9901, help="the admin port (9901)")
+
+    baseline = commands.add_parser(
+        "baseline", help="build a drift baseline for a route from a payload log"
+    )
+    baseline.add_argument("--config", required=True, metavar="PATH")
+    baseline.add_argument("--route", required=True, help="the route whose drift settings apply")
+    baseline.add_argument("--payloads", required=True, metavar="FILE", help="a payload log")
+    baseline.add_argument("--out", metavar="FILE", help="default: the route's drift.baseline")
+
+    labels = commands.add_parser(
+        "join-labels", help="join a payload log with ground-truth labels: accuracy or error"
+    )
+    labels.add_argument("--payloads", required=True, metavar="FILE")
+    labels.add_argument("--labels", required=True, metavar="FILE", help="CSV or JSON lines")
+    labels.add_argument("--protocol", default="v2", choices=["v2", "v1", "openai", "json_path"])
+    labels.add_argument("--output", help="V2: the output tensor holding the prediction")
+    labels.add_argument("--json-path", help="with --protocol json_path: where the prediction is")
+    labels.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
+
+
+def _baseline(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sidecar.drift import build_baseline, payload_pairs
+
+    try:
+        loaded = load_config(args.config)
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return 1
+    route = next((r for r in loaded.config.routes if r.name == args.route), None)
+    if route is None or route.drift is None:
+        print(f"sidecar baseline: route {args.route!r} has no drift settings", file=sys.stderr)
+        return 1
+    with Path(args.payloads).open("rb") as lines:
+        try:
+            baseline = build_baseline(route.drift, payload_pairs(lines, route.name))
+        except ValueError as exc:
+            print(f"sidecar baseline: {exc}", file=sys.stderr)
+            return 1
+    out = Path(args.out) if args.out else loaded.resolve(route.drift.baseline)
+    out.write_bytes(baseline.to_json(route.name))
+    signals = ", ".join(sorted(baseline.histograms))
+    print(f"wrote {out}: {baseline.samples} responses; signals: {signals}")
+    return 0
+
+
+def _join_labels(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import orjson
+
+    from sidecar.labels import join, read_labels
+    from sidecar.predictions import PredictionReader
+
+    try:
+        reader = PredictionReader.build(args.protocol, args.output, args.json_path)
+        labels = read_labels(Path(args.labels))
+        with Path(args.payloads).open("rb") as lines:
+            report = join(lines, labels, reader)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"sidecar join-labels: {exc}", file=sys.stderr)
+        return 1
+    rows = report.rows()
+    if args.json:
+        print(orjson.dumps({"rows": rows, "unlabelled": report.unlabelled}).decode())
+        return 0
+    metric = "mae rmse" if report.regression else "accuracy"
+    print(f"{'day':<10}  {'route':<16}  {'joined':>7}  {metric}")
+    for row in rows:
+        values = f"{row['mae']}  {row['rmse']}" if report.regression else f"{row['accuracy']}"
+        print(f"{row['day']:<10}  {row['route']:<16}  {row['joined']:>7}  {values}")
+    print(f"payload records without a label: {report.unlabelled}")
+    return 0
 
 
 def _check_config(path: str) -> int:
@@ -85,4 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args.config)
     if args.command == "demo":
         return _demo(args)
+    if args.command == "baseline":
+        return _baseline(args)
+    if args.command == "join-labels":
+        return _join_labels(args)
     raise AssertionError(f"unhandled command {args.command}")  # argparse prevents this

@@ -253,6 +253,34 @@ class FallbackPolicy(_Strict):
         return chain
 
 
+class DriftFeature(_Strict):
+    name: str = Field(pattern=_NAME_PATTERN)
+    field: FieldPathText
+
+
+class DriftSettings(_Strict):
+    protocol: Literal["v2", "v1", "openai", "json_path"] = "v2"
+    output: str | None = None
+    json_path: FieldPathText | None = None
+    baseline: str
+    freeze_after: int | None = Field(default=None, ge=10)
+    window: int = Field(default=1000, ge=10)
+    min_samples: int = Field(default=100, ge=1)
+    interval: Duration = 10.0
+    bins: int = Field(default=10, ge=2, le=100)
+    threshold: float = Field(default=0.2, gt=0.0)
+    clear_below: float = Field(default=0.1, ge=0.0)
+    features: tuple[DriftFeature, ...] = ()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DriftSettings:
+        if self.protocol == "json_path" and self.json_path is None:
+            raise ValueError("protocol json_path needs json_path")
+        if self.clear_below >= self.threshold:
+            raise ValueError("clear_below must be under threshold (hysteresis)")
+        return self
+
+
 class Route(_Strict):
     name: str = Field(pattern=_NAME_PATTERN)
     path_prefix: str = "/"
@@ -267,6 +295,7 @@ class Route(_Strict):
     max_in_flight: int | None = Field(default=None, ge=1)
     fallback: FallbackPolicy | None = None
     payload_sample: float = Field(default=0.0, ge=0.0, le=1.0)
+    drift: DriftSettings | None = None
 
     @field_validator("path_prefix")
     @classmethod
@@ -529,7 +558,27 @@ def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> Lo
     except UnicodeDecodeError:
         raise ConfigError(str(path), [ConfigIssue("", "not valid UTF-8")]) from None
     config = parse_config(text, source=str(path), env=os.environ if env is None else env)
-    return LoadedConfig(config=config, path=path.resolve(), sha256=hashlib.sha256(data).hexdigest())
+    loaded = LoadedConfig(
+        config=config, path=path.resolve(), sha256=hashlib.sha256(data).hexdigest()
+    )
+    issues = list(_file_issues(loaded))
+    if issues:
+        raise ConfigError(str(path), issues)
+    return loaded
+
+
+def _file_issues(loaded: LoadedConfig) -> Iterator[ConfigIssue]:
+    """Files the config names must be there (paths relative to the config's folder)."""
+    for index, route in enumerate(loaded.config.routes):
+        drift = route.drift
+        if drift is not None and drift.freeze_after is None:
+            baseline = loaded.resolve(drift.baseline)
+            if not baseline.is_file():
+                yield ConfigIssue(
+                    f"routes[{index}].drift.baseline",
+                    f"no such file: {baseline} (build one with `sidecar baseline`, "
+                    "or set freeze_after to freeze one from live traffic)",
+                )
 
 
 def render_effective(config: Config) -> str:

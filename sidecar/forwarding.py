@@ -28,10 +28,13 @@ from sidecar import errors
 from sidecar.breaker import BreakerFailure, UpstreamBreaker
 from sidecar.config import Route
 from sidecar.context import RequestContext
+from sidecar.drift import DriftMonitor
 from sidecar.fallback import FallbackChain
+from sidecar.logwriter import LogWriter
 from sidecar.metrics import OUTCOME_FALLBACK, Metrics
 from sidecar.proxy import UpstreamCall, read_body, relay, send, upstream_request_headers
 from sidecar.retry import RetryBudget, backoff_delay, parse_retry_after
+from sidecar.sampling import sampled
 from sidecar.upstreams import UpstreamClient
 
 log = structlog.get_logger("sidecar.forwarding")
@@ -67,7 +70,8 @@ class RoutePath:
     overload_retry_after: float
     rng: random.Random = field(default_factory=random.Random)
     in_flight: int = 0
-
+    drift: DriftMonitor | None = None
+    payload_log: LogWriter | None = None
     client_timeout: aiohttp.ClientTimeout | None = None  # set when the route overrides connect
 
     def __post_init__(self) -> None:
@@ -219,8 +223,7 @@ async def forward(request: web.Request, ctx: RequestContext, path: RoutePath) ->
             answer = await relay(request, ctx, path.upstream, response)
         finally:
             response.release()
-        if path.fallback is not None and path.fallback.cache is not None:
-            _remember(path, body, answer)
+        _record(path, ctx, body, answer)
         return answer
 
     fallback = path.fallback
@@ -241,13 +244,30 @@ async def forward(request: web.Request, ctx: RequestContext, path: RoutePath) ->
     raise cause
 
 
-def _remember(path: RoutePath, request_body: bytes, answer: web.StreamResponse) -> None:
-    """Keep a good, fully read answer for the cache fallback."""
-    if (
-        isinstance(answer, web.Response)
-        and 200 <= answer.status < 300
-        and isinstance(answer.body, bytes)
-        and path.fallback is not None
-        and path.fallback.cache is not None
-    ):
-        path.fallback.cache.store(request_body, answer.status, answer.content_type, answer.body)
+def _record(
+    path: RoutePath, ctx: RequestContext, request_body: bytes, answer: web.StreamResponse
+) -> None:
+    """Hand a model's answer read whole to the cache, the drift window and the payload log.
+
+    Each is an append or a dict insert: parsing and writing happen off the hot path.
+    Streamed answers were never held whole, so they are not recorded.
+    """
+    if not isinstance(answer, web.Response) or not isinstance(answer.body, bytes):
+        return
+    body = answer.body
+    if 200 <= answer.status < 300:
+        if path.fallback is not None and path.fallback.cache is not None:
+            path.fallback.cache.store(request_body, answer.status, answer.content_type, body)
+        if path.drift is not None:
+            path.drift.observe(request_body, body)
+    if path.payload_log is not None and sampled(ctx.request_id, path.route.payload_sample):
+        path.payload_log.submit(
+            {
+                "timestamp": time.time(),
+                "request_id": ctx.request_id,
+                "route": path.route.name,
+                "status": answer.status,
+                "request": request_body,
+                "response": body,
+            }
+        )

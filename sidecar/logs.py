@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -77,21 +78,31 @@ def payload_renderer(settings: PayloadLogSettings, redactor: Redactor) -> Any:
 
 
 class Logs:
-    def __init__(self, loaded: LoadedConfig, metrics: Metrics) -> None:
+    """The log writers of one sidecar. ``sinks`` replaces a log's sink by name (tests)."""
+
+    def __init__(
+        self, loaded: LoadedConfig, metrics: Metrics, sinks: Mapping[str, Sink] | None = None
+    ) -> None:
         settings = loaded.config.logging
         size = settings.queue_size
-        self.events = LogWriter("events", StreamSink(), metrics, queue_size=size)
+        given = dict(sinks or {})
+        self.events = LogWriter(
+            "events", given.get("events") or StreamSink(), metrics, queue_size=size
+        )
         access = settings.access_log
         self.access: LogWriter | None = None
         if access.enabled:
-            sink = _sink(loaded, access.path, access.max_bytes, access.backups)
+            sink = given.get("access") or _sink(
+                loaded, access.path, access.max_bytes, access.backups
+            )
             self.access = LogWriter("access", sink, metrics, queue_size=size)
         self.payload: LogWriter | None = None
         if settings.payload_log is not None:
             payload = settings.payload_log
             self.payload = LogWriter(
                 "payload",
-                _sink(loaded, payload.path, payload.max_bytes, payload.backups),
+                given.get("payload")
+                or _sink(loaded, payload.path, payload.max_bytes, payload.backups),
                 metrics,
                 queue_size=size,
                 renderer=payload_renderer(payload, Redactor(settings.redact_fields)),

@@ -139,5 +139,18 @@ class Metrics:
             registry=r,
         )
 
+        self.prediction_psi = Gauge(
+            "sidecar_prediction_psi",
+            "Population stability index of predictions against the baseline, by route.",
+            ["route"],
+            registry=r,
+        )
+        self.feature_psi = Gauge(
+            "sidecar_feature_psi",
+            "Population stability index of an input feature against the baseline.",
+            ["route", "feature"],
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

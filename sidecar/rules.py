@@ -22,7 +22,7 @@ from typing import Any
 Predicate = Callable[[Any], bool]
 FieldPath = tuple[str | int, ...]
 
-_MISSING = object()
+MISSING = object()
 _FIELD_TOKEN = re.compile(r"([A-Za-z0-9_\-]+)|\[(\d+)\]|\.")
 _COMPARISONS = ("eq", "ne", "lt", "le", "gt", "ge", "in", "exists")
 
@@ -59,16 +59,16 @@ def parse_field_path(text: str) -> FieldPath:
 
 
 def lookup(document: Any, path: FieldPath) -> Any:
-    """The value at ``path``, or ``_MISSING``."""
+    """The value at ``path``, or ``MISSING``."""
     node = document
     for part in path:
         if isinstance(part, int):
             if not isinstance(node, list) or part >= len(node):
-                return _MISSING
+                return MISSING
             node = node[part]
         else:
             if not isinstance(node, dict) or part not in node:
-                return _MISSING
+                return MISSING
             node = node[part]
     return node
 
@@ -86,13 +86,13 @@ def _leaf(path: FieldPath, operator: str, operand: Any, where: str) -> Predicate
         if not isinstance(operand, bool):
             raise ValueError(f"{where}: 'exists' takes true or false")
         want = operand
-        return lambda doc: (lookup(doc, path) is not _MISSING) == want
+        return lambda doc: (lookup(doc, path) is not MISSING) == want
     if operator == "in":
         if not isinstance(operand, list) or not operand:
             raise ValueError(f"{where}: 'in' takes a non-empty list")
         choices = tuple(operand)
         return lambda doc: (
-            (value := lookup(doc, path)) is not _MISSING
+            (value := lookup(doc, path)) is not MISSING
             and any(type(value) is type(c) and value == c for c in choices)
         )
     if operator in ("eq", "ne"):
@@ -101,7 +101,7 @@ def _leaf(path: FieldPath, operator: str, operand: Any, where: str) -> Predicate
 
         def compare_equal(doc: Any) -> bool:
             value = lookup(doc, path)
-            if value is _MISSING:
+            if value is MISSING:
                 return False
             same = type(value) is type(expected) and value == expected
             same = same or (_is_number(value) and _is_number(expected) and value == expected)
@@ -120,7 +120,7 @@ def _leaf(path: FieldPath, operator: str, operand: Any, where: str) -> Predicate
 
     def compare_order(doc: Any) -> bool:
         value = lookup(doc, path)
-        return value is not _MISSING and _comparable(value, bound) and test(value, bound)
+        return value is not MISSING and _comparable(value, bound) and test(value, bound)
 
     return compare_order
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from sidecar.breaker import UpstreamBreaker
 from sidecar.config import LoadedConfig
+from sidecar.drift import DriftMonitor
 from sidecar.fallback import FallbackChain
 from sidecar.forwarding import RoutePath, UpstreamGuard
 from sidecar.logs import Logs
+from sidecar.logwriter import Sink
 from sidecar.metrics import Metrics
 from sidecar.retry import RetryBudget
 from sidecar.routing import RouteTable
@@ -22,11 +24,12 @@ class Runtime:
         loaded: LoadedConfig,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.monotonic,
+        log_sinks: Mapping[str, Sink] | None = None,
     ) -> None:
         self.loaded = loaded
         self.config = config = loaded.config
         self.metrics = metrics if metrics is not None else Metrics()
-        self.logs = Logs(loaded, self.metrics)
+        self.logs = Logs(loaded, self.metrics, log_sinks)
         self.routes = RouteTable(config.routes)
         self.upstreams = Upstreams(config.upstreams, self.metrics)
         self.guards = {
@@ -53,13 +56,28 @@ class Runtime:
             )
             for route in config.routes
         }
+        for route in config.routes:
+            path = self.paths[route.name]
+            path.payload_log = self.logs.payload if route.payload_sample > 0 else None
+            if route.drift is not None:
+                path.drift = DriftMonitor(
+                    route.name, route.drift, loaded.resolve(route.drift.baseline), self.metrics
+                )
         self.in_flight = 0  # proxied requests admitted, for the server-wide cap
         self.draining = False
+
+    @property
+    def drift_monitors(self) -> list[DriftMonitor]:
+        return [p.drift for p in self.paths.values() if p.drift is not None]
 
     async def start(self) -> None:
         self.logs.start()
         await self.upstreams.start()
+        for monitor in self.drift_monitors:
+            monitor.start()
 
     async def stop(self) -> None:
+        for monitor in self.drift_monitors:
+            await monitor.stop()
         await self.upstreams.stop()
         await self.logs.stop()  # last, so everything logged while stopping is written

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from sidecar.config import load_config
+from sidecar.logwriter import Sink
 from sidecar.runtime import Runtime
 from sidecar.server import RunningSidecar
 
@@ -163,12 +165,16 @@ async def start_sidecar(tmp_path: Path) -> AsyncIterator[StartSidecar]:
     started: list[SidecarHandle] = []
 
     async def start(
-        config: dict[str, Any], *, wait_ready: bool = True, clock: FakeClock | None = None
+        config: dict[str, Any],
+        *,
+        wait_ready: bool = True,
+        clock: FakeClock | None = None,
+        log_sinks: dict[str, Sink] | None = None,
     ) -> SidecarHandle:
         path = tmp_path / f"sidecar-{len(started)}.yaml"
         path.write_text(yaml.safe_dump(config))
         loaded = load_config(path, env={})
-        runtime = Runtime(loaded, clock=clock) if clock is not None else Runtime(loaded)
+        runtime = Runtime(loaded, clock=clock or time.monotonic, log_sinks=log_sinks)
         running = RunningSidecar(runtime)
         await running.start()
         handle = SidecarHandle(running, aiohttp.ClientSession(auto_decompress=False))

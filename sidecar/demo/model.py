@@ -148,28 +148,32 @@ async def infer(request: web.Request) -> web.Response:
         return _v2_error("body is not valid JSON")
     except ValueError as exc:
         return _v2_error(str(exc))
+    answer = v2_response(model, rows)
+    answer["id"] = payload.get("id", request.headers.get("X-Request-ID", ""))
+    return _json(answer)
+
+
+def v2_response(model: IrisModel, rows: list[list[float]]) -> dict[str, Any]:
+    """The V2 answer of ``model`` for ``rows``: probabilities and labels."""
     probabilities: list[float] = []
     labels: list[int] = []
     for row in rows:
         probs, label = model.predict(row)
         probabilities.extend(round(p, 6) for p in probs)
         labels.append(label)
-    return _json(
-        {
-            "model_name": model.name,
-            "model_version": model.version,
-            "id": payload.get("id", request.headers.get("X-Request-ID", "")),
-            "outputs": [
-                {
-                    "name": "probabilities",
-                    "shape": [len(rows), len(CLASSES)],
-                    "datatype": "FP32",
-                    "data": probabilities,
-                },
-                {"name": "label", "shape": [len(rows)], "datatype": "INT64", "data": labels},
-            ],
-        }
-    )
+    return {
+        "model_name": model.name,
+        "model_version": model.version,
+        "outputs": [
+            {
+                "name": "probabilities",
+                "shape": [len(rows), len(CLASSES)],
+                "datatype": "FP32",
+                "data": probabilities,
+            },
+            {"name": "label", "shape": [len(rows)], "datatype": "INT64", "data": labels},
+        ],
+    }
 
 
 async def generate_stream(request: web.Request) -> web.StreamResponse:

@@ -1,0 +1,296 @@
+"""Prediction and feature drift: population stability index (PSI) against a baseline.
+
+On the request path a route's monitor only appends the request and response bodies
+to a bounded deque (O(1), no parsing). A background task parses what arrived,
+keeps a window of recent values per signal (the prediction and each configured
+feature), and every ``interval`` computes
+
+    PSI = sum over bins of (actual - expected) * ln(actual / expected)
+
+against the baseline's bin proportions. It exports ``sidecar_prediction_psi{route}``
+and ``sidecar_feature_psi{route,feature}`` and logs ``drift_detected`` when a PSI
+reaches ``threshold`` and ``drift_cleared`` only once it falls below
+``clear_below`` (hysteresis: no flapping around one line).
+
+The baseline is a JSON file of bins per signal, made by ``sidecar baseline`` from a
+payload log, or frozen from the first ``freeze_after`` responses and written out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import math
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+import structlog
+
+from sidecar.background import BackgroundTasks
+from sidecar.config import DriftSettings
+from sidecar.metrics import Metrics
+from sidecar.predictions import PredictionReader
+from sidecar.rules import MISSING, FieldPath, lookup, parse_field_path
+
+log = structlog.get_logger("sidecar.drift")
+
+PREDICTION = "prediction"
+_EPSILON = 1e-4  # floor for empty bins, so ln() stays finite
+
+
+@dataclass(frozen=True, slots=True)
+class Histogram:
+    """Bins of one signal. Few distinct values: one bin each; else quantile bins."""
+
+    kind: Literal["categorical", "numeric"]
+    points: tuple[float, ...]  # categorical: the values; numeric: inner edges
+    proportions: tuple[float, ...]
+
+    @classmethod
+    def from_samples(cls, samples: Sequence[float], bins: int) -> Histogram:
+        if not samples:
+            raise ValueError("no samples to build a histogram from")
+        distinct = sorted(set(samples))
+        if len(distinct) <= bins:
+            # One bin per value, plus a last bin for values the baseline never saw.
+            counts = [0] * (len(distinct) + 1)
+            index = {v: i for i, v in enumerate(distinct)}
+            for value in samples:
+                counts[index[value]] += 1
+            return cls("categorical", tuple(distinct), _normalise(counts))
+        ordered = sorted(samples)
+        edges = sorted({ordered[int(len(ordered) * q / bins)] for q in range(1, bins)})
+        histogram = cls("numeric", tuple(edges), ())
+        return cls("numeric", tuple(edges), histogram.proportions_of(samples))
+
+    def proportions_of(self, samples: Iterable[float]) -> tuple[float, ...]:
+        if self.kind == "categorical":
+            index = {v: i for i, v in enumerate(self.points)}
+            counts = [0] * (len(self.points) + 1)
+            for value in samples:
+                counts[index.get(value, len(self.points))] += 1
+        else:
+            counts = [0] * (len(self.points) + 1)
+            for value in samples:
+                counts[bisect.bisect_right(self.points, value)] += 1
+        return _normalise(counts)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "points": list(self.points),
+            "proportions": list(self.proportions),
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> Histogram:
+        kind = data["kind"]
+        if kind not in ("categorical", "numeric"):
+            raise ValueError(f"unknown histogram kind {kind!r}")
+        points = tuple(float(p) for p in data["points"])
+        proportions = tuple(float(p) for p in data["proportions"])
+        if len(proportions) != len(points) + 1:
+            raise ValueError("a histogram needs one proportion more than its points")
+        return cls(kind, points, proportions)
+
+
+def _normalise(counts: Sequence[int]) -> tuple[float, ...]:
+    total = sum(counts)
+    return tuple(c / total if total else 0.0 for c in counts)
+
+
+def psi(expected: Sequence[float], actual: Sequence[float]) -> float:
+    total = 0.0
+    for e, a in zip(expected, actual, strict=True):
+        e, a = max(e, _EPSILON), max(a, _EPSILON)
+        total += (a - e) * math.log(a / e)
+    return total
+
+
+@dataclass(frozen=True, slots=True)
+class Baseline:
+    histograms: dict[str, Histogram]  # "prediction" and one per feature
+    samples: int
+
+    def to_json(self, route: str) -> bytes:
+        return orjson.dumps(
+            {
+                "version": 1,
+                "route": route,
+                "created": datetime.now(UTC).isoformat(),
+                "samples": self.samples,
+                "histograms": {k: h.to_json() for k, h in self.histograms.items()},
+            },
+            option=orjson.OPT_INDENT_2,
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> Baseline:
+        data = orjson.loads(path.read_bytes())
+        return cls(
+            {k: Histogram.from_json(v) for k, v in data["histograms"].items()}, int(data["samples"])
+        )
+
+
+class SignalExtractor:
+    """Turns one (request, response) pair into values per signal."""
+
+    def __init__(self, settings: DriftSettings) -> None:
+        self.reader = PredictionReader.build(settings.protocol, settings.output, settings.json_path)
+        self.features: tuple[tuple[str, FieldPath], ...] = tuple(
+            (f.name, parse_field_path(f.field)) for f in settings.features
+        )
+
+    @property
+    def signals(self) -> list[str]:
+        return [PREDICTION, *(name for name, _ in self.features)]
+
+    def extract(self, request: Any, response: Any) -> dict[str, list[float]]:
+        out = {PREDICTION: self.reader.values(response)}
+        for name, path in self.features:
+            value = lookup(request, path)
+            is_number = isinstance(value, int | float) and not isinstance(value, bool)
+            out[name] = [float(value)] if value is not MISSING and is_number else []
+        return out
+
+
+def build_baseline(settings: DriftSettings, pairs: Iterable[tuple[Any, Any]]) -> Baseline:
+    """A baseline from (request JSON, response JSON) pairs, e.g. from a payload log."""
+    extractor = SignalExtractor(settings)
+    samples: dict[str, list[float]] = {s: [] for s in extractor.signals}
+    count = 0
+    for request, response in pairs:
+        count += 1
+        for signal, values in extractor.extract(request, response).items():
+            samples[signal].extend(values)
+    histograms = {s: Histogram.from_samples(v, settings.bins) for s, v in samples.items() if v}
+    if PREDICTION not in histograms:
+        raise ValueError("no predictions found: check the protocol and output settings")
+    return Baseline(histograms, count)
+
+
+class DriftMonitor:
+    def __init__(
+        self,
+        route: str,
+        settings: DriftSettings,
+        baseline_path: Path,
+        metrics: Metrics,
+    ) -> None:
+        self.route = route
+        self.settings = settings
+        self.baseline_path = baseline_path
+        self._metrics = metrics
+        self._extractor = SignalExtractor(settings)
+        self._pending: deque[tuple[bytes, bytes]] = deque(maxlen=settings.window)
+        self._windows: dict[str, deque[float]] = {
+            s: deque(maxlen=settings.window) for s in self._extractor.signals
+        }
+        self._freezing: list[tuple[Any, Any]] = []
+        self.baseline: Baseline | None = None
+        if baseline_path.exists():
+            self.baseline = Baseline.load(baseline_path)
+        elif settings.freeze_after is None:
+            raise FileNotFoundError(f"drift baseline {baseline_path} does not exist")
+        self.drifting: dict[str, bool] = dict.fromkeys(self._extractor.signals, False)
+        self.last_psi: dict[str, float] = {}
+        self._tasks = BackgroundTasks()
+
+    # -- the hot path -------------------------------------------------------------
+
+    def observe(self, request_body: bytes, response_body: bytes) -> None:
+        self._pending.append((request_body, response_body))
+
+    # -- the background -----------------------------------------------------------
+
+    def start(self) -> None:
+        self._tasks.spawn(self._run(), name=f"drift-{self.route}")
+
+    async def stop(self) -> None:
+        await self._tasks.stop()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.interval)
+            self.evaluate()
+
+    def evaluate(self) -> dict[str, float]:
+        """Take in what arrived, then compute PSI per signal (when there is enough)."""
+        while self._pending:
+            request_body, response_body = self._pending.popleft()
+            try:
+                request, response = orjson.loads(request_body), orjson.loads(response_body)
+            except orjson.JSONDecodeError:
+                continue
+            if self.baseline is None:
+                self._freezing.append((request, response))
+            for signal, values in self._extractor.extract(request, response).items():
+                self._windows[signal].extend(values)
+        if self.baseline is None:
+            self._maybe_freeze()
+            return {}
+        results: dict[str, float] = {}
+        for signal, window in self._windows.items():
+            histogram = self.baseline.histograms.get(signal)
+            if histogram is None or len(window) < self.settings.min_samples:
+                continue
+            value = psi(histogram.proportions, histogram.proportions_of(window))
+            results[signal] = value
+            self._report(signal, value)
+        self.last_psi = results
+        return results
+
+    def _maybe_freeze(self) -> None:
+        assert self.settings.freeze_after is not None
+        if len(self._freezing) < self.settings.freeze_after:
+            return
+        self.baseline = build_baseline(self.settings, self._freezing)
+        self._freezing = []
+        self.baseline_path.parent.mkdir(parents=True, exist_ok=True)
+        self.baseline_path.write_bytes(self.baseline.to_json(self.route))
+        log.info(
+            "drift_baseline_frozen",
+            route=self.route,
+            path=str(self.baseline_path),
+            samples=self.baseline.samples,
+        )
+
+    def _report(self, signal: str, value: float) -> None:
+        if signal == PREDICTION:
+            self._metrics.prediction_psi.labels(self.route).set(value)
+        else:
+            self._metrics.feature_psi.labels(self.route, signal).set(value)
+        if not self.drifting[signal] and value >= self.settings.threshold:
+            self.drifting[signal] = True
+            log.warning(
+                "drift_detected",
+                route=self.route,
+                signal=signal,
+                psi=round(value, 4),
+                threshold=self.settings.threshold,
+            )
+        elif self.drifting[signal] and value < self.settings.clear_below:
+            self.drifting[signal] = False
+            log.info(
+                "drift_cleared",
+                route=self.route,
+                signal=signal,
+                psi=round(value, 4),
+                clear_below=self.settings.clear_below,
+            )
+
+
+def payload_pairs(lines: Iterable[bytes], route: str) -> Iterable[tuple[Any, Any]]:
+    """(request, response) JSON pairs of one route from payload-log lines."""
+    for line in lines:
+        if not line.strip():
+            continue
+        record = orjson.loads(line)
+        if record.get("route") != route or record.get("status") != 200:
+            continue
+        yield record["request"], record["response"]
