@@ -587,6 +587,11 @@ def render_effective(config: Config) -> str:
     return yaml.safe_dump(dumped, sort_keys=False, default_flow_style=False)
 
 
+def multiprocess_directory() -> str | None:
+    """Where prometheus-client keeps per-process metric files when workers share a port."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
 def bundled_config_dir() -> Path:
     """Where ``config/`` lives: inside an installed wheel, or beside the source tree."""
     installed = Path(__file__).resolve().parent / "_bundled_config"

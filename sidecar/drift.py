@@ -227,7 +227,7 @@ class DriftMonitor:
                 request, response = orjson.loads(request_body), orjson.loads(response_body)
             except orjson.JSONDecodeError:
                 continue
-            if self.baseline is None:
+            if self.baseline is None and len(self._freezing) < (self.settings.freeze_after or 0):
                 self._freezing.append((request, response))
             for signal, values in self._extractor.extract(request, response).items():
                 self._windows[signal].extend(values)

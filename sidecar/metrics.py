@@ -1,5 +1,9 @@
 """Every Prometheus series the sidecar exports, declared once on an injectable registry.
 
+With several worker processes (``PROMETHEUS_MULTIPROC_DIR`` set before start),
+prometheus-client keeps each process's values in files there, and ``render`` sums
+them; gauges say how they combine (live sum, min, max).
+
 Label values come from config names (route and upstream names), HTTP status codes
 and a fixed set of outcomes, never from raw paths or request ids, so the number of
 series stays bounded whatever the traffic.
@@ -14,8 +18,11 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
     generate_latest,
+    multiprocess,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from sidecar.config import multiprocess_directory
 
 # Model latency spans GPU micro-batches (ms) to LLM generations (tens of seconds).
 MODEL_LATENCY_BUCKETS = (
@@ -81,12 +88,14 @@ class Metrics:
             "sidecar_in_flight_requests",
             "Requests being handled right now.",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.upstream_ready = Gauge(
             "sidecar_upstream_ready",
             "1 when the upstream's last readiness probe passed, else 0.",
             ["upstream"],
             registry=r,
+            multiprocess_mode="min",
         )
 
         self.retries = Counter(
@@ -106,6 +115,7 @@ class Metrics:
             "Circuit breaker state per upstream: 0 closed, 1 half-open, 2 open.",
             ["upstream"],
             registry=r,
+            multiprocess_mode="max",
         )
         self.circuit_transitions = Counter(
             "sidecar_circuit_transitions_total",
@@ -137,6 +147,7 @@ class Metrics:
             "Log records waiting to be written, by log.",
             ["log"],
             registry=r,
+            multiprocess_mode="livesum",
         )
 
         self.prediction_psi = Gauge(
@@ -144,13 +155,21 @@ class Metrics:
             "Population stability index of predictions against the baseline, by route.",
             ["route"],
             registry=r,
+            multiprocess_mode="max",
         )
         self.feature_psi = Gauge(
             "sidecar_feature_psi",
             "Population stability index of an input feature against the baseline.",
             ["route", "feature"],
             registry=r,
+            multiprocess_mode="max",
         )
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """Prometheus text; with several worker processes, the sum over all of them."""
+        directory = multiprocess_directory()
+        if directory is None:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)

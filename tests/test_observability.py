@@ -1,0 +1,447 @@
+"""Access and payload logs off the hot path, drift (PSI), baselines and label joins."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import yaml
+from structlog.testing import capture_logs
+
+from sidecar.config import DriftSettings, bundled_config_dir, load_config
+from sidecar.demo.traffic import demo_baseline, iris_row
+from sidecar.drift import Baseline, DriftMonitor, Histogram, build_baseline, psi
+from sidecar.labels import join, read_labels
+from sidecar.logwriter import LogWriter
+from sidecar.metrics import Metrics
+from sidecar.predictions import PredictionReader
+from tests.conftest import FakeModel, StartSidecar, base_config
+from tests.test_endpoints import metric_value
+
+
+class BlockingSink:
+    """A sink whose writes block until released, like a stalled disk or pipe."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.lines: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.entered.set()
+        self.release.wait(timeout=30)
+        self.lines.extend(data.splitlines())
+
+    def close(self) -> None:
+        pass
+
+
+async def test_a_stalled_access_log_never_stalls_requests(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    sink = BlockingSink()
+    config = base_config(fake_model.url)
+    config["logging"] = {"queue_size": 20}
+    sidecar = await start_sidecar(config, log_sinks={"access": sink})
+    requests = 200
+    try:
+        for index in range(requests):
+            async with sidecar.session.get(
+                sidecar.url + "/x", headers={"X-Request-ID": f"r-{index}"}
+            ) as resp:
+                assert resp.status == 200
+        # Every request completed although the writer has been stuck since the first.
+        assert sink.entered.is_set()
+        assert sink.lines == []
+        async with sidecar.session.get(sidecar.admin_url + "/metrics") as resp:
+            text = await resp.text()
+        dropped = metric_value(text, "sidecar_log_dropped_total", log="access")
+        assert dropped > 0
+    finally:
+        sink.release.set()
+    await sidecar.running.stop()
+    written = [orjson.loads(line) for line in sink.lines]
+    # Nothing accepted was lost: every record not dropped is written. (The /metrics
+    # request's own record met the same full queue and was dropped after the count.)
+    assert len(written) == requests - dropped
+    assert [w["request_id"] for w in written] == [f"r-{i}" for i in range(len(written))]
+
+
+async def test_every_accepted_record_is_in_the_file_after_shutdown(
+    fake_model: FakeModel, start_sidecar: StartSidecar, tmp_path: Path
+) -> None:
+    log_file = tmp_path / "logs" / "access.jsonl"
+    config = base_config(fake_model.url)
+    config["logging"] = {"access_log": {"path": str(log_file)}}
+    sidecar = await start_sidecar(config)
+    sent = [f"acc-{i}" for i in range(50)]
+    for request_id in sent:
+        async with sidecar.session.post(
+            sidecar.url + "/infer?q=1", data=b"{}", headers={"X-Request-ID": request_id}
+        ) as resp:
+            assert resp.status == 200
+    async with sidecar.session.get(sidecar.url + "/nowhere-route-is-all") as resp:
+        assert resp.status == 200
+    await sidecar.running.stop()
+    lines = [orjson.loads(line) for line in log_file.read_bytes().splitlines()]
+    proxied = [line for line in lines if line["route"] == "all"]
+    assert [line["request_id"] for line in proxied[:50]] == sent
+    first = proxied[0]
+    assert first["event"] == "request"
+    assert first["method"] == "POST"
+    assert first["path"] == "/infer"  # the query string is not logged
+    assert first["status"] == 200
+    assert first["outcome"] == "ok"
+    assert first["attempts"] == 1
+    assert first["breaker"] == "closed"
+    assert first["bytes_in"] == 2
+    assert first["bytes_out"] > 0
+    assert first["duration_ms"] >= first["upstream_ms"] > 0
+    assert first["timestamp"].endswith("Z")
+    assert len(first["trace_id"]) == 32
+
+
+async def test_log_writer_counts_drops_and_flushes_on_stop() -> None:
+    metrics = Metrics()
+    sink = BlockingSink()
+    writer = LogWriter("test", sink, metrics, queue_size=10, batch_size=4)
+    writer.start()
+    assert writer.submit({"n": 0})
+    await asyncio.to_thread(sink.entered.wait, 10)  # the writer holds record 0
+    accepted = sum(writer.submit({"n": i}) for i in range(1, 31))
+    assert accepted == 10
+    sink.release.set()
+    await writer.stop()
+    assert [orjson.loads(line)["n"] for line in sink.lines] == list(range(11))
+    text = metrics.render().decode()
+    assert metric_value(text, "sidecar_log_dropped_total", log="test") == 20
+    assert metric_value(text, "sidecar_log_written_total", log="test") == 11
+    assert not writer.submit({"late": True})  # closed: refused, and counted
+
+
+async def test_payload_log_samples_and_redacts(
+    fake_model: FakeModel, start_sidecar: StartSidecar, tmp_path: Path
+) -> None:
+    payloads = tmp_path / "payloads.jsonl"
+    config = base_config(fake_model.url)
+    config["logging"] = {
+        "payload_log": {"path": str(payloads)},
+        "redact_fields": ["parameters.customer_id", "inputs[0].name"],
+    }
+    config["routes"][0]["payload_sample"] = 1.0
+    sidecar = await start_sidecar(config)
+    body = {
+        "inputs": [{"name": "secret-name", "data": [1, 2]}],
+        "parameters": {"customer_id": "C-998877", "keep": 1},
+    }
+    async with sidecar.session.post(
+        sidecar.url + "/infer", json=body, headers={"X-Request-ID": "pay-1"}
+    ) as resp:
+        assert resp.status == 200
+    await sidecar.running.stop()
+    text = payloads.read_text()
+    assert "C-998877" not in text
+    assert "secret-name" not in text
+    record = orjson.loads(text.splitlines()[0])
+    assert record["request_id"] == "pay-1"
+    assert record["route"] == "all"
+    assert record["request"]["parameters"] == {"customer_id": "[REDACTED]", "keep": 1}
+    assert record["response"]["method"] == "POST"
+
+
+def drift_settings(**overrides: Any) -> DriftSettings:
+    values: dict[str, Any] = {
+        "protocol": "v2",
+        "output": "label",
+        "baseline": "b.json",
+        "min_samples": 100,
+        "window": 500,
+        "features": [{"name": "petal_length", "field": "inputs[0].data[2]"}],
+    }
+    values.update(overrides)
+    return DriftSettings.model_validate(values)
+
+
+def iris_pairs(count: int, seed: int, shift: float = 0.0) -> list[tuple[bytes, bytes]]:
+    from sidecar.demo.model import production_model, v2_response
+
+    rng = random.Random(seed)
+    model = production_model()
+    out = []
+    for _ in range(count):
+        row = iris_row(rng, shift)
+        request = {"inputs": [{"data": row}]}
+        out.append((orjson.dumps(request), orjson.dumps(v2_response(model, [row]))))
+    return out
+
+
+def test_psi_is_zero_for_equal_distributions_and_grows_with_shift() -> None:
+    assert psi([0.5, 0.5], [0.5, 0.5]) == 0.0
+    assert psi([0.5, 0.5], [0.6, 0.4]) < psi([0.5, 0.5], [0.9, 0.1])
+
+
+def test_histograms_pick_categorical_or_quantile_bins() -> None:
+    categorical = Histogram.from_samples([0, 1, 1, 2, 2, 2], bins=10)
+    assert categorical.kind == "categorical"
+    assert categorical.proportions_of([3, 3]) == (0.0, 0.0, 0.0, 1.0)  # unseen values
+    numeric = Histogram.from_samples([i / 10 for i in range(1000)], bins=10)
+    assert numeric.kind == "numeric"
+    assert len(numeric.points) == 9
+    assert all(abs(p - 0.1) < 0.01 for p in numeric.proportions)
+    assert Histogram.from_json(numeric.to_json()) == numeric
+
+
+async def test_drift_detected_once_then_cleared(tmp_path: Path) -> None:
+    settings = drift_settings()
+    baseline_path = tmp_path / "b.json"
+    pairs = [(orjson.loads(a), orjson.loads(b)) for a, b in iris_pairs(3000, seed=1)]
+    baseline_path.write_bytes(build_baseline(settings, pairs).to_json("infer"))
+    metrics = Metrics()
+    monitor = DriftMonitor("infer", settings, baseline_path, metrics)
+
+    with capture_logs() as logs:
+        for request, response in iris_pairs(500, seed=2):
+            monitor.observe(request, response)
+        steady = monitor.evaluate()
+        assert steady["prediction"] < 0.1
+        assert steady["petal_length"] < 0.1
+        for round_ in range(3):  # shifted traffic, evaluated three times
+            for request, response in iris_pairs(500, seed=10 + round_, shift=2.0):
+                monitor.observe(request, response)
+            shifted = monitor.evaluate()
+            assert shifted["prediction"] > 0.2
+            assert shifted["petal_length"] > 0.2
+        for request, response in iris_pairs(500, seed=20):
+            monitor.observe(request, response)
+        recovered = monitor.evaluate()
+        assert recovered["prediction"] < 0.1
+
+    detected = [e for e in logs if e["event"] == "drift_detected"]
+    cleared = [e for e in logs if e["event"] == "drift_cleared"]
+    assert sorted(e["signal"] for e in detected) == ["petal_length", "prediction"]
+    assert sorted(e["signal"] for e in cleared) == ["petal_length", "prediction"]
+    text = metrics.render().decode()
+    assert metric_value(text, "sidecar_prediction_psi", route="infer") == pytest.approx(
+        recovered["prediction"]
+    )
+    assert metric_value(text, "sidecar_feature_psi", route="infer", feature="petal_length") > 0
+
+
+def test_baseline_frozen_from_first_responses_is_written(tmp_path: Path) -> None:
+    settings = drift_settings(freeze_after=300)
+    path = tmp_path / "frozen" / "b.json"
+    monitor = DriftMonitor("infer", settings, path, Metrics())
+    for request, response in iris_pairs(299, seed=3):
+        monitor.observe(request, response)
+    assert monitor.evaluate() == {}
+    assert not path.exists()
+    for request, response in iris_pairs(200, seed=4):
+        monitor.observe(request, response)
+    monitor.evaluate()
+    assert Baseline.load(path).samples == 300
+    for request, response in iris_pairs(200, seed=5):
+        monitor.observe(request, response)
+    assert monitor.evaluate()["prediction"] < 0.1
+
+
+def test_bundled_demo_baseline_is_current() -> None:
+    bundled = Baseline.load(bundled_config_dir() / "baselines" / "iris-infer.json")
+    assert bundled.histograms == demo_baseline().histograms
+
+
+async def test_drift_reaches_the_monitor_through_the_sidecar(
+    fake_model: FakeModel, start_sidecar: StartSidecar, tmp_path: Path
+) -> None:
+    from aiohttp import web
+
+    from sidecar.demo.model import parse_v2_rows, production_model, v2_response
+
+    async def iris(request: web.Request) -> web.Response:
+        rows = parse_v2_rows(await request.json())
+        return web.json_response(v2_response(production_model(), rows))
+
+    fake_model.on("/v2/models/iris/infer", iris)
+    settings = drift_settings(freeze_after=20, min_samples=20)
+    config = base_config(fake_model.url)
+    config["routes"][0]["drift"] = settings.model_dump(mode="json") | {
+        "baseline": str(tmp_path / "live.json")
+    }
+    sidecar = await start_sidecar(config)
+    monitor = sidecar.running.runtime.paths["all"].drift
+    assert monitor is not None
+    for request, _ in iris_pairs(20, seed=6):
+        async with sidecar.session.post(
+            sidecar.url + "/v2/models/iris/infer", data=request
+        ) as resp:
+            assert resp.status == 200
+    monitor.evaluate()
+    assert Baseline.load(tmp_path / "live.json").samples == 20
+
+
+def test_join_labels_accuracy_per_day_and_route(tmp_path: Path) -> None:
+    def record(rid: str, day: str, route: str, label: int) -> bytes:
+        response = {"outputs": [{"name": "label", "data": [label]}]}
+        return orjson.dumps(
+            {
+                "timestamp": f"{day}T10:00:00.000000Z",
+                "request_id": rid,
+                "route": route,
+                "status": 200,
+                "request": {},
+                "response": response,
+            }
+        )
+
+    payloads = tmp_path / "payloads.jsonl"
+    payloads.write_bytes(
+        b"\n".join(
+            [
+                record("a", "2026-11-01", "infer", 0),
+                record("b", "2026-11-01", "infer", 1),
+                record("c", "2026-11-01", "infer", 2),
+                record("d", "2026-11-01", "infer", 2),
+                record("e", "2026-11-02", "infer", 1),
+                record("f", "2026-11-02", "other", 1),
+                record("g", "2026-11-02", "other", 1),  # no label arrived for g
+            ]
+        )
+        + b"\n"
+    )
+    labels = tmp_path / "labels.csv"
+    labels.write_text("request_id,label\na,0\nb,1\nc,2\nd,1\ne,0\nf,1\n")
+    report = join(
+        payloads.read_bytes().splitlines(),
+        read_labels(labels),
+        PredictionReader.build("v2", "label"),
+    )
+    assert report.rows() == [
+        {"day": "2026-11-01", "route": "infer", "joined": 4, "accuracy": 0.75},
+        {"day": "2026-11-02", "route": "infer", "joined": 1, "accuracy": 0.0},
+        {"day": "2026-11-02", "route": "other", "joined": 1, "accuracy": 1.0},
+    ]
+    assert report.unlabelled == 1
+
+    jsonl = tmp_path / "labels.jsonl"
+    jsonl.write_text('{"request_id": "a", "label": 0.5}\n{"request_id": "b", "label": 1.5}\n')
+    regression = join(
+        payloads.read_bytes().splitlines(),
+        read_labels(jsonl),
+        PredictionReader.build("v2", "label"),
+    )
+    assert regression.regression
+    assert regression.rows() == [
+        {"day": "2026-11-01", "route": "infer", "joined": 2, "mae": 0.5, "rmse": 0.5}
+    ]
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sidecar",
+            "join-labels",
+            "--payloads",
+            str(payloads),
+            "--labels",
+            str(labels),
+            "--output",
+            "label",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert "2026-11-01  infer                   4  0.75" in result.stdout
+
+
+def test_baseline_command_builds_from_a_payload_log(tmp_path: Path) -> None:
+    config = yaml.safe_load((bundled_config_dir() / "demo.yaml").read_text())
+    config["logging"]["payload_log"]["path"] = str(tmp_path / "p.jsonl")
+    config["routes"][0]["drift"]["baseline"] = str(tmp_path / "base.json")
+    config["routes"][0]["drift"]["freeze_after"] = 100
+    config_path = tmp_path / "demo.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    lines = []
+    for index, (request, response) in enumerate(iris_pairs(400, seed=8)):
+        lines.append(
+            orjson.dumps(
+                {
+                    "timestamp": "2026-11-01T00:00:00Z",
+                    "request_id": str(index),
+                    "route": "infer",
+                    "status": 200,
+                    "request": orjson.loads(request),
+                    "response": orjson.loads(response),
+                }
+            )
+        )
+    (tmp_path / "p.jsonl").write_bytes(b"\n".join(lines))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sidecar",
+            "baseline",
+            "--config",
+            str(config_path),
+            "--route",
+            "infer",
+            "--payloads",
+            str(tmp_path / "p.jsonl"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    baseline = Baseline.load(tmp_path / "base.json")
+    assert baseline.samples == 400
+    assert set(baseline.histograms) == {"prediction", "petal_length", "petal_width"}
+    assert load_config(config_path, env={}).config.routes[0].drift is not None
+
+
+def test_missing_baseline_without_freezing_is_a_config_error(tmp_path: Path) -> None:
+    config = base_config("http://127.0.0.1:1")
+    config["routes"][0]["drift"] = {"baseline": "nope.json"}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(Exception, match="config error") as caught:
+        load_config(path, env={})
+    assert caught.value.issues[0].path == "routes[0].drift.baseline"  # type: ignore[attr-defined]
+
+
+def test_metrics_add_up_across_worker_processes(tmp_path: Path) -> None:
+    script = (
+        "import sys\n"
+        "from sidecar.metrics import Metrics\n"
+        "m = Metrics()\n"
+        "for _ in range(int(sys.argv[1])):\n"
+        "    m.requests.labels('infer', '200', 'ok').inc()\n"
+        "m.circuit_state.labels('model').set(int(sys.argv[2]))\n"
+        "print(m.render().decode())\n"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    outputs = [
+        subprocess.run(
+            [sys.executable, "-c", script, count, state],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+        for count, state in (("3", "0"), ("4", "2"))
+    ]
+    # The second process sees both: requests summed, the worst breaker state.
+    text = outputs[1]
+    assert metric_value(text, "sidecar_requests_total", route="infer", outcome="ok") == 7
+    assert metric_value(text, "sidecar_circuit_state", upstream="model") == 2
