@@ -165,6 +165,13 @@ class Metrics:
             multiprocess_mode="max",
         )
 
+        self.schema_violations = Counter(
+            "sidecar_schema_violations_total",
+            "Requests refused by a route's JSON Schema, by route and failing field.",
+            ["route", "field"],
+            registry=r,
+        )
+
     def render(self) -> bytes:
         """Prometheus text; with several worker processes, the sum over all of them."""
         directory = multiprocess_directory()
