@@ -1,0 +1,381 @@
+"""Side-by-side benchmarks on loopback, every number a ratio to a baseline of the same run.
+
+    .venv/bin/python loadtests/bench.py --suite accesslog [--duration 5] [--rounds 3]
+
+Suites:
+    accesslog   the sidecar with its access log on (to a file) versus off
+
+Each contender runs as its own process; contenders alternate round by round so a
+noisy neighbour hits them alike, and the median round counts. The load comes from
+`wrk` when it is installed, else from a bounded aiohttp loop. Results are printed as
+a table and written as JSON (--json). Every run is bounded in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import queue
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+BODY = orjson.dumps(
+    {
+        "inputs": [
+            {"name": "input-0", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}
+        ]
+    }
+)
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass
+class Running:
+    name: str
+    process: subprocess.Popen[bytes]
+    port: int
+    output: list[bytes] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+
+def _spawn(name: str, argv: list[str], port_of: Callable[[bytes], int | None]) -> Running:
+    """Start a server process; its port is read from its output (30 s at most)."""
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
+    assert process.stdout is not None
+    lines: queue.Queue[bytes] = queue.Queue()
+    output: list[bytes] = []
+
+    def pump(stream: Any) -> None:  # keeps the pipe drained for the process's lifetime
+        for line in iter(stream.readline, b""):
+            lines.put(line)
+            if len(output) < 200:
+                output.append(line)
+        lines.put(b"")
+
+    threading.Thread(target=pump, args=(process.stdout,), daemon=True).start()
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Empty:
+            process.kill()
+            raise RuntimeError(f"{name} did not start within 30 s: {b''.join(output)!r}") from None
+        if not line:
+            raise RuntimeError(f"{name} exited before serving: {b''.join(output)!r}")
+        port = port_of(line)
+        if port is not None:
+            return Running(name, process, port, output)
+
+
+def start_upstream(latency_ms: float = 0.0) -> Running:
+    def port_of(line: bytes) -> int | None:
+        match = re.match(rb"listening on (\d+)", line)
+        return int(match.group(1)) if match else None
+
+    return _spawn(
+        f"upstream({latency_ms:g}ms)",
+        [
+            sys.executable,
+            str(ROOT / "loadtests" / "upstream.py"),
+            "--port",
+            "0",
+            "--latency-ms",
+            str(latency_ms),
+        ],
+        port_of,
+    )
+
+
+def start_sidecar(name: str, config: dict[str, Any], workdir: Path) -> Running:
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    def port_of(line: bytes) -> int | None:
+        if b"sidecar_started" not in line:
+            return None
+        return int(orjson.loads(line)["listen"].rsplit(":", 1)[1])
+
+    return _spawn(name, [sys.executable, "-m", "sidecar", "run", "--config", str(path)], port_of)
+
+
+def sidecar_config(upstream: str, *, access_log: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Pass-through: one route, no retries, no fallback, no access log unless given."""
+    return {
+        "listen": {"host": LOOPBACK, "port": 0},
+        "admin": {"enabled": False},
+        "upstreams": {
+            "model": {"url": upstream, "max_connections": 512, "breaker": {"enabled": False}}
+        },
+        "routes": [{"name": "infer", "path_prefix": "/", "upstream": "model", "timeout": "30s"}],
+        "logging": {"level": "info", "access_log": access_log or {"enabled": False}},
+    }
+
+
+@contextmanager
+def running(*processes: Running) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for p in processes:
+            p.process.terminate()
+        for p in processes:
+            try:
+                p.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.process.kill()
+
+
+# -- load ---------------------------------------------------------------------------
+
+
+@dataclass
+class LoadResult:
+    requests: int
+    errors: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+
+
+_WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = '%s'
+wrk.headers["Content-Type"] = "application/json"
+"""
+
+
+def _wrk_latency(text: str, label: str) -> float:
+    match = re.search(rf"^\s*{label}%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
+    if match is None:
+        return float("nan")
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[match.group(2)]
+    return float(match.group(1)) * scale
+
+
+def load_wrk(url: str, concurrency: int, duration: float, workdir: Path) -> LoadResult:
+    script = workdir / "post.lua"
+    script.write_text(_WRK_SCRIPT % BODY.decode())
+    threads = min(2, concurrency)
+    result = subprocess.run(
+        [
+            "wrk",
+            f"-t{threads}",
+            f"-c{concurrency}",
+            f"-d{max(1, round(duration))}s",
+            "--latency",
+            "-s",
+            str(script),
+            url + "/v2/models/iris/infer",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=duration + 60,
+        check=True,
+    )
+    text = result.stdout
+    total = int(re.search(r"(\d+) requests in", text).group(1))  # type: ignore[union-attr]
+    errors_match = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    socket_errors = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text
+    )
+    errors = int(errors_match.group(1)) if errors_match else 0
+    if socket_errors:
+        errors += sum(int(g) for g in socket_errors.groups())
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))  # type: ignore[union-attr]
+    return LoadResult(total, errors, rps, _wrk_latency(text, "50"), _wrk_latency(text, "99"))
+
+
+async def _load_aiohttp(url: str, concurrency: int, duration: float) -> LoadResult:
+    import aiohttp
+
+    latencies: list[float] = []
+    errors = 0
+    stop_at = time.perf_counter() + duration
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def worker() -> None:
+            nonlocal errors
+            while time.perf_counter() < stop_at:
+                started = time.perf_counter()
+                try:
+                    async with session.post(
+                        url + "/v2/models/iris/infer",
+                        data=BODY,
+                        headers={"Content-Type": "application/json"},
+                    ) as r:
+                        await r.read()
+                        if r.status != 200:
+                            errors += 1
+                except aiohttp.ClientError:
+                    errors += 1
+                latencies.append(time.perf_counter() - started)
+
+        began = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - began
+    latencies.sort()
+    pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000  # noqa: E731
+    return LoadResult(len(latencies), errors, len(latencies) / elapsed, pick(0.5), pick(0.99))
+
+
+def load(url: str, concurrency: int, duration: float, workdir: Path) -> LoadResult:
+    if shutil.which("wrk"):
+        return load_wrk(url, concurrency, duration, workdir)
+    return asyncio.run(_load_aiohttp(url, concurrency, duration))
+
+
+# -- suites -------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    contender: str
+    concurrency: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    cpu_us_per_request: float
+    peak_rss_mb: float
+
+
+def measure(target: Running, concurrency: int, duration: float, workdir: Path) -> Row:
+    cpu_before = target.cpu_seconds()
+    result = load(target.url, concurrency, duration, workdir)
+    cpu = target.cpu_seconds() - cpu_before
+    return Row(
+        target.name,
+        concurrency,
+        result.rps,
+        result.p50_ms,
+        result.p99_ms,
+        result.errors,
+        cpu / max(1, result.requests) * 1e6,
+        target.peak_rss_mb(),
+    )
+
+
+def alternate(
+    contenders: list[Running], concurrency: int, duration: float, rounds: int, workdir: Path
+) -> dict[str, Row]:
+    """Median row per contender over rounds in which they take turns."""
+    per: dict[str, list[Row]] = {c.name: [] for c in contenders}
+    for contender in contenders:  # warm the pools and the caches
+        load(contender.url, concurrency, 1.0, workdir)
+    for _ in range(rounds):
+        for contender in contenders:
+            per[contender.name].append(measure(contender, concurrency, duration, workdir))
+    medians = {}
+    for name, rows in per.items():
+        rows.sort(key=lambda r: r.rps)
+        medians[name] = rows[len(rows) // 2]
+    return medians
+
+
+def suite_accesslog(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    upstream = start_upstream()
+    off = start_sidecar("log-off", sidecar_config(upstream.url), workdir)
+    on = start_sidecar(
+        "log-on",
+        sidecar_config(
+            upstream.url, access_log={"enabled": True, "path": str(workdir / "access.jsonl")}
+        ),
+        workdir,
+    )
+    with running(upstream, off, on):
+        rows = alternate([off, on], args.concurrency, args.duration, args.rounds, workdir)
+    ratio = rows["log-on"].rps / rows["log-off"].rps
+    lines = sum(1 for _ in (workdir / "access.jsonl").open("rb"))
+    return {
+        "rows": [asdict(r) for r in rows.values()],
+        "ratios": {"access log on / off throughput": round(ratio, 3)},
+        "notes": [f"access log lines written: {lines}"],
+    }
+
+
+SUITES = {"accesslog": suite_accesslog}
+
+
+def print_report(name: str, report: dict[str, Any]) -> None:
+    print(f"\n== {name}")
+    columns = [
+        "contender",
+        "concurrency",
+        "rps",
+        "p50_ms",
+        "p99_ms",
+        "errors",
+        "cpu_us_per_request",
+        "peak_rss_mb",
+    ]
+    print("  ".join(f"{c:>18}" for c in columns))
+    for row in report["rows"]:
+        print(
+            "  ".join(
+                f"{row[c]:>18.2f}" if isinstance(row[c], float) else f"{row[c]!s:>18}"
+                for c in columns
+            )
+        )
+    for label, value in report["ratios"].items():
+        print(f"{label}: {value}")
+    for note in report.get("notes", []):
+        print(note)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--suite", choices=sorted(SUITES), action="append")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args()
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="sidecar-bench-") as tmp:
+        for name in args.suite or sorted(SUITES):
+            results[name] = SUITES[name](args, Path(tmp))
+            print_report(name, results[name])
+    results["_meta"] = {
+        "load": "wrk" if shutil.which("wrk") else "aiohttp",
+        "duration_s": args.duration,
+        "rounds": args.rounds,
+        "cores": os.cpu_count(),
+        "statistic": "median of rounds",
+    }
+    if args.json:
+        args.json.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
