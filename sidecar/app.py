@@ -3,12 +3,15 @@
     boundary        every own error -> JSON error body, never a stack trace
     identity        accept a sane X-Request-ID or make one; trace context; log binding
     observe         count and time every request; queue its access-log record
-    routing         pick the configured route (404/405) and its limits
+    routing         refuse tricky targets (400); pick the configured route (404/405)
+    auth            API key or JWT -> principal (401), allowed route? (403)
+    rate limit      token bucket per principal and overall (429 + Retry-After)
     admission       in-flight caps: 503 overloaded (or the fallback) past them
+    body            read within the limit (413); content type (415); JSON (400);
+                    schema (422)
     handler         forward = fallback(breaker(retry(send))), relay the answer
 
-Nobody adds a middleware anywhere else. Later stages (auth, rate limit, limits,
-validation) slot in between routing and the handler, in this list.
+Nobody adds a middleware anywhere else.
 """
 
 from __future__ import annotations
@@ -25,14 +28,25 @@ RUNTIME: web.AppKey[Runtime] = web.AppKey("sidecar_runtime", Runtime)
 
 
 def pipeline(runtime: Runtime) -> list[Middleware]:
+    """The stages in order. A stage whose feature is off is left out, not skipped."""
     config = runtime.config
-    return [
+    stages = [
         middlewares.error_boundary(),
         middlewares.request_identity(),
         middlewares.observe(metrics=runtime.metrics, access_log=runtime.logs.access),
         middlewares.routing(routes=runtime.routes, config=config),
-        middlewares.admission(runtime=runtime),
     ]
+    if runtime.authenticator is not None:
+        stages.append(middlewares.authentication(authenticator=runtime.authenticator))
+    if runtime.limiter is not None:
+        stages.append(
+            middlewares.rate_limiting(limiter=runtime.limiter, key_names=runtime.key_names)
+        )
+    stages += [
+        middlewares.admission(runtime=runtime),
+        middlewares.request_body(runtime=runtime),
+    ]
+    return stages
 
 
 def _proxy_handler(runtime: Runtime) -> Handler:

@@ -91,7 +91,25 @@ def format_size(size: int) -> str:
     return f"{size}B"
 
 
+_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h)\s*$")
+
+
+def parse_rate(value: object) -> float:
+    """``"100/s"`` or ``"6000/m"`` -> requests per second."""
+    if not isinstance(value, str):
+        raise ValueError("a rate is written like '100/s', '6000/m' or '10000/h'")
+    match = _RATE_RE.match(value)
+    if match is None:
+        raise ValueError(f"{value!r} is not a rate such as '100/s' or '6000/m'")
+    return float(match.group(1)) / {"s": 1.0, "m": 60.0, "h": 3600.0}[match.group(2)]
+
+
+def format_rate(per_second: float) -> str:
+    return f"{per_second:g}/s"
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(format_duration)]
+Rate = Annotated[float, BeforeValidator(parse_rate), PlainSerializer(format_rate)]
 ByteSize = Annotated[int, BeforeValidator(parse_size), PlainSerializer(format_size)]
 
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -122,6 +140,8 @@ class ServerSettings(_Strict):
     max_body_size: ByteSize = 10 * 1024 * 1024
     max_in_flight: int | None = Field(default=None, ge=1)
     overload_retry_after: Duration = 1.0
+    max_header_size: ByteSize = 8 * 1024
+    max_headers: int = Field(default=100, ge=1, le=10_000)
 
 
 class UpstreamHealth(_Strict):
@@ -281,6 +301,20 @@ class DriftSettings(_Strict):
         return self
 
 
+class ValidationSettings(_Strict):
+    content_types: tuple[str, ...] = ()
+    require_json: bool = Field(default=False, alias="json")
+    max_depth: int = Field(default=32, ge=1, le=1000)
+    schema_file: str | None = Field(default=None, alias="schema")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("content_types")
+    @classmethod
+    def _lower(cls, types: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(t.strip().lower() for t in types)
+
+
 class Route(_Strict):
     name: str = Field(pattern=_NAME_PATTERN)
     path_prefix: str = "/"
@@ -296,6 +330,9 @@ class Route(_Strict):
     fallback: FallbackPolicy | None = None
     payload_sample: float = Field(default=0.0, ge=0.0, le=1.0)
     drift: DriftSettings | None = None
+    validate_: ValidationSettings | None = Field(default=None, alias="validate")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     @field_validator("path_prefix")
     @classmethod
@@ -336,6 +373,63 @@ class PayloadLogSettings(_Strict):
     backups: int = Field(default=3, ge=0, le=100)
 
 
+class RateSettings(_Strict):
+    rate: Rate
+    burst: int = Field(ge=1)
+
+
+class ApiKey(_Strict):
+    name: str = Field(pattern=_NAME_PATTERN)
+    digest: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
+    routes: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ()
+    rate_limit: RateSettings | None = None
+
+
+class JwtSettings(_Strict):
+    algorithms: tuple[Literal["HS256", "RS256"], ...] = ("RS256",)
+    secret: SecretStr | None = None
+    public_key: str | None = None
+    issuer: str | None = None
+    audience: str | None = None
+    principal_claim: str = "sub"
+    leeway: Duration = 30.0
+    routes: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _keys_for_algorithms(self) -> JwtSettings:
+        if "HS256" in self.algorithms and self.secret is None:
+            raise ValueError("HS256 needs a secret")
+        if "RS256" in self.algorithms and self.public_key is None:
+            raise ValueError("RS256 needs a public_key (PEM text or a file)")
+        return self
+
+
+class AuthSettings(_Strict):
+    enabled: bool = False
+    header: str | None = "X-API-Key"
+    realm: str = "sidecar"
+    api_keys: tuple[ApiKey, ...] = ()
+    jwt: JwtSettings | None = None
+
+    @model_validator(mode="after")
+    def _some_scheme(self) -> AuthSettings:
+        if self.enabled and not self.api_keys and self.jwt is None:
+            raise ValueError("auth is enabled but has neither api_keys nor jwt")
+        return self
+
+
+class RateLimitSettings(_Strict):
+    enabled: bool = False
+    report_only: bool = False
+    per_principal: RateSettings | None = None
+    global_limit: RateSettings | None = Field(default=None, alias="global")
+    max_principals: int = Field(default=10_000, ge=1)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
 class LoggingSettings(_Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
     queue_size: int = Field(default=10_000, ge=1)
@@ -350,6 +444,8 @@ class Config(_Strict):
     server: ServerSettings = ServerSettings()
     upstreams: dict[str, Upstream]
     routes: tuple[Route, ...]
+    auth: AuthSettings = AuthSettings()
+    rate_limit: RateLimitSettings = RateLimitSettings()
     logging: LoggingSettings = LoggingSettings()
 
     # An after-validator, not min_length: min_length would also complain about an
@@ -505,6 +601,21 @@ def _cross_reference_issues(config: Config) -> Iterator[ConfigIssue]:
                     yield ConfigIssue(where, f"no upstream named {step.upstream.name!r}")
                 elif step.upstream.name == route.upstream:
                     yield ConfigIssue(where, "a fallback upstream must differ from the route's")
+    route_names = {r.name for r in config.routes}
+    for index, key in enumerate(config.auth.api_keys):
+        for r_index, name in enumerate(key.routes):
+            if name not in route_names:
+                yield ConfigIssue(
+                    f"auth.api_keys[{index}].routes[{r_index}]", f"no route named {name!r}"
+                )
+    if config.auth.jwt is not None:
+        for r_index, name in enumerate(config.auth.jwt.routes):
+            if name not in route_names:
+                yield ConfigIssue(f"auth.jwt.routes[{r_index}]", f"no route named {name!r}")
+    names = [k.name for k in config.auth.api_keys]
+    for index, name in enumerate(names):
+        if names.index(name) != index:
+            yield ConfigIssue(f"auth.api_keys[{index}].name", f"duplicate key name {name!r}")
     for name in config.upstreams:
         if re.match(_NAME_PATTERN, name) is None:
             yield ConfigIssue(f"upstreams.{name}", "names use letters, digits, '_', '.', '-'")
@@ -570,6 +681,13 @@ def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> Lo
 def _file_issues(loaded: LoadedConfig) -> Iterator[ConfigIssue]:
     """Files the config names must be there (paths relative to the config's folder)."""
     for index, route in enumerate(loaded.config.routes):
+        if route.validate_ is not None and route.validate_.schema_file is not None:
+            from sidecar.validation import SchemaError, load_schema
+
+            try:
+                load_schema(loaded.resolve(route.validate_.schema_file))
+            except SchemaError as exc:
+                yield ConfigIssue(f"routes[{index}].validate.schema", str(exc))
         drift = route.drift
         if drift is not None and drift.freeze_after is None:
             baseline = loaded.resolve(drift.baseline)
@@ -583,7 +701,7 @@ def _file_issues(loaded: LoadedConfig) -> Iterator[ConfigIssue]:
 
 def render_effective(config: Config) -> str:
     """The config with every default filled in and every secret redacted, as YAML."""
-    dumped = config.model_dump(mode="json")
+    dumped = config.model_dump(mode="json", by_alias=True)
     return yaml.safe_dump(dumped, sort_keys=False, default_flow_style=False)
 
 

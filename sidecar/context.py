@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -31,6 +32,9 @@ class RequestContext:
     fallback_rule: str | None = None
     breaker_state: str | None = None
     principal: str | None = None
+    body: bytes = b""  # the request body, read whole by the body stage
+    document: Any = None  # the body parsed as JSON, when the route validates it
+    extra_headers: dict[str, str] | None = None  # e.g. RateLimit-* for the answer
 
     def finish_upstream(self) -> None:
         if self.upstream_started is not None:
@@ -39,6 +43,8 @@ class RequestContext:
     def stamp(self, headers: CIMultiDict[str]) -> None:
         """Add the identity and timing headers every answer carries."""
         headers["X-Request-ID"] = self.request_id
+        if self.extra_headers:
+            headers.update(self.extra_headers)
         total_ms = (time.perf_counter() - self.started) * 1000.0
         # add, not set: a model's own Server-Timing entries are kept beside ours.
         if self.upstream_seconds is not None:

@@ -9,6 +9,7 @@
      ├── MethodNotAllowed      405 method_not_allowed
      ├── BodyTooLarge          413 body_too_large
      ├── UnsupportedMediaType  415 unsupported_media_type
+     ├── HeaderTooLarge        431 header_too_large
      ├── SchemaViolation       422 schema_violation
      ├── RateLimited           429 rate_limited
      ├── InternalError         500 internal_error
@@ -50,6 +51,7 @@ class SidecarError(Exception):
         headers: Mapping[str, str] | None = None,
         close_connection: bool = False,
         retryable: bool = False,
+        details: list[dict[str, str]] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -58,6 +60,7 @@ class SidecarError(Exception):
         self.close_connection = close_connection
         # True for upstream failures a retry may cure (connect errors, per-try timeouts).
         self.retryable = retryable
+        self.details = details  # e.g. every failing path of a schema violation
 
 
 class BadRequest(SidecarError):
@@ -92,6 +95,11 @@ class MethodNotAllowed(SidecarError):
 
 class BodyTooLarge(SidecarError):
     status, type = 413, "body_too_large"
+    outcome = OUTCOME_REJECTED
+
+
+class HeaderTooLarge(SidecarError):
+    status, type = 431, "header_too_large"
     outcome = OUTCOME_REJECTED
 
 
@@ -134,17 +142,20 @@ class UpstreamTimeout(SidecarError):
     outcome = OUTCOME_UPSTREAM_FAILED
 
 
-def error_body(error_type: str, message: str, request_id: str) -> bytes:
-    return orjson.dumps(
-        {"error": {"type": error_type, "message": message, "request_id": request_id}}
-    )
+def error_body(
+    error_type: str, message: str, request_id: str, details: list[dict[str, str]] | None = None
+) -> bytes:
+    error: dict[str, object] = {"type": error_type, "message": message, "request_id": request_id}
+    if details:
+        error["details"] = details
+    return orjson.dumps({"error": error})
 
 
 def error_response(error: SidecarError, request_id: str) -> web.Response:
     """The JSON error body of DESIGN.md, with the request id in body and header."""
     response = web.Response(
         status=error.status,
-        body=error_body(error.type, error.message, request_id),
+        body=error_body(error.type, error.message, request_id, error.details),
         content_type="application/json",
         headers=error.headers,
     )

@@ -32,7 +32,7 @@ from sidecar.drift import DriftMonitor
 from sidecar.fallback import FallbackChain
 from sidecar.logwriter import LogWriter
 from sidecar.metrics import OUTCOME_FALLBACK, Metrics
-from sidecar.proxy import UpstreamCall, read_body, relay, send, upstream_request_headers
+from sidecar.proxy import UpstreamCall, relay, send, upstream_request_headers
 from sidecar.retry import RetryBudget, backoff_delay, parse_retry_after
 from sidecar.sampling import sampled
 from sidecar.upstreams import UpstreamClient
@@ -72,6 +72,7 @@ class RoutePath:
     in_flight: int = 0
     drift: DriftMonitor | None = None
     payload_log: LogWriter | None = None
+    credentials: frozenset[str] = frozenset()  # the sidecar's own, never forwarded
     client_timeout: aiohttp.ClientTimeout | None = None  # set when the route overrides connect
 
     def __post_init__(self) -> None:
@@ -195,12 +196,11 @@ def _retry_reason(failure: errors.SidecarError | ModelFailed) -> str:
 
 async def forward(request: web.Request, ctx: RequestContext, path: RoutePath) -> web.StreamResponse:
     """Forward one request along its route and relay (or replace) the answer."""
-    body = await read_body(request, ctx.body_limit)
-    ctx.bytes_in = len(body)
+    body = ctx.body
     call = UpstreamCall(
         method=request.method,
         target=request.raw_path,
-        headers=upstream_request_headers(request, ctx, path.upstream),
+        headers=upstream_request_headers(request, ctx, path.upstream, path.credentials),
         body=body if body or request.body_exists else None,
     )
     breaker = path.guard.breaker

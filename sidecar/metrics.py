@@ -172,6 +172,19 @@ class Metrics:
             registry=r,
         )
 
+        self.auth_failures = Counter(
+            "sidecar_auth_failures_total",
+            "Requests refused by authentication or authorisation, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.ratelimited = Counter(
+            "sidecar_ratelimited_total",
+            "Requests over a rate limit, by scope, principal and mode (enforced/report_only).",
+            ["scope", "principal", "mode"],
+            registry=r,
+        )
+
     def render(self) -> bytes:
         """Prometheus text; with several worker processes, the sum over all of them."""
         directory = multiprocess_directory()

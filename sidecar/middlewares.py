@@ -14,11 +14,15 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from sidecar import errors
+from sidecar.auth import Authenticator
 from sidecar.config import Config
 from sidecar.context import REQUEST_CONTEXT, RequestContext
+from sidecar.guard import check_framing, check_target
 from sidecar.identity import accept_request_id, accept_traceparent, new_request_id
 from sidecar.logwriter import LogWriter
 from sidecar.metrics import OUTCOME_OWN, Metrics
+from sidecar.proxy import read_body
+from sidecar.ratelimit import RateLimiter
 from sidecar.routing import RouteTable
 from sidecar.runtime import Runtime
 
@@ -143,17 +147,17 @@ def observe(*, metrics: Metrics, access_log: LogWriter | None) -> Middleware:
 
 
 def routing(*, routes: RouteTable, config: Config) -> Middleware:
-    """Pick the configured route, or answer 404/405; own endpoints skip this."""
+    """Refuse tricky targets (any listener path), then pick the route, or 404/405."""
 
     @web.middleware
     async def router(request: web.Request, handler: Handler) -> web.StreamResponse:
         ctx = request[REQUEST_CONTEXT]
+        check_target(request.raw_path)
+        check_framing(request.headers.get("Transfer-Encoding"))
         if request.match_info.route.name != PROXY_ROUTE_NAME:
             ctx.route_name = "_" + (request.match_info.route.name or "own")
             ctx.outcome = OUTCOME_OWN
             return await handler(request)
-        if not request.raw_path.startswith("/"):
-            raise errors.BadRequest("the request target must be a path (origin-form)")
         route, path_matched = routes.match(request.path, request.method)
         if route is None:
             if path_matched:
@@ -199,3 +203,70 @@ def admission(*, runtime: Runtime) -> Middleware:
             path.in_flight -= 1
 
     return admit
+
+
+# Own endpoints that need credentials when they share the main listener.
+_PROTECTED_OWN = frozenset({"health", "metrics"})
+
+
+def authentication(*, authenticator: Authenticator) -> Middleware:
+    """401 without valid credentials, 403 for a route the principal may not use."""
+
+    @web.middleware
+    async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+        ctx = request[REQUEST_CONTEXT]
+        route = ctx.route
+        own = request.match_info.route.name
+        if route is None and own not in _PROTECTED_OWN:
+            return await handler(request)  # /livez and /readyz stay open
+        header = authenticator.settings.header
+        principal = authenticator.authenticate(
+            request.headers.get("Authorization"),
+            request.headers.get(header) if header else None,
+        )
+        if route is not None:
+            authenticator.authorize(principal, route.name, request.method)
+        ctx.principal = principal.name
+        structlog.contextvars.bind_contextvars(principal=principal.name)
+        return await handler(request)
+
+    return authenticate
+
+
+def rate_limiting(*, limiter: RateLimiter, key_names: frozenset[str]) -> Middleware:
+    """429 past a principal's or the global token bucket (or only counted: report-only)."""
+
+    @web.middleware
+    async def limit(request: web.Request, handler: Handler) -> web.StreamResponse:
+        ctx = request[REQUEST_CONTEXT]
+        if ctx.route is None:
+            return await handler(request)
+        principal = ctx.principal or "anonymous"
+        label = principal if principal in key_names or principal == "anonymous" else "jwt"
+        headers = limiter.check(principal, label)
+        if headers:
+            ctx.extra_headers = headers
+        return await handler(request)
+
+    return limit
+
+
+def request_body(*, runtime: Runtime) -> Middleware:
+    """Read the body within the route's limit (413), then its content type (415),
+    JSON (400 invalid_json) and schema (422), as the route asks."""
+
+    @web.middleware
+    async def body(request: web.Request, handler: Handler) -> web.StreamResponse:
+        ctx = request[REQUEST_CONTEXT]
+        if ctx.route is None:
+            return await handler(request)
+        validator = runtime.validators.get(ctx.route.name)
+        if validator is not None:
+            validator.check_content_type(request.content_type, request.body_exists)
+        ctx.body = await read_body(request, ctx.body_limit)
+        ctx.bytes_in = len(ctx.body)
+        if validator is not None:
+            ctx.document = validator.check_body(ctx.body)
+        return await handler(request)
+
+    return body

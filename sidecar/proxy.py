@@ -73,14 +73,24 @@ def _connection_listed(headers: CIMultiDictProxy[str]) -> frozenset[str]:
 
 
 def upstream_request_headers(
-    request: web.Request, ctx: RequestContext, upstream: UpstreamClient
+    request: web.Request,
+    ctx: RequestContext,
+    upstream: UpstreamClient,
+    credentials: frozenset[str] = frozenset(),
 ) -> CIMultiDict[str]:
+    """The client's headers for the model: hop-by-hop ones and the sidecar credential
+    (``credentials``, lower-case names) dropped; identity and forwarding ones added."""
     incoming = request.headers
     listed = _connection_listed(incoming)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         lower = name.lower()
-        if lower in _DROP_FROM_REQUEST or lower in listed or lower == "x-forwarded-for":
+        if (
+            lower in _DROP_FROM_REQUEST
+            or lower in listed
+            or lower in credentials
+            or lower == "x-forwarded-for"
+        ):
             continue
         out.add(name, value)
     peer = request.remote or ""

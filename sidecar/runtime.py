@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 
+from sidecar.auth import Authenticator
 from sidecar.breaker import UpstreamBreaker
 from sidecar.config import LoadedConfig
 from sidecar.drift import DriftMonitor
@@ -13,9 +14,11 @@ from sidecar.forwarding import RoutePath, UpstreamGuard
 from sidecar.logs import Logs
 from sidecar.logwriter import Sink
 from sidecar.metrics import Metrics
+from sidecar.ratelimit import RateLimiter
 from sidecar.retry import RetryBudget
 from sidecar.routing import RouteTable
 from sidecar.upstreams import Upstreams
+from sidecar.validation import RequestValidator, load_schema
 
 
 class Runtime:
@@ -63,6 +66,35 @@ class Runtime:
                 path.drift = DriftMonitor(
                     route.name, route.drift, loaded.resolve(route.drift.baseline), self.metrics
                 )
+        self.authenticator = (
+            Authenticator(config.auth, loaded, self.metrics) if config.auth.enabled else None
+        )
+        if self.authenticator is not None:
+            for path in self.paths.values():
+                path.credentials = self.authenticator.credential_headers
+        self.key_names = frozenset(k.name for k in config.auth.api_keys)
+        self.limiter = (
+            RateLimiter(
+                config.rate_limit,
+                {k.name: k.rate_limit for k in config.auth.api_keys if k.rate_limit},
+                self.metrics,
+                clock,
+            )
+            if config.rate_limit.enabled
+            else None
+        )
+        self.validators = {
+            route.name: RequestValidator(
+                route.name,
+                route.validate_,
+                load_schema(loaded.resolve(route.validate_.schema_file))
+                if route.validate_.schema_file
+                else None,
+                self.metrics,
+            )
+            for route in config.routes
+            if route.validate_ is not None
+        }
         self.in_flight = 0  # proxied requests admitted, for the server-wide cap
         self.draining = False
 

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from sidecar.app import build_admin_app, build_main_app
 from sidecar.config import LoadedConfig
+from sidecar.listener import SidecarRunner
 from sidecar.runtime import Runtime
 
 log = structlog.get_logger("sidecar.server")
@@ -23,17 +24,26 @@ class RunningSidecar:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         config = runtime.config
-        self._main = web.AppRunner(
+        header_size, max_headers = config.server.max_header_size, config.server.max_headers
+        self._main = SidecarRunner(
             build_main_app(runtime),
             shutdown_timeout=config.server.drain_timeout,
             keepalive_timeout=config.server.keepalive_timeout,
             access_log=None,
             handle_signals=False,
+            max_line_size=header_size,
+            max_field_size=header_size,
+            max_headers=max_headers,
         )
         self._admin: web.AppRunner | None = None
         if config.admin.enabled:
-            self._admin = web.AppRunner(
-                build_admin_app(runtime), access_log=None, handle_signals=False
+            self._admin = SidecarRunner(
+                build_admin_app(runtime),
+                access_log=None,
+                handle_signals=False,
+                max_line_size=header_size,
+                max_field_size=header_size,
+                max_headers=max_headers,
             )
         self.main_port = 0
         self.admin_port = 0

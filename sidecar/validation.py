@@ -1,0 +1,155 @@
+"""Request validation: content type, JSON (strict, depth-limited) and a JSON Schema.
+
+A route's schema is compiled once at start-up with fastjsonschema (generated Python,
+so a valid request, the common case, costs little). fastjsonschema stops at the
+first error; for an invalid request the schema is re-checked with jsonschema to list
+every failing path, which only invalid requests pay for.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fastjsonschema
+import jsonschema
+import orjson
+
+from sidecar import errors
+from sidecar.config import ValidationSettings
+from sidecar.metrics import Metrics
+
+_JSON_TOKENS = re.compile(rb'["\\\[\]{}]')
+MAX_LISTED_ERRORS = 20
+
+
+class SchemaError(Exception):
+    """A schema file that cannot be read or compiled."""
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledSchema:
+    fast: Callable[[Any], Any]
+    thorough: jsonschema.protocols.Validator
+
+
+def load_schema(path: Path) -> CompiledSchema:
+    try:
+        document = orjson.loads(path.read_bytes())
+    except OSError as exc:
+        raise SchemaError(f"cannot read {path}: {exc.strerror}") from None
+    except orjson.JSONDecodeError as exc:
+        raise SchemaError(f"{path} is not JSON: {exc}") from None
+    try:
+        validator_class = jsonschema.validators.validator_for(document)
+        validator_class.check_schema(document)
+        fast = fastjsonschema.compile(document)
+    except (jsonschema.SchemaError, fastjsonschema.JsonSchemaDefinitionException) as exc:
+        message = getattr(exc, "message", str(exc))
+        raise SchemaError(f"{path} is not a valid JSON Schema: {message}") from None
+    return CompiledSchema(fast, validator_class(document))
+
+
+def nesting_exceeds(body: bytes, limit: int) -> bool:
+    """True when JSON nests deeper than ``limit``; scans only brackets and quotes."""
+    depth = 0
+    in_string = False
+    skip_at = -1
+    for match in _JSON_TOKENS.finditer(body):
+        position = match.start()
+        if position == skip_at:
+            continue  # the character after a backslash is escaped
+        char = match.group()
+        if in_string:
+            if char == b"\\":
+                skip_at = position + 1
+            elif char == b'"':
+                in_string = False
+        elif char == b'"':
+            in_string = True
+        elif char in b"[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif char in b"]}":
+            depth -= 1
+    return False
+
+
+def field_of(path: Any) -> str:
+    """A failing path, with list indices folded (``inputs[*].data``): bounded labels."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += "[*]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "$"
+
+
+def _exact_path(path: Any) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "$"
+
+
+class RequestValidator:
+    """The checks of one route, compiled once."""
+
+    def __init__(
+        self,
+        route: str,
+        settings: ValidationSettings,
+        schema: CompiledSchema | None,
+        metrics: Metrics,
+    ) -> None:
+        self.route = route
+        self.content_types = frozenset(settings.content_types)
+        self.needs_json = settings.require_json or schema is not None
+        self.max_depth = settings.max_depth
+        self.schema = schema
+        self._violations = metrics.schema_violations
+
+    def check_content_type(self, content_type: str, has_body: bool) -> None:
+        if self.content_types and has_body and content_type.lower() not in self.content_types:
+            allowed = ", ".join(sorted(self.content_types))
+            raise errors.UnsupportedMediaType(
+                f"content type {content_type or '(none)'!r} is not accepted here; use {allowed}"
+            )
+
+    def check_body(self, body: bytes) -> Any:
+        """The parsed JSON document (or None when the route does not ask for JSON)."""
+        if not self.needs_json:
+            return None
+        if nesting_exceeds(body, self.max_depth):
+            raise errors.InvalidJson(f"JSON nests deeper than {self.max_depth} levels")
+        try:
+            document = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise errors.InvalidJson(
+                "the body is not valid JSON (UTF-8, no NaN or Infinity)"
+            ) from None
+        if self.schema is not None:
+            try:
+                self.schema.fast(document)
+            except fastjsonschema.JsonSchemaValueException:
+                self._refuse(document)
+        return document
+
+    def _refuse(self, document: Any) -> None:
+        assert self.schema is not None
+        found = sorted(self.schema.thorough.iter_errors(document), key=lambda e: list(e.path))
+        details = [
+            {"path": _exact_path(e.absolute_path), "message": e.message[:200]}
+            for e in found[:MAX_LISTED_ERRORS]
+        ]
+        for field in sorted({field_of(e.absolute_path) for e in found}) or ["$"]:
+            self._violations.labels(self.route, field).inc()
+        paths = ", ".join(d["path"] for d in details) or "$"
+        raise errors.SchemaViolation(
+            f"the body does not match the route's schema at: {paths}", details=details
+        )
