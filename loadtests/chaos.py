@@ -33,6 +33,7 @@ PHASES = (
     ("ok again", {"mode": "ok"}),
 )
 CLIENT_TIMEOUT = 10.0
+HEADERS = {"Content-Type": "application/json", "Authorization": "Bearer demo-key"}
 
 
 @dataclass

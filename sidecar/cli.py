@@ -32,6 +32,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--shadow-port", type=int, default=8082, help="the candidate's port (8082)")
     demo.add_argument("--admin-port", type=int, default=9901, help="the admin port (9901)")
 
+    hash_key = commands.add_parser(
+        "hash-key", help="print the digest of an API key, to store in the config"
+    )
+    hash_key.add_argument("key", nargs="?", help="the key (default: read one line from stdin)")
+    hash_key.add_argument("--generate", action="store_true", help="make a new random key")
+
     baseline = commands.add_parser(
         "baseline", help="build a drift baseline for a route from a payload log"
     )
@@ -50,6 +56,22 @@ def _parser() -> argparse.ArgumentParser:
     labels.add_argument("--json-path", help="with --protocol json_path: where the prediction is")
     labels.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
+
+
+def _hash_key(args: argparse.Namespace) -> int:
+    from sidecar.auth import hash_key, new_key
+
+    if args.generate:
+        key = new_key()
+        print(f"key:    {key}")
+        print(f"digest: {hash_key(key)}")
+        return 0
+    key = args.key if args.key is not None else sys.stdin.readline().rstrip("\n")
+    if not key:
+        print("sidecar hash-key: no key given", file=sys.stderr)
+        return 1
+    print(hash_key(key))
+    return 0
 
 
 def _baseline(args: argparse.Namespace) -> int:
@@ -159,6 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args.config)
     if args.command == "demo":
         return _demo(args)
+    if args.command == "hash-key":
+        return _hash_key(args)
     if args.command == "baseline":
         return _baseline(args)
     if args.command == "join-labels":

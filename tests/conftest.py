@@ -210,7 +210,9 @@ async def raw_request(port: int, data: bytes, *, read_until_close: bool = True) 
         writer.close()
 
 
-async def start_sidecar_process(config_path: Path) -> tuple[asyncio.subprocess.Process, int]:
+async def start_sidecar_process(
+    config_path: Path,
+) -> tuple[asyncio.subprocess.Process, int, int | None]:
     """``sidecar run`` as a child process; returns it and its main port once it serves."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -228,4 +230,9 @@ async def start_sidecar_process(config_path: Path) -> tuple[asyncio.subprocess.P
         assert line, "sidecar exited before it started"
         record = orjson.loads(line)
         if record["event"] == "sidecar_started":
-            return process, int(record["listen"].rsplit(":", 1)[1])
+            admin = record["admin"]
+            return (
+                process,
+                int(record["listen"].rsplit(":", 1)[1]),
+                int(admin.rsplit(":", 1)[1]) if admin else None,
+            )

@@ -19,7 +19,7 @@ from sidecar.demo.model import (
     parse_v2_rows,
     production_model,
 )
-from sidecar.demo.runner import DEMO_INPUT
+from sidecar.demo.runner import DEMO_INPUT, DEMO_KEY
 
 CHAOS_SCRIPT = Path(__file__).resolve().parent.parent / "loadtests" / "chaos.py"
 SETOSA = [5.1, 3.5, 1.4, 0.2]
@@ -131,11 +131,11 @@ async def test_sidecar_demo_command_serves_a_prediction() -> None:
         url = re.search(r"^\s+(http://\S+/v2/models/iris/infer)", banner, re.M)
         assert url is not None, banner
         assert DEMO_INPUT in banner
+        assert f"Authorization: Bearer {DEMO_KEY}" in banner
+        auth = {"Content-Type": "application/json", "Authorization": f"Bearer {DEMO_KEY}"}
         async with (
             aiohttp.ClientSession() as session,
-            session.post(
-                url.group(1), data=DEMO_INPUT, headers={"Content-Type": "application/json"}
-            ) as resp,
+            session.post(url.group(1), data=DEMO_INPUT, headers=auth) as resp,
         ):
             assert resp.status == 200
             body = await resp.json()
@@ -152,9 +152,7 @@ async def test_sidecar_demo_command_serves_a_prediction() -> None:
             ) as resp:
                 assert resp.status == 200
             wide = DEMO_INPUT.replace("5.1,3.5,1.4,0.2", "6.9,3.1,5.4,2.1")
-            async with session.post(
-                url.group(1), data=wide, headers={"Content-Type": "application/json"}
-            ) as resp:
+            async with session.post(url.group(1), data=wide, headers=auth) as resp:
                 assert resp.status == 200
                 assert resp.headers["X-Sidecar-Fallback"] == "rule-virginica"
                 assert (await resp.json())["outputs"][0]["data"] == [2]

@@ -369,6 +369,8 @@ def test_baseline_command_builds_from_a_payload_log(tmp_path: Path) -> None:
     config["logging"]["payload_log"]["path"] = str(tmp_path / "p.jsonl")
     config["routes"][0]["drift"]["baseline"] = str(tmp_path / "base.json")
     config["routes"][0]["drift"]["freeze_after"] = 100
+    schema = bundled_config_dir() / config["routes"][0]["validate"]["schema"]
+    config["routes"][0]["validate"]["schema"] = str(schema)
     config_path = tmp_path / "demo.yaml"
     config_path.write_text(yaml.safe_dump(config))
     lines = []

@@ -425,7 +425,7 @@ async def test_stream_broken_by_the_model_is_cut_short_and_logged(
     fake_model.on("/broken", broken)
     config_path = tmp_path / "sidecar.yaml"
     config_path.write_text(yaml.safe_dump(base_config(fake_model.url)))
-    process, port = await start_sidecar_process(config_path)
+    process, port, _ = await start_sidecar_process(config_path)
     try:
         async with (
             aiohttp.ClientSession() as session,

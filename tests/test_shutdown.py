@@ -29,7 +29,7 @@ async def test_sigterm_lets_the_request_in_flight_finish(
     fake_model.on("/slow", slow)
     config_path = tmp_path / "sidecar.yaml"
     config_path.write_text(yaml.safe_dump(base_config(fake_model.url, admin={"enabled": False})))
-    process, port = await start_sidecar_process(config_path)
+    process, port, _ = await start_sidecar_process(config_path)
     try:
         async with aiohttp.ClientSession() as session:
             pending = asyncio.create_task(session.get(f"http://{LOOPBACK}:{port}/slow"))
@@ -59,7 +59,7 @@ async def test_sigterm_with_nothing_in_flight_exits_0(
 ) -> None:
     config_path = tmp_path / "sidecar.yaml"
     config_path.write_text(yaml.safe_dump(base_config(fake_model.url)))
-    process, _port = await start_sidecar_process(config_path)
+    process, _port, _ = await start_sidecar_process(config_path)
     try:
         os.kill(process.pid, signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 30) == 0

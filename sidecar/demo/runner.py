@@ -14,6 +14,7 @@ from sidecar.demo.model import build_model_app, candidate_model, production_mode
 from sidecar.runtime import Runtime
 from sidecar.server import RunningSidecar
 
+DEMO_KEY = "demo-key"  # config/demo.yaml holds only its digest
 DEMO_INPUT = (
     '{"inputs":[{"name":"input-0","shape":[1,4],"datatype":"FP32","data":[5.1,3.5,1.4,0.2]}]}'
 )
@@ -55,8 +56,9 @@ def banner(ports: DemoPorts) -> str:
             f"  model          http://127.0.0.1:{ports.model_port}   (POST /demo/chaos breaks it)",
             f"  candidate      http://127.0.0.1:{ports.shadow_port}",
             "",
-            "try:",
-            f"  curl -i -H 'Content-Type: application/json' -d '{DEMO_INPUT}' \\",
+            f"the demo API key is {DEMO_KEY}; try:",
+            f"  curl -i -H 'Authorization: Bearer {DEMO_KEY}' \\",
+            f"       -H 'Content-Type: application/json' -d '{DEMO_INPUT}' \\",
             f"       {base}/v2/models/iris/infer",
             "",
             "Ctrl-C stops everything.",
