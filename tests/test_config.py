@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -48,7 +50,9 @@ def test_minimal_config_fills_defaults() -> None:
 
 def test_bundled_configs_are_valid() -> None:
     for name in ("demo.yaml", "sidecar.example.yaml"):
-        loaded = load_config(bundled_config_dir() / name, env={"MODEL_TOKEN": "t"})
+        loaded = load_config(
+            bundled_config_dir() / name, env={"MODEL_TOKEN": "t", "JWT_SECRET": "s" * 40}
+        )
         assert loaded.config.routes
 
 
@@ -266,3 +270,30 @@ def test_run_with_a_broken_config_exits_1_without_serving(tmp_path: Path) -> Non
     result = _cli("run", "--config", str(path))
     assert result.returncode == 1
     assert "upstreams: missing required key" in result.stderr
+
+
+def _model_keys(model: type[Any]) -> set[str]:
+    keys: set[str] = set()
+    for name, info in model.model_fields.items():
+        keys.add(info.alias or name)
+        for arg in _model_types(info.annotation):
+            keys |= _model_keys(arg)
+    return keys
+
+
+def _model_types(annotation: Any) -> list[type[Any]]:
+    from typing import get_args
+
+    from pydantic import BaseModel
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [t for arg in get_args(annotation) for t in _model_types(arg)]
+
+
+def test_the_example_config_mentions_every_key() -> None:
+    from sidecar.config import Config
+
+    text = (bundled_config_dir() / "sidecar.example.yaml").read_text()
+    missing = sorted(k for k in _model_keys(Config) if not re.search(rf"\b{k}:", text))
+    assert missing == []
