@@ -315,6 +315,38 @@ class ValidationSettings(_Strict):
         return tuple(t.strip().lower() for t in types)
 
 
+class ShadowCompare(_Strict):
+    protocol: Literal["v2", "v1", "openai", "json_path"] = "v2"
+    output: str | None = None
+    json_path: FieldPathText | None = None
+    kind: Literal["numeric", "label", "embedding"] = "numeric"
+    classes: int | None = Field(default=None, ge=2)
+    abs_tol: float = Field(default=1e-6, ge=0.0)
+    rel_tol: float = Field(default=1e-3, ge=0.0)
+    min_cosine: float = Field(default=0.99, ge=-1.0, le=1.0)
+    max_body_size: ByteSize = 1024 * 1024
+
+
+class ShadowGovernor(_Strict):
+    enabled: bool = True
+    interval: Duration = 10.0
+    min_samples: int = Field(default=20, ge=1)
+    max_shadow_failure_rate: float = Field(default=0.5, ge=0.0, le=1.0)
+    max_latency_increase: float = Field(default=0.25, ge=0.0)
+    max_error_rate_increase: float = Field(default=0.05, ge=0.0, le=1.0)
+    backoff_factor: float = Field(default=0.5, gt=0.0, lt=1.0)
+    recover_step: float = Field(default=0.1, gt=0.0, le=1.0)
+
+
+class ShadowSettings(_Strict):
+    upstream: str
+    fraction: float = Field(default=0.1, ge=0.0, le=1.0)
+    timeout: Duration = 5.0
+    max_in_flight: int = Field(default=32, ge=1)
+    compare: ShadowCompare = ShadowCompare()
+    governor: ShadowGovernor = ShadowGovernor()
+
+
 class Route(_Strict):
     name: str = Field(pattern=_NAME_PATTERN)
     path_prefix: str = "/"
@@ -330,6 +362,7 @@ class Route(_Strict):
     fallback: FallbackPolicy | None = None
     payload_sample: float = Field(default=0.0, ge=0.0, le=1.0)
     drift: DriftSettings | None = None
+    shadow: ShadowSettings | None = None
     validate_: ValidationSettings | None = Field(default=None, alias="validate")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
@@ -435,6 +468,7 @@ class LoggingSettings(_Strict):
     queue_size: int = Field(default=10_000, ge=1)
     access_log: AccessLogSettings = AccessLogSettings()
     payload_log: PayloadLogSettings | None = None
+    shadow_log: PayloadLogSettings | None = None
     redact_fields: tuple[FieldPathText, ...] = ()
 
 
@@ -592,6 +626,17 @@ def _cross_reference_issues(config: Config) -> Iterator[ConfigIssue]:
             yield ConfigIssue(
                 f"routes[{index}].payload_sample", "needs logging.payload_log to write to"
             )
+        if route.shadow is not None:
+            where = f"routes[{index}].shadow.upstream"
+            if route.shadow.upstream not in config.upstreams:
+                yield ConfigIssue(where, f"no upstream named {route.shadow.upstream!r}")
+            elif route.shadow.upstream == route.upstream:
+                yield ConfigIssue(where, "the shadow upstream must differ from the route's")
+            if route.shadow.compare.protocol == "json_path" and not route.shadow.compare.json_path:
+                yield ConfigIssue(
+                    f"routes[{index}].shadow.compare.json_path",
+                    "protocol json_path needs json_path",
+                )
         if route.fallback is not None:
             for step_index, step in enumerate(route.fallback.chain):
                 if step.upstream is None:

@@ -35,6 +35,7 @@ class RequestContext:
     body: bytes = b""  # the request body, read whole by the body stage
     document: Any = None  # the body parsed as JSON, when the route validates it
     extra_headers: dict[str, str] | None = None  # e.g. RateLimit-* for the answer
+    capture: Any = None  # a shadow.StreamCapture when a streamed answer is compared
 
     def finish_upstream(self) -> None:
         if self.upstream_started is not None:

@@ -35,6 +35,7 @@ from sidecar.metrics import OUTCOME_FALLBACK, Metrics
 from sidecar.proxy import UpstreamCall, relay, send, upstream_request_headers
 from sidecar.retry import RetryBudget, backoff_delay, parse_retry_after
 from sidecar.sampling import sampled
+from sidecar.shadow import PrimaryOutcome, ShadowMirror, StreamCapture
 from sidecar.upstreams import UpstreamClient
 
 log = structlog.get_logger("sidecar.forwarding")
@@ -71,6 +72,7 @@ class RoutePath:
     rng: random.Random = field(default_factory=random.Random)
     in_flight: int = 0
     drift: DriftMonitor | None = None
+    shadow: ShadowMirror | None = None
     payload_log: LogWriter | None = None
     credentials: frozenset[str] = frozenset()  # the sidecar's own, never forwarded
     client_timeout: aiohttp.ClientTimeout | None = None  # set when the route overrides connect
@@ -195,7 +197,8 @@ def _retry_reason(failure: errors.SidecarError | ModelFailed) -> str:
 
 
 async def forward(request: web.Request, ctx: RequestContext, path: RoutePath) -> web.StreamResponse:
-    """Forward one request along its route and relay (or replace) the answer."""
+    """Forward one request along its route, relay (or replace) the answer, and mirror it
+    to the route's shadow when it is sampled."""
     body = ctx.body
     call = UpstreamCall(
         method=request.method,
@@ -203,6 +206,45 @@ async def forward(request: web.Request, ctx: RequestContext, path: RoutePath) ->
         headers=upstream_request_headers(request, ctx, path.upstream, path.credentials),
         body=body if body or request.body_exists else None,
     )
+    mirror = path.shadow
+    if mirror is None:
+        return await _answer(request, ctx, path, call)
+    ticket = None if ctx.shed else mirror.mirror(ctx.request_id, call)
+    if ticket is not None:
+        ctx.capture = StreamCapture(mirror.settings.compare.max_body_size)
+    answer: web.StreamResponse | None = None
+    try:
+        answer = await _answer(request, ctx, path, call)
+        return answer
+    finally:
+        if ticket is not None:
+            ticket.resolve(_primary_outcome(ctx, answer))
+        mirror.governor.record_primary(
+            ctx.upstream_seconds or 0.0,
+            error=answer is None or answer.status >= 500,
+            mirrored=ticket is not None,
+        )
+
+
+def _primary_outcome(ctx: RequestContext, answer: web.StreamResponse | None) -> PrimaryOutcome:
+    if answer is None:
+        return PrimaryOutcome(0, None, 0.0, reason="primary failed")
+    latency = ctx.upstream_seconds or 0.0
+    if ctx.outcome == OUTCOME_FALLBACK:
+        return PrimaryOutcome(answer.status, None, latency, reason="primary answered by fallback")
+    if isinstance(answer, web.Response) and isinstance(answer.body, bytes):
+        return PrimaryOutcome(answer.status, answer.body, latency)
+    capture = ctx.capture
+    if capture is None or capture.overflow:
+        return PrimaryOutcome(answer.status, None, latency, reason="too_large")
+    streamed = answer.content_type == "text/event-stream"
+    return PrimaryOutcome(answer.status, b"".join(capture.chunks), latency, streamed=streamed)
+
+
+async def _answer(
+    request: web.Request, ctx: RequestContext, path: RoutePath, call: UpstreamCall
+) -> web.StreamResponse:
+    body = ctx.body
     breaker = path.guard.breaker
     if breaker is not None:
         ctx.breaker_state = breaker.state

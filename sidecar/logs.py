@@ -108,9 +108,20 @@ class Logs:
                 renderer=payload_renderer(payload, Redactor(settings.redact_fields)),
             )
 
+        self.shadow: LogWriter | None = None
+        if settings.shadow_log is not None:
+            shadow = settings.shadow_log
+            self.shadow = LogWriter(
+                "shadow",
+                given.get("shadow") or _sink(loaded, shadow.path, shadow.max_bytes, shadow.backups),
+                metrics,
+                queue_size=size,
+            )
+
     @property
     def writers(self) -> list[LogWriter]:
-        return [w for w in (self.access, self.payload, self.events) if w is not None]
+        candidates = (self.access, self.payload, self.shadow, self.events)
+        return [w for w in candidates if w is not None]
 
     def start(self, *, capture_events: bool = True) -> None:
         for writer in self.writers:

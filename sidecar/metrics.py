@@ -185,6 +185,50 @@ class Metrics:
             registry=r,
         )
 
+        self.shadow_requests = Counter(
+            "sidecar_shadow_requests_total",
+            "Shadow copies by outcome: sent, and of those error, timeout or "
+            "skipped_too_large; skipped_busy ones were never sent.",
+            ["route", "outcome"],
+            registry=r,
+        )
+        self.shadow_comparisons = Counter(
+            "sidecar_shadow_comparisons_total",
+            "Comparisons of shadow and primary answers: match, mismatch or error.",
+            ["route", "result"],
+            registry=r,
+        )
+        self.shadow_latency_delta = Histogram(
+            "sidecar_shadow_latency_delta_seconds",
+            "Shadow model latency minus primary model latency.",
+            ["route"],
+            buckets=(
+                -5.0,
+                -1.0,
+                -0.5,
+                -0.1,
+                -0.05,
+                -0.01,
+                -0.001,
+                0.0,
+                0.001,
+                0.01,
+                0.05,
+                0.1,
+                0.5,
+                1.0,
+                5.0,
+            ),
+            registry=r,
+        )
+        self.shadow_fraction = Gauge(
+            "sidecar_shadow_fraction",
+            "The share of requests mirrored right now (after the governor).",
+            ["route"],
+            registry=r,
+            multiprocess_mode="min",
+        )
+
     def render(self) -> bytes:
         """Prometheus text; with several worker processes, the sum over all of them."""
         directory = multiprocess_directory()

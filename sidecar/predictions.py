@@ -39,16 +39,22 @@ class PredictionReader:
     protocol: PredictionProtocol = "v2"
     output: str | None = None  # V2: the output tensor's name
     path: FieldPath | None = None  # json_path
+    raw_embeddings: bool = False  # OpenAI embeddings: every number, not each vector's norm
 
     @classmethod
     def build(
-        cls, protocol: PredictionProtocol, output: str | None = None, json_path: str | None = None
+        cls,
+        protocol: PredictionProtocol,
+        output: str | None = None,
+        json_path: str | None = None,
+        *,
+        raw_embeddings: bool = False,
     ) -> PredictionReader:
         if protocol == "json_path":
             if not json_path:
                 raise ValueError("protocol json_path needs json_path")
-            return cls(protocol, None, parse_field_path(json_path))
-        return cls(protocol, output, None)
+            return cls(protocol, None, parse_field_path(json_path), raw_embeddings)
+        return cls(protocol, output, None, raw_embeddings)
 
     def values(self, document: Any) -> list[float]:
         """The prediction numbers of one response (empty when there are none)."""
@@ -69,6 +75,13 @@ class PredictionReader:
             return list(_numbers(document.get("predictions")))
         if self.protocol == "openai":
             data = document.get("data")
+            if isinstance(data, list) and self.raw_embeddings:
+                return [
+                    v
+                    for item in data
+                    if isinstance(item, dict)
+                    for v in _numbers(item.get("embedding"))
+                ]
             if isinstance(data, list):
                 return [
                     math.sqrt(sum(v * v for v in _numbers(item.get("embedding"))))

@@ -239,10 +239,13 @@ async def relay(
     await out.prepare(request)
     if request.method == "HEAD":
         return out
+    capture = ctx.capture
     try:
         async for chunk in response.content.iter_any():
             await out.write(chunk)
             ctx.bytes_out += len(chunk)
+            if capture is not None:
+                capture.add(chunk)
     except (aiohttp.ClientError, TimeoutError) as exc:
         # Bytes already reached the client: no error answer is possible. Closing the
         # connection without the final chunk tells the client the answer is cut short.

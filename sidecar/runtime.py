@@ -17,6 +17,7 @@ from sidecar.metrics import Metrics
 from sidecar.ratelimit import RateLimiter
 from sidecar.retry import RetryBudget
 from sidecar.routing import RouteTable
+from sidecar.shadow import ShadowMirror
 from sidecar.upstreams import Upstreams
 from sidecar.validation import RequestValidator, load_schema
 
@@ -66,6 +67,14 @@ class Runtime:
                 path.drift = DriftMonitor(
                     route.name, route.drift, loaded.resolve(route.drift.baseline), self.metrics
                 )
+            if route.shadow is not None:
+                path.shadow = ShadowMirror(
+                    route.name,
+                    route.shadow,
+                    self.upstreams[route.shadow.upstream],
+                    self.metrics,
+                    self.logs.shadow,
+                )
         self.authenticator = (
             Authenticator(config.auth, loaded, self.metrics) if config.auth.enabled else None
         )
@@ -102,13 +111,21 @@ class Runtime:
     def drift_monitors(self) -> list[DriftMonitor]:
         return [p.drift for p in self.paths.values() if p.drift is not None]
 
+    @property
+    def mirrors(self) -> list[ShadowMirror]:
+        return [p.shadow for p in self.paths.values() if p.shadow is not None]
+
     async def start(self) -> None:
         self.logs.start()
         await self.upstreams.start()
         for monitor in self.drift_monitors:
             monitor.start()
+        for mirror in self.mirrors:
+            mirror.start()
 
     async def stop(self) -> None:
+        for mirror in self.mirrors:
+            await mirror.stop()
         for monitor in self.drift_monitors:
             await monitor.stop()
         await self.upstreams.stop()
