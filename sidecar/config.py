@@ -112,6 +112,14 @@ Duration = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(for
 Rate = Annotated[float, BeforeValidator(parse_rate), PlainSerializer(format_rate)]
 ByteSize = Annotated[int, BeforeValidator(parse_size), PlainSerializer(format_size)]
 
+def _check_field_path(path: str) -> str:
+    parse_field_path(path)
+    return path
+
+
+FieldPathText = Annotated[str, AfterValidator(_check_field_path)]
+
+
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
@@ -382,14 +390,6 @@ class Route(_Strict):
         if unknown:
             raise ValueError(f"unknown HTTP method(s): {', '.join(unknown)}")
         return upper
-
-
-def _check_field_path(path: str) -> str:
-    parse_field_path(path)
-    return path
-
-
-FieldPathText = Annotated[str, AfterValidator(_check_field_path)]
 
 
 class AccessLogSettings(_Strict):
