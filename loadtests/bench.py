@@ -4,6 +4,7 @@
 
 Suites:
     accesslog   the sidecar with its access log on (to a file) versus off
+    shadow      primary p99 at a fixed rate, every request mirrored versus none
 
 Each contender runs as its own process; contenders alternate round by round so a
 noisy neighbour hits them alike, and the median round counts. The load comes from
@@ -42,6 +43,7 @@ BODY = orjson.dumps(
     }
 )
 LOOPBACK = "127.0.0.1"
+HEADERS = {"Content-Type": "application/json"}
 
 
 @dataclass
@@ -248,6 +250,48 @@ async def _load_aiohttp(url: str, concurrency: int, duration: float) -> LoadResu
     return LoadResult(len(latencies), errors, len(latencies) / elapsed, pick(0.5), pick(0.99))
 
 
+async def _open_loop(url: str, rate: float, duration: float, path: str) -> LoadResult:
+    """Requests at a fixed rate whatever the answers do (no coordinated omission):
+    each latency is counted from the moment its request was due, not when it went."""
+    import aiohttp
+
+    latencies: list[float] = []
+    errors = 0
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def one(due: float) -> None:
+            nonlocal errors
+            try:
+                async with session.post(url + path, data=BODY, headers=HEADERS) as response:
+                    await response.read()
+                    if response.status != 200:
+                        errors += 1
+            except (aiohttp.ClientError, TimeoutError):
+                errors += 1
+            latencies.append(time.perf_counter() - due)
+
+        start = time.perf_counter()
+        total = int(rate * duration)
+        tasks = []
+        for index in range(total):
+            due = start + index / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(due)))
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - start
+    latencies.sort()
+    pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000  # noqa: E731
+    return LoadResult(len(latencies), errors, len(latencies) / elapsed, pick(0.5), pick(0.99))
+
+
+def load_open_loop(url: str, rate: float, duration: float) -> LoadResult:
+    return asyncio.run(_open_loop(url, rate, duration, "/v2/models/iris/infer"))
+
+
 def load(url: str, concurrency: int, duration: float, workdir: Path) -> LoadResult:
     if shutil.which("wrk"):
         return load_wrk(url, concurrency, duration, workdir)
@@ -323,7 +367,56 @@ def suite_accesslog(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     }
 
 
-SUITES = {"accesslog": suite_accesslog}
+def suite_shadow(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """Primary p99 with every request mirrored versus none, against 20 ms models."""
+    primary = start_upstream(20.0)
+    candidate = start_upstream(20.0)
+    plain = start_sidecar("shadow-off", sidecar_config(primary.url), workdir)
+    shadowed_config = sidecar_config(primary.url)
+    shadowed_config["upstreams"]["candidate"] = {"url": candidate.url, "max_connections": 512}
+    shadowed_config["routes"][0]["shadow"] = {
+        "upstream": "candidate",
+        "fraction": 1.0,
+        "max_in_flight": 512,
+        "timeout": "5s",
+        "compare": {"protocol": "v2", "output": "probabilities", "kind": "label", "classes": 3},
+        "governor": {"enabled": False},
+    }
+    shadowed = start_sidecar("shadow-100%", shadowed_config, workdir)
+    rows: dict[str, list[Row]] = {"shadow-off": [], "shadow-100%": []}
+    with running(primary, candidate, plain, shadowed):
+        for target in (plain, shadowed):  # warm-up
+            load_open_loop(target.url, args.rate, 1.0)
+        for _ in range(args.rounds):
+            for target in (plain, shadowed):
+                cpu_before = target.cpu_seconds()
+                result = load_open_loop(target.url, args.rate, args.duration)
+                cpu = target.cpu_seconds() - cpu_before
+                rows[target.name].append(
+                    Row(
+                        target.name,
+                        0,
+                        result.rps,
+                        result.p50_ms,
+                        result.p99_ms,
+                        result.errors,
+                        cpu / max(1, result.requests) * 1e6,
+                        target.peak_rss_mb(),
+                    )
+                )
+    medians = {}
+    for name, measured in rows.items():
+        measured.sort(key=lambda r: r.p99_ms)
+        medians[name] = measured[len(measured) // 2]
+    ratio = medians["shadow-100%"].p99_ms / medians["shadow-off"].p99_ms
+    return {
+        "rows": [asdict(r) for r in medians.values()],
+        "ratios": {f"primary p99, 100% shadow / none, at {args.rate:g} req/s": round(ratio, 3)},
+        "notes": ["open-loop load at a fixed rate; both models answer in 20 ms"],
+    }
+
+
+SUITES = {"accesslog": suite_accesslog, "shadow": suite_shadow}
 
 
 def print_report(name: str, report: dict[str, Any]) -> None:
@@ -358,6 +451,7 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--rate", type=float, default=200.0, help="req/s for open-loop suites")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     results = {}

@@ -46,6 +46,13 @@ def _parser() -> argparse.ArgumentParser:
     baseline.add_argument("--payloads", required=True, metavar="FILE", help="a payload log")
     baseline.add_argument("--out", metavar="FILE", help="default: the route's drift.baseline")
 
+    report = commands.add_parser(
+        "shadow-report", help="summarise a shadow comparison log (agreement, latency, diffs)"
+    )
+    report.add_argument("file", metavar="FILE", help="the shadow comparison log (JSON lines)")
+    report.add_argument("--html", metavar="OUT", help="also write a self-contained HTML page")
+    report.add_argument("--json", action="store_true", help="print JSON instead of text")
+
     labels = commands.add_parser(
         "join-labels", help="join a payload log with ground-truth labels: accuracy or error"
     )
@@ -98,6 +105,28 @@ def _baseline(args: argparse.Namespace) -> int:
     out.write_bytes(baseline.to_json(route.name))
     signals = ", ".join(sorted(baseline.histograms))
     print(f"wrote {out}: {baseline.samples} responses; signals: {signals}")
+    return 0
+
+
+def _shadow_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import orjson
+
+    from sidecar.shadow_report import build_report, render_html, render_text
+
+    try:
+        with Path(args.file).open("rb") as lines:
+            report = build_report(lines)
+    except (OSError, ValueError) as exc:
+        print(f"sidecar shadow-report: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(orjson.dumps(report.summary()).decode())
+    else:
+        print(render_text(report), end="")
+    if args.html:
+        Path(args.html).write_text(render_html(report), encoding="utf-8")
     return 0
 
 
@@ -185,6 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _hash_key(args)
     if args.command == "baseline":
         return _baseline(args)
+    if args.command == "shadow-report":
+        return _shadow_report(args)
     if args.command == "join-labels":
         return _join_labels(args)
     raise AssertionError(f"unhandled command {args.command}")  # argparse prevents this

@@ -112,6 +112,7 @@ Duration = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(for
 Rate = Annotated[float, BeforeValidator(parse_rate), PlainSerializer(format_rate)]
 ByteSize = Annotated[int, BeforeValidator(parse_size), PlainSerializer(format_size)]
 
+
 def _check_field_path(path: str) -> str:
     parse_field_path(path)
     return path
@@ -341,6 +342,7 @@ class ShadowGovernor(_Strict):
     min_samples: int = Field(default=20, ge=1)
     max_shadow_failure_rate: float = Field(default=0.5, ge=0.0, le=1.0)
     max_latency_increase: float = Field(default=0.25, ge=0.0)
+    min_latency_increase: Duration = 0.005
     max_error_rate_increase: float = Field(default=0.05, ge=0.0, le=1.0)
     backoff_factor: float = Field(default=0.5, gt=0.0, lt=1.0)
     recover_step: float = Field(default=0.1, gt=0.0, le=1.0)

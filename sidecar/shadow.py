@@ -130,7 +130,11 @@ class Governor:
         elif self.mirrored[0] >= s.min_samples and self.reference_latency is not None:
             latency = self.mirrored[1] / self.mirrored[0]
             error_rate = self.mirrored[2] / self.mirrored[0]
-            if latency > (1 + s.max_latency_increase) * self.reference_latency:
+            slower = latency - self.reference_latency
+            if (
+                latency > (1 + s.max_latency_increase) * self.reference_latency
+                and slower > s.min_latency_increase  # no flapping on sub-ms noise
+            ):
                 reason = "primary slower while shadowing"
             elif error_rate > (self.reference_error_rate or 0.0) + s.max_error_rate_increase:
                 reason = "primary failing more while shadowing"
@@ -157,6 +161,8 @@ class ShadowMirror:
         self.settings = settings
         self.upstream = upstream
         self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
         self.governor = Governor(settings.fraction, settings.governor)
         self._comparer = Comparer(settings.compare)
         self._log = comparison_log
@@ -180,6 +186,7 @@ class ShadowMirror:
         copy = UpstreamCall(call.method, call.target, headers, call.body)
         ticket = ShadowTicket(asyncio.get_running_loop().create_future())
         self.in_flight += 1
+        self._idle.clear()
         self._tasks.spawn(self._shadow(request_id, copy, ticket), name=f"shadow-{self.route}")
         return ticket
 
@@ -189,7 +196,17 @@ class ShadowMirror:
         if self.settings.governor.enabled:
             self._tasks.spawn(self._govern(), name=f"shadow-governor-{self.route}")
 
-    async def stop(self) -> None:
+    async def wait_idle(self) -> None:
+        """Until every copy in flight has been compared (or given up)."""
+        await self._idle.wait()
+
+    async def stop(self, drain_within: float = 2.0) -> None:
+        """Let copies in flight finish briefly, then cancel what is left."""
+        try:
+            async with asyncio.timeout(drain_within):
+                await self.wait_idle()
+        except TimeoutError:
+            log.info("shadow_copies_cancelled", route=self.route, in_flight=self.in_flight)
         await self._tasks.stop()
 
     async def _govern(self) -> None:
@@ -216,6 +233,8 @@ class ShadowMirror:
             await self._compare_when_both_in(request_id, call, ticket)
         finally:
             self.in_flight -= 1
+            if self.in_flight == 0:
+                self._idle.set()
 
     async def _send(self, call: UpstreamCall) -> tuple[str, int, bytes | None, float]:
         """(outcome, status, body or None when too large, seconds)."""
@@ -245,9 +264,7 @@ class ShadowMirror:
         self, request_id: str, call: UpstreamCall, ticket: ShadowTicket
     ) -> None:
         outcome, status, body, latency = await self._send(call)
-        if outcome != "ok":
-            self._requests.labels(self.route, outcome).inc()
-        self.governor.record_shadow(failed=outcome in ("error", "timeout"))
+        self.governor.record_shadow(failed=outcome in ("error", "timeout") or status >= 500)
         primary = await ticket.outcome
         record: dict[str, object] = {
             "timestamp": time.time(),
@@ -260,6 +277,7 @@ class ShadowMirror:
         }
         if primary is not None and primary.body is None and primary.reason == "too_large":
             outcome = "skipped_too_large"
+        if outcome != "ok":
             self._requests.labels(self.route, outcome).inc()
         if outcome == "skipped_too_large":
             record.update(result="skipped", reason="too large to compare")

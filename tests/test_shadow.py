@@ -1,0 +1,419 @@
+"""Shadow traffic: mirroring that cannot hurt production, comparison, governor, report."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+
+from sidecar.compare import Comparer
+from sidecar.config import ShadowCompare, ShadowGovernor
+from sidecar.shadow import Governor
+from sidecar.shadow_report import build_report, render_text, wilson_interval
+from tests.conftest import (
+    LOOPBACK,
+    MakeFakeModel,
+    SidecarHandle,
+    StartSidecar,
+    base_config,
+    closed_port,
+)
+from tests.test_endpoints import metric_value
+
+
+def v2(probabilities: list[float], label: int | None = None) -> dict[str, Any]:
+    outputs: list[dict[str, Any]] = [
+        {
+            "name": "probabilities",
+            "shape": [1, len(probabilities)],
+            "datatype": "FP32",
+            "data": probabilities,
+        }
+    ]
+    if label is not None:
+        outputs.append({"name": "label", "shape": [1], "datatype": "INT64", "data": [label]})
+    return {"outputs": outputs}
+
+
+def answering(payload: dict[str, Any]) -> Any:
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response(payload)
+
+    return answer
+
+
+def shadow_config(primary: str, shadow: str, tmp_path: Path, **shadow_settings: Any) -> dict:
+    config = base_config(primary)
+    config["upstreams"]["candidate"] = {"url": shadow, "breaker": {"enabled": False}}
+    config["routes"][0]["shadow"] = {
+        "upstream": "candidate",
+        "fraction": 1.0,
+        "timeout": "5s",
+        "compare": {
+            "protocol": "v2",
+            "output": "probabilities",
+            "kind": "numeric",
+            "classes": 3,
+            "abs_tol": 0.01,
+            "rel_tol": 0.0,
+        },
+        "governor": {"enabled": False},
+        **shadow_settings,
+    }
+    config["logging"] = {"shadow_log": {"path": str(tmp_path / "shadow.jsonl")}}
+    return config
+
+
+async def metrics_text(sidecar: SidecarHandle) -> str:
+    async with sidecar.session.get(sidecar.admin_url + "/metrics") as resp:
+        return await resp.text()
+
+
+async def test_a_mirrored_request_reaches_the_shadow_with_the_same_body_and_id(
+    make_fake_model: MakeFakeModel, start_sidecar: StartSidecar, tmp_path: Path
+) -> None:
+    primary, candidate = await make_fake_model(), await make_fake_model()
+    primary.on("/infer", answering(v2([0.9, 0.05, 0.05], 0)))
+    candidate.on("/infer", answering(v2([0.1, 0.8, 0.1], 1)))
+    sidecar = await start_sidecar(shadow_config(primary.url, candidate.url, tmp_path))
+    body = b'{"inputs": [{"data": [1, 2, 3, 4]}]}'
+    async with sidecar.session.post(
+        sidecar.url + "/infer?x=1", data=body, headers={"X-Request-ID": "mirror-1"}
+    ) as resp:
+        assert resp.status == 200
+        assert (await resp.json())["outputs"][1]["data"] == [0]  # production's answer
+    mirror = sidecar.running.runtime.paths["all"].shadow
+    assert mirror is not None
+    await asyncio.wait_for(mirror.wait_idle(), 10)
+    copy = candidate.hits_for("/infer")[0]
+    assert copy.body == body
+    assert copy.target == "/infer?x=1"
+    assert copy.headers["x-request-id"] == ["mirror-1"]
+    assert copy.headers["x-sidecar-shadow"] == ["1"]
+    assert "x-sidecar-shadow" not in primary.hits_for("/infer")[0].headers
+
+    await sidecar.running.stop()
+    record = orjson.loads((tmp_path / "shadow.jsonl").read_bytes().splitlines()[0])
+    assert record["request_id"] == "mirror-1"
+    assert (record["primary_status"], record["shadow_status"]) == (200, 200)
+    assert record["result"] == "mismatch"
+    assert record["agreement"] is False
+    assert record["label_agreement"] == 0.0
+    assert record["differences"][0] == {"field": "predictions[0]", "primary": 0.9, "shadow": 0.1}
+    assert record["primary_ms"] > 0
+    assert record["shadow_ms"] > 0
+
+
+async def test_a_hung_shadow_never_holds_back_primaries_and_busy_copies_are_skipped(
+    make_fake_model: MakeFakeModel, start_sidecar: StartSidecar, tmp_path: Path
+) -> None:
+    primary, candidate = await make_fake_model(), await make_fake_model()
+    release = asyncio.Event()
+    primary.on("/infer", answering(v2([0.9, 0.05, 0.05])))
+
+    async def hung(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.json_response(v2([0.9, 0.05, 0.05]))
+
+    candidate.on("/infer", hung)
+    config = shadow_config(primary.url, candidate.url, tmp_path, max_in_flight=2, timeout="30s")
+    sidecar = await start_sidecar(config)
+    order = []
+    for index in range(6):
+        async with sidecar.session.post(sidecar.url + "/infer", data=b"{}") as resp:
+            assert resp.status == 200
+        order.append(f"primary {index} answered")
+    # All six primaries were answered while both shadow copies were still hanging.
+    assert len(candidate.hits_for("/infer")) == 2
+    assert order == [f"primary {i} answered" for i in range(6)]
+    text = await metrics_text(sidecar)
+    assert (
+        metric_value(text, "sidecar_shadow_requests_total", route="all", outcome="skipped_busy")
+        == 4
+    )
+    assert metric_value(text, "sidecar_shadow_requests_total", route="all", outcome="sent") == 2
+    release.set()
+    mirror = sidecar.running.runtime.paths["all"].shadow
+    assert mirror is not None
+    await asyncio.wait_for(mirror.wait_idle(), 10)
+    text = await metrics_text(sidecar)
+    assert metric_value(text, "sidecar_shadow_comparisons_total", route="all", result="match") == 2
+
+
+async def test_shadow_failures_and_timeouts_are_counted_not_felt(
+    make_fake_model: MakeFakeModel, start_sidecar: StartSidecar, tmp_path: Path
+) -> None:
+    primary = await make_fake_model()
+    primary.on("/infer", answering(v2([1.0, 0.0, 0.0])))
+    config = shadow_config(primary.url, f"http://{LOOPBACK}:{closed_port()}", tmp_path)
+    sidecar = await start_sidecar(config)
+    for _ in range(3):
+        async with sidecar.session.post(sidecar.url + "/infer", data=b"{}") as resp:
+            assert resp.status == 200
+    mirror = sidecar.running.runtime.paths["all"].shadow
+    assert mirror is not None
+    await asyncio.wait_for(mirror.wait_idle(), 10)
+    text = await metrics_text(sidecar)
+    assert metric_value(text, "sidecar_shadow_requests_total", route="all", outcome="error") == 3
+    assert metric_value(text, "sidecar_shadow_comparisons_total", route="all", result="error") == 3
+
+
+async def test_the_governor_backs_off_on_failures_and_recovers(
+    make_fake_model: MakeFakeModel, start_sidecar: StartSidecar, tmp_path: Path
+) -> None:
+    primary, candidate = await make_fake_model(), await make_fake_model()
+    primary.on("/infer", answering(v2([1.0, 0.0, 0.0])))
+    healthy = {"value": False}
+
+    async def flaky(request: web.Request) -> web.StreamResponse:
+        if not healthy["value"]:
+            return web.json_response({"error": "candidate crashed"}, status=500)
+        return web.json_response(v2([1.0, 0.0, 0.0]))
+
+    candidate.on("/infer", flaky)
+    config = shadow_config(
+        primary.url,
+        candidate.url,
+        tmp_path,
+        governor={
+            "enabled": True,
+            "interval": "1h",
+            "min_samples": 5,
+            "backoff_factor": 0.5,
+            "recover_step": 0.25,
+        },
+    )
+    sidecar = await start_sidecar(config)
+    mirror = sidecar.running.runtime.paths["all"].shadow
+    assert mirror is not None
+
+    async def traffic(count: int) -> None:
+        for index in range(count):
+            async with sidecar.session.post(
+                sidecar.url + "/infer", data=b"{}", headers={"X-Request-ID": f"g-{index}"}
+            ) as resp:
+                assert resp.status == 200
+        await asyncio.wait_for(mirror.wait_idle(), 10)
+
+    await traffic(10)
+    assert mirror.govern() == 0.5
+    healthy["value"] = True
+    fractions = []
+    for _ in range(3):
+        await traffic(40)
+        fractions.append(mirror.govern())
+    assert fractions == [0.75, 1.0, 1.0]
+    text = await metrics_text(sidecar)
+    assert metric_value(text, "sidecar_shadow_fraction", route="all") == 1.0
+
+
+def test_the_governor_backs_off_when_mirrored_primaries_get_slower() -> None:
+    governor = Governor(
+        1.0, ShadowGovernor(min_samples=5, max_latency_increase=0.25, min_latency_increase="5ms")
+    )
+    for _ in range(10):
+        governor.record_primary(0.020, error=False, mirrored=False)
+        governor.record_shadow(failed=False)
+    assert governor.evaluate() == (1.0, "healthy")
+    for _ in range(10):
+        governor.record_primary(0.030, error=False, mirrored=True)  # 50% slower than 20 ms
+    assert governor.evaluate() == (0.5, "primary slower while shadowing")
+    for _ in range(10):
+        governor.record_primary(0.020, error=True, mirrored=True)
+    assert governor.evaluate() == (0.25, "primary failing more while shadowing")
+
+
+@pytest.mark.parametrize(
+    ("settings", "primary", "shadow", "result", "reason"),
+    [
+        ({}, v2([0.5, 0.3, 0.2]), v2([0.5, 0.3, 0.2]), "match", None),
+        ({"abs_tol": 0.01}, v2([0.5, 0.3, 0.2]), v2([0.505, 0.295, 0.2]), "match", None),
+        ({"abs_tol": 0.001}, v2([0.5, 0.3, 0.2]), v2([0.505, 0.295, 0.2]), "mismatch", "numeric"),
+        ({"rel_tol": 0.02, "abs_tol": 0.0}, v2([100.0]), v2([101.5]), "match", None),
+        (
+            {"kind": "label", "classes": 3},
+            v2([0.5, 0.3, 0.2]),
+            v2([0.4, 0.35, 0.25]),
+            "match",
+            None,
+        ),
+        (
+            {"kind": "label", "classes": 3},
+            v2([0.5, 0.3, 0.2]),
+            v2([0.3, 0.5, 0.2]),
+            "mismatch",
+            "label",
+        ),
+        ({"kind": "label", "output": "label"}, v2([0.5], 2), v2([0.4], 2), "match", None),
+        (
+            {"protocol": "openai", "kind": "embedding", "min_cosine": 0.99},
+            {"data": [{"embedding": [1.0, 0.0, 0.0]}]},
+            {"data": [{"embedding": [0.99, 0.05, 0.0]}]},
+            "match",
+            None,
+        ),
+        (
+            {"protocol": "openai", "kind": "embedding", "min_cosine": 0.99},
+            {"data": [{"embedding": [1.0, 0.0]}]},
+            {"data": [{"embedding": [0.0, 1.0]}]},
+            "mismatch",
+            "cosine",
+        ),
+        (
+            {"protocol": "v1"},
+            {"predictions": [1, 2]},
+            {"predictions": [1, 2, 3]},
+            "mismatch",
+            "shape",
+        ),
+        (
+            {"protocol": "json_path", "json_path": "result.score"},
+            {"result": {"score": 0.7}},
+            {"result": {"score": 0.7}},
+            "match",
+            None,
+        ),
+    ],
+)
+def test_known_pairs(
+    settings: dict[str, Any], primary: Any, shadow: Any, result: str, reason: str | None
+) -> None:
+    values = {"protocol": "v2", "output": "probabilities", "abs_tol": 0.0, "rel_tol": 0.0}
+    values.update(settings)
+    comparer = Comparer(ShadowCompare.model_validate(values))
+    comparison = comparer.compare(200, orjson.dumps(primary), 200, orjson.dumps(shadow))
+    assert (comparison.result, comparison.reason) == (result, reason)
+
+
+def test_status_stream_and_unreadable_answers() -> None:
+    comparer = Comparer(ShadowCompare())
+    assert comparer.compare(200, b"{}", 503, b"{}").differences == [
+        {"field": "status", "primary": 200, "shadow": 503}
+    ]
+    same = comparer.compare(200, b"data: a\n\n", 200, b"data: a\n\n", streamed=True)
+    assert same.result == "match"
+    differ = comparer.compare(200, b"data: abc\n\n", 200, b"data: abd\n\n", streamed=True)
+    assert differ.result == "mismatch"
+    assert differ.differences[0]["field"] == "stream[8]"
+    assert comparer.compare(200, b"not json", 200, b"also not").result == "error"
+
+
+async def test_streams_are_compared_whole_and_big_ones_skipped(
+    make_fake_model: MakeFakeModel, start_sidecar: StartSidecar, tmp_path: Path
+) -> None:
+    primary, candidate = await make_fake_model(), await make_fake_model()
+
+    def sse(events: list[bytes]) -> Any:
+        async def stream(request: web.Request) -> web.StreamResponse:
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            for event in events:
+                await response.write(b"data: " + event + b"\n\n")
+            await response.write_eof()
+            return response
+
+        return stream
+
+    primary.on("/small", sse([b"a", b"b"]))
+    candidate.on("/small", sse([b"a", b"b"]))
+    primary.on("/big", sse([b"x" * 1000] * 3))
+    candidate.on("/big", sse([b"x" * 1000] * 3))
+    config = shadow_config(primary.url, candidate.url, tmp_path)
+    config["routes"][0]["shadow"]["compare"]["max_body_size"] = "2KiB"
+    sidecar = await start_sidecar(config)
+    for path in ("/small", "/big"):
+        async with sidecar.session.post(sidecar.url + path, data=b"{}") as resp:
+            assert resp.status == 200
+            await resp.read()
+    mirror = sidecar.running.runtime.paths["all"].shadow
+    assert mirror is not None
+    await asyncio.wait_for(mirror.wait_idle(), 10)
+    text = await metrics_text(sidecar)
+    assert metric_value(text, "sidecar_shadow_comparisons_total", route="all", result="match") == 1
+    assert (
+        metric_value(
+            text, "sidecar_shadow_requests_total", route="all", outcome="skipped_too_large"
+        )
+        == 1
+    )
+
+
+async def test_rejected_requests_are_not_mirrored(
+    make_fake_model: MakeFakeModel, start_sidecar: StartSidecar, tmp_path: Path
+) -> None:
+    primary, candidate = await make_fake_model(), await make_fake_model()
+    config = shadow_config(primary.url, candidate.url, tmp_path)
+    config["server"]["max_body_size"] = "10B"
+    sidecar = await start_sidecar(config)
+    async with sidecar.session.post(sidecar.url + "/infer", data=b"x" * 100) as resp:
+        assert resp.status == 413
+    assert candidate.hits == []
+
+
+def _log_line(result: str, delta: float | None = None, **extra: Any) -> bytes:
+    record: dict[str, Any] = {"request_id": f"r-{result}-{delta}", "result": result, **extra}
+    if delta is not None:
+        record["latency_delta_ms"] = delta
+    return orjson.dumps(record)
+
+
+def test_report_on_a_fixed_log(tmp_path: Path) -> None:
+    lines = [_log_line("match", float(d), max_abs_diff=0.001) for d in range(1, 9)]
+    lines += [
+        _log_line(
+            "mismatch",
+            20.0,
+            max_abs_diff=0.4,
+            differences=[
+                {"field": "predictions[1]", "primary": 0.1, "shadow": 0.5},
+                {"field": "predictions[2]", "primary": 0.1, "shadow": 0.3},
+            ],
+        ),
+        _log_line(
+            "mismatch",
+            30.0,
+            max_abs_diff=0.2,
+            differences=[{"field": "predictions[1]", "primary": 0.2, "shadow": 0.4}],
+        ),
+        _log_line("error"),
+        _log_line("skipped"),
+    ]
+    log = tmp_path / "shadow.jsonl"
+    log.write_bytes(b"\n".join(lines) + b"\n")
+    summary = build_report(log.read_bytes().splitlines()).summary()
+    assert (summary["compared"], summary["matches"], summary["mismatches"]) == (10, 8, 2)
+    assert (summary["errors"], summary["skipped"]) == (1, 1)
+    assert summary["agreement"] == 0.8
+    low, high = wilson_interval(8, 10)
+    assert summary["agreement_95ci"] == [round(low, 4), round(high, 4)]
+    assert summary["latency_delta_ms"] == {"p50": 5.0, "p95": 30.0, "p99": 30.0}
+    assert summary["fields_differing_most"] == [("predictions[*]", 3)]
+
+    out = tmp_path / "report.html"
+    result = subprocess.run(
+        [sys.executable, "-m", "sidecar", "shadow-report", str(log), "--html", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert result.stdout == render_text(build_report(log.read_bytes().splitlines()))
+    assert "agreement: 80.00% (95% CI 49.02% .. 94.33%), 8 match, 2 mismatch" in result.stdout
+    assert "latency delta (shadow - primary) ms: p50 5.0  p95 30.0  p99 30.0" in result.stdout
+    page = out.read_text()
+    assert page.count("<svg") == 2
+    assert "http" not in page.replace("http://", "")  # nothing fetched from elsewhere
+
+
+def test_wilson_interval_bounds() -> None:
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    low, high = wilson_interval(50, 100)
+    assert low < 0.5 < high
+    assert wilson_interval(100, 100)[1] == 1.0
