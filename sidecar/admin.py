@@ -2,12 +2,39 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import Any
+
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from sidecar.metrics import CONTENT_TYPE
 from sidecar.runtime import Runtime
+
+CurrentRuntime = Callable[[], Runtime]
+Reload = Callable[[], Awaitable[dict[str, Any]]]
+
+
+def current_handler(current: CurrentRuntime, make: Callable[[Runtime], Handler]) -> Handler:
+    """A handler that always serves from the runtime in service, across reloads."""
+    built: list[tuple[Runtime, Handler]] = []
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        runtime = current()
+        if not built or built[0][0] is not runtime:
+            built[:] = [(runtime, make(runtime))]
+        return await built[0][1](request)
+
+    return handle
+
+
+def reload_handler(reload: Reload) -> Handler:
+    async def do_reload(request: web.Request) -> web.Response:
+        result = await reload()
+        return _json(result, status=200 if result["result"] == "ok" else 400)
+
+    return do_reload
 
 
 def _json(payload: object, status: int = 200) -> web.Response:

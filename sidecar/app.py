@@ -16,6 +16,8 @@ Nobody adds a middleware anywhere else.
 
 from __future__ import annotations
 
+import functools
+
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
@@ -24,17 +26,14 @@ from sidecar.context import REQUEST_CONTEXT
 from sidecar.forwarding import forward
 from sidecar.runtime import Runtime
 
-RUNTIME: web.AppKey[Runtime] = web.AppKey("sidecar_runtime", Runtime)
-
 
 def pipeline(runtime: Runtime) -> list[Middleware]:
     """The stages in order. A stage whose feature is off is left out, not skipped."""
-    config = runtime.config
     stages = [
         middlewares.error_boundary(),
         middlewares.request_identity(),
         middlewares.observe(metrics=runtime.metrics, access_log=runtime.logs.access),
-        middlewares.routing(routes=runtime.routes, config=config),
+        middlewares.routing(runtime=runtime, own=own_endpoints(runtime)),
     ]
     if runtime.authenticator is not None:
         stages.append(middlewares.authentication(authenticator=runtime.authenticator))
@@ -49,45 +48,60 @@ def pipeline(runtime: Runtime) -> list[Middleware]:
     return stages
 
 
-def _proxy_handler(runtime: Runtime) -> Handler:
-    paths = runtime.paths
-
-    async def proxy(request: web.Request) -> web.StreamResponse:
-        ctx = request[REQUEST_CONTEXT]
-        assert ctx.route is not None  # set by the routing stage
-        return await forward(request, ctx, paths[ctx.route.name])
-
-    return proxy
-
-
-def build_main_app(runtime: Runtime) -> web.Application:
-    """The listener clients and Kubernetes talk to."""
-    app = web.Application(middlewares=pipeline(runtime))
-    app[RUNTIME] = runtime
-    app.router.add_get("/livez", admin.livez_handler(runtime), name="livez")
-    app.router.add_get("/readyz", admin.readyz_handler(runtime), name="readyz")
+def own_endpoints(runtime: Runtime) -> dict[str, tuple[str, Handler]]:
+    """Paths the main listener answers itself (never forwarded), by exact path."""
+    endpoints = {
+        "/livez": ("livez", admin.livez_handler(runtime)),
+        "/readyz": ("readyz", admin.readyz_handler(runtime)),
+    }
     if not runtime.config.admin.enabled:
         # Without an admin listener the detailed endpoints live here; with one, these
         # paths reach the model server (whose own /metrics may matter to its owners).
-        app.router.add_get("/health", admin.health_handler(runtime), name="health")
-        app.router.add_get("/metrics", admin.metrics_handler(runtime), name="metrics")
-    app.router.add_route(
-        "*", "/{tail:.*}", _proxy_handler(runtime), name=middlewares.PROXY_ROUTE_NAME
-    )
+        endpoints["/health"] = ("health", admin.health_handler(runtime))
+        endpoints["/metrics"] = ("metrics", admin.metrics_handler(runtime))
+    return endpoints
+
+
+def build_handler(runtime: Runtime) -> Handler:
+    """The whole pipeline of one runtime as a single handler (built once per config)."""
+    paths = runtime.paths
+
+    async def endpoint(request: web.Request) -> web.StreamResponse:
+        ctx = request[REQUEST_CONTEXT]
+        if ctx.own_handler is not None:
+            own: Handler = ctx.own_handler
+            return await own(request)
+        assert ctx.route is not None  # set by the routing stage
+        return await forward(request, ctx, paths[ctx.route.name])
+
+    handler: Handler = endpoint
+    for stage in reversed(pipeline(runtime)):
+        handler = functools.partial(stage, handler=handler)
+    return handler
+
+
+def build_main_app(dispatch: Handler) -> web.Application:
+    """The listener clients and Kubernetes talk to: every request goes to ``dispatch``,
+    which hands it to the runtime in service (so a reload swaps the whole pipeline)."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", dispatch)
     return app
 
 
-def build_admin_app(runtime: Runtime) -> web.Application:
-    """The operator's listener (loopback by default): health detail and metrics."""
+def build_admin_app(
+    current: admin.CurrentRuntime, reload: admin.Reload | None = None
+) -> web.Application:
+    """The operator's listener (loopback by default): health detail, metrics, reload."""
     app = web.Application(
         middlewares=[
             middlewares.error_boundary(),
             middlewares.request_identity(),
         ]
     )
-    app[RUNTIME] = runtime
-    app.router.add_get("/livez", admin.livez_handler(runtime), name="livez")
-    app.router.add_get("/readyz", admin.readyz_handler(runtime), name="readyz")
-    app.router.add_get("/health", admin.health_handler(runtime), name="health")
-    app.router.add_get("/metrics", admin.metrics_handler(runtime), name="metrics")
+    app.router.add_get("/livez", admin.current_handler(current, admin.livez_handler))
+    app.router.add_get("/readyz", admin.current_handler(current, admin.readyz_handler))
+    app.router.add_get("/health", admin.current_handler(current, admin.health_handler))
+    app.router.add_get("/metrics", admin.current_handler(current, admin.metrics_handler))
+    if reload is not None:
+        app.router.add_post("/-/reload", admin.reload_handler(reload))
     return app

@@ -36,6 +36,8 @@ class RequestContext:
     document: Any = None  # the body parsed as JSON, when the route validates it
     extra_headers: dict[str, str] | None = None  # e.g. RateLimit-* for the answer
     capture: Any = None  # a shadow.StreamCapture when a streamed answer is compared
+    own_name: str | None = None  # set for the sidecar's own endpoints (/livez, ...)
+    own_handler: Any = None
 
     def finish_upstream(self) -> None:
         if self.upstream_started is not None:

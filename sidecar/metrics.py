@@ -229,6 +229,20 @@ class Metrics:
             multiprocess_mode="min",
         )
 
+        self.config_reloads = Counter(
+            "sidecar_config_reloads_total",
+            "Config reloads by result (ok, invalid).",
+            ["result"],
+            registry=r,
+        )
+        self.config_info = Gauge(
+            "sidecar_config_info",
+            "The config in service: 1, labelled with its file's sha256 and path.",
+            ["sha256", "path"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+
     def render(self) -> bytes:
         """Prometheus text; with several worker processes, the sum over all of them."""
         directory = multiprocess_directory()

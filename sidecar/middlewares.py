@@ -15,7 +15,6 @@ from aiohttp.typedefs import Handler, Middleware
 
 from sidecar import errors
 from sidecar.auth import Authenticator
-from sidecar.config import Config
 from sidecar.context import REQUEST_CONTEXT, RequestContext
 from sidecar.guard import check_framing, check_target
 from sidecar.identity import accept_request_id, accept_traceparent, new_request_id
@@ -23,14 +22,9 @@ from sidecar.logwriter import LogWriter
 from sidecar.metrics import OUTCOME_OWN, Metrics
 from sidecar.proxy import read_body
 from sidecar.ratelimit import RateLimiter
-from sidecar.routing import RouteTable
 from sidecar.runtime import Runtime
 
 log = structlog.get_logger("sidecar.pipeline")
-
-# Name of the catch-all aiohttp route that forwards to the model; own endpoints
-# (/livez, /metrics, ...) have other names and skip routing and forwarding.
-PROXY_ROUTE_NAME = "proxy"
 
 
 def error_boundary() -> Middleware:
@@ -146,16 +140,23 @@ def observe(*, metrics: Metrics, access_log: LogWriter | None) -> Middleware:
     return observer
 
 
-def routing(*, routes: RouteTable, config: Config) -> Middleware:
-    """Refuse tricky targets (any listener path), then pick the route, or 404/405."""
+def routing(*, runtime: Runtime, own: dict[str, tuple[str, Handler]]) -> Middleware:
+    """Refuse tricky targets (any path), answer own endpoints, else pick the route
+    (404/405)."""
+    routes = runtime.routes
+    config = runtime.config
 
     @web.middleware
     async def router(request: web.Request, handler: Handler) -> web.StreamResponse:
         ctx = request[REQUEST_CONTEXT]
         check_target(request.raw_path)
         check_framing(request.headers.get("Transfer-Encoding"))
-        if request.match_info.route.name != PROXY_ROUTE_NAME:
-            ctx.route_name = "_" + (request.match_info.route.name or "own")
+        endpoint = own.get(request.path)
+        if endpoint is not None:
+            if request.method not in ("GET", "HEAD"):
+                raise errors.MethodNotAllowed(f"{request.path} answers GET only")
+            ctx.own_name, ctx.own_handler = endpoint
+            ctx.route_name = "_" + ctx.own_name
             ctx.outcome = OUTCOME_OWN
             return await handler(request)
         route, path_matched = routes.match(request.path, request.method)
@@ -216,8 +217,7 @@ def authentication(*, authenticator: Authenticator) -> Middleware:
     async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
         ctx = request[REQUEST_CONTEXT]
         route = ctx.route
-        own = request.match_info.route.name
-        if route is None and own not in _PROTECTED_OWN:
+        if route is None and ctx.own_name not in _PROTECTED_OWN:
             return await handler(request)  # /livez and /readyz stay open
         header = authenticator.settings.header
         principal = authenticator.authenticate(

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 from sidecar.auth import Authenticator
 from sidecar.breaker import UpstreamBreaker
@@ -12,30 +13,37 @@ from sidecar.drift import DriftMonitor
 from sidecar.fallback import FallbackChain
 from sidecar.forwarding import RoutePath, UpstreamGuard
 from sidecar.logs import Logs
-from sidecar.logwriter import Sink
 from sidecar.metrics import Metrics
 from sidecar.ratelimit import RateLimiter
 from sidecar.retry import RetryBudget
 from sidecar.routing import RouteTable
 from sidecar.shadow import ShadowMirror
-from sidecar.upstreams import Upstreams
+from sidecar.upstreams import ConnectionPools, Upstreams
 from sidecar.validation import RequestValidator, load_schema
 
 
 class Runtime:
+    """One config, compiled: routes, upstream paths, checks and background monitors.
+
+    A reload builds a new Runtime beside the old one; both share the process-long
+    parts (metrics, logs, connection pools), which a Runtime never starts or stops.
+    """
+
     def __init__(
         self,
         loaded: LoadedConfig,
-        metrics: Metrics | None = None,
+        *,
+        metrics: Metrics,
+        logs: Logs,
+        pools: ConnectionPools,
         clock: Callable[[], float] = time.monotonic,
-        log_sinks: Mapping[str, Sink] | None = None,
     ) -> None:
         self.loaded = loaded
         self.config = config = loaded.config
-        self.metrics = metrics if metrics is not None else Metrics()
-        self.logs = Logs(loaded, self.metrics, log_sinks)
+        self.metrics = metrics
+        self.logs = logs
         self.routes = RouteTable(config.routes)
-        self.upstreams = Upstreams(config.upstreams, self.metrics)
+        self.upstreams = Upstreams(config.upstreams, self.metrics, pools)
         self.guards = {
             name: UpstreamGuard(
                 breaker=(
@@ -105,6 +113,9 @@ class Runtime:
             if route.validate_ is not None
         }
         self.in_flight = 0  # proxied requests admitted, for the server-wide cap
+        self.active = 0  # requests being handled by this runtime (for retiring it)
+        self.idle = asyncio.Event()
+        self.idle.set()
         self.draining = False
 
     @property
@@ -116,7 +127,6 @@ class Runtime:
         return [p.shadow for p in self.paths.values() if p.shadow is not None]
 
     async def start(self) -> None:
-        self.logs.start()
         await self.upstreams.start()
         for monitor in self.drift_monitors:
             monitor.start()
@@ -129,4 +139,3 @@ class Runtime:
         for monitor in self.drift_monitors:
             await monitor.stop()
         await self.upstreams.stop()
-        await self.logs.stop()  # last, so everything logged while stopping is written

@@ -1,10 +1,11 @@
-"""Running the sidecar: listeners on uvloop, signals, and a graceful drain."""
+"""Running the sidecar: listeners on uvloop, signals, reloads and a graceful drain."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Awaitable, Callable, Coroutine
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
 import structlog
@@ -13,20 +14,42 @@ from aiohttp import web
 from sidecar.app import build_admin_app, build_main_app
 from sidecar.config import LoadedConfig
 from sidecar.listener import SidecarRunner
+from sidecar.live import LiveRuntime
+from sidecar.logs import Logs
+from sidecar.logwriter import Sink
+from sidecar.metrics import Metrics
 from sidecar.runtime import Runtime
+from sidecar.upstreams import ConnectionPools
 
 log = structlog.get_logger("sidecar.server")
 
 
 class RunningSidecar:
-    """Started listeners; ``stop()`` stops accepting, drains in-flight requests, closes."""
+    """One sidecar process's listeners and long-lived parts.
 
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
-        config = runtime.config
+    ``start()`` opens the listeners; ``reload()`` swaps the config; ``stop()`` stops
+    accepting, drains requests in flight, stops background work and flushes logs.
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        log_sinks: Mapping[str, Sink] | None = None,
+        reuse_port: bool = False,
+    ) -> None:
+        config = loaded.config
+        self.metrics = Metrics()
+        self.logs = Logs(loaded, self.metrics, log_sinks)
+        self.pools = ConnectionPools()
+        self.live = LiveRuntime(
+            loaded, metrics=self.metrics, logs=self.logs, pools=self.pools, clock=clock
+        )
+        self._reuse_port = reuse_port
         header_size, max_headers = config.server.max_header_size, config.server.max_headers
         self._main = SidecarRunner(
-            build_main_app(runtime),
+            build_main_app(self.live.dispatch),
             shutdown_timeout=config.server.drain_timeout,
             keepalive_timeout=config.server.keepalive_timeout,
             access_log=None,
@@ -38,7 +61,7 @@ class RunningSidecar:
         self._admin: web.AppRunner | None = None
         if config.admin.enabled:
             self._admin = SidecarRunner(
-                build_admin_app(runtime),
+                build_admin_app(lambda: self.live.current, self.live.reload),
                 access_log=None,
                 handle_signals=False,
                 max_line_size=header_size,
@@ -47,26 +70,45 @@ class RunningSidecar:
             )
         self.main_port = 0
         self.admin_port = 0
+        self._stopped = False
+
+    @property
+    def runtime(self) -> Runtime:
+        """The runtime in service now."""
+        return self.live.current
 
     async def start(self) -> None:
         config = self.runtime.config
-        await self.runtime.start()
+        self.logs.start()
+        await self.live.start()
         await self._main.setup()
-        main_site = web.TCPSite(self._main, config.listen.host, config.listen.port)
-        await main_site.start()
+        await web.TCPSite(
+            self._main, config.listen.host, config.listen.port, reuse_port=self._reuse_port
+        ).start()
         self.main_port = _bound_port(self._main)
         if self._admin is not None:
             await self._admin.setup()
-            await web.TCPSite(self._admin, config.admin.host, config.admin.port).start()
+            # Workers each have an admin listener; only the first binds the port.
+            await web.TCPSite(
+                self._admin, config.admin.host, config.admin.port, reuse_port=self._reuse_port
+            ).start()
             self.admin_port = _bound_port(self._admin)
 
+    async def reload(self) -> dict[str, Any]:
+        return await self.live.reload()
+
     async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
         self.runtime.draining = True
         # Stops listening, then waits up to drain_timeout for requests in flight.
         await self._main.cleanup()
         if self._admin is not None:
             await self._admin.cleanup()
-        await self.runtime.stop()
+        await self.live.stop()
+        await self.pools.close()
+        await self.logs.stop()  # last, so everything logged while stopping is written
 
 
 def _bound_port(runner: web.AppRunner) -> int:
@@ -77,14 +119,23 @@ def _bound_port(runner: web.AppRunner) -> int:
 async def serve(
     loaded: LoadedConfig,
     *,
+    reuse_port: bool = False,
     on_started: Callable[[RunningSidecar], Awaitable[None]] | None = None,
 ) -> None:
-    """Serve until SIGTERM or SIGINT, then drain and return."""
+    """Serve until SIGTERM or SIGINT (reloading on SIGHUP), then drain and return."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    running = RunningSidecar(loaded, reuse_port=reuse_port)
+    reloads: set[asyncio.Task[Any]] = set()
+
+    def on_hangup() -> None:
+        task = loop.create_task(running.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    running = RunningSidecar(Runtime(loaded))
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     await running.start()
     config = loaded.config
     log.info(
@@ -98,6 +149,8 @@ async def serve(
         await on_started(running)
     await stop.wait()
     log.info("sidecar_draining", drain_timeout_s=config.server.drain_timeout)
+    for task in reloads:
+        task.cancel()
     await running.stop()
     log.info("sidecar_stopped")
 

@@ -61,29 +61,8 @@ class UpstreamClient:
             raise RuntimeError(f"upstream {self.name!r} is not started")
         return self._session
 
-    async def start(self) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=self.config.max_connections,
-            limit_per_host=0,
-            keepalive_timeout=30.0,
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(
-                total=None,
-                sock_connect=self.config.connect_timeout,
-                sock_read=self.config.read_timeout,
-            ),
-            auto_decompress=False,  # bytes pass through exactly as the model sent them
-            cookie_jar=aiohttp.DummyCookieJar(),  # one client's cookies never reach another
-            skip_auto_headers=_NO_AUTO_HEADERS,
-            trust_env=False,
-        )
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+    def attach(self, session: aiohttp.ClientSession) -> None:
+        self._session = session
 
     @property
     def ready(self) -> bool:
@@ -113,12 +92,77 @@ class UpstreamClient:
         return result
 
 
+class ConnectionPools:
+    """Client sessions (keep-alive pools) shared by every config that names the same
+    upstream with the same settings, so a reload keeps warm connections."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[tuple[object, ...], aiohttp.ClientSession] = {}
+        self._users: dict[tuple[object, ...], int] = {}
+
+    @staticmethod
+    def _key(name: str, config: Upstream) -> tuple[object, ...]:
+        # Only what shapes the session; headers and probes are applied per request.
+        return (
+            name,
+            config.url,
+            config.max_connections,
+            config.connect_timeout,
+            config.read_timeout,
+        )
+
+    def acquire(self, name: str, config: Upstream) -> aiohttp.ClientSession:
+        key = self._key(name, config)
+        session = self._sessions.get(key)
+        if session is None:
+            session = _new_session(config)
+            self._sessions[key] = session
+        self._users[key] = self._users.get(key, 0) + 1
+        return session
+
+    async def release(self, name: str, config: Upstream) -> None:
+        key = self._key(name, config)
+        self._users[key] -= 1
+        if self._users[key] == 0:
+            del self._users[key]
+            await self._sessions.pop(key).close()
+
+    async def close(self) -> None:
+        for session in self._sessions.values():
+            await session.close()
+        self._sessions.clear()
+        self._users.clear()
+
+
+def _new_session(config: Upstream) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(
+        limit=config.max_connections,
+        limit_per_host=0,
+        keepalive_timeout=30.0,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=config.connect_timeout,
+            sock_read=config.read_timeout,
+        ),
+        auto_decompress=False,  # bytes pass through exactly as the model sent them
+        cookie_jar=aiohttp.DummyCookieJar(),  # one client's cookies never reach another
+        skip_auto_headers=_NO_AUTO_HEADERS,
+        trust_env=False,
+    )
+
+
 class Upstreams:
     """All upstreams of a config, started and stopped together."""
 
-    def __init__(self, configs: Mapping[str, Upstream], metrics: Metrics) -> None:
+    def __init__(
+        self, configs: Mapping[str, Upstream], metrics: Metrics, pools: ConnectionPools
+    ) -> None:
         self.clients = {name: UpstreamClient(name, cfg) for name, cfg in configs.items()}
         self._metrics = metrics
+        self._pools = pools
         self._tasks = BackgroundTasks()
         self.first_pass_done = asyncio.Event()
         self._was_ready: dict[str, bool] = {}
@@ -128,13 +172,13 @@ class Upstreams:
 
     async def start(self) -> None:
         for client in self.clients.values():
-            await client.start()
+            client.attach(self._pools.acquire(client.name, client.config))
         self._tasks.spawn(self._probe_forever(), name="upstream-prober")
 
     async def stop(self) -> None:
         await self._tasks.stop()
         for client in self.clients.values():
-            await client.close()
+            await self._pools.release(client.name, client.config)
 
     @property
     def all_ready(self) -> bool:

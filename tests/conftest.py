@@ -20,7 +20,6 @@ from aiohttp.test_utils import TestServer
 
 from sidecar.config import load_config
 from sidecar.logwriter import Sink
-from sidecar.runtime import Runtime
 from sidecar.server import RunningSidecar
 
 LOOPBACK = "127.0.0.1"
@@ -174,8 +173,7 @@ async def start_sidecar(tmp_path: Path) -> AsyncIterator[StartSidecar]:
         path = tmp_path / f"sidecar-{len(started)}.yaml"
         path.write_text(yaml.safe_dump(config))
         loaded = load_config(path, env={})
-        runtime = Runtime(loaded, clock=clock or time.monotonic, log_sinks=log_sinks)
-        running = RunningSidecar(runtime)
+        running = RunningSidecar(loaded, clock=clock or time.monotonic, log_sinks=log_sinks)
         await running.start()
         handle = SidecarHandle(running, aiohttp.ClientSession(auto_decompress=False))
         started.append(handle)

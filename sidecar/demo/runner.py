@@ -11,7 +11,6 @@ from aiohttp import web
 
 from sidecar.config import bundled_config_dir, load_config
 from sidecar.demo.model import build_model_app, candidate_model, production_model
-from sidecar.runtime import Runtime
 from sidecar.server import RunningSidecar
 
 DEMO_KEY = "demo-key"  # config/demo.yaml holds only its digest
@@ -85,7 +84,7 @@ async def run_demo(ports: DemoPorts) -> None:
             replace(ports, model_port=_port(model), shadow_port=_port(candidate))
         )
         loaded = load_config(bundled_config_dir() / "demo.yaml", env=env)
-        sidecar = RunningSidecar(Runtime(loaded))
+        sidecar = RunningSidecar(loaded)
         await sidecar.start()
         actual = DemoPorts(sidecar.main_port, _port(model), _port(candidate), sidecar.admin_port)
         print(banner(actual), flush=True)
