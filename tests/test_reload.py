@@ -1,0 +1,150 @@
+"""Hot reload and rollback: no request lost, a broken config changes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import yaml
+from aiohttp import web
+
+from tests.conftest import (
+    LOOPBACK,
+    MakeFakeModel,
+    StartSidecar,
+    base_config,
+    start_sidecar_process,
+)
+from tests.test_endpoints import metric_value
+
+
+def named(name: str) -> Any:
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"model": name})
+
+    return answer
+
+
+async def test_reload_under_load_switches_models_without_a_failed_request(
+    make_fake_model: MakeFakeModel, start_sidecar: StartSidecar, tmp_path: Path
+) -> None:
+    old_model, new_model = await make_fake_model(), await make_fake_model()
+    old_model.on("/infer", named("v1"))
+    new_model.on("/infer", named("v2"))
+    sidecar = await start_sidecar(base_config(old_model.url))
+    config_path = sidecar.running.live.config_path
+    seen: list[str] = []
+    failures: list[str] = []
+    stop = asyncio.Event()
+    progress = asyncio.Condition()
+
+    async def answered(count: int) -> None:
+        async with progress:
+            await progress.wait_for(lambda: len(seen) >= count)
+
+    async def steady_load() -> None:
+        while not stop.is_set():
+            try:
+                async with sidecar.session.post(sidecar.url + "/infer", data=b"{}") as resp:
+                    if resp.status != 200:
+                        failures.append(str(resp.status))
+                    else:
+                        seen.append((await resp.json())["model"])
+                        async with progress:
+                            progress.notify_all()
+            except aiohttp.ClientError as exc:
+                failures.append(repr(exc))
+
+    loaders = [asyncio.create_task(steady_load()) for _ in range(8)]
+    await answered(200)
+    config_path.write_text(yaml.safe_dump(base_config(new_model.url)))
+    async with sidecar.session.post(sidecar.admin_url + "/-/reload") as resp:
+        assert resp.status == 200
+        result = await resp.json()
+    await answered(len(seen) + 200)
+    stop.set()
+    await asyncio.gather(*loaders)
+
+    assert failures == []
+    assert result["result"] == "ok"
+    assert seen[0] == "v1"
+    assert seen[-1] == "v2"
+    switch = seen.index("v2")
+    assert "v1" not in seen[switch + 20 :]  # after the swap, only stragglers of the old
+    async with sidecar.session.get(sidecar.admin_url + "/metrics") as resp:
+        text = await resp.text()
+    assert metric_value(text, "sidecar_config_reloads_total", result="ok") == 1
+    assert metric_value(text, "sidecar_config_info", sha256=result["sha256"]) == 1
+
+
+async def test_a_broken_config_on_reload_keeps_the_old_one_serving(
+    make_fake_model: MakeFakeModel, start_sidecar: StartSidecar
+) -> None:
+    model = await make_fake_model()
+    model.on("/infer", named("v1"))
+    sidecar = await start_sidecar(base_config(model.url))
+    before = sidecar.running.runtime
+    config_path = sidecar.running.live.config_path
+    broken = base_config(model.url)
+    broken["routes"][0]["timout"] = "5s"
+    config_path.write_text(yaml.safe_dump(broken))
+    async with sidecar.session.post(sidecar.admin_url + "/-/reload") as resp:
+        assert resp.status == 400
+        result = await resp.json()
+    assert result["result"] == "invalid"
+    assert result["errors"] == ["routes[0].timout: unknown key"]
+    assert sidecar.running.runtime is before
+    async with sidecar.session.post(sidecar.url + "/infer", data=b"{}") as resp:
+        assert (await resp.json())["model"] == "v1"
+    async with sidecar.session.get(sidecar.admin_url + "/metrics") as resp:
+        text = await resp.text()
+    assert metric_value(text, "sidecar_config_reloads_total", result="invalid") == 1
+
+
+async def test_rollback_is_a_reload_back_to_the_previous_model(
+    make_fake_model: MakeFakeModel, start_sidecar: StartSidecar
+) -> None:
+    v1, v2 = await make_fake_model(), await make_fake_model()
+    v1.on("/infer", named("v1"))
+    v2.on("/infer", named("v2"))
+    sidecar = await start_sidecar(base_config(v1.url))
+    path = sidecar.running.live.config_path
+    answers = []
+    for url in (v2.url, v1.url):  # roll out v2, then roll back to v1
+        path.write_text(yaml.safe_dump(base_config(url)))
+        assert (await sidecar.running.reload())["result"] == "ok"
+        async with sidecar.session.post(sidecar.url + "/infer", data=b"{}") as resp:
+            answers.append((await resp.json())["model"])
+    assert answers == ["v2", "v1"]
+
+
+async def test_sighup_reloads_a_running_process(
+    make_fake_model: MakeFakeModel, tmp_path: Path
+) -> None:
+    v1, v2 = await make_fake_model(), await make_fake_model()
+    v1.on("/infer", named("v1"))
+    v2.on("/infer", named("v2"))
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(yaml.safe_dump(base_config(v1.url)))
+    process, port, _ = await start_sidecar_process(path)
+    try:
+        path.write_text(yaml.safe_dump(base_config(v2.url)))
+        process.send_signal(signal.SIGHUP)
+        assert process.stdout is not None
+        while True:
+            record = orjson.loads(await asyncio.wait_for(process.stdout.readline(), 30))
+            if record["event"] == "config_reloaded":
+                break
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"http://{LOOPBACK}:{port}/infer", data=b"{}") as resp,
+        ):
+            assert (await resp.json())["model"] == "v2"
+    finally:
+        process.terminate()
+        await process.wait()
