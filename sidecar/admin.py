@@ -9,6 +9,7 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from sidecar.health import verdict
 from sidecar.metrics import CONTENT_TYPE
 from sidecar.runtime import Runtime
 
@@ -49,51 +50,33 @@ def livez_handler(runtime: Runtime) -> Handler:
     return livez
 
 
-def _not_ready_reasons(runtime: Runtime) -> list[str]:
-    if runtime.draining:
-        return ["draining: the sidecar is shutting down"]
-    if not runtime.upstreams.first_pass_done.is_set():
-        return ["starting: the first readiness probe has not finished"]
-    return [
-        f"upstream {client.name}: {client.last_probe.error if client.last_probe else 'unknown'}"
-        for client in runtime.upstreams.clients.values()
-        if not client.ready
-    ]
-
-
 def readyz_handler(runtime: Runtime) -> Handler:
     async def readyz(request: web.Request) -> web.Response:
-        # Served from the background probe's cached verdict: a probe storm from
-        # Kubernetes never turns into calls to the model.
-        reasons = _not_ready_reasons(runtime)
-        if reasons:
-            return _json({"status": "not_ready", "reasons": reasons}, status=503)
-        return _json({"status": "ready"})
+        # From cached state only: a probe storm from Kubernetes never turns into
+        # calls to the model.
+        result = verdict(runtime, runtime.logs, runtime.loop_lag)
+        body: dict[str, Any] = {"status": "ready" if result.ready else "not_ready"}
+        if result.status == "degraded":
+            body["degraded"] = True
+        if result.reasons:
+            body["reasons"] = result.reasons
+        return _json(body, status=200 if result.ready else 503)
 
     return readyz
 
 
 def health_handler(runtime: Runtime) -> Handler:
     async def health(request: web.Request) -> web.Response:
-        checks = {}
-        for client in runtime.upstreams.clients.values():
-            probe = client.last_probe
-            checks[f"upstream:{client.name}"] = {
-                "status": "pending" if probe is None else ("pass" if probe.ready else "fail"),
-                "latency_ms": None if probe is None else round(probe.latency * 1000.0, 3),
-                "last_error": None if probe is None else probe.error,
-                "last_checked": None if probe is None else probe.checked_at,
-                "last_success": client.last_success,
-            }
-        reasons = _not_ready_reasons(runtime)
+        result = verdict(runtime, runtime.logs, runtime.loop_lag)
         return _json(
             {
-                "status": "fail" if reasons else "pass",
-                "reasons": reasons,
-                "checks": checks,
+                "status": result.status,
+                "ready": result.ready,
+                "reasons": result.reasons,
+                "checks": result.checks,
                 "config_sha256": runtime.loaded.sha256,
             },
-            status=503 if reasons else 200,
+            status=200 if result.ready else 503,
         )
 
     return health

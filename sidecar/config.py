@@ -153,10 +153,33 @@ class ServerSettings(_Strict):
     max_headers: int = Field(default=100, ge=1, le=10_000)
 
 
+class ShadowCompare(_Strict):
+    protocol: Literal["v2", "v1", "openai", "json_path"] = "v2"
+    output: str | None = None
+    json_path: FieldPathText | None = None
+    kind: Literal["numeric", "label", "embedding"] = "numeric"
+    classes: int | None = Field(default=None, ge=2)
+    abs_tol: float = Field(default=1e-6, ge=0.0)
+    rel_tol: float = Field(default=1e-3, ge=0.0)
+    min_cosine: float = Field(default=0.99, ge=-1.0, le=1.0)
+    max_body_size: ByteSize = 1024 * 1024
+
+
+class CanarySettings(_Strict):
+    path: str
+    method: Literal["GET", "POST"] = "POST"
+    body: Any = None
+    expect: Any
+    compare: ShadowCompare = ShadowCompare()
+
+
 class UpstreamHealth(_Strict):
     path: str = "/v2/health/ready"
     interval: Duration = 5.0
     timeout: Duration = 2.0
+    models: tuple[str, ...] = ()
+    model_ready_path: str = "/v2/models/{name}/ready"
+    canary: CanarySettings | None = None
 
     @field_validator("path")
     @classmethod
@@ -324,18 +347,6 @@ class ValidationSettings(_Strict):
         return tuple(t.strip().lower() for t in types)
 
 
-class ShadowCompare(_Strict):
-    protocol: Literal["v2", "v1", "openai", "json_path"] = "v2"
-    output: str | None = None
-    json_path: FieldPathText | None = None
-    kind: Literal["numeric", "label", "embedding"] = "numeric"
-    classes: int | None = Field(default=None, ge=2)
-    abs_tol: float = Field(default=1e-6, ge=0.0)
-    rel_tol: float = Field(default=1e-3, ge=0.0)
-    min_cosine: float = Field(default=0.99, ge=-1.0, le=1.0)
-    max_body_size: ByteSize = 1024 * 1024
-
-
 class ShadowGovernor(_Strict):
     enabled: bool = True
     interval: Duration = 10.0
@@ -465,6 +476,12 @@ class RateLimitSettings(_Strict):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+class HealthSettings(_Strict):
+    max_loop_lag: Duration = 0.5
+    max_log_queue_fill: float = Field(default=0.9, gt=0.0, le=1.0)
+    degraded_is_ready: bool = True
+
+
 class LoggingSettings(_Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
     queue_size: int = Field(default=10_000, ge=1)
@@ -482,6 +499,7 @@ class Config(_Strict):
     routes: tuple[Route, ...]
     auth: AuthSettings = AuthSettings()
     rate_limit: RateLimitSettings = RateLimitSettings()
+    health: HealthSettings = HealthSettings()
     logging: LoggingSettings = LoggingSettings()
 
     # An after-validator, not min_length: min_length would also complain about an

@@ -23,6 +23,7 @@ from aiohttp import web
 from sidecar.app import build_handler
 from sidecar.background import BackgroundTasks
 from sidecar.config import ConfigError, LoadedConfig, load_config
+from sidecar.health import LoopLagMonitor
 from sidecar.logs import Logs
 from sidecar.metrics import Metrics
 from sidecar.runtime import Runtime
@@ -47,6 +48,7 @@ class LiveRuntime:
         self._clock = clock
         self._retiring = BackgroundTasks()
         self._reload_lock = asyncio.Lock()
+        self.loop_lag = LoopLagMonitor(metrics)
         self.current = self._build(loaded)
         self._handler = build_handler(self.current)
 
@@ -71,12 +73,14 @@ class LiveRuntime:
                 runtime.idle.set()
 
     async def start(self) -> None:
+        self.loop_lag.start()
         await self.current.start()
         self._publish(self.current.loaded)
 
     async def stop(self) -> None:
         await self._retiring.stop()
         await self.current.stop()
+        await self.loop_lag.stop()
 
     def _publish(self, loaded: LoadedConfig) -> None:
         self._metrics.config_info.clear()

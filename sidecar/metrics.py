@@ -243,6 +243,13 @@ class Metrics:
             multiprocess_mode="max",
         )
 
+        self.loop_lag = Gauge(
+            "sidecar_event_loop_lag_seconds",
+            "How late the event loop woke a timer, last measured.",
+            registry=r,
+            multiprocess_mode="max",
+        )
+
     def render(self) -> bytes:
         """Prometheus text; with several worker processes, the sum over all of them."""
         directory = multiprocess_directory()

@@ -12,6 +12,7 @@ from sidecar.config import LoadedConfig
 from sidecar.drift import DriftMonitor
 from sidecar.fallback import FallbackChain
 from sidecar.forwarding import RoutePath, UpstreamGuard
+from sidecar.health import LoopLagMonitor
 from sidecar.logs import Logs
 from sidecar.metrics import Metrics
 from sidecar.ratelimit import RateLimiter
@@ -117,6 +118,7 @@ class Runtime:
         self.idle = asyncio.Event()
         self.idle.set()
         self.draining = False
+        self.loop_lag: LoopLagMonitor | None = None  # process-wide, set by its owner
 
     @property
     def drift_monitors(self) -> list[DriftMonitor]:

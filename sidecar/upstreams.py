@@ -7,12 +7,15 @@ import asyncio
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
+import orjson
 import structlog
 from yarl import URL
 
 from sidecar.background import BackgroundTasks
+from sidecar.compare import Comparer
 from sidecar.config import Upstream
 from sidecar.metrics import Metrics
 
@@ -25,11 +28,20 @@ _NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 
 @dataclass(slots=True)
+class Check:
+    name: str  # e.g. "ready", "model:iris", "canary"
+    ok: bool
+    latency: float
+    error: str | None
+
+
+@dataclass(slots=True)
 class ProbeResult:
     ready: bool
     checked_at: float  # wall-clock seconds
     latency: float
-    error: str | None
+    error: str | None  # the first failing check's error
+    checks: list[Check]
 
 
 class UpstreamClient:
@@ -68,24 +80,65 @@ class UpstreamClient:
     def ready(self) -> bool:
         return self.last_probe is not None and self.last_probe.ready
 
-    async def probe(self) -> ProbeResult:
+    async def _check(
+        self, name: str, method: str, path: str, body: Any = None, expect: Any = None
+    ) -> Check:
         health = self.config.health
         started = time.perf_counter()
         error: str | None = None
         try:
             async with asyncio.timeout(health.timeout):
-                async with self.session.get(
-                    self.origin.with_path(health.path), headers=self.extra_headers
+                async with self.session.request(
+                    method,
+                    self.origin.with_path(path),
+                    headers=self.extra_headers,
+                    data=None if body is None else orjson.dumps(body),
                 ) as response:
-                    await response.read()
+                    payload = await response.read()
                     if response.status != 200:
-                        error = f"{health.path} answered {response.status}"
+                        error = f"{path} answered {response.status}"
+                    elif expect is not None:
+                        error = self._canary_error(payload, expect)
         except TimeoutError:
-            error = f"{health.path} did not answer within {health.timeout:g}s"
+            error = f"{path} did not answer within {health.timeout:g}s"
         except aiohttp.ClientError as exc:
-            error = f"{health.path}: {type(exc).__name__}: {exc}"
+            error = f"{path}: {type(exc).__name__}: {exc}"
+        return Check(name, error is None, time.perf_counter() - started, error)
+
+    def _canary_error(self, payload: bytes, expect: Any) -> str | None:
+        canary = self.config.health.canary
+        assert canary is not None
+        comparison = Comparer(canary.compare).compare(200, orjson.dumps(expect), 200, payload)
+        if comparison.result == "match":
+            return None
+        detail = "; ".join(
+            f"{d['field']}: expected {d['primary']}, got {d['shadow']}"
+            for d in comparison.differences[:3]
+        )
+        return f"canary answer differs from the expected one ({detail or comparison.reason})"
+
+    async def probe(self) -> ProbeResult:
+        """Server readiness, each model's readiness, then the canary, in that order."""
+        health = self.config.health
+        started = time.perf_counter()
+        checks = [await self._check("ready", "GET", health.path)]
+        for model in health.models:
+            path = health.model_ready_path.format(name=model)
+            checks.append(await self._check(f"model:{model}", "GET", path))
+        canary = health.canary
+        if canary is not None and all(c.ok for c in checks):
+            checks.append(
+                await self._check("canary", canary.method, canary.path, canary.body, canary.expect)
+            )
+        failing = next((c for c in checks if not c.ok), None)
         now = time.time()
-        result = ProbeResult(error is None, now, time.perf_counter() - started, error)
+        result = ProbeResult(
+            failing is None,
+            now,
+            time.perf_counter() - started,
+            None if failing is None else failing.error,
+            checks,
+        )
         if result.ready:
             self.last_success = now
         self.last_probe = result

@@ -53,7 +53,7 @@ async def test_without_an_admin_listener_the_main_one_serves_health_and_metrics(
         assert "sidecar_requests_total" in await resp.text()
     async with sidecar.session.get(sidecar.url + "/health") as resp:
         assert resp.status == 200
-        assert (await resp.json())["checks"]["upstream:model"]["status"] == "pass"
+        assert (await resp.json())["checks"]["upstream:model:ready"]["status"] == "pass"
     assert fake_model.hits == []
 
 
@@ -71,7 +71,7 @@ async def test_readyz_follows_the_cached_probe_without_calling_the_model(
     assert body["reasons"] == ["upstream model: /v2/health/ready answered 503"]
     async with sidecar.session.get(sidecar.admin_url + "/health") as resp:
         assert resp.status == 503
-        check = (await resp.json())["checks"]["upstream:model"]
+        check = (await resp.json())["checks"]["upstream:model:ready"]
     assert check["status"] == "fail"
     assert check["last_success"] is None
 

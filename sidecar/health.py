@@ -1,0 +1,123 @@
+"""The readiness verdict, from cached state only: never a call to the model per probe.
+
+upstream checks   the background prober's last result per upstream: the server's
+                  readiness path, each model's readiness, the golden-input canary
+breakers          an open circuit is "degraded" when the route has a fallback
+                  (ready unless health.degraded_is_ready is false), else not ready
+internals         every log writer alive and its queue not nearly full; the event
+                  loop's lag under health.max_loop_lag
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from sidecar.background import BackgroundTasks
+from sidecar.breaker import OPEN
+from sidecar.logs import Logs
+from sidecar.metrics import Metrics
+
+
+class LoopLagMonitor:
+    """How late the event loop wakes a sleeper: a blocked loop shows up here."""
+
+    def __init__(self, metrics: Metrics, interval: float = 0.5) -> None:
+        self.interval = interval
+        self.lag = 0.0
+        self._gauge = metrics.loop_lag
+        self._tasks = BackgroundTasks()
+
+    def start(self) -> None:
+        self._tasks.spawn(self._run(), name="loop-lag")
+
+    async def stop(self) -> None:
+        await self._tasks.stop()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(self.interval)
+            self.lag = max(0.0, loop.time() - before - self.interval)
+            self._gauge.set(self.lag)
+
+
+@dataclass
+class Verdict:
+    status: str  # "pass", "degraded", "fail", "starting"
+    ready: bool
+    reasons: list[str] = field(default_factory=list)
+    checks: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def verdict(runtime: Any, logs: Logs, lag: LoopLagMonitor | None) -> Verdict:
+    """``runtime`` is a sidecar.runtime.Runtime (typed loosely: it imports this module)."""
+    settings = runtime.config.health
+    checks: dict[str, dict[str, Any]] = {}
+    failing: list[str] = []
+    degraded: list[str] = []
+    if runtime.draining:
+        return Verdict("fail", False, ["draining: the sidecar is shutting down"])
+    if not runtime.upstreams.first_pass_done.is_set():
+        return Verdict("starting", False, ["starting: the first readiness probe has not finished"])
+
+    unhealthy: dict[str, str] = {}
+    for client in runtime.upstreams.clients.values():
+        probe = client.last_probe
+        for check in probe.checks if probe else []:
+            checks[f"upstream:{client.name}:{check.name}"] = {
+                "status": "pass" if check.ok else "fail",
+                "latency_ms": round(check.latency * 1000.0, 3),
+                "last_error": check.error,
+                "last_checked": probe.checked_at,
+                "last_success": client.last_success,
+            }
+        if probe is None or not probe.ready:
+            error = probe.error if probe else "not probed yet"
+            unhealthy[client.name] = f"upstream {client.name}: {error}"
+    for name, guard in runtime.guards.items():
+        state = guard.breaker.state if guard.breaker is not None else "disabled"
+        checks[f"breaker:{name}"] = {"status": "fail" if state == OPEN else "pass", "state": state}
+        if state == OPEN and name not in unhealthy:
+            unhealthy[name] = f"upstream {name}: circuit open"
+    for path in runtime.paths.values():
+        problem = unhealthy.get(path.route.upstream)
+        if problem is None:
+            continue
+        if path.fallback is not None:
+            degraded.append(f"{problem}; route {path.route.name} answers from its fallback")
+        else:
+            failing.append(problem)
+
+    for writer in logs.writers:
+        fill = writer.depth / writer.capacity
+        ok = writer.alive and fill < settings.max_log_queue_fill
+        checks[f"internal:log:{writer.name}"] = {
+            "status": "pass" if ok else "fail",
+            "alive": writer.alive,
+            "queue_fill": round(fill, 4),
+        }
+        if not ok:
+            failing.append(
+                f"log writer {writer.name}: "
+                + ("stopped" if not writer.alive else f"queue {fill:.0%} full")
+            )
+    if lag is not None:
+        ok = lag.lag < settings.max_loop_lag
+        checks["internal:event_loop_lag"] = {
+            "status": "pass" if ok else "fail",
+            "lag_ms": round(lag.lag * 1000.0, 3),
+        }
+        if not ok:
+            failing.append(
+                f"event loop lag {lag.lag * 1000:.0f} ms over {settings.max_loop_lag * 1000:.0f} ms"
+            )
+
+    reasons = sorted(set(failing)) + sorted(set(degraded))
+    if failing:
+        return Verdict("fail", False, reasons, checks)
+    if degraded:
+        return Verdict("degraded", settings.degraded_is_ready, reasons, checks)
+    return Verdict("pass", True, [], checks)
