@@ -53,9 +53,11 @@ class LiveRuntime:
         self._handler = build_handler(self.current)
 
     def _build(self, loaded: LoadedConfig) -> Runtime:
-        return Runtime(
+        runtime = Runtime(
             loaded, metrics=self._metrics, logs=self._logs, pools=self._pools, clock=self._clock
         )
+        runtime.loop_lag = self.loop_lag
+        return runtime
 
     @property
     def config_path(self) -> Path:

@@ -1,0 +1,175 @@
+"""Deep health: models, canary, degraded fallback, internals; /readyz never calls the model."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from aiohttp import web
+
+from sidecar.health import LoopLagMonitor
+from sidecar.metrics import Metrics
+from tests.conftest import FakeModel, StartSidecar, base_config
+from tests.test_observability import BlockingSink
+
+GOLDEN = {
+    "inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}]
+}
+
+
+def health_config(upstream: str, **health: Any) -> dict[str, Any]:
+    config = base_config(upstream)
+    config["upstreams"]["model"]["health"] = {
+        "interval": "1h",
+        "timeout": "2s",
+        "models": ["iris"],
+        **health,
+    }
+    return config
+
+
+def model_state(fake: FakeModel) -> dict[str, Any]:
+    state: dict[str, Any] = {"loaded": False, "label": 0}
+
+    async def ready(request: web.Request) -> web.Response:
+        return web.json_response({"ready": state["loaded"]}, status=200 if state["loaded"] else 503)
+
+    async def infer(request: web.Request) -> web.Response:
+        return web.json_response({"outputs": [{"name": "label", "data": [state["label"]]}]})
+
+    fake.on("/v2/models/iris/ready", ready)
+    fake.on("/v2/models/iris/infer", infer)
+    return state
+
+
+async def readyz(sidecar: Any) -> tuple[int, dict[str, Any]]:
+    async with sidecar.session.get(sidecar.url + "/readyz") as resp:
+        return resp.status, await resp.json()
+
+
+async def test_a_model_not_loaded_makes_readyz_503_naming_it(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    state = model_state(fake_model)
+    sidecar = await start_sidecar(health_config(fake_model.url))
+    status, body = await readyz(sidecar)
+    assert status == 503
+    assert body["reasons"] == ["upstream model: /v2/models/iris/ready answered 503"]
+    async with sidecar.session.get(sidecar.admin_url + "/health") as resp:
+        checks = (await resp.json())["checks"]
+    assert checks["upstream:model:ready"]["status"] == "pass"
+    assert checks["upstream:model:model:iris"]["status"] == "fail"
+
+    state["loaded"] = True
+    await sidecar.running.runtime.upstreams.probe_all()
+    status, body = await readyz(sidecar)
+    assert (status, body) == (200, {"status": "ready"})
+
+
+async def test_a_wrong_canary_answer_makes_readyz_503_with_the_reason(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    state = model_state(fake_model)
+    state["loaded"] = True
+    state["label"] = 2  # up, loaded, and answering wrong
+    canary = {
+        "path": "/v2/models/iris/infer",
+        "body": GOLDEN,
+        "expect": {"outputs": [{"name": "label", "data": [0]}]},
+        "compare": {"protocol": "v2", "output": "label", "kind": "label"},
+    }
+    sidecar = await start_sidecar(health_config(fake_model.url, canary=canary))
+    status, body = await readyz(sidecar)
+    assert status == 503
+    assert body["reasons"] == [
+        "upstream model: canary answer differs from the expected one (label[0]: expected 0, got 2)"
+    ]
+    canary_hit = fake_model.hits_for("/v2/models/iris/infer")[0]
+    assert orjson.loads(canary_hit.body) == GOLDEN
+
+    state["label"] = 0
+    await sidecar.running.runtime.upstreams.probe_all()
+    assert (await readyz(sidecar))[0] == 200
+
+
+async def test_many_readiness_probes_cause_no_upstream_calls(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    state = model_state(fake_model)
+    state["loaded"] = True
+    sidecar = await start_sidecar(health_config(fake_model.url))
+    before = len(fake_model.hits)
+    for _ in range(100):
+        assert (await readyz(sidecar))[0] == 200
+        async with sidecar.session.get(sidecar.admin_url + "/health") as resp:
+            assert resp.status == 200
+    assert len(fake_model.hits) == before
+
+
+async def test_open_breaker_with_a_fallback_is_degraded_but_ready(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    async def down(request: web.Request) -> web.Response:
+        return web.json_response({}, status=503)
+
+    fake_model.on("/infer", down)
+    for degraded_is_ready, expected in ((True, 200), (False, 503)):
+        config = base_config(fake_model.url)
+        config["upstreams"]["model"]["breaker"] = {"failures": 1, "reset_timeout": "1h"}
+        config["routes"][0]["fallback"] = {"chain": [{"static": {"body": {}}}]}
+        config["health"] = {"degraded_is_ready": degraded_is_ready}
+        sidecar = await start_sidecar(config)
+        async with sidecar.session.post(sidecar.url + "/infer", data=b"{}") as resp:
+            assert resp.headers["X-Sidecar-Fallback"] == "static"
+        status, body = await readyz(sidecar)
+        assert status == expected
+        assert body["reasons"] == [
+            "upstream model: circuit open; route all answers from its fallback"
+        ]
+        if expected == 200:
+            assert body["degraded"] is True
+
+
+async def test_a_saturated_log_queue_makes_the_sidecar_not_ready(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    sink = BlockingSink()
+    config = base_config(fake_model.url)
+    config["logging"] = {"queue_size": 10}
+    sidecar = await start_sidecar(config, log_sinks={"access": sink})
+    try:
+        for _ in range(30):
+            async with sidecar.session.get(sidecar.url + "/x") as resp:
+                assert resp.status == 200
+        status, body = await readyz(sidecar)
+        assert status == 503
+        assert any(r.startswith("log writer access: queue") for r in body["reasons"])
+    finally:
+        sink.release.set()
+
+
+async def test_event_loop_lag_is_measured_and_judged(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    monitor = LoopLagMonitor(Metrics(), interval=0.05)
+    monitor.start()
+    try:
+        await asyncio.sleep(0.01)  # let the monitor start its sleep
+        time.sleep(0.3)  # noqa: ASYNC251 - blocking the loop is what is measured
+        for _ in range(100):  # bounded: until the monitor has woken once
+            if monitor.lag > 0:
+                break
+            await asyncio.sleep(0.01)
+        assert monitor.lag >= 0.2
+    finally:
+        await monitor.stop()
+
+    sidecar = await start_sidecar(base_config(fake_model.url))
+    lag = sidecar.running.runtime.loop_lag
+    assert lag is not None
+    await lag.stop()  # judge a fixed value, not a live one
+    lag.lag = 0.9
+    status, body = await readyz(sidecar)
+    assert status == 503
+    assert body["reasons"] == ["event loop lag 900 ms over 500 ms"]
