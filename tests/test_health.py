@@ -6,6 +6,7 @@ import asyncio
 import time
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from sidecar.health import LoopLagMonitor
