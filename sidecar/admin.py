@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -75,6 +76,7 @@ def health_handler(runtime: Runtime) -> Handler:
                 "reasons": result.reasons,
                 "checks": result.checks,
                 "config_sha256": runtime.loaded.sha256,
+                "pid": os.getpid(),  # which worker answered, when there are several
             },
             status=200 if result.ready else 503,
         )

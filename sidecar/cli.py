@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 
 from sidecar import __version__
-from sidecar.config import ConfigError, load_config, render_effective
+from sidecar.config import ConfigError, LoadedConfig, load_config, render_effective
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -20,6 +21,16 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="serve with a config file")
     run.add_argument("--config", required=True, metavar="PATH", help="the deployment's YAML file")
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="worker processes sharing the port (SO_REUSEPORT); default 1",
+    )
+    # Set by the supervisor for its workers: the ports it reserved.
+    run.add_argument("--worker-port", type=int, help=argparse.SUPPRESS)
+    run.add_argument("--worker-admin-port", type=int, help=argparse.SUPPRESS)
 
     check = commands.add_parser(
         "check-config", help="validate a config; print it with secrets redacted (exit 1 on errors)"
@@ -170,18 +181,41 @@ def _check_config(path: str) -> int:
     return 0
 
 
-def _run(path: str) -> int:
+def _run(args: argparse.Namespace) -> int:
     from sidecar.logs import configure_logging
     from sidecar.server import run_event_loop, serve
 
     try:
-        loaded = load_config(path)
+        loaded = load_config(args.config)
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
         return 1
+    if args.workers < 1:
+        print("sidecar run: --workers must be at least 1", file=sys.stderr)
+        return 1
+    if args.workers > 1:
+        from sidecar.workers import Supervisor
+
+        return Supervisor(loaded, args.workers).run()
     configure_logging(loaded.config.logging.level)
-    run_event_loop(serve(loaded))
+    if args.worker_port is not None:
+        loaded = with_ports(loaded, args.worker_port, args.worker_admin_port or 0)
+        run_event_loop(serve(loaded, reuse_port=True, worker=True))
+    else:
+        run_event_loop(serve(loaded))
     return 0
+
+
+def with_ports(loaded: LoadedConfig, port: int, admin_port: int) -> LoadedConfig:
+    """The config with the listener ports a worker supervisor reserved."""
+    config = loaded.config
+    updated = config.model_copy(
+        update={
+            "listen": config.listen.model_copy(update={"port": port}),
+            "admin": config.admin.model_copy(update={"port": admin_port}),
+        }
+    )
+    return dataclasses.replace(loaded, config=updated)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -207,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check-config":
         return _check_config(args.path)
     if args.command == "run":
-        return _run(args.config)
+        return _run(args)
     if args.command == "demo":
         return _demo(args)
     if args.command == "hash-key":

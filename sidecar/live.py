@@ -48,6 +48,7 @@ class LiveRuntime:
         self._clock = clock
         self._retiring = BackgroundTasks()
         self._reload_lock = asyncio.Lock()
+        self._published: tuple[str, str] | None = None
         self.loop_lag = LoopLagMonitor(metrics)
         self.current = self._build(loaded)
         self._handler = build_handler(self.current)
@@ -85,8 +86,10 @@ class LiveRuntime:
         await self.loop_lag.stop()
 
     def _publish(self, loaded: LoadedConfig) -> None:
-        self._metrics.config_info.clear()
-        self._metrics.config_info.labels(loaded.sha256, str(loaded.path)).set(1)
+        if self._published is not None:
+            self._metrics.config_info.labels(*self._published).set(0)
+        self._published = (loaded.sha256, str(loaded.path))
+        self._metrics.config_info.labels(*self._published).set(1)
 
     async def reload(self, path: Path | None = None) -> dict[str, Any]:
         """Re-read the config (or another file, for a rollback) and swap it in if valid."""

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from pathlib import Path
 from typing import Any
 
 import structlog
 from aiohttp import web
 
 from sidecar.app import build_admin_app, build_main_app
-from sidecar.config import LoadedConfig
+from sidecar.config import ConfigError, LoadedConfig, load_config
 from sidecar.listener import SidecarRunner
 from sidecar.live import LiveRuntime
 from sidecar.logs import Logs
@@ -38,6 +40,7 @@ class RunningSidecar:
         clock: Callable[[], float] = time.monotonic,
         log_sinks: Mapping[str, Sink] | None = None,
         reuse_port: bool = False,
+        reload: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     ) -> None:
         config = loaded.config
         self.metrics = Metrics()
@@ -61,7 +64,7 @@ class RunningSidecar:
         self._admin: web.AppRunner | None = None
         if config.admin.enabled:
             self._admin = SidecarRunner(
-                build_admin_app(lambda: self.live.current, self.live.reload),
+                build_admin_app(lambda: self.live.current, reload or self.live.reload),
                 access_log=None,
                 handle_signals=False,
                 max_line_size=header_size,
@@ -116,16 +119,31 @@ def _bound_port(runner: web.AppRunner) -> int:
     return port
 
 
+async def _reload_every_worker(path: Path) -> dict[str, Any]:
+    """A worker asked to reload checks the file, then has the supervisor tell everyone."""
+    try:
+        loaded = await asyncio.to_thread(load_config, path)
+    except ConfigError as exc:
+        return {"result": "invalid", "errors": [str(i) for i in exc.issues]}
+    os.kill(os.getppid(), signal.SIGHUP)
+    return {"result": "ok", "sha256": loaded.sha256, "workers": "signalled"}
+
+
 async def serve(
     loaded: LoadedConfig,
     *,
     reuse_port: bool = False,
+    worker: bool = False,
     on_started: Callable[[RunningSidecar], Awaitable[None]] | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT (reloading on SIGHUP), then drain and return."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    running = RunningSidecar(loaded, reuse_port=reuse_port)
+    running = RunningSidecar(
+        loaded,
+        reuse_port=reuse_port,
+        reload=(lambda: _reload_every_worker(loaded.path)) if worker else None,
+    )
     reloads: set[asyncio.Task[Any]] = set()
 
     def on_hangup() -> None:
@@ -140,6 +158,7 @@ async def serve(
     config = loaded.config
     log.info(
         "sidecar_started",
+        pid=os.getpid(),
         listen=f"{config.listen.host}:{running.main_port}",
         admin=f"{config.admin.host}:{running.admin_port}" if config.admin.enabled else None,
         config=str(loaded.path),

@@ -1,0 +1,144 @@
+"""`sidecar run --workers 2`: both serve one port, both drain on SIGTERM, all reload."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from pathlib import Path
+
+import orjson
+import yaml
+from aiohttp import web
+
+from tests.conftest import LOOPBACK, FakeModel, base_config
+
+
+class Connection:
+    """A raw keep-alive HTTP/1.1 connection: which worker holds it is fixed."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int) -> Connection:
+        return cls(*await asyncio.open_connection(LOOPBACK, port))
+
+    async def send(self, method: str, path: str) -> None:
+        self.writer.write(
+            f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".encode()
+        )
+        await self.writer.drain()
+
+    async def answer(self) -> tuple[int, bytes]:
+        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 30)
+        lines = head.decode().split("\r\n")
+        length = next(
+            int(line.split(":")[1]) for line in lines if line.lower().startswith("content-length:")
+        )
+        body = await asyncio.wait_for(self.reader.readexactly(length), 30)
+        return int(lines[0].split()[1]), body
+
+    async def health(self) -> dict[str, object]:
+        await self.send("GET", "/health")
+        return orjson.loads((await self.answer())[1])  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def start_workers(config_path: Path) -> tuple[asyncio.subprocess.Process, int]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sidecar",
+        "run",
+        "--config",
+        str(config_path),
+        "--workers",
+        "2",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    started = 0
+    port = 0
+    while started < 2:
+        record = orjson.loads(await asyncio.wait_for(process.stdout.readline(), 30))
+        if record["event"] == "sidecar_started":
+            started += 1
+            port = int(record["listen"].rsplit(":", 1)[1])
+    return process, port
+
+
+async def one_connection_per_worker(port: int) -> dict[int, Connection]:
+    by_pid: dict[int, Connection] = {}
+    for _ in range(200):  # the kernel spreads connections; 200 tries cannot all miss one
+        connection = await Connection.open(port)
+        pid = int((await connection.health())["pid"])  # type: ignore[call-overload]
+        if pid in by_pid:
+            connection.close()
+        else:
+            by_pid[pid] = connection
+        if len(by_pid) == 2:
+            return by_pid
+    raise AssertionError("only one worker answered")
+
+
+async def test_two_workers_serve_drain_and_reload_together(
+    fake_model: FakeModel, tmp_path: Path
+) -> None:
+    arrived = asyncio.Event()
+    release = asyncio.Event()
+    slow_hits = []
+
+    async def slow(request: web.Request) -> web.Response:
+        slow_hits.append(1)
+        if len(slow_hits) == 2:
+            arrived.set()
+        await release.wait()
+        return web.json_response({"done": True})
+
+    fake_model.on("/slow", slow)
+    config = base_config(fake_model.url, admin={"enabled": False})
+    config_path = tmp_path / "sidecar.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    process, port = await start_workers(config_path)
+    connections: dict[int, Connection] = {}
+    try:
+        connections = await one_connection_per_worker(port)
+        before = {pid: (await c.health())["config_sha256"] for pid, c in connections.items()}
+
+        # Every worker reloads on SIGHUP to the supervisor.
+        config["routes"][0]["timeout"] = "7s"
+        config_path.write_text(yaml.safe_dump(config))
+        process.send_signal(signal.SIGHUP)
+        for pid, connection in connections.items():
+            for _ in range(100):  # bounded: until this worker has swapped
+                if (await connection.health())["config_sha256"] != before[pid]:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError(f"worker {pid} did not reload")
+
+        # A slow request in flight on each worker, then SIGTERM: both finish.
+        for connection in connections.values():
+            await connection.send("POST", "/slow")
+        await asyncio.wait_for(arrived.wait(), 30)
+        process.send_signal(signal.SIGTERM)
+        assert process.stdout is not None
+        draining = 0
+        while draining < 2:  # both workers are draining while their requests are held
+            record = orjson.loads(await asyncio.wait_for(process.stdout.readline(), 30))
+            draining += record["event"] == "sidecar_draining"
+        release.set()
+        for connection in connections.values():
+            status, body = await connection.answer()
+            assert status == 200
+            assert orjson.loads(body) == {"done": True}
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+    finally:
+        for connection in connections.values():
+            connection.close()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
