@@ -102,6 +102,15 @@ class UpstreamBreaker:
         self._metrics.circuit_transitions.labels(self.upstream, old, new).inc()
         log.warning("circuit_state_changed", upstream=self.upstream, old=old, new=new)
 
+    def force_state(self, state: str) -> None:
+        """Take a state decided elsewhere (another replica, via shared state)."""
+        if state == OPEN:
+            self._breaker.open()
+        elif state == CLOSED:
+            self._breaker.close()
+        elif state == HALF_OPEN:
+            self._breaker.half_open()
+
     def _admit(self) -> bool:
         """Let a request through (True if it is a half-open probe) or raise CircuitOpen."""
         state = self.state

@@ -476,6 +476,23 @@ class RateLimitSettings(_Strict):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+class SharedStateSettings(_Strict):
+    redis_url: SecretStr
+    key_prefix: str = "sidecar"
+    timeout: Duration = 0.1
+    retry_after: Duration = 5.0
+    rate_limits: bool = True
+    breakers: bool = True
+    sync_interval: Duration = 1.0
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, url: SecretStr) -> SecretStr:
+        if not url.get_secret_value().startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return url
+
+
 class HealthSettings(_Strict):
     max_loop_lag: Duration = 0.5
     max_log_queue_fill: float = Field(default=0.9, gt=0.0, le=1.0)
@@ -500,6 +517,7 @@ class Config(_Strict):
     auth: AuthSettings = AuthSettings()
     rate_limit: RateLimitSettings = RateLimitSettings()
     health: HealthSettings = HealthSettings()
+    shared_state: SharedStateSettings | None = None
     logging: LoggingSettings = LoggingSettings()
 
     # An after-validator, not min_length: min_length would also complain about an

@@ -91,6 +91,15 @@ def verdict(runtime: Any, logs: Logs, lag: LoopLagMonitor | None) -> Verdict:
         else:
             failing.append(problem)
 
+    shared = runtime.shared
+    if shared is not None:
+        checks["internal:redis"] = {
+            "status": "pass" if shared.up else "fail",
+            "last_error": shared.last_error,
+        }
+        if not shared.up:
+            degraded.append("redis unreachable: using local rate limits and breaker state")
+
     for writer in logs.writers:
         fill = writer.depth / writer.capacity
         ok = writer.alive and fill < settings.max_log_queue_fill

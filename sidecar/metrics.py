@@ -250,6 +250,13 @@ class Metrics:
             multiprocess_mode="max",
         )
 
+        self.shared_state_up = Gauge(
+            "sidecar_shared_state_up",
+            "1 while Redis-shared limits and breaker state work; 0: local fallback.",
+            registry=r,
+            multiprocess_mode="min",
+        )
+
     def render(self) -> bytes:
         """Prometheus text; with several worker processes, the sum over all of them."""
         directory = multiprocess_directory()

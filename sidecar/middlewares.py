@@ -243,7 +243,7 @@ def rate_limiting(*, limiter: RateLimiter, key_names: frozenset[str]) -> Middlew
             return await handler(request)
         principal = ctx.principal or "anonymous"
         label = principal if principal in key_names or principal == "anonymous" else "jwt"
-        headers = limiter.check(principal, label)
+        headers = await limiter.check(principal, label)
         if headers:
             ctx.extra_headers = headers
         return await handler(request)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from sidecar import errors
 from sidecar.config import RateLimitSettings, RateSettings
 from sidecar.metrics import Metrics
+from sidecar.shared import SharedState
 
 
 @dataclass(slots=True)
@@ -65,8 +66,11 @@ class RateLimiter:
         per_key: dict[str, RateSettings],
         metrics: Metrics,
         clock: Callable[[], float] = time.monotonic,
+        shared: SharedState | None = None,
     ) -> None:
         self._settings = settings
+        # The global bucket lives in Redis when shared; the local one is the fallback.
+        self._shared = shared
         self._per_key = per_key  # a key's own limit overrides per_principal
         self._clock = clock
         self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
@@ -74,6 +78,16 @@ class RateLimiter:
             TokenBucket.full(settings.global_limit, clock()) if settings.global_limit else None
         )
         self._limited = metrics.ratelimited
+
+    async def _take_global(self, now: float) -> bool:
+        assert self._global is not None
+        if self._shared is not None:
+            taken = await self._shared.take_global(self._global.rate, self._global.burst)
+            if taken is not None:
+                allowed, tokens = taken
+                self._global.tokens, self._global.updated = tokens, now  # for the headers
+                return allowed
+        return self._global.take(now)
 
     def _bucket(self, principal: str, now: float) -> TokenBucket | None:
         bucket = self._buckets.get(principal)
@@ -89,7 +103,7 @@ class RateLimiter:
             self._buckets.popitem(last=False)  # bounded: the least recently seen goes
         return bucket
 
-    def check(self, principal: str, label: str) -> dict[str, str]:
+    async def check(self, principal: str, label: str) -> dict[str, str]:
         """Take a token for ``principal``; the headers to send, or RateLimited (429).
 
         ``label`` names the principal in metrics: a key's name, or just "jwt" for
@@ -100,7 +114,7 @@ class RateLimiter:
         scope: str | None = None
         if bucket is not None and not bucket.take(now):
             scope = "principal"
-        elif self._global is not None and not self._global.take(now):
+        elif self._global is not None and not await self._take_global(now):
             scope = "global"
             if bucket is not None:
                 bucket.give_back()  # refused overall: this principal's token is not spent

@@ -19,6 +19,7 @@ from sidecar.ratelimit import RateLimiter
 from sidecar.retry import RetryBudget
 from sidecar.routing import RouteTable
 from sidecar.shadow import ShadowMirror
+from sidecar.shared import BreakerSync, SharedState
 from sidecar.upstreams import ConnectionPools, Upstreams
 from sidecar.validation import RequestValidator, load_schema
 
@@ -91,12 +92,23 @@ class Runtime:
             for path in self.paths.values():
                 path.credentials = self.authenticator.credential_headers
         self.key_names = frozenset(k.name for k in config.auth.api_keys)
+        shared_settings = config.shared_state
+        self.shared = SharedState(shared_settings, metrics) if shared_settings else None
+        self.breaker_syncs = [
+            BreakerSync(guard.breaker, self.shared)
+            for guard in self.guards.values()
+            if guard.breaker is not None
+            and self.shared is not None
+            and shared_settings is not None
+            and shared_settings.breakers
+        ]
         self.limiter = (
             RateLimiter(
                 config.rate_limit,
                 {k.name: k.rate_limit for k in config.auth.api_keys if k.rate_limit},
                 self.metrics,
                 clock,
+                self.shared if shared_settings and shared_settings.rate_limits else None,
             )
             if config.rate_limit.enabled
             else None
@@ -134,8 +146,14 @@ class Runtime:
             monitor.start()
         for mirror in self.mirrors:
             mirror.start()
+        for sync in self.breaker_syncs:
+            sync.start()
 
     async def stop(self) -> None:
+        for sync in self.breaker_syncs:
+            await sync.stop()
+        if self.shared is not None:
+            await self.shared.close()
         for mirror in self.mirrors:
             await mirror.stop()
         for monitor in self.drift_monitors:
