@@ -1,0 +1,153 @@
+"""Redis-shared limits and breaker state, and what happens when Redis goes away."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import web
+
+from tests.conftest import (
+    LOOPBACK,
+    FakeModel,
+    StartSidecar,
+    base_config,
+    start_sidecar_process,
+)
+from tests.test_endpoints import metric_value
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("redis-server") is None, reason="redis-server is not installed"
+)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        port = sock.getsockname()[1]
+    process = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            LOOPBACK,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    assert process.stdout is not None
+    for line in iter(process.stdout.readline, b""):  # until it accepts connections
+        if b"Ready to accept connections" in line:
+            break
+    yield process, f"redis://{LOOPBACK}:{port}/0"
+    process.kill()
+    process.communicate(timeout=10)
+
+
+def shared_config(upstream: str, redis_url: str, **extra: Any) -> dict[str, Any]:
+    config = base_config(upstream)
+    config["shared_state"] = {
+        "redis_url": redis_url,
+        "key_prefix": "test",
+        "timeout": "500ms",
+        "retry_after": "1h",
+        "sync_interval": "1h",
+    }
+    config.update(extra)
+    return config
+
+
+async def test_a_global_limit_holds_across_two_sidecar_processes(
+    fake_model: FakeModel, redis_server: tuple[Any, str], tmp_path: Path
+) -> None:
+    _, redis_url = redis_server
+    config = shared_config(
+        fake_model.url,
+        redis_url,
+        rate_limit={"enabled": True, "global": {"rate": "1/h", "burst": 5}},
+    )
+    processes = []
+    ports = []
+    for index in range(2):
+        path = tmp_path / f"sidecar-{index}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        process, port, _ = await start_sidecar_process(path)
+        processes.append(process)
+        ports.append(port)
+    try:
+        statuses = []
+        async with aiohttp.ClientSession() as session:
+            for index in range(8):
+                port = ports[index % 2]  # alternate between the two replicas
+                async with session.get(f"http://{LOOPBACK}:{port}/x") as resp:
+                    statuses.append(resp.status)
+        assert statuses == [200] * 5 + [429] * 3
+    finally:
+        for process in processes:
+            process.terminate()
+            await process.wait()
+
+
+async def test_breaker_state_is_shared_between_replicas(
+    fake_model: FakeModel, redis_server: tuple[Any, str], start_sidecar: StartSidecar
+) -> None:
+    async def down(request: web.Request) -> web.Response:
+        return web.json_response({}, status=503)
+
+    fake_model.on("/infer", down)
+    config = shared_config(fake_model.url, redis_url=redis_server[1])
+    config["upstreams"]["model"]["breaker"] = {"failures": 1, "reset_timeout": "1h"}
+    first, second = await start_sidecar(config), await start_sidecar(config)
+    async with first.session.post(first.url + "/infer", data=b"{}") as resp:
+        assert resp.status == 503  # the model's answer; this opens the first's circuit
+    for sidecar in (first, second):  # publish, then follow
+        await sidecar.running.runtime.breaker_syncs[0].sync_once()
+    assert second.running.runtime.guards["model"].breaker is not None
+    assert second.running.runtime.guards["model"].breaker.state == "open"
+    hits = len(fake_model.hits_for("/infer"))
+    async with second.session.post(second.url + "/infer", data=b"{}") as resp:
+        assert (await resp.json())["error"]["type"] == "circuit_open"
+    assert len(fake_model.hits_for("/infer")) == hits  # the second never called the model
+
+
+async def test_losing_redis_falls_back_to_local_state_and_says_so(
+    fake_model: FakeModel, redis_server: tuple[Any, str], start_sidecar: StartSidecar
+) -> None:
+    process, redis_url = redis_server
+    config = shared_config(
+        fake_model.url,
+        redis_url,
+        rate_limit={"enabled": True, "global": {"rate": "1000/s", "burst": 1000}},
+    )
+    sidecar = await start_sidecar(config)
+    async with sidecar.session.get(sidecar.url + "/x") as resp:
+        assert resp.status == 200
+    process.kill()
+    process.wait(timeout=10)
+    for _ in range(20):
+        async with sidecar.session.get(sidecar.url + "/x") as resp:
+            assert resp.status == 200
+            assert "RateLimit-Remaining" in resp.headers  # the local bucket took over
+    async with sidecar.session.get(sidecar.admin_url + "/health") as resp:
+        health = await resp.json()
+    assert health["checks"]["internal:redis"]["status"] == "fail"
+    assert health["ready"] is True
+    assert health["status"] == "degraded"
+    async with sidecar.session.get(sidecar.admin_url + "/metrics") as resp:
+        text = await resp.text()
+    assert metric_value(text, "sidecar_shared_state_up") == 0
