@@ -127,6 +127,7 @@ class BreakerSync:
         self._namespace = f"{settings.key_prefix}:breaker:{breaker.upstream}"
         self._storage: pybreaker.CircuitRedisStorage | None = None
         self._published = breaker.state
+        self._lock = asyncio.Lock()
         self._tasks = BackgroundTasks()
 
     def start(self) -> None:
@@ -143,16 +144,23 @@ class BreakerSync:
             await asyncio.sleep(self.shared.settings.sync_interval)
 
     async def sync_once(self) -> None:
-        local = self.breaker.state
-        try:
-            shared = await asyncio.to_thread(self._exchange, local)
-        except _FAILURES as exc:
-            self.shared.failed(exc)
-            return
-        self.shared.succeeded()
-        if shared is not None and shared != local:
-            self.breaker.force_state(shared)  # another replica's verdict
-        self._published = self.breaker.state
+        async with self._lock:  # one exchange at a time: the background loop or a caller
+            local = self.breaker.state
+            try:
+                shared = await asyncio.to_thread(self._exchange, local)
+            except _FAILURES as exc:
+                self.shared.failed(exc)
+                return
+            self.shared.succeeded()
+            if shared is None:
+                self._published = local  # Redis now holds our state
+                return
+            self._published = shared
+            # Follow another replica's verdict, unless ours changed meanwhile (that
+            # change is published on the next exchange).
+            if shared != local and self.breaker.state == local:
+                self.breaker.force_state(shared)
+                self._published = self.breaker.state
 
     def _exchange(self, local: str) -> str | None:
         """(In a thread.) Publish a local change, else read the shared state."""
