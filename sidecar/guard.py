@@ -4,7 +4,8 @@ aiohttp's parser already refuses Content-Length with Transfer-Encoding, duplicat
 Content-Length and obsolete line folding (see ``sidecar.listener``). This adds what
 a proxy must not forward: absolute-form targets naming another host, dot segments
 (``..``, ``.``) in any encoding, encoded slashes and backslashes (``%2f``, ``%5c``),
-double encoding, NUL, and transfer codings other than plain ``chunked``.
+double encoding, NUL, transfer codings other than plain ``chunked``, and the CONNECT
+and TRACE methods.
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ import re
 from urllib.parse import unquote
 
 from sidecar import errors
+
+# CONNECT opens tunnels and TRACE reflects requests (cross-site tracing): neither has
+# any business reaching a model server.
+REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})
 
 _ENCODED_SEPARATOR = re.compile(r"%(2f|5c)", re.IGNORECASE)
 _PERCENT_ESCAPE = re.compile(r"%[0-9a-fA-F]{2}")

@@ -16,7 +16,7 @@ from aiohttp.typedefs import Handler, Middleware
 from sidecar import errors
 from sidecar.auth import Authenticator
 from sidecar.context import REQUEST_CONTEXT, RequestContext
-from sidecar.guard import check_framing, check_target
+from sidecar.guard import REFUSED_METHODS, check_framing, check_target
 from sidecar.identity import accept_request_id, accept_traceparent, new_request_id
 from sidecar.logwriter import LogWriter
 from sidecar.metrics import OUTCOME_OWN, Metrics
@@ -149,6 +149,8 @@ def routing(*, runtime: Runtime, own: dict[str, tuple[str, Handler]]) -> Middlew
     @web.middleware
     async def router(request: web.Request, handler: Handler) -> web.StreamResponse:
         ctx = request[REQUEST_CONTEXT]
+        if request.method in REFUSED_METHODS:
+            raise errors.MethodNotAllowed(f"{request.method} is not accepted by this proxy")
         check_target(request.raw_path)
         check_framing(request.headers.get("Transfer-Encoding"))
         endpoint = own.get(request.path)

@@ -70,6 +70,7 @@ class SharedState:
         self.up = True
         self.last_error: str | None = None
         self._down_until = 0.0
+        self._failed_at = float("-inf")
         self._gauge.set(1)
 
     def usable(self) -> bool:
@@ -84,10 +85,14 @@ class SharedState:
             )
         self.up = False
         self.last_error = f"{type(exc).__name__}: {exc}"[:200]
-        self._down_until = time.monotonic() + self.settings.retry_after
+        self._failed_at = time.monotonic()
+        self._down_until = self._failed_at + self.settings.retry_after
         self._gauge.set(0)
 
-    def succeeded(self) -> None:
+    def succeeded(self, started: float) -> None:
+        """A call that began at ``started`` worked; older news never hides a newer failure."""
+        if started < self._failed_at:
+            return
         if not self.up:
             log.info("shared_state_restored")
         self.up = True
@@ -99,13 +104,14 @@ class SharedState:
         if not self.usable():
             return None
         key = f"{self.settings.key_prefix}:ratelimit:global"
+        started = time.monotonic()
         try:
             async with asyncio.timeout(self.settings.timeout):
                 allowed, tokens = await self._script(keys=[key], args=[rate, burst])
         except _FAILURES as exc:
             self.failed(exc)
             return None
-        self.succeeded()
+        self.succeeded(started)
         return bool(int(allowed)), float(tokens)
 
     async def close(self) -> None:
@@ -146,12 +152,13 @@ class BreakerSync:
     async def sync_once(self) -> None:
         async with self._lock:  # one exchange at a time: the background loop or a caller
             local = self.breaker.state
+            started = time.monotonic()
             try:
                 shared = await asyncio.to_thread(self._exchange, local)
             except _FAILURES as exc:
                 self.shared.failed(exc)
                 return
-            self.shared.succeeded()
+            self.shared.succeeded(started)
             if shared is None:
                 self._published = local  # Redis now holds our state
                 return
