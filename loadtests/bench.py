@@ -3,6 +3,10 @@
     .venv/bin/python loadtests/bench.py --suite accesslog [--duration 5] [--rounds 3]
 
 Suites:
+    compare     direct, a 30-line aiohttp proxy, the sidecar pass-through and with
+                everything on, NGINX and Envoy (when installed): RPS and p50/p99 at
+                c=1/16/64, c=256 against a 20 ms model, open-loop p99 at fixed rates,
+                CPU per request and peak RSS of the proxy, ratios to minimal and direct
     accesslog   the sidecar with its access log on (to a file) versus off
     shadow      primary p99 at a fixed rate, every request mirrored versus none
 
@@ -43,7 +47,13 @@ BODY = orjson.dumps(
     }
 )
 LOOPBACK = "127.0.0.1"
-HEADERS = {"Content-Type": "application/json"}
+BENCH_KEY = "bench-key-0123456789"
+HEADERS = {"Content-Type": "application/json", "Authorization": f"Bearer {BENCH_KEY}"}
+ANSWER_JSON = (
+    '{"model_name":"iris","model_version":"1","outputs":[{"name":"probabilities",'
+    '"shape":[1,3],"datatype":"FP32","data":[0.97,0.02,0.01]},{"name":"label",'
+    '"shape":[1],"datatype":"INT64","data":[0]}]}'
+)
 
 
 @dataclass
@@ -172,6 +182,7 @@ _WRK_SCRIPT = """
 wrk.method = "POST"
 wrk.body = '%s'
 wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer %s"
 """
 
 
@@ -185,7 +196,7 @@ def _wrk_latency(text: str, label: str) -> float:
 
 def load_wrk(url: str, concurrency: int, duration: float, workdir: Path) -> LoadResult:
     script = workdir / "post.lua"
-    script.write_text(_WRK_SCRIPT % BODY.decode())
+    script.write_text(_WRK_SCRIPT % (BODY.decode(), BENCH_KEY))
     threads = min(2, concurrency)
     result = subprocess.run(
         [
@@ -416,7 +427,288 @@ def suite_shadow(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     }
 
 
-SUITES = {"accesslog": suite_accesslog, "shadow": suite_shadow}
+# -- the side-by-side suite ------------------------------------------------------------
+
+NGINX_UPSTREAM = """
+load_module {echo_module};
+worker_processes 1;
+error_log {dir}/nginx-upstream-error.log warn;
+pid {dir}/nginx-upstream.pid;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            default_type application/json;
+            {sleep}
+            echo '{body}';
+        }}
+    }}
+}}
+"""
+
+NGINX_PROXY = """
+worker_processes 1;
+error_log {dir}/nginx-proxy-error.log warn;
+pid {dir}/nginx-proxy.pid;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/proxy-body;
+    upstream model {{ server 127.0.0.1:{upstream}; keepalive 512; }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            proxy_pass http://model;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"""
+
+ENVOY = """
+static_resources:
+  listeners:
+    - address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+      filter_chains:
+        - filters:
+            - name: envoy.filters.network.http_connection_manager
+              typed_config:
+                "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+                stat_prefix: bench
+                route_config:
+                  virtual_hosts:
+                    - name: all
+                      domains: ["*"]
+                      routes: [{{match: {{prefix: "/"}}, route: {{cluster: model, timeout: 30s}}}}]
+                http_filters:
+                  - name: envoy.filters.http.router
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+    - name: model
+      type: STATIC
+      circuit_breakers: {{thresholds: [{{max_connections: 100000, max_pending_requests: 100000, max_requests: 100000}}]}}
+      load_assignment:
+        cluster_name: model
+        endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {upstream}}}}}}}}}]}}]
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def _wait_port(port: int) -> None:
+    import socket
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((LOOPBACK, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def _echo_module() -> str | None:
+    for candidate in (
+        "/usr/lib/nginx/modules/ngx_http_echo_module.so",
+        "/usr/lib64/nginx/modules/ngx_http_echo_module.so",
+    ):
+        if Path(candidate).exists():
+            return candidate
+    return None
+
+
+def start_nginx(name: str, config: str, port: int, workdir: Path) -> Running:
+    path = workdir / f"{name}.conf"
+    path.write_text(config)
+    process = subprocess.Popen(
+        ["nginx", "-c", str(path), "-p", str(workdir), "-g", "daemon off;"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    _wait_port(port)
+    return Running(name, process, port)
+
+
+def fast_upstream(latency_ms: float, workdir: Path) -> Running:
+    """NGINX answering a fixed JSON body (with the echo module, also after a delay);
+    else the aiohttp stand-in."""
+    module = _echo_module()
+    if shutil.which("nginx") and module:
+        port = _free_port()
+        sleep = f"echo_sleep {latency_ms / 1000:.3f};" if latency_ms else ""
+        config = NGINX_UPSTREAM.format(
+            echo_module=module, dir=workdir, port=port, sleep=sleep, body=ANSWER_JSON
+        )
+        return start_nginx(f"nginx-upstream-{latency_ms:g}ms", config, port, workdir)
+    return start_upstream(latency_ms)
+
+
+def full_config(upstream: str, workdir: Path) -> dict[str, Any]:
+    """Everything a production deployment turns on (the rate limit never limits)."""
+    from sidecar.auth import hash_key
+    from sidecar.config import bundled_config_dir
+
+    config = sidecar_config(
+        upstream, access_log={"enabled": True, "path": str(workdir / "full-access.jsonl")}
+    )
+    config["upstreams"]["model"]["breaker"] = {"enabled": True, "failures": 1000}
+    config["routes"][0].update(
+        retryable=True,
+        validate={
+            "content_types": ["application/json"],
+            "json": True,
+            "schema": str(bundled_config_dir() / "schemas" / "iris-v2-request.json"),
+        },
+        drift={
+            "protocol": "v2",
+            "output": "label",
+            "baseline": str(bundled_config_dir() / "baselines" / "iris-infer.json"),
+            "features": [{"name": "petal_length", "field": "inputs[0].data[2]"}],
+        },
+    )
+    config["auth"] = {
+        "enabled": True,
+        "api_keys": [{"name": "bench", "digest": hash_key(BENCH_KEY)}],
+    }
+    config["rate_limit"] = {
+        "enabled": True,
+        "per_principal": {"rate": "1000000/s", "burst": 1000000},
+        "global": {"rate": "1000000/s", "burst": 1000000},
+    }
+    return config
+
+
+def contenders(upstream: Running, workdir: Path, include: set[str]) -> list[Running]:
+    out = []
+    if "direct" in include:
+        out.append(Running("direct", upstream.process, upstream.port))
+    if "minimal" in include:
+        out.append(
+            _spawn(
+                "minimal-proxy",
+                [
+                    sys.executable,
+                    str(ROOT / "loadtests" / "minimal_proxy.py"),
+                    "--port",
+                    "0",
+                    "--upstream",
+                    upstream.url,
+                ],
+                lambda line: (
+                    int(m.group(1)) if (m := re.match(rb"listening on (\d+)", line)) else None
+                ),
+            )
+        )
+    if "passthrough" in include:
+        out.append(start_sidecar("sidecar-passthrough", sidecar_config(upstream.url), workdir))
+    if "full" in include:
+        out.append(start_sidecar("sidecar-full", full_config(upstream.url, workdir), workdir))
+    if "nginx" in include and shutil.which("nginx"):
+        port = _free_port()
+        out.append(
+            start_nginx(
+                "nginx-proxy",
+                NGINX_PROXY.format(dir=workdir, port=port, upstream=upstream.port),
+                port,
+                workdir,
+            )
+        )
+    envoy = shutil.which("envoy") or shutil.which("envoy", path=str(Path(sys.executable).parent))
+    if "envoy" in include and envoy:
+        port = _free_port()
+        path = workdir / "envoy.yaml"
+        path.write_text(ENVOY.format(port=port, upstream=upstream.port))
+        process = subprocess.Popen(
+            [
+                "envoy",
+                "-c",
+                str(path),
+                "--concurrency",
+                "1",
+                "--log-level",
+                "error",
+                "--base-id",
+                str(os.getpid() % 1000),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
+        _wait_port(port)
+        out.append(Running("envoy", process, port))
+    return out
+
+
+def suite_compare(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    include = set(args.contenders.split(","))
+    rows: list[Row] = []
+    ratios: dict[str, float] = {}
+    fast = fast_upstream(0.0, workdir)
+    with running(fast):
+        targets = contenders(fast, workdir, include)
+        with running(*[t for t in targets if t.name != "direct"]):
+            for concurrency in (1, 16, 64):
+                medians = alternate(targets, concurrency, args.duration, args.rounds, workdir)
+                rows += medians.values()
+                _ratios(ratios, medians, f"c={concurrency}")
+    slow = fast_upstream(20.0, workdir)
+    with running(slow):
+        targets = contenders(slow, workdir, include)
+        with running(*[t for t in targets if t.name != "direct"]):
+            medians = alternate(targets, 256, args.duration, args.rounds, workdir)
+            for row in medians.values():
+                row.contender += " (20ms model)"
+            rows += medians.values()
+            _ratios(ratios, medians, "c=256 20ms")
+            for rate in (200.0, 1000.0):
+                for target in targets:
+                    result = load_open_loop(target.url, rate, args.duration)
+                    rows.append(
+                        Row(
+                            f"{target.name} (20ms model, open loop)",
+                            int(rate),
+                            result.rps,
+                            result.p50_ms,
+                            result.p99_ms,
+                            result.errors,
+                            float("nan"),
+                            target.peak_rss_mb() if target.name != "direct" else float("nan"),
+                        )
+                    )
+    return {
+        "rows": [asdict(r) for r in rows],
+        "ratios": ratios,
+        "notes": [
+            "concurrency column = requests/s for open-loop rows",
+            "cpu_us_per_request is the proxy's CPU (for direct: the upstream's)",
+        ],
+    }
+
+
+def _ratios(out: dict[str, float], medians: dict[str, Row], label: str) -> None:
+    direct = medians.get("direct")
+    minimal = medians.get("minimal-proxy")
+    for name, row in medians.items():
+        if direct is not None and name != "direct":
+            out[f"{label} {name} / direct rps"] = round(row.rps / direct.rps, 3)
+        if minimal is not None and name not in ("minimal-proxy", "direct"):
+            out[f"{label} {name} / minimal rps"] = round(row.rps / minimal.rps, 3)
+            out[f"{label} {name} - minimal p50 ms"] = round(row.p50_ms - minimal.p50_ms, 3)
+
+
+SUITES = {"accesslog": suite_accesslog, "shadow": suite_shadow, "compare": suite_compare}
 
 
 def print_report(name: str, report: dict[str, Any]) -> None:
@@ -452,6 +744,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--rate", type=float, default=200.0, help="req/s for open-loop suites")
+    parser.add_argument(
+        "--contenders",
+        default="direct,minimal,passthrough,full,nginx,envoy",
+        help="for the compare suite",
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     results = {}

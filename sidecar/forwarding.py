@@ -153,9 +153,7 @@ async def _with_retries(
                 failure = exc
                 retryable = exc.retryable
             else:
-                path.metrics.upstream_duration.labels(upstream.name).observe(
-                    time.perf_counter() - started
-                )
+                path.metrics.observe_upstream(upstream.name, time.perf_counter() - started)
                 if response.status < 500:
                     return response
                 failure = ModelFailed(response)

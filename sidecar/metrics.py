@@ -11,6 +11,8 @@ series stays bounded whatever the traffic.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -256,6 +258,31 @@ class Metrics:
             registry=r,
             multiprocess_mode="min",
         )
+
+        # labels() validates and locks on every call; the hot path asks for the same
+        # few children again and again, so they are looked up once and kept.
+        self._request_children: dict[tuple[str, int, str], Any] = {}
+        self._duration_children: dict[str, Any] = {}
+        self._upstream_children: dict[str, Any] = {}
+
+    def count_request(self, route: str, status: int, outcome: str, seconds: float) -> None:
+        key = (route, status, outcome)
+        counter = self._request_children.get(key)
+        if counter is None:
+            counter = self._request_children[key] = self.requests.labels(
+                route, str(status), outcome
+            )
+        counter.inc()
+        histogram = self._duration_children.get(route)
+        if histogram is None:
+            histogram = self._duration_children[route] = self.request_duration.labels(route)
+        histogram.observe(seconds)
+
+    def observe_upstream(self, upstream: str, seconds: float) -> None:
+        histogram = self._upstream_children.get(upstream)
+        if histogram is None:
+            histogram = self._upstream_children[upstream] = self.upstream_duration.labels(upstream)
+        histogram.observe(seconds)
 
     def render(self) -> bytes:
         """Prometheus text; with several worker processes, the sum over all of them."""

@@ -107,8 +107,7 @@ def observe(*, metrics: Metrics, access_log: LogWriter | None) -> Middleware:
         finally:
             duration = time.perf_counter() - ctx.started
             metrics.in_flight.dec()
-            metrics.requests.labels(ctx.route_name, str(status), ctx.outcome).inc()
-            metrics.request_duration.labels(ctx.route_name).observe(duration)
+            metrics.count_request(ctx.route_name, status, ctx.outcome, duration)
             if access_log is not None:
                 # A dict into a bounded queue; rendering and I/O happen in the writer.
                 access_log.submit(
