@@ -633,7 +633,7 @@ def contenders(upstream: Running, workdir: Path, include: set[str]) -> list[Runn
         path.write_text(ENVOY.format(port=port, upstream=upstream.port))
         process = subprocess.Popen(
             [
-                "envoy",
+                envoy,
                 "-c",
                 str(path),
                 "--concurrency",

@@ -80,22 +80,6 @@ def build_handler(runtime: Runtime) -> Handler:
     return handler
 
 
-def build_main_app(dispatch: Handler) -> web.Application:
-    """The listener clients and Kubernetes talk to: every request goes to ``dispatch``,
-    which hands it to the runtime in service (so a reload swaps the whole pipeline).
-
-    ``dispatch`` runs as the app's only middleware and ignores aiohttp's router, so
-    even what the router cannot match (CONNECT, odd targets) meets our pipeline."""
-
-    @web.middleware
-    async def to_runtime(request: web.Request, handler: Handler) -> web.StreamResponse:
-        return await dispatch(request)
-
-    app = web.Application(middlewares=[to_runtime])
-    app.router.add_route("*", "/{tail:.*}", dispatch)
-    return app
-
-
 def build_admin_app(
     current: admin.CurrentRuntime, reload: admin.Reload | None = None
 ) -> web.Application:

@@ -71,6 +71,18 @@ class JsonErrorServer(web.Server):
         return JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
 
 
+def main_runner(handler: Any, *, shutdown_timeout: float, **server: Any) -> web.ServerRunner:
+    """The main listener: aiohttp's low-level server calling ``handler`` for every
+    request (no Application, router or middleware layers: the pipeline is ours, and
+    even a target no router could match reaches it), with JSON answers for
+    parser-level refusals. ``server`` settings go to each connection's protocol."""
+    return web.ServerRunner(
+        JsonErrorServer(handler, **server),
+        shutdown_timeout=shutdown_timeout,
+        handle_signals=False,
+    )
+
+
 class SidecarRunner(web.AppRunner):
     """An AppRunner whose connections answer parser-level errors with JSON."""
 

@@ -13,9 +13,9 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from sidecar.app import build_admin_app, build_main_app
+from sidecar.app import build_admin_app
 from sidecar.config import ConfigError, LoadedConfig, load_config
-from sidecar.listener import SidecarRunner
+from sidecar.listener import SidecarRunner, main_runner
 from sidecar.live import LiveRuntime
 from sidecar.logs import Logs
 from sidecar.logwriter import Sink
@@ -51,12 +51,11 @@ class RunningSidecar:
         )
         self._reuse_port = reuse_port
         header_size, max_headers = config.server.max_header_size, config.server.max_headers
-        self._main = SidecarRunner(
-            build_main_app(self.live.dispatch),
+        self._main: web.BaseRunner = main_runner(
+            self.live.dispatch,
             shutdown_timeout=config.server.drain_timeout,
             keepalive_timeout=config.server.keepalive_timeout,
             access_log=None,
-            handle_signals=False,
             max_line_size=header_size,
             max_field_size=header_size,
             max_headers=max_headers,
@@ -114,7 +113,7 @@ class RunningSidecar:
         await self.logs.stop()  # last, so everything logged while stopping is written
 
 
-def _bound_port(runner: web.AppRunner) -> int:
+def _bound_port(runner: web.BaseRunner) -> int:
     port: int = runner.addresses[0][1]
     return port
 
