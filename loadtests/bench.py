@@ -7,6 +7,8 @@ Suites:
                 everything on, NGINX and Envoy (when installed): RPS and p50/p99 at
                 c=1/16/64, c=256 against a 20 ms model, open-loop p99 at fixed rates,
                 CPU per request and peak RSS of the proxy, ratios to minimal and direct
+    connections peak RSS of the sidecar holding 1,000 open client connections
+    soak        a steady rate for --soak-seconds (600): RSS at start and end
     accesslog   the sidecar with its access log on (to a file) versus off
     shadow      primary p99 at a fixed rate, every request mirrored versus none
 
@@ -708,7 +710,75 @@ def _ratios(out: dict[str, float], medians: dict[str, Row], label: str) -> None:
             out[f"{label} {name} - minimal p50 ms"] = round(row.p50_ms - minimal.p50_ms, 3)
 
 
-SUITES = {"accesslog": suite_accesslog, "shadow": suite_shadow, "compare": suite_compare}
+def suite_connections(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """Peak RSS of the sidecar (everything on) holding 1,000 open client connections."""
+    upstream = fast_upstream(0.0, workdir)
+    sidecar = start_sidecar("sidecar-full", full_config(upstream.url, workdir), workdir)
+    with running(upstream, sidecar):
+        before = sidecar.peak_rss_mb()
+        result = load(sidecar.url, 1000, args.duration, workdir)
+        row = Row(
+            "sidecar-full, 1000 connections",
+            1000,
+            result.rps,
+            result.p50_ms,
+            result.p99_ms,
+            result.errors,
+            float("nan"),
+            sidecar.peak_rss_mb(),
+        )
+    return {
+        "rows": [asdict(row)],
+        "ratios": {"peak RSS MB, 1000 connections": row.peak_rss_mb},
+        "notes": [f"RSS before the load: {before:.1f} MB"],
+    }
+
+
+def suite_soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """A steady open-loop rate for --soak-seconds; RSS at start and end (growth = leak)."""
+    upstream = fast_upstream(0.0, workdir)
+    sidecar = start_sidecar("sidecar-full", full_config(upstream.url, workdir), workdir)
+    rows = []
+    with running(upstream, sidecar):
+        load_open_loop(sidecar.url, args.rate, 5.0)  # warm up
+        start_rss = _current_rss_mb(sidecar)
+        ends = time.monotonic() + args.soak_seconds
+        while time.monotonic() < ends:
+            result = load_open_loop(sidecar.url, args.rate, min(60.0, ends - time.monotonic()))
+            rows.append(
+                Row(
+                    "sidecar-full soak minute",
+                    int(args.rate),
+                    result.rps,
+                    result.p50_ms,
+                    result.p99_ms,
+                    result.errors,
+                    float("nan"),
+                    _current_rss_mb(sidecar),
+                )
+            )
+        end_rss = _current_rss_mb(sidecar)
+    return {
+        "rows": [asdict(r) for r in rows],
+        "ratios": {"RSS MB at start": round(start_rss, 1), "RSS MB at end": round(end_rss, 1)},
+        "notes": [f"{args.soak_seconds:g} s at {args.rate:g} req/s"],
+    }
+
+
+def _current_rss_mb(target: Running) -> float:
+    for line in Path(f"/proc/{target.process.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+SUITES = {
+    "accesslog": suite_accesslog,
+    "shadow": suite_shadow,
+    "compare": suite_compare,
+    "connections": suite_connections,
+    "soak": suite_soak,
+}
 
 
 def print_report(name: str, report: dict[str, Any]) -> None:
@@ -753,7 +823,7 @@ def main() -> int:
     args = parser.parse_args()
     results = {}
     with tempfile.TemporaryDirectory(prefix="sidecar-bench-") as tmp:
-        for name in args.suite or sorted(SUITES):
+        for name in args.suite or ["compare", "accesslog", "shadow"]:
             results[name] = SUITES[name](args, Path(tmp))
             print_report(name, results[name])
     results["_meta"] = {
