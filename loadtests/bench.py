@@ -814,6 +814,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--rate", type=float, default=200.0, help="req/s for open-loop suites")
+    parser.add_argument("--soak-seconds", type=float, default=600.0)
     parser.add_argument(
         "--contenders",
         default="direct,minimal,passthrough,full,nginx,envoy",
