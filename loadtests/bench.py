@@ -7,6 +7,7 @@ Suites:
                 everything on, NGINX and Envoy (when installed): RPS and p50/p99 at
                 c=1/16/64, c=256 against a 20 ms model, open-loop p99 at fixed rates,
                 CPU per request and peak RSS of the proxy, ratios to minimal and direct
+    features    CPU per request: pass-through, each feature alone, everything
     connections peak RSS of the sidecar holding 1,000 open client connections
     soak        a steady rate for --soak-seconds (600): RSS at start and end
     accesslog   the sidecar with its access log on (to a file) versus off
@@ -772,7 +773,51 @@ def _current_rss_mb(target: Running) -> float:
     return 0.0
 
 
+def suite_features(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """What each feature costs: pass-through, then one feature at a time, then all."""
+    import copy
+
+    upstream = fast_upstream(0.0, workdir)
+    base = sidecar_config(upstream.url)
+    full = full_config(upstream.url, workdir)
+
+    def variant(mutate: Any) -> dict[str, Any]:
+        config = copy.deepcopy(base)
+        mutate(config)
+        return config
+
+    route = full["routes"][0]
+    variants = {
+        "pass-through": base,
+        "+access-log": variant(
+            lambda c: c["logging"].update(access_log=full["logging"]["access_log"])
+        ),
+        "+auth": variant(lambda c: c.update(auth=full["auth"])),
+        "+rate-limit": variant(lambda c: c.update(rate_limit=full["rate_limit"])),
+        "+validate": variant(lambda c: c["routes"][0].update(validate=route["validate"])),
+        "+breaker": variant(
+            lambda c: c["upstreams"]["model"].update(breaker=full["upstreams"]["model"]["breaker"])
+        ),
+        "+drift": variant(lambda c: c["routes"][0].update(drift=route["drift"])),
+        "everything": full,
+    }
+    targets = [start_sidecar(name, config, workdir) for name, config in variants.items()]
+    with running(upstream, *targets):
+        medians = alternate(targets, args.concurrency, args.duration, args.rounds, workdir)
+    base_cpu = medians["pass-through"].cpu_us_per_request
+    return {
+        "rows": [asdict(r) for r in medians.values()],
+        "ratios": {
+            f"{name} extra CPU us/request": round(r.cpu_us_per_request - base_cpu, 1)
+            for name, r in medians.items()
+            if name != "pass-through"
+        },
+        "notes": ["each sidecar is its own process; per-process noise is about +-20%"],
+    }
+
+
 SUITES = {
+    "features": suite_features,
     "accesslog": suite_accesslog,
     "shadow": suite_shadow,
     "compare": suite_compare,
