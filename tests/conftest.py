@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
+import subprocess
 import sys
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -234,3 +237,54 @@ async def start_sidecar_process(
                 int(record["listen"].rsplit(":", 1)[1]),
                 int(admin.rsplit(":", 1)[1]) if admin else None,
             )
+
+
+@dataclass
+class Demo:
+    """A running `sidecar demo` (all ports chosen free) and the banner it printed."""
+
+    process: subprocess.Popen[bytes]
+    banner: str
+
+    def url(self, server: str) -> str:
+        """The URL the banner gives for ``server`` (sidecar, admin, model, candidate)."""
+        match = re.search(rf"^\s+{server}\s+(http://\S+)", self.banner, re.M)
+        assert match is not None, self.banner
+        return match.group(1)
+
+
+@pytest.fixture
+def demo() -> Iterator[Demo]:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sidecar",
+            "demo",
+            "--port",
+            "0",
+            "--model-port",
+            "0",
+            "--shadow-port",
+            "0",
+            "--admin-port",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    assert process.stdout is not None
+    banner = b""
+    while b"Ctrl-C" not in banner:
+        line = process.stdout.readline()
+        assert line, "the demo exited before it served"
+        banner += line
+    # Keep reading its log lines so a full pipe can never stall it.
+    drain = threading.Thread(target=process.stdout.read, daemon=True)
+    drain.start()
+    yield Demo(process, banner.decode())
+    if process.poll() is None:
+        process.terminate()
+    process.wait(timeout=30)
+    drain.join(timeout=30)
+    process.stdout.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import signal
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from sidecar.demo.model import (
     production_model,
 )
 from sidecar.demo.runner import DEMO_INPUT, DEMO_KEY
+from tests.conftest import Demo
 
 CHAOS_SCRIPT = Path(__file__).resolve().parent.parent / "loadtests" / "chaos.py"
 SETOSA = [5.1, 3.5, 1.4, 0.2]
@@ -104,64 +104,35 @@ async def test_generate_stream_sends_events(aiohttp_client: Any) -> None:
     assert text.endswith("data: [DONE]\n\n")
 
 
-async def test_sidecar_demo_command_serves_a_prediction() -> None:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "sidecar",
-        "demo",
-        "--port",
-        "0",
-        "--model-port",
-        "0",
-        "--shadow-port",
-        "0",
-        "--admin-port",
-        "0",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        assert process.stdout is not None
-        banner = ""
-        while "Ctrl-C" not in banner:
-            line = await asyncio.wait_for(process.stdout.readline(), 30)
-            assert line, "demo exited early"
-            banner += line.decode()
-        url = re.search(r"^\s+(http://\S+/v2/models/iris/infer)", banner, re.M)
-        assert url is not None, banner
-        assert DEMO_INPUT in banner
-        assert f"Authorization: Bearer {DEMO_KEY}" in banner
-        auth = {"Content-Type": "application/json", "Authorization": f"Bearer {DEMO_KEY}"}
-        async with (
-            aiohttp.ClientSession() as session,
-            session.post(url.group(1), data=DEMO_INPUT, headers=auth) as resp,
-        ):
-            assert resp.status == 200
-            body = await resp.json()
-            assert "X-Request-ID" in resp.headers
-            assert "upstream;dur=" in resp.headers["Server-Timing"]
-        assert body["outputs"][1]["data"] == [0]
+async def test_sidecar_demo_command_serves_a_prediction(demo: Demo) -> None:
+    infer_url = demo.url("sidecar") + "/v2/models/iris/infer"
+    assert DEMO_INPUT in demo.banner
+    assert f"Authorization: Bearer {DEMO_KEY}" in demo.banner
+    assert infer_url in demo.banner  # the curl command, ready to paste
+    auth = {"Content-Type": "application/json", "Authorization": f"Bearer {DEMO_KEY}"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(infer_url, data=DEMO_INPUT, headers=auth) as resp,
+    ):
+        assert resp.status == 200
+        body = await resp.json()
+        assert "X-Request-ID" in resp.headers
+        assert "upstream;dur=" in resp.headers["Server-Timing"]
+    assert body["outputs"][1]["data"] == [0]
 
-        # Break the model: the rule-based fallback answers in the model's own format.
-        model_url = re.search(r"^\s+model\s+(http://\S+)", banner, re.M)
-        assert model_url is not None
-        async with aiohttp.ClientSession() as session:
-            async with session.post(
-                model_url.group(1) + "/demo/chaos", json={"mode": "fail", "status": 503}
-            ) as resp:
-                assert resp.status == 200
-            wide = DEMO_INPUT.replace("5.1,3.5,1.4,0.2", "6.9,3.1,5.4,2.1")
-            async with session.post(url.group(1), data=wide, headers=auth) as resp:
-                assert resp.status == 200
-                assert resp.headers["X-Sidecar-Fallback"] == "rule-virginica"
-                assert (await resp.json())["outputs"][0]["data"] == [2]
-        process.send_signal(signal.SIGINT)
-        assert await asyncio.wait_for(process.wait(), 30) == 0
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+    # Break the model: the rule-based fallback answers in the model's own format.
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            demo.url("model") + "/demo/chaos", json={"mode": "fail", "status": 503}
+        ) as resp:
+            assert resp.status == 200
+        wide = DEMO_INPUT.replace("5.1,3.5,1.4,0.2", "6.9,3.1,5.4,2.1")
+        async with session.post(infer_url, data=wide, headers=auth) as resp:
+            assert resp.status == 200
+            assert resp.headers["X-Sidecar-Fallback"] == "rule-virginica"
+            assert (await resp.json())["outputs"][0]["data"] == [2]
+    demo.process.send_signal(signal.SIGINT)
+    assert await asyncio.to_thread(demo.process.wait, 30) == 0
 
 
 async def test_chaos_run_gives_every_request_an_answer() -> None:

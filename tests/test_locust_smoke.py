@@ -3,52 +3,19 @@
 from __future__ import annotations
 
 import csv
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import Demo
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def demo_url() -> object:
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "sidecar",
-            "demo",
-            "--port",
-            "0",
-            "--model-port",
-            "0",
-            "--shadow-port",
-            "0",
-            "--admin-port",
-            "0",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        cwd=ROOT,
-    )
-    assert process.stdout is not None
-    banner = b""
-    while b"Ctrl-C" not in banner:
-        line = process.stdout.readline()
-        assert line, "the demo exited early"
-        banner += line
-    url = re.search(rb"sidecar\s+(http://\S+)", banner)
-    assert url is not None
-    yield url.group(1).decode()
-    process.terminate()
-    process.communicate(timeout=30)
-
-
 @pytest.mark.timeout(120)
-def test_locust_smoke_against_the_demo(demo_url: str, tmp_path: Path) -> None:
+def test_locust_smoke_against_the_demo(demo: Demo, tmp_path: Path) -> None:
     result = subprocess.run(
         [
             sys.executable,
@@ -57,7 +24,7 @@ def test_locust_smoke_against_the_demo(demo_url: str, tmp_path: Path) -> None:
             "-f",
             str(ROOT / "loadtests" / "locustfile.py"),
             "--host",
-            demo_url,
+            demo.url("sidecar"),
             "--headless",
             "-u",
             "8",
