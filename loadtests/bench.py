@@ -197,6 +197,11 @@ def _wrk_latency(text: str, label: str) -> float:
     return float(match.group(1)) * scale
 
 
+def _p50_p99_ms(latencies: list[float]) -> tuple[float, float]:
+    ordered = sorted(latencies) or [float("nan")]
+    return tuple(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 for q in (0.5, 0.99))  # type: ignore[return-value]
+
+
 def load_wrk(url: str, concurrency: int, duration: float, workdir: Path) -> LoadResult:
     script = workdir / "post.lua"
     script.write_text(_WRK_SCRIPT % (BODY.decode(), BENCH_KEY))
@@ -259,9 +264,7 @@ async def _load_aiohttp(url: str, concurrency: int, duration: float) -> LoadResu
         began = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - began
-    latencies.sort()
-    pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000  # noqa: E731
-    return LoadResult(len(latencies), errors, len(latencies) / elapsed, pick(0.5), pick(0.99))
+    return LoadResult(len(latencies), errors, len(latencies) / elapsed, *_p50_p99_ms(latencies))
 
 
 async def _open_loop(url: str, rate: float, duration: float, path: str) -> LoadResult:
@@ -297,9 +300,7 @@ async def _open_loop(url: str, rate: float, duration: float, path: str) -> LoadR
             tasks.append(asyncio.create_task(one(due)))
         await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - start
-    latencies.sort()
-    pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000  # noqa: E731
-    return LoadResult(len(latencies), errors, len(latencies) / elapsed, pick(0.5), pick(0.99))
+    return LoadResult(len(latencies), errors, len(latencies) / elapsed, *_p50_p99_ms(latencies))
 
 
 def load_open_loop(url: str, rate: float, duration: float) -> LoadResult:

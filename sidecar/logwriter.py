@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-import time
 from collections import deque
 from collections.abc import Callable, MutableMapping
 from datetime import UTC, datetime
@@ -127,7 +126,6 @@ class LogWriter:
         self._dropped = metrics.log_dropped.labels(name)
         self._written = metrics.log_written.labels(name)
         self._depth = metrics.log_queue_depth.labels(name)
-        self.last_write_at: float | None = None
 
     # -- the hot path -------------------------------------------------------------
 
@@ -179,7 +177,6 @@ class LogWriter:
             # A thread, so a blocked sink stalls only this writer, not the event loop.
             await asyncio.to_thread(self._sink.write, data)
             self._written.inc(len(batch))
-            self.last_write_at = time.time()
         self._depth.set(0)
 
     async def stop(self, flush_within: float = 10.0) -> None:

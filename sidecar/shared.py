@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
 import pybreaker
 import redis
@@ -180,9 +179,3 @@ class BreakerSync:
             self._storage.state = local
             return None
         return str(self._storage.state)
-
-
-def redis_check(shared: SharedState | None) -> dict[str, Any] | None:
-    if shared is None:
-        return None
-    return {"status": "pass" if shared.up else "fail", "last_error": shared.last_error}

@@ -233,10 +233,6 @@ class Upstreams:
         for client in self.clients.values():
             await self._pools.release(client.name, client.config)
 
-    @property
-    def all_ready(self) -> bool:
-        return self.first_pass_done.is_set() and all(c.ready for c in self.clients.values())
-
     async def probe_all(self) -> None:
         results = await asyncio.gather(*(c.probe() for c in self.clients.values()))
         for client, result in zip(self.clients.values(), results, strict=True):

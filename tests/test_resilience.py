@@ -43,6 +43,16 @@ async def metrics_text(sidecar: SidecarHandle) -> str:
         return await resp.text()
 
 
+def hanging_until(release: asyncio.Event) -> Any:
+    """A model that does not answer until ``release`` is set."""
+
+    async def hang(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response()
+
+    return hang
+
+
 def status_handler(status: int, headers: dict[str, str] | None = None) -> Any:
     async def answer(request: web.Request) -> web.Response:
         return web.json_response({"status": status}, status=status, headers=headers)
@@ -80,12 +90,7 @@ async def test_hang_gives_504_after_exactly_the_configured_attempts(
     fake_model: FakeModel, start_sidecar: StartSidecar
 ) -> None:
     never = asyncio.Event()
-
-    async def hang(request: web.Request) -> web.Response:
-        await never.wait()
-        return web.Response()
-
-    fake_model.on("/infer", hang)
+    fake_model.on("/infer", hanging_until(never))
     config = config_with(
         fake_model.url,
         {
@@ -111,12 +116,7 @@ async def test_the_total_deadline_bounds_the_retries(
     fake_model: FakeModel, start_sidecar: StartSidecar
 ) -> None:
     never = asyncio.Event()
-
-    async def hang(request: web.Request) -> web.Response:
-        await never.wait()
-        return web.Response()
-
-    fake_model.on("/infer", hang)
+    fake_model.on("/infer", hanging_until(never))
     config = config_with(
         fake_model.url,
         {
