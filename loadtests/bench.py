@@ -800,6 +800,7 @@ def suite_features(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             lambda c: c["upstreams"]["model"].update(breaker=full["upstreams"]["model"]["breaker"])
         ),
         "+drift": variant(lambda c: c["routes"][0].update(drift=route["drift"])),
+        "+retries": variant(lambda c: c["routes"][0].update(retryable=True)),
         "everything": full,
     }
     targets = [start_sidecar(name, config, workdir) for name, config in variants.items()]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import random
 import re
 
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -11,8 +11,14 @@ _ZERO_TRACE = "0" * 32
 _ZERO_SPAN = "0" * 16
 
 
+# Ids need to be unique, not secret: the module's Mersenne Twister (seeded from the
+# OS, and reseeded in forked children) spares a getrandom system call per id.
+def _random_hex(bits: int) -> str:
+    return f"{random.getrandbits(bits) or 1:0{bits // 4}x}"  # never all zeros
+
+
 def new_request_id() -> str:
-    return os.urandom(16).hex()
+    return _random_hex(128)
 
 
 def accept_request_id(client_value: str | None) -> str:
@@ -37,5 +43,5 @@ def accept_traceparent(client_value: str | None) -> tuple[str, str]:
             and match.group(3) != _ZERO_SPAN
         ):
             return match.group(0), match.group(2)
-    trace_id = os.urandom(16).hex()
-    return f"00-{trace_id}-{os.urandom(8).hex()}-01", trace_id
+    trace_id = _random_hex(128)
+    return f"00-{trace_id}-{_random_hex(64)}-01", trace_id

@@ -211,11 +211,14 @@ async def relay(
     ctx.outcome = OUTCOME_MODEL_ERROR if response.status >= 500 else OUTCOME_OK
     headers = client_response_headers(response.headers)
     length = response.content_length
+    # Small answers go in one write with a Content-Length: those that declare one,
+    # and chunked ones that had already arrived whole with their headers (common for
+    # JSON from servers that always chunk), which saves the client two more writes.
+    whole = (length is not None and length <= BUFFER_RESPONSE_LIMIT) or (
+        length is None and response.content.is_eof()
+    )
     streaming = (
-        length is None
-        or length > BUFFER_RESPONSE_LIMIT
-        or response.content_type == "text/event-stream"
-        or request.method == "HEAD"
+        not whole or response.content_type == "text/event-stream" or request.method == "HEAD"
     )
     if not streaming:
         try:

@@ -174,6 +174,64 @@ async def test_sse_first_event_arrives_while_upstream_holds_the_stream(
     assert order == ["upstream sent first", "client got first", "upstream released"]
 
 
+async def test_chunked_answer_that_arrived_whole_goes_out_with_a_length(
+    start_sidecar: StartSidecar,
+) -> None:
+    # A model server that always chunks, writing its whole answer in one go (as
+    # NGINX and many JSON servers do); a raw server makes that one write certain.
+    answer = b'{"outputs":[1,2,3]}'
+    reply = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n%s\r\n0\r\n\r\n" % (len(answer), answer)
+    )
+
+    async def model(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = re.search(rb"(?i)content-length: (\d+)", head)
+            await reader.readexactly(int(length.group(1)) if length else 0)
+            writer.write(reply)
+
+    server = await asyncio.start_server(model, LOOPBACK, 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        sidecar = await start_sidecar(base_config(f"http://{LOOPBACK}:{port}"))
+        for _ in range(3):
+            async with sidecar.session.post(sidecar.url + "/infer", data=b"{}") as resp:
+                assert resp.status == 200
+                assert resp.headers["Content-Length"] == str(len(answer))
+                assert "Transfer-Encoding" not in resp.headers
+                assert await resp.read() == answer
+    finally:
+        server.close()
+
+
+async def test_chunked_answer_still_arriving_is_streamed(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    release = asyncio.Event()
+
+    async def slow_json(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        await response.write(b'{"part": 1,')
+        await release.wait()
+        await response.write(b' "done": true}')
+        await response.write_eof()
+        return response
+
+    fake_model.on("/slow", slow_json)
+    sidecar = await start_sidecar(base_config(fake_model.url))
+    async with sidecar.session.post(sidecar.url + "/slow", data=b"{}") as resp:
+        assert resp.headers["Transfer-Encoding"] == "chunked"
+        first = await asyncio.wait_for(resp.content.readany(), 10)
+        release.set()
+        rest = await resp.read()
+    assert first + rest == b'{"part": 1, "done": true}'
+    assert first == b'{"part": 1,'
+
+
 async def test_hop_by_hop_headers_are_dropped_both_ways(
     fake_model: FakeModel, start_sidecar: StartSidecar
 ) -> None:

@@ -14,9 +14,12 @@ import yaml
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sidecar.auth import hash_key
 from sidecar.config import bundled_config_dir
+from sidecar.validation import nesting_exceeds
 from tests.conftest import (
     LOOPBACK,
     FakeClock,
@@ -355,6 +358,7 @@ async def test_content_type_json_depth_nan_utf8(
     assert (status, body["error"]["type"]) == (415, "unsupported_media_type")
     cases = {
         b"[" * 9 + b"]" * 9: "deeper than 8",
+        b"[" * 3000 + b"]" * 3000: "deeper than 8",  # past orjson's own limit
         b'{"a": NaN}': "not valid JSON",
         b'{"a": Infinity}': "not valid JSON",
         b'{"a": 1e999}': "not valid JSON",
@@ -371,6 +375,31 @@ async def test_content_type_json_depth_nan_utf8(
     status, _, _ = await post(sidecar, "/infer", data=deep_text, headers=json_header)
     assert status == 200
     assert len(fake_model.hits_for("/infer")) == 2
+
+
+def _depth(document: Any) -> int:
+    if isinstance(document, list):
+        return 1 + max((_depth(item) for item in document), default=0)
+    if isinstance(document, dict):
+        return 1 + max((_depth(item) for item in document.values()), default=0)
+    return 0
+
+
+_JSON_TREES = st.recursive(
+    st.none() | st.integers(-1000, 1000) | st.text(alphabet='[]{}"\\ab'),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.text(alphabet='[]{}"\\k', max_size=4), inner, max_size=3)
+    ),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(document=_JSON_TREES, limit=st.integers(min_value=1, max_value=12))
+def test_nesting_check_agrees_with_walking_the_document(document: Any, limit: int) -> None:
+    # Brackets inside strings and keys (escaped quotes too) must not count.
+    assert nesting_exceeds(orjson.dumps(document), limit) == (_depth(document) > limit)
 
 
 async def test_schema_violation_lists_every_failing_path_and_counts_fields(
