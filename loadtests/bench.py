@@ -33,7 +33,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,16 +70,31 @@ class Running:
     def url(self) -> str:
         return f"http://{LOOPBACK}:{self.port}"
 
+    def family(self) -> list[int]:
+        """The process and its children (a sidecar with workers is several processes)."""
+        pids = [self.process.pid]
+        for children in Path(f"/proc/{self.process.pid}/task").glob("*/children"):
+            pids += [int(pid) for pid in children.read_text().split()]
+        return pids
+
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
         ticks = os.sysconf("SC_CLK_TCK")
-        return (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+        total = 0
+        for pid in self.family():
+            with suppress(OSError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])  # utime + stime
+        return total / ticks
 
     def peak_rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return 0.0
+        """Summed over the family: what the deployment holds at its peak (about)."""
+        total = 0
+        for pid in self.family():
+            with suppress(OSError):
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        total += int(line.split()[1])
+        return total / 1024
 
 
 def _spawn(name: str, argv: list[str], port_of: Callable[[bytes], int | None]) -> Running:
@@ -130,7 +145,7 @@ def start_upstream(latency_ms: float = 0.0) -> Running:
     )
 
 
-def start_sidecar(name: str, config: dict[str, Any], workdir: Path) -> Running:
+def start_sidecar(name: str, config: dict[str, Any], workdir: Path, *, workers: int = 0) -> Running:
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
 
@@ -139,7 +154,10 @@ def start_sidecar(name: str, config: dict[str, Any], workdir: Path) -> Running:
             return None
         return int(orjson.loads(line)["listen"].rsplit(":", 1)[1])
 
-    return _spawn(name, [sys.executable, "-m", "sidecar", "run", "--config", str(path)], port_of)
+    argv = [sys.executable, "-m", "sidecar", "run", "--config", str(path)]
+    if workers:
+        argv += ["--workers", str(workers)]
+    return _spawn(name, argv, port_of)
 
 
 def sidecar_config(upstream: str, *, access_log: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -620,6 +638,15 @@ def contenders(upstream: Running, workdir: Path, include: set[str]) -> list[Runn
         out.append(start_sidecar("sidecar-passthrough", sidecar_config(upstream.url), workdir))
     if "full" in include:
         out.append(start_sidecar("sidecar-full", full_config(upstream.url, workdir), workdir))
+    if "full-workers" in include:
+        out.append(
+            start_sidecar(
+                "sidecar-full-workers",
+                full_config(upstream.url, workdir),
+                workdir,
+                workers=os.cpu_count() or 1,
+            )
+        )
     if "nginx" in include and shutil.which("nginx"):
         port = _free_port()
         out.append(
@@ -864,7 +891,7 @@ def main() -> int:
     parser.add_argument("--soak-seconds", type=float, default=600.0)
     parser.add_argument(
         "--contenders",
-        default="direct,minimal,passthrough,full,nginx,envoy",
+        default="direct,minimal,passthrough,full,full-workers,nginx,envoy",
         help="for the compare suite",
     )
     parser.add_argument("--json", type=Path, help="write the results here")

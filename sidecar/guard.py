@@ -28,6 +28,8 @@ def check_target(raw_target: str) -> None:
     if not raw_target.startswith("/") or raw_target.startswith("//"):
         raise errors.BadRequest("the request target must be a path (origin-form)")
     path = raw_target.split("?", 1)[0]
+    if "%" not in path and "\\" not in path and "\x00" not in path and "/." not in path:
+        return  # the common case: nothing encoded, no dot segment possible
     if _ENCODED_SEPARATOR.search(path):
         raise errors.BadRequest("encoded '/' or backslash in the path is not accepted")
     try:

@@ -120,23 +120,25 @@ class RequestValidator:
         """The parsed JSON document (or None when the route does not ask for JSON)."""
         if not self.needs_json:
             return None
-        too_deep = errors.InvalidJson(f"JSON nests deeper than {self.max_depth} levels")
         try:
             document = orjson.loads(body)  # bounds its own recursion (1024 levels)
         except orjson.JSONDecodeError as exc:
             if "depth" in str(exc) or "recursion" in str(exc):  # orjson's nesting limit
-                raise too_deep from None
+                raise self._too_deep() from None
             raise errors.InvalidJson(
                 "the body is not valid JSON (UTF-8, no NaN or Infinity)"
             ) from None
         if nesting_exceeds(body, self.max_depth):
-            raise too_deep
+            raise self._too_deep()
         if self.schema is not None:
             try:
                 self.schema.fast(document)
             except fastjsonschema.JsonSchemaValueException:
                 self._refuse(document)
         return document
+
+    def _too_deep(self) -> errors.InvalidJson:
+        return errors.InvalidJson(f"JSON nests deeper than {self.max_depth} levels")
 
     def _refuse(self, document: Any) -> None:
         assert self.schema is not None

@@ -6,12 +6,19 @@ Every test scripts the fake model and asserts on counts and order, not on time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
+from sidecar import errors
+from sidecar.breaker import CLOSED, OPEN, BreakerFailure, UpstreamBreaker
+from sidecar.config import BreakerSettings
+from sidecar.metrics import Metrics
 from tests.conftest import (
     LOOPBACK,
     FakeClock,
@@ -562,3 +569,74 @@ async def test_a_stream_that_sent_bytes_is_never_retried(
             pass
     assert received == b"data: one\n\n"
     assert len(fake_model.hits_for("/stream")) == 1
+
+
+# -- the breaker's accounting, in-process (no sockets needed for its arithmetic) ---------
+
+
+def _breaker(failures: int) -> tuple[UpstreamBreaker, CollectorRegistry]:
+    registry = CollectorRegistry()
+    settings = BreakerSettings(failures=failures, reset_timeout="60s")
+    return UpstreamBreaker("model", settings, Metrics(registry), clock=FakeClock()), registry
+
+
+def _transitions(registry: CollectorRegistry, old: str, new: str) -> float:
+    labels = {"upstream": "model", "from_state": old, "to_state": new}
+    return registry.get_sample_value("sidecar_circuit_transitions_total", labels) or 0.0
+
+
+async def _fail(probe: bool) -> str:
+    raise BreakerFailure(RuntimeError("model down"))
+
+
+async def _succeed(probe: bool) -> str:
+    return "ok"
+
+
+async def test_breaker_counts_consecutive_failures_and_a_success_resets_them() -> None:
+    breaker, _ = _breaker(failures=3)
+    for outcome in (_fail, _fail, _succeed, _fail, _fail):
+        with contextlib.suppress(BreakerFailure):
+            await breaker.call(outcome)
+    assert breaker.state == CLOSED  # never three failures in a row
+    with contextlib.suppress(BreakerFailure):
+        await breaker.call(_fail)
+    assert breaker.state == OPEN
+
+
+async def test_breaker_ignores_cancellation_and_late_results_from_before_a_trip() -> None:
+    breaker, registry = _breaker(failures=2)
+    release = asyncio.Event()
+
+    async def slow(outcome: Callable[[bool], Awaitable[str]]) -> str:
+        async def attempt(probe: bool) -> str:
+            await release.wait()
+            return await outcome(probe)
+
+        return await breaker.call(attempt)
+
+    late_failure = asyncio.create_task(slow(_fail))
+    late_success = asyncio.create_task(slow(_succeed))
+    cancelled = asyncio.create_task(slow(_succeed))
+    await asyncio.sleep(0)  # all three are inside the breaker, circuit closed
+    cancelled.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await cancelled
+    for _ in range(2):
+        with contextlib.suppress(BreakerFailure):
+            await breaker.call(_fail)
+    assert breaker.state == OPEN
+    assert _transitions(registry, "closed", "open") == 1
+    release.set()
+    assert await late_success == "ok"  # the answer still reaches its caller ...
+    with contextlib.suppress(BreakerFailure):
+        await late_failure
+    assert breaker.state == OPEN  # ... but neither closes nor re-opens the circuit
+    assert _transitions(registry, "closed", "open") == 1
+    assert _transitions(registry, "open", "open") == 0
+    try:
+        await breaker.call(_succeed)
+    except errors.CircuitOpen:
+        pass
+    else:
+        raise AssertionError("an open circuit let a call through")
