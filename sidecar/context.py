@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import MutableMapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,3 +62,24 @@ class RequestContext:
 
 
 REQUEST_CONTEXT: web.RequestKey[RequestContext] = web.RequestKey("sidecar_ctx", RequestContext)
+
+# The request being handled by the current task (and the tasks it spawned).
+CURRENT_REQUEST: ContextVar[RequestContext | None] = ContextVar("sidecar_request", default=None)
+
+
+def add_request_fields(
+    logger: Any, method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: the current request's ids (and principal) on every line.
+
+    Read from the context when a line is logged, so a request pays one ContextVar
+    set instead of binding each field, and nothing carries over to the next
+    request on a kept-alive connection.
+    """
+    ctx = CURRENT_REQUEST.get()
+    if ctx is not None:
+        event.setdefault("request_id", ctx.request_id)
+        event.setdefault("trace_id", ctx.trace_id)
+        if ctx.principal is not None:
+            event.setdefault("principal", ctx.principal)
+    return event

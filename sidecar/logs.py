@@ -18,6 +18,7 @@ import orjson
 import structlog
 
 from sidecar.config import LoadedConfig, PayloadLogSettings
+from sidecar.context import add_request_fields
 from sidecar.logwriter import FileSink, LogWriter, QueueFile, Record, Sink, StreamSink, render
 from sidecar.metrics import Metrics
 from sidecar.redaction import Redactor
@@ -36,7 +37,7 @@ EVENT_STREAM = QueueFile()
 def configure_logging(level: str = "info") -> None:
     structlog.configure(
         processors=[
-            structlog.contextvars.merge_contextvars,
+            add_request_fields,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,

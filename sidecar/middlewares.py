@@ -15,7 +15,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from sidecar import errors
 from sidecar.auth import Authenticator
-from sidecar.context import REQUEST_CONTEXT, RequestContext
+from sidecar.context import CURRENT_REQUEST, REQUEST_CONTEXT, RequestContext
 from sidecar.guard import REFUSED_METHODS, check_framing, check_target
 from sidecar.identity import accept_request_id, accept_traceparent, new_request_id
 from sidecar.logwriter import LogWriter
@@ -79,8 +79,7 @@ def request_identity() -> Middleware:
         traceparent, trace_id = accept_traceparent(headers.get("traceparent"))
         ctx = RequestContext(request_id=request_id, traceparent=traceparent, trace_id=trace_id)
         request[REQUEST_CONTEXT] = ctx
-        # aiohttp runs each request in its own task, so this binding is per request.
-        structlog.contextvars.bind_contextvars(request_id=request_id, trace_id=trace_id)
+        CURRENT_REQUEST.set(ctx)  # log lines from here on carry its ids
         response = await handler(request)
         if not response.prepared:
             ctx.stamp(response.headers)
@@ -228,7 +227,6 @@ def authentication(*, authenticator: Authenticator) -> Middleware:
         if route is not None:
             authenticator.authorize(principal, route.name, request.method)
         ctx.principal = principal.name
-        structlog.contextvars.bind_contextvars(principal=principal.name)
         return await handler(request)
 
     return authenticate

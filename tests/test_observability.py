@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import random
 import subprocess
@@ -17,6 +18,7 @@ import yaml
 from structlog.testing import capture_logs
 
 from sidecar.config import DriftSettings, bundled_config_dir, load_config
+from sidecar.context import CURRENT_REQUEST, RequestContext, add_request_fields
 from sidecar.demo.traffic import demo_baseline, iris_row
 from sidecar.drift import Baseline, DriftMonitor, Histogram, build_baseline, psi
 from sidecar.labels import join, read_labels
@@ -449,3 +451,20 @@ def test_metrics_add_up_across_worker_processes(tmp_path: Path) -> None:
     text = outputs[1]
     assert metric_value(text, "sidecar_requests_total", route="infer", outcome="ok") == 7
     assert metric_value(text, "sidecar_circuit_state", upstream="model") == 2
+
+
+def test_log_lines_name_the_current_request_and_its_principal() -> None:
+    def log_line(ctx: RequestContext | None, **fields: Any) -> Any:
+        CURRENT_REQUEST.set(ctx)
+        return add_request_fields(None, "info", {"event": "x", **fields})
+
+    ctx = RequestContext(request_id="req-1", traceparent="-", trace_id="t" * 32)
+    ctx.principal = "alice"
+    # Each call runs in its own context, as each request's task does.
+    line = contextvars.copy_context().run(log_line, ctx)
+    assert line == {"event": "x", "request_id": "req-1", "trace_id": "t" * 32, "principal": "alice"}
+    ctx.principal = None
+    assert "principal" not in contextvars.copy_context().run(log_line, ctx)
+    assert contextvars.copy_context().run(log_line, None) == {"event": "x"}
+    # A field the line sets itself is kept.
+    assert contextvars.copy_context().run(log_line, ctx, request_id="own")["request_id"] == "own"
