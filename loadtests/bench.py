@@ -97,9 +97,11 @@ class Running:
         return total / 1024
 
 
-def _spawn(name: str, argv: list[str], port_of: Callable[[bytes], int | None]) -> Running:
+def _spawn(
+    name: str, argv: list[str], port_of: Callable[[bytes], int | None], cwd: Path = ROOT
+) -> Running:
     """Start a server process; its port is read from its output (30 s at most)."""
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd)
     assert process.stdout is not None
     lines: queue.Queue[bytes] = queue.Queue()
     output: list[bytes] = []
@@ -145,7 +147,11 @@ def start_upstream(latency_ms: float = 0.0) -> Running:
     )
 
 
-def start_sidecar(name: str, config: dict[str, Any], workdir: Path, *, workers: int = 0) -> Running:
+def start_sidecar(
+    name: str, config: dict[str, Any], workdir: Path, *, workers: int = 0, source: Path = ROOT
+) -> Running:
+    """``source``: the checkout whose ``sidecar`` package runs (``-m`` imports from
+    the working directory first), e.g. an older commit's worktree."""
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
 
@@ -157,7 +163,7 @@ def start_sidecar(name: str, config: dict[str, Any], workdir: Path, *, workers: 
     argv = [sys.executable, "-m", "sidecar", "run", "--config", str(path)]
     if workers:
         argv += ["--workers", str(workers)]
-    return _spawn(name, argv, port_of)
+    return _spawn(name, argv, port_of, cwd=source)
 
 
 def sidecar_config(upstream: str, *, access_log: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -933,6 +939,70 @@ def _access_record(n: int) -> dict[str, Any]:
     }
 
 
+@contextmanager
+def worktree(ref: str, workdir: Path) -> Iterator[Path]:
+    """A detached checkout of ``ref`` (a commit, tag or branch) for the length of a run."""
+    path = workdir / "baseline-tree"
+    subprocess.run(
+        ["git", "worktree", "add", "--detach", "--quiet", str(path), ref], cwd=ROOT, check=True
+    )
+    try:
+        yield path
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=ROOT, check=False)
+
+
+def suite_versus(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """This checkout against an earlier commit (``--against``), same run, same upstream:
+    pass-through and everything-on, at c=1 and c=16 and against a 20 ms model at c=256."""
+    rows: list[Row] = []
+    ratios: dict[str, float] = {}
+    with worktree(args.against, workdir) as baseline:
+        for latency, levels in ((0.0, (1, 16)), (20.0, (256,))):
+            upstream = fast_upstream(latency, workdir)
+            with running(upstream):
+                targets = []
+                for label, source in (("baseline", baseline), ("current", ROOT)):
+                    targets.append(
+                        start_sidecar(
+                            f"{label}-passthrough",
+                            sidecar_config(upstream.url),
+                            workdir,
+                            source=source,
+                        )
+                    )
+                    targets.append(
+                        start_sidecar(
+                            f"{label}-full",
+                            full_config(upstream.url, workdir),
+                            workdir,
+                            source=source,
+                        )
+                    )
+                with running(*targets):
+                    for concurrency in levels:
+                        medians = alternate(
+                            targets, concurrency, args.duration, args.rounds, workdir
+                        )
+                        label = f"c={concurrency}" + (f" {latency:g}ms" if latency else "")
+                        for row in medians.values():
+                            row.contender += f" ({label})"
+                        rows += medians.values()
+                        for kind in ("passthrough", "full"):
+                            old, new = medians[f"baseline-{kind}"], medians[f"current-{kind}"]
+                            ratios[f"{label} {kind} rps current/baseline"] = round(
+                                new.rps / old.rps, 3
+                            )
+                            ratios[f"{label} {kind} CPU us/req current-baseline"] = round(
+                                new.cpu_us_per_request - old.cpu_us_per_request, 1
+                            )
+    return {
+        "rows": [asdict(r) for r in rows],
+        "ratios": ratios,
+        "notes": [f"baseline = {args.against}; current = the working tree"],
+    }
+
+
 SUITES = {
     "features": suite_features,
     "accesslog": suite_accesslog,
@@ -941,6 +1011,7 @@ SUITES = {
     "connections": suite_connections,
     "soak": suite_soak,
     "lograte": suite_lograte,
+    "versus": suite_versus,
 }
 
 
@@ -982,6 +1053,9 @@ def main() -> int:
         "--contenders",
         default="direct,minimal,passthrough,full,full-workers,nginx,envoy",
         help="for the compare suite",
+    )
+    parser.add_argument(
+        "--against", default="HEAD", help="for the versus suite: the commit to compare with"
     )
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
