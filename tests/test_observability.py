@@ -9,6 +9,7 @@ import random
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,38 @@ async def test_log_writer_counts_drops_and_flushes_on_stop() -> None:
     assert metric_value(text, "sidecar_log_dropped_total", log="test") == 20
     assert metric_value(text, "sidecar_log_written_total", log="test") == 11
     assert not writer.submit({"late": True})  # closed: refused, and counted
+
+
+class SlowSink:
+    """Each write takes a millisecond, like a real disk; counts the writes."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        time.sleep(0.001)
+        self.writes.append(data)
+
+    def close(self) -> None:
+        pass
+
+
+async def test_log_writer_keeps_batching_under_steady_load() -> None:
+    # Records arriving while a batch is written wait for the next linger; the writer
+    # does not chase them with one thread hand-off per write.
+    sink = SlowSink()
+    linger = 0.05
+    writer = LogWriter("test", sink, Metrics(), linger=linger)
+    writer.start()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    for n in range(300):  # a record every millisecond or so
+        assert writer.submit({"n": n})
+        await asyncio.sleep(0.001)
+    elapsed = loop.time() - started
+    await writer.stop()
+    assert b"".join(sink.writes).count(b"\n") == 300
+    assert len(sink.writes) <= elapsed / linger + 2
 
 
 async def test_payload_log_samples_and_redacts(
