@@ -4,9 +4,9 @@ A request only calls ``submit()``: an append to a bounded deque, never I/O and n
 an await. When the queue is full the record is dropped and counted
 (``sidecar_log_dropped_total{log}``); the request is not delayed. The writer task
 wakes, lingers ``linger`` seconds so records gather (one thread hand-off per batch,
-not per request), renders them to JSON lines (structlog's JSONRenderer with orjson)
-and writes each batch from a worker thread, so even a stalled disk or a blocked
-stdout pipe cannot stall the event loop. ``stop()`` flushes what was accepted.
+not per request), renders them to JSON lines (orjson) and writes each batch from a
+worker thread, so even a stalled disk or a blocked stdout pipe cannot stall the
+event loop. ``stop()`` flushes what was accepted.
 """
 
 from __future__ import annotations
@@ -21,15 +21,16 @@ from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
 import orjson
-import structlog
 
 from sidecar.background import BackgroundTasks
 from sidecar.metrics import Metrics
 
-_json = structlog.processors.JSONRenderer(serializer=orjson.dumps)
-
 # Records are dicts rendered here, in the writer, or bytes a caller already rendered.
 Record = MutableMapping[str, Any] | bytes
+
+# RFC 3339 UTC timestamps ("...Z") and the newline come from orjson itself; anything
+# it cannot encode is written as its repr rather than failing the batch.
+_RENDER_OPTIONS = orjson.OPT_APPEND_NEWLINE | orjson.OPT_UTC_Z
 
 
 def render(record: Record) -> bytes:
@@ -37,13 +38,9 @@ def render(record: Record) -> bytes:
         return record if record.endswith(b"\n") else record + b"\n"
     timestamp = record.get("timestamp")
     if isinstance(timestamp, float):
-        # Taken as a float on the hot path; formatted here, off it.
-        record["timestamp"] = (
-            datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="microseconds")[:-6] + "Z"
-        )
-    rendered = _json(None, "", record)
-    assert isinstance(rendered, bytes)  # orjson serialises to bytes
-    return rendered + b"\n"
+        # Taken as a float on the hot path; made a datetime here, off it.
+        record["timestamp"] = datetime.fromtimestamp(timestamp, UTC)
+    return orjson.dumps(record, default=repr, option=_RENDER_OPTIONS)
 
 
 class Sink(Protocol):
