@@ -12,6 +12,7 @@ event loop. ``stop()`` flushes what was accepted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 from collections import deque
@@ -116,6 +117,7 @@ class LogWriter:
         self._linger = linger
         self._render = renderer
         self._wakeup = asyncio.Event()
+        self._full_batch = asyncio.Event()
         self._tasks = BackgroundTasks()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -134,6 +136,8 @@ class LogWriter:
         self._queue.append(record)
         if not self._wakeup.is_set():
             self._wakeup.set()
+        elif len(self._queue) >= self._batch_size and not self._full_batch.is_set():
+            self._full_batch.set()  # no need to linger any longer
         return True
 
     # -- the writer ---------------------------------------------------------------
@@ -156,10 +160,14 @@ class LogWriter:
     async def _run(self) -> None:
         while True:
             await self._wakeup.wait()
-            if not self._stopping:
-                # Let records gather: one thread hand-off per batch, not per request.
-                await asyncio.sleep(self._linger)
+            if not self._stopping and len(self._queue) < self._batch_size:
+                # Let records gather (one thread hand-off per batch, not per request),
+                # until the linger ends or a full batch is waiting.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._linger):
+                        await self._full_batch.wait()
             self._wakeup.clear()
+            self._full_batch.clear()
             await self._write_all()
             if self._stopping and not self._queue:
                 # No await between this check and here: nothing accepted is left behind.

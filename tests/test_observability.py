@@ -137,10 +137,12 @@ class SlowSink:
 
     def __init__(self) -> None:
         self.writes: list[bytes] = []
+        self.written = threading.Event()
 
     def write(self, data: bytes) -> None:
         time.sleep(0.001)
         self.writes.append(data)
+        self.written.set()
 
     def close(self) -> None:
         pass
@@ -162,6 +164,18 @@ async def test_log_writer_keeps_batching_under_steady_load() -> None:
     await writer.stop()
     assert b"".join(sink.writes).count(b"\n") == 300
     assert len(sink.writes) <= elapsed / linger + 2
+
+
+async def test_log_writer_stops_lingering_once_a_full_batch_waits() -> None:
+    sink = SlowSink()
+    writer = LogWriter("test", sink, Metrics(), batch_size=4, linger=60.0)
+    writer.start()
+    for n in range(4):
+        assert writer.submit({"n": n})
+    # With a one-minute linger, only the full batch can have started this write.
+    assert await asyncio.to_thread(sink.written.wait, 10)
+    assert sink.writes[0].count(b"\n") == 4
+    await writer.stop()
 
 
 async def test_payload_log_samples_and_redacts(
