@@ -89,11 +89,17 @@ class Running:
 
     def peak_rss_mb(self) -> float:
         """Summed over the family: what the deployment holds at its peak (about)."""
+        return self._memory_mb("VmHWM:")
+
+    def rss_mb(self) -> float:
+        return self._memory_mb("VmRSS:")
+
+    def _memory_mb(self, field: str) -> float:
         total = 0
         for pid in self.family():
             with suppress(OSError):
                 for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmHWM:"):
+                    if line.startswith(field):
                         total += int(line.split()[1])
         return total / 1024
 
@@ -386,21 +392,28 @@ class Row:
     cpu_us_per_request: float
     peak_rss_mb: float
 
+    @classmethod
+    def of(
+        cls,
+        name: str,
+        level: int,
+        result: LoadResult,
+        *,
+        cpu_seconds: float | None = None,
+        rss_mb: float = float("nan"),
+    ) -> Row:
+        """A row for one load run; CPU is given as seconds spent during it."""
+        cpu = float("nan") if cpu_seconds is None else cpu_seconds / max(1, result.requests) * 1e6
+        return cls(
+            name, level, result.rps, result.p50_ms, result.p99_ms, result.errors, cpu, rss_mb
+        )
+
 
 def measure(target: Running, concurrency: int, duration: float, workdir: Path) -> Row:
     cpu_before = target.cpu_seconds()
     result = load(target.url, concurrency, duration, workdir)
     cpu = target.cpu_seconds() - cpu_before
-    return Row(
-        target.name,
-        concurrency,
-        result.rps,
-        result.p50_ms,
-        result.p99_ms,
-        result.errors,
-        cpu / max(1, result.requests) * 1e6,
-        target.peak_rss_mb(),
-    )
+    return Row.of(target.name, concurrency, result, cpu_seconds=cpu, rss_mb=target.peak_rss_mb())
 
 
 def alternate(
@@ -477,16 +490,7 @@ def suite_shadow(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 result = load_open_loop(target.url, args.rate, args.duration)
                 cpu = target.cpu_seconds() - cpu_before
                 rows[target.name].append(
-                    Row(
-                        target.name,
-                        0,
-                        result.rps,
-                        result.p50_ms,
-                        result.p99_ms,
-                        result.errors,
-                        cpu / max(1, result.requests) * 1e6,
-                        target.peak_rss_mb(),
-                    )
+                    Row.of(target.name, 0, result, cpu_seconds=cpu, rss_mb=target.peak_rss_mb())
                 )
     medians = {}
     for name, measured in rows.items():
@@ -757,16 +761,10 @@ def suite_compare(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             for rate in (200.0, 1000.0):
                 for target in targets:
                     result = load_open_loop(target.url, rate, args.duration)
+                    rss = target.peak_rss_mb() if target.name != "direct" else float("nan")
                     rows.append(
-                        Row(
-                            f"{target.name} (20ms model, open loop)",
-                            int(rate),
-                            result.rps,
-                            result.p50_ms,
-                            result.p99_ms,
-                            result.errors,
-                            float("nan"),
-                            target.peak_rss_mb() if target.name != "direct" else float("nan"),
+                        Row.of(
+                            f"{target.name} (20ms model, open loop)", int(rate), result, rss_mb=rss
                         )
                     )
     return {
@@ -797,16 +795,7 @@ def suite_connections(args: argparse.Namespace, workdir: Path) -> dict[str, Any]
     with running(upstream, sidecar):
         before = sidecar.peak_rss_mb()
         result = load(sidecar.url, 1000, args.duration, workdir)
-        row = Row(
-            "sidecar-full, 1000 connections",
-            1000,
-            result.rps,
-            result.p50_ms,
-            result.p99_ms,
-            result.errors,
-            float("nan"),
-            sidecar.peak_rss_mb(),
-        )
+        row = Row.of("sidecar-full, 1000 connections", 1000, result, rss_mb=sidecar.peak_rss_mb())
     return {
         "rows": [asdict(row)],
         "ratios": {"peak RSS MB, 1000 connections": row.peak_rss_mb},
@@ -821,35 +810,20 @@ def suite_soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     rows = []
     with running(upstream, sidecar):
         load_open_loop(sidecar.url, args.rate, 5.0)  # warm up
-        start_rss = _current_rss_mb(sidecar)
-        ends = time.monotonic() + args.soak_seconds
-        while time.monotonic() < ends:
-            result = load_open_loop(sidecar.url, args.rate, min(60.0, ends - time.monotonic()))
+        start_rss = sidecar.rss_mb()
+        # Minute-long runs (fewer for a short soak), each a row: RSS is read after each.
+        runs = max(1, round(args.soak_seconds / 60.0))
+        for _ in range(runs):
+            result = load_open_loop(sidecar.url, args.rate, args.soak_seconds / runs)
             rows.append(
-                Row(
-                    "sidecar-full soak minute",
-                    int(args.rate),
-                    result.rps,
-                    result.p50_ms,
-                    result.p99_ms,
-                    result.errors,
-                    float("nan"),
-                    _current_rss_mb(sidecar),
-                )
+                Row.of("sidecar-full soak minute", int(args.rate), result, rss_mb=sidecar.rss_mb())
             )
-        end_rss = _current_rss_mb(sidecar)
+        end_rss = sidecar.rss_mb()
     return {
         "rows": [asdict(r) for r in rows],
         "ratios": {"RSS MB at start": round(start_rss, 1), "RSS MB at end": round(end_rss, 1)},
         "notes": [f"{args.soak_seconds:g} s at {args.rate:g} req/s"],
     }
-
-
-def _current_rss_mb(target: Running) -> float:
-    for line in Path(f"/proc/{target.process.pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def suite_features(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
