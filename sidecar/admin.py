@@ -10,6 +10,7 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from sidecar import errors
 from sidecar.health import verdict
 from sidecar.metrics import CONTENT_TYPE
 from sidecar.runtime import Runtime
@@ -31,8 +32,23 @@ def current_handler(current: CurrentRuntime, make: Callable[[Runtime], Handler])
     return handle
 
 
-def reload_handler(reload: Reload) -> Handler:
+def reload_handler(current: CurrentRuntime, reload: Reload, *, open_to_all: bool) -> Handler:
+    """``POST /-/reload``. On a listener others can reach (not loopback), only a
+    principal with the ``admin`` scope may reload: a credential, not an address."""
+
     async def do_reload(request: web.Request) -> web.Response:
+        if not open_to_all:
+            authenticator = current().authenticator
+            if authenticator is None:
+                raise errors.Forbidden(
+                    "reload over HTTP needs an admin credential, and auth is off; use SIGHUP"
+                )
+            header = authenticator.settings.header
+            principal = authenticator.authenticate(
+                request.headers.get("Authorization"),
+                request.headers.get(header) if header else None,
+            )
+            authenticator.require_admin(principal, "reload the config")
         result = await reload()
         return _json(result, status=200 if result["result"] == "ok" else 400)
 
@@ -51,19 +67,27 @@ def livez_handler(runtime: Runtime) -> Handler:
     return livez
 
 
-def readyz_handler(runtime: Runtime) -> Handler:
+def readyz_handler(runtime: Runtime, *, detail: bool = True) -> Handler:
+    """Ready or not, from cached state only: a probe storm from Kubernetes never turns
+    into calls to the model. With ``detail`` (the admin listener) the reasons too;
+    the public listener tells clients nothing about upstream names, addresses or
+    errors."""
+
     async def readyz(request: web.Request) -> web.Response:
-        # From cached state only: a probe storm from Kubernetes never turns into
-        # calls to the model.
         result = verdict(runtime, runtime.logs, runtime.loop_lag)
         body: dict[str, Any] = {"status": "ready" if result.ready else "not_ready"}
-        if result.status == "degraded":
-            body["degraded"] = True
-        if result.reasons:
-            body["reasons"] = result.reasons
+        if detail:
+            if result.status == "degraded":
+                body["degraded"] = True
+            if result.reasons:
+                body["reasons"] = result.reasons
         return _json(body, status=200 if result.ready else 503)
 
     return readyz
+
+
+def public_readyz_handler(runtime: Runtime) -> Handler:
+    return readyz_handler(runtime, detail=False)
 
 
 def health_handler(runtime: Runtime) -> Handler:

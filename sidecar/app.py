@@ -52,7 +52,7 @@ def own_endpoints(runtime: Runtime) -> dict[str, tuple[str, Handler]]:
     """Paths the main listener answers itself (never forwarded), by exact path."""
     endpoints = {
         "/livez": ("livez", admin.livez_handler(runtime)),
-        "/readyz": ("readyz", admin.readyz_handler(runtime)),
+        "/readyz": ("readyz", admin.public_readyz_handler(runtime)),
     }
     if not runtime.config.admin.enabled:
         # Without an admin listener the detailed endpoints live here; with one, these
@@ -81,7 +81,10 @@ def build_handler(runtime: Runtime) -> Handler:
 
 
 def build_admin_app(
-    current: admin.CurrentRuntime, reload: admin.Reload | None = None
+    current: admin.CurrentRuntime,
+    reload: admin.Reload | None = None,
+    *,
+    reload_open_to_all: bool = True,
 ) -> web.Application:
     """The operator's listener (loopback by default): health detail, metrics, reload."""
     app = web.Application(
@@ -95,5 +98,8 @@ def build_admin_app(
     app.router.add_get("/health", admin.current_handler(current, admin.health_handler))
     app.router.add_get("/metrics", admin.current_handler(current, admin.metrics_handler))
     if reload is not None:
-        app.router.add_post("/-/reload", admin.reload_handler(reload))
+        app.router.add_post(
+            "/-/reload",
+            admin.reload_handler(current, reload, open_to_all=reload_open_to_all),
+        )
     return app

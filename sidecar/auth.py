@@ -15,13 +15,12 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
-from pathlib import Path
 
 import jwt
 import structlog
 
 from sidecar import errors
-from sidecar.config import ApiKey, AuthSettings, JwtSettings, LoadedConfig
+from sidecar.config import ApiKey, AuthSettings, JwtSettings
 from sidecar.metrics import Metrics
 
 log = structlog.get_logger("sidecar.auth")
@@ -42,6 +41,7 @@ class Principal:
     routes: frozenset[str]  # empty: every route
     methods: frozenset[str]  # empty: every method
     kind: str  # "key" or "jwt": the metric label (JWT subjects are unbounded)
+    admin: bool = False  # may use the operator's endpoints
 
     def allows(self, route: str, method: str) -> bool:
         return (not self.routes or route in self.routes) and (
@@ -50,16 +50,11 @@ class Principal:
 
 
 class _JwtVerifier:
-    def __init__(self, settings: JwtSettings, loaded: LoadedConfig) -> None:
+    def __init__(self, settings: JwtSettings, public_key: str | None) -> None:
         self._settings = settings
         self._algorithms = list(settings.algorithms)
         self._secret = settings.secret.get_secret_value() if settings.secret else None
-        self._public_key: str | None = None
-        if settings.public_key is not None:
-            text = settings.public_key
-            if "-----BEGIN" not in text:
-                text = Path(loaded.resolve(text)).read_text()
-            self._public_key = text
+        self._public_key = public_key  # PEM text, read from its file by the plan
         self._routes = frozenset(settings.routes)
         self._methods = frozenset(m.upper() for m in settings.methods)
 
@@ -101,12 +96,14 @@ class _JwtVerifier:
 
 
 class Authenticator:
-    def __init__(self, settings: AuthSettings, loaded: LoadedConfig, metrics: Metrics) -> None:
+    def __init__(
+        self, settings: AuthSettings, jwt_public_key: str | None, metrics: Metrics
+    ) -> None:
         self.settings = settings
         self._keys: tuple[tuple[bytes, Principal], ...] = tuple(
             (self._digest_bytes(key), self._principal(key)) for key in settings.api_keys
         )
-        self._jwt = _JwtVerifier(settings.jwt, loaded) if settings.jwt is not None else None
+        self._jwt = _JwtVerifier(settings.jwt, jwt_public_key) if settings.jwt is not None else None
         self._header = settings.header
         self._challenge = f'Bearer realm="{settings.realm}"'
         self._failures = metrics.auth_failures
@@ -122,7 +119,11 @@ class Authenticator:
     @staticmethod
     def _principal(key: ApiKey) -> Principal:
         return Principal(
-            key.name, frozenset(key.routes), frozenset(m.upper() for m in key.methods), "key"
+            key.name,
+            frozenset(key.routes),
+            frozenset(m.upper() for m in key.methods),
+            "key",
+            admin="admin" in key.scopes,
         )
 
     def _credential(self, authorization: str | None, header_value: str | None) -> str | None:
@@ -160,6 +161,11 @@ class Authenticator:
                 "invalid credentials", headers={"WWW-Authenticate": self._challenge}
             )
         return match
+
+    def require_admin(self, principal: Principal, action: str) -> None:
+        if not principal.admin:
+            self._failures.labels("forbidden").inc()
+            raise errors.Forbidden(f"principal {principal.name!r} may not {action}")
 
     def authorize(self, principal: Principal, route: str, method: str) -> None:
         if not principal.allows(route, method):

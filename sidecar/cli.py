@@ -1,4 +1,9 @@
-"""The ``sidecar`` command."""
+"""The ``sidecar`` command.
+
+Exit codes: 0 done; 1 a command's input is wrong (``check-config`` found errors, a
+file to read is missing); 2 ``run`` or ``demo`` could not start (each reason on one
+line, naming its config key or flag: never a traceback).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,33 @@ import argparse
 import dataclasses
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from sidecar import __version__
-from sidecar.config import ConfigError, LoadedConfig, load_config, render_effective
+from sidecar.config import (
+    ConfigError,
+    LoadedConfig,
+    default_config_path,
+    render_effective,
+)
+
+EXIT_INPUT = 1
+EXIT_CANNOT_START = 2
+
+
+def _workers(value: str) -> int:
+    """``--workers N`` or ``auto`` (the CPUs this container may use)."""
+    if value == "auto":
+        from sidecar.workers import available_cpus
+
+        return available_cpus()
+    try:
+        count = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError("a number of workers, or 'auto'") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError("at least 1")
+    return count
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -20,28 +49,63 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="serve with a config file")
-    run.add_argument("--config", required=True, metavar="PATH", help="the deployment's YAML file")
+    run.add_argument(
+        "--config",
+        metavar="PATH",
+        help="the deployment's YAML file "
+        "(default: $SIDECAR_CONFIG, else /etc/sidecar/sidecar.yaml)",
+    )
     run.add_argument(
         "--workers",
-        type=int,
+        type=_workers,
         default=1,
         metavar="N",
-        help="worker processes sharing the port (SO_REUSEPORT); default 1",
+        help="worker processes sharing the port (SO_REUSEPORT): a number, or 'auto' for "
+        "one per CPU this container may use (its cgroup quota); default 1",
     )
     # Set by the supervisor for its workers: the ports it reserved.
     run.add_argument("--worker-port", type=int, help=argparse.SUPPRESS)
     run.add_argument("--worker-admin-port", type=int, help=argparse.SUPPRESS)
 
     check = commands.add_parser(
-        "check-config", help="validate a config; print it with secrets redacted (exit 1 on errors)"
+        "check-config",
+        help="validate a config and everything it names; print it with secrets redacted "
+        "(exit 1 on errors)",
     )
     check.add_argument("path", metavar="PATH")
+
+    init = commands.add_parser(
+        "init", help="write a commented starting config for a model server, checked on the spot"
+    )
+    init.add_argument("--upstream", required=True, metavar="URL", help="the model server's URL")
+    init.add_argument(
+        "--protocol",
+        choices=["v2", "openai", "plain"],
+        default="plain",
+        help="v2: Open Inference Protocol (Triton, MLServer, KServe); openai: vLLM, "
+        "llama.cpp and other OpenAI-style servers; plain: any JSON API (default)",
+    )
+    init.add_argument("--health-path", help="the model server's readiness path")
+    init.add_argument("--port", type=int, default=8080, help="the sidecar's port (8080)")
+    init.add_argument("--out", default="sidecar.yaml", help="where to write (sidecar.yaml)")
+    init.add_argument("--force", action="store_true", help="overwrite an existing file")
 
     demo = commands.add_parser("demo", help="run a demo model server with the sidecar in front")
     demo.add_argument("--port", type=int, default=8080, help="the sidecar's port (8080)")
     demo.add_argument("--model-port", type=int, default=8081, help="the demo model's port (8081)")
     demo.add_argument("--shadow-port", type=int, default=8082, help="the candidate's port (8082)")
     demo.add_argument("--admin-port", type=int, default=9901, help="the admin port (9901)")
+    demo.add_argument(
+        "--log-dir", help="where the payload and shadow logs go (default: a new temporary folder)"
+    )
+
+    health = commands.add_parser(
+        "healthcheck",
+        help="exit 0 when the sidecar on this machine answers /livez (for a container "
+        "HEALTHCHECK); the port comes from the config",
+    )
+    health.add_argument("--config", metavar="PATH", help="as for run")
+    health.add_argument("--timeout", type=float, default=2.0, help="seconds (2)")
 
     hash_key = commands.add_parser(
         "hash-key", help="print the digest of an API key, to store in the config"
@@ -56,6 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     baseline.add_argument("--route", required=True, help="the route whose drift settings apply")
     baseline.add_argument("--payloads", required=True, metavar="FILE", help="a payload log")
     baseline.add_argument("--out", metavar="FILE", help="default: the route's drift.baseline")
+    baseline.add_argument("--force", action="store_true", help="overwrite an existing file")
 
     report = commands.add_parser(
         "shadow-report", help="summarise a shadow comparison log (agreement, latency, diffs)"
@@ -76,6 +141,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fail(command: str, message: str, code: int = EXIT_INPUT) -> int:
+    print(f"sidecar {command}: {message}", file=sys.stderr)
+    return code
+
+
+def _cannot_start(command: str, exc: ConfigError) -> int:
+    """One line per reason, each naming its key (or flag); exit 2."""
+    for issue in exc.issues:
+        print(f"sidecar {command}: cannot start: {exc.source}: {issue}", file=sys.stderr)
+    return EXIT_CANNOT_START
+
+
 def _hash_key(args: argparse.Namespace) -> int:
     from sidecar.auth import hash_key, new_key
 
@@ -84,44 +161,43 @@ def _hash_key(args: argparse.Namespace) -> int:
         print(f"key:    {key}")
         print(f"digest: {hash_key(key)}")
         return 0
-    key = args.key if args.key is not None else sys.stdin.readline().rstrip("\n")
+    # A line from a pipe or a Windows editor ends in "\r\n": neither is part of the key.
+    key = args.key if args.key is not None else sys.stdin.readline().rstrip("\r\n")
     if not key:
-        print("sidecar hash-key: no key given", file=sys.stderr)
-        return 1
+        return _fail("hash-key", "no key given")
     print(hash_key(key))
     return 0
 
 
 def _baseline(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+    from sidecar.config import load_config
     from sidecar.drift import build_baseline, payload_pairs
 
     try:
         loaded = load_config(args.config)
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
-        return 1
+        return EXIT_INPUT
     route = next((r for r in loaded.config.routes if r.name == args.route), None)
     if route is None or route.drift is None:
-        print(f"sidecar baseline: route {args.route!r} has no drift settings", file=sys.stderr)
-        return 1
-    with Path(args.payloads).open("rb") as lines:
-        try:
-            baseline = build_baseline(route.drift, payload_pairs(lines, route.name))
-        except ValueError as exc:
-            print(f"sidecar baseline: {exc}", file=sys.stderr)
-            return 1
+        return _fail("baseline", f"route {args.route!r} has no drift settings")
     out = Path(args.out) if args.out else loaded.resolve(route.drift.baseline)
-    out.write_bytes(baseline.to_json(route.name))
+    if out.exists() and not args.force:
+        return _fail("baseline", f"{out} exists; pass --out FILE, or --force to replace it")
+    try:
+        with Path(args.payloads).open("rb") as lines:
+            baseline = build_baseline(route.drift, payload_pairs(lines, route.name))
+        out.write_bytes(baseline.to_json(route.name))
+    except OSError as exc:
+        return _fail("baseline", f"{exc.filename}: {exc.strerror}")
+    except ValueError as exc:
+        return _fail("baseline", str(exc).split("\n", 1)[0])
     signals = ", ".join(sorted(baseline.histograms))
     print(f"wrote {out}: {baseline.samples} responses; signals: {signals}")
     return 0
 
 
 def _shadow_report(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     import orjson
 
     from sidecar.shadow_report import build_report, render_html, render_text
@@ -129,9 +205,10 @@ def _shadow_report(args: argparse.Namespace) -> int:
     try:
         with Path(args.file).open("rb") as lines:
             report = build_report(lines)
-    except (OSError, ValueError) as exc:
-        print(f"sidecar shadow-report: {exc}", file=sys.stderr)
-        return 1
+    except OSError as exc:
+        return _fail("shadow-report", f"{exc.filename}: {exc.strerror}")
+    except ValueError as exc:
+        return _fail("shadow-report", str(exc))
     if args.json:
         print(orjson.dumps(report.summary()).decode())
     else:
@@ -142,8 +219,6 @@ def _shadow_report(args: argparse.Namespace) -> int:
 
 
 def _join_labels(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     import orjson
 
     from sidecar.labels import join, read_labels
@@ -154,12 +229,21 @@ def _join_labels(args: argparse.Namespace) -> int:
         labels = read_labels(Path(args.labels))
         with Path(args.payloads).open("rb") as lines:
             report = join(lines, labels, reader)
-    except (OSError, ValueError, KeyError) as exc:
-        print(f"sidecar join-labels: {exc}", file=sys.stderr)
-        return 1
+    except OSError as exc:
+        return _fail("join-labels", f"{exc.filename}: {exc.strerror}")
+    except (ValueError, KeyError) as exc:
+        return _fail("join-labels", str(exc))
+    unreadable = report.unreadable
+    if unreadable and not any(g.joined for g in report.groups.values()):
+        return _fail(
+            "join-labels",
+            f"no prediction could be read from the {unreadable} labelled record(s): "
+            "check --protocol, --output and --json-path against the logged responses",
+        )
     rows = report.rows()
     if args.json:
-        print(orjson.dumps({"rows": rows, "unlabelled": report.unlabelled}).decode())
+        payload = {"rows": rows, "unlabelled": report.unlabelled, "unreadable": unreadable}
+        print(orjson.dumps(payload).decode())
         return 0
     metric = "mae rmse" if report.regression else "accuracy"
     print(f"{'day':<10}  {'route':<16}  {'joined':>7}  {metric}")
@@ -167,42 +251,52 @@ def _join_labels(args: argparse.Namespace) -> int:
         values = f"{row['mae']}  {row['rmse']}" if report.regression else f"{row['accuracy']}"
         print(f"{row['day']:<10}  {row['route']:<16}  {row['joined']:>7}  {values}")
     print(f"payload records without a label: {report.unlabelled}")
+    if unreadable:
+        print(f"labelled records whose prediction could not be read: {unreadable}")
     return 0
 
 
 def _check_config(path: str) -> int:
+    from sidecar.plan import load_plan
+
     try:
-        loaded = load_config(path)
+        plan = load_plan(path)
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
-        return 1
-    print(f"# {path}: configuration is valid (sha256 {loaded.sha256})")
-    print(render_effective(loaded.config), end="")
+        return EXIT_INPUT
+    print(f"# {path}: configuration is valid (sha256 {plan.loaded.sha256})")
+    print(render_effective(plan.config), end="")
     return 0
 
 
 def _run(args: argparse.Namespace) -> int:
     from sidecar.logs import configure_logging
+    from sidecar.plan import load_plan
     from sidecar.server import run_event_loop, serve
 
+    path = args.config or default_config_path()
     try:
-        loaded = load_config(args.config)
+        plan = load_plan(path)
     except ConfigError as exc:
-        print(exc.render(), file=sys.stderr)
-        return 1
-    if args.workers < 1:
-        print("sidecar run: --workers must be at least 1", file=sys.stderr)
-        return 1
-    if args.workers > 1:
+        return _cannot_start("run", exc)
+    if args.workers > 1 and args.worker_port is None:
         from sidecar.workers import Supervisor
 
-        return Supervisor(loaded, args.workers).run()
-    configure_logging(loaded.config.logging.level)
-    if args.worker_port is not None:
-        loaded = with_ports(loaded, args.worker_port, args.worker_admin_port or 0)
-        run_event_loop(serve(loaded, reuse_port=True, worker=True))
-    else:
-        run_event_loop(serve(loaded))
+        try:
+            supervisor = Supervisor(plan.loaded, args.workers)
+        except ConfigError as exc:
+            return _cannot_start("run", exc)
+        return supervisor.run()
+    configure_logging(plan.config.logging.level)
+    try:
+        if args.worker_port is not None:
+            loaded = with_ports(plan.loaded, args.worker_port, args.worker_admin_port or 0)
+            plan = dataclasses.replace(plan, loaded=loaded)
+            run_event_loop(serve(plan, reuse_port=True, worker=True))
+        else:
+            run_event_loop(serve(plan))
+    except ConfigError as exc:
+        return _cannot_start("run", exc)
     return 0
 
 
@@ -219,37 +313,64 @@ def with_ports(loaded: LoadedConfig, port: int, admin_port: int) -> LoadedConfig
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from sidecar.demo.runner import DemoPorts, run_demo
+    from sidecar.demo.runner import DemoPorts, demo_log_dir, run_demo
     from sidecar.logs import configure_logging
     from sidecar.server import run_event_loop
 
     configure_logging("info")
     ports = DemoPorts(args.port, args.model_port, args.shadow_port, args.admin_port)
     try:
-        run_event_loop(run_demo(ports))
+        run_event_loop(run_demo(ports, demo_log_dir(args.log_dir)))
+    except ConfigError as exc:
+        return _cannot_start("demo", exc)
+    return 0
+
+
+def _init(args: argparse.Namespace) -> int:
+    from sidecar.starter import write_starting_config
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        return _fail("init", f"{out} exists; pass --force to replace it, or --out FILE")
+    try:
+        text = write_starting_config(
+            out,
+            upstream=args.upstream,
+            protocol=args.protocol,
+            port=args.port,
+            health_path=args.health_path,
+        )
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
-        return 1
+        return EXIT_INPUT
     except OSError as exc:
-        print(f"sidecar demo: cannot start: {exc}", file=sys.stderr)
-        return 1
+        return _fail("init", f"{exc.filename}: {exc.strerror}")
+    routes = [line.split(":", 1)[1].strip() for line in text.splitlines() if "- name:" in line]
+    print(f"wrote {out} (valid; routes: {', '.join(routes)})")
+    print(f"next: sidecar run --config {out}")
+    return 0
+
+
+def _healthcheck(args: argparse.Namespace) -> int:
+    from sidecar.healthcheck import check_livez
+
+    problem = check_livez(args.config or default_config_path(), args.timeout)
+    if problem is not None:
+        return _fail("healthcheck", problem)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "check-config":
-        return _check_config(args.path)
-    if args.command == "run":
-        return _run(args)
-    if args.command == "demo":
-        return _demo(args)
-    if args.command == "hash-key":
-        return _hash_key(args)
-    if args.command == "baseline":
-        return _baseline(args)
-    if args.command == "shadow-report":
-        return _shadow_report(args)
-    if args.command == "join-labels":
-        return _join_labels(args)
-    raise AssertionError(f"unhandled command {args.command}")  # argparse prevents this
+    handlers = {
+        "check-config": lambda: _check_config(args.path),
+        "run": lambda: _run(args),
+        "demo": lambda: _demo(args),
+        "init": lambda: _init(args),
+        "healthcheck": lambda: _healthcheck(args),
+        "hash-key": lambda: _hash_key(args),
+        "baseline": lambda: _baseline(args),
+        "shadow-report": lambda: _shadow_report(args),
+        "join-labels": lambda: _join_labels(args),
+    }
+    return handlers[args.command]()

@@ -14,6 +14,7 @@ This is the only module that reads the process environment.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -122,6 +123,8 @@ FieldPathText = Annotated[str, AfterValidator(_check_field_path)]
 
 
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+# Binding one of these takes the port on every address, so nothing else may share it.
+_WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
 _HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
@@ -141,9 +144,28 @@ class AdminListener(_Strict):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(default=9901, ge=0, le=65535)
+    # POST /-/reload: "auto" is open on a loopback address (only this machine or pod
+    # can reach it) and needs an admin credential elsewhere; "off" leaves SIGHUP.
+    reload: Literal["auto", "open", "credential", "off"] = "auto"
+
+    @property
+    def reload_open_to_all(self) -> bool:
+        if self.reload == "auto":
+            return is_loopback(self.host)
+        return self.reload == "open"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class ServerSettings(_Strict):
+    drain_delay: Duration = 0.0
     drain_timeout: Duration = 10.0
     keepalive_timeout: Duration = 75.0
     max_body_size: ByteSize = 10 * 1024 * 1024
@@ -424,12 +446,27 @@ class RateSettings(_Strict):
     burst: int = Field(ge=1)
 
 
+def _check_digest(value: str) -> str:
+    if re.fullmatch(r"sha256:[0-9a-f]{64}", value) is None:
+        raise ValueError(
+            "must be sha256: and 64 lower-case hex digits; `sidecar hash-key KEY` "
+            "prints the digest of a key (`--generate` makes a new key)"
+        )
+    return value
+
+
+KeyDigest = Annotated[str, AfterValidator(_check_digest)]
+
+
 class ApiKey(_Strict):
     name: str = Field(pattern=_NAME_PATTERN)
-    digest: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
+    digest: KeyDigest
     routes: tuple[str, ...] = ()
     methods: tuple[str, ...] = ()
     rate_limit: RateSettings | None = None
+    # "admin": may read /health and /metrics on the main listener (when the admin
+    # listener is off) and reload the config where reloading needs a credential.
+    scopes: tuple[Literal["admin"], ...] = ()
 
 
 class JwtSettings(_Strict):
@@ -704,12 +741,11 @@ def _cross_reference_issues(config: Config) -> Iterator[ConfigIssue]:
             yield ConfigIssue(f"upstreams.{name}", "names use letters, digits, '_', '.', '-'")
     if (
         config.admin.enabled
-        and (config.admin.host, config.admin.port)
-        == (
-            config.listen.host,
-            config.listen.port,
+        and config.admin.port == config.listen.port != 0
+        and (
+            config.admin.host == config.listen.host
+            or _WILDCARD_HOSTS & {config.admin.host, config.listen.host}
         )
-        and config.listen.port != 0
     ):
         yield ConfigIssue("admin.port", "the admin listener needs a port of its own")
 
@@ -741,7 +777,10 @@ def parse_config(text: str, *, source: str, env: Mapping[str, str]) -> Config:
 
 
 def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> LoadedConfig:
-    """Read and validate a config file; ``env`` defaults to the process environment."""
+    """Read and validate a config file; ``env`` defaults to the process environment.
+
+    The files and places the config names are checked by ``sidecar.plan.load_plan``.
+    """
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -752,40 +791,21 @@ def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> Lo
     except UnicodeDecodeError:
         raise ConfigError(str(path), [ConfigIssue("", "not valid UTF-8")]) from None
     config = parse_config(text, source=str(path), env=os.environ if env is None else env)
-    loaded = LoadedConfig(
-        config=config, path=path.resolve(), sha256=hashlib.sha256(data).hexdigest()
-    )
-    issues = list(_file_issues(loaded))
-    if issues:
-        raise ConfigError(str(path), issues)
-    return loaded
-
-
-def _file_issues(loaded: LoadedConfig) -> Iterator[ConfigIssue]:
-    """Files the config names must be there (paths relative to the config's folder)."""
-    for index, route in enumerate(loaded.config.routes):
-        if route.validate_ is not None and route.validate_.schema_file is not None:
-            from sidecar.validation import SchemaError, load_schema
-
-            try:
-                load_schema(loaded.resolve(route.validate_.schema_file))
-            except SchemaError as exc:
-                yield ConfigIssue(f"routes[{index}].validate.schema", str(exc))
-        drift = route.drift
-        if drift is not None and drift.freeze_after is None:
-            baseline = loaded.resolve(drift.baseline)
-            if not baseline.is_file():
-                yield ConfigIssue(
-                    f"routes[{index}].drift.baseline",
-                    f"no such file: {baseline} (build one with `sidecar baseline`, "
-                    "or set freeze_after to freeze one from live traffic)",
-                )
+    return LoadedConfig(config=config, path=path.resolve(), sha256=hashlib.sha256(data).hexdigest())
 
 
 def render_effective(config: Config) -> str:
     """The config with every default filled in and every secret redacted, as YAML."""
     dumped = config.model_dump(mode="json", by_alias=True)
     return yaml.safe_dump(dumped, sort_keys=False, default_flow_style=False)
+
+
+DEFAULT_CONFIG_PATH = "/etc/sidecar/sidecar.yaml"
+
+
+def default_config_path() -> str:
+    """``run --config`` when not given: ``$SIDECAR_CONFIG``, else the image's path."""
+    return os.environ.get("SIDECAR_CONFIG") or DEFAULT_CONFIG_PATH
 
 
 def multiprocess_directory() -> str | None:

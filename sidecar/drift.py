@@ -181,6 +181,8 @@ class DriftMonitor:
         settings: DriftSettings,
         baseline_path: Path,
         metrics: Metrics,
+        *,
+        baseline: Baseline | None,
     ) -> None:
         self.route = route
         self.settings = settings
@@ -192,11 +194,8 @@ class DriftMonitor:
             s: deque(maxlen=settings.window) for s in self._extractor.signals
         }
         self._freezing: list[tuple[Any, Any]] = []
-        self.baseline: Baseline | None = None
-        if baseline_path.exists():
-            self.baseline = Baseline.load(baseline_path)
-        elif settings.freeze_after is None:
-            raise FileNotFoundError(f"drift baseline {baseline_path} does not exist")
+        # None: frozen from the first freeze_after responses, then written to the path.
+        self.baseline = baseline
         self.drifting: dict[str, bool] = dict.fromkeys(self._extractor.signals, False)
         self.last_psi: dict[str, float] = {}
         self._tasks = BackgroundTasks()

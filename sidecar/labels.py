@@ -63,9 +63,16 @@ class JoinReport:
     groups: dict[tuple[str, str], Group] = field(default_factory=dict)
     unlabelled: int = 0
 
+    @property
+    def unreadable(self) -> int:
+        """Labelled records whose response held no prediction the reader understands."""
+        return sum(g.unreadable for g in self.groups.values())
+
     def rows(self) -> list[dict[str, Any]]:
         out = []
         for (day, route), g in sorted(self.groups.items()):
+            if not g.joined:
+                continue
             row: dict[str, Any] = {"day": day, "route": route, "joined": g.joined}
             if self.regression:
                 row["mae"] = round(g.abs_error / g.joined, 6) if g.joined else None

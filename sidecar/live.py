@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +22,11 @@ from aiohttp import web
 
 from sidecar.app import build_handler
 from sidecar.background import BackgroundTasks
-from sidecar.config import ConfigError, LoadedConfig, load_config
+from sidecar.config import ConfigError, LoadedConfig
 from sidecar.health import LoopLagMonitor
 from sidecar.logs import Logs
 from sidecar.metrics import Metrics
+from sidecar.plan import Plan, load_plan
 from sidecar.runtime import Runtime
 from sidecar.upstreams import ConnectionPools
 
@@ -35,13 +36,15 @@ log = structlog.get_logger("sidecar.live")
 class LiveRuntime:
     def __init__(
         self,
-        loaded: LoadedConfig,
+        plan: Plan,
         *,
         metrics: Metrics,
         logs: Logs,
         pools: ConnectionPools,
         clock: Callable[[], float] = time.monotonic,
+        env: Mapping[str, str] | None = None,
     ) -> None:
+        self._env = env  # what ${VAR}s were read from at start; reloads read the same
         self._metrics = metrics
         self._logs = logs
         self._pools = pools
@@ -50,12 +53,12 @@ class LiveRuntime:
         self._reload_lock = asyncio.Lock()
         self._published: tuple[str, str] | None = None
         self.loop_lag = LoopLagMonitor(metrics)
-        self.current = self._build(loaded)
+        self.current = self._build(plan)
         self._handler = build_handler(self.current)
 
-    def _build(self, loaded: LoadedConfig) -> Runtime:
+    def _build(self, plan: Plan) -> Runtime:
         runtime = Runtime(
-            loaded, metrics=self._metrics, logs=self._logs, pools=self._pools, clock=self._clock
+            plan, metrics=self._metrics, logs=self._logs, pools=self._pools, clock=self._clock
         )
         runtime.loop_lag = self.loop_lag
         return runtime
@@ -96,20 +99,25 @@ class LiveRuntime:
         async with self._reload_lock:
             source = path or self.config_path
             try:
-                loaded = await asyncio.to_thread(load_config, source)
+                plan = await asyncio.to_thread(load_plan, source, env=self._env)
             except ConfigError as exc:
                 for issue in exc.issues:
                     log.error("config_reload_error", path=issue.path, message=issue.message)
                 self._metrics.config_reloads.labels("invalid").inc()
                 return {"result": "invalid", "errors": [str(i) for i in exc.issues]}
+            loaded = plan.loaded
             if loaded.config.logging != self.current.config.logging:
                 log.warning(
                     "config_reload_logging_unchanged",
                     message="logging settings take effect at the next restart",
                 )
-            fresh = self._build(loaded)
-            await fresh.start()
-            await fresh.upstreams.probe_all()  # readiness is known before it serves
+            fresh = self._build(plan)
+            try:
+                await fresh.start()
+                await fresh.upstreams.probe_all()  # readiness is known before it serves
+            except BaseException:
+                await fresh.stop()  # nothing of a reload that failed keeps running
+                raise
             old = self.current
             self.current, self._handler = fresh, build_handler(fresh)  # the swap
             self._publish(loaded)

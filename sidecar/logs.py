@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 import structlog
 
-from sidecar.config import LoadedConfig, PayloadLogSettings
+from sidecar.config import ConfigError, ConfigIssue, LoadedConfig, PayloadLogSettings
 from sidecar.context import add_request_fields
 from sidecar.logwriter import FileSink, LogWriter, QueueFile, Record, Sink, StreamSink, render
 from sidecar.metrics import Metrics
@@ -51,10 +51,15 @@ def configure_logging(level: str = "info") -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
 
-def _sink(loaded: LoadedConfig, path: str, max_bytes: int | None, backups: int) -> Sink:
+def _sink(loaded: LoadedConfig, key: str, path: str, max_bytes: int | None, backups: int) -> Sink:
     if path == "-":
         return StreamSink()
-    return FileSink(loaded.resolve(path), max_bytes=max_bytes or 0, backups=backups)
+    file = loaded.resolve(path)
+    try:
+        return FileSink(file, max_bytes=max_bytes or 0, backups=backups)
+    except OSError as exc:
+        issue = ConfigIssue(key, f"cannot open {file}: {exc.strerror}")
+        raise ConfigError(str(loaded.path), [issue]) from None
 
 
 def payload_renderer(settings: PayloadLogSettings, redactor: Redactor) -> Any:
@@ -94,7 +99,7 @@ class Logs:
         self.access: LogWriter | None = None
         if access.enabled:
             sink = given.get("access") or _sink(
-                loaded, access.path, access.max_bytes, access.backups
+                loaded, "logging.access_log.path", access.path, access.max_bytes, access.backups
             )
             self.access = LogWriter("access", sink, metrics, queue_size=size)
         self.payload: LogWriter | None = None
@@ -103,7 +108,13 @@ class Logs:
             self.payload = LogWriter(
                 "payload",
                 given.get("payload")
-                or _sink(loaded, payload.path, payload.max_bytes, payload.backups),
+                or _sink(
+                    loaded,
+                    "logging.payload_log.path",
+                    payload.path,
+                    payload.max_bytes,
+                    payload.backups,
+                ),
                 metrics,
                 queue_size=size,
                 renderer=payload_renderer(payload, Redactor(settings.redact_fields)),
@@ -114,7 +125,10 @@ class Logs:
             shadow = settings.shadow_log
             self.shadow = LogWriter(
                 "shadow",
-                given.get("shadow") or _sink(loaded, shadow.path, shadow.max_bytes, shadow.backups),
+                given.get("shadow")
+                or _sink(
+                    loaded, "logging.shadow_log.path", shadow.path, shadow.max_bytes, shadow.backups
+                ),
                 metrics,
                 queue_size=size,
             )

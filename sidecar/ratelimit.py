@@ -15,11 +15,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sidecar import errors
 from sidecar.config import RateLimitSettings, RateSettings
 from sidecar.metrics import Metrics
-from sidecar.shared import SharedState
+
+if TYPE_CHECKING:
+    from sidecar.shared import SharedState
 
 
 @dataclass(slots=True)

@@ -5,23 +5,26 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from sidecar.auth import Authenticator
 from sidecar.breaker import UpstreamBreaker
-from sidecar.config import LoadedConfig
 from sidecar.drift import DriftMonitor
 from sidecar.fallback import FallbackChain
 from sidecar.forwarding import RoutePath, UpstreamGuard
 from sidecar.health import LoopLagMonitor
 from sidecar.logs import Logs
 from sidecar.metrics import Metrics
+from sidecar.plan import Plan
 from sidecar.ratelimit import RateLimiter
 from sidecar.retry import RetryBudget
 from sidecar.routing import RouteTable
 from sidecar.shadow import ShadowMirror
-from sidecar.shared import BreakerSync, SharedState
 from sidecar.upstreams import ConnectionPools, Upstreams
-from sidecar.validation import RequestValidator, load_schema
+from sidecar.validation import RequestValidator
+
+if TYPE_CHECKING:
+    from sidecar.shared import BreakerSync, SharedState
 
 
 class Runtime:
@@ -33,14 +36,15 @@ class Runtime:
 
     def __init__(
         self,
-        loaded: LoadedConfig,
+        plan: Plan,
         *,
         metrics: Metrics,
         logs: Logs,
         pools: ConnectionPools,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.loaded = loaded
+        self.plan = plan
+        self.loaded = loaded = plan.loaded
         self.config = config = loaded.config
         self.metrics = metrics
         self.logs = logs
@@ -75,7 +79,11 @@ class Runtime:
             path.payload_log = self.logs.payload if route.payload_sample > 0 else None
             if route.drift is not None:
                 path.drift = DriftMonitor(
-                    route.name, route.drift, loaded.resolve(route.drift.baseline), self.metrics
+                    route.name,
+                    route.drift,
+                    loaded.resolve(route.drift.baseline),
+                    self.metrics,
+                    baseline=plan.baselines[route.name],
                 )
             if route.shadow is not None:
                 path.shadow = ShadowMirror(
@@ -86,22 +94,29 @@ class Runtime:
                     self.logs.shadow,
                 )
         self.authenticator = (
-            Authenticator(config.auth, loaded, self.metrics) if config.auth.enabled else None
+            Authenticator(config.auth, plan.jwt_public_key, self.metrics)
+            if config.auth.enabled
+            else None
         )
         if self.authenticator is not None:
             for path in self.paths.values():
                 path.credentials = self.authenticator.credential_headers
         self.key_names = frozenset(k.name for k in config.auth.api_keys)
         shared_settings = config.shared_state
-        self.shared = SharedState(shared_settings, metrics) if shared_settings else None
-        self.breaker_syncs = [
-            BreakerSync(guard.breaker, self.shared)
-            for guard in self.guards.values()
-            if guard.breaker is not None
-            and self.shared is not None
-            and shared_settings is not None
-            and shared_settings.breakers
-        ]
+        self.shared: SharedState | None = None
+        self.breaker_syncs: list[BreakerSync] = []
+        if shared_settings is not None:
+            # Imported only here: Redis is an extra (sidecar[redis]), which the plan
+            # checked is installed.
+            from sidecar.shared import BreakerSync, SharedState
+
+            self.shared = SharedState(shared_settings, metrics)
+            if shared_settings.breakers:
+                self.breaker_syncs = [
+                    BreakerSync(guard.breaker, self.shared)
+                    for guard in self.guards.values()
+                    if guard.breaker is not None
+                ]
         self.limiter = (
             RateLimiter(
                 config.rate_limit,
@@ -115,12 +130,7 @@ class Runtime:
         )
         self.validators = {
             route.name: RequestValidator(
-                route.name,
-                route.validate_,
-                load_schema(loaded.resolve(route.validate_.schema_file))
-                if route.validate_.schema_file
-                else None,
-                self.metrics,
+                route.name, route.validate_, plan.schemas.get(route.name), self.metrics
             )
             for route in config.routes
             if route.validate_ is not None

@@ -14,12 +14,13 @@ import structlog
 from aiohttp import web
 
 from sidecar.app import build_admin_app
-from sidecar.config import ConfigError, LoadedConfig, load_config
+from sidecar.config import ConfigError, ConfigIssue
 from sidecar.listener import SidecarRunner, main_runner
 from sidecar.live import LiveRuntime
 from sidecar.logs import Logs
 from sidecar.logwriter import Sink
 from sidecar.metrics import Metrics
+from sidecar.plan import Plan, load_plan
 from sidecar.runtime import Runtime
 from sidecar.upstreams import ConnectionPools
 
@@ -31,23 +32,27 @@ class RunningSidecar:
 
     ``start()`` opens the listeners; ``reload()`` swaps the config; ``stop()`` stops
     accepting, drains requests in flight, stops background work and flushes logs.
+    A listener that cannot be opened (or a log file) raises ``ConfigError`` naming
+    its key; ``stop()`` then releases whatever had started.
     """
 
     def __init__(
         self,
-        loaded: LoadedConfig,
+        plan: Plan,
         *,
         clock: Callable[[], float] = time.monotonic,
         log_sinks: Mapping[str, Sink] | None = None,
         reuse_port: bool = False,
         reload: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
+        loaded = plan.loaded
         config = loaded.config
         self.metrics = Metrics()
         self.logs = Logs(loaded, self.metrics, log_sinks)
         self.pools = ConnectionPools()
         self.live = LiveRuntime(
-            loaded, metrics=self.metrics, logs=self.logs, pools=self.pools, clock=clock
+            plan, metrics=self.metrics, logs=self.logs, pools=self.pools, clock=clock, env=env
         )
         self._reuse_port = reuse_port
         header_size, max_headers = config.server.max_header_size, config.server.max_headers
@@ -63,7 +68,11 @@ class RunningSidecar:
         self._admin: web.AppRunner | None = None
         if config.admin.enabled:
             self._admin = SidecarRunner(
-                build_admin_app(lambda: self.live.current, reload or self.live.reload),
+                build_admin_app(
+                    lambda: self.live.current,
+                    None if config.admin.reload == "off" else (reload or self.live.reload),
+                    reload_open_to_all=config.admin.reload_open_to_all,
+                ),
                 access_log=None,
                 handle_signals=False,
                 max_line_size=header_size,
@@ -84,16 +93,14 @@ class RunningSidecar:
         self.logs.start()
         await self.live.start()
         await self._main.setup()
-        await web.TCPSite(
-            self._main, config.listen.host, config.listen.port, reuse_port=self._reuse_port
-        ).start()
+        await _open(self._main, "listen", config.listen.host, config.listen.port, self._reuse_port)
         self.main_port = _bound_port(self._main)
         if self._admin is not None:
             await self._admin.setup()
             # Workers each have an admin listener; only the first binds the port.
-            await web.TCPSite(
-                self._admin, config.admin.host, config.admin.port, reuse_port=self._reuse_port
-            ).start()
+            await _open(
+                self._admin, "admin", config.admin.host, config.admin.port, self._reuse_port
+            )
             self.admin_port = _bound_port(self._admin)
 
     async def reload(self) -> dict[str, Any]:
@@ -113,35 +120,52 @@ class RunningSidecar:
         await self.logs.stop()  # last, so everything logged while stopping is written
 
 
+async def _open(runner: web.BaseRunner, key: str, host: str, port: int, reuse_port: bool) -> None:
+    try:
+        await web.TCPSite(runner, host, port, reuse_port=reuse_port).start()
+    except OSError as exc:
+        reason = (exc.strerror or str(exc)).lower()
+        issue = ConfigIssue(f"{key}.port", f"cannot listen on {host}:{port}: {reason}")
+        raise ConfigError(key, [issue]) from None
+
+
 def _bound_port(runner: web.BaseRunner) -> int:
     port: int = runner.addresses[0][1]
     return port
 
 
-async def _reload_every_worker(path: Path) -> dict[str, Any]:
+async def _reload_every_worker(path: Path, env: Mapping[str, str] | None) -> dict[str, Any]:
     """A worker asked to reload checks the file, then has the supervisor tell everyone."""
     try:
-        loaded = await asyncio.to_thread(load_config, path)
+        plan = await asyncio.to_thread(load_plan, path, env=env)
     except ConfigError as exc:
         return {"result": "invalid", "errors": [str(i) for i in exc.issues]}
     os.kill(os.getppid(), signal.SIGHUP)
-    return {"result": "ok", "sha256": loaded.sha256, "workers": "signalled"}
+    return {"result": "ok", "sha256": plan.loaded.sha256, "workers": "signalled"}
 
 
 async def serve(
-    loaded: LoadedConfig,
+    plan: Plan,
     *,
     reuse_port: bool = False,
     worker: bool = False,
+    env: Mapping[str, str] | None = None,
     on_started: Callable[[RunningSidecar], Awaitable[None]] | None = None,
 ) -> None:
-    """Serve until SIGTERM or SIGINT (reloading on SIGHUP), then drain and return."""
-    stop = asyncio.Event()
+    """Serve until SIGTERM or SIGINT (reloading on SIGHUP), then drain and return.
+
+    On SIGTERM /readyz turns 503 at once while requests are still served for
+    ``server.drain_delay`` (load balancers need that long to stop sending), then the
+    listener closes and requests in flight get ``server.drain_timeout`` to finish.
+    SIGINT (Ctrl-C) skips the delay. Raises ``ConfigError`` when it cannot start.
+    """
+    stopping: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     loop = asyncio.get_running_loop()
     running = RunningSidecar(
-        loaded,
+        plan,
         reuse_port=reuse_port,
-        reload=(lambda: _reload_every_worker(loaded.path)) if worker else None,
+        reload=(lambda: _reload_every_worker(plan.loaded.path, env)) if worker else None,
+        env=env,
     )
     reloads: set[asyncio.Task[Any]] = set()
 
@@ -150,25 +174,37 @@ async def serve(
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
+    def on_stop(signum: int) -> None:
+        if not stopping.done():
+            stopping.set_result(signum)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_stop, sig)
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
-    await running.start()
-    config = loaded.config
+    try:
+        await running.start()
+    except BaseException:
+        await running.stop()
+        raise
+    config = plan.config
     log.info(
         "sidecar_started",
         pid=os.getpid(),
         listen=f"{config.listen.host}:{running.main_port}",
         admin=f"{config.admin.host}:{running.admin_port}" if config.admin.enabled else None,
-        config=str(loaded.path),
-        config_sha256=loaded.sha256,
+        config=str(plan.loaded.path),
+        config_sha256=plan.loaded.sha256,
     )
     if on_started is not None:
         await on_started(running)
-    await stop.wait()
-    log.info("sidecar_draining", drain_timeout_s=config.server.drain_timeout)
+    signum = await stopping
     for task in reloads:
         task.cancel()
+    running.runtime.draining = True  # /readyz says 503 from now on
+    delay = config.server.drain_delay if signum == signal.SIGTERM else 0.0
+    log.info("sidecar_draining", drain_delay_s=delay, drain_timeout_s=config.server.drain_timeout)
+    if delay > 0:
+        await asyncio.sleep(delay)  # still serving: endpoints are being updated
     await running.stop()
     log.info("sidecar_stopped")
 

@@ -13,6 +13,7 @@ A worker that dies unexpectedly is restarted (at most 5 times a minute).
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -22,19 +23,56 @@ import sys
 import tempfile
 import time
 from collections import deque
+from pathlib import Path
 from types import FrameType
 
-from sidecar.config import LoadedConfig
+from sidecar.config import ConfigError, ConfigIssue, LoadedConfig
 
 _RESTARTS_PER_MINUTE = 5
+_CGROUP = Path("/sys/fs/cgroup")
 
 
-def _reserve(host: str, port: int) -> socket.socket:
+def available_cpus(cgroup: Path = _CGROUP) -> int:
+    """CPUs this process may use: the cgroup's CPU quota (what a container limit sets),
+    else the CPUs it may be scheduled on; at least 1. A pod limited to 1.5 CPUs on a
+    64-core node gets 2 workers, not 64."""
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    quota = _cgroup_quota(cgroup)
+    count = allowed or 1
+    if quota is not None:
+        count = min(count, math.ceil(quota))
+    return max(1, count)
+
+
+def _cgroup_quota(cgroup: Path) -> float | None:
+    """CPUs of quota: cgroup v2 ``cpu.max`` ("max 100000" or "150000 100000"), else v1."""
+    try:
+        quota, _, period = (cgroup / "cpu.max").read_text().partition(" ")
+        if quota.strip() == "max":
+            return None
+        return int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        v1_quota = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
+        v1_period = int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return v1_quota / v1_period if v1_quota > 0 and v1_period > 0 else None
+
+
+def _reserve(key: str, host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        reason = (exc.strerror or str(exc)).lower()
+        issue = ConfigIssue(f"{key}.port", f"cannot listen on {host}:{port}: {reason}")
+        raise ConfigError(key, [issue]) from None
     return sock
 
 
@@ -43,11 +81,17 @@ class Supervisor:
         self.loaded = loaded
         self.count = workers
         config = loaded.config
-        self._main = _reserve(config.listen.host, config.listen.port)
+        self._main = _reserve("listen", config.listen.host, config.listen.port)
         self.port = self._main.getsockname()[1]
-        self._admin = (
-            _reserve(config.admin.host, config.admin.port) if config.admin.enabled else None
-        )
+        try:
+            self._admin = (
+                _reserve("admin", config.admin.host, config.admin.port)
+                if config.admin.enabled
+                else None
+            )
+        except ConfigError:
+            self._main.close()
+            raise
         self.admin_port = self._admin.getsockname()[1] if self._admin else 0
         self._metrics_dir = tempfile.mkdtemp(prefix="sidecar-metrics-")
         self._children: list[subprocess.Popen[bytes]] = []

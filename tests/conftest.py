@@ -21,8 +21,8 @@ import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from sidecar.config import load_config
 from sidecar.logwriter import Sink
+from sidecar.plan import load_plan
 from sidecar.server import RunningSidecar
 
 LOOPBACK = "127.0.0.1"
@@ -175,8 +175,8 @@ async def start_sidecar(tmp_path: Path) -> AsyncIterator[StartSidecar]:
     ) -> SidecarHandle:
         path = tmp_path / f"sidecar-{len(started)}.yaml"
         path.write_text(yaml.safe_dump(config))
-        loaded = load_config(path, env={})
-        running = RunningSidecar(loaded, clock=clock or time.monotonic, log_sinks=log_sinks)
+        plan = load_plan(path, env={})
+        running = RunningSidecar(plan, clock=clock or time.monotonic, log_sinks=log_sinks)
         await running.start()
         handle = SidecarHandle(running, aiohttp.ClientSession(auto_decompress=False))
         started.append(handle)

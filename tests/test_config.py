@@ -22,6 +22,7 @@ from sidecar.config import (
     parse_size,
     render_effective,
 )
+from sidecar.plan import load_plan
 
 MINIMAL = """
 upstreams:
@@ -48,12 +49,28 @@ def test_minimal_config_fills_defaults() -> None:
     assert config.routes[0].timeout == 30.0
 
 
-def test_bundled_configs_are_valid() -> None:
-    for name in ("demo.yaml", "sidecar.example.yaml"):
-        loaded = load_config(
-            bundled_config_dir() / name, env={"MODEL_TOKEN": "t", "JWT_SECRET": "s" * 40}
-        )
-        assert loaded.config.routes
+EXAMPLE_ENV = {
+    "MODEL_TOKEN": "t",
+    "JWT_SECRET": "s" * 40,
+    "RANKING_SERVICE_KEY_DIGEST": "sha256:" + "ab" * 32,
+}
+
+
+def test_bundled_configs_are_valid(tmp_path: Path) -> None:
+    env = {**EXAMPLE_ENV, "SIDECAR_LOG_DIR": str(tmp_path), "SIDECAR_DEMO_LOG_DIR": str(tmp_path)}
+    for name in ("demo.yaml", "sidecar.example.yaml", "minimal.yaml"):
+        plan = load_plan(bundled_config_dir() / name, env=env)
+        assert plan.config.routes
+
+
+def test_the_example_refuses_to_start_without_its_secrets() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(bundled_config_dir() / "sidecar.example.yaml", env={})
+    assert {issue.path for issue in caught.value.issues} == {
+        "upstreams.model.headers.Authorization",
+        "auth.api_keys[0].digest",
+        "auth.jwt.secret",
+    }
 
 
 def test_config_objects_are_frozen() -> None:
@@ -264,12 +281,16 @@ def test_check_config_lists_every_error_and_exits_1(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_run_with_a_broken_config_exits_1_without_serving(tmp_path: Path) -> None:
+def test_run_with_a_broken_config_exits_2_without_serving(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text("routes: []\n")
     result = _cli("run", "--config", str(path))
-    assert result.returncode == 1
-    assert "upstreams: missing required key" in result.stderr
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2, result.stderr  # one line per problem, each naming its key
+    assert any(line.endswith("upstreams: missing required key") for line in lines)
+    assert any(line.endswith("routes: needs at least one entry") for line in lines)
+    assert all(line.startswith("sidecar run: cannot start: ") for line in lines)
 
 
 def _model_keys(model: type[Any]) -> set[str]:

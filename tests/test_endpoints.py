@@ -66,7 +66,11 @@ async def test_readyz_follows_the_cached_probe_without_calling_the_model(
     for _ in range(20):
         async with sidecar.session.get(sidecar.url + "/readyz") as resp:
             assert resp.status == 503
-            body = await resp.json()
+            # The public listener tells clients nothing about upstreams or errors.
+            assert await resp.json() == {"status": "not_ready"}
+    async with sidecar.session.get(sidecar.admin_url + "/readyz") as resp:
+        assert resp.status == 503
+        body = await resp.json()
     assert body["status"] == "not_ready"
     assert body["reasons"] == ["upstream model: /v2/health/ready answered 503"]
     async with sidecar.session.get(sidecar.admin_url + "/health") as resp:
@@ -92,7 +96,7 @@ async def test_readyz_is_503_until_the_first_probe_finishes(
     config["upstreams"]["model"]["health"]["timeout"] = "60s"  # the gate, not a timeout, decides
     sidecar = await start_sidecar(config, wait_ready=False)
     upstreams = sidecar.running.runtime.upstreams
-    async with sidecar.session.get(sidecar.url + "/readyz") as resp:
+    async with sidecar.session.get(sidecar.admin_url + "/readyz") as resp:
         assert resp.status == 503
         assert (await resp.json())["reasons"][0].startswith("starting")
     fake_model.health_gate.set()

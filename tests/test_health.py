@@ -45,7 +45,12 @@ def model_state(fake: FakeModel) -> dict[str, Any]:
 
 
 async def readyz(sidecar: Any) -> tuple[int, dict[str, Any]]:
+    """The admin listener's /readyz, with reasons; the public one must agree, bare."""
     async with sidecar.session.get(sidecar.url + "/readyz") as resp:
+        public = resp.status, await resp.json()
+    assert public[1] == {"status": "ready" if public[0] == 200 else "not_ready"}
+    async with sidecar.session.get(sidecar.admin_url + "/readyz") as resp:
+        assert resp.status == public[0]
         return resp.status, await resp.json()
 
 

@@ -18,13 +18,14 @@ import pytest
 import yaml
 from structlog.testing import capture_logs
 
-from sidecar.config import DriftSettings, bundled_config_dir, load_config
+from sidecar.config import ConfigError, DriftSettings, bundled_config_dir, load_config
 from sidecar.context import CURRENT_REQUEST, RequestContext, add_request_fields
 from sidecar.demo.traffic import demo_baseline, iris_row
 from sidecar.drift import Baseline, DriftMonitor, Histogram, build_baseline, psi
 from sidecar.labels import join, read_labels
 from sidecar.logwriter import LogWriter
 from sidecar.metrics import Metrics
+from sidecar.plan import load_plan
 from sidecar.predictions import PredictionReader
 from tests.conftest import FakeModel, StartSidecar, base_config
 from tests.test_endpoints import metric_value
@@ -256,7 +257,9 @@ async def test_drift_detected_once_then_cleared(tmp_path: Path) -> None:
     pairs = [(orjson.loads(a), orjson.loads(b)) for a, b in iris_pairs(3000, seed=1)]
     baseline_path.write_bytes(build_baseline(settings, pairs).to_json("infer"))
     metrics = Metrics()
-    monitor = DriftMonitor("infer", settings, baseline_path, metrics)
+    monitor = DriftMonitor(
+        "infer", settings, baseline_path, metrics, baseline=Baseline.load(baseline_path)
+    )
 
     with capture_logs() as logs:
         for request, response in iris_pairs(500, seed=2):
@@ -289,7 +292,7 @@ async def test_drift_detected_once_then_cleared(tmp_path: Path) -> None:
 def test_baseline_frozen_from_first_responses_is_written(tmp_path: Path) -> None:
     settings = drift_settings(freeze_after=300)
     path = tmp_path / "frozen" / "b.json"
-    monitor = DriftMonitor("infer", settings, path, Metrics())
+    monitor = DriftMonitor("infer", settings, path, Metrics(), baseline=None)
     for request, response in iris_pairs(299, seed=3):
         monitor.observe(request, response)
     assert monitor.evaluate() == {}
@@ -467,9 +470,9 @@ def test_missing_baseline_without_freezing_is_a_config_error(tmp_path: Path) -> 
     config["routes"][0]["drift"] = {"baseline": "nope.json"}
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(config))
-    with pytest.raises(Exception, match="config error") as caught:
-        load_config(path, env={})
-    assert caught.value.issues[0].path == "routes[0].drift.baseline"  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match="config error") as caught:
+        load_plan(path, env={})
+    assert caught.value.issues[0].path == "routes[0].drift.baseline"
 
 
 def test_metrics_add_up_across_worker_processes(tmp_path: Path) -> None:

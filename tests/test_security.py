@@ -430,7 +430,8 @@ async def test_schema_violation_lists_every_failing_path_and_counts_fields(
 
 
 def test_bad_schema_file_is_a_config_error(tmp_path: Path) -> None:
-    from sidecar.config import ConfigError, load_config
+    from sidecar.config import ConfigError
+    from sidecar.plan import load_plan
 
     (tmp_path / "s.json").write_text('{"type": "objekt"}')
     config = base_config("http://127.0.0.1:1")
@@ -438,7 +439,7 @@ def test_bad_schema_file_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(config))
     with pytest.raises(ConfigError) as caught:
-        load_config(path, env={})
+        load_plan(path, env={})
     assert caught.value.issues[0].path == "routes[0].validate.schema"
     assert "not a valid JSON Schema" in caught.value.issues[0].message
 

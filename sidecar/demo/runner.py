@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import tempfile
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from aiohttp import web
 
-from sidecar.config import bundled_config_dir, load_config
+from sidecar.config import ConfigError, ConfigIssue, bundled_config_dir
 from sidecar.demo.model import build_model_app, candidate_model, production_model
+from sidecar.plan import load_plan
 from sidecar.server import RunningSidecar
 
 DEMO_KEY = "demo-key"  # config/demo.yaml holds only its digest
@@ -27,7 +30,7 @@ class DemoPorts:
     admin_port: int = 9901
 
 
-def demo_environment(ports: DemoPorts) -> dict[str, str]:
+def demo_environment(ports: DemoPorts, log_dir: Path) -> dict[str, str]:
     """The variables config/demo.yaml reads, on top of the process environment."""
     return {
         **os.environ,
@@ -35,17 +38,31 @@ def demo_environment(ports: DemoPorts) -> dict[str, str]:
         "SIDECAR_DEMO_ADMIN_PORT": str(ports.admin_port),
         "SIDECAR_DEMO_MODEL_URL": f"http://127.0.0.1:{ports.model_port}",
         "SIDECAR_DEMO_SHADOW_URL": f"http://127.0.0.1:{ports.shadow_port}",
+        "SIDECAR_DEMO_LOG_DIR": str(log_dir),
     }
 
 
-async def _start_model(app: web.Application, port: int) -> web.AppRunner:
+def demo_log_dir(given: str | None) -> Path:
+    """``--log-dir``, or a fresh folder per run: two demos never share their logs."""
+    if given:
+        return Path(given).resolve()
+    return Path(tempfile.mkdtemp(prefix="sidecar-demo-"))
+
+
+async def _start_model(app: web.Application, flag: str, port: int) -> web.AppRunner:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        reason = (exc.strerror or str(exc)).lower()
+        issue = ConfigIssue(flag, f"cannot listen on 127.0.0.1:{port}: {reason}")
+        raise ConfigError("sidecar demo", [issue]) from None
     return runner
 
 
-def banner(ports: DemoPorts) -> str:
+def banner(ports: DemoPorts, log_dir: Path) -> str:
     base = f"http://127.0.0.1:{ports.port}"
     return "\n".join(
         [
@@ -54,6 +71,7 @@ def banner(ports: DemoPorts) -> str:
             f"  admin          http://127.0.0.1:{ports.admin_port}/health  and  /metrics",
             f"  model          http://127.0.0.1:{ports.model_port}   (POST /demo/chaos breaks it)",
             f"  candidate      http://127.0.0.1:{ports.shadow_port}",
+            f"  logs           {log_dir}/   (payloads.jsonl, shadow.jsonl)",
             "",
             f"the demo API key is {DEMO_KEY}; try:",
             f"  curl -i -H 'Authorization: Bearer {DEMO_KEY}' \\",
@@ -70,27 +88,42 @@ def _port(runner: web.AppRunner) -> int:
     return port
 
 
-async def run_demo(ports: DemoPorts) -> None:
-    """Serve the demo until SIGINT or SIGTERM. A port of 0 takes any free port."""
-    model = await _start_model(build_model_app(production_model()), ports.model_port)
-    candidate = await _start_model(build_model_app(candidate_model()), ports.shadow_port)
-    sidecar: RunningSidecar | None = None
+async def run_demo(ports: DemoPorts, log_dir: Path) -> None:
+    """Serve the demo until SIGINT or SIGTERM. A port of 0 takes any free port.
+
+    Raises ``ConfigError`` naming the flag of a port it cannot listen on.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    model = await _start_model(
+        build_model_app(production_model()), "--model-port", ports.model_port
+    )
+    candidate: web.AppRunner | None = None
+    sidecar: RunningSidecar | None = None
     try:
-        env = demo_environment(
-            replace(ports, model_port=_port(model), shadow_port=_port(candidate))
+        candidate = await _start_model(
+            build_model_app(candidate_model()), "--shadow-port", ports.shadow_port
         )
-        loaded = load_config(bundled_config_dir() / "demo.yaml", env=env)
-        sidecar = RunningSidecar(loaded)
-        await sidecar.start()
+        env = demo_environment(
+            replace(ports, model_port=_port(model), shadow_port=_port(candidate)), log_dir
+        )
+        plan = await asyncio.to_thread(load_plan, bundled_config_dir() / "demo.yaml", env=env)
+        # The same variables on a reload: it must keep pointing at these ports.
+        sidecar = RunningSidecar(plan, env=env)
+        try:
+            await sidecar.start()
+        except ConfigError as exc:
+            flags = {"listen.port": "--port", "admin.port": "--admin-port"}
+            issues = [ConfigIssue(flags.get(i.path, i.path), i.message) for i in exc.issues]
+            raise ConfigError("sidecar demo", issues) from None
         actual = DemoPorts(sidecar.main_port, _port(model), _port(candidate), sidecar.admin_port)
-        print(banner(actual), flush=True)
+        print(banner(actual, log_dir), flush=True)
         await stop.wait()
     finally:
         if sidecar is not None:
             await sidecar.stop()
-        await candidate.cleanup()
+        if candidate is not None:
+            await candidate.cleanup()
         await model.cleanup()
