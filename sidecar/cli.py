@@ -149,7 +149,8 @@ def _fail(command: str, message: str, code: int = EXIT_INPUT) -> int:
 def _cannot_start(command: str, exc: ConfigError) -> int:
     """One line per reason, each naming its key (or flag); exit 2."""
     for issue in exc.issues:
-        print(f"sidecar {command}: cannot start: {exc.source}: {issue}", file=sys.stderr)
+        where = "" if exc.source == f"sidecar {command}" else f"{exc.source}: "
+        print(f"sidecar {command}: cannot start: {where}{issue}", file=sys.stderr)
     return EXIT_CANNOT_START
 
 

@@ -390,11 +390,17 @@ class ShadowSettings(_Strict):
     governor: ShadowGovernor = ShadowGovernor()
 
 
+# The API a route's model server speaks: it shapes the sidecar's own error bodies
+# and how fallbacks treat request and answer ids.
+RouteProtocol = Literal["plain", "v2", "openai"]
+
+
 class Route(_Strict):
     name: str = Field(pattern=_NAME_PATTERN)
     path_prefix: str = "/"
     methods: tuple[str, ...] = ()
     upstream: str
+    protocol: RouteProtocol = "plain"
     timeout: Duration = 30.0
     per_try_timeout: Duration | None = None
     connect_timeout: Duration | None = None
@@ -594,6 +600,12 @@ class ConfigError(Exception):
         lines = [f"{self.source}: {len(self.issues)} error(s)"]
         lines += [f"  - {issue}" for issue in self.issues]
         return "\n".join(lines)
+
+
+def cannot_listen(source: str, key: str, host: str, port: int, exc: OSError) -> ConfigError:
+    """The error for a listener that could not be opened (a busy or privileged port)."""
+    reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+    return ConfigError(source, [ConfigIssue(key, f"cannot listen on {host}:{port}: {reason}")])
 
 
 @dataclass(frozen=True, slots=True)

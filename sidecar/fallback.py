@@ -62,13 +62,49 @@ class _CacheEntry:
     body: bytes
 
 
-def canonical_key(body: bytes) -> str:
-    """The same JSON written differently (key order, spaces) gives the same key."""
+def canonical_key(method: str, target: str, body: bytes, protocol: str = "plain") -> str:
+    """The same request to the same model gives the same key, whatever the JSON's key
+    order or spacing; the method and target keep two models behind one route apart.
+    A V2 request's top-level ``id`` names the request, not its inputs: it is left out."""
     try:
-        canonical = orjson.dumps(orjson.loads(body), option=orjson.OPT_SORT_KEYS)
+        document = orjson.loads(body)
     except orjson.JSONDecodeError:
         canonical = body
-    return hashlib.blake2b(canonical, digest_size=16).hexdigest()
+    else:
+        if protocol == "v2" and isinstance(document, dict):
+            document.pop("id", None)
+        canonical = orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
+    digest = hashlib.blake2b(digest_size=16)
+    for part in (method.encode(), b" ", target.encode(), b"\n", canonical):
+        digest.update(part)
+    return digest.hexdigest()
+
+
+def restamp_id(body: bytes, request_body: bytes, protocol: str, request_id: str) -> bytes:
+    """A cached answer's top-level ``id`` belonged to the request that was cached. V2
+    echoes the request's ``id``: this request's, or none when it named none. OpenAI
+    names each completion: a fresh name. Plain JSON answers are left as they are
+    (their ``id`` is data, and it was part of the cache key)."""
+    if protocol == "plain" or b'"id"' not in body:
+        return body
+    try:
+        answer = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body
+    if not isinstance(answer, dict) or "id" not in answer:
+        return body
+    if protocol == "openai":
+        answer["id"] = f"cached-{request_id}"
+        return orjson.dumps(answer)
+    try:
+        request = orjson.loads(request_body)
+    except orjson.JSONDecodeError:
+        request = None
+    if isinstance(request, dict) and "id" in request:
+        answer["id"] = request["id"]
+    else:
+        del answer["id"]
+    return orjson.dumps(answer)
 
 
 class ResponseCache:
@@ -76,8 +112,14 @@ class ResponseCache:
 
     name = "cache"
 
-    def __init__(self, settings: CacheFallback, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        settings: CacheFallback,
+        protocol: str = "plain",
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self._settings = settings
+        self._protocol = protocol
         self._clock = clock
         self._entries: OrderedDict[str, _CacheEntry] = OrderedDict()
 
@@ -85,18 +127,26 @@ class ResponseCache:
         return len(self._entries)
 
     def store(
-        self, request_body: bytes, status: int, content_type: str | None, body: bytes
+        self,
+        method: str,
+        target: str,
+        request_body: bytes,
+        status: int,
+        content_type: str | None,
+        body: bytes,
     ) -> None:
         if len(body) > self._settings.max_body_size:
             return
-        key = canonical_key(request_body)
+        key = canonical_key(method, target, request_body, self._protocol)
         self._entries[key] = _CacheEntry(self._clock(), status, content_type, body)
         self._entries.move_to_end(key)
         while len(self._entries) > self._settings.max_entries:
             self._entries.popitem(last=False)
 
-    def answer(self, request_body: bytes) -> web.Response | None:
-        key = canonical_key(request_body)
+    def answer(
+        self, method: str, target: str, request_body: bytes, request_id: str
+    ) -> web.Response | None:
+        key = canonical_key(method, target, request_body, self._protocol)
         entry = self._entries.get(key)
         if entry is None:
             return None
@@ -108,7 +158,8 @@ class ResponseCache:
         headers = CIMultiDict({FALLBACK_HEADER: self.name, "Age": str(int(age))})
         if entry.content_type:
             headers["Content-Type"] = entry.content_type
-        return web.Response(status=entry.status, body=entry.body, headers=headers)
+        body = restamp_id(entry.body, request_body, self._protocol, request_id)
+        return web.Response(status=entry.status, body=body, headers=headers)
 
 
 class RuleSet:
@@ -169,13 +220,14 @@ class FallbackChain:
         policy: FallbackPolicy,
         upstreams: Upstreams,
         clock: Callable[[], float] = time.monotonic,
+        protocol: str = "plain",
     ) -> None:
         self.triggers = frozenset(policy.triggers)
         self.cache: ResponseCache | None = None
         steps: list[Step] = []
         for step in policy.chain:
             if step.cache is not None:
-                self.cache = ResponseCache(step.cache, clock)
+                self.cache = ResponseCache(step.cache, protocol, clock)
                 steps.append(self.cache)
             elif step.rules is not None:
                 steps.append(
@@ -197,13 +249,15 @@ class FallbackChain:
         self._steps = tuple(steps)
 
     async def answer(
-        self, method: str, target: str, headers: CIMultiDict[str], body: bytes
+        self, method: str, target: str, headers: CIMultiDict[str], body: bytes, request_id: str
     ) -> web.Response | None:
         for step in self._steps:
             if isinstance(step, _Canned):
                 return step.response()
             if isinstance(step, SecondaryUpstream):
                 answer = await step.answer(method, target, headers, body)
+            elif isinstance(step, ResponseCache):
+                answer = step.answer(method, target, body, request_id)
             else:
                 answer = step.answer(body)
             if answer is not None:

@@ -263,12 +263,14 @@ async def _answer(
             answer = await relay(request, ctx, path.upstream, response)
         finally:
             response.release()
-        _record(path, ctx, body, answer)
+        _record(request, path, ctx, body, answer)
         return answer
 
     fallback = path.fallback
     if fallback is not None and _trigger(cause) in fallback.triggers:
-        replacement = await fallback.answer(request.method, call.target, call.headers, body)
+        replacement = await fallback.answer(
+            request.method, call.target, call.headers, body, ctx.request_id
+        )
         if replacement is not None:
             if isinstance(cause, ModelFailed):
                 cause.response.release()
@@ -285,7 +287,11 @@ async def _answer(
 
 
 def _record(
-    path: RoutePath, ctx: RequestContext, request_body: bytes, answer: web.StreamResponse
+    request: web.Request,
+    path: RoutePath,
+    ctx: RequestContext,
+    request_body: bytes,
+    answer: web.StreamResponse,
 ) -> None:
     """Hand a model's answer read whole to the cache, the drift window and the payload log.
 
@@ -297,7 +303,14 @@ def _record(
     body = answer.body
     if 200 <= answer.status < 300:
         if path.fallback is not None and path.fallback.cache is not None:
-            path.fallback.cache.store(request_body, answer.status, answer.content_type, body)
+            path.fallback.cache.store(
+                request.method,
+                request.raw_path,
+                request_body,
+                answer.status,
+                answer.content_type,
+                body,
+            )
         if path.drift is not None:
             path.drift.observe(request_body, body)
     if path.payload_log is not None and sampled(ctx.request_id, path.route.payload_sample):

@@ -67,7 +67,9 @@ class Runtime:
                 upstream=self.upstreams[route.upstream],
                 guard=self.guards[route.upstream],
                 fallback=(
-                    FallbackChain(route.fallback, self.upstreams, clock) if route.fallback else None
+                    FallbackChain(route.fallback, self.upstreams, clock, route.protocol)
+                    if route.fallback
+                    else None
                 ),
                 metrics=self.metrics,
                 overload_retry_after=config.server.overload_retry_after,

@@ -14,7 +14,7 @@ import structlog
 from aiohttp import web
 
 from sidecar.app import build_admin_app
-from sidecar.config import ConfigError, ConfigIssue
+from sidecar.config import ConfigError, cannot_listen
 from sidecar.listener import SidecarRunner, main_runner
 from sidecar.live import LiveRuntime
 from sidecar.logs import Logs
@@ -93,13 +93,16 @@ class RunningSidecar:
         self.logs.start()
         await self.live.start()
         await self._main.setup()
-        await _open(self._main, "listen", config.listen.host, config.listen.port, self._reuse_port)
+        source = str(self.runtime.loaded.path)
+        await _open(
+            self._main, source, "listen", config.listen.host, config.listen.port, self._reuse_port
+        )
         self.main_port = _bound_port(self._main)
         if self._admin is not None:
             await self._admin.setup()
             # Workers each have an admin listener; only the first binds the port.
             await _open(
-                self._admin, "admin", config.admin.host, config.admin.port, self._reuse_port
+                self._admin, source, "admin", config.admin.host, config.admin.port, self._reuse_port
             )
             self.admin_port = _bound_port(self._admin)
 
@@ -120,13 +123,13 @@ class RunningSidecar:
         await self.logs.stop()  # last, so everything logged while stopping is written
 
 
-async def _open(runner: web.BaseRunner, key: str, host: str, port: int, reuse_port: bool) -> None:
+async def _open(
+    runner: web.BaseRunner, source: str, key: str, host: str, port: int, reuse_port: bool
+) -> None:
     try:
         await web.TCPSite(runner, host, port, reuse_port=reuse_port).start()
     except OSError as exc:
-        reason = (exc.strerror or str(exc)).lower()
-        issue = ConfigIssue(f"{key}.port", f"cannot listen on {host}:{port}: {reason}")
-        raise ConfigError(key, [issue]) from None
+        raise cannot_listen(source, f"{key}.port", host, port, exc) from None
 
 
 def _bound_port(runner: web.BaseRunner) -> int:

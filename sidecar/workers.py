@@ -26,7 +26,7 @@ from collections import deque
 from pathlib import Path
 from types import FrameType
 
-from sidecar.config import ConfigError, ConfigIssue, LoadedConfig
+from sidecar.config import ConfigError, LoadedConfig, cannot_listen
 
 _RESTARTS_PER_MINUTE = 5
 _CGROUP = Path("/sys/fs/cgroup")
@@ -61,7 +61,7 @@ def _cgroup_quota(cgroup: Path) -> float | None:
     return v1_quota / v1_period if v1_quota > 0 and v1_period > 0 else None
 
 
-def _reserve(key: str, host: str, port: int) -> socket.socket:
+def _reserve(source: str, key: str, host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -70,9 +70,7 @@ def _reserve(key: str, host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        reason = (exc.strerror or str(exc)).lower()
-        issue = ConfigIssue(f"{key}.port", f"cannot listen on {host}:{port}: {reason}")
-        raise ConfigError(key, [issue]) from None
+        raise cannot_listen(source, f"{key}.port", host, port, exc) from None
     return sock
 
 
@@ -81,11 +79,12 @@ class Supervisor:
         self.loaded = loaded
         self.count = workers
         config = loaded.config
-        self._main = _reserve("listen", config.listen.host, config.listen.port)
+        source = str(loaded.path)
+        self._main = _reserve(source, "listen", config.listen.host, config.listen.port)
         self.port = self._main.getsockname()[1]
         try:
             self._admin = (
-                _reserve("admin", config.admin.host, config.admin.port)
+                _reserve(source, "admin", config.admin.host, config.admin.port)
                 if config.admin.enabled
                 else None
             )

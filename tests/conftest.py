@@ -254,7 +254,7 @@ class Demo:
 
 
 @pytest.fixture
-def demo() -> Iterator[Demo]:
+def demo(tmp_path: Path) -> Iterator[Demo]:
     process = subprocess.Popen(
         [
             sys.executable,
@@ -269,6 +269,8 @@ def demo() -> Iterator[Demo]:
             "0",
             "--admin-port",
             "0",
+            "--log-dir",
+            str(tmp_path / "demo-logs"),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 
 from sidecar.demo.model import (
@@ -135,21 +136,45 @@ async def test_sidecar_demo_command_serves_a_prediction(demo: Demo) -> None:
     assert await asyncio.to_thread(demo.process.wait, 30) == 0
 
 
-async def test_chaos_run_gives_every_request_an_answer() -> None:
-    """The chaos script, short: no sidecar-made 500 and no request left unanswered."""
+async def run_chaos(tmp_path: Path, *args: str) -> tuple[int, str, dict[str, Any]]:
+    out = tmp_path / "chaos.json"
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         str(CHAOS_SCRIPT),
-        "--phase-seconds",
-        "1",
-        "--concurrency",
-        "4",
+        *args,
+        "--json",
+        str(out),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
     stdout, stderr = await asyncio.wait_for(process.communicate(), 120)
-    text = stdout.decode()
-    assert process.returncode == 0, text + stderr.decode()
-    assert "sidecar-made 500s: 0   requests without an answer: 0" in text
-    fail_row = next(line for line in text.splitlines() if line.startswith("fail "))
-    assert fail_row.split()[2] == "0"  # no answer came from the failing model
+    assert process.returncode is not None
+    report: dict[str, Any] = orjson.loads(out.read_bytes())
+    return process.returncode, stdout.decode() + stderr.decode(), report
+
+
+async def test_chaos_run_shows_each_phase_as_it_should(tmp_path: Path) -> None:
+    """Model answers when it is up, fallbacks (only) while it fails or hangs, nothing
+    but 200s throughout, and every phase counted on its own."""
+    code, text, report = await run_chaos(tmp_path, "--phase-seconds", "2", "--concurrency", "4")
+    assert code == 0, text
+    assert report["problems"] == []
+    phases = {p["phase"]: p for p in report["phases"]}
+    assert list(phases) == ["ok", "fail", "hang", "slow", "ok again"]
+    for name in ("ok", "ok again"):
+        assert phases[name]["model"] > 0, name
+    for name in ("fail", "hang"):
+        assert phases[name]["model"] == 0, name
+        assert phases[name]["fallback"] == phases[name]["requests"] > 0, name
+    for phase in phases.values():
+        assert set(phase["outcomes"]) <= {"model", "fallback"}, phase
+
+
+async def test_chaos_run_fails_when_the_sidecar_refuses_its_requests(tmp_path: Path) -> None:
+    code, text, report = await run_chaos(
+        tmp_path, "--phase-seconds", "0.3", "--concurrency", "2", "--key", "not-the-key"
+    )
+    assert code == 1, text
+    assert "phase ok: no answer came from the model" in report["problems"]
+    assert any("401:unauthorized" in problem for problem in report["problems"])
+    assert "chaos run: failed" in text

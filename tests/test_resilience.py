@@ -461,6 +461,48 @@ async def test_cache_serves_the_earlier_good_answer_with_age(
         assert resp.headers["X-Sidecar-Fallback"] == "default-answer"
 
 
+async def test_cache_keeps_models_apart_and_answers_with_this_requests_id(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """One prefix route serves several models: model B never gets model A's cached
+    answer, and a cached V2 answer carries the asking request's id, not the first's."""
+    state = {"up": True}
+
+    async def v2_model(request: web.Request) -> web.Response:
+        if not state["up"]:
+            return web.json_response({"error": "down"}, status=503)
+        payload = await request.json()
+        name = request.path.split("/")[3]
+        return web.json_response({"model_name": name, "id": payload.get("id"), "outputs": []})
+
+    for name in ("a", "b"):
+        fake_model.on(f"/v2/models/{name}/infer", v2_model)
+    config = config_with(
+        fake_model.url,
+        {"protocol": "v2", "fallback": {"chain": [{"cache": {"ttl": "1h"}}, STATIC]}},
+        breaker={"enabled": False},
+    )
+    sidecar = await start_sidecar(config)
+    body = {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}
+    async with sidecar.session.post(
+        sidecar.url + "/v2/models/a/infer", json={**body, "id": "first"}
+    ) as resp:
+        assert (await resp.json())["id"] == "first"
+    state["up"] = False
+    async with sidecar.session.post(
+        sidecar.url + "/v2/models/a/infer", json={**body, "id": "second"}
+    ) as resp:
+        assert resp.headers["X-Sidecar-Fallback"] == "cache"
+        assert await resp.json() == {"model_name": "a", "id": "second", "outputs": []}
+    async with sidecar.session.post(sidecar.url + "/v2/models/a/infer", json=body) as resp:
+        assert resp.headers["X-Sidecar-Fallback"] == "cache"
+        assert "id" not in await resp.json()  # this request named none
+    async with sidecar.session.post(
+        sidecar.url + "/v2/models/b/infer", json={**body, "id": "first"}
+    ) as resp:
+        assert resp.headers["X-Sidecar-Fallback"] == "default-answer"
+
+
 async def test_secondary_upstream_answers_when_the_primary_fails(
     make_fake_model: MakeFakeModel, start_sidecar: StartSidecar
 ) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from sidecar.config import ConfigError, ConfigIssue, bundled_config_dir
+from sidecar.config import ConfigError, ConfigIssue, bundled_config_dir, cannot_listen
 from sidecar.demo.model import build_model_app, candidate_model, production_model
 from sidecar.plan import load_plan
 from sidecar.server import RunningSidecar
@@ -56,9 +56,7 @@ async def _start_model(app: web.Application, flag: str, port: int) -> web.AppRun
         await web.TCPSite(runner, "127.0.0.1", port).start()
     except OSError as exc:
         await runner.cleanup()
-        reason = (exc.strerror or str(exc)).lower()
-        issue = ConfigIssue(flag, f"cannot listen on 127.0.0.1:{port}: {reason}")
-        raise ConfigError("sidecar demo", [issue]) from None
+        raise cannot_listen("sidecar demo", flag, "127.0.0.1", port, exc) from None
     return runner
 
 

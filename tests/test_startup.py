@@ -1,0 +1,212 @@
+"""Valid means it will start: check-config checks what run needs, and run (or demo)
+turns every start-up failure into one line naming the problem and its key, exit 2."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import yaml
+
+from sidecar.auth import hash_key
+from tests.conftest import LOOPBACK, base_config, closed_port
+
+
+def cli(
+    *args: str, stdin: str | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sidecar", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        input=stdin,
+        cwd=cwd,
+        check=False,
+    )
+
+
+def write_config(tmp_path: Path, config: dict[str, Any], name: str = "sidecar.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def assert_one_line_each(result: subprocess.CompletedProcess[str], *expected: str) -> None:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == len(expected), result.stderr
+    for line, text in zip(lines, expected, strict=True):
+        assert text in line, (line, text)
+    assert "Traceback" not in result.stderr + result.stdout
+    assert "Unclosed" not in result.stderr + result.stdout
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+def test_a_busy_port_is_one_line_naming_the_key(tmp_path: Path, busy_port: int) -> None:
+    config = base_config(f"http://{LOOPBACK}:{closed_port()}")
+    config["listen"]["port"] = busy_port
+    result = cli("run", "--config", str(write_config(tmp_path, config)))
+    assert result.returncode == 2
+    assert_one_line_each(
+        result, f"listen.port: cannot listen on {LOOPBACK}:{busy_port}: address already in use"
+    )
+
+
+def test_a_busy_admin_port_is_named_too(tmp_path: Path, busy_port: int) -> None:
+    config = base_config(f"http://{LOOPBACK}:{closed_port()}")
+    config["admin"]["port"] = busy_port
+    result = cli("run", "--config", str(write_config(tmp_path, config)))
+    assert result.returncode == 2
+    assert_one_line_each(result, f"admin.port: cannot listen on {LOOPBACK}:{busy_port}")
+
+
+def test_the_demo_on_a_busy_port_names_its_flag(tmp_path: Path, busy_port: int) -> None:
+    free = ["--model-port", "0", "--shadow-port", "0", "--admin-port", "0"]
+    result = cli("demo", "--port", str(busy_port), *free, "--log-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert_one_line_each(result, f"--port: cannot listen on 127.0.0.1:{busy_port}")
+
+
+def test_an_admin_port_taken_by_a_wildcard_listener_is_a_config_error() -> None:
+    from sidecar.config import ConfigError, parse_config
+
+    text = yaml.safe_dump(
+        {
+            **base_config("http://127.0.0.1:1"),
+            "listen": {"host": "0.0.0.0", "port": 8080},
+            "admin": {"host": "127.0.0.1", "port": 8080},
+        }
+    )
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, source="t", env={})
+    assert [str(i) for i in caught.value.issues] == [
+        "admin.port: the admin listener needs a port of its own"
+    ]
+
+
+def broken_file_configs(tmp_path: Path) -> dict[str, tuple[dict[str, Any], str]]:
+    """Configs whose text is valid but that name a file or place that is not."""
+    upstream = f"http://{LOOPBACK}:{closed_port()}"
+    not_a_folder = tmp_path / "plain-file"
+    not_a_folder.write_text("x")
+    (tmp_path / "bad-baseline.json").write_text('{"histograms": ')
+    (tmp_path / "not-a-key.pem").write_text("-----BEGIN PUBLIC KEY-----\nnope\n")
+
+    jwt = base_config(upstream)
+    jwt["auth"] = {"enabled": True, "jwt": {"algorithms": ["RS256"], "public_key": "absent.pem"}}
+    bad_key = base_config(upstream)
+    bad_key["auth"] = {
+        "enabled": True,
+        "jwt": {"algorithms": ["RS256"], "public_key": "not-a-key.pem"},
+    }
+    baseline = base_config(upstream)
+    baseline["routes"][0]["drift"] = {"baseline": "bad-baseline.json"}
+    access = base_config(upstream)
+    access["logging"] = {"access_log": {"path": str(not_a_folder / "access.jsonl")}}
+    payload = base_config(upstream)
+    payload["logging"] = {"payload_log": {"path": str(tmp_path)}}  # a folder, not a file
+    host = base_config(upstream)
+    host["listen"]["host"] = "no-such-host.invalid"
+    return {
+        "missing jwt key": (jwt, "auth.jwt.public_key: cannot read"),
+        "not a key": (bad_key, "auth.jwt.public_key:"),
+        "malformed baseline": (baseline, "routes[0].drift.baseline:"),
+        "log under a file": (access, "logging.access_log.path: cannot create"),
+        "log is a folder": (payload, "logging.payload_log.path:"),
+        "unknown host": (host, "listen.host: 'no-such-host.invalid' is not an address"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing jwt key",
+        "not a key",
+        "malformed baseline",
+        "log under a file",
+        "log is a folder",
+        "unknown host",
+    ],
+)
+def test_check_config_finds_what_would_stop_run(tmp_path: Path, case: str) -> None:
+    config, expected = broken_file_configs(tmp_path)[case]
+    path = write_config(tmp_path, config)
+    checked = cli("check-config", str(path))
+    assert checked.returncode == 1
+    assert expected in checked.stderr
+    assert "Traceback" not in checked.stderr
+    ran = cli("run", "--config", str(path))
+    assert ran.returncode == 2
+    assert_one_line_each(ran, expected)
+
+
+def test_hash_key_ignores_the_line_ending_of_a_piped_key() -> None:
+    for line in ("s3cret\n", "s3cret\r\n"):
+        result = cli("hash-key", stdin=line)
+        assert result.stdout.strip() == hash_key("s3cret"), repr(line)
+
+
+def test_baseline_without_its_payload_file_is_one_line(tmp_path: Path) -> None:
+    config = base_config("http://127.0.0.1:1")
+    config["routes"][0]["drift"] = {"baseline": "b.json", "freeze_after": 100}
+    path = write_config(tmp_path, config)
+    result = cli(
+        "baseline",
+        "--config",
+        str(path),
+        "--route",
+        "all",
+        "--payloads",
+        "absent.jsonl",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    assert_one_line_each(result, "sidecar baseline: absent.jsonl: No such file or directory")
+
+
+def test_baseline_never_overwrites_a_file_unasked(tmp_path: Path) -> None:
+    config = base_config("http://127.0.0.1:1")
+    config["routes"][0]["drift"] = {"baseline": "b.json"}
+    (tmp_path / "b.json").write_text("keep me")
+    (tmp_path / "p.jsonl").write_text("")
+    path = write_config(tmp_path, config)
+    result = cli(
+        "baseline", "--config", str(path), "--route", "all", "--payloads", "p.jsonl", cwd=tmp_path
+    )
+    assert result.returncode == 1
+    assert "exists; pass --out FILE, or --force" in result.stderr
+    assert (tmp_path / "b.json").read_text() == "keep me"
+
+
+def test_join_labels_with_a_wrong_output_says_so_and_fails(tmp_path: Path) -> None:
+    record = {
+        "timestamp": "2026-11-01T10:00:00Z",
+        "request_id": "r1",
+        "route": "infer",
+        "status": 200,
+        "request": {},
+        "response": {"outputs": [{"name": "label", "data": [1]}]},
+    }
+    (tmp_path / "p.jsonl").write_bytes(orjson.dumps(record) + b"\n")
+    (tmp_path / "l.csv").write_text("request_id,label\nr1,1\n")
+    args = ["join-labels", "--payloads", "p.jsonl", "--labels", "l.csv"]
+    wrong = cli(*args, "--output", "no-such-output", cwd=tmp_path)
+    assert wrong.returncode == 1
+    assert "no prediction could be read from the 1 labelled record(s)" in wrong.stderr
+    right = cli(*args, "--output", "label", cwd=tmp_path)
+    assert right.returncode == 0, right.stderr
+    assert "infer" in right.stdout
+    assert "1.0" in right.stdout
