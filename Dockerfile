@@ -1,11 +1,19 @@
 # The sidecar as a container next to a model server.
-# Build: docker build -t sidecar .   Run: mount a config at /etc/sidecar/sidecar.yaml.
+#
+#   docker build -t sidecar .
+#   docker run -p 8080:8080 -e SIDECAR_UPSTREAM_URL=http://model:8000 sidecar
+#
+# With no config mounted it runs config/minimal.yaml, set by environment variables
+# (SIDECAR_UPSTREAM_URL, SIDECAR_UPSTREAM_HEALTH_PATH, SIDECAR_PORT, ...; see that
+# file). For your own config mount a directory at /etc/sidecar (relative schema and
+# baseline paths then resolve inside it) and point SIDECAR_CONFIG at the file.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    SIDECAR_CONFIG=/etc/sidecar/sidecar.yaml
 
 RUN groupadd --system --gid 10001 sidecar \
     && useradd --system --uid 10001 --gid sidecar --no-create-home --shell /usr/sbin/nologin sidecar
@@ -14,16 +22,23 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY sidecar ./sidecar
 COPY config ./config
-# The same install as the README's: pip installs the package from this source tree.
-# The deployment's config is mounted at /etc/sidecar/sidecar.yaml (a ConfigMap).
-RUN pip install --no-cache-dir . \
-    && rm -rf /src
+# The README's install, plus the redis extra a config's shared_state needs. Log files
+# a config names go under /var/log/sidecar, which the unprivileged user may write.
+# DL3013 asks to pin PyPI packages; this installs the local source tree.
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir ".[redis]" \
+    && rm -rf /src \
+    && mkdir -p /etc/sidecar /var/log/sidecar \
+    && chown 10001:10001 /var/log/sidecar
+COPY config/minimal.yaml /etc/sidecar/sidecar.yaml
 
 WORKDIR /
 USER 10001:10001
 EXPOSE 8080 9901
 
-HEALTHCHECK --interval=10s --timeout=2s --start-period=5s --retries=3 \
-    CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8080/livez', timeout=2).status == 200 else 1)"]
+# Follows the configured port: `sidecar healthcheck` reads it from $SIDECAR_CONFIG.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
+    CMD ["sidecar", "healthcheck"]
 
-ENTRYPOINT ["sidecar", "run", "--config", "/etc/sidecar/sidecar.yaml"]
+ENTRYPOINT ["sidecar", "run"]
+CMD ["--workers", "auto"]

@@ -809,7 +809,7 @@ def suite_soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     sidecar = start_sidecar("sidecar-full", full_config(upstream.url, workdir), workdir)
     rows = []
     with running(upstream, sidecar):
-        load_open_loop(sidecar.url, args.rate, 5.0)  # warm up
+        load_open_loop(sidecar.url, args.rate, min(5.0, args.soak_seconds))  # warm up
         start_rss = sidecar.rss_mb()
         # Minute-long runs (fewer for a short soak), each a row: RSS is read after each.
         runs = max(1, round(args.soak_seconds / 60.0))
@@ -1085,7 +1085,17 @@ def main() -> int:
         help="do not give the A/B suites' sidecars a core of their own",
     )
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run of the same suites (0.5 s measurements, one round, a 2 s soak): "
+        "checks that every contender starts and answers; its numbers mean little",
+    )
     args = parser.parse_args()
+    if args.quick:
+        args.duration = min(args.duration, 0.5)
+        args.rounds = 1
+        args.soak_seconds = min(args.soak_seconds, 2.0)
     results = {}
     with tempfile.TemporaryDirectory(prefix="sidecar-bench-") as tmp:
         for name in args.suite or ["compare", "accesslog", "shadow"]:

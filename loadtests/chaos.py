@@ -285,7 +285,9 @@ async def _run(
     print("chaos run: " + ("failed" if problems else "every phase showed what it should"))
     if json_out is not None:
         phases = [{**s.row(), "outcomes": dict(s.outcomes)} for s in all_stats]
-        json_out.write_bytes(orjson.dumps({"phases": phases, "problems": problems}))
+        await asyncio.to_thread(
+            json_out.write_bytes, orjson.dumps({"phases": phases, "problems": problems})
+        )
     return 1 if problems else 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -207,7 +208,12 @@ async def serve(
     delay = config.server.drain_delay if signum == signal.SIGTERM else 0.0
     log.info("sidecar_draining", drain_delay_s=delay, drain_timeout_s=config.server.drain_timeout)
     if delay > 0:
-        await asyncio.sleep(delay)  # still serving: endpoints are being updated
+        # Still serving while endpoints are updated; a second signal cuts it short.
+        again = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, again.set)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(again.wait(), delay)
     await running.stop()
     log.info("sidecar_stopped")
 

@@ -67,3 +67,42 @@ async def test_sigterm_with_nothing_in_flight_exits_0(
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_sigterm_turns_readyz_503_and_keeps_serving_for_the_drain_delay(
+    fake_model: FakeModel, tmp_path: Path
+) -> None:
+    """Endpoint propagation: after SIGTERM load balancers still send for a moment, so
+    /readyz says 503 at once while new requests are still answered, until the delay
+    ends; then the listener closes."""
+    config = base_config(fake_model.url, admin={"enabled": False})
+    config["server"]["drain_delay"] = "60s"  # ended by the test's second signal below
+    config_path = tmp_path / "sidecar.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    process, port, _ = await start_sidecar_process(config_path)
+    url = f"http://{LOOPBACK}:{port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(url + "/readyz") as resp:
+                assert resp.status == 200
+            process.send_signal(signal.SIGTERM)
+            assert process.stdout is not None
+            while True:
+                record = orjson.loads(await asyncio.wait_for(process.stdout.readline(), 30))
+                if record["event"] == "sidecar_draining":
+                    assert record["drain_delay_s"] == 60.0
+                    break
+            for _ in range(3):  # a new connection each time: the listener is still open
+                async with aiohttp.ClientSession() as fresh:
+                    async with fresh.get(url + "/readyz") as resp:
+                        assert resp.status == 503
+                        assert await resp.json() == {"status": "not_ready"}
+                    async with fresh.get(url + "/anything") as resp:
+                        assert resp.status == 200
+                        assert (await resp.json())["path"] == "/anything"
+            process.send_signal(signal.SIGINT)  # a second signal ends the delay
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
