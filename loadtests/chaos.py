@@ -124,8 +124,10 @@ async def classify(response: aiohttp.ClientResponse) -> str:
     if response.status == 200:
         return "fallback" if "X-Sidecar-Fallback" in response.headers else "model"
     try:
-        error = orjson.loads(body)["error"]
-        error_type = error["type"] if isinstance(error, dict) else "error"
+        payload = orjson.loads(body)
+        error = payload["error"]
+        # V2 routes give the error as a string with the type beside it.
+        error_type = error["type"] if isinstance(error, dict) else payload["type"]
     except (orjson.JSONDecodeError, KeyError, TypeError):
         error_type = "model_error"  # the model's own answer, passed through
     return f"{response.status}:{error_type}"

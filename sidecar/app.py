@@ -6,9 +6,9 @@
     routing         refuse tricky targets (400); pick the configured route (404/405)
     auth            API key or JWT -> principal (401), allowed route? (403)
     rate limit      token bucket per principal and overall (429 + Retry-After)
-    admission       in-flight caps: 503 overloaded (or the fallback) past them
     body            read within the limit (413); content type (415); JSON (400);
                     schema (422)
+    admission       in-flight caps: 503 overloaded (or the fallback) past them
     handler         forward = fallback(breaker(retry(send))), relay the answer
 
 Nobody adds a middleware anywhere else.
@@ -36,14 +36,18 @@ def pipeline(runtime: Runtime) -> list[Middleware]:
         middlewares.routing(runtime=runtime, own=own_endpoints(runtime)),
     ]
     if runtime.authenticator is not None:
-        stages.append(middlewares.authentication(authenticator=runtime.authenticator))
+        stages.append(
+            middlewares.authentication(authenticator=runtime.authenticator, limiter=runtime.limiter)
+        )
     if runtime.limiter is not None:
         stages.append(
             middlewares.rate_limiting(limiter=runtime.limiter, key_names=runtime.key_names)
         )
     stages += [
-        middlewares.admission(runtime=runtime),
+        # The body first: a slot in flight is taken only by a request that has all of
+        # its body, so slow uploaders cannot fill a route while they trickle.
         middlewares.request_body(runtime=runtime),
+        middlewares.admission(runtime=runtime),
     ]
     return stages
 

@@ -109,8 +109,24 @@ def format_rate(per_second: float) -> str:
     return f"{per_second:g}/s"
 
 
+def _positive(value: float) -> float:
+    if value <= 0:
+        raise ValueError("must be more than zero")
+    return value
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(format_duration)]
-Rate = Annotated[float, BeforeValidator(parse_rate), PlainSerializer(format_rate)]
+# Timeouts, intervals and rates: zero would mean every request times out, a busy
+# loop, or a division by zero, so it is refused where the config is read.
+PositiveDuration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    AfterValidator(_positive),
+    PlainSerializer(format_duration),
+]
+Rate = Annotated[
+    float, BeforeValidator(parse_rate), AfterValidator(_positive), PlainSerializer(format_rate)
+]
 ByteSize = Annotated[int, BeforeValidator(parse_size), PlainSerializer(format_size)]
 
 
@@ -167,7 +183,7 @@ def is_loopback(host: str) -> bool:
 class ServerSettings(_Strict):
     drain_delay: Duration = 0.0
     drain_timeout: Duration = 10.0
-    keepalive_timeout: Duration = 75.0
+    keepalive_timeout: PositiveDuration = 75.0
     max_body_size: ByteSize = 10 * 1024 * 1024
     max_in_flight: int | None = Field(default=None, ge=1)
     overload_retry_after: Duration = 1.0
@@ -186,19 +202,26 @@ class ShadowCompare(_Strict):
     min_cosine: float = Field(default=0.99, ge=-1.0, le=1.0)
     max_body_size: ByteSize = 1024 * 1024
 
+    @model_validator(mode="after")
+    def _path_for_json_path(self) -> ShadowCompare:
+        if self.protocol == "json_path" and not self.json_path:
+            raise ValueError("protocol json_path needs json_path")
+        return self
+
 
 class CanarySettings(_Strict):
     path: str
     method: Literal["GET", "POST"] = "POST"
-    body: Any = None
+    body: Any = None  # sent as JSON, with Content-Type: application/json
+    headers: dict[str, str] = Field(default_factory=dict)  # besides the upstream's own
     expect: Any
     compare: ShadowCompare = ShadowCompare()
 
 
 class UpstreamHealth(_Strict):
     path: str = "/v2/health/ready"
-    interval: Duration = 5.0
-    timeout: Duration = 2.0
+    interval: PositiveDuration = 5.0
+    timeout: PositiveDuration = 2.0
     models: tuple[str, ...] = ()
     model_ready_path: str = "/v2/models/{name}/ready"
     canary: CanarySettings | None = None
@@ -211,10 +234,18 @@ class UpstreamHealth(_Strict):
         return path
 
 
+HttpStatus = Annotated[int, Field(ge=100, le=599)]
+# The model being unavailable, as opposed to answering: what opens a breaker and what
+# a fallback answers for. A 500 or a 4xx is the model's answer to this input.
+UNAVAILABLE_STATUSES = (502, 503, 504)
+
+
 class BreakerSettings(_Strict):
     enabled: bool = True
     failures: int = Field(default=5, ge=1)
-    reset_timeout: Duration = 10.0
+    # Answers counted as failures, besides connect errors and timeouts.
+    failure_statuses: tuple[HttpStatus, ...] = UNAVAILABLE_STATUSES
+    reset_timeout: PositiveDuration = 10.0
     half_open_probes: int = Field(default=1, ge=1)
 
 
@@ -223,11 +254,20 @@ class RetryBudgetSettings(_Strict):
     min_retries: int = Field(default=3, ge=0)
 
 
+class RequestIdForwarding(_Strict):
+    # The header that carries the request id to this upstream (null: none is sent),
+    # and its form: the id the client sees, or a UUID (some servers, llama.cpp among
+    # them, refuse anything else). The client's id stays in logs and in the answer.
+    header: str | None = "X-Request-ID"
+    format: Literal["as_received", "uuid"] = "as_received"
+
+
 class Upstream(_Strict):
     url: str
+    request_id: RequestIdForwarding = RequestIdForwarding()
     max_connections: int = Field(default=100, ge=1, le=100_000)
-    connect_timeout: Duration = 1.0
-    read_timeout: Duration = 30.0
+    connect_timeout: PositiveDuration = 1.0
+    read_timeout: PositiveDuration = 30.0
     headers: dict[str, SecretStr] = Field(default_factory=dict)
     health: UpstreamHealth = UpstreamHealth()
     breaker: BreakerSettings = BreakerSettings()
@@ -281,13 +321,13 @@ class StaticFallback(Answer):
 
 class CacheFallback(_Strict):
     max_entries: int = Field(default=1000, ge=1)
-    ttl: Duration = 300.0
+    ttl: PositiveDuration = 300.0
     max_body_size: ByteSize = 64 * 1024
 
 
 class UpstreamFallback(_Strict):
     name: str
-    timeout: Duration = 1.0
+    timeout: PositiveDuration = 1.0
 
 
 FallbackTrigger = Literal["circuit_open", "upstream_error", "timeout", "overloaded"]
@@ -317,6 +357,8 @@ class FallbackPolicy(_Strict):
         "timeout",
         "overloaded",
     )
+    # A model's answer with one of these statuses counts as upstream_error.
+    statuses: tuple[HttpStatus, ...] = UNAVAILABLE_STATUSES
     chain: tuple[FallbackStep, ...]
 
     @field_validator("chain")
@@ -340,7 +382,7 @@ class DriftSettings(_Strict):
     freeze_after: int | None = Field(default=None, ge=10)
     window: int = Field(default=1000, ge=10)
     min_samples: int = Field(default=100, ge=1)
-    interval: Duration = 10.0
+    interval: PositiveDuration = 10.0
     bins: int = Field(default=10, ge=2, le=100)
     threshold: float = Field(default=0.2, gt=0.0)
     clear_below: float = Field(default=0.1, ge=0.0)
@@ -371,7 +413,7 @@ class ValidationSettings(_Strict):
 
 class ShadowGovernor(_Strict):
     enabled: bool = True
-    interval: Duration = 10.0
+    interval: PositiveDuration = 10.0
     min_samples: int = Field(default=20, ge=1)
     max_shadow_failure_rate: float = Field(default=0.5, ge=0.0, le=1.0)
     max_latency_increase: float = Field(default=0.25, ge=0.0)
@@ -384,7 +426,7 @@ class ShadowGovernor(_Strict):
 class ShadowSettings(_Strict):
     upstream: str
     fraction: float = Field(default=0.1, ge=0.0, le=1.0)
-    timeout: Duration = 5.0
+    timeout: PositiveDuration = 5.0
     max_in_flight: int = Field(default=32, ge=1)
     compare: ShadowCompare = ShadowCompare()
     governor: ShadowGovernor = ShadowGovernor()
@@ -401,9 +443,10 @@ class Route(_Strict):
     methods: tuple[str, ...] = ()
     upstream: str
     protocol: RouteProtocol = "plain"
-    timeout: Duration = 30.0
-    per_try_timeout: Duration | None = None
-    connect_timeout: Duration | None = None
+    timeout: PositiveDuration = 30.0
+    per_try_timeout: PositiveDuration | None = None
+    connect_timeout: PositiveDuration | None = None
+    idle_timeout: PositiveDuration | None = None  # default: the upstream's read_timeout
     retryable: bool = False
     retry: RetryPolicy = RetryPolicy()
     max_body_size: ByteSize | None = None
@@ -482,6 +525,8 @@ class JwtSettings(_Strict):
     issuer: str | None = None
     audience: str | None = None
     principal_claim: str = "sub"
+    # Tokens whose space-separated "scope" claim holds this may use admin endpoints.
+    admin_scope: str | None = None
     leeway: Duration = 30.0
     routes: tuple[str, ...] = ()
     methods: tuple[str, ...] = ()
@@ -522,11 +567,11 @@ class RateLimitSettings(_Strict):
 class SharedStateSettings(_Strict):
     redis_url: SecretStr
     key_prefix: str = "sidecar"
-    timeout: Duration = 0.1
-    retry_after: Duration = 5.0
+    timeout: PositiveDuration = 0.1
+    retry_after: PositiveDuration = 5.0
     rate_limits: bool = True
     breakers: bool = True
-    sync_interval: Duration = 1.0
+    sync_interval: PositiveDuration = 1.0
 
     @field_validator("redis_url")
     @classmethod
@@ -537,9 +582,12 @@ class SharedStateSettings(_Strict):
 
 
 class HealthSettings(_Strict):
-    max_loop_lag: Duration = 0.5
+    max_loop_lag: PositiveDuration = 0.5
     max_log_queue_fill: float = Field(default=0.9, gt=0.0, le=1.0)
     degraded_is_ready: bool = True
+    # A log sink that fails (a full disk, a closed stdout) makes the sidecar degraded,
+    # or not ready: the requests themselves are still answered either way.
+    log_failure: Literal["degraded", "not_ready"] = "degraded"
 
 
 class LoggingSettings(_Strict):
@@ -719,11 +767,6 @@ def _cross_reference_issues(config: Config) -> Iterator[ConfigIssue]:
                 yield ConfigIssue(where, f"no upstream named {route.shadow.upstream!r}")
             elif route.shadow.upstream == route.upstream:
                 yield ConfigIssue(where, "the shadow upstream must differ from the route's")
-            if route.shadow.compare.protocol == "json_path" and not route.shadow.compare.json_path:
-                yield ConfigIssue(
-                    f"routes[{index}].shadow.compare.json_path",
-                    "protocol json_path needs json_path",
-                )
         if route.fallback is not None:
             for step_index, step in enumerate(route.fallback.chain):
                 if step.upstream is None:

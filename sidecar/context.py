@@ -17,7 +17,8 @@ from sidecar.metrics import OUTCOME_OK
 
 @dataclass(slots=True)
 class RequestContext:
-    request_id: str
+    request_id: str  # the id the client sees: theirs when sane, else sidecar_id
+    sidecar_id: str  # ours, unique for every request (clients may reuse theirs)
     traceparent: str
     trace_id: str
     started: float = field(default_factory=time.perf_counter)
@@ -79,6 +80,7 @@ def add_request_fields(
     ctx = CURRENT_REQUEST.get()
     if ctx is not None:
         event.setdefault("request_id", ctx.request_id)
+        event.setdefault("sidecar_id", ctx.sidecar_id)
         event.setdefault("trace_id", ctx.trace_id)
         if ctx.principal is not None:
             event.setdefault("principal", ctx.principal)

@@ -143,19 +143,45 @@ class UpstreamTimeout(SidecarError):
 
 
 def error_body(
-    error_type: str, message: str, request_id: str, details: list[dict[str, str]] | None = None
+    error_type: str,
+    message: str,
+    request_id: str,
+    details: list[dict[str, str]] | None = None,
+    protocol: str = "plain",
 ) -> bytes:
-    error: dict[str, object] = {"type": error_type, "message": message, "request_id": request_id}
+    """The error in the shape the route's clients read.
+
+    plain   {"error": {"type", "message", "request_id", "details"?}}
+    v2      {"error": "message", "type", "request_id", ...}: the Open Inference
+            Protocol's error is a string, which tritonclient and KServe clients print
+    openai  {"error": {"message", "type", "param", "code", "request_id"}}: OpenAI's
+            error object, which the openai package turns into its exceptions
+    """
+    if protocol == "v2":
+        body: dict[str, object] = {"error": message, "type": error_type, "request_id": request_id}
+        if details:
+            body["details"] = details
+        return orjson.dumps(body)
+    if protocol == "openai":
+        error = {
+            "message": message,
+            "type": error_type,
+            "param": None,
+            "code": error_type,
+            "request_id": request_id,
+        }
+        return orjson.dumps({"error": error})
+    plain: dict[str, object] = {"type": error_type, "message": message, "request_id": request_id}
     if details:
-        error["details"] = details
-    return orjson.dumps({"error": error})
+        plain["details"] = details
+    return orjson.dumps({"error": plain})
 
 
-def error_response(error: SidecarError, request_id: str) -> web.Response:
+def error_response(error: SidecarError, request_id: str, protocol: str = "plain") -> web.Response:
     """The JSON error body of DESIGN.md, with the request id in body and header."""
     response = web.Response(
         status=error.status,
-        body=error_body(error.type, error.message, request_id, error.details),
+        body=error_body(error.type, error.message, request_id, error.details, protocol),
         content_type="application/json",
         headers=error.headers,
     )

@@ -26,6 +26,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from sidecar.config import Answer, CacheFallback, FallbackPolicy, UpstreamFallback
+from sidecar.proxy import UpstreamCall
 from sidecar.rules import Predicate, compile_condition
 from sidecar.upstreams import UpstreamClient, Upstreams
 
@@ -182,17 +183,16 @@ class SecondaryUpstream:
         self.upstream = upstream
         self.timeout = settings.timeout
 
-    async def answer(
-        self, method: str, target: str, headers: CIMultiDict[str], body: bytes
-    ) -> web.Response | None:
+    async def answer(self, call: UpstreamCall) -> web.Response | None:
         try:
             async with (
                 asyncio.timeout(self.timeout),
                 self.upstream.session.request(
-                    method,
-                    self.upstream.url_for(target),
-                    headers=headers,
-                    data=body or None,
+                    call.method,
+                    self.upstream.url_for(call.target),
+                    # This upstream's own headers and deadline, never the primary's.
+                    headers=self.upstream.headers_for(call, self.timeout),
+                    data=call.body or None,
                     allow_redirects=False,
                 ) as response,
             ):
@@ -223,6 +223,7 @@ class FallbackChain:
         protocol: str = "plain",
     ) -> None:
         self.triggers = frozenset(policy.triggers)
+        self.statuses = frozenset(policy.statuses)
         self.cache: ResponseCache | None = None
         steps: list[Step] = []
         for step in policy.chain:
@@ -248,16 +249,14 @@ class FallbackChain:
                 steps.append(SecondaryUpstream(upstreams[step.upstream.name], step.upstream))
         self._steps = tuple(steps)
 
-    async def answer(
-        self, method: str, target: str, headers: CIMultiDict[str], body: bytes, request_id: str
-    ) -> web.Response | None:
+    async def answer(self, call: UpstreamCall, body: bytes) -> web.Response | None:
         for step in self._steps:
             if isinstance(step, _Canned):
                 return step.response()
             if isinstance(step, SecondaryUpstream):
-                answer = await step.answer(method, target, headers, body)
+                answer = await step.answer(call)
             elif isinstance(step, ResponseCache):
-                answer = step.answer(method, target, body, request_id)
+                answer = step.answer(call.method, call.target, body, call.request_id)
             else:
                 answer = step.answer(body)
             if answer is not None:

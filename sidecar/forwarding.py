@@ -80,14 +80,30 @@ class RoutePath:
     def __post_init__(self) -> None:
         if self.route.connect_timeout is not None:
             self.client_timeout = aiohttp.ClientTimeout(
-                total=None,
-                sock_connect=self.route.connect_timeout,
-                sock_read=self.upstream.config.read_timeout,
+                total=None, sock_connect=self.route.connect_timeout
             )
 
     @property
     def per_try_timeout(self) -> float:
         return self.route.per_try_timeout or self.route.timeout
+
+    @property
+    def idle_timeout(self) -> float:
+        return self.route.idle_timeout or self.upstream.config.read_timeout
+
+    @property
+    def failure_statuses(self) -> tuple[int, ...]:
+        """Answers that mean the model is unavailable: breaker failures."""
+        return self.upstream.config.breaker.failure_statuses
+
+    def falls_back_on(self, status: int) -> bool:
+        """A model's answer with this status is replaced by the fallback."""
+        fallback = self.fallback
+        return (
+            fallback is not None
+            and "upstream_error" in fallback.triggers
+            and status in fallback.statuses
+        )
 
     @property
     def sheds_to_fallback(self) -> bool:
@@ -125,13 +141,19 @@ async def _discard(response: aiohttp.ClientResponse) -> None:
 async def _with_retries(
     path: RoutePath, ctx: RequestContext, call: UpstreamCall, probe: bool
 ) -> aiohttp.ClientResponse:
-    """Attempts until an answer worth relaying; raises BreakerFailure otherwise."""
+    """Attempts until an answer worth relaying. Raises ``BreakerFailure`` when the
+    upstream was unavailable: a connect error, a timeout, or a status the breaker
+    counts (502, 503, 504 by default). Any other answer, a 500 or a 4xx for input the
+    model rejected, is the model's answer and is returned (after retries, when the
+    route retries its status)."""
     route, upstream, budget = path.route, path.upstream, path.guard.budget
     policy = route.retry
+    unavailable = path.failure_statuses
     # A half-open probe asks one question: is the model back? It is never retried.
     max_attempts = policy.attempts if route.retryable and not probe else 1
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + route.timeout
+    started_at = loop.time()
+    deadline = started_at + route.timeout
     budget.active_requests += 1
     holding_retry = False
     try:
@@ -154,10 +176,10 @@ async def _with_retries(
                 retryable = exc.retryable
             else:
                 path.metrics.observe_upstream(upstream.name, time.perf_counter() - started)
-                if response.status < 500:
+                retryable = response.status in policy.on_statuses
+                if not retryable and response.status not in unavailable:
                     return response
                 failure = ModelFailed(response)
-                retryable = response.status in policy.on_statuses
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
 
             delay = max(backoff_delay(policy, attempt, path.rng), retry_after or 0.0)
@@ -169,11 +191,11 @@ async def _with_retries(
                 path.metrics.retry_budget_exhausted.labels(upstream.name).inc()
                 give_up = True
             if give_up:
-                if isinstance(failure, errors.UpstreamTimeout) and remaining < path.per_try_timeout:
-                    failure = errors.UpstreamTimeout(
-                        f"upstream {upstream.name!r} did not answer within the route's "
-                        f"{route.timeout:g}s deadline ({attempt} attempt(s))"
-                    )
+                if isinstance(failure, ModelFailed):
+                    if failure.response.status not in unavailable:
+                        return failure.response  # the model's own answer, retried
+                elif isinstance(failure, errors.UpstreamTimeout):
+                    failure = _timed_out(path, attempt, loop.time() - started_at)
                 raise BreakerFailure(failure)
             holding_retry = True
             path.metrics.retries.labels(upstream.name, _retry_reason(failure)).inc()
@@ -184,6 +206,19 @@ async def _with_retries(
         budget.active_requests -= 1
         if holding_retry:
             budget.release()
+
+
+def _timed_out(path: RoutePath, attempts: int, waited: float) -> errors.UpstreamTimeout:
+    """The client's 504 names the whole wait, and which limit ended it."""
+    name, route = path.upstream.name, path.route
+    if waited >= route.timeout * 0.99:
+        limit = f"the route's {route.timeout:g}s deadline"
+    else:
+        limit = f"{path.per_try_timeout:g}s per attempt"
+    return errors.UpstreamTimeout(
+        f"upstream {name!r} did not start answering: waited {waited:.3g}s over "
+        f"{attempts} attempt(s), {limit}"
+    )
 
 
 def _retry_reason(failure: errors.SidecarError | ModelFailed) -> str:
@@ -201,8 +236,9 @@ async def forward(request: web.Request, ctx: RequestContext, path: RoutePath) ->
     call = UpstreamCall(
         method=request.method,
         target=request.raw_path,
-        headers=upstream_request_headers(request, ctx, path.upstream, path.credentials),
+        headers=upstream_request_headers(request, ctx, path.credentials),
         body=body if body or request.body_exists else None,
+        request_id=ctx.request_id,
     )
     mirror = path.shadow
     if mirror is None:
@@ -259,28 +295,34 @@ async def _answer(
     except (errors.CircuitOpen, errors.Overloaded) as exc:
         cause = exc
     else:
-        try:
-            answer = await relay(request, ctx, path.upstream, response)
-        finally:
-            response.release()
-        _record(request, path, ctx, body, answer)
-        return answer
+        if path.falls_back_on(response.status):
+            cause = ModelFailed(response)
+        else:
+            try:
+                answer = await relay(request, ctx, path.upstream, response, path.idle_timeout)
+            finally:
+                response.release()
+            _record(request, path, ctx, body, answer)
+            return answer
 
     fallback = path.fallback
-    if fallback is not None and _trigger(cause) in fallback.triggers:
-        replacement = await fallback.answer(
-            request.method, call.target, call.headers, body, ctx.request_id
-        )
+    if (
+        fallback is not None
+        and _trigger(cause) in fallback.triggers
+        and (not isinstance(cause, ModelFailed) or path.falls_back_on(cause.response.status))
+    ):
+        replacement = await fallback.answer(call, body)
         if replacement is not None:
             if isinstance(cause, ModelFailed):
                 cause.response.release()
             rule = replacement.headers.get("X-Sidecar-Fallback", "")
             ctx.outcome, ctx.fallback_rule = OUTCOME_FALLBACK, rule
+            ctx.bytes_out = len(replacement.body) if isinstance(replacement.body, bytes) else 0
             path.metrics.fallbacks.labels(path.route.name, rule).inc()
             return replacement
     if isinstance(cause, ModelFailed):
         try:
-            return await relay(request, ctx, path.upstream, cause.response)
+            return await relay(request, ctx, path.upstream, cause.response, path.idle_timeout)
         finally:
             cause.response.release()
     raise cause
@@ -313,7 +355,7 @@ def _record(
             )
         if path.drift is not None:
             path.drift.observe(request_body, body)
-    if path.payload_log is not None and sampled(ctx.request_id, path.route.payload_sample):
+    if path.payload_log is not None and sampled(path.route.payload_sample):
         path.payload_log.submit(
             {
                 "timestamp": time.time(),

@@ -21,11 +21,11 @@ def new_request_id() -> str:
     return _random_hex(128)
 
 
-def accept_request_id(client_value: str | None) -> str:
-    """The client's id when it is safe to log and echo, else a fresh one."""
+def accept_request_id(client_value: str | None, ours: str | None = None) -> str:
+    """The client's id when it is safe to log and echo, else ours (or a fresh one)."""
     if client_value is not None and _SAFE_REQUEST_ID.fullmatch(client_value):
         return client_value
-    return new_request_id()
+    return ours or new_request_id()
 
 
 def accept_traceparent(client_value: str | None) -> tuple[str, str]:

@@ -50,6 +50,7 @@ OUTCOME_MODEL_ERROR = "model_error"  # the model answered with a 5xx, passed thr
 OUTCOME_REJECTED = "rejected"  # the sidecar refused the request (4xx of its own)
 OUTCOME_UPSTREAM_FAILED = "upstream_failed"  # no usable answer: 502/504 of the sidecar
 OUTCOME_ABORTED = "aborted"  # the upstream failed after the response had started
+OUTCOME_CLIENT_CLOSED = "client_closed"  # the client went away before the answer ended
 OUTCOME_OVERLOADED = "overloaded"  # shed or circuit open without a fallback
 OUTCOME_FALLBACK = "fallback"  # answered by a fallback rule instead of the model
 OUTCOME_ERROR = "error"  # a bug in the sidecar (500)

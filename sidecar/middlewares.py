@@ -19,7 +19,7 @@ from sidecar.context import CURRENT_REQUEST, REQUEST_CONTEXT, RequestContext
 from sidecar.guard import REFUSED_METHODS, check_framing, check_target
 from sidecar.identity import accept_request_id, accept_traceparent, new_request_id
 from sidecar.logwriter import LogWriter
-from sidecar.metrics import OUTCOME_OWN, Metrics
+from sidecar.metrics import OUTCOME_ERROR, OUTCOME_OWN, Metrics
 from sidecar.proxy import read_body
 from sidecar.ratelimit import RateLimiter
 from sidecar.runtime import Runtime
@@ -43,7 +43,10 @@ def error_boundary() -> Middleware:
             log.exception("unhandled_error", path=request.path)
             error = errors.InternalError("the sidecar failed to handle this request")
         ctx = request.get(REQUEST_CONTEXT)
-        response = errors.error_response(error, ctx.request_id if ctx else new_request_id())
+        protocol = ctx.route.protocol if ctx is not None and ctx.route is not None else "plain"
+        response = errors.error_response(
+            error, ctx.request_id if ctx else new_request_id(), protocol
+        )
         if ctx is not None:
             ctx.stamp(response.headers)
         if error.close_connection:
@@ -75,9 +78,17 @@ def request_identity() -> Middleware:
     @web.middleware
     async def identity(request: web.Request, handler: Handler) -> web.StreamResponse:
         headers = request.headers
-        request_id = accept_request_id(headers.get("X-Request-ID"))
+        # The client's id is kept for correlation (answer, upstream, payload log), but
+        # clients may reuse one: sidecar_id, ours, is unique in every log line.
+        sidecar_id = new_request_id()
+        request_id = accept_request_id(headers.get("X-Request-ID"), sidecar_id)
         traceparent, trace_id = accept_traceparent(headers.get("traceparent"))
-        ctx = RequestContext(request_id=request_id, traceparent=traceparent, trace_id=trace_id)
+        ctx = RequestContext(
+            request_id=request_id,
+            sidecar_id=sidecar_id,
+            traceparent=traceparent,
+            trace_id=trace_id,
+        )
         request[REQUEST_CONTEXT] = ctx
         CURRENT_REQUEST.set(ctx)  # log lines from here on carry its ids
         response = await handler(request)
@@ -99,9 +110,15 @@ def observe(*, metrics: Metrics, access_log: LogWriter | None) -> Middleware:
         try:
             response = await handler(request)
             status = response.status
+            if not ctx.bytes_out and isinstance(response, web.Response):
+                body = response.body
+                ctx.bytes_out = len(body) if isinstance(body, bytes) else 0
             return response
         except errors.SidecarError as exc:
             status, ctx.outcome = exc.status, exc.outcome
+            raise
+        except Exception:
+            ctx.outcome = OUTCOME_ERROR  # a bug of ours: the boundary answers 500
             raise
         finally:
             duration = time.perf_counter() - ctx.started
@@ -114,6 +131,7 @@ def observe(*, metrics: Metrics, access_log: LogWriter | None) -> Middleware:
                         "event": "request",
                         "timestamp": time.time(),
                         "request_id": ctx.request_id,
+                        "sidecar_id": ctx.sidecar_id,
                         "trace_id": ctx.trace_id,
                         "route": ctx.route_name,
                         "method": request.method,
@@ -210,8 +228,11 @@ def admission(*, runtime: Runtime) -> Middleware:
 _PROTECTED_OWN = frozenset({"health", "metrics"})
 
 
-def authentication(*, authenticator: Authenticator) -> Middleware:
-    """401 without valid credentials, 403 for a route the principal may not use."""
+def authentication(*, authenticator: Authenticator, limiter: RateLimiter | None) -> Middleware:
+    """401 without valid credentials, 403 for a route the principal may not use (or
+    an operator's endpoint without the admin scope). A failed attempt takes a token
+    from the global bucket too: a flood of bad keys is rate limited (429) like
+    any other traffic."""
 
     @web.middleware
     async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -220,12 +241,19 @@ def authentication(*, authenticator: Authenticator) -> Middleware:
         if route is None and ctx.own_name not in _PROTECTED_OWN:
             return await handler(request)  # /livez and /readyz stay open
         header = authenticator.settings.header
-        principal = authenticator.authenticate(
-            request.headers.get("Authorization"),
-            request.headers.get(header) if header else None,
-        )
+        try:
+            principal = authenticator.authenticate(
+                request.headers.get("Authorization"),
+                request.headers.get(header) if header else None,
+            )
+        except errors.Unauthorized:
+            if limiter is not None:
+                await limiter.check_failed_auth()
+            raise
         if route is not None:
             authenticator.authorize(principal, route.name, request.method)
+        else:
+            authenticator.require_admin(principal, f"read {request.path}")
         ctx.principal = principal.name
         return await handler(request)
 

@@ -8,6 +8,7 @@ a small response with a known length is read in one piece, which is cheaper.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 from dataclasses import dataclass
 
@@ -18,8 +19,13 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar import errors
 from sidecar.context import RequestContext
-from sidecar.metrics import OUTCOME_ABORTED, OUTCOME_MODEL_ERROR, OUTCOME_OK
-from sidecar.upstreams import UpstreamClient
+from sidecar.metrics import (
+    OUTCOME_ABORTED,
+    OUTCOME_CLIENT_CLOSED,
+    OUTCOME_MODEL_ERROR,
+    OUTCOME_OK,
+)
+from sidecar.upstreams import UpstreamClient, upstream_failure
 
 log = structlog.get_logger("sidecar.proxy")
 
@@ -39,7 +45,8 @@ HOP_BY_HOP = frozenset(
     )
 )
 # Set by the sidecar itself towards the upstream (or meaningless once the body is
-# buffered, like Expect), so the client's copies are not forwarded.
+# buffered, like Expect), so the client's copies are not forwarded. The request id
+# header is the upstream's to set (its name and form are configured per upstream).
 _REPLACED_UPSTREAM = frozenset(
     {
         "host",
@@ -51,6 +58,9 @@ _REPLACED_UPSTREAM = frozenset(
         "x-forwarded-host",
     }
 )
+# Headers of the sidecar's own (X-Sidecar-Shadow, X-Sidecar-Timeout-Ms, ...): a
+# client's copies never reach a model, which would take them for ours.
+_OWN_PREFIX = "x-sidecar-"
 _DROP_FROM_REQUEST = HOP_BY_HOP | _REPLACED_UPSTREAM
 # aiohttp computes these for the response it writes.
 _DROP_FROM_RESPONSE = HOP_BY_HOP | {"content-length"}
@@ -73,13 +83,12 @@ def _connection_listed(headers: CIMultiDictProxy[str]) -> frozenset[str]:
 
 
 def upstream_request_headers(
-    request: web.Request,
-    ctx: RequestContext,
-    upstream: UpstreamClient,
-    credentials: frozenset[str] = frozenset(),
+    request: web.Request, ctx: RequestContext, credentials: frozenset[str] = frozenset()
 ) -> CIMultiDict[str]:
-    """The client's headers for the model: hop-by-hop ones and the sidecar credential
-    (``credentials``, lower-case names) dropped; identity and forwarding ones added."""
+    """The client's headers for any model: hop-by-hop ones, the sidecar credential
+    (``credentials``, lower-case names) and X-Sidecar-* dropped; trace and forwarding
+    ones added. What belongs to one upstream (its own headers, the request id in its
+    form, the deadline) is added by that upstream when it sends."""
     incoming = request.headers
     listed = _connection_listed(incoming)
     out: CIMultiDict[str] = CIMultiDict()
@@ -90,6 +99,7 @@ def upstream_request_headers(
             or lower in listed
             or lower in credentials
             or lower == "x-forwarded-for"
+            or lower.startswith(_OWN_PREFIX)
         ):
             continue
         out.add(name, value)
@@ -99,10 +109,7 @@ def upstream_request_headers(
     out["X-Forwarded-Proto"] = request.scheme
     if request.host:
         out["X-Forwarded-Host"] = request.host
-    out["X-Request-ID"] = ctx.request_id
     out["traceparent"] = ctx.traceparent
-    for name, value in upstream.extra_headers:
-        out[name] = value
     return out
 
 
@@ -143,18 +150,16 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-# Tells the model server how long this attempt may take, so it can give up too.
-DEADLINE_HEADER = "X-Sidecar-Timeout-Ms"
-
-
 @dataclass(slots=True)
 class UpstreamCall:
-    """What is sent upstream; kept whole so a retry or a fallback can replay it."""
+    """What is sent upstream; kept whole so a retry, a shadow copy or a fallback can
+    replay it to whichever upstream sends it."""
 
     method: str
     target: str  # the raw path and query, exactly as the client sent them
-    headers: CIMultiDict[str]
+    headers: CIMultiDict[str]  # the client's, for any upstream
     body: bytes | None
+    request_id: str = ""  # the id the client sees
 
     def payload(self) -> bytes | io.BytesIO | None:
         """The body for one attempt; large bodies go as a stream aiohttp writes in parts."""
@@ -175,30 +180,48 @@ async def send(
     The caller owns the returned response and must release it. Raises
     ``UpstreamTimeout`` or ``UpstreamError`` (``retryable`` when a retry may cure it).
     """
-    call.headers[DEADLINE_HEADER] = str(max(1, int(within * 1000)))
     try:
         async with asyncio.timeout(within):
             return await upstream.session.request(
                 call.method,
                 upstream.url_for(call.target),
-                headers=call.headers,
+                headers=upstream.headers_for(call, within),
                 data=call.payload(),
                 allow_redirects=False,
                 timeout=client_timeout or upstream.session.timeout,
             )
     except TimeoutError:
         raise errors.UpstreamTimeout(
-            f"upstream {upstream.name!r} did not answer within {within:g}s", retryable=True
-        ) from None
-    except aiohttp.ClientConnectorError as exc:
-        raise errors.UpstreamError(
-            f"cannot connect to upstream {upstream.name!r}: {exc.os_error.strerror or exc}",
+            f"upstream {upstream.name!r} did not start answering within {within:g}s",
             retryable=True,
         ) from None
     except aiohttp.ClientError as exc:
-        raise errors.UpstreamError(
-            f"upstream {upstream.name!r} failed: {type(exc).__name__}"
+        raise upstream_failure(upstream.name, exc) from None
+
+
+async def _next_chunk(
+    response: aiohttp.ClientResponse, upstream: UpstreamClient, idle: float
+) -> bytes:
+    """The next part of the answer; ``UpstreamTimeout`` after ``idle`` seconds of
+    silence, ``UpstreamError`` when the upstream breaks the answer off."""
+    try:
+        async with asyncio.timeout(idle):
+            return await response.content.readany()
+    except TimeoutError:
+        raise errors.UpstreamTimeout(
+            f"upstream {upstream.name!r} went silent for {idle:g}s in the middle of its answer"
         ) from None
+    except aiohttp.ClientError as exc:
+        raise upstream_failure(upstream.name, exc) from None
+
+
+async def _read_whole(
+    response: aiohttp.ClientResponse, upstream: UpstreamClient, idle: float
+) -> bytes:
+    chunks: list[bytes] = []
+    while chunk := await _next_chunk(response, upstream, idle):
+        chunks.append(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 async def relay(
@@ -206,8 +229,13 @@ async def relay(
     ctx: RequestContext,
     upstream: UpstreamClient,
     response: aiohttp.ClientResponse,
+    idle: float,
 ) -> web.StreamResponse:
-    """Relay an upstream response to the client; the model's own errors pass untouched."""
+    """Relay an upstream response to the client; the model's own errors pass untouched.
+
+    ``idle`` bounds the silence between two parts of the answer (the time to its
+    first byte was bounded when it was sent).
+    """
     ctx.outcome = OUTCOME_MODEL_ERROR if response.status >= 500 else OUTCOME_OK
     headers = client_response_headers(response.headers)
     length = response.content_length
@@ -221,12 +249,7 @@ async def relay(
         not whole or response.content_type == "text/event-stream" or request.method == "HEAD"
     )
     if not streaming:
-        try:
-            body = await response.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise errors.UpstreamError(
-                f"upstream {upstream.name!r} broke off its answer: {type(exc).__name__}"
-            ) from None
+        body = await _read_whole(response, upstream, idle)
         ctx.finish_upstream()
         ctx.bytes_out = len(body)
         # The identity middleware stamps X-Request-ID and Server-Timing on it.
@@ -243,25 +266,33 @@ async def relay(
     if request.method == "HEAD":
         return out
     capture = ctx.capture
-    try:
-        async for chunk in response.content.iter_any():
+    while True:
+        try:
+            chunk = await _next_chunk(response, upstream, idle)
+        except errors.SidecarError as exc:
+            # Bytes already reached the client: no error answer is possible. Closing the
+            # connection without the final chunk tells the client the answer is cut short.
+            ctx.outcome = OUTCOME_ABORTED
+            log.warning("upstream_aborted_stream", upstream=upstream.name, error=exc.message)
+            response.close()
+            if request.transport is not None:
+                request.transport.close()
+            return out
+        if not chunk:
+            break
+        try:
             await out.write(chunk)
-            ctx.bytes_out += len(chunk)
-            if capture is not None:
-                capture.add(chunk)
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        # Bytes already reached the client: no error answer is possible. Closing the
-        # connection without the final chunk tells the client the answer is cut short.
-        ctx.outcome = OUTCOME_ABORTED
-        log.warning("upstream_aborted_stream", upstream=upstream.name, error=type(exc).__name__)
-        response.close()
-        if request.transport is not None:
-            request.transport.close()
-        return out
-    except ConnectionError:
-        # The client went away mid-stream; stop reading from the model.
-        ctx.outcome = OUTCOME_ABORTED
-        response.close()
-        return out
-    await out.write_eof()
+        except ConnectionError:
+            # The client went away mid-stream: stop reading from the model.
+            ctx.outcome = OUTCOME_CLIENT_CLOSED
+            log.info("client_closed_stream", upstream=upstream.name, bytes_out=ctx.bytes_out)
+            response.close()
+            return out
+        ctx.bytes_out += len(chunk)
+        if capture is not None:
+            capture.add(chunk)
+    # The whole answer was written; a client may close before the last chunk marker
+    # (the openai client does, right after "data: [DONE]"): the answer is complete.
+    with contextlib.suppress(ConnectionError):
+        await out.write_eof()
     return out

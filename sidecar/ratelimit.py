@@ -62,6 +62,10 @@ class TokenBucket:
         }
 
 
+# The bucket of requests whose credentials failed: no key's own limit applies.
+UNAUTHENTICATED = "unauthenticated"
+
+
 class RateLimiter:
     def __init__(
         self,
@@ -105,6 +109,12 @@ class RateLimiter:
         if len(self._buckets) > self._settings.max_principals:
             self._buckets.popitem(last=False)  # bounded: the least recently seen goes
         return bucket
+
+    async def check_failed_auth(self) -> None:
+        """A request that failed authentication still costs a token: of the global
+        bucket, and of one shared by everyone unauthenticated (per_principal's size),
+        so a flood of bad keys is answered 429 instead of checked forever."""
+        await self.check(UNAUTHENTICATED, UNAUTHENTICATED)
 
     async def check(self, principal: str, label: str) -> dict[str, str]:
         """Take a token for ``principal``; the headers to send, or RateLimited (429).

@@ -1,18 +1,19 @@
-"""Deterministic sampling: the same request id is always in or always out."""
+"""Sampling on the sidecar's own randomness.
+
+A client chooses its request id, so a sample drawn from the id would let a client
+decide whether its request is mirrored to a shadow model or written to the payload
+log. The draw is the sidecar's own (the random module, reseeded in every worker).
+"""
 
 from __future__ import annotations
 
-import zlib
+import random
 
 
-def sampled(request_id: str, fraction: float, salt: str = "") -> bool:
-    """True for about ``fraction`` of request ids, always the same ones (reruns repeat).
-
-    A different ``salt`` per purpose keeps, say, the payload-log sample and the
-    shadow sample independent of each other.
-    """
+def sampled(fraction: float) -> bool:
+    """True for about ``fraction`` of calls."""
     if fraction <= 0.0:
         return False
     if fraction >= 1.0:
         return True
-    return zlib.crc32((salt + request_id).encode()) < fraction * 0x1_0000_0000
+    return random.random() < fraction  # noqa: S311 - a sample, not a secret

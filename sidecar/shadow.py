@@ -176,14 +176,14 @@ class ShadowMirror:
     # -- the hot path -------------------------------------------------------------
 
     def mirror(self, request_id: str, call: UpstreamCall) -> ShadowTicket | None:
-        if not sampled(request_id, self.governor.fraction, salt="shadow"):
+        if not sampled(self.governor.fraction):
             return None
         if self.in_flight >= self.settings.max_in_flight:
             self._requests.labels(self.route, "skipped_busy").inc()
             return None
         headers = call.headers.copy()
         headers[SHADOW_HEADER] = "1"
-        copy = UpstreamCall(call.method, call.target, headers, call.body)
+        copy = UpstreamCall(call.method, call.target, headers, call.body, call.request_id)
         ticket = ShadowTicket(asyncio.get_running_loop().create_future())
         self.in_flight += 1
         self._idle.clear()
@@ -246,7 +246,8 @@ class ShadowMirror:
                 async with self.upstream.session.request(
                     call.method,
                     self.upstream.url_for(call.target),
-                    headers=call.headers,
+                    # The shadow's own headers and deadline, never the primary's.
+                    headers=self.upstream.headers_for(call, self.settings.timeout),
                     data=call.body,
                     allow_redirects=False,
                 ) as response:

@@ -4,20 +4,31 @@ and a background readiness probe whose verdict the own endpoints read."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import os
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
 import structlog
+from multidict import CIMultiDict
 from yarl import URL
 
+from sidecar import errors
 from sidecar.background import BackgroundTasks
 from sidecar.compare import Comparer
 from sidecar.config import Upstream
 from sidecar.metrics import Metrics
+
+if TYPE_CHECKING:
+    from sidecar.proxy import UpstreamCall
+
+# Tells the model server how long this attempt may take, so it can give up too.
+DEADLINE_HEADER = "X-Sidecar-Timeout-Ms"
 
 log = structlog.get_logger("sidecar.upstreams")
 
@@ -55,9 +66,24 @@ class UpstreamClient:
         self.extra_headers: tuple[tuple[str, str], ...] = tuple(
             (key, value.get_secret_value()) for key, value in config.headers.items()
         )
+        self._id_header = config.request_id.header
+        self._id_as_uuid = config.request_id.format == "uuid"
         self._session: aiohttp.ClientSession | None = None
         self.last_probe: ProbeResult | None = None
         self.last_success: float | None = None
+
+    def headers_for(self, call: UpstreamCall, within: float) -> CIMultiDict[str]:
+        """The headers of one attempt to this upstream: the client's, this upstream's
+        own, the request id in this upstream's form, and how long it has."""
+        headers = call.headers.copy()
+        if self._id_header:
+            headers[self._id_header] = (
+                _uuid_of(call.request_id) if self._id_as_uuid else call.request_id
+            )
+        for name, value in self.extra_headers:
+            headers[name] = value
+        headers[DEADLINE_HEADER] = str(max(1, int(within * 1000)))
+        return headers
 
     def url_for(self, target: str) -> URL:
         """The URL of a request target (path and query) on this upstream.
@@ -87,11 +113,16 @@ class UpstreamClient:
         started = time.perf_counter()
         error: str | None = None
         try:
+            headers = dict(self.extra_headers)
+            if body is not None:
+                headers["Content-Type"] = "application/json"  # some servers insist (422)
+            if name == "canary" and health.canary is not None:
+                headers.update(health.canary.headers)
             async with asyncio.timeout(health.timeout):
                 async with self.session.request(
                     method,
                     self.origin.with_path(path),
-                    headers=self.extra_headers,
+                    headers=headers,
                     data=None if body is None else orjson.dumps(body),
                 ) as response:
                     payload = await response.read()
@@ -102,7 +133,7 @@ class UpstreamClient:
         except TimeoutError:
             error = f"{path} did not answer within {health.timeout:g}s"
         except aiohttp.ClientError as exc:
-            error = f"{path}: {type(exc).__name__}: {exc}"
+            error = f"{path}: {upstream_failure(self.name, exc).message}"
         return Check(name, error is None, time.perf_counter() - started, error)
 
     def _canary_error(self, payload: bytes, expect: Any) -> str | None:
@@ -145,6 +176,32 @@ class UpstreamClient:
         return result
 
 
+def _uuid_of(request_id: str) -> str:
+    """A UUID standing for a request id: the same for every attempt of one request."""
+    try:
+        return str(uuid.UUID(request_id))
+    except ValueError:
+        digest = hashlib.blake2b(request_id.encode(), digest_size=16).digest()
+        return str(uuid.UUID(bytes=digest, version=4))
+
+
+def upstream_failure(name: str, exc: aiohttp.ClientError) -> errors.UpstreamError:
+    """What went wrong, for the client: never a Python class name or an address."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        errno = exc.os_error.errno
+        reason = os.strerror(errno).lower() if errno else "the connection failed"
+        return errors.UpstreamError(
+            f"cannot connect to upstream {name!r}: {reason}", retryable=True
+        )
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return errors.UpstreamError(f"upstream {name!r} closed the connection before answering")
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return errors.UpstreamError(f"upstream {name!r} broke off its answer")
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return errors.UpstreamError(f"upstream {name!r} sent an answer that is not valid HTTP")
+    return errors.UpstreamError(f"upstream {name!r} failed to answer")
+
+
 class ConnectionPools:
     """Client sessions (keep-alive pools) shared by every config that names the same
     upstream with the same settings, so a reload keeps warm connections."""
@@ -156,13 +213,7 @@ class ConnectionPools:
     @staticmethod
     def _key(name: str, config: Upstream) -> tuple[object, ...]:
         # Only what shapes the session; headers and probes are applied per request.
-        return (
-            name,
-            config.url,
-            config.max_connections,
-            config.connect_timeout,
-            config.read_timeout,
-        )
+        return (name, config.url, config.max_connections, config.connect_timeout)
 
     def acquire(self, name: str, config: Upstream) -> aiohttp.ClientSession:
         key = self._key(name, config)
@@ -195,11 +246,9 @@ def _new_session(config: Upstream) -> aiohttp.ClientSession:
     )
     return aiohttp.ClientSession(
         connector=connector,
-        timeout=aiohttp.ClientTimeout(
-            total=None,
-            sock_connect=config.connect_timeout,
-            sock_read=config.read_timeout,
-        ),
+        # Time to the first byte and silence mid-answer are bounded per request, by
+        # the route's deadlines and its idle timeout, each with its own message.
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout),
         auto_decompress=False,  # bytes pass through exactly as the model sent them
         cookie_jar=aiohttp.DummyCookieJar(),  # one client's cookies never reach another
         skip_auto_headers=_NO_AUTO_HEADERS,

@@ -508,11 +508,19 @@ def test_log_lines_name_the_current_request_and_its_principal() -> None:
         CURRENT_REQUEST.set(ctx)
         return add_request_fields(None, "info", {"event": "x", **fields})
 
-    ctx = RequestContext(request_id="req-1", traceparent="-", trace_id="t" * 32)
+    ctx = RequestContext(
+        request_id="req-1", sidecar_id="s" * 32, traceparent="-", trace_id="t" * 32
+    )
     ctx.principal = "alice"
     # Each call runs in its own context, as each request's task does.
     line = contextvars.copy_context().run(log_line, ctx)
-    assert line == {"event": "x", "request_id": "req-1", "trace_id": "t" * 32, "principal": "alice"}
+    assert line == {
+        "event": "x",
+        "request_id": "req-1",
+        "sidecar_id": "s" * 32,
+        "trace_id": "t" * 32,
+        "principal": "alice",
+    }
     ctx.principal = None
     assert "principal" not in contextvars.copy_context().run(log_line, ctx)
     assert contextvars.copy_context().run(log_line, None) == {"event": "x"}

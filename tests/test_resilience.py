@@ -255,7 +255,7 @@ async def test_breaker_opens_stops_calling_probes_once_and_closes(
 
     async def storm_then_recover(request: web.Request) -> web.Response:
         if not healthy:
-            return web.json_response({"error": "overloaded GPU"}, status=500)
+            return web.json_response({"error": "overloaded GPU"}, status=503)
         probe_arrived.set()
         await gate.wait()
         return web.json_response({"ok": True})
@@ -271,7 +271,7 @@ async def test_breaker_opens_stops_calling_probes_once_and_closes(
     url = sidecar.url + "/infer"
     for _ in range(3):
         async with sidecar.session.post(url, data=b"{}") as resp:
-            assert resp.status == 500  # the model's answer passes through
+            assert resp.status == 503  # the model's answer passes through
     for _ in range(5):
         async with sidecar.session.post(url, data=b"{}") as resp:
             assert resp.status == 503
@@ -507,7 +507,7 @@ async def test_secondary_upstream_answers_when_the_primary_fails(
     make_fake_model: MakeFakeModel, start_sidecar: StartSidecar
 ) -> None:
     primary, simple = await make_fake_model(), await make_fake_model()
-    primary.on("/infer", status_handler(500))
+    primary.on("/infer", status_handler(503))
 
     async def simple_answer(request: web.Request) -> web.Response:
         return web.json_response({"label": 1, "model": "simple"})

@@ -34,6 +34,7 @@ from tests.test_endpoints import metric_value
 
 ALICE_KEY = "alice-key-7f3a9c"
 BOB_KEY = "bob-key-19d2e4"
+OPERATOR_KEY = "operator-key-55c1ab"
 WRONG_SECRET = "wrong-secret-of-enough-length-0123456789abcdef0123456789abcdef012"
 HS_SECRET = "hs256-shared-secret-for-tests-only-0123456789abcdef-0123456789ab"
 
@@ -54,6 +55,12 @@ def secured_config(upstream: str, **extra: Any) -> dict[str, Any]:
         "api_keys": [
             {"name": "alice", "digest": hash_key(ALICE_KEY)},
             {"name": "bob", "digest": hash_key(BOB_KEY), "routes": ["meta"], "methods": ["GET"]},
+            {
+                "name": "operator",
+                "digest": hash_key(OPERATOR_KEY),
+                "routes": ["meta"],
+                "scopes": ["admin"],
+            },
         ],
     }
     config.update(extra)
@@ -130,7 +137,11 @@ async def test_livez_and_readyz_stay_open_and_admin_detail_is_protected(
     for path in ("/health", "/metrics"):
         async with sidecar.session.get(sidecar.url + path) as resp:
             assert resp.status == 401, path
+        # Authenticated is not enough: the operator's endpoints need the admin scope.
         async with sidecar.session.get(sidecar.url + path, headers={"X-API-Key": BOB_KEY}) as resp:
+            assert resp.status == 403, path
+        headers = {"X-API-Key": OPERATOR_KEY}
+        async with sidecar.session.get(sidecar.url + path, headers=headers) as resp:
             assert resp.status == 200, path
 
 
