@@ -92,7 +92,14 @@ class _JwtVerifier:
         subject = claims.get(self._settings.principal_claim)
         if not isinstance(subject, str) or not subject:
             raise errors.Unauthorized("token lacks the principal claim")
-        return Principal(subject, self._routes, self._methods, "jwt")
+        admin_scope = self._settings.admin_scope
+        scopes = claims.get("scope")
+        admin = (
+            admin_scope is not None and isinstance(scopes, str) and admin_scope in scopes.split()
+        )
+        # "jwt:" keeps a token's subject apart from an API key of the same name: a
+        # token for "ranking-service" is not that key's principal, nor its bucket.
+        return Principal(f"jwt:{subject}", self._routes, self._methods, "jwt", admin=admin)
 
 
 class Authenticator:

@@ -7,14 +7,16 @@ are added here for asyncio:
 * pybreaker lets *every* concurrent caller through in half-open; here at most
   ``half_open_probes`` requests probe at once and everyone else is refused (and so
   gets the fallback), so a recovering model is not hit by the whole backlog.
-* pybreaker treats any exception raised inside ``calling()`` as a failure unless it
-  is excluded. Only ``BreakerFailure`` counts: a cancelled request
-  (``asyncio.CancelledError``, a ``BaseException``) and the sidecar's own 4xx
-  rejections are excluded.
-* While the circuit is closed (nearly every call) pybreaker is told the outcome
-  after the call instead of being wrapped around the await: a fifth of the cost.
-  An outcome arriving after the circuit left the closed state is dropped, so a slow
-  request from before a trip neither extends the open period nor ends it.
+* pybreaker is told an outcome after the call instead of being wrapped around the
+  await (a fifth of the cost), and only ``BreakerFailure`` counts as a failure. A
+  cancelled request says nothing either way: pybreaker would take an excluded
+  exception for a success, so a cancelled half-open probe would close the circuit.
+  Here it leaves the circuit half-open, and the next request probes.
+* An outcome arriving after the circuit left the state it started in is dropped, so
+  a slow request from before a trip neither extends the open period nor ends it.
+* ``probe_passed()``: a passing health probe moves an open circuit whose reset
+  timeout is over to half-open, so readiness never waits on a circuit that only a
+  request could close.
 """
 
 from __future__ import annotations
@@ -123,14 +125,14 @@ class UpstreamBreaker:
         try:
             result = await attempt(False)
         except BreakerFailure as failure:
-            self._report(failure)
+            self._report(failure, CLOSED)
             raise
         if self._breaker.fail_counter:
-            self._report(None)
+            self._report(None, CLOSED)
         return result
 
-    def _report(self, failure: BreakerFailure | None) -> None:
-        if self.state != CLOSED:
+    def _report(self, failure: BreakerFailure | None, started_in: str) -> None:
+        if self.state != started_in:
             return
         try:
             with self._breaker.calling():
@@ -138,6 +140,8 @@ class UpstreamBreaker:
                     raise failure
         except BreakerFailure:
             pass  # counted (and maybe tripped the circuit); the caller re-raises it
+        except pybreaker.CircuitBreakerError:
+            pass  # the report itself re-opened it
 
     def _admit(self) -> bool:
         """Let a request through (True if it is a half-open probe) or raise CircuitOpen."""
@@ -153,8 +157,20 @@ class UpstreamBreaker:
             raise errors.CircuitOpen(
                 f"circuit for upstream {self.upstream!r} is half-open and its probes are busy"
             )
+        if state == OPEN:
+            self._breaker.half_open()
         self._probes_in_flight += 1
         return True
+
+    def probe_passed(self) -> None:
+        """The upstream's health probe passed: an open circuit past its reset timeout
+        lets the next request through to find out (half-open)."""
+        if (
+            self.state == OPEN
+            and self._opened_at is not None
+            and self._clock() - self._opened_at >= self.settings.reset_timeout
+        ):
+            self._breaker.half_open()
 
     async def call(self, attempt: Callable[[bool], Awaitable[T]]) -> T:
         """Run ``attempt(is_probe)`` under the breaker.
@@ -166,11 +182,11 @@ class UpstreamBreaker:
         if not probe:
             return await self._call_closed(attempt)
         try:
-            with self._breaker.calling():
-                return await attempt(probe)
-        except pybreaker.CircuitBreakerError:
-            # Another caller re-opened the circuit between _admit() and here.
-            raise errors.CircuitOpen(f"circuit for upstream {self.upstream!r} is open") from None
+            result = await attempt(probe)
+        except BreakerFailure as failure:
+            self._report(failure, HALF_OPEN)
+            raise
         finally:
-            if probe:
-                self._probes_in_flight -= 1
+            self._probes_in_flight -= 1
+        self._report(None, HALF_OPEN)  # the model answered: closed
+        return result

@@ -2,8 +2,11 @@
 
 upstream checks   the background prober's last result per upstream: the server's
                   readiness path, each model's readiness, the golden-input canary
-breakers          an open circuit is "degraded" when the route has a fallback
-                  (ready unless health.degraded_is_ready is false), else not ready
+breakers          shown, never deciding: readiness follows the model's own probes.
+                  An open circuit whose model passes its probes is "degraded"
+                  (a passing probe lets the circuit half-open, and the next request
+                  closes it); a pod taken out of service for an open circuit would
+                  get no request to close it with
 internals         every log writer alive and its queue not nearly full; the event
                   loop's lag under health.max_loop_lag
 """
@@ -11,6 +14,7 @@ internals         every log writer alive and its queue not nearly full; the even
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +68,7 @@ def verdict(runtime: Any, logs: Logs, lag: LoopLagMonitor | None) -> Verdict:
         return Verdict("starting", False, ["starting: the first readiness probe has not finished"])
 
     unhealthy: dict[str, str] = {}
+    now = time.time()
     for client in runtime.upstreams.clients.values():
         probe = client.last_probe
         for check in probe.checks if probe else []:
@@ -74,22 +79,42 @@ def verdict(runtime: Any, logs: Logs, lag: LoopLagMonitor | None) -> Verdict:
                 "last_checked": probe.checked_at,
                 "last_success": client.last_success,
             }
+        health = client.config.health
+        stale_after = 3 * (health.interval + health.timeout)
         if probe is None or not probe.ready:
             error = probe.error if probe else "not probed yet"
             unhealthy[client.name] = f"upstream {client.name}: {error}"
+        elif now - probe.checked_at > stale_after:
+            # A prober that stopped must not leave an old "ready" standing.
+            unhealthy[client.name] = (
+                f"upstream {client.name}: readiness probe stale "
+                f"(last ran {now - probe.checked_at:.0f}s ago)"
+            )
+    circuit_open: set[str] = set()
     for name, guard in runtime.guards.items():
         state = guard.breaker.state if guard.breaker is not None else "disabled"
         checks[f"breaker:{name}"] = {"status": "fail" if state == OPEN else "pass", "state": state}
-        if state == OPEN and name not in unhealthy:
-            unhealthy[name] = f"upstream {name}: circuit open"
+        if state == OPEN:
+            circuit_open.add(name)
     for path in runtime.paths.values():
-        problem = unhealthy.get(path.route.upstream)
-        if problem is None:
-            continue
-        if path.fallback is not None:
-            degraded.append(f"{problem}; route {path.route.name} answers from its fallback")
-        else:
-            failing.append(problem)
+        route, upstream = path.route.name, path.route.upstream
+        triggers = path.fallback.triggers if path.fallback is not None else frozenset()
+        problem = unhealthy.get(upstream)
+        if problem is not None:
+            if triggers & {"circuit_open", "upstream_error", "timeout"}:
+                degraded.append(f"{problem}; route {route} answers from its fallback")
+            else:
+                failing.append(problem)
+        elif upstream in circuit_open:
+            answer = (
+                "answers from its fallback"
+                if "circuit_open" in triggers
+                else "answers 503 circuit_open"
+            )
+            degraded.append(
+                f"upstream {upstream}: circuit open while its probes pass; route {route} "
+                f"{answer} until a request closes it"
+            )
 
     shared = runtime.shared
     if shared is not None:

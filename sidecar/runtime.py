@@ -61,6 +61,7 @@ class Runtime:
             )
             for name, upstream in config.upstreams.items()
         }
+        self.upstreams.on_probe_passed = self._probe_passed
         self.paths = {
             route.name: RoutePath(
                 route=route,
@@ -143,6 +144,11 @@ class Runtime:
         self.idle.set()
         self.draining = False
         self.loop_lag: LoopLagMonitor | None = None  # process-wide, set by its owner
+
+    def _probe_passed(self, upstream: str) -> None:
+        guard = self.guards.get(upstream)
+        if guard is not None and guard.breaker is not None:
+            guard.breaker.probe_passed()
 
     @property
     def drift_monitors(self) -> list[DriftMonitor]:

@@ -8,7 +8,7 @@ import hashlib
 import os
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -268,6 +268,9 @@ class Upstreams:
         self._tasks = BackgroundTasks()
         self.first_pass_done = asyncio.Event()
         self._was_ready: dict[str, bool] = {}
+        # Called with an upstream's name when its probe passes (the runtime lets its
+        # open breaker half-open).
+        self.on_probe_passed: Callable[[str], None] | None = None
 
     def __getitem__(self, name: str) -> UpstreamClient:
         return self.clients[name]
@@ -286,6 +289,8 @@ class Upstreams:
         results = await asyncio.gather(*(c.probe() for c in self.clients.values()))
         for client, result in zip(self.clients.values(), results, strict=True):
             self._metrics.upstream_ready.labels(client.name).set(1 if result.ready else 0)
+            if result.ready and self.on_probe_passed is not None:
+                self.on_probe_passed(client.name)
             if result.ready != self._was_ready.get(client.name):
                 # Log changes only: a probe every few seconds must not flood the log.
                 if result.ready:
@@ -298,5 +303,9 @@ class Upstreams:
     async def _probe_forever(self) -> None:
         interval = min(c.config.health.interval for c in self.clients.values())
         while True:
-            await self.probe_all()
+            try:
+                await self.probe_all()
+            except Exception:
+                # One bad pass must not end probing for good (readiness would freeze).
+                log.exception("readiness_probe_failed")
             await asyncio.sleep(interval)

@@ -76,6 +76,24 @@ def nesting_exceeds(body: bytes, limit: int) -> bool:
     return bool(brackets)
 
 
+def _key_count(text: bytes) -> int:
+    """Object keys in valid JSON text: strings followed by a colon. Escapes pair up
+    left to right, so dropping escaped backslashes, then escaped quotes, leaves
+    quotes that strictly open and close strings; every other part is outside one."""
+    unescaped = text.replace(b"\\\\", b"").replace(b'\\"', b"")
+    return sum(1 for after in unescaped.split(b'"')[2::2] if after.lstrip()[:1] == b":")
+
+
+def repeats_a_key(body: bytes, document: Any) -> bool:
+    """True when valid JSON ``body`` names a key twice in one object. The parser kept
+    one copy, a model's parser may keep the other (RapidJSON in Triton keeps the
+    first): what was validated would not be what the model reads. The parsed
+    document, written back, has each key once; fewer keys there means a repeat."""
+    if b'"' not in body:
+        return False
+    return _key_count(body) != _key_count(orjson.dumps(document))
+
+
 def field_of(path: Any) -> str:
     """A failing path, with list indices folded (``inputs[*].data``): bounded labels."""
     out = ""
@@ -132,6 +150,10 @@ class RequestValidator:
             ) from None
         if nesting_exceeds(body, self.max_depth):
             raise self._too_deep()
+        if repeats_a_key(body, document):
+            raise errors.InvalidJson(
+                "the body repeats a key in one object: models may read either copy"
+            )
         if self.schema is not None:
             try:
                 self.schema.fast(document)

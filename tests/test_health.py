@@ -11,7 +11,7 @@ from aiohttp import web
 
 from sidecar.health import LoopLagMonitor
 from sidecar.metrics import Metrics
-from tests.conftest import FakeModel, StartSidecar, base_config
+from tests.conftest import FakeClock, FakeModel, StartSidecar, base_config
 from tests.test_observability import BlockingSink
 
 GOLDEN = {
@@ -131,7 +131,8 @@ async def test_open_breaker_with_a_fallback_is_degraded_but_ready(
         status, body = await readyz(sidecar)
         assert status == expected
         assert body["reasons"] == [
-            "upstream model: circuit open; route all answers from its fallback"
+            "upstream model: circuit open while its probes pass; "
+            "route all answers from its fallback until a request closes it"
         ]
         if expected == 200:
             assert body["degraded"] is True
@@ -179,3 +180,60 @@ async def test_event_loop_lag_is_measured_and_judged(
     status, body = await readyz(sidecar)
     assert status == 503
     assert body["reasons"] == ["event loop lag 900 ms over 500 ms"]
+
+
+async def test_an_open_breaker_never_takes_a_healthy_model_out_of_service(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """The deadlock: a route without a fallback, its model restarted. Readiness follows
+    the model's probes, not the circuit; a passing probe half-opens the circuit once
+    its reset timeout is over, and the next request closes it."""
+    state = {"up": False}
+
+    async def restarting(request: web.Request) -> web.Response:
+        return web.json_response({"ok": state["up"]}, status=200 if state["up"] else 503)
+
+    fake_model.on("/infer", restarting)
+    config = base_config(fake_model.url)
+    config["upstreams"]["model"]["breaker"] = {"failures": 2, "reset_timeout": "10s"}
+    clock = FakeClock()
+    sidecar = await start_sidecar(config, clock=clock)
+    for _ in range(2):
+        async with sidecar.session.post(sidecar.url + "/infer", data=b"{}") as resp:
+            assert resp.status == 503
+    breaker = sidecar.running.runtime.guards["model"].breaker
+    assert breaker is not None
+    assert breaker.state == "open"
+    status, body = await readyz(sidecar)
+    assert status == 200  # the model's probes pass: still in service
+    assert body["reasons"] == [
+        "upstream model: circuit open while its probes pass; "
+        "route all answers 503 circuit_open until a request closes it"
+    ]
+    state["up"] = True
+    await sidecar.running.runtime.upstreams.probe_all()
+    assert breaker.state == "open"  # the reset timeout is not over yet
+    clock.advance(10)
+    await sidecar.running.runtime.upstreams.probe_all()
+    assert breaker.state == "half-open"
+    async with sidecar.session.post(sidecar.url + "/infer", data=b"{}") as resp:
+        assert resp.status == 200
+    assert breaker.state == "closed"
+    status, body = await readyz(sidecar)
+    assert (status, body) == (200, {"status": "ready"})
+
+
+async def test_readiness_goes_stale_when_the_prober_stops(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    sidecar = await start_sidecar(base_config(fake_model.url))
+    assert (await readyz(sidecar))[0] == 200
+    upstreams = sidecar.running.runtime.upstreams
+    await upstreams._tasks.stop()  # the prober dies
+    client = upstreams["model"]
+    probe = client.last_probe
+    assert probe is not None
+    probe.checked_at -= 3600  # its last pass, an hour ago
+    status, body = await readyz(sidecar)
+    assert status == 503
+    assert body["reasons"][0].startswith("upstream model: readiness probe stale (last ran 3600s")

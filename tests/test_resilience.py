@@ -682,3 +682,77 @@ async def test_breaker_ignores_cancellation_and_late_results_from_before_a_trip(
         pass
     else:
         raise AssertionError("an open circuit let a call through")
+
+
+async def test_a_cancelled_half_open_probe_leaves_the_circuit_half_open() -> None:
+    """pybreaker takes an excluded exception for a success: a probe whose client went
+    away would close the circuit on a model nobody heard from."""
+    registry = CollectorRegistry()
+    clock = FakeClock()
+    settings = BreakerSettings(failures=1, reset_timeout="10s")
+    breaker = UpstreamBreaker("model", settings, Metrics(registry), clock=clock)
+    with contextlib.suppress(BreakerFailure):
+        await breaker.call(_fail)
+    assert breaker.state == OPEN
+    clock.advance(10)
+    entered = asyncio.Event()
+
+    async def hanging_probe(probe: bool) -> str:
+        assert probe
+        entered.set()
+        await asyncio.Event().wait()
+        return "never"
+
+    probe = asyncio.create_task(breaker.call(hanging_probe))
+    await entered.wait()
+    assert breaker.state == "half-open"
+    probe.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await probe
+    assert breaker.state == "half-open"  # not closed: nobody heard from the model
+    assert _transitions(registry, "half-open", "closed") == 0
+    with contextlib.suppress(BreakerFailure):
+        await breaker.call(_fail)  # the next request is the probe, and it fails
+    assert breaker.state == OPEN
+    clock.advance(10)
+    assert await breaker.call(_succeed) == "ok"
+    assert breaker.state == CLOSED
+
+
+async def test_client_errors_never_open_the_breaker_nor_get_a_made_up_answer(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """MLServer answers 500 to a wrong-shape tensor, llama.cpp 500 to malformed
+    messages: the model's answer to that input. It passes through, counts nothing
+    against the upstream, and no fallback invents a prediction for it."""
+
+    async def rejects(request: web.Request) -> web.Response:
+        return web.json_response({"error": "shape mismatch"}, status=500)
+
+    fake_model.on("/infer", rejects)
+    fake_model.on("/bad", status_handler(422))
+    config = config_with(
+        fake_model.url,
+        {"retryable": True, "fallback": {"chain": [STATIC]}},
+        breaker={"failures": 2},
+    )
+    sidecar = await start_sidecar(config)
+    for path in ("/infer", "/bad") * 5:
+        async with sidecar.session.post(sidecar.url + path, data=b"{}") as resp:
+            assert resp.status in (500, 422)
+            assert "X-Sidecar-Fallback" not in resp.headers
+    breaker = sidecar.running.runtime.guards["model"].breaker
+    assert breaker is not None
+    assert breaker.state == CLOSED
+    assert len(fake_model.hits_for("/infer")) == 5  # 500 is not retried either
+
+    # What counts is configurable: an upstream whose 500 means "unavailable".
+    config["upstreams"]["model"]["breaker"]["failure_statuses"] = [500, 503]
+    config["routes"][0]["fallback"]["statuses"] = [500]
+    strict = await start_sidecar(config)
+    for _ in range(2):
+        async with strict.session.post(strict.url + "/infer", data=b"{}") as resp:
+            assert resp.headers["X-Sidecar-Fallback"] == "default-answer"
+    breaker = strict.running.runtime.guards["model"].breaker
+    assert breaker is not None
+    assert breaker.state == OPEN

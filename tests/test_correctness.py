@@ -1,0 +1,442 @@
+"""Defects found in front of real servers, with hostile peers and in review (issue 13),
+each with the test that would have caught it."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import yaml
+from aiohttp import web
+
+from sidecar.auth import hash_key
+from sidecar.config import ConfigError, parse_config
+from tests.conftest import (
+    LOOPBACK,
+    FakeModel,
+    MakeFakeModel,
+    StartSidecar,
+    base_config,
+    closed_port,
+)
+from tests.test_endpoints import metric_value
+
+
+class ListSink:
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+
+    def write(self, data: bytes) -> None:
+        self.records += [orjson.loads(line) for line in data.splitlines()]
+
+    def close(self) -> None:
+        pass
+
+
+async def flushed(sidecar: Any, sink: ListSink, count: int) -> list[dict[str, Any]]:
+    """The access records once ``count`` have been written (bounded wait)."""
+    for _ in range(200):
+        if len(sink.records) >= count:
+            return sink.records
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"only {len(sink.records)} of {count} access records written")
+
+
+# -- 5: secrets reach only their own upstream ------------------------------------------
+
+
+async def test_shadow_and_secondary_fallback_carry_their_own_headers(
+    make_fake_model: MakeFakeModel, start_sidecar: StartSidecar
+) -> None:
+    primary, candidate, simple = [await make_fake_model() for _ in range(3)]
+    primary.on("/infer", lambda request: _answer(503))
+    config = base_config(primary.url)
+    config["upstreams"]["model"]["headers"] = {"Authorization": "Bearer primary-secret"}
+    config["upstreams"]["model"]["breaker"] = {"enabled": False}
+    config["upstreams"]["candidate"] = {
+        "url": candidate.url,
+        "headers": {"X-Api-Key": "candidate-secret"},
+    }
+    config["upstreams"]["simple"] = {"url": simple.url}
+    config["routes"][0]["shadow"] = {
+        "upstream": "candidate",
+        "fraction": 1.0,
+        "timeout": "3s",
+        "governor": {"enabled": False},
+    }
+    config["routes"][0]["timeout"] = "4s"
+    config["routes"][0]["fallback"] = {"chain": [{"upstream": {"name": "simple", "timeout": "2s"}}]}
+    sidecar = await start_sidecar(config)
+    async with sidecar.session.post(
+        sidecar.url + "/infer", data=b"{}", headers={"X-Sidecar-Shadow": "0"}
+    ) as resp:
+        assert resp.headers["X-Sidecar-Fallback"] == "simple"
+    mirror = sidecar.running.runtime.paths["all"].shadow
+    assert mirror is not None
+    await asyncio.wait_for(mirror.wait_idle(), 10)
+    (to_primary,) = primary.hits_for("/infer")
+    (to_shadow,) = candidate.hits_for("/infer")
+    (to_simple,) = simple.hits_for("/infer")
+    assert to_primary.headers["authorization"] == ["Bearer primary-secret"]
+    assert "x-sidecar-shadow" not in to_primary.headers  # the client's copy is dropped
+    assert to_shadow.headers["x-api-key"] == ["candidate-secret"]
+    assert to_shadow.headers["x-sidecar-shadow"] == ["1"]
+    for hit in (to_shadow, to_simple):
+        assert "authorization" not in hit.headers
+    # Each carries its own deadline: the shadow's 3s, the fallback's 2s.
+    assert to_shadow.headers["x-sidecar-timeout-ms"] == ["3000"]
+    assert to_simple.headers["x-sidecar-timeout-ms"] == ["2000"]
+
+
+def _answer(status: int, body: Any = None) -> Any:
+    async def respond() -> web.Response:
+        return web.json_response(body if body is not None else {"status": status}, status=status)
+
+    return respond()
+
+
+# -- 7: what the access log and metrics say --------------------------------------------
+
+
+async def test_fallback_answers_are_logged_with_their_size_and_timeouts_name_the_wait(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    release = asyncio.Event()
+
+    async def hang(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.json_response({})
+
+    fake_model.on("/hang", hang)
+    fake_model.on("/down", lambda request: _answer(503))
+    sink = ListSink()
+    config = base_config(fake_model.url)
+    config["routes"] = [
+        {
+            "name": "down",
+            "path_prefix": "/down",
+            "upstream": "model",
+            "fallback": {"chain": [{"static": {"body": {"label": 0}}}]},
+        },
+        {
+            "name": "hang",
+            "path_prefix": "/hang",
+            "upstream": "model",
+            "timeout": "600ms",
+            "per_try_timeout": "250ms",
+            "retryable": True,
+            "retry": {"attempts": 2, "backoff_base": "1ms", "backoff_max": "1ms"},
+        },
+    ]
+    config["upstreams"]["model"]["breaker"] = {"enabled": False}
+    sidecar = await start_sidecar(config, log_sinks={"access": sink})
+    async with sidecar.session.post(sidecar.url + "/down", data=b"{}") as resp:
+        fallback_body = await resp.read()
+    async with sidecar.session.post(sidecar.url + "/hang", data=b"{}") as resp:
+        assert resp.status == 504
+        message = (await resp.json())["error"]["message"]
+    release.set()
+    assert re.fullmatch(
+        r"upstream 'model' did not start answering: waited 0\.5\d*s over 2 attempt\(s\), "
+        r"0\.25s per attempt",
+        message,
+    ), message
+    records = await flushed(sidecar, sink, 2)
+    by_route = {r["route"]: r for r in records}
+    assert by_route["down"]["outcome"] == "fallback"
+    assert by_route["down"]["bytes_out"] == len(fallback_body) > 0
+
+
+async def test_a_client_leaving_mid_stream_is_not_an_upstream_failure(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    first_sent = asyncio.Event()
+    hold = asyncio.Event()
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: 1\n\n")
+        first_sent.set()
+        await hold.wait()
+        for _ in range(50):
+            await response.write(b"data: more\n\n" * 100)
+            await asyncio.sleep(0.01)
+        await response.write_eof()
+        return response
+
+    fake_model.on("/stream", stream)
+    sink = ListSink()
+    sidecar = await start_sidecar(base_config(fake_model.url), log_sinks={"access": sink})
+    reader, writer = await asyncio.open_connection(LOOPBACK, sidecar.running.main_port)
+    writer.write(b"POST /stream HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+    await writer.drain()
+    await asyncio.wait_for(first_sent.wait(), 10)
+    assert b"data: 1" in await asyncio.wait_for(reader.read(4096), 10)
+    writer.close()  # the client goes away
+    hold.set()
+    (record,) = await flushed(sidecar, sink, 1)
+    assert record["outcome"] == "client_closed"
+    assert record["status"] == 200
+
+
+# -- 8, 9: values that would break the sidecar are config errors -----------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        (("routes", 0, "timeout"), "0s"),
+        (("upstreams", "model", "health", "interval"), "0s"),
+        (("upstreams", "model", "read_timeout"), "0ms"),
+        (("rate_limit",), {"enabled": True, "global": {"rate": "0/s", "burst": 1}}),
+        (("routes", 0, "drift"), {"baseline": "b.json", "interval": "0s"}),
+    ],
+)
+def test_zero_timeouts_intervals_and_rates_are_refused(path: tuple[Any, ...], value: Any) -> None:
+    config = base_config("http://127.0.0.1:1")
+    node: Any = config
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    with pytest.raises(ConfigError) as caught:
+        parse_config(yaml.safe_dump(config), source="t", env={})
+    assert any("more than zero" in issue.message for issue in caught.value.issues)
+
+
+def test_a_json_path_compare_needs_its_path() -> None:
+    config = base_config("http://127.0.0.1:1")
+    config["upstreams"]["model"]["health"]["canary"] = {
+        "path": "/infer",
+        "expect": {},
+        "compare": {"protocol": "json_path"},
+    }
+    with pytest.raises(ConfigError) as caught:
+        parse_config(yaml.safe_dump(config), source="t", env={})
+    assert [str(i) for i in caught.value.issues] == [
+        "upstreams.model.health.canary.compare: protocol json_path needs json_path"
+    ]
+
+
+async def test_the_canary_says_its_content_type_and_may_send_headers(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    async def strict(request: web.Request) -> web.Response:
+        if request.content_type != "application/json" or "x-tenant" not in request.headers:
+            return web.json_response({"detail": "unprocessable"}, status=422)
+        return web.json_response({"outputs": [{"name": "label", "data": [0]}]})
+
+    fake_model.on("/embed", strict)
+    config = base_config(fake_model.url)
+    config["upstreams"]["model"]["health"]["canary"] = {
+        "path": "/embed",
+        "body": {"input": "x"},
+        "headers": {"X-Tenant": "probe"},
+        "expect": {"outputs": [{"name": "label", "data": [0]}]},
+        "compare": {"protocol": "v2", "kind": "label"},
+    }
+    sidecar = await start_sidecar(config)
+    async with sidecar.session.get(sidecar.admin_url + "/readyz") as resp:
+        assert resp.status == 200, await resp.text()
+
+
+async def test_a_malformed_baseline_on_reload_is_an_invalid_reload(
+    fake_model: FakeModel, start_sidecar: StartSidecar, tmp_path: Path
+) -> None:
+    sidecar = await start_sidecar(base_config(fake_model.url))
+    (tmp_path / "broken.json").write_text('{"histograms": {')
+    config = base_config(fake_model.url)
+    config["routes"][0]["drift"] = {"baseline": str(tmp_path / "broken.json")}
+    sidecar.running.runtime.loaded.path.write_text(yaml.safe_dump(config))
+    async with sidecar.session.post(sidecar.admin_url + "/-/reload") as resp:
+        assert resp.status == 400
+        assert (await resp.json())["errors"][0].startswith("routes[0].drift.baseline:")
+    async with sidecar.session.get(sidecar.admin_url + "/metrics") as resp:
+        text = await resp.text()
+    assert metric_value(text, "sidecar_config_reloads_total", result="invalid") == 1
+
+
+# -- 12: time to first byte and silence mid-answer are separate ------------------------
+
+
+async def test_a_slow_first_byte_is_not_an_idle_timeout_and_silence_mid_answer_is(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    async def thinks_then_answers(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.6)  # longer than the idle limit, within the deadline
+        return web.json_response({"answer": 42})
+
+    async def stalls_mid_body(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.content_length = 100
+        await response.prepare(request)
+        await response.write(b'{"partial": ')
+        await asyncio.sleep(5)
+        return response
+
+    fake_model.on("/think", thinks_then_answers)
+    fake_model.on("/stall", stalls_mid_body)
+    config = base_config(fake_model.url)
+    config["upstreams"]["model"]["read_timeout"] = "300ms"
+    config["upstreams"]["model"]["breaker"] = {"enabled": False}
+    config["routes"][0]["timeout"] = "3s"
+    sidecar = await start_sidecar(config)
+    async with sidecar.session.get(sidecar.url + "/think") as resp:
+        assert resp.status == 200
+        assert await resp.json() == {"answer": 42}
+    async with sidecar.session.get(sidecar.url + "/stall") as resp:
+        assert resp.status == 504
+        error = (await resp.json())["error"]
+    assert error["type"] == "upstream_timeout"
+    assert error["message"] == ("upstream 'model' went silent for 0.3s in the middle of its answer")
+
+
+# -- 16: sampling is not the client's to steer -----------------------------------------
+
+
+async def test_the_same_request_id_is_not_always_mirrored(
+    make_fake_model: MakeFakeModel, start_sidecar: StartSidecar
+) -> None:
+    primary, candidate = await make_fake_model(), await make_fake_model()
+    config = base_config(primary.url)
+    config["upstreams"]["candidate"] = {"url": candidate.url}
+    config["routes"][0]["shadow"] = {
+        "upstream": "candidate",
+        "fraction": 0.5,
+        "governor": {"enabled": False},
+    }
+    sidecar = await start_sidecar(config)
+    for _ in range(100):
+        async with sidecar.session.post(
+            sidecar.url + "/infer", data=b"{}", headers={"X-Request-ID": "always-the-same"}
+        ):
+            pass
+    mirror = sidecar.running.runtime.paths["all"].shadow
+    assert mirror is not None
+    await asyncio.wait_for(mirror.wait_idle(), 10)
+    # Binomial(100, 0.5): outside 20..80 with a probability under 1e-9.
+    assert 20 <= len(candidate.hits_for("/infer")) <= 80
+
+
+# -- 19: the request id an upstream accepts --------------------------------------------
+
+
+async def test_an_upstream_can_get_its_request_id_as_a_uuid(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    config = base_config(fake_model.url)
+    config["upstreams"]["model"]["request_id"] = {"format": "uuid"}
+    sidecar = await start_sidecar(config)
+    for _ in range(2):
+        async with sidecar.session.get(
+            sidecar.url + "/v1/models", headers={"X-Request-ID": "req-42"}
+        ) as resp:
+            assert resp.headers["X-Request-ID"] == "req-42"  # the client's, kept
+    sent = [h.headers["x-request-id"][0] for h in fake_model.hits_for("/v1/models")]
+    assert str(uuid.UUID(sent[0])) == sent[0]
+    assert sent[0] == sent[1]  # the same id stands for the same client id
+    config["upstreams"]["model"]["request_id"] = {"header": None}
+    quiet = await start_sidecar(config)
+    async with quiet.session.get(quiet.url + "/none"):
+        pass
+    assert "x-request-id" not in fake_model.hits_for("/none")[0].headers
+
+
+# -- 21: limits clients cannot get around ----------------------------------------------
+
+
+async def test_a_flood_of_bad_keys_is_rate_limited(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    config = base_config(fake_model.url)
+    config["auth"] = {"enabled": True, "api_keys": [{"name": "a", "digest": hash_key("k")}]}
+    config["rate_limit"] = {"enabled": True, "global": {"rate": "1/h", "burst": 5}}
+    sidecar = await start_sidecar(config)
+    statuses = []
+    for _ in range(8):
+        async with sidecar.session.get(sidecar.url + "/x", headers={"X-API-Key": "bad"}) as r:
+            statuses.append(r.status)
+    assert statuses == [401] * 5 + [429] * 3
+
+
+async def test_a_slow_uploader_holds_no_slot_in_flight(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    config = base_config(fake_model.url)
+    config["routes"][0]["max_in_flight"] = 1
+    sidecar = await start_sidecar(config)
+    _, writer = await asyncio.open_connection(LOOPBACK, sidecar.running.main_port)
+    writer.write(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"x")
+    await writer.drain()
+    await asyncio.sleep(0)  # the trickling request is now waiting for its body
+    try:
+        for _ in range(3):
+            async with sidecar.session.post(sidecar.url + "/infer", data=b"{}") as resp:
+                assert resp.status == 200
+    finally:
+        writer.close()
+
+
+async def test_duplicate_json_keys_are_refused_where_validation_is_on(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    config = base_config(fake_model.url)
+    config["routes"][0]["validate"] = {"json": True}
+    sidecar = await start_sidecar(config)
+    for body in (b'{"a": 1, "a": 2}', b'{"x": {"k": 1, "k": 1}}', b'[{"b": 0, "b": 0}]'):
+        async with sidecar.session.post(sidecar.url + "/infer", data=body) as resp:
+            assert resp.status == 400, body
+            assert (await resp.json())["error"]["message"] == (
+                "the body repeats a key in one object: models may read either copy"
+            )
+    for body in (b'{"a": 1, "b": {"a": 2}}', b'{"a": "\\"a\\": 1"}', b'[{"a": 1}, {"a": 2}]'):
+        async with sidecar.session.post(sidecar.url + "/infer", data=body) as resp:
+            assert resp.status == 200, body
+    assert len(fake_model.hits_for("/infer")) == 3
+
+
+# -- 22: what reaches whom -------------------------------------------------------------
+
+
+async def test_a_token_named_like_a_key_is_not_that_key(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    import jwt
+
+    secret = "s" * 40
+    config = base_config(fake_model.url)
+    config["auth"] = {
+        "enabled": True,
+        "api_keys": [{"name": "billing", "digest": hash_key("billing-key"), "routes": ["all"]}],
+        "jwt": {"algorithms": ["HS256"], "secret": secret},
+    }
+    config["rate_limit"] = {"enabled": True, "per_principal": {"rate": "1/h", "burst": 1}}
+    sink = ListSink()
+    sidecar = await start_sidecar(config, log_sinks={"access": sink})
+    token = jwt.encode({"sub": "billing", "exp": 2_000_000_000}, secret, algorithm="HS256")
+    async with sidecar.session.get(
+        sidecar.url + "/x", headers={"Authorization": f"Bearer {token}"}
+    ) as resp:
+        assert resp.status == 200
+    async with sidecar.session.get(sidecar.url + "/x", headers={"X-API-Key": "billing-key"}) as r:
+        assert r.status == 200  # its own bucket: the token's request took nothing from it
+    records = await flushed(sidecar, sink, 2)
+    assert [r["principal"] for r in records] == ["jwt:billing", "billing"]
+
+
+async def test_a_502_names_no_class_and_no_address(start_sidecar: StartSidecar) -> None:
+    port = closed_port()
+    sidecar = await start_sidecar(base_config(f"http://{LOOPBACK}:{port}"), wait_ready=False)
+    async with sidecar.session.get(sidecar.url + "/x") as resp:
+        assert resp.status == 502
+        body = await resp.text()
+    assert orjson.loads(body)["error"]["message"] == (
+        "cannot connect to upstream 'model': connection refused"
+    )
+    assert str(port) not in body
+    assert "Error" not in body
