@@ -1,0 +1,175 @@
+"""The client packages users have, through the sidecar: tritonclient against a V2
+route and the openai package against an OpenAI-style route. They must read the
+sidecar's errors as their own, and complete streams must count as complete."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import openai
+import orjson
+import pytest
+import tritonclient.http as triton
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from tritonclient.utils import InferenceServerException
+
+from sidecar.demo.model import build_model_app
+from tests.conftest import LOOPBACK, StartSidecar, base_config
+from tests.test_correctness import ListSink, flushed
+
+
+@pytest.fixture
+async def iris(aiohttp_server: Any) -> TestServer:
+    server: TestServer = await aiohttp_server(build_model_app(), host=LOOPBACK)
+    return server
+
+
+def v2_config(upstream: str) -> dict[str, Any]:
+    config = base_config(upstream)
+    config["routes"] = [
+        {
+            "name": "infer",
+            "path_prefix": "/v2",
+            "upstream": "model",
+            "protocol": "v2",
+            "timeout": "500ms",
+        }
+    ]
+    config["upstreams"]["model"]["breaker"] = {"enabled": False}
+    return config
+
+
+async def test_tritonclient_infers_and_reads_the_sidecars_errors(
+    iris: TestServer, start_sidecar: StartSidecar
+) -> None:
+    sidecar = await start_sidecar(v2_config(f"http://{LOOPBACK}:{iris.port}"))
+
+    def infer() -> Any:
+        client = triton.InferenceServerClient(f"{LOOPBACK}:{sidecar.running.main_port}")
+        try:
+            tensor = triton.InferInput("input-0", [1, 4], "FP32")
+            tensor.set_data_from_numpy(
+                np.array([[5.1, 3.5, 1.4, 0.2]], dtype=np.float32), binary_data=False
+            )
+            output = triton.InferRequestedOutput("label", binary_data=False)
+            return client.infer("iris", [tensor], outputs=[output]).as_numpy("label")
+        finally:
+            client.close()
+
+    labels = await asyncio.to_thread(infer)
+    assert labels.tolist() == [0]
+
+    async with sidecar.session.post(
+        f"http://{LOOPBACK}:{iris.port}/demo/chaos", json={"mode": "hang"}
+    ) as resp:
+        assert resp.status == 200
+    try:
+        with pytest.raises(InferenceServerException) as caught:
+            await asyncio.to_thread(infer)
+    finally:
+        async with sidecar.session.post(
+            f"http://{LOOPBACK}:{iris.port}/demo/chaos", json={"mode": "ok"}
+        ):
+            pass
+    # tritonclient prints V2's string error: ours, not a TypeError of its own.
+    assert "did not start answering" in str(caught.value)
+    assert caught.value.status() == "504"
+
+
+CHUNKS = [
+    {"choices": [{"index": 0, "delta": {"content": word}}], "object": "chat.completion.chunk"}
+    for word in ("iris", " is", " setosa")
+]
+
+
+def fake_openai_server() -> web.Application:
+    release = asyncio.Event()
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        payload = await request.json()
+        if payload.get("model") == "hang":
+            await release.wait()
+        if not payload.get("stream"):
+            return web.json_response(
+                {
+                    "id": "chatcmpl-1",
+                    "object": "chat.completion",
+                    "created": 1,
+                    "model": payload["model"],
+                    "choices": [
+                        {
+                            "index": 0,
+                            "finish_reason": "stop",
+                            "message": {"role": "assistant", "content": "setosa"},
+                        }
+                    ],
+                }
+            )
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for chunk in CHUNKS:
+            base = {"id": "chatcmpl-1", "created": 1, "model": payload["model"]}
+            await response.write(b"data: " + orjson.dumps({**base, **chunk}) + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        await asyncio.sleep(0.05)  # the client has what it needs and closes first
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_get("/v2/health/ready", _ok)
+    return app
+
+
+async def _ok(request: web.Request) -> web.Response:
+    return web.json_response({})
+
+
+async def test_openai_streams_complete_as_200_and_errors_read_as_openai_errors(
+    aiohttp_server: Any, start_sidecar: StartSidecar
+) -> None:
+    model = await aiohttp_server(fake_openai_server(), host=LOOPBACK)
+    config = base_config(f"http://{LOOPBACK}:{model.port}")
+    config["routes"] = [
+        {
+            "name": "chat",
+            "path_prefix": "/v1",
+            "upstream": "model",
+            "protocol": "openai",
+            "timeout": "500ms",
+        }
+    ]
+    sink = ListSink()
+    sidecar = await start_sidecar(config, log_sinks={"access": sink})
+    client = openai.AsyncOpenAI(
+        base_url=f"{sidecar.url}/v1", api_key="unused", max_retries=0, timeout=10
+    )
+    try:
+        streams = 20
+        for _ in range(streams):
+            stream = await client.chat.completions.create(
+                model="iris-llm", messages=[{"role": "user", "content": "?"}], stream=True
+            )
+            words = [chunk.choices[0].delta.content async for chunk in stream]
+            assert "".join(w or "" for w in words) == "iris is setosa"
+        answer = await client.chat.completions.create(
+            model="iris-llm", messages=[{"role": "user", "content": "?"}]
+        )
+        assert answer.choices[0].message.content == "setosa"
+        with pytest.raises(openai.APIStatusError) as caught:
+            await client.chat.completions.create(
+                model="hang", messages=[{"role": "user", "content": "?"}]
+            )
+    finally:
+        await client.close()
+    error = caught.value
+    assert error.status_code == 504
+    assert error.code == "upstream_timeout"
+    assert "did not start answering" in error.message
+    records = await flushed(sidecar, sink, streams + 2)
+    completed = [r for r in records if r["status"] == 200]
+    assert len(completed) == streams + 1  # every stream counted complete: none a 500
+    assert {r["outcome"] for r in completed} == {"ok"}
