@@ -7,6 +7,7 @@ responses.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import structlog
@@ -23,6 +24,7 @@ from sidecar.metrics import OUTCOME_ERROR, OUTCOME_OWN, Metrics
 from sidecar.proxy import read_body
 from sidecar.ratelimit import RateLimiter
 from sidecar.runtime import Runtime
+from sidecar.validation import SchemaFailed
 
 log = structlog.get_logger("sidecar.pipeline")
 
@@ -293,7 +295,11 @@ def request_body(*, runtime: Runtime) -> Middleware:
         ctx.body = await read_body(request, ctx.body_limit)
         ctx.bytes_in = len(ctx.body)
         if validator is not None:
-            ctx.document = validator.check_body(ctx.body)
+            try:
+                ctx.document = validator.check_body(ctx.body)
+            except SchemaFailed as failed:
+                # Listing what failed is the slow part: a thread, never the loop.
+                raise await asyncio.to_thread(validator.violation, failed.document) from None
         return await handler(request)
 
     return body

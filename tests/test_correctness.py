@@ -440,3 +440,33 @@ async def test_a_502_names_no_class_and_no_address(start_sidecar: StartSidecar) 
     )
     assert str(port) not in body
     assert "Error" not in body
+
+
+# -- 15: a schema violation costs a bounded amount, and bounded metric series --------
+
+
+async def test_a_huge_schema_violation_lists_twenty_paths_and_client_keys_make_no_series(
+    fake_model: FakeModel, start_sidecar: StartSidecar, tmp_path: Path
+) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"data": {"type": "array", "items": {"type": "number"}}},
+        "additionalProperties": {"type": "object", "properties": {"v": {"type": "number"}}},
+    }
+    (tmp_path / "schema.json").write_bytes(orjson.dumps(schema))
+    config = base_config(fake_model.url)
+    config["routes"][0]["validate"] = {"schema": str(tmp_path / "schema.json")}
+    sidecar = await start_sidecar(config)
+    # ~600 KB: every item fails, and a thousand keys of the client's choosing fail too.
+    body = {"data": ["not a number"] * 50_000}
+    body.update({f"client-key-{i}": {"v": "x"} for i in range(1000)})
+    async with sidecar.session.post(sidecar.url + "/infer", json=body) as resp:
+        assert resp.status == 422
+        error = (await resp.json())["error"]
+    assert len(error["details"]) == 20
+    assert error["message"].endswith("(and more)")
+    async with sidecar.session.get(sidecar.admin_url + "/metrics") as resp:
+        text = await resp.text()
+    fields = re.findall(r'sidecar_schema_violations_total\{[^}]*field="([^"]*)"', text)
+    assert set(fields) <= {"data[*]", "{*}.v"}, fields
+    assert fake_model.hits == []
