@@ -66,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     # Set by the supervisor for its workers: the ports it reserved.
     run.add_argument("--worker-port", type=int, help=argparse.SUPPRESS)
     run.add_argument("--worker-admin-port", type=int, help=argparse.SUPPRESS)
+    run.add_argument("--supervisor-pid", type=int, help=argparse.SUPPRESS)
 
     check = commands.add_parser(
         "check-config",
@@ -293,7 +294,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.worker_port is not None:
             loaded = with_ports(plan.loaded, args.worker_port, args.worker_admin_port or 0)
             plan = dataclasses.replace(plan, loaded=loaded)
-            run_event_loop(serve(plan, reuse_port=True, worker=True))
+            run_event_loop(serve(plan, reuse_port=True, supervisor=args.supervisor_pid))
         else:
             run_event_loop(serve(plan))
     except ConfigError as exc:

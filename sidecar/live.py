@@ -132,5 +132,12 @@ class LiveRuntime:
             return {"result": "ok", "sha256": loaded.sha256}
 
     async def _retire(self, old: Runtime) -> None:
-        await old.idle.wait()  # its requests in flight finish first
+        # Its probes and monitors stop at once; its requests in flight get the drain
+        # time to finish (a body that never ends must not pin it, and its pools,
+        # for good), then it is stopped whatever is left.
+        await old.stop_background()
+        try:
+            await asyncio.wait_for(old.idle.wait(), old.config.server.drain_timeout)
+        except TimeoutError:
+            log.warning("retired_runtime_stopped_busy", requests_in_flight=old.active)
         await old.stop()

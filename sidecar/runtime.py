@@ -167,13 +167,21 @@ class Runtime:
         for sync in self.breaker_syncs:
             sync.start()
 
-    async def stop(self) -> None:
+    async def stop_background(self) -> None:
+        """Stop what runs on its own (probes, drift, shadow governing, breaker sync):
+        a retired runtime must not keep calling the model while a request pins it."""
         for sync in self.breaker_syncs:
             await sync.stop()
+        for mirror in self.mirrors:
+            await mirror.stop_governing()
+        for monitor in self.drift_monitors:
+            await monitor.stop()
+        await self.upstreams.stop_probing()
+
+    async def stop(self) -> None:
+        await self.stop_background()
         if self.shared is not None:
             await self.shared.close()
         for mirror in self.mirrors:
             await mirror.stop()
-        for monitor in self.drift_monitors:
-            await monitor.stop()
         await self.upstreams.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import signal
 import time
@@ -138,21 +139,53 @@ def _bound_port(runner: web.BaseRunner) -> int:
     return port
 
 
-async def _reload_every_worker(path: Path, env: Mapping[str, str] | None) -> dict[str, Any]:
-    """A worker asked to reload checks the file, then has the supervisor tell everyone."""
+async def _reload_every_worker(
+    path: Path, env: Mapping[str, str] | None, supervisor: int
+) -> dict[str, Any]:
+    """A worker asked to reload checks the file, then has the supervisor tell everyone.
+
+    Only the supervisor that started it: an orphan's parent is PID 1 or a subreaper,
+    which must never get our SIGHUP.
+    """
     try:
         plan = await asyncio.to_thread(load_plan, path, env=env)
     except ConfigError as exc:
         return {"result": "invalid", "errors": [str(i) for i in exc.issues]}
-    os.kill(os.getppid(), signal.SIGHUP)
+    if os.getppid() != supervisor:
+        return {"result": "invalid", "errors": ["the supervisor is gone; this worker is stopping"]}
+    os.kill(supervisor, signal.SIGHUP)
     return {"result": "ok", "sha256": plan.loaded.sha256, "workers": "signalled"}
+
+
+def _die_with(supervisor: int) -> bool:
+    """Ask Linux to send SIGTERM when the supervisor dies (prctl PR_SET_PDEATHSIG);
+    False where that is not available."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != supervisor:  # it died before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+async def _watch_supervisor(supervisor: int, stop: Callable[[], None]) -> None:
+    """Without prctl: notice the supervisor's death by polling who our parent is."""
+    while os.getppid() == supervisor:  # noqa: ASYNC110 - no event exists to wait on
+        await asyncio.sleep(0.5)
+    stop()
 
 
 async def serve(
     plan: Plan,
     *,
     reuse_port: bool = False,
-    worker: bool = False,
+    supervisor: int | None = None,
     env: Mapping[str, str] | None = None,
     on_started: Callable[[RunningSidecar], Awaitable[None]] | None = None,
 ) -> None:
@@ -168,7 +201,11 @@ async def serve(
     running = RunningSidecar(
         plan,
         reuse_port=reuse_port,
-        reload=(lambda: _reload_every_worker(plan.loaded.path, env)) if worker else None,
+        reload=(
+            (lambda: _reload_every_worker(plan.loaded.path, env, supervisor))
+            if supervisor is not None
+            else None
+        ),
         env=env,
     )
     reloads: set[asyncio.Task[Any]] = set()
@@ -201,7 +238,16 @@ async def serve(
     )
     if on_started is not None:
         await on_started(running)
+    # A worker whose supervisor died (SIGKILL, OOM) has nobody to restart, reload or
+    # stop it: it drains and exits, as on SIGTERM.
+    watchdog = (
+        loop.create_task(_watch_supervisor(supervisor, lambda: on_stop(signal.SIGTERM)))
+        if supervisor is not None and not _die_with(supervisor)
+        else None
+    )
     signum = await stopping
+    if watchdog is not None:
+        watchdog.cancel()
     for task in reloads:
         task.cancel()
     running.runtime.draining = True  # /readyz says 503 from now on

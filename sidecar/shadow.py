@@ -166,7 +166,8 @@ class ShadowMirror:
         self.governor = Governor(settings.fraction, settings.governor)
         self._comparer = Comparer(settings.compare)
         self._log = comparison_log
-        self._tasks = BackgroundTasks()
+        self._tasks = BackgroundTasks()  # the copies in flight
+        self._governing = BackgroundTasks()
         self._requests = metrics.shadow_requests
         self._comparisons = metrics.shadow_comparisons
         self._delta = metrics.shadow_latency_delta.labels(route)
@@ -194,11 +195,14 @@ class ShadowMirror:
 
     def start(self) -> None:
         if self.settings.governor.enabled:
-            self._tasks.spawn(self._govern(), name=f"shadow-governor-{self.route}")
+            self._governing.spawn(self._govern(), name=f"shadow-governor-{self.route}")
 
     async def wait_idle(self) -> None:
         """Until every copy in flight has been compared (or given up)."""
         await self._idle.wait()
+
+    async def stop_governing(self) -> None:
+        await self._governing.stop()
 
     async def stop(self, drain_within: float = 2.0) -> None:
         """Let copies in flight finish briefly, then cancel what is left."""
@@ -208,6 +212,7 @@ class ShadowMirror:
         except TimeoutError:
             log.info("shadow_copies_cancelled", route=self.route, in_flight=self.in_flight)
         await self._tasks.stop()
+        await self._governing.stop()
 
     async def _govern(self) -> None:
         while True:

@@ -266,6 +266,7 @@ class Upstreams:
         self._metrics = metrics
         self._pools = pools
         self._tasks = BackgroundTasks()
+        self._released = False
         self.first_pass_done = asyncio.Event()
         self._was_ready: dict[str, bool] = {}
         # Called with an upstream's name when its probe passes (the runtime lets its
@@ -280,8 +281,18 @@ class Upstreams:
             client.attach(self._pools.acquire(client.name, client.config))
         self._tasks.spawn(self._probe_forever(), name="upstream-prober")
 
+    async def stop_probing(self) -> None:
+        await self._tasks.stop()
+
+    @property
+    def probing(self) -> bool:
+        return len(self._tasks) > 0
+
     async def stop(self) -> None:
         await self._tasks.stop()
+        if self._released:
+            return
+        self._released = True
         for client in self.clients.values():
             await self._pools.release(client.name, client.config)
 

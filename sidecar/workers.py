@@ -8,7 +8,9 @@ SO_REUSEPORT: the kernel spreads connections across them.
 
 SIGTERM or SIGINT is passed to every worker, each drains its own requests, and the
 supervisor exits 0 when all have. SIGHUP is passed on too, so every worker reloads.
-A worker that dies unexpectedly is restarted (at most 5 times a minute).
+A worker that dies unexpectedly is restarted (at most 5 times a minute). A worker
+whose supervisor is gone (killed, OOM) drains and exits by itself, and signals only
+the supervisor it was started by.
 """
 
 from __future__ import annotations
@@ -109,6 +111,8 @@ class Supervisor:
             str(self.port),
             "--worker-admin-port",
             str(self.admin_port),
+            "--supervisor-pid",
+            str(os.getpid()),
         ]
         env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": self._metrics_dir}
         return subprocess.Popen(argv, env=env)  # noqa: S603 - our own module, no shell

@@ -148,3 +148,41 @@ async def test_sighup_reloads_a_running_process(
     finally:
         process.terminate()
         await process.wait()
+
+
+async def test_a_request_that_never_ends_does_not_keep_old_runtimes_probing(
+    make_fake_model: MakeFakeModel, start_sidecar: StartSidecar
+) -> None:
+    """Each reload retires a runtime; one whose request never finishes its body stops
+    its probes at once and is stopped after the drain time, not kept for good."""
+    model = await make_fake_model()
+    config = base_config(model.url)
+    config["server"]["drain_timeout"] = "300ms"
+    sidecar = await start_sidecar(config)
+    _, writer = await asyncio.open_connection(LOOPBACK, sidecar.running.main_port)
+    # A body that never comes: this request pins the runtime it arrived on.
+    writer.write(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nx")
+    await writer.drain()
+    try:
+        first = sidecar.running.runtime
+        for _ in range(100):  # bounded: until the request is inside the pipeline
+            if first.active:
+                break
+            await asyncio.sleep(0.01)
+        assert first.active == 1
+        retired = []
+        for _ in range(3):
+            retired.append(sidecar.running.runtime)
+            async with sidecar.session.post(sidecar.admin_url + "/-/reload") as resp:
+                assert resp.status == 200
+        await asyncio.sleep(0)  # the retiring tasks start
+        for _ in range(100):  # bounded: the first one's drain time (300 ms) runs out
+            if not first.upstreams.probing and first.upstreams._released:
+                break
+            await asyncio.sleep(0.01)
+        for old in retired:
+            assert not old.upstreams.probing, "a retired runtime still probes the model"
+        assert first.upstreams._released  # stopped after the drain time, though busy
+        assert sidecar.running.runtime.upstreams.probing
+    finally:
+        writer.close()

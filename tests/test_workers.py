@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 from pathlib import Path
@@ -142,3 +143,27 @@ async def test_two_workers_serve_drain_and_reload_together(
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_workers_stop_when_their_supervisor_is_killed(
+    fake_model: FakeModel, tmp_path: Path
+) -> None:
+    config_path = tmp_path / "sidecar.yaml"
+    config_path.write_text(yaml.safe_dump(base_config(fake_model.url, admin={"enabled": False})))
+    process, port = await start_workers(config_path)
+    connections = await one_connection_per_worker(port)
+    workers = list(connections)
+    for connection in connections.values():
+        connection.close()
+    process.kill()  # SIGKILL: the supervisor cannot pass anything on
+    await asyncio.wait_for(process.wait(), 30)
+    for pid in workers:
+        for _ in range(300):  # bounded: until the orphan has drained and exited
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            raise AssertionError(f"worker {pid} kept running without its supervisor")
