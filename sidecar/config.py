@@ -593,6 +593,7 @@ class HealthSettings(_Strict):
 class LoggingSettings(_Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
     queue_size: int = Field(default=10_000, ge=1)
+    queue_bytes: ByteSize = 64 * 1024 * 1024  # per log: what its queued records may hold
     access_log: AccessLogSettings = AccessLogSettings()
     payload_log: PayloadLogSettings | None = None
     shadow_log: PayloadLogSettings | None = None

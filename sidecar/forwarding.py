@@ -364,5 +364,7 @@ def _record(
                 "status": answer.status,
                 "request": request_body,
                 "response": body,
-            }
+            },
+            # The bodies are what it holds: the log's byte budget counts them.
+            size=len(request_body) + len(body) + 256,
         )

@@ -126,18 +126,25 @@ def verdict(runtime: Any, logs: Logs, lag: LoopLagMonitor | None) -> Verdict:
             degraded.append("redis unreachable: using local rate limits and breaker state")
 
     for writer in logs.writers:
-        fill = writer.depth / writer.capacity
-        ok = writer.alive and fill < settings.max_log_queue_fill
+        fill = writer.fill
+        ok = writer.alive and not writer.failing and fill < settings.max_log_queue_fill
         checks[f"internal:log:{writer.name}"] = {
             "status": "pass" if ok else "fail",
             "alive": writer.alive,
             "queue_fill": round(fill, 4),
+            "last_error": writer.last_error if writer.failing else None,
         }
         if not ok:
-            failing.append(
-                f"log writer {writer.name}: "
-                + ("stopped" if not writer.alive else f"queue {fill:.0%} full")
-            )
+            if not writer.alive:
+                problem = "stopped"
+            elif writer.failing:
+                problem = f"cannot write ({writer.last_error})"
+            else:
+                problem = f"queue {fill:.0%} full"
+            # Requests are answered either way: a failing log is degraded unless the
+            # operator says a sidecar that cannot log must not serve.
+            reasons = failing if settings.log_failure == "not_ready" else degraded
+            reasons.append(f"log writer {writer.name}: {problem}")
     if lag is not None:
         ok = lag.lag < settings.max_loop_lag
         checks["internal:event_loop_lag"] = {

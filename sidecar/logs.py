@@ -91,9 +91,14 @@ class Logs:
     ) -> None:
         settings = loaded.config.logging
         size = settings.queue_size
+        budget = settings.queue_bytes
         given = dict(sinks or {})
         self.events = LogWriter(
-            "events", given.get("events") or StreamSink(), metrics, queue_size=size
+            "events",
+            given.get("events") or StreamSink(),
+            metrics,
+            queue_size=size,
+            queue_bytes=budget,
         )
         access = settings.access_log
         self.access: LogWriter | None = None
@@ -101,7 +106,7 @@ class Logs:
             sink = given.get("access") or _sink(
                 loaded, "logging.access_log.path", access.path, access.max_bytes, access.backups
             )
-            self.access = LogWriter("access", sink, metrics, queue_size=size)
+            self.access = LogWriter("access", sink, metrics, queue_size=size, queue_bytes=budget)
         self.payload: LogWriter | None = None
         if settings.payload_log is not None:
             payload = settings.payload_log
@@ -117,6 +122,7 @@ class Logs:
                 ),
                 metrics,
                 queue_size=size,
+                queue_bytes=budget,
                 renderer=payload_renderer(payload, Redactor(settings.redact_fields)),
             )
 
@@ -131,6 +137,7 @@ class Logs:
                 ),
                 metrics,
                 queue_size=size,
+                queue_bytes=budget,
             )
 
     @property

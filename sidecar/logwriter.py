@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import sys
+import threading
 from collections import deque
 from collections.abc import Callable, MutableMapping
 from datetime import UTC, datetime
 from pathlib import Path
+from queue import SimpleQueue
 from typing import Any, BinaryIO, Protocol
 
 import orjson
@@ -97,6 +100,53 @@ class FileSink:
         self._file.close()
 
 
+class _SinkThread:
+    """One daemon thread per log that does its writes. A sink blocked for good (a pipe
+    nobody reads) then blocks only this thread, and cannot keep the process from
+    exiting: the default executor's threads are joined at exit, and would."""
+
+    def __init__(self, name: str) -> None:
+        self._jobs: SimpleQueue[
+            tuple[Callable[[], None], asyncio.AbstractEventLoop, asyncio.Future[None]] | None
+        ] = SimpleQueue()
+        self._thread = threading.Thread(target=self._work, name=f"log-{name}", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            call, loop, done = job
+            error: BaseException | None = None
+            try:
+                call()
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting task
+                error = exc
+            with contextlib.suppress(RuntimeError):  # the loop may be gone at exit
+                loop.call_soon_threadsafe(_settle, done, error)
+
+    async def run(self, call: Callable[[], None]) -> None:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._jobs.put((call, loop, done))
+        await done
+
+    def close(self) -> None:
+        self._jobs.put(None)
+
+
+def _settle(done: asyncio.Future[None], error: BaseException | None) -> None:
+    if done.done():
+        return
+    if error is None:
+        done.set_result(None)
+    else:
+        done.set_exception(error)
+
+
+# A sink that fails is retried after these many seconds (then the batch is dropped,
+# and counted): a full disk or a closed stdout costs records, never the writer.
+RETRY_DELAYS = (0.1, 0.5, 2.0)
+
+
 class LogWriter:
     def __init__(
         self,
@@ -105,35 +155,50 @@ class LogWriter:
         metrics: Metrics,
         *,
         queue_size: int = 10_000,
+        queue_bytes: int = 64 * 1024 * 1024,
         batch_size: int = 2048,
         linger: float = 0.1,
         renderer: Callable[[Record], bytes] = render,
+        retry_delays: tuple[float, ...] = RETRY_DELAYS,
     ) -> None:
         self.name = name
         self._sink = sink
-        self._queue: deque[Record] = deque()
+        self._queue: deque[tuple[Record, int]] = deque()
         self._queue_size = queue_size
+        self._queue_bytes = queue_bytes
+        self._bytes = 0
         self._batch_size = batch_size
         self._linger = linger
         self._render = renderer
+        self._retry_delays = retry_delays
         self._wakeup = asyncio.Event()
         self._full_batch = asyncio.Event()
         self._tasks = BackgroundTasks()
         self._task: asyncio.Task[None] | None = None
+        self._thread: _SinkThread | None = None
         self._stopping = False
         self._closed = False
+        self._writing = 0  # records of the batch being written now
+        self.failing = False  # the last write failed
+        self.last_error: str | None = None
         self._dropped = metrics.log_dropped.labels(name)
         self._written = metrics.log_written.labels(name)
         self._depth = metrics.log_queue_depth.labels(name)
 
     # -- the hot path -------------------------------------------------------------
 
-    def submit(self, record: Record) -> bool:
-        """Queue a record; False (and counted) when the queue is full. Never blocks."""
-        if len(self._queue) >= self._queue_size or self._closed:
+    def submit(self, record: Record, size: int = 512) -> bool:
+        """Queue a record of about ``size`` bytes held; False (and counted) when the
+        queue is full, in records or in bytes. Never blocks."""
+        if (
+            len(self._queue) >= self._queue_size
+            or self._bytes + size > self._queue_bytes
+            or self._closed
+        ):
             self._dropped.inc()
             return False
-        self._queue.append(record)
+        self._queue.append((record, size))
+        self._bytes += size
         if not self._wakeup.is_set():
             self._wakeup.set()
         elif len(self._queue) >= self._batch_size and not self._full_batch.is_set():
@@ -151,10 +216,16 @@ class LogWriter:
         return self._queue_size
 
     @property
+    def fill(self) -> float:
+        """How full the queue is, by records or by bytes, whichever is fuller."""
+        return max(len(self._queue) / self._queue_size, self._bytes / self._queue_bytes)
+
+    @property
     def alive(self) -> bool:
         return self._task is not None and not self._task.done()
 
     def start(self) -> None:
+        self._thread = _SinkThread(self.name)
         self._task = self._tasks.spawn(self._run(), name=f"log-writer-{self.name}")
 
     async def _run(self) -> None:
@@ -184,14 +255,39 @@ class LogWriter:
             size = min(self._batch_size, pending, len(self._queue))
             pending -= size
             batch = [self._queue.popleft() for _ in range(size)]
-            data = b"".join(self._render(record) for record in batch)
-            # A thread, so a blocked sink stalls only this writer, not the event loop.
-            await asyncio.to_thread(self._sink.write, data)
-            self._written.inc(len(batch))
+            self._bytes -= sum(held for _, held in batch)
+            data = b"".join(self._render(record) for record, _ in batch)
+            self._writing = len(batch)  # counted as dropped if the writer is stopped now
+            if await self._write(data):
+                self._written.inc(len(batch))
+            else:
+                self._dropped.inc(len(batch))
+            self._writing = 0
         self._depth.set(0)
 
+    async def _write(self, data: bytes) -> bool:
+        """Write one batch, retrying a failing sink with backoff; False when it
+        could not be written."""
+        assert self._thread is not None
+        for delay in (*self._retry_delays, None):
+            try:
+                await self._thread.run(functools.partial(self._sink.write, data))
+            except (OSError, ValueError) as exc:  # a full disk, a closed stream
+                if not self.failing:
+                    print(f"sidecar: log {self.name}: cannot write: {exc}", file=sys.stderr)
+                self.failing = True
+                self.last_error = f"{type(exc).__name__}: {exc}"[:200]
+                if delay is None or self._stopping:
+                    return False
+                await asyncio.sleep(delay)
+            else:
+                self.failing = False
+                return True
+        return False
+
     async def stop(self, flush_within: float = 10.0) -> None:
-        """Write everything accepted so far (for up to ``flush_within`` s), then close."""
+        """Write everything accepted so far (for up to ``flush_within`` s), then close.
+        Whatever cannot be written is counted as dropped."""
         self._stopping = True
         self._wakeup.set()
         if self._task is not None and not self._task.done():
@@ -199,14 +295,18 @@ class LogWriter:
                 async with asyncio.timeout(flush_within):
                     await asyncio.shield(self._task)
             except TimeoutError:
-                # The sink is stuck: what is still queued is lost, and counted.
-                self._closed = True
-                self._dropped.inc(len(self._queue))
-                self._queue.clear()
-                await self._tasks.stop()
-                return
+                await self._tasks.stop()  # the sink is stuck
         self._closed = True
-        await asyncio.to_thread(self._sink.close)
+        self._dropped.inc(len(self._queue) + self._writing)
+        self._writing = 0
+        self._queue.clear()
+        self._bytes = 0
+        thread = self._thread
+        if thread is not None:
+            with contextlib.suppress(TimeoutError, OSError, ValueError):
+                async with asyncio.timeout(flush_within):
+                    await thread.run(self._sink.close)
+            thread.close()
 
 
 class QueueFile:

@@ -138,22 +138,24 @@ async def test_open_breaker_with_a_fallback_is_degraded_but_ready(
             assert body["degraded"] is True
 
 
-async def test_a_saturated_log_queue_makes_the_sidecar_not_ready(
+async def test_a_saturated_log_queue_is_degraded_or_not_ready_as_configured(
     fake_model: FakeModel, start_sidecar: StartSidecar
 ) -> None:
-    sink = BlockingSink()
-    config = base_config(fake_model.url)
-    config["logging"] = {"queue_size": 10}
-    sidecar = await start_sidecar(config, log_sinks={"access": sink})
-    try:
-        for _ in range(30):
-            async with sidecar.session.get(sidecar.url + "/x") as resp:
-                assert resp.status == 200
-        status, body = await readyz(sidecar)
-        assert status == 503
-        assert any(r.startswith("log writer access: queue") for r in body["reasons"])
-    finally:
-        sink.release.set()
+    for log_failure, expected in (("degraded", 200), ("not_ready", 503)):
+        sink = BlockingSink()
+        config = base_config(fake_model.url)
+        config["logging"] = {"queue_size": 10}
+        config["health"] = {"log_failure": log_failure}
+        sidecar = await start_sidecar(config, log_sinks={"access": sink})
+        try:
+            for _ in range(30):
+                async with sidecar.session.get(sidecar.url + "/x") as resp:
+                    assert resp.status == 200
+            status, body = await readyz(sidecar)
+            assert status == expected, log_failure
+            assert any(r.startswith("log writer access: queue") for r in body["reasons"])
+        finally:
+            sink.release.set()
 
 
 async def test_event_loop_lag_is_measured_and_judged(

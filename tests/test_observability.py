@@ -526,3 +526,62 @@ def test_log_lines_name_the_current_request_and_its_principal() -> None:
     assert contextvars.copy_context().run(log_line, None) == {"event": "x"}
     # A field the line sets itself is kept.
     assert contextvars.copy_context().run(log_line, ctx, request_id="own")["request_id"] == "own"
+
+
+class FailingSink:
+    """A full disk or a closed stdout: every write fails until ``fixed``."""
+
+    def __init__(self) -> None:
+        self.fixed = threading.Event()
+        self.attempts = 0
+        self.lines: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.attempts += 1
+        if not self.fixed.is_set():
+            raise OSError(28, "No space left on device")
+        self.lines.extend(data.splitlines())
+
+    def close(self) -> None:
+        pass
+
+
+async def test_a_failing_sink_costs_records_never_the_writer_and_every_loss_is_counted() -> None:
+    sink = FailingSink()
+    metrics = Metrics()
+    writer = LogWriter("test", sink, metrics, linger=0.01, retry_delays=(0.01, 0.01))
+    writer.start()
+    for index in range(5):
+        assert writer.submit({"n": index})
+    for _ in range(200):  # bounded: until the batch was tried three times and dropped
+        if sink.attempts >= 3 and writer.depth == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert writer.alive  # it survives the failing sink
+    assert writer.failing
+    assert "No space left on device" in (writer.last_error or "")
+    sink.fixed.set()
+    assert writer.submit({"n": "after"})
+    for _ in range(200):
+        if sink.lines:
+            break
+        await asyncio.sleep(0.01)
+    assert [orjson.loads(line)["n"] for line in sink.lines] == ["after"]
+    assert not writer.failing
+    await writer.stop()
+    text = metrics.render().decode()
+    assert metric_value(text, "sidecar_log_dropped_total", log="test") == 5
+    assert metric_value(text, "sidecar_log_written_total", log="test") == 1
+
+
+async def test_the_queue_is_bounded_in_bytes_and_what_is_left_at_stop_is_counted() -> None:
+    sink = BlockingSink()
+    metrics = Metrics()
+    writer = LogWriter("test", sink, metrics, queue_size=1000, queue_bytes=10_000)
+    writer.start()
+    accepted = [writer.submit({"body": "x"}, size=3_000) for _ in range(5)]
+    assert accepted == [True, True, True, False, False]  # 9,000 of 10,000 bytes held
+    await writer.stop(flush_within=0.2)  # the sink never answers
+    sink.release.set()
+    text = metrics.render().decode()
+    assert metric_value(text, "sidecar_log_dropped_total", log="test") == 5  # 2 + 3 unwritten
