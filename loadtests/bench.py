@@ -887,7 +887,7 @@ def suite_lograte(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
     queue_size = LoggingSettings().queue_size
 
-    async def feed(rate: float) -> tuple[Row, float]:
+    async def feed(rate: float) -> tuple[Row, float, int]:
         registry = CollectorRegistry()
         writer = LogWriter(
             "access",
@@ -919,13 +919,14 @@ def suite_lograte(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             cpu / max(1, sent) * 1e6,
             float("nan"),
         )
-        return row, peak / queue_size
+        return row, peak / queue_size, sent
 
     rows, ratios = [], {}
     for rate in (5000.0, 20000.0, 50000.0):
-        row, fill = uvloop.run(feed(rate))
+        row, fill, fed = uvloop.run(feed(rate))
         rows.append(row)
         ratios[f"{rate:g}/s dropped records"] = row.errors
+        ratios[f"{rate:g}/s fed records"] = fed
         ratios[f"{rate:g}/s peak queue fill"] = round(fill, 3)
     return {
         "rows": [asdict(r) for r in rows],

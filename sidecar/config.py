@@ -321,6 +321,7 @@ class StaticFallback(Answer):
 
 class CacheFallback(_Strict):
     max_entries: int = Field(default=1000, ge=1)
+    max_bytes: ByteSize = 16 * 1024 * 1024  # the answers held, all entries together
     ttl: PositiveDuration = 300.0
     max_body_size: ByteSize = 64 * 1024
 
@@ -381,6 +382,9 @@ class DriftSettings(_Strict):
     baseline: str
     freeze_after: int | None = Field(default=None, ge=10)
     window: int = Field(default=1000, ge=10)
+    # Bodies waiting to be parsed (once per interval): past this, pairs are dropped and
+    # counted (sidecar_dropped_total{buffer="drift_pending"}).
+    max_pending_bytes: ByteSize = 16 * 1024 * 1024
     min_samples: int = Field(default=100, ge=1)
     interval: PositiveDuration = 10.0
     bins: int = Field(default=10, ge=2, le=100)

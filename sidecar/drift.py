@@ -1,9 +1,10 @@
 """Prediction and feature drift: population stability index (PSI) against a baseline.
 
 On the request path a route's monitor only appends the request and response bodies
-to a bounded deque (O(1), no parsing). A background task parses what arrived,
-keeps a window of recent values per signal (the prediction and each configured
-feature), and every ``interval`` computes
+to a queue bounded in bytes (O(1), no parsing; past the budget a pair is dropped and
+counted). Every ``interval`` a background task takes what arrived, parses it in a
+thread (never on the event loop), keeps only the numbers of each signal (the
+prediction and each configured feature) in a window of recent values, and computes
 
     PSI = sum over bins of (actual - expected) * ln(actual / expected)
 
@@ -168,6 +169,12 @@ def build_baseline(settings: DriftSettings, pairs: Iterable[tuple[Any, Any]]) ->
         count += 1
         for signal, values in extractor.extract(request, response).items():
             samples[signal].extend(values)
+    return baseline_from_signals(settings, samples, count)
+
+
+def baseline_from_signals(
+    settings: DriftSettings, samples: dict[str, list[float]], count: int
+) -> Baseline:
     histograms = {s: Histogram.from_samples(v, settings.bins) for s, v in samples.items() if v}
     if PREDICTION not in histograms:
         raise ValueError("no predictions found: check the protocol and output settings")
@@ -189,11 +196,15 @@ class DriftMonitor:
         self.baseline_path = baseline_path
         self._metrics = metrics
         self._extractor = SignalExtractor(settings)
-        self._pending: deque[tuple[bytes, bytes]] = deque(maxlen=settings.window)
+        self._pending: deque[tuple[bytes, bytes]] = deque()
+        self._pending_bytes = 0
+        self._max_pending_bytes = settings.max_pending_bytes
+        self._dropped = metrics.dropped.labels("drift_pending", route)
         self._windows: dict[str, deque[float]] = {
             s: deque(maxlen=settings.window) for s in self._extractor.signals
         }
-        self._freezing: list[tuple[Any, Any]] = []
+        self._freezing: dict[str, list[float]] = {s: [] for s in self._extractor.signals}
+        self._frozen_from = 0  # responses taken in for a baseline to be frozen
         # None: frozen from the first freeze_after responses, then written to the path.
         self.baseline = baseline
         self.drifting: dict[str, bool] = dict.fromkeys(self._extractor.signals, False)
@@ -203,7 +214,12 @@ class DriftMonitor:
     # -- the hot path -------------------------------------------------------------
 
     def observe(self, request_body: bytes, response_body: bytes) -> None:
+        size = len(request_body) + len(response_body)
+        if self._pending_bytes + size > self._max_pending_bytes:
+            self._dropped.inc()
+            return
         self._pending.append((request_body, response_body))
+        self._pending_bytes += size
 
     # -- the background -----------------------------------------------------------
 
@@ -216,20 +232,36 @@ class DriftMonitor:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.settings.interval)
-            self.evaluate()
+            # Parsing a window's bodies is the heavy part: a thread, not the loop.
+            await asyncio.to_thread(self._digest, self._take_pending())
+            self._compute()
 
-    def evaluate(self) -> dict[str, float]:
-        """Take in what arrived, then compute PSI per signal (when there is enough)."""
-        while self._pending:
-            request_body, response_body = self._pending.popleft()
+    def _take_pending(self) -> deque[tuple[bytes, bytes]]:
+        pending, self._pending, self._pending_bytes = self._pending, deque(), 0
+        return pending
+
+    def _digest(self, pending: deque[tuple[bytes, bytes]]) -> None:
+        """Parse bodies into the numbers each signal needs; the bodies are let go."""
+        freezing = self.baseline is None
+        for request_body, response_body in pending:
             try:
                 request, response = orjson.loads(request_body), orjson.loads(response_body)
             except orjson.JSONDecodeError:
                 continue
-            if self.baseline is None and len(self._freezing) < (self.settings.freeze_after or 0):
-                self._freezing.append((request, response))
-            for signal, values in self._extractor.extract(request, response).items():
+            signals = self._extractor.extract(request, response)
+            if freezing and self._frozen_from < (self.settings.freeze_after or 0):
+                self._frozen_from += 1
+                for signal, values in signals.items():
+                    self._freezing[signal].extend(values)
+            for signal, values in signals.items():
                 self._windows[signal].extend(values)
+
+    def evaluate(self) -> dict[str, float]:
+        """Take in what arrived, then compute PSI per signal (when there is enough)."""
+        self._digest(self._take_pending())
+        return self._compute()
+
+    def _compute(self) -> dict[str, float]:
         if self.baseline is None:
             self._maybe_freeze()
             return {}
@@ -246,10 +278,10 @@ class DriftMonitor:
 
     def _maybe_freeze(self) -> None:
         assert self.settings.freeze_after is not None
-        if len(self._freezing) < self.settings.freeze_after:
+        if self._frozen_from < self.settings.freeze_after:
             return
-        self.baseline = build_baseline(self.settings, self._freezing)
-        self._freezing = []
+        self.baseline = baseline_from_signals(self.settings, self._freezing, self._frozen_from)
+        self._freezing = {}
         self.baseline_path.parent.mkdir(parents=True, exist_ok=True)
         self.baseline_path.write_bytes(self.baseline.to_json(self.route))
         log.info(

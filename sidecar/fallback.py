@@ -109,7 +109,8 @@ def restamp_id(body: bytes, request_body: bytes, protocol: str, request_id: str)
 
 
 class ResponseCache:
-    """Bounded LRU of good answers with a time to live."""
+    """An LRU of good answers with a time to live, bounded in entries and in bytes;
+    what it evicts to stay in budget is counted."""
 
     name = "cache"
 
@@ -118,11 +119,18 @@ class ResponseCache:
         settings: CacheFallback,
         protocol: str = "plain",
         clock: Callable[[], float] = time.monotonic,
+        evicted: Any = None,
     ):
         self._settings = settings
         self._protocol = protocol
         self._clock = clock
         self._entries: OrderedDict[str, _CacheEntry] = OrderedDict()
+        self._bytes = 0
+        self._evicted = evicted  # a counter child, or None
+
+    @property
+    def size_bytes(self) -> int:
+        return self._bytes
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -139,10 +147,19 @@ class ResponseCache:
         if len(body) > self._settings.max_body_size:
             return
         key = canonical_key(method, target, request_body, self._protocol)
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self._bytes -= len(old.body)
         self._entries[key] = _CacheEntry(self._clock(), status, content_type, body)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self._settings.max_entries:
-            self._entries.popitem(last=False)
+        self._bytes += len(body)
+        while (
+            len(self._entries) > self._settings.max_entries
+            or self._bytes > self._settings.max_bytes
+        ):
+            _, evicted = self._entries.popitem(last=False)
+            self._bytes -= len(evicted.body)
+            if self._evicted is not None:
+                self._evicted.inc()
 
     def answer(
         self, method: str, target: str, request_body: bytes, request_id: str
@@ -154,6 +171,7 @@ class ResponseCache:
         age = self._clock() - entry.stored_at
         if age > self._settings.ttl:
             del self._entries[key]
+            self._bytes -= len(entry.body)
             return None
         self._entries.move_to_end(key)
         headers = CIMultiDict({FALLBACK_HEADER: self.name, "Age": str(int(age))})
@@ -221,6 +239,7 @@ class FallbackChain:
         upstreams: Upstreams,
         clock: Callable[[], float] = time.monotonic,
         protocol: str = "plain",
+        evicted: Any = None,
     ) -> None:
         self.triggers = frozenset(policy.triggers)
         self.statuses = frozenset(policy.statuses)
@@ -228,7 +247,7 @@ class FallbackChain:
         steps: list[Step] = []
         for step in policy.chain:
             if step.cache is not None:
-                self.cache = ResponseCache(step.cache, protocol, clock)
+                self.cache = ResponseCache(step.cache, protocol, clock, evicted)
                 steps.append(self.cache)
             elif step.rules is not None:
                 steps.append(

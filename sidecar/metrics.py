@@ -232,6 +232,14 @@ class Metrics:
             multiprocess_mode="min",
         )
 
+        self.dropped = Counter(
+            "sidecar_dropped_total",
+            "Items a bounded buffer let go to stay in its byte budget: fallback cache "
+            "answers evicted, drift bodies not taken in.",
+            ["buffer", "route"],
+            registry=r,
+        )
+
         self.config_reloads = Counter(
             "sidecar_config_reloads_total",
             "Config reloads by result (ok, invalid).",

@@ -68,7 +68,13 @@ class Runtime:
                 upstream=self.upstreams[route.upstream],
                 guard=self.guards[route.upstream],
                 fallback=(
-                    FallbackChain(route.fallback, self.upstreams, clock, route.protocol)
+                    FallbackChain(
+                        route.fallback,
+                        self.upstreams,
+                        clock,
+                        route.protocol,
+                        metrics.dropped.labels("fallback_cache", route.name),
+                    )
                     if route.fallback
                     else None
                 ),

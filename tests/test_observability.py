@@ -585,3 +585,23 @@ async def test_the_queue_is_bounded_in_bytes_and_what_is_left_at_stop_is_counted
     sink.release.set()
     text = metrics.render().decode()
     assert metric_value(text, "sidecar_log_dropped_total", log="test") == 5  # 2 + 3 unwritten
+
+
+def test_the_drift_queue_is_bounded_in_bytes_and_keeps_only_numbers(tmp_path: Path) -> None:
+    settings = drift_settings(max_pending_bytes="2KiB", freeze_after=1000)
+    registry_metrics = Metrics()
+    monitor = DriftMonitor("infer", settings, tmp_path / "b.json", registry_metrics, baseline=None)
+    pairs = list(iris_pairs(40, seed=5))
+    for request, response in pairs:
+        monitor.observe(request, response)
+    size = len(pairs[0][0]) + len(pairs[0][1])
+    kept = 2048 // size
+    assert len(monitor._pending) == kept
+    text = registry_metrics.render().decode()
+    assert (
+        metric_value(text, "sidecar_dropped_total", buffer="drift_pending", route="infer")
+        == 40 - kept
+    )
+    monitor.evaluate()
+    assert not monitor._pending  # the bodies are gone; the windows hold numbers
+    assert all(isinstance(v, float) for window in monitor._windows.values() for v in window)

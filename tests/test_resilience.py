@@ -756,3 +756,22 @@ async def test_client_errors_never_open_the_breaker_nor_get_a_made_up_answer(
     breaker = strict.running.runtime.guards["model"].breaker
     assert breaker is not None
     assert breaker.state == OPEN
+
+
+def test_the_fallback_cache_is_bounded_in_bytes_and_counts_what_it_evicts() -> None:
+    from sidecar.config import CacheFallback
+    from sidecar.fallback import ResponseCache
+
+    registry = CollectorRegistry()
+    evicted = Metrics(registry).dropped.labels("fallback_cache", "infer")
+    cache = ResponseCache(
+        CacheFallback(max_bytes="1KiB", max_body_size="1KiB"), "plain", FakeClock(), evicted
+    )
+    for index in range(3):
+        cache.store("POST", "/infer", b'{"n": %d}' % index, 200, None, b"x" * 500)
+    assert cache.size_bytes == 1000
+    assert len(cache) == 2
+    assert cache.answer("POST", "/infer", b'{"n": 0}', "r") is None  # the oldest went
+    assert cache.answer("POST", "/infer", b'{"n": 2}', "r") is not None
+    labels = {"buffer": "fallback_cache", "route": "infer"}
+    assert registry.get_sample_value("sidecar_dropped_total", labels) == 1
