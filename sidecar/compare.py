@@ -4,7 +4,8 @@
     numeric      every prediction number equal within abs_tol + rel_tol * |production|
     label        labels equal: the values themselves, or the argmax of each row of
                  ``classes`` numbers (probabilities)
-    embedding    cosine similarity at least ``min_cosine``
+    embedding    cosine similarity at least ``min_cosine``, per vector (OpenAI-style
+                 answers: each item of data[], lists or base64 alike)
     stream       event streams: the same bytes
 
 A comparison says match or mismatch (or error when an answer cannot be read) and
@@ -20,7 +21,7 @@ from typing import Any
 import orjson
 
 from sidecar.config import ShadowCompare
-from sidecar.predictions import PredictionReader
+from sidecar.predictions import PredictionReader, embeddings
 
 MAX_DIFFERENCES = 5
 
@@ -94,17 +95,20 @@ class Comparer:
             if primary_body == shadow_body:
                 return Comparison("match")
             return Comparison("error", "an answer is not JSON")
+        kind = self.settings.kind
+        if kind == "embedding" and self.settings.protocol == "openai":
+            return self._vectors(embeddings(primary_doc), embeddings(shadow_doc))
         primary = self.reader.values(primary_doc)
         shadow = self.reader.values(shadow_doc)
         if not primary and not shadow:
-            return Comparison("match" if primary_doc == shadow_doc else "mismatch", "document")
+            same = _without_volatile(primary_doc) == _without_volatile(shadow_doc)
+            return Comparison("match" if same else "mismatch", "document")
         if len(primary) != len(shadow):
             return Comparison(
                 "mismatch",
                 "shape",
                 [{"field": "predictions.length", "primary": len(primary), "shadow": len(shadow)}],
             )
-        kind = self.settings.kind
         if kind == "embedding":
             return self._embedding(primary, shadow)
         if kind == "label":
@@ -151,10 +155,29 @@ class Comparer:
             label_agreement=share,
         )
 
+    def _vectors(self, primary: list[list[float]], shadow: list[list[float]]) -> Comparison:
+        """One cosine per vector: the same model's answer agrees vector by vector."""
+        if len(primary) != len(shadow) or not primary:
+            return Comparison(
+                "mismatch",
+                "shape",
+                [{"field": "data.length", "primary": len(primary), "shadow": len(shadow)}],
+            )
+        cosines = [_cosine(a, b) for a, b in zip(primary, shadow, strict=True)]
+        differences = [
+            {"field": f"data[{i}].embedding.cosine", "primary": 1.0, "shadow": round(c, 6)}
+            for i, c in enumerate(cosines)
+            if c < self.settings.min_cosine
+        ]
+        return Comparison(
+            "mismatch" if differences else "match",
+            "cosine" if differences else None,
+            differences[:MAX_DIFFERENCES],
+            cosine=min(cosines),
+        )
+
     def _embedding(self, primary: list[float], shadow: list[float]) -> Comparison:
-        dot = sum(a * b for a, b in zip(primary, shadow, strict=True))
-        norms = math.sqrt(sum(a * a for a in primary)) * math.sqrt(sum(b * b for b in shadow))
-        cosine = dot / norms if norms else (1.0 if primary == shadow else 0.0)
+        cosine = _cosine(primary, shadow)
         ok = cosine >= self.settings.min_cosine
         return Comparison(
             "match" if ok else "mismatch",
@@ -164,3 +187,21 @@ class Comparer:
             else [{"field": "embedding.cosine", "primary": 1.0, "shadow": round(cosine, 6)}],
             cosine=cosine,
         )
+
+
+def _cosine(a: list[float], b: list[float]) -> float:
+    if len(a) != len(b):
+        return 0.0
+    dot = sum(x * y for x, y in zip(a, b, strict=True))
+    norms = math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
+    return dot / norms if norms else (1.0 if a == b else 0.0)
+
+
+# Fields two answers of the same model never share: a completion's id and its time.
+_VOLATILE = ("id", "created", "system_fingerprint")
+
+
+def _without_volatile(document: Any) -> Any:
+    if isinstance(document, dict):
+        return {k: v for k, v in document.items() if k not in _VOLATILE}
+    return document

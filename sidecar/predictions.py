@@ -3,6 +3,7 @@
     v2         Open Inference Protocol: outputs[].data (one named output, or all)
     v1         TF-Serving / KServe V1: predictions (numbers, lists, or objects of numbers)
     openai     data[].embedding -> each vector's L2 norm; choices[] -> text length
+               (embeddings as lists of floats, or base64 as the openai client asks)
     json_path  any field, written like inputs[0].data[2], flattened to numbers
 
 Drift monitoring, shadow comparison and the ground-truth join all read through this.
@@ -10,7 +11,11 @@ Drift monitoring, shadow comparison and the ground-truth join all read through t
 
 from __future__ import annotations
 
+import array
+import base64
+import binascii
 import math
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -76,18 +81,9 @@ class PredictionReader:
         if self.protocol == "openai":
             data = document.get("data")
             if isinstance(data, list) and self.raw_embeddings:
-                return [
-                    v
-                    for item in data
-                    if isinstance(item, dict)
-                    for v in _numbers(item.get("embedding"))
-                ]
+                return [v for vector in embeddings(document) for v in vector]
             if isinstance(data, list):
-                return [
-                    math.sqrt(sum(v * v for v in _numbers(item.get("embedding"))))
-                    for item in data
-                    if isinstance(item, dict) and "embedding" in item
-                ]
+                return [math.sqrt(sum(v * v for v in vector)) for vector in embeddings(document)]
             choices = document.get("choices")
             if isinstance(choices, list):
                 return [float(len(_choice_text(choice))) for choice in choices]
@@ -104,6 +100,33 @@ class PredictionReader:
         if len(values) == 1:
             return values[0]
         return float(max(range(len(values)), key=values.__getitem__))
+
+
+def embeddings(document: Any) -> list[list[float]]:
+    """Each vector of an OpenAI-style embeddings answer, whether it came as a list of
+    floats or as base64 (little-endian float32: the openai client's default)."""
+    data = document.get("data") if isinstance(document, dict) else None
+    if not isinstance(data, list):
+        return []
+    vectors = []
+    for item in data:
+        if not isinstance(item, dict) or "embedding" not in item:
+            continue
+        embedding = item["embedding"]
+        if isinstance(embedding, str):
+            try:
+                raw = base64.b64decode(embedding, validate=True)
+            except (binascii.Error, ValueError):
+                continue
+            if len(raw) % 4:
+                continue
+            floats = array.array("f", raw)
+            if sys.byteorder == "big":
+                floats.byteswap()
+            vectors.append(list(floats))
+        else:
+            vectors.append(list(_numbers(embedding)))
+    return vectors
 
 
 def _choice_text(choice: Any) -> str:

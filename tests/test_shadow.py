@@ -417,3 +417,36 @@ def test_wilson_interval_bounds() -> None:
     low, high = wilson_interval(50, 100)
     assert low < 0.5 < high
     assert wilson_interval(100, 100)[1] == 1.0
+
+
+def test_embedding_shadows_compare_vectors_not_encodings() -> None:
+    """The openai client asks for base64 by default: a shadow of the same model must
+    agree, vector by vector, however each side encoded its floats."""
+    import array
+    import base64
+
+    from sidecar.compare import Comparer
+    from sidecar.config import ShadowCompare
+
+    vectors = [[0.1, 0.2, 0.3], [0.9, -0.1, 0.0]]
+
+    def answer(encoding: str, vectors: list[list[float]], ident: str) -> bytes:
+        data = []
+        for index, vector in enumerate(vectors):
+            if encoding == "base64":
+                encoded: Any = base64.b64encode(array.array("f", vector).tobytes()).decode()
+            else:
+                encoded = vector
+            data.append({"object": "embedding", "index": index, "embedding": encoded})
+        return orjson.dumps({"object": "list", "id": ident, "created": 1, "data": data})
+
+    comparer = Comparer(ShadowCompare(protocol="openai", kind="embedding", min_cosine=0.999))
+    same = comparer.compare(200, answer("base64", vectors, "a"), 200, answer("float", vectors, "b"))
+    assert same.result == "match", same
+    assert same.cosine == pytest.approx(1.0, abs=1e-6)
+    turned = [vectors[0], [-0.9, 0.1, 0.0]]  # the second vector points the other way
+    differs = comparer.compare(
+        200, answer("base64", vectors, "a"), 200, answer("base64", turned, "c")
+    )
+    assert differs.result == "mismatch"
+    assert [d["field"] for d in differs.differences] == ["data[1].embedding.cosine"]
