@@ -51,6 +51,14 @@ class Histogram:
     kind: Literal["categorical", "numeric"]
     points: tuple[float, ...]  # categorical: the values; numeric: inner edges
     proportions: tuple[float, ...]
+    low: float | None = None  # the smallest and largest value the baseline saw
+    high: float | None = None
+
+    def contains(self, value: float) -> bool:
+        """Within what the baseline saw (a value, or the range of values)."""
+        if self.kind == "categorical":
+            return value in self.points
+        return self.low is None or self.high is None or self.low <= value <= self.high
 
     @classmethod
     def from_samples(cls, samples: Sequence[float], bins: int) -> Histogram:
@@ -63,11 +71,19 @@ class Histogram:
             index = {v: i for i, v in enumerate(distinct)}
             for value in samples:
                 counts[index[value]] += 1
-            return cls("categorical", tuple(distinct), _normalise(counts))
+            return cls(
+                "categorical", tuple(distinct), _normalise(counts), distinct[0], distinct[-1]
+            )
         ordered = sorted(samples)
         edges = sorted({ordered[int(len(ordered) * q / bins)] for q in range(1, bins)})
         histogram = cls("numeric", tuple(edges), ())
-        return cls("numeric", tuple(edges), histogram.proportions_of(samples))
+        return cls(
+            "numeric",
+            tuple(edges),
+            histogram.proportions_of(samples),
+            ordered[0],
+            ordered[-1],
+        )
 
     def proportions_of(self, samples: Iterable[float]) -> tuple[float, ...]:
         if self.kind == "categorical":
@@ -82,11 +98,14 @@ class Histogram:
         return _normalise(counts)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "kind": self.kind,
             "points": list(self.points),
             "proportions": list(self.proportions),
         }
+        if self.low is not None and self.high is not None:
+            out["range"] = [self.low, self.high]
+        return out
 
     @classmethod
     def from_json(cls, data: Any) -> Histogram:
@@ -97,7 +116,8 @@ class Histogram:
         proportions = tuple(float(p) for p in data["proportions"])
         if len(proportions) != len(points) + 1:
             raise ValueError("a histogram needs one proportion more than its points")
-        return cls(kind, points, proportions)
+        low, high = (float(v) for v in data["range"]) if "range" in data else (None, None)
+        return cls(kind, points, proportions, low, high)
 
 
 def _normalise(counts: Sequence[int]) -> tuple[float, ...]:
@@ -151,12 +171,23 @@ class SignalExtractor:
     def signals(self) -> list[str]:
         return [PREDICTION, *(name for name, _ in self.features)]
 
-    def extract(self, request: Any, response: Any) -> dict[str, list[float]]:
+    def extract(
+        self, request: Any, response: Any, problems: list[tuple[str, str]] | None = None
+    ) -> dict[str, list[float]]:
+        """Values per signal; a feature that is missing, null or not a number gets no
+        value, and (when ``problems`` is given) says which."""
         out = {PREDICTION: self.reader.values(response)}
         for name, path in self.features:
             value = lookup(request, path)
-            is_number = isinstance(value, int | float) and not isinstance(value, bool)
-            out[name] = [float(value)] if value is not MISSING and is_number else []
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                out[name] = [float(value)]
+                continue
+            out[name] = []
+            if problems is not None:
+                kind = (
+                    "missing" if value is MISSING else "null" if value is None else "not_a_number"
+                )
+                problems.append((name, kind))
         return out
 
 
@@ -243,18 +274,27 @@ class DriftMonitor:
     def _digest(self, pending: deque[tuple[bytes, bytes]]) -> None:
         """Parse bodies into the numbers each signal needs; the bodies are let go."""
         freezing = self.baseline is None
+        histograms = self.baseline.histograms if self.baseline is not None else {}
+        problems: list[tuple[str, str]] = []
         for request_body, response_body in pending:
             try:
                 request, response = orjson.loads(request_body), orjson.loads(response_body)
             except orjson.JSONDecodeError:
                 continue
-            signals = self._extractor.extract(request, response)
+            signals = self._extractor.extract(request, response, problems)
+            for name, _ in self._extractor.features:
+                histogram = histograms.get(name)
+                values = signals[name]
+                if histogram is not None and values and not histogram.contains(values[0]):
+                    problems.append((name, "out_of_range"))
             if freezing and self._frozen_from < (self.settings.freeze_after or 0):
                 self._frozen_from += 1
                 for signal, values in signals.items():
                     self._freezing[signal].extend(values)
             for signal, values in signals.items():
                 self._windows[signal].extend(values)
+        for name, kind in problems:
+            self._metrics.feature_quality.labels(self.route, name, kind).inc()
 
     def evaluate(self) -> dict[str, float]:
         """Take in what arrived, then compute PSI per signal (when there is enough)."""

@@ -14,8 +14,11 @@ internals         every log writer alive and its queue not nearly full; the even
 from __future__ import annotations
 
 import asyncio
+import os
+import resource
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sidecar.background import BackgroundTasks
@@ -46,6 +49,45 @@ class LoopLagMonitor:
             await asyncio.sleep(self.interval)
             self.lag = max(0.0, loop.time() - before - self.interval)
             self._gauge.set(self.lag)
+
+
+class ProcessMonitor:
+    """CPU and resident memory of this process as sidecar_* metrics, in every mode:
+    prometheus-client's own process collector is on its default registry only, and
+    absent in multiprocess mode, where each worker's numbers add up here."""
+
+    def __init__(self, metrics: Metrics, interval: float = 5.0) -> None:
+        self.interval = interval
+        self._cpu = metrics.process_cpu
+        self._memory = metrics.process_memory
+        self._counted = 0.0
+        self._tasks = BackgroundTasks()
+
+    def start(self) -> None:
+        self.sample()
+        self._tasks.spawn(self._run(), name="process-stats")
+
+    async def stop(self) -> None:
+        await self._tasks.stop()
+
+    def sample(self) -> None:
+        cpu = time.process_time()
+        self._cpu.inc(max(0.0, cpu - self._counted))
+        self._counted = cpu
+        self._memory.set(resident_bytes())
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            self.sample()
+
+
+def resident_bytes() -> int:
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # its peak
 
 
 @dataclass

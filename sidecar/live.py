@@ -23,7 +23,7 @@ from aiohttp import web
 from sidecar.app import build_handler
 from sidecar.background import BackgroundTasks
 from sidecar.config import ConfigError, LoadedConfig
-from sidecar.health import LoopLagMonitor
+from sidecar.health import LoopLagMonitor, ProcessMonitor
 from sidecar.logs import Logs
 from sidecar.metrics import Metrics
 from sidecar.plan import Plan, load_plan
@@ -53,6 +53,7 @@ class LiveRuntime:
         self._reload_lock = asyncio.Lock()
         self._published: tuple[str, str] | None = None
         self.loop_lag = LoopLagMonitor(metrics)
+        self.process = ProcessMonitor(metrics)
         self.current = self._build(plan)
         self._handler = build_handler(self.current)
 
@@ -80,6 +81,7 @@ class LiveRuntime:
 
     async def start(self) -> None:
         self.loop_lag.start()
+        self.process.start()
         await self.current.start()
         self._publish(self.current.loaded)
 
@@ -87,6 +89,7 @@ class LiveRuntime:
         await self._retiring.stop()
         await self.current.stop()
         await self.loop_lag.stop()
+        await self.process.stop()
 
     def _publish(self, loaded: LoadedConfig) -> None:
         if self._published is not None:

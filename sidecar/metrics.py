@@ -168,6 +168,25 @@ class Metrics:
             multiprocess_mode="max",
         )
 
+        self.feature_quality = Counter(
+            "sidecar_feature_quality_total",
+            "Drift features that arrived missing, null, not a number, or outside the "
+            "range the baseline saw, by route, feature and problem.",
+            ["route", "feature", "problem"],
+            registry=r,
+        )
+        self.process_cpu = Counter(
+            "sidecar_process_cpu_seconds",
+            "CPU time used by the sidecar's processes (every worker counted).",
+            registry=r,
+        )
+        self.process_memory = Gauge(
+            "sidecar_process_resident_memory_bytes",
+            "Resident memory of the sidecar's processes, summed over live workers.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+
         self.schema_violations = Counter(
             "sidecar_schema_violations_total",
             "Requests refused by a route's JSON Schema, by route and failing field.",

@@ -605,3 +605,57 @@ def test_the_drift_queue_is_bounded_in_bytes_and_keeps_only_numbers(tmp_path: Pa
     monitor.evaluate()
     assert not monitor._pending  # the bodies are gone; the windows hold numbers
     assert all(isinstance(v, float) for window in monitor._windows.values() for v in window)
+
+
+def test_feature_quality_is_counted_per_problem(tmp_path: Path) -> None:
+    settings = drift_settings()
+    pairs = [(orjson.loads(a), orjson.loads(b)) for a, b in iris_pairs(500, seed=1)]
+    baseline = build_baseline(settings, pairs)
+    histogram = baseline.histograms["petal_length"]
+    assert histogram.low is not None
+    assert histogram.high is not None
+    metrics = Metrics()
+    monitor = DriftMonitor("infer", settings, tmp_path / "b.json", metrics, baseline=baseline)
+    response = orjson.dumps({"outputs": [{"name": "label", "data": [0]}]})
+
+    def request(data: Any) -> bytes:
+        return orjson.dumps({"inputs": [{"name": "x", "data": data}]})
+
+    monitor.observe(request([5.0, 3.0, 1.4, 0.2]), response)  # fine
+    monitor.observe(request([5.0, 3.0]), response)  # petal_length missing
+    monitor.observe(request([5.0, 3.0, None, 0.2]), response)
+    monitor.observe(request([5.0, 3.0, "long", 0.2]), response)
+    monitor.observe(request([5.0, 3.0, histogram.high + 10, 0.2]), response)
+    monitor.evaluate()
+    text = metrics.render().decode()
+    for problem in ("missing", "null", "not_a_number", "out_of_range"):
+        labels = {"route": "infer", "feature": "petal_length", "problem": problem}
+        assert metric_value(text, "sidecar_feature_quality_total", **labels) == 1, problem
+
+
+def test_process_cpu_and_memory_are_exported_by_worker_processes_too(tmp_path: Path) -> None:
+    script = (
+        "from sidecar.health import ProcessMonitor\n"
+        "from sidecar.metrics import Metrics\n"
+        "m = Metrics()\n"
+        "sum(i * i for i in range(300000))\n"
+        "ProcessMonitor(m).sample()\n"
+        "print(m.render().decode())\n"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    outputs = [
+        subprocess.run(
+            [sys.executable, "-c", script],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+        for _ in range(2)
+    ]
+    first = metric_value(outputs[0], "sidecar_process_resident_memory_bytes")
+    both = metric_value(outputs[1], "sidecar_process_resident_memory_bytes")
+    assert first > 10_000_000  # a Python process holds more than 10 MB
+    assert both > first  # the second process sees both (live sum)
+    assert metric_value(outputs[1], "sidecar_process_cpu_seconds_total") > 0

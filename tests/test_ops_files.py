@@ -51,6 +51,8 @@ def test_alert_rules_are_complete_and_use_real_series() -> None:
         "SidecarSchemaViolations",
         "SidecarLogDrops",
         "SidecarUpstreamNotReady",
+        "SidecarInputsStopped",
+        "SidecarInputQuality",
     } <= names
     for rule in rules:
         assert rule["annotations"]["summary"], rule["alert"]
@@ -74,7 +76,7 @@ def test_promtool_accepts_the_rules() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 9 rules found" in result.stdout
+    assert "SUCCESS: 11 rules found" in result.stdout
 
 
 def test_dashboard_panels_query_real_series() -> None:
