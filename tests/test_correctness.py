@@ -470,3 +470,19 @@ async def test_a_huge_schema_violation_lists_twenty_paths_and_client_keys_make_n
     fields = re.findall(r'sidecar_schema_violations_total\{[^}]*field="([^"]*)"', text)
     assert set(fields) <= {"data[*]", "{*}.v"}, fields
     assert fake_model.hits == []
+
+
+async def test_a_reused_client_id_is_kept_and_every_log_line_has_a_unique_one(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    sink = ListSink()
+    sidecar = await start_sidecar(base_config(fake_model.url), log_sinks={"access": sink})
+    for _ in range(3):
+        async with sidecar.session.get(
+            sidecar.url + "/x", headers={"X-Request-ID": "same-id"}
+        ) as resp:
+            assert resp.headers["X-Request-ID"] == "same-id"  # theirs, for correlation
+    records = await flushed(sidecar, sink, 3)
+    assert {r["request_id"] for r in records} == {"same-id"}
+    assert len({r["sidecar_id"] for r in records}) == 3  # ours, unique
+    assert [h.headers["x-request-id"] for h in fake_model.hits_for("/x")] == [["same-id"]] * 3

@@ -161,3 +161,19 @@ async def test_chaos_run_fails_when_the_sidecar_refuses_its_requests(tmp_path: P
     assert "phase ok: no answer came from the model" in report["problems"]
     assert any("401:unauthorized" in problem for problem in report["problems"])
     assert "chaos run: failed" in text
+
+
+async def test_a_reload_of_the_demo_keeps_its_ports(demo: Demo) -> None:
+    """The demo's config reads its ports from variables the demo sets; a reload must
+    read the same ones, not the defaults (8081, 8082)."""
+    infer_url = demo.url("sidecar") + "/v2/models/iris/infer"
+    auth = {"Content-Type": "application/json", "Authorization": f"Bearer {DEMO_KEY}"}
+    admin = demo.url("admin").removesuffix("/health")
+    async with aiohttp.ClientSession() as session:
+        async with session.post(admin + "/-/reload") as resp:
+            assert resp.status == 200, await resp.text()
+        async with session.post(infer_url, data=DEMO_INPUT, headers=auth) as resp:
+            assert resp.status == 200
+            assert "X-Sidecar-Fallback" not in resp.headers  # the model itself answered
+        async with session.get(admin + "/health") as resp:
+            assert (await resp.json())["status"] == "pass"
