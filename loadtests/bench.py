@@ -689,6 +689,23 @@ def contenders(upstream: Running, workdir: Path, include: set[str]) -> list[Runn
                 ),
             )
         )
+    if "raw" in include:
+        out.append(
+            _spawn(
+                "raw-floor",
+                [
+                    sys.executable,
+                    str(ROOT / "loadtests" / "raw_proxy.py"),
+                    "--port",
+                    "0",
+                    "--upstream",
+                    upstream.url,
+                ],
+                lambda line: (
+                    int(m.group(1)) if (m := re.match(rb"listening on (\d+)", line)) else None
+                ),
+            )
+        )
     if "passthrough" in include:
         out.append(start_sidecar("sidecar-passthrough", sidecar_config(upstream.url), workdir))
     if "full" in include:
@@ -780,6 +797,12 @@ def suite_compare(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 def _ratios(out: dict[str, float], medians: dict[str, Row], label: str) -> None:
     direct = medians.get("direct")
     minimal = medians.get("minimal-proxy")
+    raw = medians.get("raw-floor")
+    for name, row in medians.items():
+        if raw is not None and name.startswith("sidecar") and raw.cpu_us_per_request > 0:
+            out[f"{label} {name} / raw-floor CPU per request"] = round(
+                row.cpu_us_per_request / raw.cpu_us_per_request, 2
+            )
     for name, row in medians.items():
         if direct is not None and name != "direct":
             out[f"{label} {name} / direct rps"] = round(row.rps / direct.rps, 3)
@@ -1074,7 +1097,7 @@ def main() -> int:
     parser.add_argument("--soak-seconds", type=float, default=600.0)
     parser.add_argument(
         "--contenders",
-        default="direct,minimal,passthrough,full,full-workers,nginx,envoy",
+        default="direct,minimal,raw,passthrough,full,full-workers,nginx,envoy",
         help="for the compare suite",
     )
     parser.add_argument(
