@@ -668,44 +668,30 @@ def full_config(upstream: str, workdir: Path) -> dict[str, Any]:
     return config
 
 
+def _python_proxy(name: str, script: str, upstream: Running) -> Running:
+    """One of the Python floors in loadtests/, which print "listening on PORT"."""
+    return _spawn(
+        name,
+        [
+            sys.executable,
+            str(ROOT / "loadtests" / script),
+            "--port",
+            "0",
+            "--upstream",
+            upstream.url,
+        ],
+        lambda line: int(m.group(1)) if (m := re.match(rb"listening on (\d+)", line)) else None,
+    )
+
+
 def contenders(upstream: Running, workdir: Path, include: set[str]) -> list[Running]:
     out = []
     if "direct" in include:
         out.append(Running("direct", upstream.process, upstream.port))
     if "minimal" in include:
-        out.append(
-            _spawn(
-                "minimal-proxy",
-                [
-                    sys.executable,
-                    str(ROOT / "loadtests" / "minimal_proxy.py"),
-                    "--port",
-                    "0",
-                    "--upstream",
-                    upstream.url,
-                ],
-                lambda line: (
-                    int(m.group(1)) if (m := re.match(rb"listening on (\d+)", line)) else None
-                ),
-            )
-        )
+        out.append(_python_proxy("minimal-proxy", "minimal_proxy.py", upstream))
     if "raw" in include:
-        out.append(
-            _spawn(
-                "raw-floor",
-                [
-                    sys.executable,
-                    str(ROOT / "loadtests" / "raw_proxy.py"),
-                    "--port",
-                    "0",
-                    "--upstream",
-                    upstream.url,
-                ],
-                lambda line: (
-                    int(m.group(1)) if (m := re.match(rb"listening on (\d+)", line)) else None
-                ),
-            )
-        )
+        out.append(_python_proxy("raw-floor", "raw_proxy.py", upstream))
     if "passthrough" in include:
         out.append(start_sidecar("sidecar-passthrough", sidecar_config(upstream.url), workdir))
     if "full" in include:

@@ -243,7 +243,7 @@ async def forward(request: web.Request, ctx: RequestContext, path: RoutePath) ->
     mirror = path.shadow
     if mirror is None:
         return await _answer(request, ctx, path, call)
-    ticket = None if ctx.shed else mirror.mirror(ctx.request_id, call)
+    ticket = None if ctx.shed else mirror.mirror(call)
     if ticket is not None:
         ctx.capture = StreamCapture(mirror.settings.compare.max_body_size)
     answer: web.StreamResponse | None = None

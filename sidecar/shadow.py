@@ -176,7 +176,7 @@ class ShadowMirror:
 
     # -- the hot path -------------------------------------------------------------
 
-    def mirror(self, request_id: str, call: UpstreamCall) -> ShadowTicket | None:
+    def mirror(self, call: UpstreamCall) -> ShadowTicket | None:
         if not sampled(self.governor.fraction):
             return None
         if self.in_flight >= self.settings.max_in_flight:
@@ -188,7 +188,7 @@ class ShadowMirror:
         ticket = ShadowTicket(asyncio.get_running_loop().create_future())
         self.in_flight += 1
         self._idle.clear()
-        self._tasks.spawn(self._shadow(request_id, copy, ticket), name=f"shadow-{self.route}")
+        self._tasks.spawn(self._shadow(copy, ticket), name=f"shadow-{self.route}")
         return ticket
 
     # -- the background -----------------------------------------------------------
@@ -233,9 +233,9 @@ class ShadowMirror:
             )
         return fraction
 
-    async def _shadow(self, request_id: str, call: UpstreamCall, ticket: ShadowTicket) -> None:
+    async def _shadow(self, call: UpstreamCall, ticket: ShadowTicket) -> None:
         try:
-            await self._compare_when_both_in(request_id, call, ticket)
+            await self._compare_when_both_in(call, ticket)
         finally:
             self.in_flight -= 1
             if self.in_flight == 0:
@@ -266,15 +266,13 @@ class ShadowMirror:
         except aiohttp.ClientError:
             return "error", 0, None, time.perf_counter() - started
 
-    async def _compare_when_both_in(
-        self, request_id: str, call: UpstreamCall, ticket: ShadowTicket
-    ) -> None:
+    async def _compare_when_both_in(self, call: UpstreamCall, ticket: ShadowTicket) -> None:
         outcome, status, body, latency = await self._send(call)
         self.governor.record_shadow(failed=outcome in ("error", "timeout") or status >= 500)
         primary = await ticket.outcome
         record: dict[str, object] = {
             "timestamp": time.time(),
-            "request_id": request_id,
+            "request_id": call.request_id,
             "route": self.route,
             "primary_status": primary.status if primary else None,
             "shadow_status": status or None,

@@ -160,15 +160,9 @@ def with_path(venv_bin: Path) -> dict[str, str]:
 def step_for(command: str, name: str, cwd: Path, env: dict[str, str]) -> dict[str, Any]:
     """Long-running documented commands start in the background; the rest run."""
     bare = command.split("#", 1)[0].strip()
-    if re.search(r"(^|\s)(scripts/demo|sidecar demo)$", bare):
-        return {
-            "start": command,
-            "name": name,
-            "cwd": str(cwd),
-            "env": env,
-            "wait": "http://127.0.0.1:8080/readyz",
-        }
-    if re.search(r"\bsidecar run\b", bare):
+    if re.search(r"(^|\s)(scripts/demo|sidecar demo)$", bare) or re.search(
+        r"\bsidecar run\b", bare
+    ):
         return {
             "start": command,
             "name": name,

@@ -475,6 +475,23 @@ def test_missing_baseline_without_freezing_is_a_config_error(tmp_path: Path) -> 
     assert caught.value.issues[0].path == "routes[0].drift.baseline"
 
 
+def in_worker_processes(tmp_path: Path, script: str, *argvs: list[str]) -> list[str]:
+    """What ``script`` prints, run once per argv as worker processes sharing one
+    prometheus-client multiprocess folder (one after the other)."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    return [
+        subprocess.run(
+            [sys.executable, "-c", script, *argv],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+        for argv in argvs
+    ]
+
+
 def test_metrics_add_up_across_worker_processes(tmp_path: Path) -> None:
     script = (
         "import sys\n"
@@ -485,18 +502,7 @@ def test_metrics_add_up_across_worker_processes(tmp_path: Path) -> None:
         "m.circuit_state.labels('model').set(int(sys.argv[2]))\n"
         "print(m.render().decode())\n"
     )
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
-    outputs = [
-        subprocess.run(
-            [sys.executable, "-c", script, count, state],
-            env=env,
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        ).stdout
-        for count, state in (("3", "0"), ("4", "2"))
-    ]
+    outputs = in_worker_processes(tmp_path, script, ["3", "0"], ["4", "2"])
     # The second process sees both: requests summed, the worst breaker state.
     text = outputs[1]
     assert metric_value(text, "sidecar_requests_total", route="infer", outcome="ok") == 7
@@ -642,18 +648,7 @@ def test_process_cpu_and_memory_are_exported_by_worker_processes_too(tmp_path: P
         "ProcessMonitor(m).sample()\n"
         "print(m.render().decode())\n"
     )
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
-    outputs = [
-        subprocess.run(
-            [sys.executable, "-c", script],
-            env=env,
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        ).stdout
-        for _ in range(2)
-    ]
+    outputs = in_worker_processes(tmp_path, script, [], [])
     first = metric_value(outputs[0], "sidecar_process_resident_memory_bytes")
     both = metric_value(outputs[1], "sidecar_process_resident_memory_bytes")
     assert first > 10_000_000  # a Python process holds more than 10 MB
