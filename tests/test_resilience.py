@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
@@ -775,3 +776,54 @@ def test_the_fallback_cache_is_bounded_in_bytes_and_counts_what_it_evicts() -> N
     assert cache.answer("POST", "/infer", b'{"n": 2}', "r") is not None
     labels = {"buffer": "fallback_cache", "route": "infer"}
     assert registry.get_sample_value("sidecar_dropped_total", labels) == 1
+
+
+class _HighestDraw:
+    """An rng whose draw is always the top of the range asked for (and records it)."""
+
+    def __init__(self) -> None:
+        self.ranges: list[tuple[float, float]] = []
+
+    def uniform(self, low: float, high: float) -> float:
+        self.ranges.append((low, high))
+        return high
+
+
+def test_full_jitter_backoff_doubles_from_the_base_up_to_the_cap() -> None:
+    from sidecar.config import RetryPolicy
+    from sidecar.retry import backoff_delay
+
+    policy = RetryPolicy(backoff_base="25ms", backoff_max="250ms")
+    rng = _HighestDraw()
+    ceilings = [backoff_delay(policy, n, rng) for n in range(1, 7)]  # type: ignore[arg-type]
+    assert ceilings == pytest.approx([0.025, 0.05, 0.1, 0.2, 0.25, 0.25])
+    assert {low for low, _ in rng.ranges} == {0.0}  # full jitter: from zero
+
+
+def test_retry_after_in_seconds_or_as_a_date() -> None:
+    from email.utils import parsedate_to_datetime
+
+    from sidecar.retry import parse_retry_after
+
+    assert parse_retry_after("120") == 120.0
+    assert parse_retry_after(" 7 ") == 7.0
+    date = "Wed, 21 Oct 2015 07:28:00 GMT"
+    moment = parsedate_to_datetime(date).timestamp()
+    assert parse_retry_after(date, now=moment - 30) == pytest.approx(30.0)
+    assert parse_retry_after(date, now=moment + 30) == 0.0  # already past: no wait
+    for nonsense in (None, "", "soon", "-5"):
+        assert parse_retry_after(nonsense) is None, nonsense
+
+
+def test_the_retry_budget_is_a_share_of_requests_in_flight_with_a_floor() -> None:
+    from sidecar.config import RetryBudgetSettings
+    from sidecar.retry import RetryBudget
+
+    budget = RetryBudget(RetryBudgetSettings(ratio=0.2, min_retries=3))
+    budget.active_requests = 2
+    assert [budget.try_acquire() for _ in range(4)] == [True, True, True, False]  # the floor
+    for _ in range(3):
+        budget.release()
+    budget.active_requests = 100
+    assert sum(budget.try_acquire() for _ in range(25)) == 20  # 20% of 100 in flight
+    assert budget.active_retries == 20
