@@ -827,3 +827,14 @@ def test_the_retry_budget_is_a_share_of_requests_in_flight_with_a_floor() -> Non
     budget.active_requests = 100
     assert sum(budget.try_acquire() for _ in range(25)) == 20  # 20% of 100 in flight
     assert budget.active_retries == 20
+
+
+def test_a_new_retry_budget_starts_with_nothing_in_flight() -> None:
+    from sidecar.config import RetryBudgetSettings
+    from sidecar.retry import RetryBudget
+
+    budget = RetryBudget(RetryBudgetSettings(ratio=1.0, min_retries=0))
+    assert sum(budget.try_acquire() for _ in range(3)) == 0  # no request, no retry
+    for _ in range(4):
+        budget.active_requests += 1  # as four requests start
+    assert sum(budget.try_acquire() for _ in range(10)) == 4
