@@ -3,6 +3,7 @@ smuggling and path tricks, and a secret that must never surface anywhere."""
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -579,3 +580,54 @@ async def test_a_secret_sent_everywhere_surfaces_nowhere(
             if name in ("authorization", "x-api-key")
             for v in values
         )
+
+
+@pytest.mark.parametrize(
+    ("target", "refused"),
+    [
+        ("/v2/models/iris/infer?x=1", None),
+        ("/a?q=%2f%2e%2e", None),  # the query is the model's business
+        ("/a%2fb", "encoded '/' or backslash"),
+        ("/a%5Cb", "encoded '/' or backslash"),
+        ("/a\\b", "backslash or NUL"),
+        ("/a%00b", "backslash or NUL"),
+        ("/a%ffb", "not valid UTF-8"),
+        ("/a/%2e%2e/b", "dot segments"),
+        ("/a/./b", "dot segments"),
+        ("/a%252e", "double-encoded"),
+        ("//other-host/x", "origin-form"),
+        ("http://other-host/x", "origin-form"),
+    ],
+)
+def test_targets_a_proxy_must_not_forward(target: str, refused: str | None) -> None:
+    """The guard on its own, whatever a parser in front of it lets through."""
+    from sidecar import errors
+    from sidecar.guard import check_target
+
+    if refused is None:
+        check_target(target)
+        return
+    with pytest.raises(errors.BadRequest, match=re.escape(refused)):
+        check_target(target)
+
+
+@pytest.mark.parametrize(
+    ("coding", "accepted"),
+    [
+        (None, True),
+        ("chunked", True),
+        (" Chunked ", True),
+        ("br", False),
+        ("gzip", False),
+        ("gzip, chunked", False),
+    ],
+)
+def test_only_plain_chunked_framing_is_accepted(coding: str | None, accepted: bool) -> None:
+    from sidecar import errors
+    from sidecar.guard import check_framing
+
+    if accepted:
+        check_framing(coding)
+    else:
+        with pytest.raises(errors.BadRequest, match="only the 'chunked' transfer coding"):
+            check_framing(coding)
