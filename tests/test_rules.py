@@ -24,6 +24,11 @@ DOC = {
         ({"field": "inputs[0].data[2]", "ge": 1.4}, True),
         ({"field": "inputs[0].data[0]", "lt": 5.1}, False),
         ({"field": "inputs[0].data[0]", "le": 5.1}, True),
+        ({"field": "inputs[0].data[2]", "ge": 1.0}, True),  # strictly above: ge, not le
+        ({"field": "inputs[0].data[2]", "ge": 2.0}, False),
+        ({"field": "inputs[0].data[0]", "le": 6}, True),  # strictly below: le, not ge
+        ({"field": "inputs[0].data[0]", "le": 5}, False),
+        ({"field": "parameters.beta", "in": [1]}, False),  # true is not among the numbers
         ({"field": "parameters.tier", "eq": "gold"}, True),
         ({"field": "parameters.tier", "ne": "gold"}, False),
         ({"field": "parameters.count", "eq": 3.0}, True),
@@ -160,3 +165,8 @@ routes:
         issue = caught.value.issues[0]
         assert issue.path == "routes[0].fallback.chain[0].upstream.name"
         assert message in issue.message
+
+
+def test_a_bad_field_path_names_the_character() -> None:
+    with pytest.raises(ValueError, match=r"bad field path 'ab\[x\]' at character 3"):
+        parse_field_path("ab[x]")
