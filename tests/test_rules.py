@@ -29,6 +29,16 @@ DOC = {
         ({"field": "inputs[0].data[0]", "le": 6}, True),  # strictly below: le, not ge
         ({"field": "inputs[0].data[0]", "le": 5}, False),
         ({"field": "parameters.beta", "in": [1]}, False),  # true is not among the numbers
+        ({"field": "inputs[0].data[2]", "gt": 9.0}, False),  # below: gt is not ne
+        ({"field": "inputs[0].data[2]", "eq": 1.5}, False),  # another number of one type
+        ({"field": "inputs[0].data[2]", "eq": 1.3}, False),
+        ({"field": "parameters.count", "eq": 2}, False),
+        ({"field": "parameters.count", "ne": 2}, True),
+        ({"field": "parameters.tier", "eq": "gol" + "d"}, True),  # equal, not identical
+        ({"field": "parameters.tier", "in": ["g" + "old"]}, True),
+        ({"field": "parameters.tier", "in": ["silver"]}, False),
+        ({"field": "inputs[0].data[1]", "le": 3.5}, True),
+        ({"field": "inputs[0].data[1]", "lt": 3.5}, False),
         ({"field": "parameters.tier", "eq": "gold"}, True),
         ({"field": "parameters.tier", "ne": "gold"}, False),
         ({"field": "parameters.count", "eq": 3.0}, True),
