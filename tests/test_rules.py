@@ -180,3 +180,13 @@ routes:
 def test_a_bad_field_path_names_the_character() -> None:
     with pytest.raises(ValueError, match=r"bad field path 'ab\[x\]' at character 3"):
         parse_field_path("ab[x]")
+
+
+def test_a_bad_field_path_names_the_character_at_odd_places_too() -> None:
+    with pytest.raises(ValueError, match=r"bad field path 'a\[x\]' at character 2"):
+        parse_field_path("a[x]")
+
+
+def test_not_stands_alone_in_its_mapping() -> None:
+    with pytest.raises(ValueError, match="'not' stands alone"):
+        compile_condition({"not": {"field": "a", "exists": True}, "field": "b"})
