@@ -47,6 +47,7 @@ DOC = {
         ({"field": "parameters.count", "in": [True]}, False),
         ({"field": "parameters.tier", "exists": True}, True),
         ({"field": "parameters.nope", "exists": False}, True),
+        ({"field": "parameters.tier", "exists": False}, False),
         ({"field": "parameters.nope", "eq": None}, False),  # missing is not null
         ({"field": "parameters.nope", "ne": "x"}, False),  # missing never compares
         ({"field": "inputs[5].data", "exists": True}, False),
