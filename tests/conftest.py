@@ -190,6 +190,25 @@ async def start_sidecar(tmp_path: Path) -> AsyncIterator[StartSidecar]:
         await handle.running.stop()
 
 
+def run_cli(
+    *args: str,
+    stdin: str | None = None,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """``sidecar ARGS`` as a user types it; its exit code, stdout and stderr."""
+    return subprocess.run(
+        [sys.executable, "-m", "sidecar", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        input=stdin,
+        cwd=cwd,
+        env=env,
+        check=False,
+    )
+
+
 def closed_port() -> int:
     """A loopback port with nothing listening (bound, then released)."""
     with socket.socket() as sock:

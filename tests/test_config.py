@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ from sidecar.config import (
     render_effective,
 )
 from sidecar.plan import load_plan
+from tests.conftest import run_cli
 
 MINIMAL = """
 upstreams:
@@ -248,15 +247,7 @@ def test_unreadable_and_non_utf8_files(tmp_path: Path) -> None:
     assert caught.value.issues[0].message == "not valid UTF-8"
 
 
-def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sidecar", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        check=False,
-    )
+_cli = run_cli
 
 
 def test_check_config_prints_the_effective_config_and_exits_0(tmp_path: Path) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,18 +14,9 @@ import yaml
 from sidecar.auth import hash_key
 from sidecar.plan import load_plan
 from sidecar.workers import available_cpus
-from tests.conftest import LOOPBACK, FakeModel, StartSidecar, base_config, closed_port
+from tests.conftest import LOOPBACK, FakeModel, StartSidecar, base_config, closed_port, run_cli
 
-
-def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sidecar", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=cwd,
-        check=False,
-    )
+cli = run_cli
 
 
 @pytest.mark.parametrize(

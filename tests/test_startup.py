@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,21 +14,9 @@ import pytest
 import yaml
 
 from sidecar.auth import hash_key
-from tests.conftest import LOOPBACK, base_config, closed_port
+from tests.conftest import LOOPBACK, base_config, closed_port, run_cli
 
-
-def cli(
-    *args: str, stdin: str | None = None, cwd: Path | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sidecar", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        input=stdin,
-        cwd=cwd,
-        check=False,
-    )
+cli = run_cli
 
 
 def write_config(tmp_path: Path, config: dict[str, Any], name: str = "sidecar.yaml") -> Path:
