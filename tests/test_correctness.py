@@ -373,8 +373,13 @@ async def test_a_slow_uploader_holds_no_slot_in_flight(
     _, writer = await asyncio.open_connection(LOOPBACK, sidecar.running.main_port)
     writer.write(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"x")
     await writer.drain()
-    await asyncio.sleep(0)  # the trickling request is now waiting for its body
     try:
+        runtime = sidecar.running.runtime
+        for _ in range(200):  # bounded: until the trickling request waits for its body
+            if runtime.active:
+                break
+            await asyncio.sleep(0.01)
+        assert runtime.active == 1
         for _ in range(3):
             async with sidecar.session.post(sidecar.url + "/infer", data=b"{}") as resp:
                 assert resp.status == 200

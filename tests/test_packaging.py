@@ -1,4 +1,5 @@
-"""The container recipe lints clean, and the package installs the way it installs it."""
+"""The container recipe lints clean and holds what the emulated container relies on
+(the image itself is run in test_documented_commands)."""
 
 from __future__ import annotations
 
