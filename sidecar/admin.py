@@ -7,23 +7,25 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
-from aiohttp import web
-from aiohttp.typedefs import Handler
 
 from sidecar import errors
 from sidecar.health import verdict
+from sidecar.http.messages import Response
 from sidecar.metrics import CONTENT_TYPE
 from sidecar.runtime import Runtime
 
 CurrentRuntime = Callable[[], Runtime]
 Reload = Callable[[], Awaitable[dict[str, Any]]]
+# Served on the main listener (our server) and the admin one (aiohttp): a handler
+# reads only the request's headers, which both kinds of request have.
+Handler = Callable[[Any], Awaitable[Response]]
 
 
 def current_handler(current: CurrentRuntime, make: Callable[[Runtime], Handler]) -> Handler:
     """A handler that always serves from the runtime in service, across reloads."""
     built: list[tuple[Runtime, Handler]] = []
 
-    async def handle(request: web.Request) -> web.StreamResponse:
+    async def handle(request: Any) -> Response:
         runtime = current()
         if not built or built[0][0] is not runtime:
             built[:] = [(runtime, make(runtime))]
@@ -36,7 +38,7 @@ def reload_handler(current: CurrentRuntime, reload: Reload, *, open_to_all: bool
     """``POST /-/reload``. On a listener others can reach (not loopback), only a
     principal with the ``admin`` scope may reload: a credential, not an address."""
 
-    async def do_reload(request: web.Request) -> web.Response:
+    async def do_reload(request: Any) -> Response:
         if not open_to_all:
             authenticator = current().authenticator
             if authenticator is None:
@@ -55,12 +57,12 @@ def reload_handler(current: CurrentRuntime, reload: Reload, *, open_to_all: bool
     return do_reload
 
 
-def _json(payload: object, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(payload), status=status, content_type="application/json")
+def _json(payload: object, status: int = 200) -> Response:
+    return Response(status, orjson.dumps(payload), content_type="application/json")
 
 
 def livez_handler(runtime: Runtime) -> Handler:
-    async def livez(request: web.Request) -> web.Response:
+    async def livez(request: Any) -> Response:
         # Answering at all proves the process and its event loop are alive.
         return _json({"status": "alive"})
 
@@ -73,7 +75,7 @@ def readyz_handler(runtime: Runtime, *, detail: bool = True) -> Handler:
     the public listener tells clients nothing about upstream names, addresses or
     errors."""
 
-    async def readyz(request: web.Request) -> web.Response:
+    async def readyz(request: Any) -> Response:
         result = verdict(runtime, runtime.logs, runtime.loop_lag)
         body: dict[str, Any] = {"status": "ready" if result.ready else "not_ready"}
         if detail:
@@ -91,7 +93,7 @@ def public_readyz_handler(runtime: Runtime) -> Handler:
 
 
 def health_handler(runtime: Runtime) -> Handler:
-    async def health(request: web.Request) -> web.Response:
+    async def health(request: Any) -> Response:
         result = verdict(runtime, runtime.logs, runtime.loop_lag)
         return _json(
             {
@@ -109,9 +111,7 @@ def health_handler(runtime: Runtime) -> Handler:
 
 
 def metrics_handler(runtime: Runtime) -> Handler:
-    async def metrics(request: web.Request) -> web.Response:
-        response = web.Response(body=runtime.metrics.render())
-        response.headers["Content-Type"] = CONTENT_TYPE
-        return response
+    async def metrics(request: Any) -> Response:
+        return Response(200, runtime.metrics.render(), content_type=CONTENT_TYPE)
 
     return metrics

@@ -1,60 +1,30 @@
-"""The request pipeline, in one place, read top to bottom.
+"""What each listener serves.
 
-    boundary        every own error -> JSON error body, never a stack trace
-    identity        accept a sane X-Request-ID or make one; trace context; log binding
-    observe         count and time every request; queue its access-log record
-    routing         refuse tricky targets (400); pick the configured route (404/405)
-    auth            API key or JWT -> principal (401), allowed route? (403)
-    rate limit      token bucket per principal and overall (429 + Retry-After)
-    body            read within the limit (413); content type (415); JSON (400);
-                    schema (422)
-    admission       in-flight caps: 503 overloaded (or the fallback) past them
-    handler         forward = fallback(breaker(retry(send))), relay the answer
-
-Nobody adds a middleware anywhere else.
+The main listener runs the request pipeline (``sidecar.pipeline``) on the
+sidecar's own HTTP server; the operator's listener (admin: health detail, metrics,
+reload) is a small aiohttp application, off the hot path.
 """
 
 from __future__ import annotations
 
-import functools
+from typing import Any
 
+import structlog
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
+from aiohttp.typedefs import Handler as AiohttpHandler
 
-from sidecar import admin, middlewares
-from sidecar.context import REQUEST_CONTEXT
-from sidecar.forwarding import forward
+from sidecar import admin, errors
+from sidecar.http.messages import Response
+from sidecar.identity import accept_request_id, new_request_id
+from sidecar.pipeline import OwnHandler, Pipeline
 from sidecar.runtime import Runtime
 
-
-def pipeline(runtime: Runtime) -> list[Middleware]:
-    """The stages in order. A stage whose feature is off is left out, not skipped."""
-    stages = [
-        middlewares.error_boundary(),
-        middlewares.request_identity(),
-        middlewares.observe(metrics=runtime.metrics, access_log=runtime.logs.access),
-        middlewares.routing(runtime=runtime, own=own_endpoints(runtime)),
-    ]
-    if runtime.authenticator is not None:
-        stages.append(
-            middlewares.authentication(authenticator=runtime.authenticator, limiter=runtime.limiter)
-        )
-    if runtime.limiter is not None:
-        stages.append(
-            middlewares.rate_limiting(limiter=runtime.limiter, key_names=runtime.key_names)
-        )
-    stages += [
-        # The body first: a slot in flight is taken only by a request that has all of
-        # its body, so slow uploaders cannot fill a route while they trickle.
-        middlewares.request_body(runtime=runtime),
-        middlewares.admission(runtime=runtime),
-    ]
-    return stages
+log = structlog.get_logger("sidecar.app")
 
 
-def own_endpoints(runtime: Runtime) -> dict[str, tuple[str, Handler]]:
+def own_endpoints(runtime: Runtime) -> dict[str, tuple[str, OwnHandler]]:
     """Paths the main listener answers itself (never forwarded), by exact path."""
-    endpoints = {
+    endpoints: dict[str, tuple[str, OwnHandler]] = {
         "/livez": ("livez", admin.livez_handler(runtime)),
         "/readyz": ("readyz", admin.public_readyz_handler(runtime)),
     }
@@ -66,22 +36,42 @@ def own_endpoints(runtime: Runtime) -> dict[str, tuple[str, Handler]]:
     return endpoints
 
 
-def build_handler(runtime: Runtime) -> Handler:
-    """The whole pipeline of one runtime as a single handler (built once per config)."""
-    paths = runtime.paths
+def build_pipeline(runtime: Runtime) -> Pipeline:
+    """The whole pipeline of one runtime (built once per config)."""
+    return Pipeline(runtime, own_endpoints(runtime))
 
-    async def endpoint(request: web.Request) -> web.StreamResponse:
-        ctx = request[REQUEST_CONTEXT]
-        if ctx.own_handler is not None:
-            own: Handler = ctx.own_handler
-            return await own(request)
-        assert ctx.route is not None  # set by the routing stage
-        return await forward(request, ctx, paths[ctx.route.name])
 
-    handler: Handler = endpoint
-    for stage in reversed(pipeline(runtime)):
-        handler = functools.partial(stage, handler=handler)
-    return handler
+def _to_aiohttp(answer: Response) -> web.Response:
+    return web.Response(status=answer.status, body=answer.body, headers=answer.headers.items())
+
+
+def _serve_with_aiohttp(handler: OwnHandler) -> AiohttpHandler:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        return _to_aiohttp(await handler(request))
+
+    return handle
+
+
+@web.middleware
+async def _admin_boundary(request: web.Request, handler: AiohttpHandler) -> web.StreamResponse:
+    """Every failure on the admin listener becomes the JSON error body too."""
+    request_id = accept_request_id(request.headers.get("X-Request-ID"), new_request_id())
+    try:
+        response = await handler(request)
+    except errors.SidecarError as exc:
+        error: errors.SidecarError = exc
+    except web.HTTPException as exc:
+        kind = {404: errors.NoRoute, 405: errors.MethodNotAllowed}.get(
+            exc.status, errors.BadRequest if exc.status < 500 else errors.InternalError
+        )
+        error = kind(exc.reason or "request refused")
+    except Exception:
+        log.exception("unhandled_admin_error", path=request.path)
+        error = errors.InternalError("the sidecar failed to handle this request")
+    else:
+        response.headers["X-Request-ID"] = request_id
+        return response
+    return _to_aiohttp(errors.error_response(error, request_id))
 
 
 def build_admin_app(
@@ -91,19 +81,20 @@ def build_admin_app(
     reload_open_to_all: bool = True,
 ) -> web.Application:
     """The operator's listener (loopback by default): health detail, metrics, reload."""
-    app = web.Application(
-        middlewares=[
-            middlewares.error_boundary(),
-            middlewares.request_identity(),
-        ]
-    )
-    app.router.add_get("/livez", admin.current_handler(current, admin.livez_handler))
-    app.router.add_get("/readyz", admin.current_handler(current, admin.readyz_handler))
-    app.router.add_get("/health", admin.current_handler(current, admin.health_handler))
-    app.router.add_get("/metrics", admin.current_handler(current, admin.metrics_handler))
+    app = web.Application(middlewares=[_admin_boundary])
+
+    def add(path: str, make: Any) -> None:
+        app.router.add_get(path, _serve_with_aiohttp(admin.current_handler(current, make)))
+
+    add("/livez", admin.livez_handler)
+    add("/readyz", admin.readyz_handler)
+    add("/health", admin.health_handler)
+    add("/metrics", admin.metrics_handler)
     if reload is not None:
         app.router.add_post(
             "/-/reload",
-            admin.reload_handler(current, reload, open_to_all=reload_open_to_all),
+            _serve_with_aiohttp(
+                admin.reload_handler(current, reload, open_to_all=reload_open_to_all)
+            ),
         )
     return app

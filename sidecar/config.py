@@ -187,8 +187,12 @@ class ServerSettings(_Strict):
     max_body_size: ByteSize = 10 * 1024 * 1024
     max_in_flight: int | None = Field(default=None, ge=1)
     overload_retry_after: Duration = 1.0
-    max_header_size: ByteSize = 8 * 1024
+    max_header_size: ByteSize = 8 * 1024  # the request line, and each header field
+    max_head_size: ByteSize = 32 * 1024  # the request line and all fields together
     max_headers: int = Field(default=100, ge=1, le=10_000)
+    head_timeout: PositiveDuration = 10.0  # from a request head's first byte to its end
+    body_timeout: PositiveDuration = 30.0  # silence in the middle of a request body
+    send_timeout: PositiveDuration = 30.0  # a client that reads nothing of its answer
 
 
 class ShadowCompare(_Strict):

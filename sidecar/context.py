@@ -8,10 +8,8 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import web
-from multidict import CIMultiDict
-
 from sidecar.config import Route
+from sidecar.http.messages import Headers
 from sidecar.metrics import OUTCOME_OK
 
 
@@ -46,7 +44,7 @@ class RequestContext:
         if self.upstream_started is not None:
             self.upstream_seconds = time.perf_counter() - self.upstream_started
 
-    def stamp(self, headers: CIMultiDict[str]) -> None:
+    def stamp(self, headers: Headers) -> None:
         """Add the identity and timing headers every answer carries."""
         headers["X-Request-ID"] = self.request_id
         if self.extra_headers:
@@ -61,8 +59,6 @@ class RequestContext:
         else:
             headers.add("Server-Timing", f"total;dur={total_ms:.3f}")
 
-
-REQUEST_CONTEXT: web.RequestKey[RequestContext] = web.RequestKey("sidecar_ctx", RequestContext)
 
 # The request being handled by the current task (and the tasks it spawned).
 CURRENT_REQUEST: ContextVar[RequestContext | None] = ContextVar("sidecar_request", default=None)

@@ -7,6 +7,7 @@
      ├── Forbidden             403 forbidden
      ├── NoRoute               404 no_route
      ├── MethodNotAllowed      405 method_not_allowed
+     ├── RequestTimeout        408 request_timeout
      ├── BodyTooLarge          413 body_too_large
      ├── UnsupportedMediaType  415 unsupported_media_type
      ├── HeaderTooLarge        431 header_too_large
@@ -16,7 +17,8 @@
      ├── UpstreamError         502 upstream_error
      ├── Overloaded            503 overloaded
      ├── CircuitOpen           503 circuit_open
-     └── UpstreamTimeout       504 upstream_timeout
+     ├── UpstreamTimeout       504 upstream_timeout
+     └── VersionNotSupported   505 http_version_not_supported
 
 Middlewares and handlers raise these; only the error boundary turns them into a
 response (``error_response``). A model server's own error answers are not
@@ -29,8 +31,9 @@ from collections.abc import Mapping
 from typing import ClassVar
 
 import orjson
-from aiohttp import web
 
+from sidecar.http.messages import Response
+from sidecar.http.server import RequestRefused
 from sidecar.metrics import (
     OUTCOME_ERROR,
     OUTCOME_OVERLOADED,
@@ -93,6 +96,11 @@ class MethodNotAllowed(SidecarError):
     outcome = OUTCOME_REJECTED
 
 
+class RequestTimeout(SidecarError):
+    status, type = 408, "request_timeout"
+    outcome = OUTCOME_REJECTED
+
+
 class BodyTooLarge(SidecarError):
     status, type = 413, "body_too_large"
     outcome = OUTCOME_REJECTED
@@ -142,6 +150,30 @@ class UpstreamTimeout(SidecarError):
     outcome = OUTCOME_UPSTREAM_FAILED
 
 
+class VersionNotSupported(SidecarError):
+    status, type = 505, "http_version_not_supported"
+    outcome = OUTCOME_REJECTED
+
+
+_REFUSALS: dict[str, type[SidecarError]] = {
+    kind.type: kind
+    for kind in (
+        BadRequest,
+        BodyTooLarge,
+        HeaderTooLarge,
+        RequestTimeout,
+        VersionNotSupported,
+        InternalError,
+    )
+}
+
+
+def from_refusal(refusal: RequestRefused) -> SidecarError:
+    """The HTTP layer's refusal as our error; its connection closes after the answer."""
+    kind = _REFUSALS.get(refusal.kind, BadRequest)
+    return kind(refusal.message, close_connection=True)
+
+
 def error_body(
     error_type: str,
     message: str,
@@ -177,14 +209,15 @@ def error_body(
     return orjson.dumps({"error": plain})
 
 
-def error_response(error: SidecarError, request_id: str, protocol: str = "plain") -> web.Response:
+def error_response(error: SidecarError, request_id: str, protocol: str = "plain") -> Response:
     """The JSON error body of DESIGN.md, with the request id in body and header."""
-    response = web.Response(
-        status=error.status,
-        body=error_body(error.type, error.message, request_id, error.details, protocol),
+    response = Response(
+        error.status,
+        error_body(error.type, error.message, request_id, error.details, protocol),
+        error.headers,
         content_type="application/json",
-        headers=error.headers,
+        # An unread body: the connection closes after the answer ("Connection: close").
+        close=error.close_connection,
     )
-    if error.close_connection:
-        response.force_close()  # says "Connection: close" to the client
+    response.headers["X-Request-ID"] = request_id
     return response

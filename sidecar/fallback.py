@@ -19,16 +19,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import orjson
 import structlog
-from aiohttp import web
-from multidict import CIMultiDict
 
+from sidecar import errors
 from sidecar.config import Answer, CacheFallback, FallbackPolicy, UpstreamFallback
-from sidecar.proxy import UpstreamCall
+from sidecar.http.client import BrokenAnswer
+from sidecar.http.messages import Headers, Response
 from sidecar.rules import Predicate, compile_condition
-from sidecar.upstreams import UpstreamClient, Upstreams
+from sidecar.upstreams import UpstreamCall, UpstreamClient, Upstreams
 
 log = structlog.get_logger("sidecar.fallback")
 
@@ -49,8 +48,8 @@ class _Canned:
         headers = {"Content-Type": "application/json", **answer.headers}
         return cls(name, answer.status, orjson.dumps(answer.body), tuple(headers.items()))
 
-    def response(self) -> web.Response:
-        response = web.Response(status=self.status, body=self.body, headers=self.headers)
+    def response(self) -> Response:
+        response = Response(self.status, self.body, Headers(self.headers))
         response.headers[FALLBACK_HEADER] = self.name
         return response
 
@@ -163,7 +162,7 @@ class ResponseCache:
 
     def answer(
         self, method: str, target: str, request_body: bytes, request_id: str
-    ) -> web.Response | None:
+    ) -> Response | None:
         key = canonical_key(method, target, request_body, self._protocol)
         entry = self._entries.get(key)
         if entry is None:
@@ -174,18 +173,18 @@ class ResponseCache:
             self._bytes -= len(entry.body)
             return None
         self._entries.move_to_end(key)
-        headers = CIMultiDict({FALLBACK_HEADER: self.name, "Age": str(int(age))})
+        headers = Headers([(FALLBACK_HEADER, self.name), ("Age", str(int(age)))])
         if entry.content_type:
             headers["Content-Type"] = entry.content_type
         body = restamp_id(entry.body, request_body, self._protocol, request_id)
-        return web.Response(status=entry.status, body=body, headers=headers)
+        return Response(entry.status, body, headers)
 
 
 class RuleSet:
     def __init__(self, rules: tuple[tuple[str, Predicate, _Canned], ...]) -> None:
         self._rules = rules
 
-    def answer(self, request_body: bytes) -> web.Response | None:
+    def answer(self, request_body: bytes) -> Response | None:
         try:
             document: Any = orjson.loads(request_body)
         except orjson.JSONDecodeError:
@@ -201,31 +200,27 @@ class SecondaryUpstream:
         self.upstream = upstream
         self.timeout = settings.timeout
 
-    async def answer(self, call: UpstreamCall) -> web.Response | None:
+    async def answer(self, call: UpstreamCall) -> Response | None:
+        upstream = self.upstream
         try:
-            async with (
-                asyncio.timeout(self.timeout),
-                self.upstream.session.request(
-                    call.method,
-                    self.upstream.url_for(call.target),
-                    # This upstream's own headers and deadline, never the primary's.
-                    headers=self.upstream.headers_for(call, self.timeout),
-                    data=call.body or None,
-                    allow_redirects=False,
-                ) as response,
-            ):
-                payload = await response.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning(
-                "fallback_upstream_failed", upstream=self.upstream.name, error=type(exc).__name__
-            )
+            async with asyncio.timeout(self.timeout):
+                # This upstream's own headers and deadline, never the primary's.
+                response = await upstream.send(call, within=self.timeout)
+                try:
+                    payload = await response.read()
+                finally:
+                    response.release()  # reused only when read to the end
+        except (errors.SidecarError, BrokenAnswer, TimeoutError) as exc:
+            reason = exc.type if isinstance(exc, errors.SidecarError) else "upstream_error"
+            log.warning("fallback_upstream_failed", upstream=upstream.name, error=reason)
             return None
         if response.status >= 500:
             return None
-        out = web.Response(status=response.status, body=payload)
-        if response.content_type:
-            out.headers["Content-Type"] = response.headers.get("Content-Type", "")
-        out.headers[FALLBACK_HEADER] = self.upstream.name
+        out = Response(response.status, payload)
+        content_type = response.headers.get("Content-Type")
+        if content_type:
+            out.headers["Content-Type"] = content_type
+        out.headers[FALLBACK_HEADER] = upstream.name
         return out
 
 
@@ -268,7 +263,7 @@ class FallbackChain:
                 steps.append(SecondaryUpstream(upstreams[step.upstream.name], step.upstream))
         self._steps = tuple(steps)
 
-    async def answer(self, call: UpstreamCall, body: bytes) -> web.Response | None:
+    async def answer(self, call: UpstreamCall, body: bytes) -> Response | None:
         for step in self._steps:
             if isinstance(step, _Canned):
                 return step.response()

@@ -20,9 +20,7 @@ import random
 import time
 from dataclasses import dataclass, field
 
-import aiohttp
 import structlog
-from aiohttp import web
 
 from sidecar import errors
 from sidecar.breaker import BreakerFailure, UpstreamBreaker
@@ -30,13 +28,16 @@ from sidecar.config import Route
 from sidecar.context import RequestContext
 from sidecar.drift import DriftMonitor
 from sidecar.fallback import FallbackChain
+from sidecar.http.client import BrokenAnswer, ClientResponse
+from sidecar.http.messages import Answer, Response
+from sidecar.http.server import Request
 from sidecar.logwriter import LogWriter
 from sidecar.metrics import OUTCOME_FALLBACK, Metrics
-from sidecar.proxy import UpstreamCall, relay, send, upstream_request_headers
+from sidecar.proxy import relay, upstream_request_headers
 from sidecar.retry import RetryBudget, backoff_delay, parse_retry_after
 from sidecar.sampling import sampled
 from sidecar.shadow import PrimaryOutcome, ShadowMirror, StreamCapture
-from sidecar.upstreams import UpstreamClient
+from sidecar.upstreams import IDEMPOTENT, UpstreamCall, UpstreamClient
 
 log = structlog.get_logger("sidecar.forwarding")
 
@@ -48,7 +49,7 @@ _DRAIN_LIMIT = 64 * 1024
 class ModelFailed:
     """The model answered, but with a 5xx: a failure for the breaker, still an answer."""
 
-    response: aiohttp.ClientResponse
+    response: ClientResponse
 
 
 @dataclass(slots=True)
@@ -75,13 +76,6 @@ class RoutePath:
     shadow: ShadowMirror | None = None
     payload_log: LogWriter | None = None
     credentials: frozenset[str] = frozenset()  # the sidecar's own, never forwarded
-    client_timeout: aiohttp.ClientTimeout | None = None  # set when the route overrides connect
-
-    def __post_init__(self) -> None:
-        if self.route.connect_timeout is not None:
-            self.client_timeout = aiohttp.ClientTimeout(
-                total=None, sock_connect=self.route.connect_timeout
-            )
 
     @property
     def per_try_timeout(self) -> float:
@@ -126,13 +120,14 @@ def _trigger(cause: object) -> str:
     return "upstream_error"
 
 
-async def _discard(response: aiohttp.ClientResponse) -> None:
+async def _discard(response: ClientResponse, idle: float) -> None:
     """Drop an answer we will not relay, keeping the connection when that is cheap."""
     length = response.content_length
     if length is not None and length <= _DRAIN_LIMIT:
         try:
-            await response.read()
-        except (aiohttp.ClientError, TimeoutError):
+            async with asyncio.timeout(idle):
+                await response.read()
+        except (BrokenAnswer, TimeoutError):
             response.close()  # a broken body: the connection cannot be reused
             return
     response.release()
@@ -140,7 +135,7 @@ async def _discard(response: aiohttp.ClientResponse) -> None:
 
 async def _with_retries(
     path: RoutePath, ctx: RequestContext, call: UpstreamCall, probe: bool
-) -> aiohttp.ClientResponse:
+) -> ClientResponse:
     """Attempts until an answer worth relaying. Raises ``BreakerFailure`` when the
     upstream was unavailable: a connect error, a timeout, or a status the breaker
     counts (502, 503, 504 by default). Any other answer, a 500 or a 4xx for input the
@@ -151,6 +146,9 @@ async def _with_retries(
     unavailable = path.failure_statuses
     # A half-open probe asks one question: is the model back? It is never retried.
     max_attempts = policy.attempts if route.retryable and not probe else 1
+    # Sent again on a fresh connection when a kept-alive one failed before answering:
+    # only what may be replayed (an idempotent method, or a route marked retryable).
+    replayable = route.retryable or call.method in IDEMPOTENT
     loop = asyncio.get_running_loop()
     started_at = loop.time()
     deadline = started_at + route.timeout
@@ -168,8 +166,11 @@ async def _with_retries(
             failure: errors.SidecarError | ModelFailed
             retry_after: float | None = None
             try:
-                response = await send(
-                    upstream, call, within=timeout, client_timeout=path.client_timeout
+                response = await upstream.send(
+                    call,
+                    within=timeout,
+                    connect_timeout=route.connect_timeout,
+                    replayable=replayable,
                 )
             except errors.SidecarError as exc:
                 failure = exc
@@ -200,7 +201,7 @@ async def _with_retries(
             holding_retry = True
             path.metrics.retries.labels(upstream.name, _retry_reason(failure)).inc()
             if isinstance(failure, ModelFailed):
-                await _discard(failure.response)
+                await _discard(failure.response, path.idle_timeout)
             await asyncio.sleep(delay)
     finally:
         budget.active_requests -= 1
@@ -229,13 +230,13 @@ def _retry_reason(failure: errors.SidecarError | ModelFailed) -> str:
     return "connect"
 
 
-async def forward(request: web.Request, ctx: RequestContext, path: RoutePath) -> web.StreamResponse:
+async def forward(request: Request, ctx: RequestContext, path: RoutePath) -> Answer:
     """Forward one request along its route, relay (or replace) the answer, and mirror it
     to the route's shadow when it is sampled."""
     body = ctx.body
     call = UpstreamCall(
         method=request.method,
-        target=request.raw_path,
+        target=request.target,
         headers=upstream_request_headers(request, ctx, path.credentials),
         body=body if body or request.body_exists else None,
         request_id=ctx.request_id,
@@ -246,7 +247,7 @@ async def forward(request: web.Request, ctx: RequestContext, path: RoutePath) ->
     ticket = None if ctx.shed else mirror.mirror(call)
     if ticket is not None:
         ctx.capture = StreamCapture(mirror.settings.compare.max_body_size)
-    answer: web.StreamResponse | None = None
+    answer: Answer | None = None
     try:
         answer = await _answer(request, ctx, path, call)
         return answer
@@ -260,13 +261,13 @@ async def forward(request: web.Request, ctx: RequestContext, path: RoutePath) ->
         )
 
 
-def _primary_outcome(ctx: RequestContext, answer: web.StreamResponse | None) -> PrimaryOutcome:
+def _primary_outcome(ctx: RequestContext, answer: Answer | None) -> PrimaryOutcome:
     if answer is None:
         return PrimaryOutcome(0, None, 0.0, reason="primary failed")
     latency = ctx.upstream_seconds or 0.0
     if ctx.outcome == OUTCOME_FALLBACK:
         return PrimaryOutcome(answer.status, None, latency, reason="primary answered by fallback")
-    if isinstance(answer, web.Response) and isinstance(answer.body, bytes):
+    if isinstance(answer, Response):
         return PrimaryOutcome(answer.status, answer.body, latency)
     capture = ctx.capture
     if capture is None or capture.overflow:
@@ -276,8 +277,8 @@ def _primary_outcome(ctx: RequestContext, answer: web.StreamResponse | None) -> 
 
 
 async def _answer(
-    request: web.Request, ctx: RequestContext, path: RoutePath, call: UpstreamCall
-) -> web.StreamResponse:
+    request: Request, ctx: RequestContext, path: RoutePath, call: UpstreamCall
+) -> Answer:
     body = ctx.body
     breaker = path.guard.breaker
     if breaker is not None:
@@ -315,9 +316,9 @@ async def _answer(
         if replacement is not None:
             if isinstance(cause, ModelFailed):
                 cause.response.release()
-            rule = replacement.headers.get("X-Sidecar-Fallback", "")
+            rule = replacement.headers.get("X-Sidecar-Fallback", "") or ""
             ctx.outcome, ctx.fallback_rule = OUTCOME_FALLBACK, rule
-            ctx.bytes_out = len(replacement.body) if isinstance(replacement.body, bytes) else 0
+            ctx.bytes_out = len(replacement.body)
             path.metrics.fallbacks.labels(path.route.name, rule).inc()
             return replacement
     if isinstance(cause, ModelFailed):
@@ -329,25 +330,25 @@ async def _answer(
 
 
 def _record(
-    request: web.Request,
+    request: Request,
     path: RoutePath,
     ctx: RequestContext,
     request_body: bytes,
-    answer: web.StreamResponse,
+    answer: Answer,
 ) -> None:
     """Hand a model's answer read whole to the cache, the drift window and the payload log.
 
     Each is an append or a dict insert: parsing and writing happen off the hot path.
     Streamed answers were never held whole, so they are not recorded.
     """
-    if not isinstance(answer, web.Response) or not isinstance(answer.body, bytes):
+    if not isinstance(answer, Response):
         return
     body = answer.body
     if 200 <= answer.status < 300:
         if path.fallback is not None and path.fallback.cache is not None:
             path.fallback.cache.store(
                 request.method,
-                request.raw_path,
+                request.target,
                 request_body,
                 answer.status,
                 answer.content_type,

@@ -1,4 +1,4 @@
-"""Listeners whose HTTP-level refusals are JSON too.
+"""The admin listener (aiohttp), whose HTTP-level refusals are JSON too.
 
 aiohttp's parser (llhttp) already refuses request smuggling shapes: Content-Length
 with Transfer-Encoding, duplicate Content-Length, obsolete line folding, bad header
@@ -60,8 +60,10 @@ class JsonErrorRequestHandler(RequestHandler):
             error = errors.HeaderTooLarge(_public_reason(exc))
         else:
             error = errors.BadRequest(_public_reason(exc))
-        response = errors.error_response(error, request_id)
-        response.headers["X-Request-ID"] = request_id
+        answer = errors.error_response(error, request_id)
+        response = web.Response(
+            status=answer.status, body=answer.body, headers=answer.headers.items()
+        )
         response.force_close()
         return response
 
@@ -69,18 +71,6 @@ class JsonErrorRequestHandler(RequestHandler):
 class JsonErrorServer(web.Server):
     def __call__(self) -> RequestHandler:
         return JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
-
-
-def main_runner(handler: Any, *, shutdown_timeout: float, **server: Any) -> web.ServerRunner:
-    """The main listener: aiohttp's low-level server calling ``handler`` for every
-    request (no Application, router or middleware layers: the pipeline is ours, and
-    even a target no router could match reaches it), with JSON answers for
-    parser-level refusals. ``server`` settings go to each connection's protocol."""
-    return web.ServerRunner(
-        JsonErrorServer(handler, **server),
-        shutdown_timeout=shutdown_timeout,
-        handle_signals=False,
-    )
 
 
 class SidecarRunner(web.AppRunner):

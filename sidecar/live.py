@@ -18,14 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from aiohttp import web
 
-from sidecar.app import build_handler
+from sidecar.app import build_pipeline
 from sidecar.background import BackgroundTasks
 from sidecar.config import ConfigError, LoadedConfig
 from sidecar.health import LoopLagMonitor, ProcessMonitor
+from sidecar.http.messages import Answer, Response
+from sidecar.http.server import Request, RequestRefused
 from sidecar.logs import Logs
 from sidecar.metrics import Metrics
+from sidecar.pipeline import refusal_answer
 from sidecar.plan import Plan, load_plan
 from sidecar.runtime import Runtime
 from sidecar.upstreams import ConnectionPools
@@ -55,7 +57,7 @@ class LiveRuntime:
         self.loop_lag = LoopLagMonitor(metrics)
         self.process = ProcessMonitor(metrics)
         self.current = self._build(plan)
-        self._handler = build_handler(self.current)
+        self._pipeline = build_pipeline(self.current)
 
     def _build(self, plan: Plan) -> Runtime:
         runtime = Runtime(
@@ -68,16 +70,20 @@ class LiveRuntime:
     def config_path(self) -> Path:
         return self.current.loaded.path
 
-    async def dispatch(self, request: web.Request) -> web.StreamResponse:
-        runtime, handler = self.current, self._handler
+    async def dispatch(self, request: Request) -> Answer:
+        runtime, pipeline = self.current, self._pipeline
         runtime.active += 1
         runtime.idle.clear()
         try:
-            return await handler(request)
+            return await pipeline.handle(request)
         finally:
             runtime.active -= 1
             if runtime.active == 0:
                 runtime.idle.set()
+
+    def refuse(self, refusal: RequestRefused, method: str, target: str, peer: str) -> Response:
+        """The answer to a request the HTTP layer refused, counted like the others."""
+        return refusal_answer(self.current, refusal, method, target, peer)
 
     async def start(self) -> None:
         self.loop_lag.start()
@@ -122,7 +128,7 @@ class LiveRuntime:
                 await fresh.stop()  # nothing of a reload that failed keeps running
                 raise
             old = self.current
-            self.current, self._handler = fresh, build_handler(fresh)  # the swap
+            self.current, self._pipeline = fresh, build_pipeline(fresh)  # the swap
             self._publish(loaded)
             self._retiring.spawn(self._retire(old), name="retire-runtime")
             self._metrics.config_reloads.labels("ok").inc()

@@ -17,7 +17,8 @@ from aiohttp import web
 
 from sidecar.app import build_admin_app
 from sidecar.config import ConfigError, cannot_listen
-from sidecar.listener import SidecarRunner, main_runner
+from sidecar.http.server import HttpServer, Limits
+from sidecar.listener import SidecarRunner
 from sidecar.live import LiveRuntime
 from sidecar.logs import Logs
 from sidecar.logwriter import Sink
@@ -57,15 +58,20 @@ class RunningSidecar:
             plan, metrics=self.metrics, logs=self.logs, pools=self.pools, clock=clock, env=env
         )
         self._reuse_port = reuse_port
-        header_size, max_headers = config.server.max_header_size, config.server.max_headers
-        self._main: web.BaseRunner = main_runner(
+        settings = config.server
+        header_size, max_headers = settings.max_header_size, settings.max_headers
+        self._main = HttpServer(
             self.live.dispatch,
-            shutdown_timeout=config.server.drain_timeout,
-            keepalive_timeout=config.server.keepalive_timeout,
-            access_log=None,
-            max_line_size=header_size,
-            max_field_size=header_size,
-            max_headers=max_headers,
+            self.live.refuse,
+            Limits(
+                max_line=header_size,
+                max_head=max(settings.max_head_size, header_size),
+                max_headers=max_headers,
+                head_timeout=settings.head_timeout,
+                body_timeout=settings.body_timeout,
+                idle_timeout=settings.keepalive_timeout,
+                send_timeout=settings.send_timeout,
+            ),
         )
         self._admin: web.AppRunner | None = None
         if config.admin.enabled:
@@ -94,12 +100,15 @@ class RunningSidecar:
         config = self.runtime.config
         self.logs.start()
         await self.live.start()
-        await self._main.setup()
         source = str(self.runtime.loaded.path)
-        await _open(
-            self._main, source, "listen", config.listen.host, config.listen.port, self._reuse_port
-        )
-        self.main_port = _bound_port(self._main)
+        try:
+            self.main_port = await self._main.listen(
+                config.listen.host, config.listen.port, reuse_port=self._reuse_port
+            )
+        except OSError as exc:
+            raise cannot_listen(
+                source, "listen.port", config.listen.host, config.listen.port, exc
+            ) from None
         if self._admin is not None:
             await self._admin.setup()
             # Workers each have an admin listener; only the first binds the port.
@@ -117,7 +126,7 @@ class RunningSidecar:
         self._stopped = True
         self.runtime.draining = True
         # Stops listening, then waits up to drain_timeout for requests in flight.
-        await self._main.cleanup()
+        await self._main.stop(self.runtime.config.server.drain_timeout)
         if self._admin is not None:
             await self._admin.cleanup()
         await self.live.stop()

@@ -20,17 +20,17 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-import aiohttp
 import structlog
 
+from sidecar import errors
 from sidecar.background import BackgroundTasks
 from sidecar.compare import Comparer
 from sidecar.config import ShadowGovernor, ShadowSettings
+from sidecar.http.client import BrokenAnswer, ClientResponse
 from sidecar.logwriter import LogWriter
 from sidecar.metrics import Metrics
-from sidecar.proxy import UpstreamCall
 from sidecar.sampling import sampled
-from sidecar.upstreams import UpstreamClient
+from sidecar.upstreams import UpstreamCall, UpstreamClient
 
 log = structlog.get_logger("sidecar.shadow")
 
@@ -77,11 +77,11 @@ class StreamCapture:
             self.chunks.append(chunk)
 
 
-async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
+async def _read_capped(response: ClientResponse, limit: int) -> bytes | None:
     """The whole body, or None as soon as it passes ``limit`` bytes."""
     chunks: list[bytes] = []
     size = 0
-    async for chunk in response.content.iter_any():
+    while chunk := await response.read_chunk():
         size += len(chunk)
         if size > limit:
             return None
@@ -248,22 +248,19 @@ class ShadowMirror:
         self._requests.labels(self.route, "sent").inc()
         try:
             async with asyncio.timeout(self.settings.timeout):
-                async with self.upstream.session.request(
-                    call.method,
-                    self.upstream.url_for(call.target),
-                    # The shadow's own headers and deadline, never the primary's.
-                    headers=self.upstream.headers_for(call, self.settings.timeout),
-                    data=call.body,
-                    allow_redirects=False,
-                ) as response:
+                # The shadow's own headers and deadline, never the primary's.
+                response = await self.upstream.send(call, within=self.settings.timeout)
+                try:
                     body = await _read_capped(response, limit)
-                    latency = time.perf_counter() - started
-                    if body is None:
-                        return "skipped_too_large", response.status, None, latency
-                    return "ok", response.status, body, latency
-        except TimeoutError:
+                finally:
+                    response.release()  # reused only when read to the end
+                latency = time.perf_counter() - started
+                if body is None:
+                    return "skipped_too_large", response.status, None, latency
+                return "ok", response.status, body, latency
+        except (TimeoutError, errors.UpstreamTimeout):
             return "timeout", 0, None, time.perf_counter() - started
-        except aiohttp.ClientError:
+        except (errors.SidecarError, BrokenAnswer):
             return "error", 0, None, time.perf_counter() - started
 
     async def _compare_when_both_in(self, call: UpstreamCall, ticket: ShadowTicket) -> None:

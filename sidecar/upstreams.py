@@ -1,5 +1,12 @@
-"""Upstream model servers: one long-lived client session and keep-alive pool each,
-and a background readiness probe whose verdict the own endpoints read."""
+"""Upstream model servers: one keep-alive pool and one ``send()`` each, and a
+background readiness probe whose verdict the own endpoints read.
+
+``UpstreamClient.send`` is the only way a request reaches a model server:
+forwarding, retries, shadow copies, the secondary-model fallback and health probes
+all use it. It owns the upstream's address, its own configured headers (never
+another upstream's), the request id in its form, the deadline header and the
+mapping of connection failures to the sidecar's errors.
+"""
 
 from __future__ import annotations
 
@@ -10,32 +17,40 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
+from urllib.parse import urlsplit
 
-import aiohttp
 import orjson
 import structlog
-from multidict import CIMultiDict
-from yarl import URL
 
 from sidecar import errors
 from sidecar.background import BackgroundTasks
 from sidecar.compare import Comparer
 from sidecar.config import Upstream
+from sidecar.http.client import BrokenAnswer, ClientResponse, ConnectFailed, Disconnected, Pool
+from sidecar.http.messages import Headers
 from sidecar.metrics import Metrics
-
-if TYPE_CHECKING:
-    from sidecar.proxy import UpstreamCall
 
 # Tells the model server how long this attempt may take, so it can give up too.
 DEADLINE_HEADER = "X-Sidecar-Timeout-Ms"
 
 log = structlog.get_logger("sidecar.upstreams")
 
-# A proxy must not invent request headers the client did not send: aiohttp would add
-# these by default (and an added Accept-Encoding would make the model compress
-# answers for clients that never asked for it).
-_NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+# Methods a request may be sent again with, after a kept-alive connection failed
+# before any byte of the answer (RFC 9110 section 9.2.2).
+IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
+
+
+@dataclass(slots=True)
+class UpstreamCall:
+    """What is sent upstream; kept whole so a retry, a shadow copy or a fallback can
+    replay it to whichever upstream sends it."""
+
+    method: str
+    target: str  # the raw path and query, exactly as the client sent them
+    headers: Headers  # the client's, for any upstream
+    body: bytes | None
+    request_id: str = ""  # the id the client sees
 
 
 @dataclass(slots=True)
@@ -61,22 +76,25 @@ class UpstreamClient:
     def __init__(self, name: str, config: Upstream) -> None:
         self.name = name
         self.config = config
-        self.origin = URL(config.url)
+        parts = urlsplit(config.url)
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or 80
+        self.base_path = parts.path.rstrip("/")  # prefixed to every target
         # Secrets are revealed once, here, and only ever go to this upstream.
         self.extra_headers: tuple[tuple[str, str], ...] = tuple(
             (key, value.get_secret_value()) for key, value in config.headers.items()
         )
         self._id_header = config.request_id.header
         self._id_as_uuid = config.request_id.format == "uuid"
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: Pool | None = None
         self.last_probe: ProbeResult | None = None
         self.last_success: float | None = None
 
-    def headers_for(self, call: UpstreamCall, within: float) -> CIMultiDict[str]:
+    def headers_for(self, call: UpstreamCall, within: float) -> Headers:
         """The headers of one attempt to this upstream: the client's, this upstream's
         own, the request id in this upstream's form, and how long it has."""
         headers = call.headers.copy()
-        if self._id_header:
+        if self._id_header and call.request_id:
             headers[self._id_header] = (
                 _uuid_of(call.request_id) if self._id_as_uuid else call.request_id
             )
@@ -85,22 +103,59 @@ class UpstreamClient:
         headers[DEADLINE_HEADER] = str(max(1, int(within * 1000)))
         return headers
 
-    def url_for(self, target: str) -> URL:
-        """The URL of a request target (path and query) on this upstream.
-
-        Concatenation keeps the client's bytes exactly: no re-encoding and no
-        folding of dot segments (the routing stage checked the target is a path).
-        """
-        return URL(self.config.url + target, encoded=True)
-
     @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
+    def pool(self) -> Pool:
+        if self._pool is None:
             raise RuntimeError(f"upstream {self.name!r} is not started")
-        return self._session
+        return self._pool
 
-    def attach(self, session: aiohttp.ClientSession) -> None:
-        self._session = session
+    def attach(self, pool: Pool) -> None:
+        self._pool = pool
+
+    async def send(
+        self,
+        call: UpstreamCall,
+        *,
+        within: float,
+        connect_timeout: float | None = None,
+        replayable: bool | None = None,
+    ) -> ClientResponse:
+        """Send one attempt and return once the answer's head has arrived, ``within``
+        seconds. The caller owns the answer and must ``release()`` (or ``close()``)
+        it. Raises ``UpstreamTimeout`` or ``UpstreamError`` (``retryable`` when a
+        retry may cure it), never a Python class name or an address."""
+        if replayable is None:
+            replayable = call.method in IDEMPOTENT
+        pool = self.pool
+        try:
+            async with asyncio.timeout(within):
+                return await pool.request(
+                    call.method,
+                    self.base_path + call.target,
+                    self.headers_for(call, within),
+                    call.body,
+                    replayable=replayable,
+                    connect_timeout=connect_timeout,
+                )
+        except TimeoutError:
+            raise errors.UpstreamTimeout(
+                f"upstream {self.name!r} did not start answering within {within:g}s",
+                retryable=True,
+            ) from None
+        except ConnectFailed as exc:
+            errno = exc.errno
+            reason = os.strerror(errno).lower() if errno else "the connection failed"
+            raise errors.UpstreamError(
+                f"cannot connect to upstream {self.name!r}: {reason}", retryable=True
+            ) from None
+        except Disconnected:
+            raise errors.UpstreamError(
+                f"upstream {self.name!r} closed the connection before answering"
+            ) from None
+        except BrokenAnswer:
+            raise errors.UpstreamError(
+                f"upstream {self.name!r} sent an answer that is not valid HTTP"
+            ) from None
 
     @property
     def ready(self) -> bool:
@@ -112,28 +167,33 @@ class UpstreamClient:
         health = self.config.health
         started = time.perf_counter()
         error: str | None = None
+        headers = Headers()
+        if body is not None:
+            headers["Content-Type"] = "application/json"  # some servers insist (422)
+        if name == "canary" and health.canary is not None:
+            headers.update(health.canary.headers)
+        call = UpstreamCall(
+            method, path, headers, None if body is None else orjson.dumps(body), request_id=""
+        )
         try:
-            headers = dict(self.extra_headers)
-            if body is not None:
-                headers["Content-Type"] = "application/json"  # some servers insist (422)
-            if name == "canary" and health.canary is not None:
-                headers.update(health.canary.headers)
             async with asyncio.timeout(health.timeout):
-                async with self.session.request(
-                    method,
-                    self.origin.with_path(path),
-                    headers=headers,
-                    data=None if body is None else orjson.dumps(body),
-                ) as response:
+                response = await self.send(call, within=health.timeout, replayable=True)
+                try:
                     payload = await response.read()
-                    if response.status != 200:
-                        error = f"{path} answered {response.status}"
-                    elif expect is not None:
-                        error = self._canary_error(payload, expect)
-        except TimeoutError:
+                except BrokenAnswer:
+                    response.close()
+                    raise errors.UpstreamError(
+                        f"upstream {self.name!r} broke off its answer"
+                    ) from None
+                response.release()
+                if response.status != 200:
+                    error = f"{path} answered {response.status}"
+                elif expect is not None:
+                    error = self._canary_error(payload, expect)
+        except (TimeoutError, errors.UpstreamTimeout):
             error = f"{path} did not answer within {health.timeout:g}s"
-        except aiohttp.ClientError as exc:
-            error = f"{path}: {upstream_failure(self.name, exc).message}"
+        except errors.UpstreamError as exc:
+            error = f"{path}: {exc.message}"
         return Check(name, error is None, time.perf_counter() - started, error)
 
     def _canary_error(self, payload: bytes, expect: Any) -> str | None:
@@ -185,75 +245,46 @@ def _uuid_of(request_id: str) -> str:
         return str(uuid.UUID(bytes=digest, version=4))
 
 
-def upstream_failure(name: str, exc: aiohttp.ClientError) -> errors.UpstreamError:
-    """What went wrong, for the client: never a Python class name or an address."""
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        errno = exc.os_error.errno
-        reason = os.strerror(errno).lower() if errno else "the connection failed"
-        return errors.UpstreamError(
-            f"cannot connect to upstream {name!r}: {reason}", retryable=True
-        )
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return errors.UpstreamError(f"upstream {name!r} closed the connection before answering")
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return errors.UpstreamError(f"upstream {name!r} broke off its answer")
-    if isinstance(exc, aiohttp.ClientResponseError):
-        return errors.UpstreamError(f"upstream {name!r} sent an answer that is not valid HTTP")
-    return errors.UpstreamError(f"upstream {name!r} failed to answer")
-
-
 class ConnectionPools:
-    """Client sessions (keep-alive pools) shared by every config that names the same
-    upstream with the same settings, so a reload keeps warm connections."""
+    """Keep-alive pools shared by every config that names the same upstream with the
+    same settings, so a reload keeps warm connections."""
 
     def __init__(self) -> None:
-        self._sessions: dict[tuple[object, ...], aiohttp.ClientSession] = {}
+        self._pools: dict[tuple[object, ...], Pool] = {}
         self._users: dict[tuple[object, ...], int] = {}
 
     @staticmethod
     def _key(name: str, config: Upstream) -> tuple[object, ...]:
-        # Only what shapes the session; headers and probes are applied per request.
+        # Only what shapes the pool; headers and probes are applied per request.
         return (name, config.url, config.max_connections, config.connect_timeout)
 
-    def acquire(self, name: str, config: Upstream) -> aiohttp.ClientSession:
+    def acquire(self, name: str, config: Upstream) -> Pool:
         key = self._key(name, config)
-        session = self._sessions.get(key)
-        if session is None:
-            session = _new_session(config)
-            self._sessions[key] = session
+        pool = self._pools.get(key)
+        if pool is None:
+            parts = urlsplit(config.url)
+            pool = Pool(
+                parts.hostname or "127.0.0.1",
+                parts.port or 80,
+                max_connections=config.max_connections,
+                connect_timeout=config.connect_timeout,
+            )
+            self._pools[key] = pool
         self._users[key] = self._users.get(key, 0) + 1
-        return session
+        return pool
 
     async def release(self, name: str, config: Upstream) -> None:
         key = self._key(name, config)
         self._users[key] -= 1
         if self._users[key] == 0:
             del self._users[key]
-            await self._sessions.pop(key).close()
+            self._pools.pop(key).close()
 
     async def close(self) -> None:
-        for session in self._sessions.values():
-            await session.close()
-        self._sessions.clear()
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
         self._users.clear()
-
-
-def _new_session(config: Upstream) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(
-        limit=config.max_connections,
-        limit_per_host=0,
-        keepalive_timeout=30.0,
-    )
-    return aiohttp.ClientSession(
-        connector=connector,
-        # Time to the first byte and silence mid-answer are bounded per request, by
-        # the route's deadlines and its idle timeout, each with its own message.
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout),
-        auto_decompress=False,  # bytes pass through exactly as the model sent them
-        cookie_jar=aiohttp.DummyCookieJar(),  # one client's cookies never reach another
-        skip_auto_headers=_NO_AUTO_HEADERS,
-        trust_env=False,
-    )
 
 
 class Upstreams:

@@ -1,0 +1,469 @@
+"""The sidecar's HTTP/1.1 client: a keep-alive pool per upstream, llhttp to parse.
+
+One request at a time on a connection. A connection goes back to the pool only
+when its answer was read to the end and the upstream kept it alive; one that
+receives bytes while idle, or sees EOF, is out of step and is closed, never
+reused (one stray answer must not become the next client's). The pool caps its
+connections; requests past the cap wait (the caller's deadline bounds the wait),
+and the warmest idle connection is reused first. A request that fails on a reused
+connection before any byte of its answer is sent once more on a fresh one when it
+may be replayed.
+
+Status lines are checked: codes outside 100-599, a 101 nobody asked for, and
+reason phrases with control bytes are refused (``BrokenAnswer``); 1xx answers
+other than 101 are skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections import deque
+from typing import cast
+
+import httptools
+
+from sidecar.http.messages import Headers, media_type
+
+_READ_AHEAD = 256 * 1024  # answer bytes buffered before reading from the upstream pauses
+
+
+class ConnectFailed(Exception):
+    """No connection could be made (refused, unreachable, ...)."""
+
+    def __init__(self, errno: int | None) -> None:
+        super().__init__(errno)
+        self.errno = errno
+
+
+class Disconnected(Exception):
+    """The upstream closed the connection before its answer began."""
+
+
+class BrokenAnswer(Exception):
+    """The answer is not valid HTTP, or ended before it was complete."""
+
+
+class ClientResponse:
+    """An upstream's answer: the head at once, the body as it arrives."""
+
+    __slots__ = (
+        "_buffered",
+        "_conn",
+        "_error",
+        "_parts",
+        "_released",
+        "_waiter",
+        "complete",
+        "content_length",
+        "headers",
+        "reason",
+        "status",
+        "version",
+    )
+
+    def __init__(
+        self, conn: UpstreamConnection, status: int, reason: str, headers: Headers, version: str
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.version = version
+        length = headers.get("content-length")
+        self.content_length = int(length) if length is not None else None
+        self.complete = False  # every byte of the body has arrived
+        self._conn = conn
+        self._parts: deque[bytes] = deque()
+        self._buffered = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: BaseException | None = None
+        self._released = False
+
+    @property
+    def content_type(self) -> str:
+        return media_type(self.headers.get("content-type"))
+
+    @property
+    def close_delimited(self) -> bool:
+        return self.content_length is None and "transfer-encoding" not in self.headers
+
+    def at_eof(self) -> bool:
+        """The whole body has arrived (it may not have been read yet)."""
+        return self.complete
+
+    def _feed(self, chunk: bytes) -> None:
+        self._parts.append(chunk)
+        self._buffered += len(chunk)
+        if self._buffered > _READ_AHEAD and self._waiter is None:
+            self._conn.pause_reading()
+        self._wake()
+
+    def _finish(self) -> None:
+        self.complete = True
+        self._wake()
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._error is None and not self.complete:
+            self._error = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def read_chunk(self) -> bytes:
+        """The next part of the body; ``b""`` at its end. ``BrokenAnswer`` when the
+        upstream broke it off. The caller bounds the wait."""
+        while True:
+            if self._parts:
+                chunk = self._parts.popleft()
+                self._buffered -= len(chunk)
+                return chunk
+            if self.complete:
+                return b""
+            if self._error is not None:
+                raise self._error
+            self._conn.resume_reading()
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiter = waiter
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+
+    async def read(self) -> bytes:
+        parts = []
+        while chunk := await self.read_chunk():
+            parts.append(chunk)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def release(self) -> None:
+        """Hand the connection back: to the pool when the answer was read whole and
+        the upstream keeps it alive, else closed."""
+        if self._released:
+            return
+        self._released = True
+        conn = self._conn
+        conn.pool._done(conn, reusable=self.complete and not self._parts and conn.keep_alive)
+
+    def close(self) -> None:
+        """Drop the connection, whatever state the answer is in."""
+        if self._released:
+            return
+        self._released = True
+        self._conn.pool._done(self._conn, reusable=False)
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One connection to an upstream."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self._parser = httptools.HttpResponseParser(self)
+        self._transport: asyncio.Transport | None = None
+        self.closed = False
+        self.keep_alive = True
+        self.counted = True  # holds one of the pool's connection slots
+        self.idle_since = 0.0
+        self._head: asyncio.Future[ClientResponse] | None = None
+        self.response: ClientResponse | None = None
+        self._method = ""
+        self._received = False  # a byte of the current answer arrived
+        self._reason = b""
+        self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._informational = False
+        self._reading_paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but act as one.
+        self._transport = transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.keep_alive = False
+        head = self._head
+        if head is not None and not head.done():
+            head.set_exception(
+                Disconnected("closed before answering")
+                if not self._received
+                else BrokenAnswer("closed in the middle of the answer's head")
+            )
+        response = self.response
+        if response is not None and not response.complete:
+            if response.close_delimited and self._method != "HEAD":
+                response._finish()  # such a body ends where the connection does
+            else:
+                response._fail(BrokenAnswer("the answer ended before it was complete"))
+
+    def data_received(self, data: bytes) -> None:
+        if self._head is None or (self.response is not None and self.response.complete):
+            # Bytes nobody asked for: the connection is out of step.
+            self.pool.stray += 1
+            self.keep_alive = False
+            self.abort()
+            return
+        self._received = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._broken("an upgrade (101) nobody asked for")
+        except httptools.HttpParserError:
+            self._broken("an answer that is not valid HTTP")
+
+    def _broken(self, what: str) -> None:
+        error = BrokenAnswer(what)
+        head = self._head
+        if head is not None and not head.done():
+            head.set_exception(error)
+        if self.response is not None:
+            self.response._fail(error)
+        self.keep_alive = False
+        self.abort()
+
+    # -- parser callbacks ----------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.response is not None and self.response.complete:
+            # A second answer to one request: the connection is out of step.
+            self.pool.stray += 1
+            self.keep_alive = False
+        self._reason = b""
+        self._raw_headers = []
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._raw_headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        status = parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            self._informational = True  # 100 Continue, 103 Early Hints: not relayed
+            return
+        head = self._head
+        if head is None or head.done():
+            return
+        reason = self._reason
+        if not 200 <= status <= 599:
+            head.set_exception(BrokenAnswer(f"status {status}"))
+            self.keep_alive = False
+            return
+        if any(byte < 0x20 or byte == 0x7F for byte in reason if byte != 0x09):
+            head.set_exception(BrokenAnswer("a control byte in the status line"))
+            self.keep_alive = False
+            return
+        response = ClientResponse(
+            self,
+            status,
+            reason.decode("latin-1"),
+            Headers.from_raw(self._raw_headers),
+            parser.get_http_version(),
+        )
+        self.response = response
+        if self._method == "HEAD":
+            # No body follows; llhttp cannot be told so, and this parser would wait
+            # for one: the connection is not reused.
+            self.keep_alive = False
+            response.complete = True
+        head.set_result(response)
+
+    def on_body(self, body: bytes) -> None:
+        response = self.response
+        if response is not None and not response.complete:
+            response._feed(body)
+
+    def on_message_complete(self) -> None:
+        if self._informational:
+            self._informational = False
+            return
+        if not self._parser.should_keep_alive():
+            self.keep_alive = False
+        response = self.response
+        if response is not None:
+            response._finish()
+
+    # -- use -----------------------------------------------------------------------
+
+    async def send(self, method: str, head: bytes, body: bytes | None) -> ClientResponse:
+        """Write one request; return once the answer's head has arrived."""
+        transport = self._transport
+        if transport is None or self.closed:
+            raise Disconnected("the connection is closed")
+        self._method = method
+        self._received = False
+        self.response = None
+        head_waiter: asyncio.Future[ClientResponse] = asyncio.get_running_loop().create_future()
+        self._head = head_waiter
+        if body is None or len(body) > 65536:
+            transport.write(head)
+            if body:
+                transport.write(body)
+        else:
+            transport.write(head + body)
+        return await head_waiter
+
+    def reset(self) -> None:
+        self._head = None
+        self.response = None
+
+    def pause_reading(self) -> None:
+        if not self._reading_paused and self._transport is not None and not self.closed:
+            self._reading_paused = True
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._reading_paused and self._transport is not None and not self.closed:
+            self._reading_paused = False
+            self._transport.resume_reading()
+
+    def abort(self) -> None:
+        if self._transport is not None and not self.closed:
+            self.closed = True
+            self._transport.abort()
+
+
+class Pool:
+    """Keep-alive connections to one upstream origin."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        max_connections: int = 100,
+        connect_timeout: float = 2.0,
+        keepalive: float = 30.0,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.host_header = host if port == 80 else f"{host}:{port}"
+        self.max_connections = max_connections
+        self.connect_timeout = connect_timeout
+        self.keepalive = keepalive
+        self.open = 0  # connections counted against the cap
+        self.stray = 0  # connections closed for bytes nobody asked for
+        self.replayed = 0  # requests sent again after a reused connection failed
+        self._idle: list[UpstreamConnection] = []
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._closed = False
+
+    async def request(
+        self,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]] | Headers,
+        body: bytes | None,
+        *,
+        replayable: bool,
+        connect_timeout: float | None = None,
+    ) -> ClientResponse:
+        """Send one request and return its answer's head. The caller owns the
+        answer (``release`` or ``close`` it) and bounds the whole wait."""
+        lines = [f"{method} {target} HTTP/1.1", f"Host: {self.host_header}"]
+        lines += [f"{name}: {value}" for name, value in headers]
+        if body is not None:
+            lines.append(f"Content-Length: {len(body)}")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
+        first = True
+        while True:
+            conn, reused = await self._acquire(connect_timeout or self.connect_timeout)
+            try:
+                return await conn.send(method, head, body)
+            except Disconnected:
+                self._done(conn, reusable=False)
+                if first and reused and replayable:
+                    # The upstream closed a kept-alive connection as we used it.
+                    first = False
+                    self.replayed += 1
+                    continue
+                raise
+            except BaseException:
+                self._done(conn, reusable=False)  # cancelled or broken: out of step
+                raise
+
+    async def _acquire(self, connect_timeout: float) -> tuple[UpstreamConnection, bool]:
+        if self._closed:
+            raise Disconnected("the pool is closed")
+        loop = asyncio.get_running_loop()
+        while True:
+            stale = loop.time() - self.keepalive
+            while self._idle:
+                conn = self._idle.pop()  # LIFO: the warmest connection
+                if not conn.closed and conn.idle_since > stale:
+                    return conn, True
+                self._forget(conn)
+            if self.open < self.max_connections:
+                self.open += 1
+                try:
+                    return await self._connect(connect_timeout), False
+                except BaseException:
+                    self.open -= 1
+                    self._wake_one()
+                    raise
+            waiter = loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one()  # it was woken for us: pass the turn on
+                raise
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+
+    async def _connect(self, within: float) -> UpstreamConnection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(within):
+                _, conn = await loop.create_connection(
+                    lambda: UpstreamConnection(self), self.host, self.port
+                )
+        except OSError as exc:
+            raise ConnectFailed(exc.errno) from None
+        return conn
+
+    def _done(self, conn: UpstreamConnection, *, reusable: bool) -> None:
+        if reusable and not conn.closed and conn.keep_alive and not self._closed:
+            conn.reset()
+            conn.idle_since = asyncio.get_running_loop().time()
+            self._idle.append(conn)
+            self._wake_one()
+        else:
+            self._forget(conn)
+
+    def _forget(self, conn: UpstreamConnection) -> None:
+        conn.abort()
+        if conn.counted:
+            conn.counted = False
+            self.open -= 1
+            self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    @property
+    def idle_count(self) -> int:
+        return len(self._idle)
+
+    def close(self) -> None:
+        self._closed = True
+        for conn in self._idle:
+            self._forget(conn)
+        self._idle.clear()
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(Disconnected("the pool is closed"))

@@ -1,0 +1,783 @@
+"""The sidecar's HTTP/1.1 server: an asyncio protocol per connection, llhttp to parse.
+
+A connection handles one request at a time; pipelined requests wait, in the order
+they came, with reading paused. What one client can hold is bounded in bytes and
+time: the head (request line, each field, the whole head, the field count), the
+time to send a head, the silence between two parts of a body, the body read ahead
+of the handler (reading pauses past ``read_ahead``), the idle time between
+requests, and how long a write may wait for a client that stopped reading.
+
+Refusals before a request reaches the handler (malformed or oversized heads,
+timeouts, unsupported versions) are answered through ``refuse``, which the layer
+above provides: it shapes the error body and counts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import socket
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, cast
+from urllib.parse import unquote
+
+import httptools
+import structlog
+
+from sidecar.http.messages import (
+    Answer,
+    Headers,
+    Response,
+    StreamedAnswer,
+    http_date,
+    media_type,
+    reason_for,
+    status_has_body,
+)
+
+log = structlog.get_logger("sidecar.http.server")
+
+# Framing is ours to write: a handler's copies of these are never sent.
+_FRAMING = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
+_SAFE_REASON = re.compile(r"[A-Za-z][A-Za-z0-9 ,.'()-]{0,100}")
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_line: int = 8 * 1024  # the request target, and each header field
+    max_head: int = 32 * 1024  # request line and every field together
+    max_headers: int = 100
+    head_timeout: float = 10.0  # from a head's first byte to its end
+    body_timeout: float = 30.0  # silence between two parts of a body
+    idle_timeout: float = 75.0  # keep-alive: a connection waiting for its next request
+    send_timeout: float = 30.0  # a write waiting for a client that stopped reading
+    read_ahead: int = 256 * 1024  # body bytes buffered before the handler reads them
+    write_buffer: int = 64 * 1024  # bytes queued to a client before writes wait
+
+
+class RequestRefused(Exception):
+    """The HTTP layer refuses a request (or its body): status, type and a message
+    that never echoes the client's bytes. The connection closes after the answer."""
+
+    def __init__(self, status: int, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+        self.message = message
+
+
+class ClientGone(ConnectionError):
+    """The client closed the connection, or stopped reading for ``send_timeout``."""
+
+
+Handler = Callable[["Request"], Awaitable[Answer]]
+# (refusal, method, target, peer) -> the answer; also counts and logs it.
+Refuse = Callable[[RequestRefused, str, str, str], Response]
+
+
+class Request:
+    """One request: its head parsed once, its body read on demand (``read_body``)."""
+
+    __slots__ = (
+        "_conn",
+        "_continue_sent",
+        "_parts",
+        "_path",
+        "_size",
+        "_waiter",
+        "answer_finished",
+        "answer_started",
+        "answer_status",
+        "body_exists",
+        "complete",
+        "content_length",
+        "headers",
+        "keep_alive",
+        "method",
+        "peer",
+        "target",
+        "version",
+    )
+
+    def __init__(
+        self,
+        conn: HttpConnection,
+        method: str,
+        target: str,
+        version: str,
+        headers: Headers,
+        peer: str,
+        keep_alive: bool,
+    ) -> None:
+        self.method = method
+        self.target = target  # raw: path and query exactly as the client sent them
+        self.version = version
+        self.headers = headers
+        self.peer = peer
+        self.keep_alive = keep_alive
+        length = headers.get("content-length")
+        self.content_length = int(length) if length is not None else None  # llhttp checked it
+        self.body_exists = (
+            self.content_length is not None and self.content_length > 0
+        ) or "transfer-encoding" in headers
+        self.complete = False  # every byte of the body has arrived
+        self.answer_started = False
+        self.answer_status = 0  # of the answer sent (or begun)
+        self.answer_finished = False
+        self._conn = conn
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._continue_sent = False
+        self._path: str | None = None
+
+    @property
+    def path(self) -> str:
+        """The target's path, percent-decoded (the routing stage refused tricky forms)."""
+        path = self._path
+        if path is None:
+            raw = self.target.split("?", 1)[0]
+            path = unquote(raw) if "%" in raw else raw
+            self._path = path
+        return path
+
+    @property
+    def content_type(self) -> str:
+        return media_type(self.headers.get("content-type")) or "application/octet-stream"
+
+    @property
+    def host(self) -> str | None:
+        return self.headers.get("host")
+
+    # -- the body ------------------------------------------------------------------
+
+    def _feed(self, chunk: bytes) -> None:
+        self._parts.append(chunk)
+        self._size += len(chunk)
+        self._wake()
+
+    def _finish(self) -> None:
+        self.complete = True
+        self._wake()
+
+    def _fail(self, exc: BaseException) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def read_body(self, limit: int) -> bytes:
+        """The whole body, refused (413) as soon as it passes ``limit`` bytes and
+        (408) when the client goes silent in the middle of it for ``body_timeout``."""
+        declared = self.content_length
+        if declared is not None and declared > limit:
+            raise RequestRefused(
+                413,
+                "body_too_large",
+                f"request body of {declared} bytes exceeds the limit of {limit} bytes",
+            )
+        conn = self._conn
+        if not self.complete:
+            if (
+                not self._continue_sent
+                and (self.headers.get("expect") or "").lower() == "100-continue"
+            ):
+                self._continue_sent = True
+                conn.write_raw(_CONTINUE)
+            conn.resume_reading()
+        loop = conn.loop
+        timeout = conn.limits.body_timeout
+        while not self.complete:
+            if self._size > limit:
+                break
+            waiter = loop.create_future()
+            self._waiter = waiter
+            timer = loop.call_later(timeout, _time_out, waiter)
+            try:
+                await waiter
+            except TimeoutError:
+                raise RequestRefused(
+                    408, "request_timeout", f"the request body stalled for {timeout:g}s"
+                ) from None
+            finally:
+                timer.cancel()
+                self._waiter = None
+        if self._size > limit:
+            raise RequestRefused(
+                413, "body_too_large", f"request body exceeds the limit of {limit} bytes"
+            )
+        parts = self._parts
+        self._parts = []
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    # -- the answer ----------------------------------------------------------------
+
+    async def stream(
+        self, status: int, reason: str | None, headers: Headers, length: int | None = None
+    ) -> BodyWriter:
+        """Send the head of an answer whose body follows in parts (``BodyWriter``)."""
+        return await self._conn.start_stream(self, status, reason, headers, length)
+
+
+def _time_out(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
+class BodyWriter:
+    """The body of a streamed answer: chunked to HTTP/1.1 clients unless its length
+    was declared; ``write`` waits (up to ``send_timeout``) while the client's buffer
+    is full, so a slow reader holds a few kilobytes, not the whole answer."""
+
+    __slots__ = ("_conn", "_request", "answer", "chunked", "remaining", "sends_body", "written")
+
+    def __init__(
+        self,
+        conn: HttpConnection,
+        request: Request,
+        answer: StreamedAnswer,
+        chunked: bool,
+        length: int | None,
+        sends_body: bool,
+    ) -> None:
+        self._conn = conn
+        self._request = request
+        self.answer = answer
+        self.chunked = chunked
+        self.remaining = length
+        self.sends_body = sends_body
+        self.written = 0
+
+    async def write(self, chunk: bytes) -> None:
+        if not chunk or not self.sends_body:
+            return
+        conn = self._conn
+        if conn.closed:
+            raise ClientGone("the client closed the connection")
+        if self.chunked:
+            conn.transport_writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+        else:
+            conn.write_raw(chunk)
+        self.written += len(chunk)
+        await conn.drain()
+
+    async def end(self) -> None:
+        """The answer is complete. An answer shorter than its declared length cannot
+        be ended: the connection is closed instead, so the client sees it cut."""
+        request = self._request
+        if request.answer_finished:
+            return
+        request.answer_finished = True
+        conn = self._conn
+        if self.chunked and self.sends_body and not conn.closed:
+            conn.write_raw(b"0\r\n\r\n")
+        if self.remaining is not None and self.sends_body and self.written < self.remaining:
+            conn.abort()
+            return
+        await conn.drain()
+
+    def abort(self) -> None:
+        """Cut the answer off: the client sees it end without its final part."""
+        self._request.answer_finished = True
+        self._conn.abort()
+
+
+class HttpConnection(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, server: HttpServer) -> None:
+        self.server = server
+        self.limits = server.limits
+        self.loop = server.loop
+        self._parser = httptools.HttpRequestParser(self)
+        self._transport: asyncio.Transport | None = None
+        self.peer = ""
+        self.closed = False
+        self._queue: deque[Request] = deque()
+        self._current: Request | None = None  # being handled
+        self._parsing: Request | None = None  # head parsed, body still arriving
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._url = b""
+        self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0
+        self._in_head = False
+        self._refusal: RequestRefused | None = None  # found by a parser callback
+        self._pending_refusal: RequestRefused | None = None  # answered after the current
+        self._reading_paused = False
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._half_closed = False
+        self._close_after_answer = False
+
+    # -- transport events ----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but act as one.
+        self._transport = transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if isinstance(peer, tuple) else ""
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport.set_write_buffer_limits(high=self.limits.write_buffer)
+        self.server.connections.add(self)
+        self._arm(self.limits.idle_timeout, self._idle_timed_out)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        server = self.server
+        server.connections.discard(self)
+        if server.draining and not server.connections:
+            server._drained.set()
+        self._disarm()
+        gone = ClientGone("the client closed the connection")
+        for request in (self._current, self._parsing, *self._queue):
+            if request is not None:
+                request._fail(gone)
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(gone)
+        task = self._task
+        if task is not None and not task.done():
+            # Nobody reads the answer: stop the work for it (the upstream call too).
+            task.cancel()
+
+    def eof_received(self) -> bool:
+        # A client may half-close after its request and still read the answer.
+        self._half_closed = True
+        return self._task is not None
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed or self._pending_refusal is not None:
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # Upgrades (and CONNECT) are not ours to make: answer what was asked,
+            # never switch protocols, and close after the answer.
+            self._close_after_answer = True
+            self.pause_reading()
+        except httptools.HttpParserCallbackError:
+            refusal = self._refusal or RequestRefused(400, "bad_request", "malformed HTTP request")
+            self._refuse(refusal)
+        except httptools.HttpParserError as exc:
+            self._refuse(RequestRefused(400, "bad_request", _public_reason(exc)))
+        else:
+            if self._in_head:
+                # llhttp keeps a partial field until it ends: bound what it holds.
+                self._head_bytes += len(data)
+                if self._head_bytes > self.limits.max_head + len(self._url):
+                    self._refuse(_head_too_large("the request head"))
+
+    # -- parser callbacks ----------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._raw_headers = []
+        self._head_bytes = 0
+        self._in_head = True
+        if self._task is None:
+            self._arm(self.limits.head_timeout, self._head_timed_out)
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > self.limits.max_line:
+            self._refusal = _head_too_large("the request line")
+            raise self._refusal
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        limits = self.limits
+        size = len(name) + len(value) + 4
+        self._head_bytes += size
+        if size > limits.max_line:
+            self._refusal = _head_too_large("a header field")
+        elif len(self._raw_headers) >= limits.max_headers:
+            self._refusal = _head_too_large(f"more than {limits.max_headers} header fields;")
+        elif self._head_bytes + len(self._url) > limits.max_head:
+            self._refusal = _head_too_large("the request head")
+        if self._refusal is not None:
+            raise self._refusal
+        self._raw_headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._head_bytes = 0
+        if self._task is None:
+            self._disarm()
+        parser = self._parser
+        version = parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            self._refusal = RequestRefused(
+                505, "http_version_not_supported", f"HTTP/{version} is not served here"
+            )
+            raise self._refusal
+        request = Request(
+            self,
+            parser.get_method().decode("ascii"),
+            self._url.decode("latin-1"),
+            version,
+            Headers.from_raw(self._raw_headers),
+            self.peer,
+            parser.should_keep_alive(),
+        )
+        self._parsing = request
+        if self._current is None and self._task is None:
+            self._start(request)
+        else:
+            self._queue.append(request)
+            self.pause_reading()  # one request at a time; the next waits unread
+
+    def on_body(self, body: bytes) -> None:
+        request = self._parsing
+        if request is None:
+            return
+        request._feed(body)
+        if request._size > self.limits.read_ahead and request._waiter is None:
+            self.pause_reading()  # the handler has not asked for it yet
+
+    def on_message_complete(self) -> None:
+        request = self._parsing
+        self._parsing = None
+        if request is not None:
+            request._finish()
+
+    # -- handling ------------------------------------------------------------------
+
+    def _start(self, request: Request) -> None:
+        self._current = request
+        self._task = self.loop.create_task(self._serve(request))
+
+    async def _serve(self, request: Request) -> None:
+        try:
+            while True:
+                await self._handle(request)
+                if self.closed or not self._reusable(request):
+                    self.close()
+                    return
+                if not self._queue:
+                    break
+                request = self._queue.popleft()
+                self._current = request
+        finally:
+            self._current = None
+            self._task = None
+        refusal = self._pending_refusal
+        if refusal is not None:
+            self._pending_refusal = None
+            self._answer_refusal(refusal)
+            return
+        if self._half_closed:
+            self.close()
+            return
+        self.resume_reading()
+        if self._parsing is None:
+            self._arm(self.limits.idle_timeout, self._idle_timed_out)
+        else:
+            self._arm(self.limits.head_timeout, self._head_timed_out)
+
+    async def _handle(self, request: Request) -> None:
+        try:
+            answer = await self.server.handler(request)
+        except ClientGone:
+            self.abort()  # the client left, or an answer it had begun cannot be finished
+            return
+        except asyncio.CancelledError:
+            if self.closed:
+                return  # the client left; the handler noticed by being cancelled
+            raise
+        except Exception:
+            # The layer above answers its own errors; this is the last guard.
+            log.exception("http_handler_failed")
+            if request.answer_started:
+                self.abort()
+                return
+            answer = self.server.refuse(
+                RequestRefused(500, "internal_error", "the sidecar failed to handle this request"),
+                request.method,
+                request.target,
+                self.peer,
+            )
+            answer.close = True
+        if self.closed:
+            return
+        if isinstance(answer, Response):
+            if request.answer_started:
+                self.abort()  # a handler that streamed must not also answer whole
+                return
+            self._write_whole(request, answer)
+        elif not request.answer_finished:
+            self.abort()  # a streamed answer left unfinished is cut, never padded
+            return
+        with contextlib.suppress(ClientGone):
+            await self.drain()
+
+    def _reusable(self, request: Request) -> bool:
+        return (
+            request.keep_alive
+            and request.complete  # an unread body cannot be skipped safely
+            and not self._close_after_answer
+            and not self.server.draining
+        )
+
+    def _keeps_alive(self, request: Request, close: bool) -> bool:
+        if close or not self._reusable(request):
+            self._close_after_answer = True
+            return False
+        return True
+
+    def _head(
+        self,
+        request: Request,
+        status: int,
+        reason: str | None,
+        headers: Headers,
+        framing: str,
+        keep_alive: bool,
+    ) -> bytes:
+        version = "HTTP/1.0" if request.version == "1.0" else "HTTP/1.1"
+        lines = [f"{version} {status} {reason or reason_for(status)}"]
+        has_date = False
+        for name, value in headers:
+            lower = name.lower()
+            if lower in _FRAMING:
+                continue
+            if lower == "date":
+                has_date = True
+            lines.append(f"{name}: {value}")
+        if framing:
+            lines.append(framing)
+        if not keep_alive:
+            lines.append("Connection: close")
+        elif request.version == "1.0":
+            lines.append("Connection: keep-alive")
+        head = "\r\n".join(lines).encode("latin-1", "replace")
+        if not has_date:
+            head += b"\r\nDate: " + http_date.now()
+        return head + b"\r\n\r\n"
+
+    def _write_whole(self, request: Request, answer: Response) -> None:
+        request.answer_started = request.answer_finished = True
+        request.answer_status = answer.status
+        keep_alive = self._keeps_alive(request, answer.close)
+        body = answer.body
+        status = answer.status
+        framing = f"Content-Length: {len(body)}" if status_has_body(status) else ""
+        head = self._head(request, status, answer.reason, answer.headers, framing, keep_alive)
+        if request.method == "HEAD" or not status_has_body(status) or not body:
+            self.write_raw(head)
+        else:
+            self.write_raw(head + body if len(body) < 16384 else head)
+            if len(body) >= 16384:
+                self.write_raw(body)
+
+    async def start_stream(
+        self,
+        request: Request,
+        status: int,
+        reason: str | None,
+        headers: Headers,
+        length: int | None,
+    ) -> BodyWriter:
+        if request.answer_started:
+            raise RuntimeError("the answer has already started")
+        request.answer_started = True
+        request.answer_status = status
+        sends_body = status_has_body(status) and request.method != "HEAD"
+        chunked = False
+        framing = ""
+        close = False
+        if status_has_body(status):
+            if length is not None:
+                framing = f"Content-Length: {length}"
+            elif request.version == "1.1":
+                framing = "Transfer-Encoding: chunked"
+                chunked = sends_body
+            else:
+                close = True  # an HTTP/1.0 client reads to the end of the connection
+        keep_alive = self._keeps_alive(request, close)
+        self.write_raw(self._head(request, status, reason, headers, framing, keep_alive))
+        writer = BodyWriter(
+            self, request, StreamedAnswer(status, headers), chunked, length, sends_body
+        )
+        await self.drain()
+        return writer
+
+    # -- writing -------------------------------------------------------------------
+
+    def write_raw(self, data: bytes) -> None:
+        transport = self._transport
+        if transport is not None and not self.closed:
+            transport.write(data)
+
+    def transport_writelines(self, parts: tuple[bytes, ...]) -> None:
+        transport = self._transport
+        if transport is not None and not self.closed:
+            transport.writelines(parts)
+
+    async def drain(self) -> None:
+        """Wait while the client's buffer is full; a client that reads nothing for
+        ``send_timeout`` is cut off (``ClientGone``), its work released."""
+        if self.closed:
+            raise ClientGone("the client closed the connection")
+        if not self._write_paused:
+            return
+        waiter = self.loop.create_future()
+        self._drain_waiter = waiter
+        timer = self.loop.call_later(self.limits.send_timeout, _time_out, waiter)
+        try:
+            await waiter
+        except TimeoutError:
+            self.server.slow_readers += 1
+            self.abort()
+            raise ClientGone(f"the client read nothing for {self.limits.send_timeout:g}s") from None
+        finally:
+            timer.cancel()
+            self._drain_waiter = None
+
+    def pause_reading(self) -> None:
+        if not self._reading_paused and self._transport is not None and not self.closed:
+            self._reading_paused = True
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._reading_paused and self._transport is not None and not self.closed:
+            self._reading_paused = False
+            self._transport.resume_reading()
+
+    def close(self) -> None:
+        """Close once what was written has gone out."""
+        if self._transport is not None and not self.closed:
+            self._transport.close()
+
+    def abort(self) -> None:
+        """Close at once, dropping anything unsent."""
+        if self._transport is not None and not self.closed:
+            self.closed = True
+            self._transport.abort()
+
+    # -- refusals and timers -------------------------------------------------------
+
+    def _refuse(self, refusal: RequestRefused) -> None:
+        self.pause_reading()
+        if self._task is not None:
+            self._pending_refusal = refusal  # after the answer in progress
+            return
+        self._answer_refusal(refusal)
+
+    def _answer_refusal(self, refusal: RequestRefused) -> None:
+        method = self._parser.get_method().decode("ascii", "replace") if self._url else "-"
+        target = self._url[:200].decode("latin-1") if self._url else "-"
+        answer = self.server.refuse(refusal, method, target, self.peer)
+        request = Request(self, method, target, "1.1", Headers(), self.peer, False)
+        self._write_whole(request, answer)
+        self.close()
+
+    def _arm(self, seconds: float, callback: Callable[[], None]) -> None:
+        self._disarm()
+        self._timer = self.loop.call_later(seconds, callback)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _idle_timed_out(self) -> None:
+        self._timer = None
+        if self._task is None and not self._in_head:
+            self.close()
+
+    def _head_timed_out(self) -> None:
+        self._timer = None
+        if self._task is None and self._in_head:
+            self._refuse(
+                RequestRefused(
+                    408,
+                    "request_timeout",
+                    f"the request head did not arrive within {self.limits.head_timeout:g}s",
+                )
+            )
+
+
+def _head_too_large(what: str) -> RequestRefused:
+    return RequestRefused(431, "header_too_large", f"{what} is too large")
+
+
+def _public_reason(exc: BaseException) -> str:
+    """llhttp's description of the problem, never the client's bytes."""
+    text = str(exc).split("\n", 1)[0].strip()
+    match = _SAFE_REASON.fullmatch(text)
+    return f"malformed HTTP request: {match.group(0)}" if match else "malformed HTTP request"
+
+
+class HttpServer:
+    """Listening sockets and their connections, and a graceful drain."""
+
+    def __init__(self, handler: Handler, refuse: Refuse, limits: Limits | None = None) -> None:
+        self.handler = handler
+        self.refuse = refuse
+        self.limits = limits or Limits()
+        self.connections: set[HttpConnection] = set()
+        self.draining = False
+        self.slow_readers = 0  # clients cut off for not reading
+        self._drained = asyncio.Event()  # set when draining and the last connection closed
+        self._servers: list[asyncio.Server] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    async def listen(self, host: str, port: int, *, reuse_port: bool = False) -> int:
+        """Start accepting on ``host:port``; returns the bound port."""
+        server = await self.loop.create_server(
+            lambda: HttpConnection(self),
+            host,
+            port,
+            reuse_port=reuse_port or None,
+            backlog=4096,
+        )
+        self._servers.append(server)
+        bound: Any = server.sockets[0].getsockname()
+        return int(bound[1])
+
+    async def stop(self, drain_timeout: float) -> None:
+        """Stop accepting; close idle connections; give requests in flight up to
+        ``drain_timeout`` to finish (each answered with Connection: close); then cut."""
+        self.draining = True
+        for server in self._servers:
+            server.close()
+        for conn in list(self.connections):
+            if conn._task is None:
+                conn.close()
+        if self.connections:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), drain_timeout)
+        for conn in list(self.connections):
+            if conn._task is not None:
+                conn._task.cancel()
+            conn.abort()
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+        self._servers.clear()
