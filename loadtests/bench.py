@@ -317,7 +317,7 @@ async def _load_aiohttp(url: str, concurrency: int, duration: float) -> LoadResu
                     async with session.post(
                         url + "/v2/models/iris/infer",
                         data=BODY,
-                        headers={"Content-Type": "application/json"},
+                        headers=HEADERS,
                     ) as r:
                         await r.read()
                         if r.status != 200:
