@@ -315,7 +315,6 @@ class HttpConnection(asyncio.Protocol):
         self._reading_paused = False
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
-        self._half_closed = False
         self._close_after_answer = False
 
     # -- transport events ----------------------------------------------------------
@@ -353,9 +352,9 @@ class HttpConnection(asyncio.Protocol):
             task.cancel()
 
     def eof_received(self) -> bool:
-        # A client may half-close after its request and still read the answer.
-        self._half_closed = True
-        return self._task is not None
+        # The client closed its side: like NGINX, take it as gone (its request's work
+        # is cancelled), whether or not it still reads (a half-close is rare in HTTP).
+        return False
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -484,9 +483,6 @@ class HttpConnection(asyncio.Protocol):
         if refusal is not None:
             self._pending_refusal = None
             self._answer_refusal(refusal)
-            return
-        if self._half_closed:
-            self.close()
             return
         self.resume_reading()
         if self._parsing is None:

@@ -1,0 +1,512 @@
+"""The sidecar's own HTTP/1.1 server and client, on raw sockets: hostile clients
+(fat heads, trickling heads and bodies, readers that stop) and hostile upstreams
+(stray answers, broken status lines, connections closed under a request)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+
+from sidecar.auth import hash_key
+from sidecar.http.client import Pool
+from tests.conftest import (
+    LOOPBACK,
+    FakeModel,
+    StartSidecar,
+    base_config,
+    raw_request,
+)
+from tests.test_correctness import ListSink, flushed
+
+Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def raw_upstream(script: Script) -> AsyncIterator[tuple[str, list[int]]]:
+    """A model server that writes whatever ``script`` says; ``script`` gets each
+    connection and its number. Yields its URL and the list of connection numbers."""
+    seen: list[int] = []
+
+    async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(len(seen))
+        try:
+            await script(reader, writer, seen[-1])
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(on_connection, LOOPBACK, 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://{LOOPBACK}:{port}", seen
+    finally:
+        server.close()
+
+
+async def read_head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+    """The next request's head that is not a readiness probe (probes get a 200)."""
+    while True:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        if b" /v2/health/" not in head.split(b"\r\n", 1)[0]:
+            return head
+        writer.write(answer(b"ready"))
+        await writer.drain()
+
+
+def answer(body: bytes, *, status: bytes = b"200 OK", extra: bytes = b"") -> bytes:
+    return (
+        b"HTTP/1.1 "
+        + status
+        + b"\r\nContent-Type: text/plain\r\n"
+        + extra
+        + b"Content-Length: %d\r\n\r\n" % len(body)
+        + body
+    )
+
+
+def upstream_config(url: str, **server: Any) -> dict[str, Any]:
+    config = base_config(url)
+    # No probes: a raw upstream answers only what its script says.
+    config["upstreams"]["model"]["health"] = {"interval": "60s", "timeout": "1s"}
+    config["server"].update(server)
+    return config
+
+
+def status_and_body(raw: bytes) -> tuple[int, bytes]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+# -- hostile upstreams -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["with-the-answer", "while-idle"])
+async def test_a_stray_answer_from_the_upstream_never_reaches_another_client(
+    start_sidecar: StartSidecar, late: bool
+) -> None:
+    stray_written = asyncio.Event()
+    served = 0
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        nonlocal served
+        while True:
+            await read_head(reader, writer)
+            served += 1
+            own = answer(b"answer-%d" % served)
+            stray = answer(b"STRAY")
+            if served == 1 and not late:
+                writer.write(own + stray)  # two answers to one request
+            else:
+                writer.write(own)
+            await writer.drain()
+            if served == 1 and late:
+                writer.write(stray)  # an answer nobody asked for, on an idle connection
+                await writer.drain()
+            stray_written.set()
+
+    async with raw_upstream(script) as (url, connections):
+        sidecar = await start_sidecar(upstream_config(url), wait_ready=False)
+        pool = sidecar.running.runtime.upstreams["model"].pool
+        async with sidecar.session.get(sidecar.url + "/one") as resp:
+            assert await resp.read() == b"answer-1"
+        await asyncio.wait_for(stray_written.wait(), 5)
+        for _ in range(500):  # until the sidecar has read the stray bytes (5 s at most)
+            if pool.stray:
+                break
+            await asyncio.sleep(0.01)
+        assert pool.stray == 1
+        async with sidecar.session.get(sidecar.url + "/two") as resp:
+            assert await resp.read() == b"answer-2"
+        assert len(connections) == 2  # the out-of-step connection was never reused
+
+
+@pytest.mark.parametrize(
+    ("status_line", "why"),
+    [
+        (b"HTTP/1.1 999 Odd\r\nContent-Length: 0\r\n\r\n", "status beyond 599"),
+        (b"HTTP/1.1 200 O\x01K\r\nContent-Length: 0\r\n\r\n", "control byte in the reason"),
+        (
+            b"HTTP/1.1 101 Switching Protocols\r\n"
+            b"Upgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+            "an upgrade nobody asked for",
+        ),
+        (b"HTTP/1.1 20 OK\r\nContent-Length: 0\r\n\r\n", "a two-digit status"),
+        (b"NOT HTTP AT ALL\r\n\r\n", "not HTTP"),
+    ],
+)
+async def test_a_broken_status_line_becomes_our_502(
+    start_sidecar: StartSidecar, status_line: bytes, why: str
+) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        await read_head(reader, writer)
+        writer.write(status_line)
+        await writer.drain()
+        await asyncio.sleep(1)
+
+    async with raw_upstream(script) as (url, _):
+        sink = ListSink()
+        sidecar = await start_sidecar(
+            upstream_config(url), wait_ready=False, log_sinks={"access": sink}
+        )
+        raw = await raw_request(
+            sidecar.running.main_port, b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        assert raw.startswith(b"HTTP/1.1 502 "), why
+        body = orjson.loads(raw.partition(b"\r\n\r\n")[2])
+        assert body["error"]["type"] == "upstream_error"
+        (record,) = await flushed(sidecar, sink, 1)
+        assert record["status"] == 502
+
+
+async def test_informational_answers_are_skipped_and_the_final_one_relayed(
+    start_sidecar: StartSidecar,
+) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        await read_head(reader, writer)
+        writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + answer(b"final"))
+        await writer.drain()
+        await asyncio.sleep(1)
+
+    async with raw_upstream(script) as (url, _):
+        sidecar = await start_sidecar(upstream_config(url), wait_ready=False)
+        async with sidecar.session.get(sidecar.url + "/x") as resp:
+            assert resp.status == 200
+            assert await resp.read() == b"final"
+
+
+async def test_an_answer_cut_before_its_length_is_never_passed_on_as_complete(
+    start_sidecar: StartSidecar,
+) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        await read_head(reader, writer)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly-ten-b")
+        await writer.drain()
+
+    async with raw_upstream(script) as (url, _):
+        sidecar = await start_sidecar(upstream_config(url), wait_ready=False)
+        raw = await raw_request(
+            sidecar.running.main_port, b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        status, body = status_and_body(raw)
+        # Either our 502 (nothing had been sent yet), never a 200 with a short body.
+        assert status == 502
+        assert b"only-ten-b" not in body
+
+
+@pytest.mark.parametrize(
+    ("method", "retryable", "expected"),
+    [("GET", False, 200), ("POST", True, 200), ("POST", False, 502)],
+)
+async def test_a_kept_alive_connection_closed_under_a_request_is_replayed_only_when_safe(
+    start_sidecar: StartSidecar, method: str, retryable: bool, expected: int
+) -> None:
+    served = 0
+    dropped = False
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        nonlocal served, dropped
+        on_this_connection = 0
+        while True:
+            await read_head(reader, writer)
+            on_this_connection += 1
+            if on_this_connection == 2 and not dropped:
+                # Read the request, then close unanswered: what a server does when
+                # its keep-alive timeout races the request.
+                dropped = True
+                return
+            served += 1
+            writer.write(answer(b"first" if served == 1 else b"fresh"))
+            await writer.drain()
+
+    async with raw_upstream(script) as (url, _):
+        config = upstream_config(url)
+        config["routes"][0]["retryable"] = retryable
+        config["routes"][0]["retry"] = {"attempts": 1}
+        sidecar = await start_sidecar(config, wait_ready=False)
+        async with sidecar.session.request(method, sidecar.url + "/x") as resp:
+            assert await resp.read() == b"first"
+        async with sidecar.session.request(method, sidecar.url + "/x") as resp:
+            assert resp.status == expected
+            if expected == 200:
+                assert await resp.read() == b"fresh"
+        assert dropped
+        assert served == (2 if expected == 200 else 1)
+
+
+# -- hostile clients ---------------------------------------------------------------
+
+
+async def test_a_fat_head_is_refused_431_without_being_kept(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    sidecar = await start_sidecar(base_config(fake_model.url))
+    port = sidecar.running.main_port
+    field = b"X-Fat: " + b"a" * 7000 + b"\r\n"
+    raw = await raw_request(port, b"GET /x HTTP/1.1\r\nHost: x\r\n" + field * 6 + b"\r\n")
+    status, body = status_and_body(raw)
+    assert status == 431
+    assert orjson.loads(body)["error"]["type"] == "header_too_large"
+    many = b"".join(b"X-F%d: 1\r\n" % i for i in range(150))
+    status, _ = status_and_body(await raw_request(port, b"GET /x HTTP/1.1\r\n" + many + b"\r\n"))
+    assert status == 431
+    # A head that never ends is refused once it passes the limit, not buffered on.
+    reader, writer = await asyncio.open_connection(LOOPBACK, port)
+    writer.write(b"GET /x HTTP/1.1\r\nX-Endless: ")
+    refused = b""
+    for _ in range(64):
+        try:
+            writer.write(b"b" * 4096)
+            await writer.drain()
+        except ConnectionError:
+            break
+        with contextlib.suppress(TimeoutError):
+            refused += await asyncio.wait_for(reader.read(65536), 0.01)
+        if refused:
+            break
+    if not refused:
+        refused = await asyncio.wait_for(reader.read(65536), 5)
+    writer.close()
+    assert refused.startswith(b"HTTP/1.1 431 ")
+    assert fake_model.hits_for("/x") == []
+
+
+async def test_heads_and_bodies_that_trickle_are_cut_off_with_408(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    sink = ListSink()
+    config = base_config(fake_model.url)
+    config["server"].update(head_timeout="300ms", body_timeout="300ms")
+    sidecar = await start_sidecar(config, log_sinks={"access": sink})
+    port = sidecar.running.main_port
+    started = time.monotonic()
+    raw = await raw_request(port, b"GET /x HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+    assert raw.startswith(b"HTTP/1.1 408 ")
+    raw = await raw_request(
+        port, b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly-some"
+    )
+    status, body = status_and_body(raw)
+    assert status == 408
+    assert orjson.loads(body)["error"]["type"] == "request_timeout"
+    assert time.monotonic() - started < 5
+    assert fake_model.hits_for("/x") == []
+    records = await flushed(sidecar, sink, 2)
+    assert sorted(r["status"] for r in records) == [408, 408]
+
+
+async def test_a_client_that_stops_reading_releases_its_upstream_connection(
+    start_sidecar: StartSidecar,
+) -> None:
+    """A streamed answer to a client that reads nothing: the sidecar holds a bounded
+    amount, cuts the client off after send_timeout and frees the upstream slot."""
+    written = 0
+    blocked = asyncio.Event()
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        nonlocal written
+        while True:
+            head = await read_head(reader, writer)
+            if b"/small" in head:
+                writer.write(answer(b"small"))
+                await writer.drain()
+                continue
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            chunk = b"x" * 65536
+            for _ in range(4096):  # up to 256 MiB, far more than any buffer
+                writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                try:
+                    await asyncio.wait_for(writer.drain(), 0.3)
+                except TimeoutError:
+                    blocked.set()  # the sidecar stopped reading from us
+                    await writer.drain()
+                written += len(chunk)
+            return
+
+    async with raw_upstream(script) as (url, connections):
+        config = upstream_config(url, send_timeout="2s")
+        config["upstreams"]["model"]["max_connections"] = 1
+        sidecar = await start_sidecar(config, wait_ready=False)
+        _, writer = await asyncio.open_connection(LOOPBACK, sidecar.running.main_port)
+        writer.write(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        await asyncio.wait_for(blocked.wait(), 10)  # flow control reached the model
+        assert written < 32 * 1024 * 1024
+        # The only upstream slot is freed once the stalled client is cut off.
+        async with sidecar.session.get(sidecar.url + "/small") as resp:
+            assert resp.status == 200
+            assert await resp.read() == b"small"
+        assert sidecar.running._main.slow_readers == 1
+        writer.close()
+        assert len(connections) == 2
+
+
+async def test_a_client_that_leaves_cancels_its_upstream_call(
+    start_sidecar: StartSidecar,
+) -> None:
+    entered = asyncio.Event()
+    closed = asyncio.Event()
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        await read_head(reader, writer)
+        entered.set()
+        await reader.read()  # never answers; returns when the sidecar hangs up
+        closed.set()
+
+    async with raw_upstream(script) as (url, _):
+        sink = ListSink()
+        sidecar = await start_sidecar(
+            upstream_config(url), wait_ready=False, log_sinks={"access": sink}
+        )
+        _, writer = await asyncio.open_connection(LOOPBACK, sidecar.running.main_port)
+        writer.write(b"GET /hang HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        await asyncio.wait_for(entered.wait(), 5)
+        writer.close()
+        # The route's 5 s timeout has not passed: the sidecar hung up on the model
+        # because nobody waits for the answer any more.
+        await asyncio.wait_for(closed.wait(), 3)
+        (record,) = await flushed(sidecar, sink, 1)
+        assert (record["status"], record["outcome"]) == (499, "client_closed")
+        pool = sidecar.running.runtime.upstreams["model"].pool
+        assert pool.open == pool.idle_count  # nothing left busy
+
+
+# -- the protocol ------------------------------------------------------------------
+
+
+async def test_pipelined_requests_are_answered_in_order(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.2)
+        return web.Response(text="slow")
+
+    async def fast(request: web.Request) -> web.Response:
+        return web.Response(text="fast")
+
+    fake_model.on("/slow", slow)
+    fake_model.on("/fast", fast)
+    sidecar = await start_sidecar(base_config(fake_model.url))
+    raw = await raw_request(
+        sidecar.running.main_port,
+        b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /fast HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    assert raw.count(b"HTTP/1.1 200 OK") == 2
+    assert raw.index(b"slow") < raw.index(b"fast")
+
+
+async def test_versions_we_answer_and_refuse(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    sidecar = await start_sidecar(base_config(fake_model.url))
+    port = sidecar.running.main_port
+    raw = await raw_request(port, b"GET /x HTTP/2.0\r\nHost: x\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 505 ")
+    # An HTTP/1.0 client is answered in 1.0 and, without keep-alive, the connection ends.
+    raw = await raw_request(port, b"GET /x HTTP/1.0\r\nHost: x\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.0 200 ")
+    assert b"\r\nConnection: close" in raw.partition(b"\r\n\r\n")[0]
+
+
+async def test_expect_100_continue(fake_model: FakeModel, start_sidecar: StartSidecar) -> None:
+    sidecar = await start_sidecar(base_config(fake_model.url))
+    reader, writer = await asyncio.open_connection(LOOPBACK, sidecar.running.main_port)
+    writer.write(
+        b"POST /x HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n"
+    )
+    await writer.drain()
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    writer.write(b"abcd")
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200 ")
+    writer.close()
+    assert fake_model.hits_for("/x")[0].body == b"abcd"
+
+
+async def test_a_refusal_before_the_body_skips_100_continue_and_closes(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    config = base_config(fake_model.url)
+    config["auth"] = {
+        "enabled": True,
+        "api_keys": [{"name": "someone", "digest": hash_key("another-key-0123456789")}],
+    }
+    sidecar = await start_sidecar(config)
+    raw = await raw_request(
+        sidecar.running.main_port,
+        b"POST /x HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n",
+    )
+    assert raw.startswith(b"HTTP/1.1 401 ")
+    assert b"100 Continue" not in raw
+    assert b"\r\nConnection: close" in raw.partition(b"\r\n\r\n")[0]
+
+
+async def test_head_204_and_304_answers_carry_no_body(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    async def empty(request: web.Request) -> web.Response:
+        return web.Response(status=int(request.query["status"]))
+
+    fake_model.on("/empty", empty)
+    sidecar = await start_sidecar(base_config(fake_model.url))
+    port = sidecar.running.main_port
+    raw = await raw_request(
+        port,
+        b"HEAD /x HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /empty?status=204 HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /empty?status=304 HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    parts = raw.split(b"HTTP/1.1 ")
+    statuses = [int(part[:3]) for part in parts[1:]]
+    assert statuses == [200, 204, 304, 200]
+    assert parts[1].endswith(b"\r\n\r\n")  # HEAD: a head only
+    assert b"Content-Length: " in parts[1]
+    assert parts[2].endswith(b"\r\n\r\n")
+    assert b"Content-Length" not in parts[2]
+    assert parts[3].endswith(b"\r\n\r\n")
+
+
+async def test_parser_refusals_are_counted_and_logged(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    sink = ListSink()
+    sidecar = await start_sidecar(base_config(fake_model.url), log_sinks={"access": sink})
+    raw = await raw_request(
+        sidecar.running.main_port,
+        b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    )
+    assert raw.startswith(b"HTTP/1.1 400 ")
+    (record,) = await flushed(sidecar, sink, 1)
+    assert (record["status"], record["outcome"], record["route"]) == (400, "rejected", "-")
+    async with sidecar.session.get(sidecar.admin_url + "/metrics") as resp:
+        text = await resp.text()
+    assert 'sidecar_requests_total{outcome="rejected",route="-",status="400"} 1.0' in text
+
+
+async def test_the_pool_caps_connections_and_reuses_the_warmest(fake_model: FakeModel) -> None:
+    port = int(fake_model.url.rsplit(":", 1)[1])
+    pool = Pool(LOOPBACK, port, max_connections=2)
+
+    async def one() -> bytes:
+        response = await pool.request("GET", "/x", [], None, replayable=True)
+        body = await response.read()
+        response.release()
+        return body
+
+    bodies = await asyncio.wait_for(asyncio.gather(*(one() for _ in range(20))), 10)
+    assert len(bodies) == 20
+    assert pool.open <= 2
+    assert pool.idle_count == pool.open
+    pool.close()
