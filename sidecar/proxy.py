@@ -7,7 +7,6 @@ a small response with a known length is read in one piece, which is cheaper.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 
 import structlog
@@ -59,7 +58,8 @@ _REPLACED_UPSTREAM = frozenset(
 # Headers of the sidecar's own (X-Sidecar-Shadow, X-Sidecar-Timeout-Ms, ...): a
 # client's copies never reach a model, which would take them for ours.
 _OWN_PREFIX = "x-sidecar-"
-_DROP_FROM_REQUEST = HOP_BY_HOP | _REPLACED_UPSTREAM
+# X-Forwarded-For is rebuilt with the client's address appended.
+_DROP_FROM_REQUEST = HOP_BY_HOP | _REPLACED_UPSTREAM | {"x-forwarded-for"}
 # The server writes the framing of the answer it sends.
 _DROP_FROM_RESPONSE = HOP_BY_HOP | {"content-length"}
 
@@ -86,21 +86,10 @@ def upstream_request_headers(
     ones added. What belongs to one upstream (its own headers, the request id in its
     form, the deadline) is added by that upstream when it sends."""
     incoming = request.headers
-    listed = _connection_listed(incoming)
-    out = Headers()
-    for name, value in incoming:
-        lower = name.lower()
-        if (
-            lower in _DROP_FROM_REQUEST
-            or lower in listed
-            or lower in credentials
-            or lower == "x-forwarded-for"
-            or lower.startswith(_OWN_PREFIX)
-        ):
-            continue
-        out.add(name, value)
+    drop = _DROP_FROM_REQUEST | credentials if credentials else _DROP_FROM_REQUEST
+    out = incoming.without(drop, _connection_listed(incoming), prefix=_OWN_PREFIX)
     peer = request.peer
-    earlier = incoming.get("X-Forwarded-For")
+    earlier = incoming.get("x-forwarded-for")
     out.add("X-Forwarded-For", f"{earlier}, {peer}" if earlier else peer)
     out.add("X-Forwarded-Proto", "http")
     host = incoming.get("host")
@@ -111,14 +100,7 @@ def upstream_request_headers(
 
 
 def client_response_headers(upstream_headers: Headers) -> Headers:
-    listed = _connection_listed(upstream_headers)
-    out = Headers()
-    for name, value in upstream_headers:
-        lower = name.lower()
-        if lower in _DROP_FROM_RESPONSE or lower in listed:
-            continue
-        out.add(name, value)
-    return out
+    return upstream_headers.without(_DROP_FROM_RESPONSE, _connection_listed(upstream_headers))
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -137,8 +119,7 @@ async def _next_chunk(response: ClientResponse, upstream: UpstreamClient, idle: 
     """The next part of the answer; ``UpstreamTimeout`` after ``idle`` seconds of
     silence, ``UpstreamError`` when the upstream breaks the answer off."""
     try:
-        async with asyncio.timeout(idle):
-            return await response.read_chunk()
+        return await response.read_chunk(idle)
     except TimeoutError:
         raise errors.UpstreamTimeout(
             f"upstream {upstream.name!r} went silent for {idle:g}s in the middle of its answer"

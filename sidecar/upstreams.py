@@ -86,22 +86,31 @@ class UpstreamClient:
         )
         self._id_header = config.request_id.header
         self._id_as_uuid = config.request_id.format == "uuid"
+        # Names this upstream sets itself: a client's fields of these names are replaced.
+        self._own_names = frozenset(
+            name.lower()
+            for name in (DEADLINE_HEADER, self._id_header or DEADLINE_HEADER)
+            + tuple(key for key, _ in self.extra_headers)
+        )
         self._pool: Pool | None = None
         self.last_probe: ProbeResult | None = None
         self.last_success: float | None = None
 
-    def headers_for(self, call: UpstreamCall, within: float) -> Headers:
-        """The headers of one attempt to this upstream: the client's, this upstream's
-        own, the request id in this upstream's form, and how long it has."""
-        headers = call.headers.copy()
+    def headers_for(self, call: UpstreamCall, within: float) -> list[tuple[str, str]]:
+        """The header fields of one attempt to this upstream: the client's, this
+        upstream's own, the request id in this upstream's form, and how long it has."""
+        own = self._own_names
+        incoming = call.headers
+        if own.isdisjoint(incoming.names()):
+            fields = incoming.items()
+        else:
+            fields = [field for field in incoming if field[0].lower() not in own]
         if self._id_header and call.request_id:
-            headers[self._id_header] = (
-                _uuid_of(call.request_id) if self._id_as_uuid else call.request_id
-            )
-        for name, value in self.extra_headers:
-            headers[name] = value
-        headers[DEADLINE_HEADER] = str(max(1, int(within * 1000)))
-        return headers
+            request_id = _uuid_of(call.request_id) if self._id_as_uuid else call.request_id
+            fields.append((self._id_header, request_id))
+        fields += self.extra_headers
+        fields.append((DEADLINE_HEADER, str(max(1, int(within * 1000)))))
+        return fields
 
     @property
     def pool(self) -> Pool:
@@ -128,15 +137,15 @@ class UpstreamClient:
             replayable = call.method in IDEMPOTENT
         pool = self.pool
         try:
-            async with asyncio.timeout(within):
-                return await pool.request(
-                    call.method,
-                    self.base_path + call.target,
-                    self.headers_for(call, within),
-                    call.body,
-                    replayable=replayable,
-                    connect_timeout=connect_timeout,
-                )
+            return await pool.request(
+                call.method,
+                self.base_path + call.target,
+                self.headers_for(call, within),
+                call.body,
+                replayable=replayable,
+                connect_timeout=connect_timeout,
+                deadline=pool.loop.time() + within,
+            )
         except TimeoutError:
             raise errors.UpstreamTimeout(
                 f"upstream {self.name!r} did not start answering within {within:g}s",

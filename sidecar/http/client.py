@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import socket
 from collections import deque
-from typing import cast
+from typing import Any, cast
 
 import httptools
 
@@ -113,9 +113,9 @@ class ClientResponse:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def read_chunk(self) -> bytes:
+    async def read_chunk(self, idle: float | None = None) -> bytes:
         """The next part of the body; ``b""`` at its end. ``BrokenAnswer`` when the
-        upstream broke it off. The caller bounds the wait."""
+        upstream broke it off; ``TimeoutError`` after ``idle`` seconds of silence."""
         while True:
             if self._parts:
                 chunk = self._parts.popleft()
@@ -126,12 +126,16 @@ class ClientResponse:
             if self._error is not None:
                 raise self._error
             self._conn.resume_reading()
-            waiter = asyncio.get_running_loop().create_future()
+            loop = self._conn.pool.loop
+            waiter = loop.create_future()
             self._waiter = waiter
+            timer = None if idle is None else loop.call_later(idle, _expire, waiter)
             try:
                 await waiter
             finally:
                 self._waiter = None
+                if timer is not None:
+                    timer.cancel()
 
     async def read(self) -> bytes:
         parts = []
@@ -292,15 +296,19 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- use -----------------------------------------------------------------------
 
-    async def send(self, method: str, head: bytes, body: bytes | None) -> ClientResponse:
-        """Write one request; return once the answer's head has arrived."""
+    async def send(
+        self, method: str, head: bytes, body: bytes | None, deadline: float | None
+    ) -> ClientResponse:
+        """Write one request; return once the answer's head has arrived
+        (``TimeoutError`` at ``deadline``, loop time)."""
         transport = self._transport
         if transport is None or self.closed:
             raise Disconnected("the connection is closed")
         self._method = method
         self._received = False
         self.response = None
-        head_waiter: asyncio.Future[ClientResponse] = asyncio.get_running_loop().create_future()
+        loop = self.pool.loop
+        head_waiter: asyncio.Future[ClientResponse] = loop.create_future()
         self._head = head_waiter
         if body is None or len(body) > 65536:
             transport.write(head)
@@ -308,7 +316,13 @@ class UpstreamConnection(asyncio.Protocol):
                 transport.write(body)
         else:
             transport.write(head + body)
-        return await head_waiter
+        if deadline is None:
+            return await head_waiter
+        timer = loop.call_at(deadline, _expire, head_waiter)
+        try:
+            return await head_waiter
+        finally:
+            timer.cancel()
 
     def reset(self) -> None:
         self._head = None
@@ -328,6 +342,11 @@ class UpstreamConnection(asyncio.Protocol):
         if self._transport is not None and not self.closed:
             self.closed = True
             self._transport.abort()
+
+
+def _expire(waiter: asyncio.Future[Any]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
 
 
 class Pool:
@@ -354,6 +373,15 @@ class Pool:
         self._idle: list[UpstreamConnection] = []
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop the pool serves, looked up once (each lookup is a getpid())."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     async def request(
         self,
@@ -364,9 +392,12 @@ class Pool:
         *,
         replayable: bool,
         connect_timeout: float | None = None,
+        deadline: float | None = None,
     ) -> ClientResponse:
-        """Send one request and return its answer's head. The caller owns the
-        answer (``release`` or ``close`` it) and bounds the whole wait."""
+        """Send one request and return its answer's head; ``TimeoutError`` when it
+        has not come by ``deadline`` (loop time: waiting for a connection slot,
+        connecting and the answer's head all count). The caller owns the answer
+        (``release`` or ``close`` it)."""
         lines = [f"{method} {target} HTTP/1.1", f"Host: {self.host_header}"]
         lines += [f"{name}: {value}" for name, value in headers]
         if body is not None:
@@ -374,9 +405,9 @@ class Pool:
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
         first = True
         while True:
-            conn, reused = await self._acquire(connect_timeout or self.connect_timeout)
+            conn, reused = await self._acquire(connect_timeout or self.connect_timeout, deadline)
             try:
-                return await conn.send(method, head, body)
+                return await conn.send(method, head, body, deadline)
             except Disconnected:
                 self._done(conn, reusable=False)
                 if first and reused and replayable:
@@ -389,10 +420,12 @@ class Pool:
                 self._done(conn, reusable=False)  # cancelled or broken: out of step
                 raise
 
-    async def _acquire(self, connect_timeout: float) -> tuple[UpstreamConnection, bool]:
+    async def _acquire(
+        self, connect_timeout: float, deadline: float | None
+    ) -> tuple[UpstreamConnection, bool]:
         if self._closed:
             raise Disconnected("the pool is closed")
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         while True:
             stale = loop.time() - self.keepalive
             while self._idle:
@@ -402,6 +435,8 @@ class Pool:
                 self._forget(conn)
             if self.open < self.max_connections:
                 self.open += 1
+                if deadline is not None:
+                    connect_timeout = min(connect_timeout, max(0.0, deadline - loop.time()))
                 try:
                     return await self._connect(connect_timeout), False
                 except BaseException:
@@ -410,6 +445,7 @@ class Pool:
                     raise
             waiter = loop.create_future()
             self._waiters.append(waiter)
+            timer = None if deadline is None else loop.call_at(deadline, _expire, waiter)
             try:
                 await waiter
             except BaseException:
@@ -417,11 +453,13 @@ class Pool:
                     self._wake_one()  # it was woken for us: pass the turn on
                 raise
             finally:
+                if timer is not None:
+                    timer.cancel()
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(waiter)
 
     async def _connect(self, within: float) -> UpstreamConnection:
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         try:
             async with asyncio.timeout(within):
                 _, conn = await loop.create_connection(
@@ -434,7 +472,7 @@ class Pool:
     def _done(self, conn: UpstreamConnection, *, reusable: bool) -> None:
         if reusable and not conn.closed and conn.keep_alive and not self._closed:
             conn.reset()
-            conn.idle_since = asyncio.get_running_loop().time()
+            conn.idle_since = self.loop.time()
             self._idle.append(conn)
             self._wake_one()
         else:

@@ -7,7 +7,7 @@ they came; names are looked up without regard to case. Nothing here does I/O.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, KeysView
 from http import HTTPStatus
 
 _REASONS = {status.value: status.phrase for status in HTTPStatus}
@@ -23,24 +23,72 @@ def status_has_body(status: int) -> bool:
 
 
 class Headers:
-    """Header fields in arrival order with case-insensitive lookup."""
+    """Header fields in arrival order with case-insensitive lookup.
 
-    __slots__ = ("_fields", "_first")
+    Each field's lower-case name is kept beside it (computed once, when the field
+    arrives or is added), so filters and lookups never lower-case a name twice.
+    """
+
+    __slots__ = ("_fields", "_first", "_names")
 
     def __init__(self, fields: Iterable[tuple[str, str]] = ()) -> None:
         self._fields: list[tuple[str, str]] = list(fields)
+        self._names: list[str] = [name.lower() for name, _ in self._fields]
         self._first: dict[str, str] | None = None
 
     @classmethod
     def from_raw(cls, raw: list[tuple[bytes, bytes]]) -> Headers:
-        return cls([(name.decode("latin-1"), value.decode("latin-1")) for name, value in raw])
+        """Fields as a parser gave them, decoded and indexed in one pass."""
+        headers = cls.__new__(cls)
+        fields = []
+        names = []
+        first: dict[str, str] = {}
+        for raw_name, raw_value in raw:
+            name = raw_name.decode("latin-1")
+            value = raw_value.decode("latin-1")
+            lower = name.lower()
+            fields.append((name, value))
+            names.append(lower)
+            if lower not in first:
+                first[lower] = value
+        headers._fields = fields
+        headers._names = names
+        headers._first = first
+        return headers
+
+    def names(self) -> KeysView[str]:
+        """The lower-case names present (a set-like view)."""
+        return self._index().keys()
+
+    def lowered(self) -> Iterator[tuple[str, tuple[str, str]]]:
+        """``(lower-case name, (name, value))`` for each field, in order."""
+        return zip(self._names, self._fields, strict=True)
+
+    def without(
+        self, names: frozenset[str], also: frozenset[str] = frozenset(), prefix: str = "\x00"
+    ) -> Headers:
+        """A copy without the fields named in ``names`` or ``also``, or whose name
+        starts with ``prefix`` (all lower case)."""
+        out = Headers.__new__(Headers)
+        fields = []
+        kept = []
+        for lower, field in zip(self._names, self._fields, strict=True):
+            if lower in names or lower in also or lower.startswith(prefix):
+                continue
+            fields.append(field)
+            kept.append(lower)
+        out._fields = fields
+        out._names = kept
+        out._first = None
+        return out
 
     def _index(self) -> dict[str, str]:
         first = self._first
         if first is None:
             first = {}
-            for name, value in self._fields:
-                first.setdefault(name.lower(), value)
+            for lower, (_, value) in zip(self._names, self._fields, strict=True):
+                if lower not in first:
+                    first[lower] = value
             self._first = first
         return first
 
@@ -50,7 +98,9 @@ class Headers:
 
     def getall(self, name: str) -> list[str]:
         lower = name.lower()
-        return [value for key, value in self._fields if key.lower() == lower]
+        return [
+            value for key, (_, value) in zip(self._names, self._fields, strict=True) if key == lower
+        ]
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and name.lower() in self._index()
@@ -71,16 +121,28 @@ class Headers:
         return list(self._fields)
 
     def add(self, name: str, value: str) -> None:
+        lower = name.lower()
         self._fields.append((name, value))
-        if self._first is not None:
-            self._first.setdefault(name.lower(), value)
+        self._names.append(lower)
+        first = self._first
+        if first is not None and lower not in first:
+            first[lower] = value
 
     def __setitem__(self, name: str, value: str) -> None:
         """Replace every field of this name with one."""
         lower = name.lower()
-        if lower in self._index():
-            self._fields = [field for field in self._fields if field[0].lower() != lower]
+        if lower in self._names:
+            self._drop(lower)
         self._fields.append((name, value))
+        self._names.append(lower)
+        first = self._first
+        if first is not None:
+            first[lower] = value
+
+    def _drop(self, lower: str) -> None:
+        pairs = [pair for pair in zip(self._names, self._fields, strict=True) if pair[0] != lower]
+        self._names = [pair[0] for pair in pairs]
+        self._fields = [pair[1] for pair in pairs]
         self._first = None
 
     def update(self, values: dict[str, str]) -> None:
@@ -88,12 +150,14 @@ class Headers:
             self[name] = value
 
     def remove(self, name: str) -> None:
-        lower = name.lower()
-        self._fields = [field for field in self._fields if field[0].lower() != lower]
-        self._first = None
+        self._drop(name.lower())
 
     def copy(self) -> Headers:
-        return Headers(self._fields)
+        out = Headers.__new__(Headers)
+        out._fields = list(self._fields)
+        out._names = list(self._names)
+        out._first = None if self._first is None else dict(self._first)
+        return out
 
     def __repr__(self) -> str:
         return f"Headers({self._fields!r})"

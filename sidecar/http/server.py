@@ -305,7 +305,10 @@ class HttpConnection(asyncio.Protocol):
         self._current: Request | None = None  # being handled
         self._parsing: Request | None = None  # head parsed, body still arriving
         self._task: asyncio.Task[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        # One deadline at a time (head, idle), checked by the server's sweeper: no
+        # timer is created or cancelled per request.
+        self.deadline = 0.0
+        self.on_deadline: Callable[[], None] | None = None
         self._url = b""
         self._raw_headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
@@ -552,8 +555,7 @@ class HttpConnection(asyncio.Protocol):
         version = "HTTP/1.0" if request.version == "1.0" else "HTTP/1.1"
         lines = [f"{version} {status} {reason or reason_for(status)}"]
         has_date = False
-        for name, value in headers:
-            lower = name.lower()
+        for lower, (name, value) in headers.lowered():
             if lower in _FRAMING:
                 continue
             if lower == "date":
@@ -688,21 +690,17 @@ class HttpConnection(asyncio.Protocol):
         self.close()
 
     def _arm(self, seconds: float, callback: Callable[[], None]) -> None:
-        self._disarm()
-        self._timer = self.loop.call_later(seconds, callback)
+        self.deadline = self.loop.time() + seconds
+        self.on_deadline = callback
 
     def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.on_deadline = None
 
     def _idle_timed_out(self) -> None:
-        self._timer = None
         if self._task is None and not self._in_head:
             self.close()
 
     def _head_timed_out(self) -> None:
-        self._timer = None
         if self._task is None and self._in_head:
             self._refuse(
                 RequestRefused(
@@ -737,6 +735,9 @@ class HttpServer:
         self._drained = asyncio.Event()  # set when draining and the last connection closed
         self._servers: list[asyncio.Server] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        shortest = min(self.limits.head_timeout, self.limits.idle_timeout)
+        self._tick = max(0.01, min(0.5, shortest / 4))  # how late a deadline may fire
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -754,8 +755,22 @@ class HttpServer:
             backlog=4096,
         )
         self._servers.append(server)
+        if self._sweeper is None:
+            self._sweeper = self.loop.create_task(self._sweep(), name="http-deadlines")
         bound: Any = server.sockets[0].getsockname()
         return int(bound[1])
+
+    async def _sweep(self) -> None:
+        """Fire the head and idle deadlines that have passed, every tick."""
+        loop = self.loop
+        while True:
+            await asyncio.sleep(self._tick)
+            now = loop.time()
+            for conn in list(self.connections):
+                callback = conn.on_deadline
+                if callback is not None and conn.deadline <= now:
+                    conn.on_deadline = None
+                    callback()
 
     async def stop(self, drain_timeout: float) -> None:
         """Stop accepting; close idle connections; give requests in flight up to
@@ -777,3 +792,6 @@ class HttpServer:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
         self._servers.clear()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
