@@ -89,8 +89,11 @@ class UpstreamClient:
         # Names this upstream sets itself: a client's fields of these names are replaced.
         self._own_names = frozenset(
             name.lower()
-            for name in (DEADLINE_HEADER, self._id_header or DEADLINE_HEADER)
-            + tuple(key for key, _ in self.extra_headers)
+            for name in (
+                DEADLINE_HEADER,
+                self._id_header or DEADLINE_HEADER,
+                *(key for key, _ in self.extra_headers),
+            )
         )
         self._pool: Pool | None = None
         self.last_probe: ProbeResult | None = None
