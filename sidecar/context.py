@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import time
-from collections.abc import MutableMapping
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar.config import Route
 from sidecar.http.messages import Headers
+from sidecar.logs import CURRENT_REQUEST
 from sidecar.metrics import OUTCOME_OK
+
+__all__ = ["CURRENT_REQUEST", "RequestContext"]
 
 
 @dataclass(slots=True)
@@ -58,26 +59,3 @@ class RequestContext:
             )
         else:
             headers.add("Server-Timing", f"total;dur={total_ms:.3f}")
-
-
-# The request being handled by the current task (and the tasks it spawned).
-CURRENT_REQUEST: ContextVar[RequestContext | None] = ContextVar("sidecar_request", default=None)
-
-
-def add_request_fields(
-    logger: Any, method: str, event: MutableMapping[str, Any]
-) -> MutableMapping[str, Any]:
-    """structlog processor: the current request's ids (and principal) on every line.
-
-    Read from the context when a line is logged, so a request pays one ContextVar
-    set instead of binding each field, and nothing carries over to the next
-    request on a kept-alive connection.
-    """
-    ctx = CURRENT_REQUEST.get()
-    if ctx is not None:
-        event.setdefault("request_id", ctx.request_id)
-        event.setdefault("sidecar_id", ctx.sidecar_id)
-        event.setdefault("trace_id", ctx.trace_id)
-        if ctx.principal is not None:
-            event.setdefault("principal", ctx.principal)
-    return event

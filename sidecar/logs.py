@@ -11,17 +11,50 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, MutableMapping
+from contextvars import ContextVar
+from typing import Any, Protocol
 
 import orjson
 import structlog
 
 from sidecar.config import ConfigError, ConfigIssue, LoadedConfig, PayloadLogSettings
-from sidecar.context import add_request_fields
 from sidecar.logwriter import FileSink, LogWriter, QueueFile, Record, Sink, StreamSink, render
 from sidecar.metrics import Metrics
 from sidecar.redaction import Redactor
+
+
+class RequestFields(Protocol):
+    """What log lines carry of the request in hand (``pipeline.context.RequestContext``)."""
+
+    request_id: str
+    sidecar_id: str
+    trace_id: str
+    principal: str | None
+
+
+# The request being handled by the current task (and the tasks it spawned).
+CURRENT_REQUEST: ContextVar[RequestFields | None] = ContextVar("sidecar_request", default=None)
+
+
+def add_request_fields(
+    logger: Any, method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: the current request's ids (and principal) on every line.
+
+    Read from the context when a line is logged, so a request pays one ContextVar
+    set instead of binding each field, and nothing carries over to the next
+    request on a kept-alive connection.
+    """
+    ctx = CURRENT_REQUEST.get()
+    if ctx is not None:
+        event.setdefault("request_id", ctx.request_id)
+        event.setdefault("sidecar_id", ctx.sidecar_id)
+        event.setdefault("trace_id", ctx.trace_id)
+        if ctx.principal is not None:
+            event.setdefault("principal", ctx.principal)
+    return event
+
 
 _LEVELS = {
     "debug": logging.DEBUG,

@@ -18,22 +18,26 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol
 
 import structlog
 
 from sidecar import errors
+from sidecar.auth import Authenticator
+from sidecar.config import Config
 from sidecar.context import CURRENT_REQUEST, RequestContext
-from sidecar.forwarding import forward
+from sidecar.forwarding import RoutePath, forward
 from sidecar.guard import REFUSED_METHODS, check_framing, check_target
 from sidecar.http.messages import Answer, Response
 from sidecar.http.server import ClientGone, Request, RequestRefused
 from sidecar.identity import accept_request_id, accept_traceparent, new_request_id
-from sidecar.metrics import OUTCOME_CLIENT_CLOSED, OUTCOME_ERROR, OUTCOME_OWN
+from sidecar.logwriter import LogWriter
+from sidecar.metrics import OUTCOME_CLIENT_CLOSED, OUTCOME_ERROR, OUTCOME_OWN, Metrics
 from sidecar.proxy import read_body
-from sidecar.runtime import Runtime
-from sidecar.validation import SchemaFailed
+from sidecar.ratelimit import RateLimiter
+from sidecar.routing import RouteTable
+from sidecar.validation import RequestValidator, SchemaFailed
 
 log = structlog.get_logger("sidecar.pipeline")
 
@@ -45,20 +49,46 @@ _PROTECTED_OWN = frozenset({"health", "metrics"})
 CLIENT_CLOSED_STATUS = 499
 
 
+class Parts(Protocol):
+    """What the pipeline uses of one config's runtime (``control.runtime.Runtime``
+    provides it; the pipeline never imports the layer that builds it)."""
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def metrics(self) -> Metrics: ...
+    @property
+    def access_log(self) -> LogWriter | None: ...
+    @property
+    def routes(self) -> RouteTable: ...
+    @property
+    def paths(self) -> Mapping[str, RoutePath]: ...
+    @property
+    def authenticator(self) -> Authenticator | None: ...
+    @property
+    def limiter(self) -> RateLimiter | None: ...
+    @property
+    def key_names(self) -> frozenset[str]: ...
+    @property
+    def validators(self) -> Mapping[str, RequestValidator]: ...
+
+
 class Pipeline:
     """Every stage of one runtime (one config), built once per config."""
 
-    def __init__(self, runtime: Runtime, own: dict[str, tuple[str, OwnHandler]]) -> None:
-        self.runtime = runtime
+    def __init__(self, parts: Parts, own: dict[str, tuple[str, OwnHandler]]) -> None:
+        self.config = parts.config
         self.own = own
-        self.metrics = runtime.metrics
-        self.access_log = runtime.logs.access
-        self.routes = runtime.routes
-        self.paths = runtime.paths
-        self.authenticator = runtime.authenticator
-        self.limiter = runtime.limiter
-        self.key_names = runtime.key_names
-        self.server_cap = runtime.config.server.max_in_flight
+        self.metrics = parts.metrics
+        self.access_log = parts.access_log
+        self.routes = parts.routes
+        self.paths = parts.paths
+        self.authenticator = parts.authenticator
+        self.limiter = parts.limiter
+        self.key_names = parts.key_names
+        self.validators = parts.validators
+        self.server_cap = parts.config.server.max_in_flight
+        self.in_flight = 0  # proxied requests in flight, all routes together
 
     # -- the boundary ----------------------------------------------------------------
 
@@ -194,7 +224,7 @@ class Pipeline:
             raise errors.NoRoute(f"no route for {method} {path}")
         ctx.route = route
         ctx.route_name = route.name
-        ctx.body_limit = self.runtime.config.route_body_limit(route)
+        ctx.body_limit = self.config.route_body_limit(route)
         return None
 
     async def authenticate(self, request: Request, ctx: RequestContext) -> None:
@@ -235,7 +265,7 @@ class Pipeline:
         """The body within the route's limit (413), then its content type (415), JSON
         (400 invalid_json) and schema (422), as the route asks."""
         assert ctx.route is not None
-        validator = self.runtime.validators.get(ctx.route.name)
+        validator = self.validators.get(ctx.route.name)
         if validator is not None:
             validator.check_content_type(request.content_type, request.body_exists)
         ctx.body = await read_body(request, ctx.body_limit)
@@ -255,28 +285,27 @@ class Pipeline:
         fallback answers). Nothing queues: a request is admitted or answered now.
         """
         assert ctx.route is not None
-        runtime = self.runtime
         path = self.paths[ctx.route.name]
         route_cap = path.route.max_in_flight
         server_cap = self.server_cap
-        if (server_cap is not None and runtime.in_flight >= server_cap) or (
+        if (server_cap is not None and self.in_flight >= server_cap) or (
             route_cap is not None and path.in_flight >= route_cap
         ):
             if not path.sheds_to_fallback:
                 raise path.overloaded()
             ctx.shed = True
             return await forward(request, ctx, path)
-        runtime.in_flight += 1
+        self.in_flight += 1
         path.in_flight += 1
         try:
             return await forward(request, ctx, path)
         finally:
-            runtime.in_flight -= 1
+            self.in_flight -= 1
             path.in_flight -= 1
 
 
 def refusal_answer(
-    runtime: Runtime, refusal: RequestRefused, method: str, target: str, peer: str
+    parts: Parts, refusal: RequestRefused, method: str, target: str, peer: str
 ) -> Response:
     """The answer to a request the HTTP layer refused before the pipeline saw it (a
     malformed or oversized head, a stalled one): our JSON error, counted in metrics
@@ -284,8 +313,8 @@ def refusal_answer(
     error = errors.from_refusal(refusal)
     request_id = new_request_id()
     response = errors.error_response(error, request_id)
-    runtime.metrics.count_request("-", error.status, error.outcome, 0.0)
-    access_log = runtime.logs.access
+    parts.metrics.count_request("-", error.status, error.outcome, 0.0)
+    access_log = parts.access_log
     if access_log is not None:
         access_log.submit(
             {

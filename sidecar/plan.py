@@ -18,9 +18,9 @@ from pathlib import Path
 import jwt
 import orjson
 
+from sidecar.baselines import Baseline
 from sidecar.config import Config, ConfigError, ConfigIssue, LoadedConfig, load_config
-from sidecar.drift import Baseline
-from sidecar.validation import CompiledSchema, SchemaError, load_schema
+from sidecar.schemas import CompiledSchema, SchemaError, load_schema
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ from sidecar.fallback import FallbackChain
 from sidecar.forwarding import RoutePath, UpstreamGuard
 from sidecar.health import LoopLagMonitor
 from sidecar.logs import Logs
+from sidecar.logwriter import LogWriter
 from sidecar.metrics import Metrics
 from sidecar.plan import Plan
 from sidecar.ratelimit import RateLimiter
@@ -144,7 +145,6 @@ class Runtime:
             for route in config.routes
             if route.validate_ is not None
         }
-        self.in_flight = 0  # proxied requests admitted, for the server-wide cap
         self.active = 0  # requests being handled by this runtime (for retiring it)
         self.idle = asyncio.Event()
         self.idle.set()
@@ -163,6 +163,10 @@ class Runtime:
     @property
     def mirrors(self) -> list[ShadowMirror]:
         return [p.shadow for p in self.paths.values() if p.shadow is not None]
+
+    @property
+    def access_log(self) -> LogWriter | None:
+        return self.logs.access
 
     async def start(self) -> None:
         await self.upstreams.start()

@@ -9,50 +9,20 @@ every failing path, which only invalid requests pay for.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import fastjsonschema
-import jsonschema
 import orjson
 
 from sidecar import errors
 from sidecar.config import ValidationSettings
 from sidecar.metrics import Metrics
+from sidecar.schemas import CompiledSchema
 
 # Keep only brackets, and make both kinds one kind (valid JSON pairs them properly).
 _ONE_BRACKET_KIND = bytes.maketrans(b"{}", b"[]")
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 MAX_LISTED_ERRORS = 20
-
-
-class SchemaError(Exception):
-    """A schema file that cannot be read or compiled."""
-
-
-@dataclass(frozen=True, slots=True)
-class CompiledSchema:
-    fast: Callable[[Any], Any]
-    thorough: jsonschema.protocols.Validator
-
-
-def load_schema(path: Path) -> CompiledSchema:
-    try:
-        document = orjson.loads(path.read_bytes())
-    except OSError as exc:
-        raise SchemaError(f"cannot read {path}: {exc.strerror}") from None
-    except orjson.JSONDecodeError as exc:
-        raise SchemaError(f"{path} is not JSON: {exc}") from None
-    try:
-        validator_class = jsonschema.validators.validator_for(document)
-        validator_class.check_schema(document)
-        fast = fastjsonschema.compile(document)
-    except (jsonschema.SchemaError, fastjsonschema.JsonSchemaDefinitionException) as exc:
-        message = getattr(exc, "message", str(exc))
-        raise SchemaError(f"{path} is not a valid JSON Schema: {message}") from None
-    return CompiledSchema(fast, validator_class(document))
 
 
 def nesting_exceeds(body: bytes, limit: int) -> bool:

@@ -18,10 +18,11 @@ import pytest
 import yaml
 from structlog.testing import capture_logs
 
+from sidecar.baselines import Baseline, Histogram, psi
 from sidecar.config import ConfigError, DriftSettings, bundled_config_dir, load_config
 from sidecar.context import CURRENT_REQUEST, RequestContext, add_request_fields
 from sidecar.demo.traffic import demo_baseline, iris_row
-from sidecar.drift import Baseline, DriftMonitor, Histogram, build_baseline, psi
+from sidecar.drift import DriftMonitor, build_baseline
 from sidecar.labels import join, read_labels
 from sidecar.logwriter import LogWriter
 from sidecar.metrics import Metrics
