@@ -20,10 +20,11 @@ from structlog.testing import capture_logs
 
 from sidecar.baselines import Baseline, Histogram, psi
 from sidecar.config import ConfigError, DriftSettings, bundled_config_dir, load_config
-from sidecar.context import CURRENT_REQUEST, RequestContext, add_request_fields
+from sidecar.context import RequestContext
 from sidecar.demo.traffic import demo_baseline, iris_row
 from sidecar.drift import DriftMonitor, build_baseline
 from sidecar.labels import join, read_labels
+from sidecar.logs import CURRENT_REQUEST, add_request_fields
 from sidecar.logwriter import LogWriter
 from sidecar.metrics import Metrics
 from sidecar.plan import load_plan
