@@ -635,8 +635,8 @@ def fast_upstream(latency_ms: float, workdir: Path) -> Running:
 
 def full_config(upstream: str, workdir: Path) -> dict[str, Any]:
     """Everything a production deployment turns on (the rate limit never limits)."""
-    from sidecar.auth import hash_key
-    from sidecar.config import bundled_config_dir
+    from sidecar.config.schema import bundled_config_dir
+    from sidecar.pipeline.auth import hash_key
 
     config = sidecar_config(
         upstream, access_log={"enabled": True, "path": str(workdir / "full-access.jsonl")}
@@ -890,9 +890,9 @@ def suite_lograte(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     import uvloop
     from prometheus_client import CollectorRegistry
 
-    from sidecar.config import LoggingSettings
-    from sidecar.logwriter import FileSink, LogWriter
-    from sidecar.metrics import Metrics
+    from sidecar.config.schema import LoggingSettings
+    from sidecar.telemetry.logwriter import FileSink, LogWriter
+    from sidecar.telemetry.metrics import Metrics
 
     queue_size = LoggingSettings().queue_size
 

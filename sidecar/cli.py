@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sidecar import __version__
-from sidecar.config import (
+from sidecar.config.schema import (
     ConfigError,
     LoadedConfig,
     default_config_path,
@@ -28,7 +28,7 @@ EXIT_CANNOT_START = 2
 def _workers(value: str) -> int:
     """``--workers N`` or ``auto`` (the CPUs this container may use)."""
     if value == "auto":
-        from sidecar.workers import available_cpus
+        from sidecar.control.workers import available_cpus
 
         return available_cpus()
     try:
@@ -156,7 +156,7 @@ def _cannot_start(command: str, exc: ConfigError) -> int:
 
 
 def _hash_key(args: argparse.Namespace) -> int:
-    from sidecar.auth import hash_key, new_key
+    from sidecar.pipeline.auth import hash_key, new_key
 
     if args.generate:
         key = new_key()
@@ -172,8 +172,8 @@ def _hash_key(args: argparse.Namespace) -> int:
 
 
 def _baseline(args: argparse.Namespace) -> int:
-    from sidecar.config import load_config
-    from sidecar.drift import build_baseline, payload_pairs
+    from sidecar.analytics.drift import build_baseline, payload_pairs
+    from sidecar.config.schema import load_config
 
     try:
         loaded = load_config(args.config)
@@ -202,7 +202,7 @@ def _baseline(args: argparse.Namespace) -> int:
 def _shadow_report(args: argparse.Namespace) -> int:
     import orjson
 
-    from sidecar.shadow_report import build_report, render_html, render_text
+    from sidecar.tools.shadow_report import build_report, render_html, render_text
 
     try:
         with Path(args.file).open("rb") as lines:
@@ -223,8 +223,8 @@ def _shadow_report(args: argparse.Namespace) -> int:
 def _join_labels(args: argparse.Namespace) -> int:
     import orjson
 
-    from sidecar.labels import join, read_labels
-    from sidecar.predictions import PredictionReader
+    from sidecar.analytics.predictions import PredictionReader
+    from sidecar.tools.labels import join, read_labels
 
     try:
         reader = PredictionReader.build(args.protocol, args.output, args.json_path)
@@ -259,7 +259,7 @@ def _join_labels(args: argparse.Namespace) -> int:
 
 
 def _check_config(path: str) -> int:
-    from sidecar.plan import load_plan
+    from sidecar.config.plan import load_plan
 
     try:
         plan = load_plan(path)
@@ -272,9 +272,9 @@ def _check_config(path: str) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from sidecar.logs import configure_logging
-    from sidecar.plan import load_plan
-    from sidecar.server import run_event_loop, serve
+    from sidecar.config.plan import load_plan
+    from sidecar.control.server import run_event_loop, serve
+    from sidecar.telemetry.logs import configure_logging
 
     path = args.config or default_config_path()
     try:
@@ -282,7 +282,7 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _cannot_start("run", exc)
     if args.workers > 1 and args.worker_port is None:
-        from sidecar.workers import Supervisor
+        from sidecar.control.workers import Supervisor
 
         try:
             supervisor = Supervisor(plan.loaded, args.workers)
@@ -315,9 +315,9 @@ def with_ports(loaded: LoadedConfig, port: int, admin_port: int) -> LoadedConfig
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from sidecar.control.server import run_event_loop
     from sidecar.demo.runner import DemoPorts, demo_log_dir, run_demo
-    from sidecar.logs import configure_logging
-    from sidecar.server import run_event_loop
+    from sidecar.telemetry.logs import configure_logging
 
     configure_logging("info")
     ports = DemoPorts(args.port, args.model_port, args.shadow_port, args.admin_port)
@@ -329,7 +329,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _init(args: argparse.Namespace) -> int:
-    from sidecar.starter import write_starting_config
+    from sidecar.tools.starter import write_starting_config
 
     out = Path(args.out)
     if out.exists() and not args.force:
@@ -354,7 +354,7 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _healthcheck(args: argparse.Namespace) -> int:
-    from sidecar.healthcheck import check_livez
+    from sidecar.tools.healthcheck import check_livez
 
     problem = check_livez(args.config or default_config_path(), args.timeout)
     if problem is not None:

@@ -21,9 +21,9 @@ import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from sidecar.logwriter import Sink
-from sidecar.plan import load_plan
-from sidecar.server import RunningSidecar
+from sidecar.config.plan import load_plan
+from sidecar.control.server import RunningSidecar
+from sidecar.telemetry.logwriter import Sink
 
 LOOPBACK = "127.0.0.1"
 

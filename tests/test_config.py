@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 import yaml
 
-from sidecar.config import (
+from sidecar.config.plan import load_plan
+from sidecar.config.schema import (
     ConfigError,
     bundled_config_dir,
     format_duration,
@@ -20,7 +21,6 @@ from sidecar.config import (
     parse_size,
     render_effective,
 )
-from sidecar.plan import load_plan
 from tests.conftest import run_cli
 
 MINIMAL = """
@@ -304,7 +304,7 @@ def _model_types(annotation: Any) -> list[type[Any]]:
 
 
 def test_the_example_config_mentions_every_key() -> None:
-    from sidecar.config import Config
+    from sidecar.config.schema import Config
 
     text = (bundled_config_dir() / "sidecar.example.yaml").read_text()
     missing = sorted(k for k in _model_keys(Config) if not re.search(rf"\b{k}:", text))

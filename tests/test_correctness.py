@@ -14,8 +14,8 @@ import pytest
 import yaml
 from aiohttp import web
 
-from sidecar.auth import hash_key
-from sidecar.config import ConfigError, parse_config
+from sidecar.config.schema import ConfigError, parse_config
+from sidecar.pipeline.auth import hash_key
 from tests.conftest import (
     LOOPBACK,
     FakeModel,

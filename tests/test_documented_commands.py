@@ -31,7 +31,7 @@ import orjson
 import pytest
 import yaml
 
-from sidecar.auth import hash_key
+from sidecar.pipeline.auth import hash_key
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ("README.md", "loadtests/README.md")

@@ -26,8 +26,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sidecar.auth import hash_key
-from sidecar.config import ConfigError, bundled_config_dir, parse_config
+from sidecar.config.schema import ConfigError, bundled_config_dir, parse_config
+from sidecar.pipeline.auth import hash_key
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = int(os.environ.get("SIDECAR_FUZZ_EXAMPLES", "300"))

@@ -9,8 +9,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from sidecar.health import LoopLagMonitor
-from sidecar.metrics import Metrics
+from sidecar.control.health import LoopLagMonitor
+from sidecar.telemetry.metrics import Metrics
 from tests.conftest import FakeClock, FakeModel, StartSidecar, base_config
 from tests.test_observability import BlockingSink
 

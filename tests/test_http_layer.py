@@ -14,8 +14,8 @@ import orjson
 import pytest
 from aiohttp import web
 
-from sidecar.auth import hash_key
 from sidecar.http.client import Pool
+from sidecar.pipeline.auth import hash_key
 from tests.conftest import (
     LOOPBACK,
     FakeModel,

@@ -18,8 +18,8 @@ import aiohttp
 import pytest
 import yaml
 
-from sidecar.auth import hash_key
-from sidecar.config import Config, ConfigError, parse_config
+from sidecar.config.schema import Config, ConfigError, parse_config
+from sidecar.pipeline.auth import hash_key
 from tests.conftest import LOOPBACK, FakeModel
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,17 +18,17 @@ import pytest
 import yaml
 from structlog.testing import capture_logs
 
-from sidecar.baselines import Baseline, Histogram, psi
-from sidecar.config import ConfigError, DriftSettings, bundled_config_dir, load_config
-from sidecar.context import RequestContext
+from sidecar.analytics.drift import DriftMonitor, build_baseline
+from sidecar.analytics.predictions import PredictionReader
+from sidecar.config.baselines import Baseline, Histogram, psi
+from sidecar.config.plan import load_plan
+from sidecar.config.schema import ConfigError, DriftSettings, bundled_config_dir, load_config
 from sidecar.demo.traffic import demo_baseline, iris_row
-from sidecar.drift import DriftMonitor, build_baseline
-from sidecar.labels import join, read_labels
-from sidecar.logs import CURRENT_REQUEST, add_request_fields
-from sidecar.logwriter import LogWriter
-from sidecar.metrics import Metrics
-from sidecar.plan import load_plan
-from sidecar.predictions import PredictionReader
+from sidecar.pipeline.context import RequestContext
+from sidecar.telemetry.logs import CURRENT_REQUEST, add_request_fields
+from sidecar.telemetry.logwriter import LogWriter
+from sidecar.telemetry.metrics import Metrics
+from sidecar.tools.labels import join, read_labels
 from tests.conftest import FakeModel, StartSidecar, base_config
 from tests.test_endpoints import metric_value
 
@@ -500,7 +500,7 @@ def in_worker_processes(tmp_path: Path, script: str, *argvs: list[str]) -> list[
 def test_metrics_add_up_across_worker_processes(tmp_path: Path) -> None:
     script = (
         "import sys\n"
-        "from sidecar.metrics import Metrics\n"
+        "from sidecar.telemetry.metrics import Metrics\n"
         "m = Metrics()\n"
         "for _ in range(int(sys.argv[1])):\n"
         "    m.requests.labels('infer', '200', 'ok').inc()\n"
@@ -646,8 +646,8 @@ def test_feature_quality_is_counted_per_problem(tmp_path: Path) -> None:
 
 def test_process_cpu_and_memory_are_exported_by_worker_processes_too(tmp_path: Path) -> None:
     script = (
-        "from sidecar.health import ProcessMonitor\n"
-        "from sidecar.metrics import Metrics\n"
+        "from sidecar.control.health import ProcessMonitor\n"
+        "from sidecar.telemetry.metrics import Metrics\n"
         "m = Metrics()\n"
         "sum(i * i for i in range(300000))\n"
         "ProcessMonitor(m).sample()\n"

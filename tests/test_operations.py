@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sidecar.auth import hash_key
-from sidecar.plan import load_plan
-from sidecar.workers import available_cpus
+from sidecar.config.plan import load_plan
+from sidecar.control.workers import available_cpus
+from sidecar.pipeline.auth import hash_key
 from tests.conftest import LOOPBACK, FakeModel, StartSidecar, base_config, closed_port, run_cli
 
 cli = run_cli
@@ -148,7 +148,7 @@ async def test_reload_on_a_loopback_admin_listener_is_open_and_off_means_sighup_
 
 
 def test_auto_reload_is_open_only_on_loopback() -> None:
-    from sidecar.config import AdminListener
+    from sidecar.config.schema import AdminListener
 
     assert AdminListener(host="127.0.0.1").reload_open_to_all
     assert AdminListener(host="::1").reload_open_to_all

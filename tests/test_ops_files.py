@@ -11,7 +11,7 @@ import orjson
 import pytest
 import yaml
 
-from sidecar.metrics import Metrics
+from sidecar.telemetry.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy" / "prometheus" / "sidecar-alerts.yaml"

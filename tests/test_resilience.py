@@ -16,10 +16,10 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from sidecar import errors
-from sidecar.breaker import CLOSED, OPEN, BreakerFailure, UpstreamBreaker
-from sidecar.config import BreakerSettings
-from sidecar.metrics import Metrics
+from sidecar.config.schema import BreakerSettings
+from sidecar.http import errors
+from sidecar.telemetry.metrics import Metrics
+from sidecar.upstream.breaker import CLOSED, OPEN, BreakerFailure, UpstreamBreaker
 from tests.conftest import (
     LOOPBACK,
     FakeClock,
@@ -760,8 +760,8 @@ async def test_client_errors_never_open_the_breaker_nor_get_a_made_up_answer(
 
 
 def test_the_fallback_cache_is_bounded_in_bytes_and_counts_what_it_evicts() -> None:
-    from sidecar.config import CacheFallback
-    from sidecar.fallback import ResponseCache
+    from sidecar.config.schema import CacheFallback
+    from sidecar.upstream.fallback import ResponseCache
 
     registry = CollectorRegistry()
     evicted = Metrics(registry).dropped.labels("fallback_cache", "infer")
@@ -790,8 +790,8 @@ class _HighestDraw:
 
 
 def test_full_jitter_backoff_doubles_from_the_base_up_to_the_cap() -> None:
-    from sidecar.config import RetryPolicy
-    from sidecar.retry import backoff_delay
+    from sidecar.config.schema import RetryPolicy
+    from sidecar.upstream.retry import backoff_delay
 
     policy = RetryPolicy(backoff_base="25ms", backoff_max="250ms")
     rng = _HighestDraw()
@@ -803,7 +803,7 @@ def test_full_jitter_backoff_doubles_from_the_base_up_to_the_cap() -> None:
 def test_retry_after_in_seconds_or_as_a_date() -> None:
     from email.utils import parsedate_to_datetime
 
-    from sidecar.retry import parse_retry_after
+    from sidecar.upstream.retry import parse_retry_after
 
     assert parse_retry_after("120") == 120.0
     assert parse_retry_after(" 7 ") == 7.0
@@ -816,8 +816,8 @@ def test_retry_after_in_seconds_or_as_a_date() -> None:
 
 
 def test_the_retry_budget_is_a_share_of_requests_in_flight_with_a_floor() -> None:
-    from sidecar.config import RetryBudgetSettings
-    from sidecar.retry import RetryBudget
+    from sidecar.config.schema import RetryBudgetSettings
+    from sidecar.upstream.retry import RetryBudget
 
     budget = RetryBudget(RetryBudgetSettings(ratio=0.2, min_retries=3))
     budget.active_requests = 2
@@ -830,8 +830,8 @@ def test_the_retry_budget_is_a_share_of_requests_in_flight_with_a_floor() -> Non
 
 
 def test_a_new_retry_budget_starts_with_nothing_in_flight() -> None:
-    from sidecar.config import RetryBudgetSettings
-    from sidecar.retry import RetryBudget
+    from sidecar.config.schema import RetryBudgetSettings
+    from sidecar.upstream.retry import RetryBudget
 
     budget = RetryBudget(RetryBudgetSettings(ratio=1.0, min_retries=0))
     assert sum(budget.try_acquire() for _ in range(3)) == 0  # no request, no retry

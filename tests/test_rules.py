@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from sidecar.config import ConfigError, parse_config
-from sidecar.rules import compile_condition, parse_field_path
+from sidecar.config.rules import compile_condition, parse_field_path
+from sidecar.config.schema import ConfigError, parse_config
 
 DOC = {
     "inputs": [{"name": "x", "data": [5.1, 3.5, 1.4, 0.2]}],

@@ -18,9 +18,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.auth import hash_key
-from sidecar.config import bundled_config_dir
-from sidecar.validation import nesting_exceeds
+from sidecar.config.schema import bundled_config_dir
+from sidecar.pipeline.auth import hash_key
+from sidecar.pipeline.validation import nesting_exceeds
 from tests.conftest import (
     LOOPBACK,
     FakeClock,
@@ -442,8 +442,8 @@ async def test_schema_violation_lists_every_failing_path_and_counts_fields(
 
 
 def test_bad_schema_file_is_a_config_error(tmp_path: Path) -> None:
-    from sidecar.config import ConfigError
-    from sidecar.plan import load_plan
+    from sidecar.config.plan import load_plan
+    from sidecar.config.schema import ConfigError
 
     (tmp_path / "s.json").write_text('{"type": "objekt"}')
     config = base_config("http://127.0.0.1:1")
@@ -601,8 +601,8 @@ async def test_a_secret_sent_everywhere_surfaces_nowhere(
 )
 def test_targets_a_proxy_must_not_forward(target: str, refused: str | None) -> None:
     """The guard on its own, whatever a parser in front of it lets through."""
-    from sidecar import errors
-    from sidecar.guard import check_target
+    from sidecar.http import errors
+    from sidecar.pipeline.guard import check_target
 
     if refused is None:
         check_target(target)
@@ -623,8 +623,8 @@ def test_targets_a_proxy_must_not_forward(target: str, refused: str | None) -> N
     ],
 )
 def test_only_plain_chunked_framing_is_accepted(coding: str | None, accepted: bool) -> None:
-    from sidecar import errors
-    from sidecar.guard import check_framing
+    from sidecar.http import errors
+    from sidecar.pipeline.guard import check_framing
 
     if accepted:
         check_framing(coding)

@@ -12,10 +12,10 @@ import orjson
 import pytest
 from aiohttp import web
 
-from sidecar.compare import Comparer
-from sidecar.config import ShadowCompare, ShadowGovernor
-from sidecar.shadow import Governor
-from sidecar.shadow_report import build_report, render_text, wilson_interval
+from sidecar.analytics.compare import Comparer
+from sidecar.config.schema import ShadowCompare, ShadowGovernor
+from sidecar.tools.shadow_report import build_report, render_text, wilson_interval
+from sidecar.upstream.shadow import Governor
 from tests.conftest import (
     LOOPBACK,
     MakeFakeModel,
@@ -425,8 +425,8 @@ def test_embedding_shadows_compare_vectors_not_encodings() -> None:
     import array
     import base64
 
-    from sidecar.compare import Comparer
-    from sidecar.config import ShadowCompare
+    from sidecar.analytics.compare import Comparer
+    from sidecar.config.schema import ShadowCompare
 
     vectors = [[0.1, 0.2, 0.3], [0.9, -0.1, 0.0]]
 

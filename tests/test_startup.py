@@ -13,7 +13,7 @@ import orjson
 import pytest
 import yaml
 
-from sidecar.auth import hash_key
+from sidecar.pipeline.auth import hash_key
 from tests.conftest import LOOPBACK, base_config, closed_port, run_cli
 
 cli = run_cli
@@ -68,7 +68,7 @@ def test_the_demo_on_a_busy_port_names_its_flag(tmp_path: Path, busy_port: int) 
 
 
 def test_an_admin_port_taken_by_a_wildcard_listener_is_a_config_error() -> None:
-    from sidecar.config import ConfigError, parse_config
+    from sidecar.config.schema import ConfigError, parse_config
 
     text = yaml.safe_dump(
         {

@@ -11,10 +11,10 @@ from pathlib import Path
 
 from aiohttp import web
 
-from sidecar.config import ConfigError, ConfigIssue, bundled_config_dir, cannot_listen
+from sidecar.config.plan import load_plan
+from sidecar.config.schema import ConfigError, ConfigIssue, bundled_config_dir, cannot_listen
+from sidecar.control.server import RunningSidecar
 from sidecar.demo.model import build_model_app, candidate_model, production_model
-from sidecar.plan import load_plan
-from sidecar.server import RunningSidecar
 
 DEMO_KEY = "demo-key"  # config/demo.yaml holds only its digest
 DEMO_INPUT = (

@@ -12,10 +12,10 @@ from typing import Any
 
 import orjson
 
-from sidecar.baselines import Baseline
-from sidecar.config import bundled_config_dir, load_config
+from sidecar.analytics.drift import build_baseline
+from sidecar.config.baselines import Baseline
+from sidecar.config.schema import bundled_config_dir, load_config
 from sidecar.demo.model import production_model, v2_response
-from sidecar.drift import build_baseline
 
 # Per-class means and standard deviations of the classic iris measurements (cm).
 _CLASSES = (

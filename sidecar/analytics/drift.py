@@ -1,0 +1,249 @@
+"""Prediction and feature drift: population stability index (PSI) against a baseline.
+
+On the request path a route's monitor only appends the request and response bodies
+to a queue bounded in bytes (O(1), no parsing; past the budget a pair is dropped and
+counted). Every ``interval`` a background task takes what arrived, parses it in a
+thread (never on the event loop), keeps only the numbers of each signal (the
+prediction and each configured feature) in a window of recent values, and computes
+
+    PSI = sum over bins of (actual - expected) * ln(actual / expected)
+
+against the baseline's bin proportions. It exports ``sidecar_prediction_psi{route}``
+and ``sidecar_feature_psi{route,feature}`` and logs ``drift_detected`` when a PSI
+reaches ``threshold`` and ``drift_cleared`` only once it falls below
+``clear_below`` (hysteresis: no flapping around one line).
+
+The baseline is a JSON file of bins per signal, made by ``sidecar baseline`` from a
+payload log, or frozen from the first ``freeze_after`` responses and written out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import structlog
+
+from sidecar.analytics.predictions import PredictionReader
+from sidecar.background import BackgroundTasks
+from sidecar.config.baselines import Baseline, Histogram, psi
+from sidecar.config.rules import MISSING, FieldPath, lookup, parse_field_path
+from sidecar.config.schema import DriftSettings
+from sidecar.telemetry.metrics import Metrics
+
+log = structlog.get_logger("sidecar.analytics.drift")
+
+PREDICTION = "prediction"
+
+
+class SignalExtractor:
+    """Turns one (request, response) pair into values per signal."""
+
+    def __init__(self, settings: DriftSettings) -> None:
+        self.reader = PredictionReader.build(settings.protocol, settings.output, settings.json_path)
+        self.features: tuple[tuple[str, FieldPath], ...] = tuple(
+            (f.name, parse_field_path(f.field)) for f in settings.features
+        )
+
+    @property
+    def signals(self) -> list[str]:
+        return [PREDICTION, *(name for name, _ in self.features)]
+
+    def extract(
+        self, request: Any, response: Any, problems: list[tuple[str, str]] | None = None
+    ) -> dict[str, list[float]]:
+        """Values per signal; a feature that is missing, null or not a number gets no
+        value, and (when ``problems`` is given) says which."""
+        out = {PREDICTION: self.reader.values(response)}
+        for name, path in self.features:
+            value = lookup(request, path)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                out[name] = [float(value)]
+                continue
+            out[name] = []
+            if problems is not None:
+                kind = (
+                    "missing" if value is MISSING else "null" if value is None else "not_a_number"
+                )
+                problems.append((name, kind))
+        return out
+
+
+def build_baseline(settings: DriftSettings, pairs: Iterable[tuple[Any, Any]]) -> Baseline:
+    """A baseline from (request JSON, response JSON) pairs, e.g. from a payload log."""
+    extractor = SignalExtractor(settings)
+    samples: dict[str, list[float]] = {s: [] for s in extractor.signals}
+    count = 0
+    for request, response in pairs:
+        count += 1
+        for signal, values in extractor.extract(request, response).items():
+            samples[signal].extend(values)
+    return baseline_from_signals(settings, samples, count)
+
+
+def baseline_from_signals(
+    settings: DriftSettings, samples: dict[str, list[float]], count: int
+) -> Baseline:
+    histograms = {s: Histogram.from_samples(v, settings.bins) for s, v in samples.items() if v}
+    if PREDICTION not in histograms:
+        raise ValueError("no predictions found: check the protocol and output settings")
+    return Baseline(histograms, count)
+
+
+class DriftMonitor:
+    def __init__(
+        self,
+        route: str,
+        settings: DriftSettings,
+        baseline_path: Path,
+        metrics: Metrics,
+        *,
+        baseline: Baseline | None,
+    ) -> None:
+        self.route = route
+        self.settings = settings
+        self.baseline_path = baseline_path
+        self._metrics = metrics
+        self._extractor = SignalExtractor(settings)
+        self._pending: deque[tuple[bytes, bytes]] = deque()
+        self._pending_bytes = 0
+        self._max_pending_bytes = settings.max_pending_bytes
+        self._dropped = metrics.dropped.labels("drift_pending", route)
+        self._windows: dict[str, deque[float]] = {
+            s: deque(maxlen=settings.window) for s in self._extractor.signals
+        }
+        self._freezing: dict[str, list[float]] = {s: [] for s in self._extractor.signals}
+        self._frozen_from = 0  # responses taken in for a baseline to be frozen
+        # None: frozen from the first freeze_after responses, then written to the path.
+        self.baseline = baseline
+        self.drifting: dict[str, bool] = dict.fromkeys(self._extractor.signals, False)
+        self.last_psi: dict[str, float] = {}
+        self._tasks = BackgroundTasks()
+
+    # -- the hot path -------------------------------------------------------------
+
+    def observe(self, request_body: bytes, response_body: bytes) -> None:
+        size = len(request_body) + len(response_body)
+        if self._pending_bytes + size > self._max_pending_bytes:
+            self._dropped.inc()
+            return
+        self._pending.append((request_body, response_body))
+        self._pending_bytes += size
+
+    # -- the background -----------------------------------------------------------
+
+    def start(self) -> None:
+        self._tasks.spawn(self._run(), name=f"drift-{self.route}")
+
+    async def stop(self) -> None:
+        await self._tasks.stop()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.interval)
+            # Parsing a window's bodies is the heavy part: a thread, not the loop.
+            await asyncio.to_thread(self._digest, self._take_pending())
+            self._compute()
+
+    def _take_pending(self) -> deque[tuple[bytes, bytes]]:
+        pending, self._pending, self._pending_bytes = self._pending, deque(), 0
+        return pending
+
+    def _digest(self, pending: deque[tuple[bytes, bytes]]) -> None:
+        """Parse bodies into the numbers each signal needs; the bodies are let go."""
+        freezing = self.baseline is None
+        histograms = self.baseline.histograms if self.baseline is not None else {}
+        problems: list[tuple[str, str]] = []
+        for request_body, response_body in pending:
+            try:
+                request, response = orjson.loads(request_body), orjson.loads(response_body)
+            except orjson.JSONDecodeError:
+                continue
+            signals = self._extractor.extract(request, response, problems)
+            for name, _ in self._extractor.features:
+                histogram = histograms.get(name)
+                values = signals[name]
+                if histogram is not None and values and not histogram.contains(values[0]):
+                    problems.append((name, "out_of_range"))
+            if freezing and self._frozen_from < (self.settings.freeze_after or 0):
+                self._frozen_from += 1
+                for signal, values in signals.items():
+                    self._freezing[signal].extend(values)
+            for signal, values in signals.items():
+                self._windows[signal].extend(values)
+        for name, kind in problems:
+            self._metrics.feature_quality.labels(self.route, name, kind).inc()
+
+    def evaluate(self) -> dict[str, float]:
+        """Take in what arrived, then compute PSI per signal (when there is enough)."""
+        self._digest(self._take_pending())
+        return self._compute()
+
+    def _compute(self) -> dict[str, float]:
+        if self.baseline is None:
+            self._maybe_freeze()
+            return {}
+        results: dict[str, float] = {}
+        for signal, window in self._windows.items():
+            histogram = self.baseline.histograms.get(signal)
+            if histogram is None or len(window) < self.settings.min_samples:
+                continue
+            value = psi(histogram.proportions, histogram.proportions_of(window))
+            results[signal] = value
+            self._report(signal, value)
+        self.last_psi = results
+        return results
+
+    def _maybe_freeze(self) -> None:
+        assert self.settings.freeze_after is not None
+        if self._frozen_from < self.settings.freeze_after:
+            return
+        self.baseline = baseline_from_signals(self.settings, self._freezing, self._frozen_from)
+        self._freezing = {}
+        self.baseline_path.parent.mkdir(parents=True, exist_ok=True)
+        self.baseline_path.write_bytes(self.baseline.to_json(self.route))
+        log.info(
+            "drift_baseline_frozen",
+            route=self.route,
+            path=str(self.baseline_path),
+            samples=self.baseline.samples,
+        )
+
+    def _report(self, signal: str, value: float) -> None:
+        if signal == PREDICTION:
+            self._metrics.prediction_psi.labels(self.route).set(value)
+        else:
+            self._metrics.feature_psi.labels(self.route, signal).set(value)
+        if not self.drifting[signal] and value >= self.settings.threshold:
+            self.drifting[signal] = True
+            log.warning(
+                "drift_detected",
+                route=self.route,
+                signal=signal,
+                psi=round(value, 4),
+                threshold=self.settings.threshold,
+            )
+        elif self.drifting[signal] and value < self.settings.clear_below:
+            self.drifting[signal] = False
+            log.info(
+                "drift_cleared",
+                route=self.route,
+                signal=signal,
+                psi=round(value, 4),
+                clear_below=self.settings.clear_below,
+            )
+
+
+def payload_pairs(lines: Iterable[bytes], route: str) -> Iterable[tuple[Any, Any]]:
+    """(request, response) JSON pairs of one route from payload-log lines."""
+    for line in lines:
+        if not line.strip():
+            continue
+        record = orjson.loads(line)
+        if record.get("route") != route or record.get("status") != 200:
+            continue
+        yield record["request"], record["response"]

@@ -1,0 +1,197 @@
+"""Everything a running sidecar holds, built once from a validated config."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from sidecar.analytics.drift import DriftMonitor
+from sidecar.config.plan import Plan
+from sidecar.control.health import LoopLagMonitor
+from sidecar.pipeline.auth import Authenticator
+from sidecar.pipeline.forwarding import RoutePath, UpstreamGuard
+from sidecar.pipeline.ratelimit import RateLimiter
+from sidecar.pipeline.routing import RouteTable
+from sidecar.pipeline.validation import RequestValidator
+from sidecar.telemetry.logs import Logs
+from sidecar.telemetry.logwriter import LogWriter
+from sidecar.telemetry.metrics import Metrics
+from sidecar.upstream.breaker import UpstreamBreaker
+from sidecar.upstream.fallback import FallbackChain
+from sidecar.upstream.retry import RetryBudget
+from sidecar.upstream.shadow import ShadowMirror
+from sidecar.upstream.upstreams import ConnectionPools, Upstreams
+
+if TYPE_CHECKING:
+    from sidecar.upstream.shared import BreakerSync, SharedState
+
+
+class Runtime:
+    """One config, compiled: routes, upstream paths, checks and background monitors.
+
+    A reload builds a new Runtime beside the old one; both share the process-long
+    parts (metrics, logs, connection pools), which a Runtime never starts or stops.
+    """
+
+    def __init__(
+        self,
+        plan: Plan,
+        *,
+        metrics: Metrics,
+        logs: Logs,
+        pools: ConnectionPools,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.plan = plan
+        self.loaded = loaded = plan.loaded
+        self.config = config = loaded.config
+        self.metrics = metrics
+        self.logs = logs
+        self.routes = RouteTable(config.routes)
+        self.upstreams = Upstreams(config.upstreams, self.metrics, pools)
+        self.guards = {
+            name: UpstreamGuard(
+                breaker=(
+                    UpstreamBreaker(name, upstream.breaker, self.metrics, clock)
+                    if upstream.breaker.enabled
+                    else None
+                ),
+                budget=RetryBudget(upstream.retry_budget),
+            )
+            for name, upstream in config.upstreams.items()
+        }
+        self.upstreams.on_probe_passed = self._probe_passed
+        self.paths = {
+            route.name: RoutePath(
+                route=route,
+                upstream=self.upstreams[route.upstream],
+                guard=self.guards[route.upstream],
+                fallback=(
+                    FallbackChain(
+                        route.fallback,
+                        self.upstreams,
+                        clock,
+                        route.protocol,
+                        metrics.dropped.labels("fallback_cache", route.name),
+                    )
+                    if route.fallback
+                    else None
+                ),
+                metrics=self.metrics,
+                overload_retry_after=config.server.overload_retry_after,
+            )
+            for route in config.routes
+        }
+        for route in config.routes:
+            path = self.paths[route.name]
+            path.payload_log = self.logs.payload if route.payload_sample > 0 else None
+            if route.drift is not None:
+                path.drift = DriftMonitor(
+                    route.name,
+                    route.drift,
+                    loaded.resolve(route.drift.baseline),
+                    self.metrics,
+                    baseline=plan.baselines[route.name],
+                )
+            if route.shadow is not None:
+                path.shadow = ShadowMirror(
+                    route.name,
+                    route.shadow,
+                    self.upstreams[route.shadow.upstream],
+                    self.metrics,
+                    self.logs.shadow,
+                )
+        self.authenticator = (
+            Authenticator(config.auth, plan.jwt_public_key, self.metrics)
+            if config.auth.enabled
+            else None
+        )
+        if self.authenticator is not None:
+            for path in self.paths.values():
+                path.credentials = self.authenticator.credential_headers
+        self.key_names = frozenset(k.name for k in config.auth.api_keys)
+        shared_settings = config.shared_state
+        self.shared: SharedState | None = None
+        self.breaker_syncs: list[BreakerSync] = []
+        if shared_settings is not None:
+            # Imported only here: Redis is an extra (sidecar[redis]), which the plan
+            # checked is installed.
+            from sidecar.upstream.shared import BreakerSync, SharedState
+
+            self.shared = SharedState(shared_settings, metrics)
+            if shared_settings.breakers:
+                self.breaker_syncs = [
+                    BreakerSync(guard.breaker, self.shared)
+                    for guard in self.guards.values()
+                    if guard.breaker is not None
+                ]
+        self.limiter = (
+            RateLimiter(
+                config.rate_limit,
+                {k.name: k.rate_limit for k in config.auth.api_keys if k.rate_limit},
+                self.metrics,
+                clock,
+                self.shared if shared_settings and shared_settings.rate_limits else None,
+            )
+            if config.rate_limit.enabled
+            else None
+        )
+        self.validators = {
+            route.name: RequestValidator(
+                route.name, route.validate_, plan.schemas.get(route.name), self.metrics
+            )
+            for route in config.routes
+            if route.validate_ is not None
+        }
+        self.active = 0  # requests being handled by this runtime (for retiring it)
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.draining = False
+        self.loop_lag: LoopLagMonitor | None = None  # process-wide, set by its owner
+
+    def _probe_passed(self, upstream: str) -> None:
+        guard = self.guards.get(upstream)
+        if guard is not None and guard.breaker is not None:
+            guard.breaker.probe_passed()
+
+    @property
+    def drift_monitors(self) -> list[DriftMonitor]:
+        return [p.drift for p in self.paths.values() if p.drift is not None]
+
+    @property
+    def mirrors(self) -> list[ShadowMirror]:
+        return [p.shadow for p in self.paths.values() if p.shadow is not None]
+
+    @property
+    def access_log(self) -> LogWriter | None:
+        return self.logs.access
+
+    async def start(self) -> None:
+        await self.upstreams.start()
+        for monitor in self.drift_monitors:
+            monitor.start()
+        for mirror in self.mirrors:
+            mirror.start()
+        for sync in self.breaker_syncs:
+            sync.start()
+
+    async def stop_background(self) -> None:
+        """Stop what runs on its own (probes, drift, shadow governing, breaker sync):
+        a retired runtime must not keep calling the model while a request pins it."""
+        for sync in self.breaker_syncs:
+            await sync.stop()
+        for mirror in self.mirrors:
+            await mirror.stop_governing()
+        for monitor in self.drift_monitors:
+            await monitor.stop()
+        await self.upstreams.stop_probing()
+
+    async def stop(self) -> None:
+        await self.stop_background()
+        if self.shared is not None:
+            await self.shared.close()
+        for mirror in self.mirrors:
+            await mirror.stop()
+        await self.upstreams.stop()

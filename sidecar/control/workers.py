@@ -1,0 +1,168 @@
+"""``sidecar run --workers N``: N processes sharing the listening ports.
+
+The supervisor reserves the ports (a bound, non-listening SO_REUSEPORT socket each,
+so port 0 still means "any free port" and every worker gets the same one), points
+prometheus-client's multiprocess mode at a fresh folder so /metrics on any worker
+sums all of them, and starts the workers, which bind the same ports with
+SO_REUSEPORT: the kernel spreads connections across them.
+
+SIGTERM or SIGINT is passed to every worker, each drains its own requests, and the
+supervisor exits 0 when all have. SIGHUP is passed on too, so every worker reloads.
+A worker that dies unexpectedly is restarted (at most 5 times a minute). A worker
+whose supervisor is gone (killed, OOM) drains and exits by itself, and signals only
+the supervisor it was started by.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from pathlib import Path
+from types import FrameType
+
+from sidecar.config.schema import ConfigError, LoadedConfig, cannot_listen
+
+_RESTARTS_PER_MINUTE = 5
+_CGROUP = Path("/sys/fs/cgroup")
+
+
+def available_cpus(cgroup: Path = _CGROUP) -> int:
+    """CPUs this process may use: the cgroup's CPU quota (what a container limit sets),
+    else the CPUs it may be scheduled on; at least 1. A pod limited to 1.5 CPUs on a
+    64-core node gets 2 workers, not 64."""
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    quota = _cgroup_quota(cgroup)
+    count = allowed or 1
+    if quota is not None:
+        count = min(count, math.ceil(quota))
+    return max(1, count)
+
+
+def _cgroup_quota(cgroup: Path) -> float | None:
+    """CPUs of quota: cgroup v2 ``cpu.max`` ("max 100000" or "150000 100000"), else v1."""
+    try:
+        quota, _, period = (cgroup / "cpu.max").read_text().partition(" ")
+        if quota.strip() == "max":
+            return None
+        return int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        v1_quota = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
+        v1_period = int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return v1_quota / v1_period if v1_quota > 0 and v1_period > 0 else None
+
+
+def _reserve(source: str, key: str, host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise cannot_listen(source, f"{key}.port", host, port, exc) from None
+    return sock
+
+
+class Supervisor:
+    def __init__(self, loaded: LoadedConfig, workers: int) -> None:
+        self.loaded = loaded
+        self.count = workers
+        config = loaded.config
+        source = str(loaded.path)
+        self._main = _reserve(source, "listen", config.listen.host, config.listen.port)
+        self.port = self._main.getsockname()[1]
+        try:
+            self._admin = (
+                _reserve(source, "admin", config.admin.host, config.admin.port)
+                if config.admin.enabled
+                else None
+            )
+        except ConfigError:
+            self._main.close()
+            raise
+        self.admin_port = self._admin.getsockname()[1] if self._admin else 0
+        self._metrics_dir = tempfile.mkdtemp(prefix="sidecar-metrics-")
+        self._children: list[subprocess.Popen[bytes]] = []
+        self._stopping = False
+        self._restarts: deque[float] = deque()
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        argv = [
+            sys.executable,
+            "-m",
+            "sidecar",
+            "run",
+            "--config",
+            str(self.loaded.path),
+            "--worker-port",
+            str(self.port),
+            "--worker-admin-port",
+            str(self.admin_port),
+            "--supervisor-pid",
+            str(os.getpid()),
+        ]
+        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": self._metrics_dir}
+        return subprocess.Popen(argv, env=env)  # noqa: S603 - our own module, no shell
+
+    def _forward(self, signum: int, frame: FrameType | None) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self._stopping = True
+            signum = signal.SIGTERM
+        for child in self._children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._forward)
+        try:
+            self._children = [self._spawn() for _ in range(self.count)]
+            while True:
+                for index, child in enumerate(self._children):
+                    if child.poll() is None:
+                        continue
+                    _mark_dead(child.pid, self._metrics_dir)
+                    if self._stopping:
+                        continue
+                    if not self._may_restart():
+                        print("sidecar: workers keep dying; stopping", file=sys.stderr)
+                        self._forward(signal.SIGTERM, None)
+                        continue
+                    self._children[index] = self._spawn()
+                if all(child.poll() is not None for child in self._children):
+                    codes = [child.returncode for child in self._children]
+                    return 0 if self._stopping and all(c == 0 for c in codes) else 1
+                time.sleep(0.2)
+        finally:
+            self._main.close()
+            if self._admin is not None:
+                self._admin.close()
+            shutil.rmtree(self._metrics_dir, ignore_errors=True)
+
+    def _may_restart(self) -> bool:
+        now = time.monotonic()
+        while self._restarts and now - self._restarts[0] > 60:
+            self._restarts.popleft()
+        if len(self._restarts) >= _RESTARTS_PER_MINUTE:
+            return False
+        self._restarts.append(now)
+        return True
+
+
+def _mark_dead(pid: int, directory: str) -> None:
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]

@@ -1,0 +1,61 @@
+"""Per-request state shared by the pipeline stages, and what the client sees of it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from sidecar.config.schema import Route
+from sidecar.http.messages import Headers
+from sidecar.telemetry.logs import CURRENT_REQUEST
+from sidecar.telemetry.metrics import OUTCOME_OK
+
+__all__ = ["CURRENT_REQUEST", "RequestContext"]
+
+
+@dataclass(slots=True)
+class RequestContext:
+    request_id: str  # the id the client sees: theirs when sane, else sidecar_id
+    sidecar_id: str  # ours, unique for every request (clients may reuse theirs)
+    traceparent: str
+    trace_id: str
+    started: float = field(default_factory=time.perf_counter)
+    route: Route | None = None
+    route_name: str = "-"
+    body_limit: int = 0
+    outcome: str = OUTCOME_OK
+    attempts: int = 0
+    upstream_started: float | None = None
+    upstream_seconds: float | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    shed: bool = False  # over an in-flight cap: answer from the fallback or refuse
+    fallback_rule: str | None = None
+    breaker_state: str | None = None
+    principal: str | None = None
+    body: bytes = b""  # the request body, read whole by the body stage
+    document: Any = None  # the body parsed as JSON, when the route validates it
+    extra_headers: dict[str, str] | None = None  # e.g. RateLimit-* for the answer
+    capture: Any = None  # a shadow.StreamCapture when a streamed answer is compared
+    own_name: str | None = None  # set for the sidecar's own endpoints (/livez, ...)
+    own_handler: Any = None
+
+    def finish_upstream(self) -> None:
+        if self.upstream_started is not None:
+            self.upstream_seconds = time.perf_counter() - self.upstream_started
+
+    def stamp(self, headers: Headers) -> None:
+        """Add the identity and timing headers every answer carries."""
+        headers["X-Request-ID"] = self.request_id
+        if self.extra_headers:
+            headers.update(self.extra_headers)
+        total_ms = (time.perf_counter() - self.started) * 1000.0
+        # add, not set: a model's own Server-Timing entries are kept beside ours.
+        if self.upstream_seconds is not None:
+            headers.add(
+                "Server-Timing",
+                f"upstream;dur={self.upstream_seconds * 1000.0:.3f}, total;dur={total_ms:.3f}",
+            )
+        else:
+            headers.add("Server-Timing", f"total;dur={total_ms:.3f}")

@@ -1,0 +1,371 @@
+"""The upstream path of one route, composed of plain async steps:
+
+    forward = fallback( breaker( retry( send ) ) )
+
+* retry: connect errors, per-try timeouts and configured statuses are retried on
+  routes marked ``retryable``, with full-jitter backoff, ``Retry-After`` honoured,
+  inside the route's total deadline and the upstream's retry budget. Nothing is
+  retried once a byte of the answer has gone to the client: retries happen before
+  the answer is relayed.
+* breaker: one per upstream; open means the upstream is not called at all.
+* fallback: when a configured trigger fires (circuit_open, upstream_error, timeout,
+  overloaded) the route's chain may answer instead; otherwise the original error
+  (or the model's own 5xx answer) goes to the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass, field
+
+import structlog
+
+from sidecar.analytics.drift import DriftMonitor
+from sidecar.analytics.sampling import sampled
+from sidecar.config.schema import Route
+from sidecar.http import errors
+from sidecar.http.client import BrokenAnswer, ClientResponse
+from sidecar.http.messages import Answer, Response
+from sidecar.http.server import Request
+from sidecar.pipeline.context import RequestContext
+from sidecar.pipeline.relay import relay, upstream_request_headers
+from sidecar.telemetry.logwriter import LogWriter
+from sidecar.telemetry.metrics import OUTCOME_FALLBACK, Metrics
+from sidecar.upstream.breaker import BreakerFailure, UpstreamBreaker
+from sidecar.upstream.fallback import FallbackChain
+from sidecar.upstream.retry import RetryBudget, backoff_delay, parse_retry_after
+from sidecar.upstream.shadow import PrimaryOutcome, ShadowMirror, StreamCapture
+from sidecar.upstream.upstreams import IDEMPOTENT, UpstreamCall, UpstreamClient
+
+log = structlog.get_logger("sidecar.pipeline.forwarding")
+
+# Error bodies up to this size are read before a retry so the connection is reused.
+_DRAIN_LIMIT = 64 * 1024
+
+
+@dataclass(slots=True)
+class ModelFailed:
+    """The model answered, but with a 5xx: a failure for the breaker, still an answer."""
+
+    response: ClientResponse
+
+
+@dataclass(slots=True)
+class UpstreamGuard:
+    """Per-upstream protection shared by every route that uses the upstream."""
+
+    breaker: UpstreamBreaker | None
+    budget: RetryBudget
+
+
+@dataclass(slots=True)
+class RoutePath:
+    """Everything one route needs to forward a request, built once per config."""
+
+    route: Route
+    upstream: UpstreamClient
+    guard: UpstreamGuard
+    fallback: FallbackChain | None
+    metrics: Metrics
+    overload_retry_after: float
+    rng: random.Random = field(default_factory=random.Random)
+    in_flight: int = 0
+    drift: DriftMonitor | None = None
+    shadow: ShadowMirror | None = None
+    payload_log: LogWriter | None = None
+    credentials: frozenset[str] = frozenset()  # the sidecar's own, never forwarded
+
+    @property
+    def per_try_timeout(self) -> float:
+        return self.route.per_try_timeout or self.route.timeout
+
+    @property
+    def idle_timeout(self) -> float:
+        return self.route.idle_timeout or self.upstream.config.read_timeout
+
+    @property
+    def failure_statuses(self) -> tuple[int, ...]:
+        """Answers that mean the model is unavailable: breaker failures."""
+        return self.upstream.config.breaker.failure_statuses
+
+    def falls_back_on(self, status: int) -> bool:
+        """A model's answer with this status is replaced by the fallback."""
+        fallback = self.fallback
+        return (
+            fallback is not None
+            and "upstream_error" in fallback.triggers
+            and status in fallback.statuses
+        )
+
+    @property
+    def sheds_to_fallback(self) -> bool:
+        return self.fallback is not None and "overloaded" in self.fallback.triggers
+
+    def overloaded(self) -> errors.Overloaded:
+        return errors.Overloaded(
+            f"too many requests in flight for route {self.route.name!r}",
+            headers={"Retry-After": str(max(1, round(self.overload_retry_after)))},
+        )
+
+
+def _trigger(cause: object) -> str:
+    if isinstance(cause, errors.CircuitOpen):
+        return "circuit_open"
+    if isinstance(cause, errors.Overloaded):
+        return "overloaded"
+    if isinstance(cause, errors.UpstreamTimeout):
+        return "timeout"
+    return "upstream_error"
+
+
+async def _discard(response: ClientResponse, idle: float) -> None:
+    """Drop an answer we will not relay, keeping the connection when that is cheap."""
+    length = response.content_length
+    if length is not None and length <= _DRAIN_LIMIT:
+        try:
+            async with asyncio.timeout(idle):
+                await response.read()
+        except (BrokenAnswer, TimeoutError):
+            response.close()  # a broken body: the connection cannot be reused
+            return
+    response.release()
+
+
+async def _with_retries(
+    path: RoutePath, ctx: RequestContext, call: UpstreamCall, probe: bool
+) -> ClientResponse:
+    """Attempts until an answer worth relaying. Raises ``BreakerFailure`` when the
+    upstream was unavailable: a connect error, a timeout, or a status the breaker
+    counts (502, 503, 504 by default). Any other answer, a 500 or a 4xx for input the
+    model rejected, is the model's answer and is returned (after retries, when the
+    route retries its status)."""
+    route, upstream, budget = path.route, path.upstream, path.guard.budget
+    policy = route.retry
+    unavailable = path.failure_statuses
+    # A half-open probe asks one question: is the model back? It is never retried.
+    max_attempts = policy.attempts if route.retryable and not probe else 1
+    # Sent again on a fresh connection when a kept-alive one failed before answering:
+    # only what may be replayed (an idempotent method, or a route marked retryable).
+    replayable = route.retryable or call.method in IDEMPOTENT
+    loop = asyncio.get_running_loop()
+    started_at = loop.time()
+    deadline = started_at + route.timeout
+    budget.active_requests += 1
+    holding_retry = False
+    try:
+        attempt = 0
+        while True:
+            attempt += 1
+            remaining = deadline - loop.time()
+            timeout = min(path.per_try_timeout, remaining)
+            ctx.attempts += 1
+            started = time.perf_counter()
+            ctx.upstream_started = started
+            failure: errors.SidecarError | ModelFailed
+            retry_after: float | None = None
+            try:
+                response = await upstream.send(
+                    call,
+                    within=timeout,
+                    connect_timeout=route.connect_timeout,
+                    replayable=replayable,
+                )
+            except errors.SidecarError as exc:
+                failure = exc
+                retryable = exc.retryable
+            else:
+                path.metrics.observe_upstream(upstream.name, time.perf_counter() - started)
+                retryable = response.status in policy.on_statuses
+                if not retryable and response.status not in unavailable:
+                    return response
+                failure = ModelFailed(response)
+                retry_after = parse_retry_after(response.headers.get("Retry-After"))
+
+            delay = max(backoff_delay(policy, attempt, path.rng), retry_after or 0.0)
+            give_up = not retryable or attempt >= max_attempts or loop.time() + delay >= deadline
+            if holding_retry:
+                budget.release()
+                holding_retry = False
+            if not give_up and not budget.try_acquire():
+                path.metrics.retry_budget_exhausted.labels(upstream.name).inc()
+                give_up = True
+            if give_up:
+                if isinstance(failure, ModelFailed):
+                    if failure.response.status not in unavailable:
+                        return failure.response  # the model's own answer, retried
+                elif isinstance(failure, errors.UpstreamTimeout):
+                    failure = _timed_out(path, attempt, loop.time() - started_at)
+                raise BreakerFailure(failure)
+            holding_retry = True
+            path.metrics.retries.labels(upstream.name, _retry_reason(failure)).inc()
+            if isinstance(failure, ModelFailed):
+                await _discard(failure.response, path.idle_timeout)
+            await asyncio.sleep(delay)
+    finally:
+        budget.active_requests -= 1
+        if holding_retry:
+            budget.release()
+
+
+def _timed_out(path: RoutePath, attempts: int, waited: float) -> errors.UpstreamTimeout:
+    """The client's 504 names the whole wait, and which limit ended it."""
+    name, route = path.upstream.name, path.route
+    if waited >= route.timeout * 0.99:
+        limit = f"the route's {route.timeout:g}s deadline"
+    else:
+        limit = f"{path.per_try_timeout:g}s per attempt"
+    return errors.UpstreamTimeout(
+        f"upstream {name!r} did not start answering: waited {waited:.3g}s over "
+        f"{attempts} attempt(s), {limit}"
+    )
+
+
+def _retry_reason(failure: errors.SidecarError | ModelFailed) -> str:
+    if isinstance(failure, ModelFailed):
+        return "status"
+    if isinstance(failure, errors.UpstreamTimeout):
+        return "timeout"
+    return "connect"
+
+
+async def forward(request: Request, ctx: RequestContext, path: RoutePath) -> Answer:
+    """Forward one request along its route, relay (or replace) the answer, and mirror it
+    to the route's shadow when it is sampled."""
+    body = ctx.body
+    call = UpstreamCall(
+        method=request.method,
+        target=request.target,
+        headers=upstream_request_headers(request, ctx, path.credentials),
+        body=body if body or request.body_exists else None,
+        request_id=ctx.request_id,
+    )
+    mirror = path.shadow
+    if mirror is None:
+        return await _answer(request, ctx, path, call)
+    ticket = None if ctx.shed else mirror.mirror(call)
+    if ticket is not None:
+        ctx.capture = StreamCapture(mirror.settings.compare.max_body_size)
+    answer: Answer | None = None
+    try:
+        answer = await _answer(request, ctx, path, call)
+        return answer
+    finally:
+        if ticket is not None:
+            ticket.resolve(_primary_outcome(ctx, answer))
+        mirror.governor.record_primary(
+            ctx.upstream_seconds or 0.0,
+            error=answer is None or answer.status >= 500,
+            mirrored=ticket is not None,
+        )
+
+
+def _primary_outcome(ctx: RequestContext, answer: Answer | None) -> PrimaryOutcome:
+    if answer is None:
+        return PrimaryOutcome(0, None, 0.0, reason="primary failed")
+    latency = ctx.upstream_seconds or 0.0
+    if ctx.outcome == OUTCOME_FALLBACK:
+        return PrimaryOutcome(answer.status, None, latency, reason="primary answered by fallback")
+    if isinstance(answer, Response):
+        return PrimaryOutcome(answer.status, answer.body, latency)
+    capture = ctx.capture
+    if capture is None or capture.overflow:
+        return PrimaryOutcome(answer.status, None, latency, reason="too_large")
+    streamed = answer.content_type == "text/event-stream"
+    return PrimaryOutcome(answer.status, b"".join(capture.chunks), latency, streamed=streamed)
+
+
+async def _answer(
+    request: Request, ctx: RequestContext, path: RoutePath, call: UpstreamCall
+) -> Answer:
+    body = ctx.body
+    breaker = path.guard.breaker
+    if breaker is not None:
+        ctx.breaker_state = breaker.state
+    cause: errors.SidecarError | ModelFailed
+    try:
+        if ctx.shed:
+            raise path.overloaded()
+        if breaker is None:
+            response = await _with_retries(path, ctx, call, False)
+        else:
+            response = await breaker.call(lambda probe: _with_retries(path, ctx, call, probe))
+    except BreakerFailure as failure:
+        cause = failure.cause
+    except (errors.CircuitOpen, errors.Overloaded) as exc:
+        cause = exc
+    else:
+        if path.falls_back_on(response.status):
+            cause = ModelFailed(response)
+        else:
+            try:
+                answer = await relay(request, ctx, path.upstream, response, path.idle_timeout)
+            finally:
+                response.release()
+            _record(request, path, ctx, body, answer)
+            return answer
+
+    fallback = path.fallback
+    if (
+        fallback is not None
+        and _trigger(cause) in fallback.triggers
+        and (not isinstance(cause, ModelFailed) or path.falls_back_on(cause.response.status))
+    ):
+        replacement = await fallback.answer(call, body)
+        if replacement is not None:
+            if isinstance(cause, ModelFailed):
+                cause.response.release()
+            rule = replacement.headers.get("X-Sidecar-Fallback", "") or ""
+            ctx.outcome, ctx.fallback_rule = OUTCOME_FALLBACK, rule
+            ctx.bytes_out = len(replacement.body)
+            path.metrics.fallbacks.labels(path.route.name, rule).inc()
+            return replacement
+    if isinstance(cause, ModelFailed):
+        try:
+            return await relay(request, ctx, path.upstream, cause.response, path.idle_timeout)
+        finally:
+            cause.response.release()
+    raise cause
+
+
+def _record(
+    request: Request,
+    path: RoutePath,
+    ctx: RequestContext,
+    request_body: bytes,
+    answer: Answer,
+) -> None:
+    """Hand a model's answer read whole to the cache, the drift window and the payload log.
+
+    Each is an append or a dict insert: parsing and writing happen off the hot path.
+    Streamed answers were never held whole, so they are not recorded.
+    """
+    if not isinstance(answer, Response):
+        return
+    body = answer.body
+    if 200 <= answer.status < 300:
+        if path.fallback is not None and path.fallback.cache is not None:
+            path.fallback.cache.store(
+                request.method,
+                request.target,
+                request_body,
+                answer.status,
+                answer.content_type,
+                body,
+            )
+        if path.drift is not None:
+            path.drift.observe(request_body, body)
+    if path.payload_log is not None and sampled(path.route.payload_sample):
+        path.payload_log.submit(
+            {
+                "timestamp": time.time(),
+                "request_id": ctx.request_id,
+                "route": path.route.name,
+                "status": answer.status,
+                "request": request_body,
+                "response": body,
+            },
+            # The bodies are what it holds: the log's byte budget counts them.
+            size=len(request_body) + len(body) + 256,
+        )

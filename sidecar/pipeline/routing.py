@@ -1,0 +1,39 @@
+"""Ordered route table: the first route whose path prefix and methods match wins."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sidecar.config.schema import Route
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    prefix: str
+    prefix_dir: str  # the prefix with one trailing '/', for segment-boundary matching
+    methods: frozenset[str]
+    route: Route
+
+
+class RouteTable:
+    def __init__(self, routes: Sequence[Route]) -> None:
+        self._entries = tuple(
+            _Entry(r.path_prefix, r.path_prefix.rstrip("/") + "/", frozenset(r.methods), r)
+            for r in routes
+        )
+
+    def match(self, path: str, method: str) -> tuple[Route | None, bool]:
+        """Return ``(route, path_matched)``.
+
+        ``path_matched`` tells a 405 (some route has this path, none this method)
+        from a 404. ``/v1/models`` matches ``/v1/models`` and ``/v1/models/x`` but
+        not ``/v1/modelsX``.
+        """
+        path_matched = False
+        for entry in self._entries:
+            if path == entry.prefix or path.startswith(entry.prefix_dir) or entry.prefix == "/":
+                if not entry.methods or method in entry.methods:
+                    return entry.route, True
+                path_matched = True
+        return None, path_matched

@@ -1,0 +1,336 @@
+"""The request pipeline: the stages in order, as plain calls read top to bottom.
+
+    handle          the boundary: every failure -> the route's error body; counted,
+                    timed and logged (one access record, queued) whatever happens
+      identify      accept a sane X-Request-ID or make one; trace context; log binding
+      route         refuse tricky targets (400); own endpoints; pick the route (404/405)
+      authenticate  API key or JWT -> principal (401), allowed route? (403)
+      rate_limit    token bucket per principal and overall (429 + Retry-After)
+      read_body     within the limit (413, 408); content type (415); JSON (400);
+                    schema (422)
+      admit         in-flight caps: 503 overloaded (or the fallback) past them
+      forward       fallback(breaker(retry(send))), relay the answer
+
+A stage whose feature is off is skipped by a test decided once per config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol
+
+import structlog
+
+from sidecar.config.schema import Config
+from sidecar.http import errors
+from sidecar.http.messages import Answer, Response
+from sidecar.http.server import ClientGone, Request, RequestRefused
+from sidecar.pipeline.auth import Authenticator
+from sidecar.pipeline.context import CURRENT_REQUEST, RequestContext
+from sidecar.pipeline.forwarding import RoutePath, forward
+from sidecar.pipeline.guard import REFUSED_METHODS, check_framing, check_target
+from sidecar.pipeline.identity import accept_request_id, accept_traceparent, new_request_id
+from sidecar.pipeline.ratelimit import RateLimiter
+from sidecar.pipeline.relay import read_body
+from sidecar.pipeline.routing import RouteTable
+from sidecar.pipeline.validation import RequestValidator, SchemaFailed
+from sidecar.telemetry.logwriter import LogWriter
+from sidecar.telemetry.metrics import OUTCOME_CLIENT_CLOSED, OUTCOME_ERROR, OUTCOME_OWN, Metrics
+
+log = structlog.get_logger("sidecar.pipeline.stages")
+
+OwnHandler = Callable[[Any], Awaitable[Response]]
+
+# Own endpoints that need credentials when they share the main listener.
+_PROTECTED_OWN = frozenset({"health", "metrics"})
+# What nginx logs for a client that closed before its answer was sent.
+CLIENT_CLOSED_STATUS = 499
+
+
+class Parts(Protocol):
+    """What the pipeline uses of one config's runtime (``control.runtime.Runtime``
+    provides it; the pipeline never imports the layer that builds it)."""
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def metrics(self) -> Metrics: ...
+    @property
+    def access_log(self) -> LogWriter | None: ...
+    @property
+    def routes(self) -> RouteTable: ...
+    @property
+    def paths(self) -> Mapping[str, RoutePath]: ...
+    @property
+    def authenticator(self) -> Authenticator | None: ...
+    @property
+    def limiter(self) -> RateLimiter | None: ...
+    @property
+    def key_names(self) -> frozenset[str]: ...
+    @property
+    def validators(self) -> Mapping[str, RequestValidator]: ...
+
+
+class Pipeline:
+    """Every stage of one runtime (one config), built once per config."""
+
+    def __init__(self, parts: Parts, own: dict[str, tuple[str, OwnHandler]]) -> None:
+        self.config = parts.config
+        self.own = own
+        self.metrics = parts.metrics
+        self.access_log = parts.access_log
+        self.routes = parts.routes
+        self.paths = parts.paths
+        self.authenticator = parts.authenticator
+        self.limiter = parts.limiter
+        self.key_names = parts.key_names
+        self.validators = parts.validators
+        self.server_cap = parts.config.server.max_in_flight
+        self.in_flight = 0  # proxied requests in flight, all routes together
+
+    # -- the boundary ----------------------------------------------------------------
+
+    async def handle(self, request: Request) -> Answer:
+        ctx = self.identify(request)
+        metrics = self.metrics
+        metrics.in_flight.inc()
+        status = 500
+        try:
+            answer = await self.stages(request, ctx)
+            status = answer.status
+            if isinstance(answer, Response):
+                if not ctx.bytes_out:
+                    ctx.bytes_out = len(answer.body)
+                ctx.stamp(answer.headers)
+            return answer
+        except errors.SidecarError as exc:
+            status, ctx.outcome = exc.status, exc.outcome
+            return self.error_answer(request, ctx, exc)
+        except (ClientGone, asyncio.CancelledError):
+            # The client left before its answer was complete: nobody reads an answer.
+            status = request.answer_status or CLIENT_CLOSED_STATUS
+            ctx.outcome = OUTCOME_CLIENT_CLOSED
+            raise
+        except Exception:
+            log.exception("unhandled_error", path=request.path)
+            ctx.outcome = OUTCOME_ERROR  # a bug of ours: 500
+            return self.error_answer(
+                request, ctx, errors.InternalError("the sidecar failed to handle this request")
+            )
+        finally:
+            metrics.in_flight.dec()
+            self.record(request, ctx, status)
+
+    def error_answer(
+        self, request: Request, ctx: RequestContext, error: errors.SidecarError
+    ) -> Response:
+        if request.answer_started:
+            raise ClientGone("the answer had started; the connection is cut instead")
+        protocol = ctx.route.protocol if ctx.route is not None else "plain"
+        response = errors.error_response(error, ctx.request_id, protocol)
+        ctx.stamp(response.headers)
+        ctx.bytes_out = len(response.body)
+        return response
+
+    def record(self, request: Request, ctx: RequestContext, status: int) -> None:
+        """Count and time the request, and queue its access record (no I/O here)."""
+        duration = time.perf_counter() - ctx.started
+        self.metrics.count_request(ctx.route_name, status, ctx.outcome, duration)
+        if self.access_log is None:
+            return
+        self.access_log.submit(
+            {
+                "event": "request",
+                "timestamp": time.time(),
+                "request_id": ctx.request_id,
+                "sidecar_id": ctx.sidecar_id,
+                "trace_id": ctx.trace_id,
+                "route": ctx.route_name,
+                "method": request.method,
+                "path": request.path,
+                "status": status,
+                "outcome": ctx.outcome,
+                "duration_ms": round(duration * 1000.0, 3),
+                "upstream_ms": (
+                    None
+                    if ctx.upstream_seconds is None
+                    else round(ctx.upstream_seconds * 1000.0, 3)
+                ),
+                "attempts": ctx.attempts,
+                "breaker": ctx.breaker_state,
+                "fallback": ctx.fallback_rule,
+                "principal": ctx.principal,
+                "bytes_in": ctx.bytes_in,
+                "bytes_out": ctx.bytes_out,
+            }
+        )
+
+    # -- the stages, in order --------------------------------------------------------
+
+    async def stages(self, request: Request, ctx: RequestContext) -> Answer:
+        own = self.route(request, ctx)
+        if own is not None:
+            if ctx.own_name in _PROTECTED_OWN and self.authenticator is not None:
+                await self.authenticate(request, ctx)
+            return await own(request)
+        if self.authenticator is not None:
+            await self.authenticate(request, ctx)
+        if self.limiter is not None:
+            await self.rate_limit(ctx)
+        # The body first: a slot in flight is taken only by a request that has all of
+        # its body, so slow uploaders cannot fill a route while they trickle.
+        await self.read_body(request, ctx)
+        return await self.admit(request, ctx)
+
+    def identify(self, request: Request) -> RequestContext:
+        """Accept or make the request id and trace context; bind them to log lines."""
+        headers = request.headers
+        # The client's id is kept for correlation (answer, upstream, payload log), but
+        # clients may reuse one: sidecar_id, ours, is unique in every log line.
+        sidecar_id = new_request_id()
+        request_id = accept_request_id(headers.get("X-Request-ID"), sidecar_id)
+        traceparent, trace_id = accept_traceparent(headers.get("traceparent"))
+        ctx = RequestContext(
+            request_id=request_id,
+            sidecar_id=sidecar_id,
+            traceparent=traceparent,
+            trace_id=trace_id,
+        )
+        CURRENT_REQUEST.set(ctx)  # log lines from here on carry its ids
+        return ctx
+
+    def route(self, request: Request, ctx: RequestContext) -> OwnHandler | None:
+        """Refuse tricky targets (any path); an own endpoint's handler, or the route."""
+        method = request.method
+        if method in REFUSED_METHODS:
+            raise errors.MethodNotAllowed(f"{method} is not accepted by this proxy")
+        check_target(request.target)
+        check_framing(request.headers.get("Transfer-Encoding"))
+        path = request.path
+        endpoint = self.own.get(path)
+        if endpoint is not None:
+            if method not in ("GET", "HEAD"):
+                raise errors.MethodNotAllowed(f"{path} answers GET only")
+            ctx.own_name, handler = endpoint
+            ctx.route_name = "_" + ctx.own_name
+            ctx.outcome = OUTCOME_OWN
+            return handler
+        route, path_matched = self.routes.match(path, method)
+        if route is None:
+            if path_matched:
+                raise errors.MethodNotAllowed(f"method {method} is not allowed here")
+            raise errors.NoRoute(f"no route for {method} {path}")
+        ctx.route = route
+        ctx.route_name = route.name
+        ctx.body_limit = self.config.route_body_limit(route)
+        return None
+
+    async def authenticate(self, request: Request, ctx: RequestContext) -> None:
+        """401 without valid credentials, 403 for a route the principal may not use (or
+        an operator's endpoint without the admin scope). A failed attempt takes a
+        token from the global bucket too: a flood of bad keys is rate limited (429)
+        like any other traffic."""
+        authenticator = self.authenticator
+        assert authenticator is not None
+        header = authenticator.settings.header
+        try:
+            principal = authenticator.authenticate(
+                request.headers.get("Authorization"),
+                request.headers.get(header) if header else None,
+            )
+        except errors.Unauthorized:
+            if self.limiter is not None:
+                await self.limiter.check_failed_auth()
+            raise
+        route = ctx.route
+        if route is not None:
+            authenticator.authorize(principal, route.name, request.method)
+        else:
+            authenticator.require_admin(principal, f"read {request.path}")
+        ctx.principal = principal.name
+
+    async def rate_limit(self, ctx: RequestContext) -> None:
+        """429 past a principal's or the global token bucket (or only counted)."""
+        limiter = self.limiter
+        assert limiter is not None
+        principal = ctx.principal or "anonymous"
+        label = principal if principal in self.key_names or principal == "anonymous" else "jwt"
+        headers = await limiter.check(principal, label)
+        if headers:
+            ctx.extra_headers = headers
+
+    async def read_body(self, request: Request, ctx: RequestContext) -> None:
+        """The body within the route's limit (413), then its content type (415), JSON
+        (400 invalid_json) and schema (422), as the route asks."""
+        assert ctx.route is not None
+        validator = self.validators.get(ctx.route.name)
+        if validator is not None:
+            validator.check_content_type(request.content_type, request.body_exists)
+        ctx.body = await read_body(request, ctx.body_limit)
+        ctx.bytes_in = len(ctx.body)
+        if validator is not None:
+            try:
+                ctx.document = validator.check_body(ctx.body)
+            except SchemaFailed as failed:
+                # Listing what failed is the slow part: a thread, never the loop.
+                raise await asyncio.to_thread(validator.violation, failed.document) from None
+
+    async def admit(self, request: Request, ctx: RequestContext) -> Answer:
+        """Load shedding: caps on requests in flight, per route and server-wide.
+
+        Past a cap the request is refused at once (503 overloaded, Retry-After), or,
+        when the route's fallback answers overload, forwarded marked as shed (the
+        fallback answers). Nothing queues: a request is admitted or answered now.
+        """
+        assert ctx.route is not None
+        path = self.paths[ctx.route.name]
+        route_cap = path.route.max_in_flight
+        server_cap = self.server_cap
+        if (server_cap is not None and self.in_flight >= server_cap) or (
+            route_cap is not None and path.in_flight >= route_cap
+        ):
+            if not path.sheds_to_fallback:
+                raise path.overloaded()
+            ctx.shed = True
+            return await forward(request, ctx, path)
+        self.in_flight += 1
+        path.in_flight += 1
+        try:
+            return await forward(request, ctx, path)
+        finally:
+            self.in_flight -= 1
+            path.in_flight -= 1
+
+
+def refusal_answer(
+    parts: Parts, refusal: RequestRefused, method: str, target: str, peer: str
+) -> Response:
+    """The answer to a request the HTTP layer refused before the pipeline saw it (a
+    malformed or oversized head, a stalled one): our JSON error, counted in metrics
+    and the access log like every other refusal."""
+    error = errors.from_refusal(refusal)
+    request_id = new_request_id()
+    response = errors.error_response(error, request_id)
+    parts.metrics.count_request("-", error.status, error.outcome, 0.0)
+    access_log = parts.access_log
+    if access_log is not None:
+        access_log.submit(
+            {
+                "event": "request",
+                "timestamp": time.time(),
+                "request_id": request_id,
+                "sidecar_id": request_id,
+                "route": "-",
+                "method": method,
+                "path": target.split("?", 1)[0][:200],
+                "status": error.status,
+                "outcome": error.outcome,
+                "error": error.type,
+                "duration_ms": 0.0,
+                "bytes_in": 0,
+                "bytes_out": len(response.body),
+            }
+        )
+    return response

@@ -1,0 +1,181 @@
+"""Request validation: content type, JSON (strict, depth-limited) and a JSON Schema.
+
+A route's schema is compiled once at start-up with fastjsonschema (generated Python,
+so a valid request, the common case, costs little). fastjsonschema stops at the
+first error; for an invalid request the schema is re-checked with jsonschema to list
+every failing path, which only invalid requests pay for.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import fastjsonschema
+import orjson
+
+from sidecar.config.schema import ValidationSettings
+from sidecar.config.schemas import CompiledSchema
+from sidecar.http import errors
+from sidecar.telemetry.metrics import Metrics
+
+# Keep only brackets, and make both kinds one kind (valid JSON pairs them properly).
+_ONE_BRACKET_KIND = bytes.maketrans(b"{}", b"[]")
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+MAX_LISTED_ERRORS = 20
+
+
+def nesting_exceeds(body: bytes, limit: int) -> bool:
+    """True when valid JSON ``body`` nests deeper than ``limit``.
+
+    Small bodies cannot: there are fewer brackets than the limit. Otherwise strings are
+    cut out, the rest reduced to brackets, and innermost pairs removed one level per
+    pass. Every step is a bytes method running in C, so a large tensor or a huge
+    string costs milliseconds, not a Python loop over its characters.
+    """
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False
+    # Escapes pair up left to right, so dropping escaped backslashes and then escaped
+    # quotes leaves quotes that strictly open and close strings.
+    unescaped = body.replace(b"\\\\", b"").replace(b'\\"', b"")
+    outside_strings = b"".join(unescaped.split(b'"')[::2])
+    brackets = outside_strings.translate(_ONE_BRACKET_KIND, _NOT_BRACKETS)
+    for _ in range(limit):
+        if not brackets:
+            return False
+        brackets = brackets.replace(b"[]", b"")
+    return bool(brackets)
+
+
+def _key_count(text: bytes) -> int:
+    """Object keys in valid JSON text: strings followed by a colon. Escapes pair up
+    left to right, so dropping escaped backslashes, then escaped quotes, leaves
+    quotes that strictly open and close strings; every other part is outside one."""
+    unescaped = text.replace(b"\\\\", b"").replace(b'\\"', b"")
+    return sum(1 for after in unescaped.split(b'"')[2::2] if after.lstrip()[:1] == b":")
+
+
+def repeats_a_key(body: bytes, document: Any) -> bool:
+    """True when valid JSON ``body`` names a key twice in one object. The parser kept
+    one copy, a model's parser may keep the other (RapidJSON in Triton keeps the
+    first): what was validated would not be what the model reads. The parsed
+    document, written back, has each key once; fewer keys there means a repeat."""
+    if b'"' not in body:
+        return False
+    return _key_count(body) != _key_count(orjson.dumps(document))
+
+
+def _exact_path(path: Any) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "$"
+
+
+class RequestValidator:
+    """The checks of one route, compiled once."""
+
+    def __init__(
+        self,
+        route: str,
+        settings: ValidationSettings,
+        schema: CompiledSchema | None,
+        metrics: Metrics,
+    ) -> None:
+        self.route = route
+        self.content_types = frozenset(settings.content_types)
+        self.needs_json = settings.require_json or schema is not None
+        self.max_depth = settings.max_depth
+        self.schema = schema
+        self._violations = metrics.schema_violations
+
+    def check_content_type(self, content_type: str, has_body: bool) -> None:
+        if self.content_types and has_body and content_type.lower() not in self.content_types:
+            allowed = ", ".join(sorted(self.content_types))
+            raise errors.UnsupportedMediaType(
+                f"content type {content_type or '(none)'!r} is not accepted here; use {allowed}"
+            )
+
+    def check_body(self, body: bytes) -> Any:
+        """The parsed JSON document (or None when the route does not ask for JSON)."""
+        if not self.needs_json:
+            return None
+        try:
+            document = orjson.loads(body)  # bounds its own recursion (1024 levels)
+        except orjson.JSONDecodeError as exc:
+            if "depth" in str(exc) or "recursion" in str(exc):  # orjson's nesting limit
+                raise self._too_deep() from None
+            raise errors.InvalidJson(
+                "the body is not valid JSON (UTF-8, no NaN or Infinity)"
+            ) from None
+        if nesting_exceeds(body, self.max_depth):
+            raise self._too_deep()
+        if repeats_a_key(body, document):
+            raise errors.InvalidJson(
+                "the body repeats a key in one object: models may read either copy"
+            )
+        if self.schema is not None:
+            try:
+                self.schema.fast(document)
+            except fastjsonschema.JsonSchemaValueException:
+                raise SchemaFailed(document) from None
+        return document
+
+    def _too_deep(self) -> errors.InvalidJson:
+        return errors.InvalidJson(f"JSON nests deeper than {self.max_depth} levels")
+
+    def violation(self, document: Any) -> errors.SchemaViolation:
+        """The 422 for a document that failed the schema, listing its first
+        ``MAX_LISTED_ERRORS`` failing paths. The listing stops there: a body with a
+        million failing items costs what twenty do. Slow enough to run off the
+        event loop (the caller's thread), never for a valid request."""
+        assert self.schema is not None
+        found = sorted(
+            itertools.islice(self.schema.thorough.iter_errors(document), MAX_LISTED_ERRORS),
+            key=lambda e: [str(part) for part in e.path],
+        )
+        details = [
+            {"path": _exact_path(e.absolute_path), "message": e.message[:200]} for e in found
+        ]
+        # Labelled by where in the schema, never by a key the client chose: the series
+        # stay as many as the schema has places.
+        for field in sorted({schema_field(e.absolute_schema_path) for e in found}) or ["$"]:
+            self._violations.labels(self.route, field).inc()
+        paths = ", ".join(d["path"] for d in details) or "$"
+        more = " (and more)" if len(found) == MAX_LISTED_ERRORS else ""
+        return errors.SchemaViolation(
+            f"the body does not match the route's schema at: {paths}{more}", details=details
+        )
+
+
+class SchemaFailed(Exception):
+    """The fast validator refused the document; ``RequestValidator.violation`` says
+    where, off the event loop."""
+
+    def __init__(self, document: Any) -> None:
+        super().__init__("schema violation")
+        self.document = document
+
+
+def schema_field(schema_path: Any) -> str:
+    """A failing place named by the schema's own structure: ``inputs[*].data`` for
+    properties and items, ``{*}`` for any key additionalProperties or
+    patternProperties admit. Bounded by the schema, whatever the body holds."""
+    out = ""
+    parts = list(schema_path)[:-1]  # the last part is the keyword that failed
+    index = 0
+    while index < len(parts):
+        part = parts[index]
+        if part == "properties" and index + 1 < len(parts):
+            name = str(parts[index + 1])
+            out += f".{name}" if out else name
+            index += 2
+            continue
+        if part in ("additionalProperties", "patternProperties"):
+            out += ".{*}" if out else "{*}"
+            index += 2 if part == "patternProperties" else 1
+            continue
+        if part in ("items", "additionalItems", "prefixItems"):
+            out += "[*]"
+        index += 1
+    return out or "$"

@@ -1,0 +1,202 @@
+"""The sidecar's logs: structured event lines and the access log, both off the hot path.
+
+    events   structlog lines (start, state changes, warnings) -> stdout
+    access   one JSON line per request                      -> stdout or a file
+    payload  sampled request and response bodies (optional) -> a file
+
+Each is a ``LogWriter``: bounded queue, batched writes from a thread, drops counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Mapping, MutableMapping
+from contextvars import ContextVar
+from typing import Any, Protocol
+
+import orjson
+import structlog
+
+from sidecar.config.schema import ConfigError, ConfigIssue, LoadedConfig, PayloadLogSettings
+from sidecar.telemetry.logwriter import (
+    FileSink,
+    LogWriter,
+    QueueFile,
+    Record,
+    Sink,
+    StreamSink,
+    render,
+)
+from sidecar.telemetry.metrics import Metrics
+from sidecar.telemetry.redaction import Redactor
+
+
+class RequestFields(Protocol):
+    """What log lines carry of the request in hand (``pipeline.context.RequestContext``)."""
+
+    request_id: str
+    sidecar_id: str
+    trace_id: str
+    principal: str | None
+
+
+# The request being handled by the current task (and the tasks it spawned).
+CURRENT_REQUEST: ContextVar[RequestFields | None] = ContextVar("sidecar_request", default=None)
+
+
+def add_request_fields(
+    logger: Any, method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: the current request's ids (and principal) on every line.
+
+    Read from the context when a line is logged, so a request pays one ContextVar
+    set instead of binding each field, and nothing carries over to the next
+    request on a kept-alive connection.
+    """
+    ctx = CURRENT_REQUEST.get()
+    if ctx is not None:
+        event.setdefault("request_id", ctx.request_id)
+        event.setdefault("sidecar_id", ctx.sidecar_id)
+        event.setdefault("trace_id", ctx.trace_id)
+        if ctx.principal is not None:
+            event.setdefault("principal", ctx.principal)
+    return event
+
+
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+# structlog writes into this; a running sidecar attaches its event writer to it.
+EVENT_STREAM = QueueFile()
+
+
+def configure_logging(level: str = "info") -> None:
+    structlog.configure(
+        processors=[
+            add_request_fields,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(serializer=orjson.dumps),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=structlog.BytesLoggerFactory(EVENT_STREAM),  # type: ignore[arg-type]
+        cache_logger_on_first_use=True,
+    )
+    # aiohttp's own loggers (low-level protocol errors) go to stderr as plain text.
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+
+
+def _sink(loaded: LoadedConfig, key: str, path: str, max_bytes: int | None, backups: int) -> Sink:
+    if path == "-":
+        return StreamSink()
+    file = loaded.resolve(path)
+    try:
+        return FileSink(file, max_bytes=max_bytes or 0, backups=backups)
+    except OSError as exc:
+        issue = ConfigIssue(key, f"cannot open {file}: {exc.strerror}")
+        raise ConfigError(str(loaded.path), [issue]) from None
+
+
+def payload_renderer(settings: PayloadLogSettings, redactor: Redactor) -> Any:
+    """Bodies are kept as bytes on the hot path; decoding and redaction happen here."""
+    limit = settings.max_body_size
+
+    def decode(body: bytes) -> Any:
+        if len(body) > limit:
+            return {"truncated": True, "size": len(body)}
+        try:
+            return redactor.json(orjson.loads(body))
+        except orjson.JSONDecodeError:
+            return {"non_json": True, "size": len(body)}
+
+    def render_payload(record: Record) -> bytes:
+        if isinstance(record, dict):
+            record["request"] = decode(record["request"])
+            record["response"] = decode(record["response"])
+        return render(record)
+
+    return render_payload
+
+
+class Logs:
+    """The log writers of one sidecar. ``sinks`` replaces a log's sink by name (tests)."""
+
+    def __init__(
+        self, loaded: LoadedConfig, metrics: Metrics, sinks: Mapping[str, Sink] | None = None
+    ) -> None:
+        settings = loaded.config.logging
+        size = settings.queue_size
+        budget = settings.queue_bytes
+        given = dict(sinks or {})
+        self.events = LogWriter(
+            "events",
+            given.get("events") or StreamSink(),
+            metrics,
+            queue_size=size,
+            queue_bytes=budget,
+        )
+        access = settings.access_log
+        self.access: LogWriter | None = None
+        if access.enabled:
+            sink = given.get("access") or _sink(
+                loaded, "logging.access_log.path", access.path, access.max_bytes, access.backups
+            )
+            self.access = LogWriter("access", sink, metrics, queue_size=size, queue_bytes=budget)
+        self.payload: LogWriter | None = None
+        if settings.payload_log is not None:
+            payload = settings.payload_log
+            self.payload = LogWriter(
+                "payload",
+                given.get("payload")
+                or _sink(
+                    loaded,
+                    "logging.payload_log.path",
+                    payload.path,
+                    payload.max_bytes,
+                    payload.backups,
+                ),
+                metrics,
+                queue_size=size,
+                queue_bytes=budget,
+                renderer=payload_renderer(payload, Redactor(settings.redact_fields)),
+            )
+
+        self.shadow: LogWriter | None = None
+        if settings.shadow_log is not None:
+            shadow = settings.shadow_log
+            self.shadow = LogWriter(
+                "shadow",
+                given.get("shadow")
+                or _sink(
+                    loaded, "logging.shadow_log.path", shadow.path, shadow.max_bytes, shadow.backups
+                ),
+                metrics,
+                queue_size=size,
+                queue_bytes=budget,
+            )
+
+    @property
+    def writers(self) -> list[LogWriter]:
+        candidates = (self.access, self.payload, self.shadow, self.events)
+        return [w for w in candidates if w is not None]
+
+    def start(self, *, capture_events: bool = True) -> None:
+        for writer in self.writers:
+            writer.start()
+        if capture_events:
+            EVENT_STREAM.writer = self.events
+
+    async def stop(self) -> None:
+        for writer in self.writers:
+            if writer is self.events:
+                continue
+            await writer.stop()
+        if EVENT_STREAM.writer is self.events:
+            EVENT_STREAM.writer = None
+        await self.events.stop()

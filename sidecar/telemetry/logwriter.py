@@ -1,0 +1,333 @@
+"""Log writing off the hot path: a bounded queue and a background writer.
+
+A request only calls ``submit()``: an append to a bounded deque, never I/O and never
+an await. When the queue is full the record is dropped and counted
+(``sidecar_log_dropped_total{log}``); the request is not delayed. The writer task
+wakes, lingers ``linger`` seconds so records gather (one thread hand-off per batch,
+not per request), renders them to JSON lines (orjson) and writes each batch from a
+worker thread, so even a stalled disk or a blocked stdout pipe cannot stall the
+event loop. ``stop()`` flushes what was accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import sys
+import threading
+from collections import deque
+from collections.abc import Callable, MutableMapping
+from datetime import UTC, datetime
+from pathlib import Path
+from queue import SimpleQueue
+from typing import Any, BinaryIO, Protocol
+
+import orjson
+
+from sidecar.background import BackgroundTasks
+from sidecar.telemetry.metrics import Metrics
+
+# Records are dicts rendered here, in the writer, or bytes a caller already rendered.
+Record = MutableMapping[str, Any] | bytes
+
+# RFC 3339 UTC timestamps ("...Z") and the newline come from orjson itself; anything
+# it cannot encode is written as its repr rather than failing the batch.
+_RENDER_OPTIONS = orjson.OPT_APPEND_NEWLINE | orjson.OPT_UTC_Z
+
+
+def render(record: Record) -> bytes:
+    if isinstance(record, bytes):
+        return record if record.endswith(b"\n") else record + b"\n"
+    timestamp = record.get("timestamp")
+    if isinstance(timestamp, float):
+        # Taken as a float on the hot path; made a datetime here, off it.
+        record["timestamp"] = datetime.fromtimestamp(timestamp, UTC)
+    return orjson.dumps(record, default=repr, option=_RENDER_OPTIONS)
+
+
+class Sink(Protocol):
+    def write(self, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class StreamSink:
+    """A stream such as stdout; it is flushed, never closed."""
+
+    def __init__(self, stream: BinaryIO | None = None) -> None:
+        self._stream = stream if stream is not None else sys.stdout.buffer
+
+    def write(self, data: bytes) -> None:
+        self._stream.write(data)
+        self._stream.flush()
+
+    def close(self) -> None:
+        self._stream.flush()
+
+
+class FileSink:
+    """An append-only file, rotated to ``path.1`` .. ``path.N`` past ``max_bytes``."""
+
+    def __init__(self, path: Path, *, max_bytes: int = 0, backups: int = 3) -> None:
+        self.path = path
+        self._max_bytes = max_bytes
+        self._backups = backups
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file: BinaryIO = path.open("ab")
+        self._size = self._file.tell()
+
+    def write(self, data: bytes) -> None:
+        if self._max_bytes and self._size and self._size + len(data) > self._max_bytes:
+            self._rotate()
+        self._file.write(data)
+        self._file.flush()
+        self._size += len(data)
+
+    def _rotate(self) -> None:
+        self._file.close()
+        for index in range(self._backups - 1, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{index}")
+            if older.exists():
+                os.replace(older, self.path.with_name(f"{self.path.name}.{index + 1}"))
+        if self._backups:
+            os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+        self._file = self.path.open("wb")
+        self._size = 0
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class _SinkThread:
+    """One daemon thread per log that does its writes. A sink blocked for good (a pipe
+    nobody reads) then blocks only this thread, and cannot keep the process from
+    exiting: the default executor's threads are joined at exit, and would."""
+
+    def __init__(self, name: str) -> None:
+        self._jobs: SimpleQueue[
+            tuple[Callable[[], None], asyncio.AbstractEventLoop, asyncio.Future[None]] | None
+        ] = SimpleQueue()
+        self._thread = threading.Thread(target=self._work, name=f"log-{name}", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            call, loop, done = job
+            error: BaseException | None = None
+            try:
+                call()
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting task
+                error = exc
+            with contextlib.suppress(RuntimeError):  # the loop may be gone at exit
+                loop.call_soon_threadsafe(_settle, done, error)
+
+    async def run(self, call: Callable[[], None]) -> None:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._jobs.put((call, loop, done))
+        await done
+
+    def close(self) -> None:
+        self._jobs.put(None)
+
+
+def _settle(done: asyncio.Future[None], error: BaseException | None) -> None:
+    if done.done():
+        return
+    if error is None:
+        done.set_result(None)
+    else:
+        done.set_exception(error)
+
+
+# A sink that fails is retried after these many seconds (then the batch is dropped,
+# and counted): a full disk or a closed stdout costs records, never the writer.
+RETRY_DELAYS = (0.1, 0.5, 2.0)
+
+
+class LogWriter:
+    def __init__(
+        self,
+        name: str,
+        sink: Sink,
+        metrics: Metrics,
+        *,
+        queue_size: int = 10_000,
+        queue_bytes: int = 64 * 1024 * 1024,
+        batch_size: int = 2048,
+        linger: float = 0.1,
+        renderer: Callable[[Record], bytes] = render,
+        retry_delays: tuple[float, ...] = RETRY_DELAYS,
+    ) -> None:
+        self.name = name
+        self._sink = sink
+        self._queue: deque[tuple[Record, int]] = deque()
+        self._queue_size = queue_size
+        self._queue_bytes = queue_bytes
+        self._bytes = 0
+        self._batch_size = batch_size
+        self._linger = linger
+        self._render = renderer
+        self._retry_delays = retry_delays
+        self._wakeup = asyncio.Event()
+        self._full_batch = asyncio.Event()
+        self._tasks = BackgroundTasks()
+        self._task: asyncio.Task[None] | None = None
+        self._thread: _SinkThread | None = None
+        self._stopping = False
+        self._closed = False
+        self._writing = 0  # records of the batch being written now
+        self.failing = False  # the last write failed
+        self.last_error: str | None = None
+        self._dropped = metrics.log_dropped.labels(name)
+        self._written = metrics.log_written.labels(name)
+        self._depth = metrics.log_queue_depth.labels(name)
+
+    # -- the hot path -------------------------------------------------------------
+
+    def submit(self, record: Record, size: int = 512) -> bool:
+        """Queue a record of about ``size`` bytes held; False (and counted) when the
+        queue is full, in records or in bytes. Never blocks."""
+        if (
+            len(self._queue) >= self._queue_size
+            or self._bytes + size > self._queue_bytes
+            or self._closed
+        ):
+            self._dropped.inc()
+            return False
+        self._queue.append((record, size))
+        self._bytes += size
+        if not self._wakeup.is_set():
+            self._wakeup.set()
+        elif len(self._queue) >= self._batch_size and not self._full_batch.is_set():
+            self._full_batch.set()  # no need to linger any longer
+        return True
+
+    # -- the writer ---------------------------------------------------------------
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def capacity(self) -> int:
+        return self._queue_size
+
+    @property
+    def fill(self) -> float:
+        """How full the queue is, by records or by bytes, whichever is fuller."""
+        return max(len(self._queue) / self._queue_size, self._bytes / self._queue_bytes)
+
+    @property
+    def alive(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def start(self) -> None:
+        self._thread = _SinkThread(self.name)
+        self._task = self._tasks.spawn(self._run(), name=f"log-writer-{self.name}")
+
+    async def _run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            if not self._stopping and len(self._queue) < self._batch_size:
+                # Let records gather (one thread hand-off per batch, not per request),
+                # until the linger ends or a full batch is waiting.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._linger):
+                        await self._full_batch.wait()
+            self._wakeup.clear()
+            self._full_batch.clear()
+            await self._write_all()
+            if self._stopping and not self._queue:
+                # No await between this check and here: nothing accepted is left behind.
+                self._closed = True
+                return
+
+    async def _write_all(self) -> None:
+        # Only what is queued now: records arriving meanwhile wait for the next linger,
+        # so a busy sidecar hands the thread one batch per linger, not one per write
+        # (back-to-back hand-offs cost the request path about 8% in throughput).
+        pending = len(self._queue)
+        while pending > 0 and self._queue:
+            self._depth.set(len(self._queue))
+            size = min(self._batch_size, pending, len(self._queue))
+            pending -= size
+            batch = [self._queue.popleft() for _ in range(size)]
+            self._bytes -= sum(held for _, held in batch)
+            data = b"".join(self._render(record) for record, _ in batch)
+            self._writing = len(batch)  # counted as dropped if the writer is stopped now
+            if await self._write(data):
+                self._written.inc(len(batch))
+            else:
+                self._dropped.inc(len(batch))
+            self._writing = 0
+        self._depth.set(0)
+
+    async def _write(self, data: bytes) -> bool:
+        """Write one batch, retrying a failing sink with backoff; False when it
+        could not be written."""
+        assert self._thread is not None
+        for delay in (*self._retry_delays, None):
+            try:
+                await self._thread.run(functools.partial(self._sink.write, data))
+            except (OSError, ValueError) as exc:  # a full disk, a closed stream
+                if not self.failing:
+                    print(f"sidecar: log {self.name}: cannot write: {exc}", file=sys.stderr)
+                self.failing = True
+                self.last_error = f"{type(exc).__name__}: {exc}"[:200]
+                if delay is None or self._stopping:
+                    return False
+                await asyncio.sleep(delay)
+            else:
+                self.failing = False
+                return True
+        return False
+
+    async def stop(self, flush_within: float = 10.0) -> None:
+        """Write everything accepted so far (for up to ``flush_within`` s), then close.
+        Whatever cannot be written is counted as dropped."""
+        self._stopping = True
+        self._wakeup.set()
+        if self._task is not None and not self._task.done():
+            try:
+                async with asyncio.timeout(flush_within):
+                    await asyncio.shield(self._task)
+            except TimeoutError:
+                await self._tasks.stop()  # the sink is stuck
+        self._closed = True
+        self._dropped.inc(len(self._queue) + self._writing)
+        self._writing = 0
+        self._queue.clear()
+        self._bytes = 0
+        thread = self._thread
+        if thread is not None:
+            with contextlib.suppress(TimeoutError, OSError, ValueError):
+                async with asyncio.timeout(flush_within):
+                    await thread.run(self._sink.close)
+            thread.close()
+
+
+class QueueFile:
+    """A write-only binary 'file' for structlog's BytesLogger that feeds a LogWriter.
+
+    Event log lines (warnings, state changes) take the same off-the-loop route as
+    access records. Before a writer is attached (start-up, CLI errors) they go
+    straight to stdout.
+    """
+
+    def __init__(self) -> None:
+        self.writer: LogWriter | None = None
+
+    def write(self, data: bytes) -> int:
+        writer = self.writer
+        if writer is not None and writer.alive:
+            writer.submit(bytes(data))
+        else:
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+        return len(data)
+
+    def flush(self) -> None:
+        pass

@@ -1,0 +1,322 @@
+"""Every Prometheus series the sidecar exports, declared once on an injectable registry.
+
+With several worker processes (``PROMETHEUS_MULTIPROC_DIR`` set before start),
+prometheus-client keeps each process's values in files there, and ``render`` sums
+them; gauges say how they combine (live sum, min, max).
+
+Label values come from config names (route and upstream names), HTTP status codes
+and a fixed set of outcomes, never from raw paths or request ids, so the number of
+series stays bounded whatever the traffic.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from sidecar.config.schema import multiprocess_directory
+
+# Model latency spans GPU micro-batches (ms) to LLM generations (tens of seconds).
+MODEL_LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+
+# Outcomes of a request, as used in sidecar_requests_total and the access log.
+OUTCOME_OK = "ok"  # the model answered (any status below 500)
+OUTCOME_MODEL_ERROR = "model_error"  # the model answered with a 5xx, passed through
+OUTCOME_REJECTED = "rejected"  # the sidecar refused the request (4xx of its own)
+OUTCOME_UPSTREAM_FAILED = "upstream_failed"  # no usable answer: 502/504 of the sidecar
+OUTCOME_ABORTED = "aborted"  # the upstream failed after the response had started
+OUTCOME_CLIENT_CLOSED = "client_closed"  # the client went away before the answer ended
+OUTCOME_OVERLOADED = "overloaded"  # shed or circuit open without a fallback
+OUTCOME_FALLBACK = "fallback"  # answered by a fallback rule instead of the model
+OUTCOME_ERROR = "error"  # a bug in the sidecar (500)
+OUTCOME_OWN = "own"  # the sidecar's own endpoints (/livez, /readyz, ...)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+# The *_created series double the output and no dashboard of ours reads them.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "sidecar_requests_total",
+            "Requests answered, by route, HTTP status and outcome.",
+            ["route", "status", "outcome"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "sidecar_request_duration_seconds",
+            "Time from request received to response finished, by route.",
+            ["route"],
+            buckets=MODEL_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "sidecar_upstream_duration_seconds",
+            "Time until the upstream's response headers arrived, by upstream.",
+            ["upstream"],
+            buckets=MODEL_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "sidecar_in_flight_requests",
+            "Requests being handled right now.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.upstream_ready = Gauge(
+            "sidecar_upstream_ready",
+            "1 when the upstream's last readiness probe passed, else 0.",
+            ["upstream"],
+            registry=r,
+            multiprocess_mode="min",
+        )
+
+        self.retries = Counter(
+            "sidecar_retries_total",
+            "Retries sent to an upstream, by reason (connect, timeout, status).",
+            ["upstream", "reason"],
+            registry=r,
+        )
+        self.retry_budget_exhausted = Counter(
+            "sidecar_retry_budget_exhausted_total",
+            "Retries not sent because the upstream's retry budget was used up.",
+            ["upstream"],
+            registry=r,
+        )
+        self.circuit_state = Gauge(
+            "sidecar_circuit_state",
+            "Circuit breaker state per upstream: 0 closed, 1 half-open, 2 open.",
+            ["upstream"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.circuit_transitions = Counter(
+            "sidecar_circuit_transitions_total",
+            "Circuit breaker state changes per upstream.",
+            ["upstream", "from_state", "to_state"],
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "sidecar_fallback_total",
+            "Answers given by a fallback instead of the model, by route and rule.",
+            ["route", "rule"],
+            registry=r,
+        )
+
+        self.log_dropped = Counter(
+            "sidecar_log_dropped_total",
+            "Log records dropped because the log's queue was full (or its sink stuck).",
+            ["log"],
+            registry=r,
+        )
+        self.log_written = Counter(
+            "sidecar_log_written_total",
+            "Log records written, by log.",
+            ["log"],
+            registry=r,
+        )
+        self.log_queue_depth = Gauge(
+            "sidecar_log_queue_depth",
+            "Log records waiting to be written, by log.",
+            ["log"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+
+        self.prediction_psi = Gauge(
+            "sidecar_prediction_psi",
+            "Population stability index of predictions against the baseline, by route.",
+            ["route"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.feature_psi = Gauge(
+            "sidecar_feature_psi",
+            "Population stability index of an input feature against the baseline.",
+            ["route", "feature"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+
+        self.feature_quality = Counter(
+            "sidecar_feature_quality_total",
+            "Drift features that arrived missing, null, not a number, or outside the "
+            "range the baseline saw, by route, feature and problem.",
+            ["route", "feature", "problem"],
+            registry=r,
+        )
+        self.process_cpu = Counter(
+            "sidecar_process_cpu_seconds",
+            "CPU time used by the sidecar's processes (every worker counted).",
+            registry=r,
+        )
+        self.process_memory = Gauge(
+            "sidecar_process_resident_memory_bytes",
+            "Resident memory of the sidecar's processes, summed over live workers.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+
+        self.schema_violations = Counter(
+            "sidecar_schema_violations_total",
+            "Requests refused by a route's JSON Schema, by route and failing field.",
+            ["route", "field"],
+            registry=r,
+        )
+
+        self.auth_failures = Counter(
+            "sidecar_auth_failures_total",
+            "Requests refused by authentication or authorisation, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.ratelimited = Counter(
+            "sidecar_ratelimited_total",
+            "Requests over a rate limit, by scope, principal and mode (enforced/report_only).",
+            ["scope", "principal", "mode"],
+            registry=r,
+        )
+
+        self.shadow_requests = Counter(
+            "sidecar_shadow_requests_total",
+            "Shadow copies by outcome: sent, and of those error, timeout or "
+            "skipped_too_large; skipped_busy ones were never sent.",
+            ["route", "outcome"],
+            registry=r,
+        )
+        self.shadow_comparisons = Counter(
+            "sidecar_shadow_comparisons_total",
+            "Comparisons of shadow and primary answers: match, mismatch or error.",
+            ["route", "result"],
+            registry=r,
+        )
+        self.shadow_latency_delta = Histogram(
+            "sidecar_shadow_latency_delta_seconds",
+            "Shadow model latency minus primary model latency.",
+            ["route"],
+            buckets=(
+                -5.0,
+                -1.0,
+                -0.5,
+                -0.1,
+                -0.05,
+                -0.01,
+                -0.001,
+                0.0,
+                0.001,
+                0.01,
+                0.05,
+                0.1,
+                0.5,
+                1.0,
+                5.0,
+            ),
+            registry=r,
+        )
+        self.shadow_fraction = Gauge(
+            "sidecar_shadow_fraction",
+            "The share of requests mirrored right now (after the governor).",
+            ["route"],
+            registry=r,
+            multiprocess_mode="min",
+        )
+
+        self.dropped = Counter(
+            "sidecar_dropped_total",
+            "Items a bounded buffer let go to stay in its byte budget: fallback cache "
+            "answers evicted, drift bodies not taken in.",
+            ["buffer", "route"],
+            registry=r,
+        )
+
+        self.config_reloads = Counter(
+            "sidecar_config_reloads_total",
+            "Config reloads by result (ok, invalid).",
+            ["result"],
+            registry=r,
+        )
+        self.config_info = Gauge(
+            "sidecar_config_info",
+            "The config in service: 1, labelled with its file's sha256 and path.",
+            ["sha256", "path"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+
+        self.loop_lag = Gauge(
+            "sidecar_event_loop_lag_seconds",
+            "How late the event loop woke a timer, last measured.",
+            registry=r,
+            multiprocess_mode="max",
+        )
+
+        self.shared_state_up = Gauge(
+            "sidecar_shared_state_up",
+            "1 while Redis-shared limits and breaker state work; 0: local fallback.",
+            registry=r,
+            multiprocess_mode="min",
+        )
+
+        # labels() validates and locks on every call; the hot path asks for the same
+        # few children again and again, so they are looked up once and kept.
+        self._request_children: dict[tuple[str, int, str], Any] = {}
+        self._duration_children: dict[str, Any] = {}
+        self._upstream_children: dict[str, Any] = {}
+
+    def count_request(self, route: str, status: int, outcome: str, seconds: float) -> None:
+        key = (route, status, outcome)
+        counter = self._request_children.get(key)
+        if counter is None:
+            counter = self._request_children[key] = self.requests.labels(
+                route, str(status), outcome
+            )
+        counter.inc()
+        histogram = self._duration_children.get(route)
+        if histogram is None:
+            histogram = self._duration_children[route] = self.request_duration.labels(route)
+        histogram.observe(seconds)
+
+    def observe_upstream(self, upstream: str, seconds: float) -> None:
+        histogram = self._upstream_children.get(upstream)
+        if histogram is None:
+            histogram = self._upstream_children[upstream] = self.upstream_duration.labels(upstream)
+        histogram.observe(seconds)
+
+    def render(self) -> bytes:
+        """Prometheus text; with several worker processes, the sum over all of them."""
+        directory = multiprocess_directory()
+        if directory is None:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)

@@ -1,0 +1,192 @@
+"""A circuit breaker per upstream, built on pybreaker, with a bounded half-open state.
+
+pybreaker counts consecutive failures and opens; after ``reset_timeout`` the next
+call runs in half-open and its result closes or re-opens the circuit. Two things
+are added here for asyncio:
+
+* pybreaker lets *every* concurrent caller through in half-open; here at most
+  ``half_open_probes`` requests probe at once and everyone else is refused (and so
+  gets the fallback), so a recovering model is not hit by the whole backlog.
+* pybreaker is told an outcome after the call instead of being wrapped around the
+  await (a fifth of the cost), and only ``BreakerFailure`` counts as a failure. A
+  cancelled request says nothing either way: pybreaker would take an excluded
+  exception for a success, so a cancelled half-open probe would close the circuit.
+  Here it leaves the circuit half-open, and the next request probes.
+* An outcome arriving after the circuit left the state it started in is dropped, so
+  a slow request from before a trip neither extends the open period nor ends it.
+* ``probe_passed()``: a passing health probe moves an open circuit whose reset
+  timeout is over to half-open, so readiness never waits on a circuit that only a
+  request could close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pybreaker
+import structlog
+
+from sidecar.config.schema import BreakerSettings
+from sidecar.http import errors
+from sidecar.telemetry.metrics import Metrics
+
+log = structlog.get_logger("sidecar.upstream.breaker")
+
+T = TypeVar("T")
+
+CLOSED, OPEN, HALF_OPEN = pybreaker.STATE_CLOSED, pybreaker.STATE_OPEN, pybreaker.STATE_HALF_OPEN
+# sidecar_circuit_state values: the higher, the worse.
+STATE_VALUES = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
+
+
+class BreakerFailure(Exception):
+    """Raised inside the breaker for an outcome that counts as the upstream failing.
+
+    ``cause`` is what the caller acts on afterwards (a ``SidecarError``, or the
+    model's own 5xx response, which still passes through or falls back).
+    """
+
+    def __init__(self, cause: Any) -> None:
+        super().__init__(type(cause).__name__)
+        self.cause = cause
+
+
+def _not_a_failure(exc: BaseException) -> bool:
+    return not isinstance(exc, BreakerFailure)
+
+
+# pybreaker treats an excluded exception as a success; these must never count.
+_EXCLUDED: list[Any] = [asyncio.CancelledError, _not_a_failure]
+
+
+class _StateListener(pybreaker.CircuitBreakerListener):
+    def __init__(self, owner: UpstreamBreaker) -> None:
+        self._owner = owner
+
+    def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:
+        old = old_state.name if old_state is not None else "none"
+        self._owner._on_state_change(old, new_state.name)
+
+
+class UpstreamBreaker:
+    def __init__(
+        self,
+        upstream: str,
+        settings: BreakerSettings,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.upstream = upstream
+        self.settings = settings
+        self._metrics = metrics
+        self._clock = clock
+        self._opened_at: float | None = None
+        self._probes_in_flight = 0
+        self._breaker = pybreaker.CircuitBreaker(
+            fail_max=settings.failures,
+            # The reset timeout is enforced by _admit() on an injectable monotonic
+            # clock; pybreaker's own check (on the wall clock) is switched off.
+            reset_timeout=0,
+            exclude=_EXCLUDED,
+            listeners=[_StateListener(self)],
+            throw_new_error_on_trip=False,  # the tripping request keeps its own error
+            name=upstream,
+        )
+        metrics.circuit_state.labels(upstream).set(STATE_VALUES[CLOSED])
+
+    @property
+    def state(self) -> str:
+        return str(self._breaker.current_state)
+
+    def _on_state_change(self, old: str, new: str) -> None:
+        if new == OPEN:
+            self._opened_at = self._clock()
+        self._metrics.circuit_state.labels(self.upstream).set(STATE_VALUES[new])
+        self._metrics.circuit_transitions.labels(self.upstream, old, new).inc()
+        log.warning("circuit_state_changed", upstream=self.upstream, old=old, new=new)
+
+    def force_state(self, state: str) -> None:
+        """Take a state decided elsewhere (another replica, via shared state)."""
+        if state == OPEN:
+            self._breaker.open()
+        elif state == CLOSED:
+            self._breaker.close()
+        elif state == HALF_OPEN:
+            self._breaker.half_open()
+
+    async def _call_closed(self, attempt: Callable[[bool], Awaitable[T]]) -> T:
+        """The common case, without pybreaker's lock and generator around the await:
+        the outcome is reported afterwards, and only while the circuit is still
+        closed (a late result from before a trip must not extend or end the open
+        period). A run of failures is reset by a success; cancellation says nothing."""
+        try:
+            result = await attempt(False)
+        except BreakerFailure as failure:
+            self._report(failure, CLOSED)
+            raise
+        if self._breaker.fail_counter:
+            self._report(None, CLOSED)
+        return result
+
+    def _report(self, failure: BreakerFailure | None, started_in: str) -> None:
+        if self.state != started_in:
+            return
+        try:
+            with self._breaker.calling():
+                if failure is not None:
+                    raise failure
+        except BreakerFailure:
+            pass  # counted (and maybe tripped the circuit); the caller re-raises it
+        except pybreaker.CircuitBreakerError:
+            pass  # the report itself re-opened it
+
+    def _admit(self) -> bool:
+        """Let a request through (True if it is a half-open probe) or raise CircuitOpen."""
+        state = self.state
+        if state == CLOSED:
+            return False
+        if state == OPEN and (
+            self._opened_at is not None
+            and self._clock() - self._opened_at < self.settings.reset_timeout
+        ):
+            raise errors.CircuitOpen(f"circuit for upstream {self.upstream!r} is open")
+        if self._probes_in_flight >= self.settings.half_open_probes:
+            raise errors.CircuitOpen(
+                f"circuit for upstream {self.upstream!r} is half-open and its probes are busy"
+            )
+        if state == OPEN:
+            self._breaker.half_open()
+        self._probes_in_flight += 1
+        return True
+
+    def probe_passed(self) -> None:
+        """The upstream's health probe passed: an open circuit past its reset timeout
+        lets the next request through to find out (half-open)."""
+        if (
+            self.state == OPEN
+            and self._opened_at is not None
+            and self._clock() - self._opened_at >= self.settings.reset_timeout
+        ):
+            self._breaker.half_open()
+
+    async def call(self, attempt: Callable[[bool], Awaitable[T]]) -> T:
+        """Run ``attempt(is_probe)`` under the breaker.
+
+        ``attempt`` raises ``BreakerFailure`` for an outcome that counts against the
+        upstream. Raises ``CircuitOpen`` without calling it while the circuit is open.
+        """
+        probe = self._admit()
+        if not probe:
+            return await self._call_closed(attempt)
+        try:
+            result = await attempt(probe)
+        except BreakerFailure as failure:
+            self._report(failure, HALF_OPEN)
+            raise
+        finally:
+            self._probes_in_flight -= 1
+        self._report(None, HALF_OPEN)  # the model answered: closed
+        return result

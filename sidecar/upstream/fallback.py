@@ -1,0 +1,278 @@
+"""Fallback answers for when the model cannot give one: tried in order, first wins.
+
+    cache      the last good answer to the same canonical request body (LRU + TTL)
+    rules      ordered conditions over the request JSON -> a configured answer
+    static     a fixed default answer
+    upstream   a secondary (simpler) model server
+
+Every fallback answer carries ``X-Sidecar-Fallback: <rule name>``. Everything is
+compiled when the config is loaded; answering only reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import structlog
+
+from sidecar.config.rules import Predicate, compile_condition
+from sidecar.config.schema import Answer, CacheFallback, FallbackPolicy, UpstreamFallback
+from sidecar.http import errors
+from sidecar.http.client import BrokenAnswer
+from sidecar.http.messages import Headers, Response
+from sidecar.upstream.upstreams import UpstreamCall, UpstreamClient, Upstreams
+
+log = structlog.get_logger("sidecar.upstream.fallback")
+
+FALLBACK_HEADER = "X-Sidecar-Fallback"
+
+
+@dataclass(frozen=True, slots=True)
+class _Canned:
+    """A configured answer, encoded once."""
+
+    name: str
+    status: int
+    body: bytes
+    headers: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def from_answer(cls, name: str, answer: Answer) -> _Canned:
+        headers = {"Content-Type": "application/json", **answer.headers}
+        return cls(name, answer.status, orjson.dumps(answer.body), tuple(headers.items()))
+
+    def response(self) -> Response:
+        response = Response(self.status, self.body, Headers(self.headers))
+        response.headers[FALLBACK_HEADER] = self.name
+        return response
+
+
+@dataclass(slots=True)
+class _CacheEntry:
+    stored_at: float
+    status: int
+    content_type: str | None
+    body: bytes
+
+
+def canonical_key(method: str, target: str, body: bytes, protocol: str = "plain") -> str:
+    """The same request to the same model gives the same key, whatever the JSON's key
+    order or spacing; the method and target keep two models behind one route apart.
+    A V2 request's top-level ``id`` names the request, not its inputs: it is left out."""
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        canonical = body
+    else:
+        if protocol == "v2" and isinstance(document, dict):
+            document.pop("id", None)
+        canonical = orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
+    digest = hashlib.blake2b(digest_size=16)
+    for part in (method.encode(), b" ", target.encode(), b"\n", canonical):
+        digest.update(part)
+    return digest.hexdigest()
+
+
+def restamp_id(body: bytes, request_body: bytes, protocol: str, request_id: str) -> bytes:
+    """A cached answer's top-level ``id`` belonged to the request that was cached. V2
+    echoes the request's ``id``: this request's, or none when it named none. OpenAI
+    names each completion: a fresh name. Plain JSON answers are left as they are
+    (their ``id`` is data, and it was part of the cache key)."""
+    if protocol == "plain" or b'"id"' not in body:
+        return body
+    try:
+        answer = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body
+    if not isinstance(answer, dict) or "id" not in answer:
+        return body
+    if protocol == "openai":
+        answer["id"] = f"cached-{request_id}"
+        return orjson.dumps(answer)
+    try:
+        request = orjson.loads(request_body)
+    except orjson.JSONDecodeError:
+        request = None
+    if isinstance(request, dict) and "id" in request:
+        answer["id"] = request["id"]
+    else:
+        del answer["id"]
+    return orjson.dumps(answer)
+
+
+class ResponseCache:
+    """An LRU of good answers with a time to live, bounded in entries and in bytes;
+    what it evicts to stay in budget is counted."""
+
+    name = "cache"
+
+    def __init__(
+        self,
+        settings: CacheFallback,
+        protocol: str = "plain",
+        clock: Callable[[], float] = time.monotonic,
+        evicted: Any = None,
+    ):
+        self._settings = settings
+        self._protocol = protocol
+        self._clock = clock
+        self._entries: OrderedDict[str, _CacheEntry] = OrderedDict()
+        self._bytes = 0
+        self._evicted = evicted  # a counter child, or None
+
+    @property
+    def size_bytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def store(
+        self,
+        method: str,
+        target: str,
+        request_body: bytes,
+        status: int,
+        content_type: str | None,
+        body: bytes,
+    ) -> None:
+        if len(body) > self._settings.max_body_size:
+            return
+        key = canonical_key(method, target, request_body, self._protocol)
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self._bytes -= len(old.body)
+        self._entries[key] = _CacheEntry(self._clock(), status, content_type, body)
+        self._bytes += len(body)
+        while (
+            len(self._entries) > self._settings.max_entries
+            or self._bytes > self._settings.max_bytes
+        ):
+            _, evicted = self._entries.popitem(last=False)
+            self._bytes -= len(evicted.body)
+            if self._evicted is not None:
+                self._evicted.inc()
+
+    def answer(
+        self, method: str, target: str, request_body: bytes, request_id: str
+    ) -> Response | None:
+        key = canonical_key(method, target, request_body, self._protocol)
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        age = self._clock() - entry.stored_at
+        if age > self._settings.ttl:
+            del self._entries[key]
+            self._bytes -= len(entry.body)
+            return None
+        self._entries.move_to_end(key)
+        headers = Headers([(FALLBACK_HEADER, self.name), ("Age", str(int(age)))])
+        if entry.content_type:
+            headers["Content-Type"] = entry.content_type
+        body = restamp_id(entry.body, request_body, self._protocol, request_id)
+        return Response(entry.status, body, headers)
+
+
+class RuleSet:
+    def __init__(self, rules: tuple[tuple[str, Predicate, _Canned], ...]) -> None:
+        self._rules = rules
+
+    def answer(self, request_body: bytes) -> Response | None:
+        try:
+            document: Any = orjson.loads(request_body)
+        except orjson.JSONDecodeError:
+            return None
+        for _name, matches, canned in self._rules:
+            if matches(document):
+                return canned.response()
+        return None
+
+
+class SecondaryUpstream:
+    def __init__(self, upstream: UpstreamClient, settings: UpstreamFallback) -> None:
+        self.upstream = upstream
+        self.timeout = settings.timeout
+
+    async def answer(self, call: UpstreamCall) -> Response | None:
+        upstream = self.upstream
+        try:
+            async with asyncio.timeout(self.timeout):
+                # This upstream's own headers and deadline, never the primary's.
+                response = await upstream.send(call, within=self.timeout)
+                try:
+                    payload = await response.read()
+                finally:
+                    response.release()  # reused only when read to the end
+        except (errors.SidecarError, BrokenAnswer, TimeoutError) as exc:
+            reason = exc.type if isinstance(exc, errors.SidecarError) else "upstream_error"
+            log.warning("fallback_upstream_failed", upstream=upstream.name, error=reason)
+            return None
+        if response.status >= 500:
+            return None
+        out = Response(response.status, payload)
+        content_type = response.headers.get("Content-Type")
+        if content_type:
+            out.headers["Content-Type"] = content_type
+        out.headers[FALLBACK_HEADER] = upstream.name
+        return out
+
+
+Step = ResponseCache | RuleSet | _Canned | SecondaryUpstream
+
+
+class FallbackChain:
+    def __init__(
+        self,
+        policy: FallbackPolicy,
+        upstreams: Upstreams,
+        clock: Callable[[], float] = time.monotonic,
+        protocol: str = "plain",
+        evicted: Any = None,
+    ) -> None:
+        self.triggers = frozenset(policy.triggers)
+        self.statuses = frozenset(policy.statuses)
+        self.cache: ResponseCache | None = None
+        steps: list[Step] = []
+        for step in policy.chain:
+            if step.cache is not None:
+                self.cache = ResponseCache(step.cache, protocol, clock, evicted)
+                steps.append(self.cache)
+            elif step.rules is not None:
+                steps.append(
+                    RuleSet(
+                        tuple(
+                            (
+                                rule.name,
+                                compile_condition(rule.when),
+                                _Canned.from_answer(rule.name, rule.respond),
+                            )
+                            for rule in step.rules
+                        )
+                    )
+                )
+            elif step.static is not None:
+                steps.append(_Canned.from_answer(step.static.name, step.static))
+            elif step.upstream is not None:
+                steps.append(SecondaryUpstream(upstreams[step.upstream.name], step.upstream))
+        self._steps = tuple(steps)
+
+    async def answer(self, call: UpstreamCall, body: bytes) -> Response | None:
+        for step in self._steps:
+            if isinstance(step, _Canned):
+                return step.response()
+            if isinstance(step, SecondaryUpstream):
+                answer = await step.answer(call)
+            elif isinstance(step, ResponseCache):
+                answer = step.answer(call.method, call.target, body, call.request_id)
+            else:
+                answer = step.answer(body)
+            if answer is not None:
+                return answer
+        return None

@@ -1,0 +1,307 @@
+"""Shadow traffic: a sampled copy of real requests to a candidate model, compared with
+production's answer, and unable to hurt production.
+
+On the request path a route's mirror only decides (a hash of the request id against
+the governed fraction, and a cap on copies in flight: past it the copy is skipped and
+counted, never queued) and starts a background task. The copy carries
+``X-Sidecar-Shadow: 1`` and the same ``X-Request-ID``; its answer never reaches the
+client. Once both answers are in, the task compares them (``sidecar.analytics.compare``),
+counts, and writes one line to the comparison log. The primary path never waits for
+the shadow: it only hands over its own outcome when it has one.
+
+The governor lowers the fraction when the shadow keeps failing, or when primary
+requests that were mirrored are slower or fail more than those that were not (or
+than before shadowing), and raises it again step by step once things are healthy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import structlog
+
+from sidecar.analytics.compare import Comparer
+from sidecar.analytics.sampling import sampled
+from sidecar.background import BackgroundTasks
+from sidecar.config.schema import ShadowGovernor, ShadowSettings
+from sidecar.http import errors
+from sidecar.http.client import BrokenAnswer, ClientResponse
+from sidecar.telemetry.logwriter import LogWriter
+from sidecar.telemetry.metrics import Metrics
+from sidecar.upstream.upstreams import UpstreamCall, UpstreamClient
+
+log = structlog.get_logger("sidecar.upstream.shadow")
+
+SHADOW_HEADER = "X-Sidecar-Shadow"
+
+
+@dataclass(slots=True)
+class PrimaryOutcome:
+    status: int
+    body: bytes | None  # None: too large to compare, or never held (fallback, error)
+    latency: float  # the model's time (to headers), seconds
+    streamed: bool = False
+    reason: str | None = None  # why there is nothing to compare
+
+
+@dataclass(slots=True)
+class ShadowTicket:
+    """The primary side's half of one mirrored request."""
+
+    outcome: asyncio.Future[PrimaryOutcome | None]
+
+    def resolve(self, outcome: PrimaryOutcome | None) -> None:
+        if not self.outcome.done():
+            self.outcome.set_result(outcome)
+
+
+@dataclass
+class StreamCapture:
+    """Bytes of a streamed primary answer, kept for comparison up to a cap."""
+
+    limit: int
+    chunks: list[bytes] = field(default_factory=list)
+    size: int = 0
+    overflow: bool = False
+
+    def add(self, chunk: bytes) -> None:
+        if self.overflow:
+            return
+        self.size += len(chunk)
+        if self.size > self.limit:
+            self.overflow = True
+            self.chunks.clear()
+        else:
+            self.chunks.append(chunk)
+
+
+async def _read_capped(response: ClientResponse, limit: int) -> bytes | None:
+    """The whole body, or None as soon as it passes ``limit`` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await response.read_chunk():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class Governor:
+    """Backs the effective fraction off on trouble and lets it recover when healthy."""
+
+    def __init__(self, configured: float, settings: ShadowGovernor) -> None:
+        self.configured = configured
+        self.fraction = configured
+        self.settings = settings
+        self._reset()
+        self.reference_latency: float | None = None
+        self.reference_error_rate: float | None = None
+
+    def _reset(self) -> None:
+        self.shadow_sent = 0
+        self.shadow_failed = 0
+        self.mirrored = [0, 0.0, 0]  # count, latency sum, 5xx count
+        self.plain = [0, 0.0, 0]
+
+    def record_shadow(self, failed: bool) -> None:
+        self.shadow_sent += 1
+        self.shadow_failed += failed
+
+    def record_primary(self, latency: float, error: bool, mirrored: bool) -> None:
+        bucket = self.mirrored if mirrored else self.plain
+        bucket[0] += 1
+        bucket[1] += latency
+        bucket[2] += error
+
+    def evaluate(self) -> tuple[float, str]:
+        """Once per interval: the new fraction and why."""
+        s = self.settings
+        if self.plain[0] >= s.min_samples:  # unmirrored traffic is the reference
+            self.reference_latency = self.plain[1] / self.plain[0]
+            self.reference_error_rate = self.plain[2] / self.plain[0]
+        reason = "healthy"
+        if self.shadow_sent >= s.min_samples and (
+            self.shadow_failed / self.shadow_sent > s.max_shadow_failure_rate
+        ):
+            reason = "shadow failing"
+        elif self.mirrored[0] >= s.min_samples and self.reference_latency is not None:
+            latency = self.mirrored[1] / self.mirrored[0]
+            error_rate = self.mirrored[2] / self.mirrored[0]
+            slower = latency - self.reference_latency
+            if (
+                latency > (1 + s.max_latency_increase) * self.reference_latency
+                and slower > s.min_latency_increase  # no flapping on sub-ms noise
+            ):
+                reason = "primary slower while shadowing"
+            elif error_rate > (self.reference_error_rate or 0.0) + s.max_error_rate_increase:
+                reason = "primary failing more while shadowing"
+        if reason == "healthy":
+            self.fraction = min(self.configured, self.fraction + s.recover_step * self.configured)
+        else:
+            self.fraction *= s.backoff_factor
+            if self.fraction < 0.001:
+                self.fraction = 0.0
+        self._reset()
+        return self.fraction, reason
+
+
+class ShadowMirror:
+    def __init__(
+        self,
+        route: str,
+        settings: ShadowSettings,
+        upstream: UpstreamClient,
+        metrics: Metrics,
+        comparison_log: LogWriter | None,
+    ) -> None:
+        self.route = route
+        self.settings = settings
+        self.upstream = upstream
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.governor = Governor(settings.fraction, settings.governor)
+        self._comparer = Comparer(settings.compare)
+        self._log = comparison_log
+        self._tasks = BackgroundTasks()  # the copies in flight
+        self._governing = BackgroundTasks()
+        self._requests = metrics.shadow_requests
+        self._comparisons = metrics.shadow_comparisons
+        self._delta = metrics.shadow_latency_delta.labels(route)
+        self._fraction_gauge = metrics.shadow_fraction.labels(route)
+        self._fraction_gauge.set(self.governor.fraction)
+
+    # -- the hot path -------------------------------------------------------------
+
+    def mirror(self, call: UpstreamCall) -> ShadowTicket | None:
+        if not sampled(self.governor.fraction):
+            return None
+        if self.in_flight >= self.settings.max_in_flight:
+            self._requests.labels(self.route, "skipped_busy").inc()
+            return None
+        headers = call.headers.copy()
+        headers[SHADOW_HEADER] = "1"
+        copy = UpstreamCall(call.method, call.target, headers, call.body, call.request_id)
+        ticket = ShadowTicket(asyncio.get_running_loop().create_future())
+        self.in_flight += 1
+        self._idle.clear()
+        self._tasks.spawn(self._shadow(copy, ticket), name=f"shadow-{self.route}")
+        return ticket
+
+    # -- the background -----------------------------------------------------------
+
+    def start(self) -> None:
+        if self.settings.governor.enabled:
+            self._governing.spawn(self._govern(), name=f"shadow-governor-{self.route}")
+
+    async def wait_idle(self) -> None:
+        """Until every copy in flight has been compared (or given up)."""
+        await self._idle.wait()
+
+    async def stop_governing(self) -> None:
+        await self._governing.stop()
+
+    async def stop(self, drain_within: float = 2.0) -> None:
+        """Let copies in flight finish briefly, then cancel what is left."""
+        try:
+            async with asyncio.timeout(drain_within):
+                await self.wait_idle()
+        except TimeoutError:
+            log.info("shadow_copies_cancelled", route=self.route, in_flight=self.in_flight)
+        await self._tasks.stop()
+        await self._governing.stop()
+
+    async def _govern(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.governor.interval)
+            self.govern()
+
+    def govern(self) -> float:
+        before = self.governor.fraction
+        fraction, reason = self.governor.evaluate()
+        self._fraction_gauge.set(fraction)
+        if fraction != before:
+            log.info(
+                "shadow_fraction_changed",
+                route=self.route,
+                fraction=round(fraction, 4),
+                previous=round(before, 4),
+                reason=reason,
+            )
+        return fraction
+
+    async def _shadow(self, call: UpstreamCall, ticket: ShadowTicket) -> None:
+        try:
+            await self._compare_when_both_in(call, ticket)
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self._idle.set()
+
+    async def _send(self, call: UpstreamCall) -> tuple[str, int, bytes | None, float]:
+        """(outcome, status, body or None when too large, seconds)."""
+        limit = self.settings.compare.max_body_size
+        started = time.perf_counter()
+        self._requests.labels(self.route, "sent").inc()
+        try:
+            async with asyncio.timeout(self.settings.timeout):
+                # The shadow's own headers and deadline, never the primary's.
+                response = await self.upstream.send(call, within=self.settings.timeout)
+                try:
+                    body = await _read_capped(response, limit)
+                finally:
+                    response.release()  # reused only when read to the end
+                latency = time.perf_counter() - started
+                if body is None:
+                    return "skipped_too_large", response.status, None, latency
+                return "ok", response.status, body, latency
+        except (TimeoutError, errors.UpstreamTimeout):
+            return "timeout", 0, None, time.perf_counter() - started
+        except (errors.SidecarError, BrokenAnswer):
+            return "error", 0, None, time.perf_counter() - started
+
+    async def _compare_when_both_in(self, call: UpstreamCall, ticket: ShadowTicket) -> None:
+        outcome, status, body, latency = await self._send(call)
+        self.governor.record_shadow(failed=outcome in ("error", "timeout") or status >= 500)
+        primary = await ticket.outcome
+        record: dict[str, object] = {
+            "timestamp": time.time(),
+            "request_id": call.request_id,
+            "route": self.route,
+            "primary_status": primary.status if primary else None,
+            "shadow_status": status or None,
+            "primary_ms": round(primary.latency * 1000, 3) if primary else None,
+            "shadow_ms": round(latency * 1000, 3),
+        }
+        if primary is not None and primary.body is None and primary.reason == "too_large":
+            outcome = "skipped_too_large"
+        if outcome != "ok":
+            self._requests.labels(self.route, outcome).inc()
+        if outcome == "skipped_too_large":
+            record.update(result="skipped", reason="too large to compare")
+        elif primary is None or primary.body is None or body is None:
+            self._comparisons.labels(self.route, "error").inc()
+            reason = (primary.reason if primary else None) or f"shadow {outcome}"
+            record.update(result="error", agreement=None, reason=reason)
+        else:
+            comparison = self._comparer.compare(
+                primary.status, primary.body, status, body, streamed=primary.streamed
+            )
+            self._comparisons.labels(self.route, comparison.result).inc()
+            delta = latency - primary.latency
+            self._delta.observe(delta)
+            record.update(
+                result=comparison.result,
+                agreement=comparison.agreement,
+                reason=comparison.reason,
+                latency_delta_ms=round(delta * 1000, 3),
+                max_abs_diff=comparison.max_abs_diff,
+                cosine=comparison.cosine,
+                label_agreement=comparison.label_agreement,
+                differences=comparison.differences,
+            )
+        if self._log is not None:
+            self._log.submit(record)

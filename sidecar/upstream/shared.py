@@ -1,0 +1,181 @@
+"""State shared by replicas through Redis: the global rate limit and breaker states.
+
+Optional (``shared_state`` in the config). The global token bucket is one atomic Lua
+script per request (Redis's own clock, so replicas agree). Breaker states are kept
+in pybreaker's ``CircuitRedisStorage`` and mirrored by a background task: a replica
+that opens or closes its circuit publishes it; one that sees another replica's open
+circuit opens its own. The hot path never waits on Redis for breakers.
+
+If Redis cannot be reached (or answers too slowly), every replica falls back to its
+local bucket and local breaker state, keeps serving, retries Redis after
+``retry_after``, and says so: ``sidecar_shared_state_up`` is 0 and /health shows the
+failing ``internal:redis`` check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pybreaker
+import redis
+import redis.asyncio as aioredis
+import structlog
+
+from sidecar.background import BackgroundTasks
+from sidecar.config.schema import SharedStateSettings
+from sidecar.telemetry.metrics import Metrics
+from sidecar.upstream.breaker import UpstreamBreaker
+
+log = structlog.get_logger("sidecar.upstream.shared")
+
+_BUCKET_SCRIPT = """
+local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local data = redis.call('HMGET', KEYS[1], 'tokens', 'updated')
+local tokens = tonumber(data[1])
+local updated = tonumber(data[2])
+if tokens == nil then
+  tokens = burst
+  updated = now
+end
+if now > updated then
+  tokens = math.min(burst, tokens + (now - updated) * rate)
+end
+local allowed = 0
+if tokens >= 1 then
+  tokens = tokens - 1
+  allowed = 1
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'updated', tostring(now))
+redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 60)
+return {allowed, tostring(tokens)}
+"""
+
+_FAILURES = (redis.RedisError, TimeoutError, OSError)
+
+
+class SharedState:
+    def __init__(self, settings: SharedStateSettings, metrics: Metrics) -> None:
+        self.settings = settings
+        url = settings.redis_url.get_secret_value()
+        self._client = aioredis.Redis.from_url(
+            url, socket_timeout=settings.timeout, socket_connect_timeout=settings.timeout
+        )
+        self._script = self._client.register_script(_BUCKET_SCRIPT)
+        self._gauge = metrics.shared_state_up
+        self.up = True
+        self.last_error: str | None = None
+        self._down_until = 0.0
+        self._failed_at = float("-inf")
+        self._gauge.set(1)
+
+    def usable(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def failed(self, exc: BaseException) -> None:
+        if self.up:
+            log.warning(
+                "shared_state_lost",
+                error=type(exc).__name__,
+                fallback="local rate limits and breaker state",
+            )
+        self.up = False
+        self.last_error = f"{type(exc).__name__}: {exc}"[:200]
+        self._failed_at = time.monotonic()
+        self._down_until = self._failed_at + self.settings.retry_after
+        self._gauge.set(0)
+
+    def succeeded(self, started: float) -> None:
+        """A call that began at ``started`` worked; older news never hides a newer failure."""
+        if started < self._failed_at:
+            return
+        if not self.up:
+            log.info("shared_state_restored")
+        self.up = True
+        self.last_error = None
+        self._gauge.set(1)
+
+    async def take_global(self, rate: float, burst: int) -> tuple[bool, float] | None:
+        """One token from the shared global bucket; None means: use the local one."""
+        if not self.usable():
+            return None
+        key = f"{self.settings.key_prefix}:ratelimit:global"
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self.settings.timeout):
+                allowed, tokens = await self._script(keys=[key], args=[rate, burst])
+        except _FAILURES as exc:
+            self.failed(exc)
+            return None
+        self.succeeded(started)
+        return bool(int(allowed)), float(tokens)
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+class BreakerSync:
+    """Mirrors one upstream's breaker state with the other replicas, in the background."""
+
+    def __init__(self, breaker: UpstreamBreaker, shared: SharedState) -> None:
+        self.breaker = breaker
+        self.shared = shared
+        settings = shared.settings
+        self._redis = redis.Redis.from_url(
+            settings.redis_url.get_secret_value(),
+            socket_timeout=settings.timeout,
+            socket_connect_timeout=settings.timeout,
+        )
+        self._namespace = f"{settings.key_prefix}:breaker:{breaker.upstream}"
+        self._storage: pybreaker.CircuitRedisStorage | None = None
+        self._published = breaker.state
+        self._lock = asyncio.Lock()
+        self._tasks = BackgroundTasks()
+
+    def start(self) -> None:
+        self._tasks.spawn(self._run(), name=f"breaker-sync-{self.breaker.upstream}")
+
+    async def stop(self) -> None:
+        await self._tasks.stop()
+        await asyncio.to_thread(self._redis.close)
+
+    async def _run(self) -> None:
+        while True:
+            if self.shared.usable():
+                await self.sync_once()
+            await asyncio.sleep(self.shared.settings.sync_interval)
+
+    async def sync_once(self) -> None:
+        async with self._lock:  # one exchange at a time: the background loop or a caller
+            local = self.breaker.state
+            started = time.monotonic()
+            try:
+                shared = await asyncio.to_thread(self._exchange, local)
+            except _FAILURES as exc:
+                self.shared.failed(exc)
+                return
+            self.shared.succeeded(started)
+            if shared is None:
+                self._published = local  # Redis now holds our state
+                return
+            self._published = shared
+            # Follow another replica's verdict, unless ours changed meanwhile (that
+            # change is published on the next exchange).
+            if shared != local and self.breaker.state == local:
+                self.breaker.force_state(shared)
+                self._published = self.breaker.state
+
+    def _exchange(self, local: str) -> str | None:
+        """(In a thread.) Publish a local change, else read the shared state."""
+        self._redis.ping()  # pybreaker's storage hides Redis errors; this surfaces them
+        if self._storage is None:
+            self._storage = pybreaker.CircuitRedisStorage(
+                local, self._redis, namespace=self._namespace
+            )
+        if local != self._published:
+            self._storage.state = local
+            return None
+        return str(self._storage.state)

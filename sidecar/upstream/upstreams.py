@@ -1,0 +1,365 @@
+"""Upstream model servers: one keep-alive pool and one ``send()`` each, and a
+background readiness probe whose verdict the own endpoints read.
+
+``UpstreamClient.send`` is the only way a request reaches a model server:
+forwarding, retries, shadow copies, the secondary-model fallback and health probes
+all use it. It owns the upstream's address, its own configured headers (never
+another upstream's), the request id in its form, the deadline header and the
+mapping of connection failures to the sidecar's errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+import structlog
+
+from sidecar.analytics.compare import Comparer
+from sidecar.background import BackgroundTasks
+from sidecar.config.schema import Upstream
+from sidecar.http import errors
+from sidecar.http.client import BrokenAnswer, ClientResponse, ConnectFailed, Disconnected, Pool
+from sidecar.http.messages import Headers
+from sidecar.telemetry.metrics import Metrics
+
+# Tells the model server how long this attempt may take, so it can give up too.
+DEADLINE_HEADER = "X-Sidecar-Timeout-Ms"
+
+log = structlog.get_logger("sidecar.upstream.upstreams")
+
+# Methods a request may be sent again with, after a kept-alive connection failed
+# before any byte of the answer (RFC 9110 section 9.2.2).
+IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
+
+
+@dataclass(slots=True)
+class UpstreamCall:
+    """What is sent upstream; kept whole so a retry, a shadow copy or a fallback can
+    replay it to whichever upstream sends it."""
+
+    method: str
+    target: str  # the raw path and query, exactly as the client sent them
+    headers: Headers  # the client's, for any upstream
+    body: bytes | None
+    request_id: str = ""  # the id the client sees
+
+
+@dataclass(slots=True)
+class Check:
+    name: str  # e.g. "ready", "model:iris", "canary"
+    ok: bool
+    latency: float
+    error: str | None
+
+
+@dataclass(slots=True)
+class ProbeResult:
+    ready: bool
+    checked_at: float  # wall-clock seconds
+    latency: float
+    error: str | None  # the first failing check's error
+    checks: list[Check]
+
+
+class UpstreamClient:
+    """One upstream model server."""
+
+    def __init__(self, name: str, config: Upstream) -> None:
+        self.name = name
+        self.config = config
+        parts = urlsplit(config.url)
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or 80
+        self.base_path = parts.path.rstrip("/")  # prefixed to every target
+        # Secrets are revealed once, here, and only ever go to this upstream.
+        self.extra_headers: tuple[tuple[str, str], ...] = tuple(
+            (key, value.get_secret_value()) for key, value in config.headers.items()
+        )
+        self._id_header = config.request_id.header
+        self._id_as_uuid = config.request_id.format == "uuid"
+        # Names this upstream sets itself: a client's fields of these names are replaced.
+        self._own_names = frozenset(
+            name.lower()
+            for name in (
+                DEADLINE_HEADER,
+                self._id_header or DEADLINE_HEADER,
+                *(key for key, _ in self.extra_headers),
+            )
+        )
+        self._pool: Pool | None = None
+        self.last_probe: ProbeResult | None = None
+        self.last_success: float | None = None
+
+    def headers_for(self, call: UpstreamCall, within: float) -> list[tuple[str, str]]:
+        """The header fields of one attempt to this upstream: the client's, this
+        upstream's own, the request id in this upstream's form, and how long it has."""
+        own = self._own_names
+        incoming = call.headers
+        if own.isdisjoint(incoming.names()):
+            fields = incoming.items()
+        else:
+            fields = [field for field in incoming if field[0].lower() not in own]
+        if self._id_header and call.request_id:
+            request_id = _uuid_of(call.request_id) if self._id_as_uuid else call.request_id
+            fields.append((self._id_header, request_id))
+        fields += self.extra_headers
+        fields.append((DEADLINE_HEADER, str(max(1, int(within * 1000)))))
+        return fields
+
+    @property
+    def pool(self) -> Pool:
+        if self._pool is None:
+            raise RuntimeError(f"upstream {self.name!r} is not started")
+        return self._pool
+
+    def attach(self, pool: Pool) -> None:
+        self._pool = pool
+
+    async def send(
+        self,
+        call: UpstreamCall,
+        *,
+        within: float,
+        connect_timeout: float | None = None,
+        replayable: bool | None = None,
+    ) -> ClientResponse:
+        """Send one attempt and return once the answer's head has arrived, ``within``
+        seconds. The caller owns the answer and must ``release()`` (or ``close()``)
+        it. Raises ``UpstreamTimeout`` or ``UpstreamError`` (``retryable`` when a
+        retry may cure it), never a Python class name or an address."""
+        if replayable is None:
+            replayable = call.method in IDEMPOTENT
+        pool = self.pool
+        try:
+            return await pool.request(
+                call.method,
+                self.base_path + call.target,
+                self.headers_for(call, within),
+                call.body,
+                replayable=replayable,
+                connect_timeout=connect_timeout,
+                deadline=pool.loop.time() + within,
+            )
+        except TimeoutError:
+            raise errors.UpstreamTimeout(
+                f"upstream {self.name!r} did not start answering within {within:g}s",
+                retryable=True,
+            ) from None
+        except ConnectFailed as exc:
+            errno = exc.errno
+            reason = os.strerror(errno).lower() if errno else "the connection failed"
+            raise errors.UpstreamError(
+                f"cannot connect to upstream {self.name!r}: {reason}", retryable=True
+            ) from None
+        except Disconnected:
+            raise errors.UpstreamError(
+                f"upstream {self.name!r} closed the connection before answering"
+            ) from None
+        except BrokenAnswer:
+            raise errors.UpstreamError(
+                f"upstream {self.name!r} sent an answer that is not valid HTTP"
+            ) from None
+
+    @property
+    def ready(self) -> bool:
+        return self.last_probe is not None and self.last_probe.ready
+
+    async def _check(
+        self, name: str, method: str, path: str, body: Any = None, expect: Any = None
+    ) -> Check:
+        health = self.config.health
+        started = time.perf_counter()
+        error: str | None = None
+        headers = Headers()
+        if body is not None:
+            headers["Content-Type"] = "application/json"  # some servers insist (422)
+        if name == "canary" and health.canary is not None:
+            headers.update(health.canary.headers)
+        call = UpstreamCall(
+            method, path, headers, None if body is None else orjson.dumps(body), request_id=""
+        )
+        try:
+            async with asyncio.timeout(health.timeout):
+                response = await self.send(call, within=health.timeout, replayable=True)
+                try:
+                    payload = await response.read()
+                except BrokenAnswer:
+                    response.close()
+                    raise errors.UpstreamError(
+                        f"upstream {self.name!r} broke off its answer"
+                    ) from None
+                response.release()
+                if response.status != 200:
+                    error = f"{path} answered {response.status}"
+                elif expect is not None:
+                    error = self._canary_error(payload, expect)
+        except (TimeoutError, errors.UpstreamTimeout):
+            error = f"{path} did not answer within {health.timeout:g}s"
+        except errors.UpstreamError as exc:
+            error = f"{path}: {exc.message}"
+        return Check(name, error is None, time.perf_counter() - started, error)
+
+    def _canary_error(self, payload: bytes, expect: Any) -> str | None:
+        canary = self.config.health.canary
+        assert canary is not None
+        comparison = Comparer(canary.compare).compare(200, orjson.dumps(expect), 200, payload)
+        if comparison.result == "match":
+            return None
+        detail = "; ".join(
+            f"{d['field']}: expected {d['primary']}, got {d['shadow']}"
+            for d in comparison.differences[:3]
+        )
+        return f"canary answer differs from the expected one ({detail or comparison.reason})"
+
+    async def probe(self) -> ProbeResult:
+        """Server readiness, each model's readiness, then the canary, in that order."""
+        health = self.config.health
+        started = time.perf_counter()
+        checks = [await self._check("ready", "GET", health.path)]
+        for model in health.models:
+            path = health.model_ready_path.format(name=model)
+            checks.append(await self._check(f"model:{model}", "GET", path))
+        canary = health.canary
+        if canary is not None and all(c.ok for c in checks):
+            checks.append(
+                await self._check("canary", canary.method, canary.path, canary.body, canary.expect)
+            )
+        failing = next((c for c in checks if not c.ok), None)
+        now = time.time()
+        result = ProbeResult(
+            failing is None,
+            now,
+            time.perf_counter() - started,
+            None if failing is None else failing.error,
+            checks,
+        )
+        if result.ready:
+            self.last_success = now
+        self.last_probe = result
+        return result
+
+
+def _uuid_of(request_id: str) -> str:
+    """A UUID standing for a request id: the same for every attempt of one request."""
+    try:
+        return str(uuid.UUID(request_id))
+    except ValueError:
+        digest = hashlib.blake2b(request_id.encode(), digest_size=16).digest()
+        return str(uuid.UUID(bytes=digest, version=4))
+
+
+class ConnectionPools:
+    """Keep-alive pools shared by every config that names the same upstream with the
+    same settings, so a reload keeps warm connections."""
+
+    def __init__(self) -> None:
+        self._pools: dict[tuple[object, ...], Pool] = {}
+        self._users: dict[tuple[object, ...], int] = {}
+
+    @staticmethod
+    def _key(name: str, config: Upstream) -> tuple[object, ...]:
+        # Only what shapes the pool; headers and probes are applied per request.
+        return (name, config.url, config.max_connections, config.connect_timeout)
+
+    def acquire(self, name: str, config: Upstream) -> Pool:
+        key = self._key(name, config)
+        pool = self._pools.get(key)
+        if pool is None:
+            parts = urlsplit(config.url)
+            pool = Pool(
+                parts.hostname or "127.0.0.1",
+                parts.port or 80,
+                max_connections=config.max_connections,
+                connect_timeout=config.connect_timeout,
+            )
+            self._pools[key] = pool
+        self._users[key] = self._users.get(key, 0) + 1
+        return pool
+
+    async def release(self, name: str, config: Upstream) -> None:
+        key = self._key(name, config)
+        self._users[key] -= 1
+        if self._users[key] == 0:
+            del self._users[key]
+            self._pools.pop(key).close()
+
+    async def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
+        self._users.clear()
+
+
+class Upstreams:
+    """All upstreams of a config, started and stopped together."""
+
+    def __init__(
+        self, configs: Mapping[str, Upstream], metrics: Metrics, pools: ConnectionPools
+    ) -> None:
+        self.clients = {name: UpstreamClient(name, cfg) for name, cfg in configs.items()}
+        self._metrics = metrics
+        self._pools = pools
+        self._tasks = BackgroundTasks()
+        self._released = False
+        self.first_pass_done = asyncio.Event()
+        self._was_ready: dict[str, bool] = {}
+        # Called with an upstream's name when its probe passes (the runtime lets its
+        # open breaker half-open).
+        self.on_probe_passed: Callable[[str], None] | None = None
+
+    def __getitem__(self, name: str) -> UpstreamClient:
+        return self.clients[name]
+
+    async def start(self) -> None:
+        for client in self.clients.values():
+            client.attach(self._pools.acquire(client.name, client.config))
+        self._tasks.spawn(self._probe_forever(), name="upstream-prober")
+
+    async def stop_probing(self) -> None:
+        await self._tasks.stop()
+
+    @property
+    def probing(self) -> bool:
+        return len(self._tasks) > 0
+
+    async def stop(self) -> None:
+        await self._tasks.stop()
+        if self._released:
+            return
+        self._released = True
+        for client in self.clients.values():
+            await self._pools.release(client.name, client.config)
+
+    async def probe_all(self) -> None:
+        results = await asyncio.gather(*(c.probe() for c in self.clients.values()))
+        for client, result in zip(self.clients.values(), results, strict=True):
+            self._metrics.upstream_ready.labels(client.name).set(1 if result.ready else 0)
+            if result.ready and self.on_probe_passed is not None:
+                self.on_probe_passed(client.name)
+            if result.ready != self._was_ready.get(client.name):
+                # Log changes only: a probe every few seconds must not flood the log.
+                if result.ready:
+                    log.info("upstream_ready", upstream=client.name)
+                else:
+                    log.warning("upstream_not_ready", upstream=client.name, error=result.error)
+                self._was_ready[client.name] = result.ready
+        self.first_pass_done.set()
+
+    async def _probe_forever(self) -> None:
+        interval = min(c.config.health.interval for c in self.clients.values())
+        while True:
+            try:
+                await self.probe_all()
+            except Exception:
+                # One bad pass must not end probing for good (readiness would freeze).
+                log.exception("readiness_probe_failed")
+            await asyncio.sleep(interval)
