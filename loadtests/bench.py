@@ -797,18 +797,58 @@ def _ratios(out: dict[str, float], medians: dict[str, Row], label: str) -> None:
             out[f"{label} {name} - minimal p50 ms"] = round(row.p50_ms - minimal.p50_ms, 3)
 
 
+async def _hold_idle(port: int, count: int) -> list[asyncio.StreamWriter]:
+    """``count`` keep-alive client connections, each after one answered request."""
+    writers = []
+    request = b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n"
+    for start in range(0, count, 500):
+        pairs = await asyncio.gather(
+            *(asyncio.open_connection(LOOPBACK, port) for _ in range(min(500, count - start)))
+        )
+        for reader, writer in pairs:
+            writer.write(request)
+        for reader, writer in pairs:
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+            writers.append(writer)
+    return writers
+
+
+def idle_connections_rss(sidecar: Running, count: int) -> float:
+    """The sidecar's RSS while ``count`` kept-alive client connections sit idle."""
+
+    async def measure() -> float:
+        writers = await _hold_idle(sidecar.port, count)
+        await asyncio.sleep(1.0)
+        rss = sidecar.rss_mb()
+        for writer in writers:
+            writer.close()
+        return rss
+
+    return asyncio.run(measure())
+
+
 def suite_connections(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    """Peak RSS of the sidecar (everything on) holding 1,000 open client connections."""
+    """Peak RSS of the sidecar (everything on) under 1,000 busy client connections,
+    and its RSS holding 10,000 idle kept-alive ones."""
+    import resource
+
+    idle = 500 if args.quick else 10_000
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 2 * idle + 1024)), hard))
     upstream = fast_upstream(0.0, workdir)
     sidecar = start_sidecar("sidecar-full", full_config(upstream.url, workdir), workdir)
     with running(upstream, sidecar):
-        before = sidecar.peak_rss_mb()
+        before = sidecar.rss_mb()
+        idle_rss = idle_connections_rss(sidecar, idle)
         result = load(sidecar.url, 1000, args.duration, workdir)
         row = Row.of("sidecar-full, 1000 connections", 1000, result, rss_mb=sidecar.peak_rss_mb())
     return {
         "rows": [asdict(row)],
-        "ratios": {"peak RSS MB, 1000 connections": row.peak_rss_mb},
-        "notes": [f"RSS before the load: {before:.1f} MB"],
+        "ratios": {
+            "peak RSS MB, 1000 connections": row.peak_rss_mb,
+            f"RSS MB, {idle} idle connections": round(idle_rss, 1),
+        },
+        "notes": [f"RSS before any connection: {before:.1f} MB"],
     }
 
 

@@ -15,7 +15,6 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import jwt
 import orjson
 
 from sidecar.config.baselines import Baseline
@@ -108,6 +107,8 @@ def _read_public_key(value: str, loaded: LoadedConfig) -> str:
         except UnicodeDecodeError:
             raise ValueError(f"{path} is not a PEM text file") from None
         where = str(path)
+    import jwt  # only for configs with JWT keys: it loads cryptography (9 MB)
+
     try:
         jwt.algorithms.RSAAlgorithm(jwt.algorithms.RSAAlgorithm.SHA256).prepare_key(text)
     except (jwt.InvalidKeyError, ValueError, TypeError) as exc:

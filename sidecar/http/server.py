@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import socket
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -293,6 +292,33 @@ class BodyWriter:
 class HttpConnection(asyncio.Protocol):
     """One client connection."""
 
+    # Thousands of idle keep-alive connections: no per-instance dict.
+    __slots__ = (
+        "_close_after_answer",
+        "_current",
+        "_drain_waiter",
+        "_head_bytes",
+        "_in_head",
+        "_parser",
+        "_parsing",
+        "_pending_refusal",
+        "_queue",
+        "_raw_headers",
+        "_reading_paused",
+        "_refusal",
+        "_task",
+        "_transport",
+        "_url",
+        "_write_paused",
+        "closed",
+        "deadline",
+        "limits",
+        "loop",
+        "on_deadline",
+        "peer",
+        "server",
+    )
+
     def __init__(self, server: HttpServer) -> None:
         self.server = server
         self.limits = server.limits
@@ -301,7 +327,7 @@ class HttpConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self.peer = ""
         self.closed = False
-        self._queue: deque[Request] = deque()
+        self._queue: deque[Request] | None = None  # pipelined requests (made when needed)
         self._current: Request | None = None  # being handled
         self._parsing: Request | None = None  # head parsed, body still arriving
         self._task: asyncio.Task[None] | None = None
@@ -327,10 +353,7 @@ class HttpConnection(asyncio.Protocol):
         self._transport = transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else ""
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # uvloop sets TCP_NODELAY on TCP transports already.
         transport.set_write_buffer_limits(high=self.limits.write_buffer)
         self.server.connections.add(self)
         self._arm(self.limits.idle_timeout, self._idle_timed_out)
@@ -343,7 +366,7 @@ class HttpConnection(asyncio.Protocol):
             server._drained.set()
         self._disarm()
         gone = ClientGone("the client closed the connection")
-        for request in (self._current, self._parsing, *self._queue):
+        for request in (self._current, self._parsing, *(self._queue or ())):
             if request is not None:
                 request._fail(gone)
         waiter = self._drain_waiter
@@ -445,6 +468,8 @@ class HttpConnection(asyncio.Protocol):
         if self._current is None and self._task is None:
             self._start(request)
         else:
+            if self._queue is None:
+                self._queue = deque()
             self._queue.append(request)
             self.pause_reading()  # one request at a time; the next waits unread
 

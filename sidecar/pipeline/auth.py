@@ -16,7 +16,6 @@ import hmac
 import secrets
 from dataclasses import dataclass
 
-import jwt
 import structlog
 
 from sidecar.config.schema import ApiKey, AuthSettings, JwtSettings
@@ -59,6 +58,10 @@ class _JwtVerifier:
         self._methods = frozenset(m.upper() for m in settings.methods)
 
     def verify(self, token: str) -> Principal:
+        # Imported where used: pyjwt loads cryptography (9 MB) that key-only configs
+        # never need.
+        import jwt
+
         try:
             header = jwt.get_unverified_header(token)
             algorithm = header.get("alg")
