@@ -805,7 +805,7 @@ async def _hold_idle(port: int, count: int) -> list[asyncio.StreamWriter]:
         pairs = await asyncio.gather(
             *(asyncio.open_connection(LOOPBACK, port) for _ in range(min(500, count - start)))
         )
-        for reader, writer in pairs:
+        for _, writer in pairs:
             writer.write(request)
         for reader, writer in pairs:
             await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
