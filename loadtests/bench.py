@@ -740,6 +740,12 @@ def contenders(upstream: Running, workdir: Path, include: set[str]) -> list[Runn
     return out
 
 
+def _pin_single_process(targets: list[Running]) -> None:
+    """Each one-process proxy on the proxy core, wrk and the upstream on the others;
+    the workers contender keeps every core (one worker per core is its point)."""
+    isolate(*[t for t in targets if t.name not in ("direct", "sidecar-full-workers")])
+
+
 def suite_compare(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     include = set(args.contenders.split(","))
     rows: list[Row] = []
@@ -747,6 +753,7 @@ def suite_compare(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     fast = fast_upstream(0.0, workdir)
     with running(fast):
         targets = contenders(fast, workdir, include)
+        _pin_single_process(targets)
         with running(*[t for t in targets if t.name != "direct"]):
             for concurrency in (1, 16, 64):
                 medians = alternate(targets, concurrency, args.duration, args.rounds, workdir)
@@ -755,6 +762,7 @@ def suite_compare(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     slow = fast_upstream(20.0, workdir)
     with running(slow):
         targets = contenders(slow, workdir, include)
+        _pin_single_process(targets)
         with running(*[t for t in targets if t.name != "direct"]):
             medians = alternate(targets, 256, args.duration, args.rounds, workdir)
             for row in medians.values():
@@ -1074,7 +1082,7 @@ def suite_versus(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     }
 
 
-PINNED_SUITES = {"accesslog", "features", "versus"}
+PINNED_SUITES = {"accesslog", "compare", "features", "versus"}
 SUITES = {
     "features": suite_features,
     "accesslog": suite_accesslog,

@@ -149,7 +149,7 @@ async def _with_retries(
     # Sent again on a fresh connection when a kept-alive one failed before answering:
     # only what may be replayed (an idempotent method, or a route marked retryable).
     replayable = route.retryable or call.method in IDEMPOTENT
-    loop = asyncio.get_running_loop()
+    loop = upstream.pool.loop  # looked up once per pool (each lookup is a getpid())
     started_at = loop.time()
     deadline = started_at + route.timeout
     budget.active_requests += 1
