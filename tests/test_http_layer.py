@@ -510,3 +510,24 @@ async def test_the_pool_caps_connections_and_reuses_the_warmest(fake_model: Fake
     assert pool.open <= 2
     assert pool.idle_count == pool.open
     pool.close()
+
+
+async def test_a_close_delimited_answer_is_relayed_whole(start_sidecar: StartSidecar) -> None:
+    """An answer with neither Content-Length nor chunking ends where the upstream
+    closes: relayed whole, and that connection is not reused."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        await read_head(reader, writer)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n")
+        for part in (b"first part, ", b"second part, ", b"the end"):
+            writer.write(part)
+            await writer.drain()
+        # returning closes the connection: the end of the answer
+
+    async with raw_upstream(script) as (url, connections):
+        sidecar = await start_sidecar(upstream_config(url), wait_ready=False)
+        for _ in range(2):
+            async with sidecar.session.get(sidecar.url + "/x") as resp:
+                assert resp.status == 200
+                assert await resp.read() == b"first part, second part, the end"
+        assert len(connections) >= 2  # a close-delimited answer's connection is spent
