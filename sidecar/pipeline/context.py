@@ -9,7 +9,12 @@ from typing import Any
 from sidecar.config.schema import Route
 from sidecar.http.messages import Headers
 from sidecar.telemetry.logs import CURRENT_REQUEST
-from sidecar.telemetry.metrics import OUTCOME_OK
+from sidecar.telemetry.metrics import (
+    OUTCOME_FALLBACK,
+    OUTCOME_MODEL_ERROR,
+    OUTCOME_OK,
+    OUTCOME_OWN,
+)
 
 __all__ = ["CURRENT_REQUEST", "RequestContext"]
 
@@ -24,7 +29,12 @@ class RequestContext:
     route: Route | None = None
     route_name: str = "-"
     body_limit: int = 0
-    outcome: str = OUTCOME_OK
+    # Facts the stages record; ``decide_outcome`` turns them into the one outcome
+    # that metrics and the access log show.
+    answered_by: str = "model"  # "model", "fallback", "own"
+    ending: str | None = None  # "aborted" or "client_closed" when the answer was cut
+    refused: str | None = None  # the outcome of a SidecarError that answered instead
+    outcome: str = OUTCOME_OK  # decided once, when the request ends
     attempts: int = 0
     upstream_started: float | None = None
     upstream_seconds: float | None = None
@@ -59,3 +69,18 @@ class RequestContext:
             )
         else:
             headers.add("Server-Timing", f"total;dur={total_ms:.3f}")
+
+
+def decide_outcome(ctx: RequestContext, status: int) -> str:
+    """The request's outcome, in one place: a cut answer, then a refusal or failure of
+    the sidecar's, then who answered (own endpoint, fallback, the model: ok, or
+    model_error for its 5xx)."""
+    if ctx.ending is not None:
+        return ctx.ending
+    if ctx.refused is not None:
+        return ctx.refused
+    if ctx.answered_by == "own":
+        return OUTCOME_OWN
+    if ctx.answered_by == "fallback":
+        return OUTCOME_FALLBACK
+    return OUTCOME_MODEL_ERROR if status >= 500 else OUTCOME_OK

@@ -32,7 +32,7 @@ from sidecar.http.server import Request
 from sidecar.pipeline.context import RequestContext
 from sidecar.pipeline.relay import relay, upstream_request_headers
 from sidecar.telemetry.logwriter import LogWriter
-from sidecar.telemetry.metrics import OUTCOME_FALLBACK, Metrics
+from sidecar.telemetry.metrics import Metrics
 from sidecar.upstream.breaker import BreakerFailure, UpstreamBreaker
 from sidecar.upstream.fallback import FallbackChain
 from sidecar.upstream.retry import RetryBudget, backoff_delay, parse_retry_after
@@ -265,7 +265,7 @@ def _primary_outcome(ctx: RequestContext, answer: Answer | None) -> PrimaryOutco
     if answer is None:
         return PrimaryOutcome(0, None, 0.0, reason="primary failed")
     latency = ctx.upstream_seconds or 0.0
-    if ctx.outcome == OUTCOME_FALLBACK:
+    if ctx.answered_by == "fallback":
         return PrimaryOutcome(answer.status, None, latency, reason="primary answered by fallback")
     if isinstance(answer, Response):
         return PrimaryOutcome(answer.status, answer.body, latency)
@@ -317,7 +317,7 @@ async def _answer(
             if isinstance(cause, ModelFailed):
                 cause.response.release()
             rule = replacement.headers.get("X-Sidecar-Fallback", "") or ""
-            ctx.outcome, ctx.fallback_rule = OUTCOME_FALLBACK, rule
+            ctx.answered_by, ctx.fallback_rule = "fallback", rule
             ctx.bytes_out = len(replacement.body)
             path.metrics.fallbacks.labels(path.route.name, rule).inc()
             return replacement

@@ -19,8 +19,6 @@ from sidecar.pipeline.context import RequestContext
 from sidecar.telemetry.metrics import (
     OUTCOME_ABORTED,
     OUTCOME_CLIENT_CLOSED,
-    OUTCOME_MODEL_ERROR,
-    OUTCOME_OK,
 )
 from sidecar.upstream.upstreams import UpstreamClient
 
@@ -147,7 +145,7 @@ async def relay(
     ``idle`` bounds the silence between two parts of the answer (the time to its
     first byte was bounded when it was sent). The caller releases ``response``.
     """
-    ctx.outcome = OUTCOME_MODEL_ERROR if response.status >= 500 else OUTCOME_OK
+    ctx.answered_by = "model"
     headers = client_response_headers(response.headers)
     length = response.content_length
     # Small answers go in one write with a Content-Length: those that declare one,
@@ -184,7 +182,7 @@ async def relay(
         except errors.SidecarError as exc:
             # Bytes already reached the client: no error answer is possible. Closing the
             # connection without the final chunk tells the client the answer is cut short.
-            ctx.outcome = OUTCOME_ABORTED
+            ctx.ending = OUTCOME_ABORTED
             log.warning("upstream_aborted_stream", upstream=upstream.name, error=exc.message)
             response.close()
             out.abort()
@@ -196,7 +194,7 @@ async def relay(
         except ClientGone:
             # The client went away mid-stream (or stopped reading): stop reading from
             # the model, whose connection cannot be reused.
-            ctx.outcome = OUTCOME_CLIENT_CLOSED
+            ctx.ending = OUTCOME_CLIENT_CLOSED
             log.info("client_closed_stream", upstream=upstream.name, bytes_out=ctx.bytes_out)
             response.close()
             return out.answer

@@ -28,7 +28,7 @@ from sidecar.http import errors
 from sidecar.http.messages import Answer, Response
 from sidecar.http.server import ClientGone, Request, RequestRefused
 from sidecar.pipeline.auth import Authenticator
-from sidecar.pipeline.context import CURRENT_REQUEST, RequestContext
+from sidecar.pipeline.context import CURRENT_REQUEST, RequestContext, decide_outcome
 from sidecar.pipeline.forwarding import RoutePath, forward
 from sidecar.pipeline.guard import REFUSED_METHODS, check_framing, check_target
 from sidecar.pipeline.identity import accept_request_id, accept_traceparent, new_request_id
@@ -37,7 +37,7 @@ from sidecar.pipeline.relay import read_body
 from sidecar.pipeline.routing import RouteTable
 from sidecar.pipeline.validation import RequestValidator, SchemaFailed
 from sidecar.telemetry.logwriter import LogWriter
-from sidecar.telemetry.metrics import OUTCOME_CLIENT_CLOSED, OUTCOME_ERROR, OUTCOME_OWN, Metrics
+from sidecar.telemetry.metrics import OUTCOME_CLIENT_CLOSED, OUTCOME_ERROR, Metrics
 
 log = structlog.get_logger("sidecar.pipeline.stages")
 
@@ -106,21 +106,22 @@ class Pipeline:
                 ctx.stamp(answer.headers)
             return answer
         except errors.SidecarError as exc:
-            status, ctx.outcome = exc.status, exc.outcome
+            status, ctx.refused = exc.status, exc.outcome
             return self.error_answer(request, ctx, exc)
         except (ClientGone, asyncio.CancelledError):
             # The client left before its answer was complete: nobody reads an answer.
             status = request.answer_status or CLIENT_CLOSED_STATUS
-            ctx.outcome = OUTCOME_CLIENT_CLOSED
+            ctx.ending = OUTCOME_CLIENT_CLOSED
             raise
         except Exception:
             log.exception("unhandled_error", path=request.path)
-            ctx.outcome = OUTCOME_ERROR  # a bug of ours: 500
+            ctx.refused = OUTCOME_ERROR  # a bug of ours: 500
             return self.error_answer(
                 request, ctx, errors.InternalError("the sidecar failed to handle this request")
             )
         finally:
             metrics.in_flight.dec()
+            ctx.outcome = decide_outcome(ctx, status)
             self.record(request, ctx, status)
 
     def error_answer(
@@ -215,7 +216,7 @@ class Pipeline:
                 raise errors.MethodNotAllowed(f"{path} answers GET only")
             ctx.own_name, handler = endpoint
             ctx.route_name = "_" + ctx.own_name
-            ctx.outcome = OUTCOME_OWN
+            ctx.answered_by = "own"
             return handler
         route, path_matched = self.routes.match(path, method)
         if route is None:
