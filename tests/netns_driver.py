@@ -2,7 +2,7 @@
 
 The documented commands use the documented ports (8080, 8081, 9901, 8000); in a
 namespace of their own those are always free, and only its loopback exists.
-Started by tests/test_documented_commands.py as
+Started by tests/system/test_documented_commands.py as
 
     unshare -n python tests/netns_driver.py PLAN.json RESULTS.json
 

@@ -30,7 +30,7 @@ from tests.conftest import (
     base_config,
     closed_port,
 )
-from tests.test_endpoints import metric_value
+from tests.integration.test_endpoints import metric_value
 
 
 def route(**settings: Any) -> dict[str, Any]:

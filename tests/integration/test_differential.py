@@ -17,7 +17,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.test_fuzz import _start, send_raw
+from tests.system.test_fuzz import _start, send_raw
 
 # Headers a proxy sets, replaces or drops by design (RFC 9110 hop-by-hop, framing,
 # the sidecar's identity and forwarding headers), on the way up and on the way back.
@@ -48,7 +48,7 @@ CLIENT_NOT_COMPARED = {
 @pytest.fixture(scope="module")
 def ports(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, int]]:
     upstream, upstream_port = _start(
-        [sys.executable, str(Path(__file__).parent / "echo_server.py")],
+        [sys.executable, str(Path(__file__).parents[1] / "echo_server.py")],
         re.compile(rb"listening on (\d+)"),
     )
     config = {

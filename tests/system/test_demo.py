@@ -22,7 +22,7 @@ from sidecar.demo.model import (
 from sidecar.demo.runner import DEMO_INPUT, DEMO_KEY
 from tests.conftest import Demo
 
-CHAOS_SCRIPT = Path(__file__).resolve().parent.parent / "loadtests" / "chaos.py"
+CHAOS_SCRIPT = Path(__file__).resolve().parents[2] / "loadtests" / "chaos.py"
 SETOSA = [5.1, 3.5, 1.4, 0.2]
 VERSICOLOR = [5.7, 2.6, 3.5, 1.0]
 WIDE_VERSICOLOR = [6.0, 2.9, 4.5, 1.5]  # in the slice the candidate gets wrong

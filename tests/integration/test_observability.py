@@ -30,7 +30,7 @@ from sidecar.telemetry.logwriter import LogWriter
 from sidecar.telemetry.metrics import Metrics
 from sidecar.tools.labels import join, read_labels
 from tests.conftest import FakeModel, StartSidecar, base_config
-from tests.test_endpoints import metric_value
+from tests.integration.test_endpoints import metric_value
 
 
 class BlockingSink:

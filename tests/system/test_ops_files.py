@@ -13,7 +13,7 @@ import yaml
 
 from sidecar.telemetry.metrics import Metrics
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy" / "prometheus" / "sidecar-alerts.yaml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "sidecar-dashboard.json"
 RUNBOOKS = ROOT / "docs" / "runbooks.md"

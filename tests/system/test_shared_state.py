@@ -21,7 +21,7 @@ from tests.conftest import (
     base_config,
     start_sidecar_process,
 )
-from tests.test_endpoints import metric_value
+from tests.integration.test_endpoints import metric_value
 
 pytestmark = pytest.mark.skipif(
     shutil.which("redis-server") is None, reason="redis-server is not installed"

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_bench(tmp_path: Path, *args: str) -> dict[str, Any]:

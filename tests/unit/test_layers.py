@@ -6,7 +6,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "sidecar"
+PACKAGE = Path(__file__).resolve().parents[2] / "sidecar"
 # Lowest first. A module may import its own layer and any below it.
 LAYERS = ["config", "telemetry", "http", "analytics", "upstream", "pipeline", "control"]
 ROOT_LEAVES = {"background"}  # used by every layer, imports nothing of the sidecar

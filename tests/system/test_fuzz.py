@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from sidecar.config.schema import ConfigError, bundled_config_dir, parse_config
 from sidecar.pipeline.auth import hash_key
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = int(os.environ.get("SIDECAR_FUZZ_EXAMPLES", "300"))
 KEY = "fuzz-key-0123456789"
 # A stack trace, an object repr, or a Python bytes repr (b'...') in a body.

@@ -31,7 +31,7 @@ from tests.conftest import (
     raw_request,
     start_sidecar_process,
 )
-from tests.test_endpoints import metric_value
+from tests.integration.test_endpoints import metric_value
 
 ALICE_KEY = "alice-key-7f3a9c"
 BOB_KEY = "bob-key-19d2e4"

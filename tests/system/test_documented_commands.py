@@ -33,10 +33,10 @@ import yaml
 
 from sidecar.pipeline.auth import hash_key
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = ("README.md", "loadtests/README.md")
-DRIVER = Path(__file__).resolve().parent / "netns_driver.py"
-FAKE_MODEL = Path(__file__).resolve().parent / "fake_model_server.py"
+DRIVER = Path(__file__).resolve().parents[1] / "netns_driver.py"
+FAKE_MODEL = Path(__file__).resolve().parents[1] / "fake_model_server.py"
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -12,7 +12,7 @@ from aiohttp import web
 from sidecar.control.health import LoopLagMonitor
 from sidecar.telemetry.metrics import Metrics
 from tests.conftest import FakeClock, FakeModel, StartSidecar, base_config
-from tests.test_observability import BlockingSink
+from tests.integration.test_observability import BlockingSink
 
 GOLDEN = {
     "inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}]

@@ -22,7 +22,7 @@ from sidecar.config.schema import Config, ConfigError, parse_config
 from sidecar.pipeline.auth import hash_key
 from tests.conftest import LOOPBACK, FakeModel
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 DEMO_DIGEST = hash_key("demo-key")
 

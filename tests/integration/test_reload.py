@@ -19,7 +19,7 @@ from tests.conftest import (
     base_config,
     start_sidecar_process,
 )
-from tests.test_endpoints import metric_value
+from tests.integration.test_endpoints import metric_value
 
 
 def named(name: str) -> Any:

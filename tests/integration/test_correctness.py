@@ -24,7 +24,7 @@ from tests.conftest import (
     base_config,
     closed_port,
 )
-from tests.test_endpoints import metric_value
+from tests.integration.test_endpoints import metric_value
 
 
 class ListSink:

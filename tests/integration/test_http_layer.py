@@ -23,7 +23,7 @@ from tests.conftest import (
     base_config,
     raw_request,
 )
-from tests.test_correctness import ListSink, flushed
+from tests.integration.test_correctness import ListSink, flushed
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 

@@ -18,7 +18,7 @@ from tritonclient.utils import InferenceServerException
 
 from sidecar.demo.model import build_model_app
 from tests.conftest import LOOPBACK, StartSidecar, base_config
-from tests.test_correctness import ListSink, flushed
+from tests.integration.test_correctness import ListSink, flushed
 
 
 @pytest.fixture
