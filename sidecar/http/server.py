@@ -513,10 +513,12 @@ class HttpConnection(asyncio.Protocol):
             self._answer_refusal(refusal)
             return
         self.resume_reading()
-        if self._parsing is None:
-            self._arm(self.limits.idle_timeout, self._idle_timed_out)
-        else:
+        if self._in_head:
+            # The next request's head began while this one was answered: its time
+            # runs from now (the idle deadline would ignore a connection in a head).
             self._arm(self.limits.head_timeout, self._head_timed_out)
+        else:
+            self._arm(self.limits.idle_timeout, self._idle_timed_out)
 
     async def _handle(self, request: Request) -> None:
         try:
