@@ -6,10 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-import orjson
-
 from tests.conftest import LOOPBACK, FakeModel, StartSidecar, base_config
-from tests.test_http_layer import status_and_body
 
 
 async def _read_until_close(reader: asyncio.StreamReader, within: float) -> bytes:
@@ -34,3 +31,51 @@ async def test_a_partial_head_pipelined_behind_a_request_still_times_out(
         writer.close()
     assert raw.startswith(b"HTTP/1.1 200 ")
     assert b"HTTP/1.1 408 " in raw
+
+
+async def _send_in_pieces(port: int, pieces: list[bytes]) -> bytes:
+    """Each piece in its own write, the next once the sidecar has had time to read it
+    (a read of the answer that times out proves nothing was answered yet)."""
+    reader, writer = await asyncio.open_connection(LOOPBACK, port)
+    try:
+        got = b""
+        for piece in pieces:
+            writer.write(piece)
+            await writer.drain()
+            with contextlib.suppress(TimeoutError):
+                got += await asyncio.wait_for(reader.read(65536), 0.05)
+        return got + await _read_until_close(reader, 10)
+    finally:
+        writer.close()
+
+
+async def test_a_head_under_the_limit_is_accepted_however_it_is_split(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """A 24 KB head (the limit is 32 KB) sent in three writes was refused 431: each
+    read's bytes were counted once as a partial field and again as complete fields."""
+    sidecar = await start_sidecar(base_config(fake_model.url))
+    fields = b"".join(b"X-F%d: %s\r\n" % (i, b"a" * 1000) for i in range(24))
+    head = b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + fields + b"\r\n"
+    whole = await _send_in_pieces(sidecar.running.main_port, [head])
+    assert whole.startswith(b"HTTP/1.1 200 ")
+    third = len(head) // 3
+    pieces = [head[:third], head[third : 2 * third], head[2 * third :]]
+    split = await _send_in_pieces(sidecar.running.main_port, pieces)
+    assert split.startswith(b"HTTP/1.1 200 "), split[:200]
+
+
+async def test_a_pipelined_body_is_not_counted_against_the_next_head(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """A 40 KB body followed, in the same write, by the start of the next request:
+    the whole read was counted as head bytes of the second request (431)."""
+    sidecar = await start_sidecar(base_config(fake_model.url))
+    body = b"a" * 40000
+    first = b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    raw = await _send_in_pieces(
+        sidecar.running.main_port,
+        [first + b"GET /y HTTP/1.1\r\nHost: x\r\n", b"Connection: close\r\n\r\n"],
+    )
+    statuses = [int(part[:3]) for part in raw.split(b"HTTP/1.1 ")[1:]]
+    assert statuses == [200, 200], raw[:300]

@@ -297,10 +297,12 @@ class HttpConnection(asyncio.Protocol):
         "_close_after_answer",
         "_current",
         "_drain_waiter",
+        "_head_began",
         "_head_bytes",
         "_in_head",
         "_parser",
         "_parsing",
+        "_partial",
         "_pending_refusal",
         "_queue",
         "_raw_headers",
@@ -337,7 +339,9 @@ class HttpConnection(asyncio.Protocol):
         self.on_deadline: Callable[[], None] | None = None
         self._url = b""
         self._raw_headers: list[tuple[bytes, bytes]] = []
-        self._head_bytes = 0
+        self._head_bytes = 0  # the request line and the complete fields of a head
+        self._partial = 0  # at most this many bytes of an unfinished line are held
+        self._head_began = False  # a head began in the read being parsed
         self._in_head = False
         self._refusal: RequestRefused | None = None  # found by a parser callback
         self._pending_refusal: RequestRefused | None = None  # answered after the current
@@ -394,6 +398,7 @@ class HttpConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed or self._pending_refusal is not None:
             return
+        self._head_began = False
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -409,9 +414,19 @@ class HttpConnection(asyncio.Protocol):
         else:
             if self._in_head:
                 # llhttp keeps a partial field until it ends: bound what it holds.
-                self._head_bytes += len(data)
-                if self._head_bytes > self.limits.max_head + len(self._url):
-                    self._refuse(_head_too_large("the request head"))
+                # Lines end in LF, so the unfinished one is at most what follows the
+                # last LF of this read (all of it when there is none). The read in
+                # which a head began is not counted: the bytes before it are the
+                # previous request's, and one read is bounded by the transport.
+                newline = data.rfind(b"\n")
+                if self._head_began:
+                    self._partial = 0
+                elif newline >= 0:
+                    self._partial = len(data) - newline - 1
+                else:
+                    self._partial += len(data)
+                if self._partial > self.limits.max_line:
+                    self._refuse(_head_too_large("a header field"))
 
     # -- parser callbacks ----------------------------------------------------------
 
@@ -419,6 +434,8 @@ class HttpConnection(asyncio.Protocol):
         self._url = b""
         self._raw_headers = []
         self._head_bytes = 0
+        self._partial = 0
+        self._head_began = True
         self._in_head = True
         if self._task is None:
             self._arm(self.limits.head_timeout, self._head_timed_out)
