@@ -6,7 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from tests.conftest import LOOPBACK, FakeModel, StartSidecar, base_config
+import orjson
+import pytest
+
+from tests.conftest import LOOPBACK, FakeModel, StartSidecar, base_config, raw_request
+from tests.test_http_layer import status_and_body
 
 
 async def _read_until_close(reader: asyncio.StreamReader, within: float) -> bytes:
@@ -79,3 +83,30 @@ async def test_a_pipelined_body_is_not_counted_against_the_next_head(
     )
     statuses = [int(part[:3]) for part in raw.split(b"HTTP/1.1 ")[1:]]
     assert statuses == [200, 200], raw[:300]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"FFFFFFFFFFFFFFFFFF\r\nabc\r\n0\r\n\r\n",  # a chunk size that overflows
+        b"3\nabc\n0\n\n",  # bare LF in the chunk framing
+        b"3\r\nabc\r\n0\r\nContent-Length: 5\r\n\r\n",  # a framing field as a trailer
+        b"zz\r\nabc\r\n0\r\n\r\n",  # not a chunk size
+    ],
+    ids=["size-overflow", "bare-lf", "content-length-trailer", "bad-size"],
+)
+async def test_a_malformed_chunked_body_is_refused_400_at_once(
+    fake_model: FakeModel, start_sidecar: StartSidecar, body: bytes
+) -> None:
+    """The parser's error in the middle of a body was kept for after the answer: the
+    handler waited for the rest of the body until body_timeout (30 s), then 408."""
+    sidecar = await start_sidecar(base_config(fake_model.url))
+    raw = await raw_request(
+        sidecar.running.main_port,
+        b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + body,
+    )
+    status, payload = status_and_body(raw)
+    assert status == 400
+    error = orjson.loads(payload)["error"]
+    assert error["type"] == "bad_request" and error["request_id"]
+    assert fake_model.hits_for("/x") == []

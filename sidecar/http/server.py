@@ -84,6 +84,7 @@ class Request:
     __slots__ = (
         "_conn",
         "_continue_sent",
+        "_error",
         "_parts",
         "_path",
         "_size",
@@ -131,6 +132,7 @@ class Request:
         self._parts: list[bytes] = []
         self._size = 0
         self._waiter: asyncio.Future[None] | None = None
+        self._error: BaseException | None = None  # the body can no longer arrive
         self._continue_sent = False
         self._path: str | None = None
 
@@ -164,6 +166,8 @@ class Request:
         self._wake()
 
     def _fail(self, exc: BaseException) -> None:
+        if self._error is None:
+            self._error = exc
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(exc)
@@ -197,6 +201,8 @@ class Request:
         while not self.complete:
             if self._size > limit:
                 break
+            if self._error is not None:
+                raise self._error
             waiter = loop.create_future()
             self._waiter = waiter
             timer = loop.call_later(timeout, _time_out, waiter)
@@ -720,6 +726,10 @@ class HttpConnection(asyncio.Protocol):
 
     def _refuse(self, refusal: RequestRefused) -> None:
         self.pause_reading()
+        if self._parsing is not None:
+            # A malformed body: the handler waiting for it is told now, not after
+            # body_timeout (its answer closes the connection, the body being unread).
+            self._parsing._fail(refusal)
         if self._task is not None:
             self._pending_refusal = refusal  # after the answer in progress
             return
