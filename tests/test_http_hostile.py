@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from tests.conftest import LOOPBACK, FakeModel, StartSidecar, base_config, raw_request
-from tests.test_http_layer import status_and_body
+from tests.test_http_layer import raw_upstream, read_head, status_and_body, upstream_config
 
 
 async def _read_until_close(reader: asyncio.StreamReader, within: float) -> bytes:
@@ -111,3 +111,80 @@ async def test_a_malformed_chunked_body_is_refused_400_at_once(
     assert error["type"] == "bad_request"
     assert error["request_id"]
     assert fake_model.hits_for("/x") == []
+
+
+@pytest.mark.parametrize(
+    "start",
+    [b"HTTP/1.1 200 OK\r\nX-Endless: ", b"HTTP/1.1 200 OK", b"HTTP/1.1 200 OK\r\n"],
+    ids=["endless-field", "endless-reason", "endless-field-count"],
+)
+async def test_an_upstream_head_that_never_ends_is_cut_off(
+    start_sidecar: StartSidecar, start: bytes
+) -> None:
+    """An upstream that streams its head forever: the sidecar held every byte until the
+    route's timeout (httptools joins a partial field's pieces, quadratic in time),
+    where NGINX answers 502 once the head passes its buffer."""
+    written = 0
+    cut = asyncio.Event()
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        nonlocal written
+        await read_head(reader, writer)
+        writer.write(start)
+        piece = b"X-F: 1\r\n" * 2048 if start.endswith(b"\r\n") else b"a" * 16384
+        try:
+            while written < 64 * 1024 * 1024:
+                writer.write(piece)
+                await writer.drain()
+                written += len(piece)
+        except ConnectionError:
+            cut.set()
+
+    async with raw_upstream(script) as (url, _):
+        config = upstream_config(url)
+        config["routes"][0]["timeout"] = "30s"
+        sidecar = await start_sidecar(config, wait_ready=False)
+        raw = await raw_request(
+            sidecar.running.main_port, b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        assert raw.startswith(b"HTTP/1.1 502 ")
+        await asyncio.wait_for(cut.wait(), 5)
+        # What the kernel's socket buffers took before the hang-up, far from 64 MiB.
+        assert written < 16 * 1024 * 1024
+
+
+async def test_an_upstream_that_sends_trailers_forever_is_cut_off(
+    start_sidecar: StartSidecar,
+) -> None:
+    """Trailer fields after the last chunk were appended to the head's field list
+    without a bound until the route's idle timeout: one answer could take gigabytes."""
+    written = 0
+    cut = asyncio.Event()
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        nonlocal written
+        await read_head(reader, writer)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n")
+        piece = b"X-T: 1\r\n" * 2048
+        try:
+            while written < 64 * 1024 * 1024:
+                writer.write(piece)
+                await writer.drain()
+                written += len(piece)
+        except ConnectionError:
+            cut.set()
+
+    async with raw_upstream(script) as (url, _):
+        config = upstream_config(url)
+        config["upstreams"]["model"]["read_timeout"] = "30s"
+        sidecar = await start_sidecar(config, wait_ready=False)
+        reader, writer = await asyncio.open_connection(LOOPBACK, sidecar.running.main_port)
+        writer.write(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        raw = await _read_until_close(reader, 10)
+        writer.close()
+        await asyncio.wait_for(cut.wait(), 5)
+        assert written < 16 * 1024 * 1024
+        # The answer had begun: it is cut without its last chunk, never ended as whole.
+        assert raw.startswith(b"HTTP/1.1 200 ")
+        assert not raw.endswith(b"0\r\n\r\n")

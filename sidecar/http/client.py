@@ -26,6 +26,10 @@ import httptools
 from sidecar.http.messages import Headers, media_type
 
 _READ_AHEAD = 256 * 1024  # answer bytes buffered before reading from the upstream pauses
+# An answer's head (its 1xx heads included) and its trailers, like Envoy's limits
+# (60 KiB, 100 fields) with room to spare: past them the answer is broken (502).
+MAX_HEAD = 64 * 1024
+MAX_FIELDS = 200
 
 
 class ConnectFailed(Exception):
@@ -176,6 +180,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._received = False  # a byte of the current answer arrived
         self._reason = b""
         self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0  # of the answer's heads (1xx ones too) and its trailers
+        self._fields = 0
         self._informational = False
         self._reading_paused = False
 
@@ -215,6 +221,12 @@ class UpstreamConnection(asyncio.Protocol):
             self._broken("an upgrade (101) nobody asked for")
         except httptools.HttpParserError:
             self._broken("an answer that is not valid HTTP")
+        else:
+            if not self._head.done():
+                # Still in the head: llhttp holds an unfinished field until it ends.
+                self._head_bytes += len(data)
+                if self._head_bytes > MAX_HEAD:
+                    self._broken("an answer head that is too large")
 
     def _broken(self, what: str) -> None:
         error = BrokenAnswer(what)
@@ -240,7 +252,14 @@ class UpstreamConnection(asyncio.Protocol):
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._raw_headers.append((name, value))
+        self._fields += 1
+        if self.response is None:
+            self._raw_headers.append((name, value))
+        else:
+            # A trailer: not relayed, only bounded.
+            self._head_bytes += len(name) + len(value) + 4
+        if self._fields > MAX_FIELDS or self._head_bytes > MAX_HEAD:
+            raise BrokenAnswer("an answer head (or trailer) that is too large")
 
     def on_headers_complete(self) -> None:
         parser = self._parser
@@ -302,6 +321,8 @@ class UpstreamConnection(asyncio.Protocol):
             raise Disconnected("the connection is closed")
         self._method = method
         self._received = False
+        self._head_bytes = 0
+        self._fields = 0
         self.response = None
         loop = self.pool.loop
         head_waiter: asyncio.Future[ClientResponse] = loop.create_future()
