@@ -188,3 +188,49 @@ async def test_an_upstream_that_sends_trailers_forever_is_cut_off(
         # The answer had begun: it is cut without its last chunk, never ended as whole.
         assert raw.startswith(b"HTTP/1.1 200 ")
         assert not raw.endswith(b"0\r\n\r\n")
+
+
+async def test_a_request_trailer_that_never_ends_is_refused(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """An unfinished trailer field after the last chunk was not bounded (only a head's
+    were): it was held, its pieces joined again and again, until body_timeout."""
+    sidecar = await start_sidecar(base_config(fake_model.url))
+    reader, writer = await asyncio.open_connection(LOOPBACK, sidecar.running.main_port)
+    writer.write(
+        b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-T: "
+    )
+    written = 0
+    answer = b""
+    try:
+        while written < 64 * 1024 * 1024 and not answer:
+            writer.write(b"a" * 65536)
+            await writer.drain()
+            written += 65536
+            with contextlib.suppress(TimeoutError):
+                answer = await asyncio.wait_for(reader.read(65536), 0.001)
+    except ConnectionError:
+        pass
+    if not answer:
+        answer = await asyncio.wait_for(reader.read(65536), 5)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 431 ")
+    assert written < 16 * 1024 * 1024
+    assert fake_model.hits_for("/x") == []
+
+
+async def test_a_chunked_body_in_small_writes_with_a_trailer_is_forwarded(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """The bounds on unfinished lines must not refuse honest chunked uploads: size
+    lines and data in separate writes, a body with LFs, a trailer (dropped)."""
+    sidecar = await start_sidecar(base_config(fake_model.url))
+    data = b"line\n" * 4000 + b"x" * 20000
+    pieces = [b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"]
+    pieces += [b"Connection: close\r\n\r\n", b"%x\r\n" % len(data), data, b"\r\n"]
+    pieces += [b"3\r\n", b"abc\r\n", b"0\r\n", b"X-Trailer: ", b"t\r\n\r\n"]
+    raw = await _send_in_pieces(sidecar.running.main_port, pieces)
+    assert raw.startswith(b"HTTP/1.1 200 "), raw[:200]
+    (hit,) = fake_model.hits_for("/x")
+    assert hit.body == data + b"abc"
+    assert "x-trailer" not in hit.headers

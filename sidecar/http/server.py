@@ -300,6 +300,7 @@ class HttpConnection(asyncio.Protocol):
 
     # Thousands of idle keep-alive connections: no per-instance dict.
     __slots__ = (
+        "_body_fed",
         "_close_after_answer",
         "_current",
         "_drain_waiter",
@@ -348,6 +349,7 @@ class HttpConnection(asyncio.Protocol):
         self._head_bytes = 0  # the request line and the complete fields of a head
         self._partial = 0  # at most this many bytes of an unfinished line are held
         self._head_began = False  # a head began in the read being parsed
+        self._body_fed = False  # body bytes came in the read being parsed
         self._in_head = False
         self._refusal: RequestRefused | None = None  # found by a parser callback
         self._pending_refusal: RequestRefused | None = None  # answered after the current
@@ -404,7 +406,7 @@ class HttpConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed or self._pending_refusal is not None:
             return
-        self._head_began = False
+        self._head_began = self._body_fed = False
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -418,19 +420,21 @@ class HttpConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._refuse(RequestRefused(400, "bad_request", _public_reason(exc)))
         else:
-            if self._in_head:
-                # llhttp keeps a partial field until it ends: bound what it holds.
-                # Lines end in LF, so the unfinished one is at most what follows the
-                # last LF of this read (all of it when there is none). The read in
-                # which a head began is not counted: the bytes before it are the
-                # previous request's, and one read is bounded by the transport.
-                newline = data.rfind(b"\n")
-                if self._head_began:
+            if self._in_head or self._parsing is not None:
+                # llhttp keeps an unfinished field (of a head or of the trailers after
+                # a chunked body) until it ends: bound what it holds. Lines end in LF,
+                # so the unfinished one is at most what follows the last LF of this
+                # read (all of it when there is none). A read in which a head began
+                # or body bytes came is not counted: its bytes before the line are
+                # another request's, or body, and one read is bounded by the transport.
+                if self._head_began or self._body_fed:
                     self._partial = 0
-                elif newline >= 0:
-                    self._partial = len(data) - newline - 1
                 else:
-                    self._partial += len(data)
+                    newline = data.rfind(b"\n")
+                    if newline >= 0:
+                        self._partial = len(data) - newline - 1
+                    else:
+                        self._partial += len(data)
                 if self._partial > self.limits.max_line:
                     self._refuse(_head_too_large("a header field"))
 
@@ -497,6 +501,7 @@ class HttpConnection(asyncio.Protocol):
             self.pause_reading()  # one request at a time; the next waits unread
 
     def on_body(self, body: bytes) -> None:
+        self._body_fed = True
         request = self._parsing
         if request is None:
             return
