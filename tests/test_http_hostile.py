@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 import orjson
 import pytest
+from aiohttp import web
 
 from tests.conftest import LOOPBACK, FakeModel, StartSidecar, base_config, raw_request
 from tests.test_http_layer import raw_upstream, read_head, status_and_body, upstream_config
@@ -234,3 +236,72 @@ async def test_a_chunked_body_in_small_writes_with_a_trailer_is_forwarded(
     (hit,) = fake_model.hits_for("/x")
     assert hit.body == data + b"abc"
     assert "x-trailer" not in hit.headers
+
+
+async def test_a_flood_of_pipelined_requests_is_capped(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """One write of 1 MiB of tiny pipelined requests behind a slow one: every request
+    of the read was parsed and queued (about 4,500 per connection, ~1 KB each, 35
+    times the bytes sent). The queue is capped; past it the client gets a 400 after
+    the answers it is owed, and the connection closes."""
+    gate = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        await gate.wait()
+        return web.Response(text="slow")
+
+    fake_model.on("/slow", slow)
+    sidecar = await start_sidecar(base_config(fake_model.url))
+    reader, writer = await asyncio.open_connection(LOOPBACK, sidecar.running.main_port)
+    one = b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n"
+    try:
+        writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n" + one * (1024 * 1024 // len(one)))
+        await asyncio.wait_for(_until(lambda: bool(fake_model.hits_for("/slow"))), 5)
+        (conn,) = sidecar.running._main.connections
+        queued = len(conn._queue or ())
+        gate.set()
+        raw = await _read_until_close(reader, 10)
+    finally:
+        gate.set()
+        writer.close()
+    assert queued <= 32
+    statuses = [int(part[:3]) for part in raw.split(b"HTTP/1.1 ")[1:]]
+    assert statuses == [200] * (1 + queued) + [400]
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    while not condition():
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_a_client_still_sending_a_refused_body_reads_the_refusal(
+    fake_model: FakeModel, start_sidecar: StartSidecar, framing: str
+) -> None:
+    """An upload over the limit is answered 413 and the connection closed with the
+    rest of the body unread: the kernel then resets the connection, and the client,
+    still writing, never read its 413 (a reset drops what it had not read). Like
+    NGINX's lingering close, the sidecar now ends its side and reads on for a while."""
+    sidecar = await start_sidecar(base_config(fake_model.url))  # 1 MiB limit
+    reader, writer = await asyncio.open_connection(LOOPBACK, sidecar.running.main_port)
+    body = b"a" * (4 * 1024 * 1024)
+    if framing == "chunked":
+        head = b"Transfer-Encoding: chunked\r\n\r\n%x\r\n" % len(body)
+    else:
+        head = b"Content-Length: %d\r\n\r\n" % len(body)
+    writer.write(b"POST /x HTTP/1.1\r\nHost: x\r\n" + head)
+    try:
+        writer.write(body)
+        await asyncio.wait_for(writer.drain(), 10)
+    except ConnectionError:
+        pass
+    try:
+        raw = await _read_until_close(reader, 10)
+    except ConnectionError as exc:
+        raw = repr(exc).encode()
+    finally:
+        writer.close()
+    assert raw.startswith(b"HTTP/1.1 413 "), raw[:200]
+    _, payload = status_and_body(raw)
+    assert orjson.loads(payload)["error"]["type"] == "body_too_large"

@@ -56,6 +56,8 @@ class Limits:
     send_timeout: float = 30.0  # a write waiting for a client that stopped reading
     read_ahead: int = 256 * 1024  # body bytes buffered before the handler reads them
     write_buffer: int = 64 * 1024  # bytes queued to a client before writes wait
+    max_pipelined: int = 32  # parsed requests waiting behind the one being handled
+    linger: float = 5.0  # reading on after an answer that left the client's bytes unread
 
 
 class RequestRefused(Exception):
@@ -307,6 +309,7 @@ class HttpConnection(asyncio.Protocol):
         "_head_began",
         "_head_bytes",
         "_in_head",
+        "_lingering",
         "_parser",
         "_parsing",
         "_partial",
@@ -357,6 +360,7 @@ class HttpConnection(asyncio.Protocol):
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self._close_after_answer = False
+        self._lingering = False  # our side is closed; the client's bytes are discarded
 
     # -- transport events ----------------------------------------------------------
 
@@ -404,7 +408,7 @@ class HttpConnection(asyncio.Protocol):
             waiter.set_result(None)
 
     def data_received(self, data: bytes) -> None:
-        if self.closed or self._pending_refusal is not None:
+        if self.closed or self._pending_refusal is not None or self._lingering:
             return
         self._head_began = self._body_fed = False
         try:
@@ -482,6 +486,14 @@ class HttpConnection(asyncio.Protocol):
                 505, "http_version_not_supported", f"HTTP/{version} is not served here"
             )
             raise self._refusal
+        queue = self._queue
+        if queue is not None and len(queue) >= self.limits.max_pipelined:
+            # One read is parsed whole: without a cap, a single write of tiny requests
+            # became thousands of parsed requests (about 35 times its size) held here.
+            self._refusal = RequestRefused(
+                400, "bad_request", f"more than {self.limits.max_pipelined} pipelined requests"
+            )
+            raise self._refusal
         request = Request(
             self,
             parser.get_method().decode("ascii"),
@@ -526,7 +538,9 @@ class HttpConnection(asyncio.Protocol):
             while True:
                 await self._handle(request)
                 if self.closed or not self._reusable(request):
-                    self.close()
+                    # Bytes of the client's may be left unread: its body, or what it
+                    # sent after it.
+                    self.close(linger=not request.complete or bool(self._queue) or self._in_head)
                     return
                 if not self._queue:
                     break
@@ -678,12 +692,12 @@ class HttpConnection(asyncio.Protocol):
 
     def write_raw(self, data: bytes) -> None:
         transport = self._transport
-        if transport is not None and not self.closed:
+        if transport is not None and not self.closed and not self._lingering:
             transport.write(data)
 
     def transport_writelines(self, parts: tuple[bytes, ...]) -> None:
         transport = self._transport
-        if transport is not None and not self.closed:
+        if transport is not None and not self.closed and not self._lingering:
             transport.writelines(parts)
 
     async def drain(self) -> None:
@@ -716,10 +730,26 @@ class HttpConnection(asyncio.Protocol):
             self._reading_paused = False
             self._transport.resume_reading()
 
-    def close(self) -> None:
-        """Close once what was written has gone out."""
-        if self._transport is not None and not self.closed:
-            self._transport.close()
+    def close(self, *, linger: bool = False) -> None:
+        """Close once what was written has gone out.
+
+        With ``linger`` (the client may still be sending: a body we refused, requests
+        after a refusal), closing with its bytes unread would reset the connection,
+        and a reset destroys the answer the client has not read yet. So, like NGINX's
+        lingering close, end our side only, and discard what comes for ``linger``
+        seconds or until the client closes its side."""
+        transport = self._transport
+        if transport is None or self.closed or self._lingering:
+            return
+        if not linger or not transport.can_write_eof():
+            transport.close()
+            return
+        self._lingering = True
+        transport.write_eof()  # once what was written has gone out
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+        self._arm(self.limits.linger, self.abort)
 
     def abort(self) -> None:
         """Close at once, dropping anything unsent."""
@@ -746,7 +776,7 @@ class HttpConnection(asyncio.Protocol):
         answer = self.server.refuse(refusal, method, target, self.peer)
         request = Request(self, method, target, "1.1", Headers(), self.peer, False)
         self._write_whole(request, answer)
-        self.close()
+        self.close(linger=True)  # the client may still be sending
 
     def _arm(self, seconds: float, callback: Callable[[], None]) -> None:
         self.deadline = self.loop.time() + seconds
