@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
 
 import orjson
 import pytest
@@ -246,8 +245,10 @@ async def test_a_flood_of_pipelined_requests_is_capped(
     times the bytes sent). The queue is capped; past it the client gets a 400 after
     the answers it is owed, and the connection closes."""
     gate = asyncio.Event()
+    entered = asyncio.Event()
 
     async def slow(request: web.Request) -> web.Response:
+        entered.set()
         await gate.wait()
         return web.Response(text="slow")
 
@@ -257,7 +258,7 @@ async def test_a_flood_of_pipelined_requests_is_capped(
     one = b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n"
     try:
         writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n" + one * (1024 * 1024 // len(one)))
-        await asyncio.wait_for(_until(lambda: bool(fake_model.hits_for("/slow"))), 5)
+        await asyncio.wait_for(entered.wait(), 5)  # the read was parsed by then
         (conn,) = sidecar.running._main.connections
         queued = len(conn._queue or ())
         gate.set()
@@ -268,11 +269,6 @@ async def test_a_flood_of_pipelined_requests_is_capped(
     assert queued <= 32
     statuses = [int(part[:3]) for part in raw.split(b"HTTP/1.1 ")[1:]]
     assert statuses == [200] * (1 + queued) + [400]
-
-
-async def _until(condition: Callable[[], bool]) -> None:
-    while not condition():
-        await asyncio.sleep(0.01)
 
 
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
