@@ -301,3 +301,28 @@ async def test_a_client_still_sending_a_refused_body_reads_the_refusal(
     assert raw.startswith(b"HTTP/1.1 413 "), raw[:200]
     _, payload = status_and_body(raw)
     assert orjson.loads(payload)["error"]["type"] == "body_too_large"
+
+
+async def test_an_http_1_0_client_gets_no_100_continue(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """RFC 9110 section 10.1.1: a server MUST ignore a 100-continue expectation in an
+    HTTP/1.0 request; the sidecar sent 'HTTP/1.1 100 Continue' to a 1.0 client."""
+    sidecar = await start_sidecar(base_config(fake_model.url))
+    reader, writer = await asyncio.open_connection(LOOPBACK, sidecar.running.main_port)
+    try:
+        writer.write(
+            b"POST /x HTTP/1.0\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n"
+        )
+        await writer.drain()
+        with contextlib.suppress(TimeoutError):
+            early = await asyncio.wait_for(reader.read(65536), 0.5)
+            assert b"100 Continue" not in early
+        writer.write(b"abcd")
+        await writer.drain()
+        raw = await _read_until_close(reader, 5)
+    finally:
+        writer.close()
+    assert raw.startswith(b"HTTP/1.0 200 ")
+    assert b"100 Continue" not in raw
+    assert fake_model.hits_for("/x")[0].body == b"abcd"

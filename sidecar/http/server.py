@@ -193,6 +193,7 @@ class Request:
         if not self.complete:
             if (
                 not self._continue_sent
+                and self.version == "1.1"  # a 1.0 request's expectation is ignored
                 and (self.headers.get("expect") or "").lower() == "100-continue"
             ):
                 self._continue_sent = True
