@@ -326,3 +326,19 @@ async def test_an_http_1_0_client_gets_no_100_continue(
     assert raw.startswith(b"HTTP/1.0 200 ")
     assert b"100 Continue" not in raw
     assert fake_model.hits_for("/x")[0].body == b"abcd"
+
+
+async def test_a_request_with_two_host_fields_is_refused(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """RFC 9112 section 3.2: more than one Host field is a 400. It was forwarded, the
+    sidecar's X-Forwarded-Host naming the first and the upstream free to read either."""
+    sidecar = await start_sidecar(base_config(fake_model.url))
+    raw = await raw_request(
+        sidecar.running.main_port,
+        b"GET /x HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\nConnection: close\r\n\r\n",
+    )
+    status, payload = status_and_body(raw)
+    assert status == 400
+    assert orjson.loads(payload)["error"]["request_id"]
+    assert fake_model.hits_for("/x") == []

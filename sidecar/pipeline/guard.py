@@ -44,6 +44,13 @@ def check_target(raw_target: str) -> None:
         raise errors.BadRequest("dot segments ('.' or '..') in the path are not accepted")
 
 
+def check_host(hosts: list[str]) -> None:
+    """RFC 9112 section 3.2: a request with more than one Host field is refused (400);
+    the upstream and the sidecar (X-Forwarded-Host) could each believe another."""
+    if len(hosts) > 1:
+        raise errors.BadRequest("more than one Host field")
+
+
 def check_framing(transfer_encoding: str | None) -> None:
     if transfer_encoding is not None and transfer_encoding.strip().lower() != "chunked":
         raise errors.BadRequest("only the 'chunked' transfer coding is accepted")

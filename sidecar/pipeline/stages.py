@@ -30,7 +30,7 @@ from sidecar.http.server import ClientGone, Request, RequestRefused
 from sidecar.pipeline.auth import Authenticator
 from sidecar.pipeline.context import CURRENT_REQUEST, RequestContext, decide_outcome
 from sidecar.pipeline.forwarding import RoutePath, forward
-from sidecar.pipeline.guard import REFUSED_METHODS, check_framing, check_target
+from sidecar.pipeline.guard import REFUSED_METHODS, check_framing, check_host, check_target
 from sidecar.pipeline.identity import accept_request_id, accept_traceparent, new_request_id
 from sidecar.pipeline.ratelimit import RateLimiter
 from sidecar.pipeline.relay import read_body
@@ -209,6 +209,7 @@ class Pipeline:
             raise errors.MethodNotAllowed(f"{method} is not accepted by this proxy")
         check_target(request.target)
         check_framing(request.headers.get("Transfer-Encoding"))
+        check_host(request.headers.getall("host"))
         path = request.path
         endpoint = self.own.get(path)
         if endpoint is not None:
