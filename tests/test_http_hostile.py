@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import struct
 
 import orjson
 import pytest
@@ -342,3 +344,35 @@ async def test_a_request_with_two_host_fields_is_refused(
     assert status == 400
     assert orjson.loads(payload)["error"]["request_id"]
     assert fake_model.hits_for("/x") == []
+
+
+@pytest.mark.parametrize("whole", [True, False], ids=["read-whole", "streamed"])
+async def test_a_close_delimited_answer_cut_by_a_reset_is_not_passed_on_as_complete(
+    start_sidecar: StartSidecar, whole: bool
+) -> None:
+    """A body that runs until the upstream closes ends at a clean close (FIN); a reset
+    (RST) in the middle of it means it was cut short (RFC 9112 section 8). The sidecar
+    took any end of the connection for the end of the body and relayed it as whole."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        await read_head(reader, writer)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\npart-of-the-body")
+        await writer.drain()
+        if not whole:
+            await asyncio.sleep(0.2)  # the head and a part are relayed before the reset
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # closed with SO_LINGER 0: a reset
+
+    async with raw_upstream(script) as (url, _):
+        sidecar = await start_sidecar(upstream_config(url), wait_ready=False)
+        raw = await raw_request(
+            sidecar.running.main_port, b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+    head, _, body = raw.partition(b"\r\n\r\n")
+    if head.startswith(b"HTTP/1.1 200 "):
+        # Begun: it must be cut without its last chunk, never ended as complete.
+        assert b"Transfer-Encoding: chunked" in head
+        assert not body.endswith(b"0\r\n\r\n")
+    else:
+        assert head.startswith(b"HTTP/1.1 502 ")

@@ -202,8 +202,10 @@ class UpstreamConnection(asyncio.Protocol):
             )
         response = self.response
         if response is not None and not response.complete:
-            if response.close_delimited and self._method != "HEAD":
-                response._finish()  # such a body ends where the connection does
+            if response.close_delimited and self._method != "HEAD" and exc is None:
+                # Such a body ends where the connection does: at a clean close. A reset
+                # (exc) means it was cut short (RFC 9112 section 8).
+                response._finish()
             else:
                 response._fail(BrokenAnswer("the answer ended before it was complete"))
 
