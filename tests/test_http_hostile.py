@@ -376,3 +376,24 @@ async def test_a_close_delimited_answer_cut_by_a_reset_is_not_passed_on_as_compl
         assert not body.endswith(b"0\r\n\r\n")
     else:
         assert head.startswith(b"HTTP/1.1 502 ")
+
+
+async def test_an_http_1_0_request_with_transfer_encoding_closes_the_connection(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """RFC 9112 section 6.1: Transfer-Encoding in an HTTP/1.0 message means its framing
+    is faulty (a 1.0 hop may have passed it on unread): close after answering, even when
+    the client asked for keep-alive. The sidecar kept the connection open for more."""
+    sidecar = await start_sidecar(base_config(fake_model.url))
+    reader, writer = await asyncio.open_connection(LOOPBACK, sidecar.running.main_port)
+    try:
+        writer.write(
+            b"POST /x HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+        )
+        await writer.drain()
+        raw = await _read_until_close(reader, 5)
+    finally:
+        writer.close()
+    assert raw.startswith(b"HTTP/1.0 200 ")
+    assert b"\r\nConnection: close" in raw.partition(b"\r\n\r\n")[0]

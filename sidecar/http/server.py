@@ -495,14 +495,18 @@ class HttpConnection(asyncio.Protocol):
                 400, "bad_request", f"more than {self.limits.max_pipelined} pipelined requests"
             )
             raise self._refusal
+        headers = Headers.from_raw(self._raw_headers)
+        keep_alive = parser.should_keep_alive()
+        if keep_alive and version == "1.0" and "transfer-encoding" in headers:
+            keep_alive = False  # faulty framing in 1.0 (RFC 9112 6.1): close after it
         request = Request(
             self,
             parser.get_method().decode("ascii"),
             self._url.decode("latin-1"),
             version,
-            Headers.from_raw(self._raw_headers),
+            headers,
             self.peer,
-            parser.should_keep_alive(),
+            keep_alive,
         )
         self._parsing = request
         if self._current is None and self._task is None:
