@@ -397,3 +397,23 @@ async def test_an_http_1_0_request_with_transfer_encoding_closes_the_connection(
         writer.close()
     assert raw.startswith(b"HTTP/1.0 200 ")
     assert b"\r\nConnection: close" in raw.partition(b"\r\n\r\n")[0]
+
+
+async def test_an_answer_in_another_http_version_becomes_our_502(
+    start_sidecar: StartSidecar,
+) -> None:
+    """An upstream that answers 'HTTP/2.0 200' is not speaking HTTP/1.x to us: its
+    framing cannot be trusted. It was relayed as a 200."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        await read_head(reader, writer)
+        writer.write(b"HTTP/2.0 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+        await writer.drain()
+        await reader.read()
+
+    async with raw_upstream(script) as (url, _):
+        sidecar = await start_sidecar(upstream_config(url), wait_ready=False)
+        raw = await raw_request(
+            sidecar.running.main_port, b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+    assert raw.startswith(b"HTTP/1.1 502 ")

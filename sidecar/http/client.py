@@ -273,6 +273,11 @@ class UpstreamConnection(asyncio.Protocol):
         if head is None or head.done():
             return
         reason = self._reason
+        version = parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            head.set_exception(BrokenAnswer(f"an answer in HTTP/{version}"))
+            self.keep_alive = False
+            return
         if not 200 <= status <= 599:
             head.set_exception(BrokenAnswer(f"status {status}"))
             self.keep_alive = False
@@ -286,7 +291,7 @@ class UpstreamConnection(asyncio.Protocol):
             status,
             reason.decode("latin-1"),
             Headers.from_raw(self._raw_headers),
-            parser.get_http_version(),
+            version,
         )
         self.response = response
         if self._method == "HEAD":
