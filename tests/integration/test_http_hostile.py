@@ -13,7 +13,12 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import LOOPBACK, FakeModel, StartSidecar, base_config, raw_request
-from tests.test_http_layer import raw_upstream, read_head, status_and_body, upstream_config
+from tests.integration.test_http_layer import (
+    raw_upstream,
+    read_head,
+    status_and_body,
+    upstream_config,
+)
 
 
 async def _read_until_close(reader: asyncio.StreamReader, within: float) -> bytes:
