@@ -238,7 +238,9 @@ async def forward(request: Request, ctx: RequestContext, path: RoutePath) -> Ans
         method=request.method,
         target=request.target,
         headers=upstream_request_headers(request, ctx, path.credentials),
-        body=body if body or request.body_exists else None,
+        # A declared body is sent with its length, even an empty one (a POST without
+        # Content-Length may get 411 from the model server).
+        body=body if body or request.body_exists or request.content_length is not None else None,
         request_id=ctx.request_id,
     )
     mirror = path.shadow

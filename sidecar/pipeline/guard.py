@@ -27,6 +27,8 @@ def check_target(raw_target: str) -> None:
     """Raise BadRequest unless the target is a plain origin-form path (and query)."""
     if not raw_target.startswith("/") or raw_target.startswith("//"):
         raise errors.BadRequest("the request target must be a path (origin-form)")
+    if "#" in raw_target:
+        raise errors.BadRequest("a fragment ('#') is not part of a request target")
     path = raw_target.split("?", 1)[0]
     if "%" not in path and "\\" not in path and "\x00" not in path and "/." not in path:
         return  # the common case: nothing encoded, no dot segment possible
@@ -44,11 +46,14 @@ def check_target(raw_target: str) -> None:
         raise errors.BadRequest("dot segments ('.' or '..') in the path are not accepted")
 
 
-def check_host(hosts: list[str]) -> None:
-    """RFC 9112 section 3.2: a request with more than one Host field is refused (400);
-    the upstream and the sidecar (X-Forwarded-Host) could each believe another."""
+def check_host(hosts: list[str], version: str) -> None:
+    """RFC 9112 section 3.2: an HTTP/1.1 request without a Host field, or any request
+    with more than one, is refused (400); with two, the upstream and the sidecar
+    (X-Forwarded-Host) could each believe another."""
     if len(hosts) > 1:
         raise errors.BadRequest("more than one Host field")
+    if not hosts and version == "1.1":
+        raise errors.BadRequest("an HTTP/1.1 request needs a Host field")
 
 
 def check_framing(transfer_encoding: str | None) -> None:

@@ -209,7 +209,7 @@ class Pipeline:
             raise errors.MethodNotAllowed(f"{method} is not accepted by this proxy")
         check_target(request.target)
         check_framing(request.headers.get("Transfer-Encoding"))
-        check_host(request.headers.getall("host"))
+        check_host(request.headers.getall("host"), request.version)
         path = request.path
         endpoint = self.own.get(path)
         if endpoint is not None:

@@ -531,3 +531,29 @@ async def test_a_close_delimited_answer_is_relayed_whole(start_sidecar: StartSid
                 assert resp.status == 200
                 assert await resp.read() == b"first part, second part, the end"
         assert len(connections) >= 2  # a close-delimited answer's connection is spent
+
+
+async def test_host_fields_fragments_and_empty_bodies(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    sidecar = await start_sidecar(base_config(fake_model.url))
+    port = sidecar.running.main_port
+    # RFC 9112 3.2: HTTP/1.1 needs a Host field; HTTP/1.0 may go without.
+    no_host = await raw_request(port, b"GET /x HTTP/1.1\r\nConnection: close\r\n\r\n")
+    assert no_host.startswith(b"HTTP/1.1 400 ")
+    assert b"Host field" in no_host
+    old = await raw_request(port, b"GET /x HTTP/1.0\r\n\r\n")
+    assert old.startswith(b"HTTP/1.0 200 ")
+    # A fragment is the client's own business, never part of a request target.
+    fragment = await raw_request(
+        port, b"GET /x#secret HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    assert fragment.startswith(b"HTTP/1.1 400 ")
+    # An empty POST keeps its Content-Length: 0 (servers may answer 411 without one).
+    async with sidecar.session.post(
+        sidecar.url + "/empty-post", data=b"", headers={"Content-Length": "0"}
+    ) as resp:
+        assert resp.status == 200
+    (hit,) = fake_model.hits_for("/empty-post")
+    assert hit.headers["content-length"] == ["0"]
+    assert [h.path for h in fake_model.hits].count("/x") == 1  # only the HTTP/1.0 one
