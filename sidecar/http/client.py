@@ -24,6 +24,7 @@ from typing import Any, cast
 import httptools
 
 from sidecar.http.messages import Headers, media_type
+from sidecar.http.transport import FlowControlled
 
 _READ_AHEAD = 256 * 1024  # answer bytes buffered before reading from the upstream pauses
 # An answer's head (its 1xx heads included) and its trailers, like Envoy's limits
@@ -163,7 +164,7 @@ class ClientResponse:
         self._conn.pool._done(self._conn, reusable=False)
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection(FlowControlled):
     """One connection to an upstream."""
 
     def __init__(self, pool: Pool) -> None:
@@ -351,16 +352,6 @@ class UpstreamConnection(asyncio.Protocol):
     def reset(self) -> None:
         self._head = None
         self.response = None
-
-    def pause_reading(self) -> None:
-        if not self._reading_paused and self._transport is not None and not self.closed:
-            self._reading_paused = True
-            self._transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self._reading_paused and self._transport is not None and not self.closed:
-            self._reading_paused = False
-            self._transport.resume_reading()
 
     def abort(self) -> None:
         if self._transport is not None and not self.closed:

@@ -36,6 +36,7 @@ from sidecar.http.messages import (
     reason_for,
     status_has_body,
 )
+from sidecar.http.transport import FlowControlled
 
 log = structlog.get_logger("sidecar.http.server")
 
@@ -298,7 +299,7 @@ class BodyWriter:
         self._conn.abort()
 
 
-class HttpConnection(asyncio.Protocol):
+class HttpConnection(FlowControlled):
     """One client connection."""
 
     # Thousands of idle keep-alive connections: no per-instance dict.
@@ -317,13 +318,10 @@ class HttpConnection(asyncio.Protocol):
         "_pending_refusal",
         "_queue",
         "_raw_headers",
-        "_reading_paused",
         "_refusal",
         "_task",
-        "_transport",
         "_url",
         "_write_paused",
-        "closed",
         "deadline",
         "limits",
         "loop",
@@ -724,16 +722,6 @@ class HttpConnection(asyncio.Protocol):
         finally:
             timer.cancel()
             self._drain_waiter = None
-
-    def pause_reading(self) -> None:
-        if not self._reading_paused and self._transport is not None and not self.closed:
-            self._reading_paused = True
-            self._transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self._reading_paused and self._transport is not None and not self.closed:
-            self._reading_paused = False
-            self._transport.resume_reading()
 
     def close(self, *, linger: bool = False) -> None:
         """Close once what was written has gone out.
