@@ -1,0 +1,466 @@
+"""sidecar.analytics.drift: histograms, PSI and the drift monitor, called directly."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from structlog.testing import capture_logs
+
+from sidecar.analytics.drift import (
+    Baseline,
+    DriftMonitor,
+    Histogram,
+    SignalExtractor,
+    build_baseline,
+    payload_pairs,
+    psi,
+)
+from sidecar.config.schema import DriftSettings
+from sidecar.telemetry.metrics import Metrics
+
+
+def settings(**values: Any) -> DriftSettings:
+    base: dict[str, Any] = {"protocol": "v1", "baseline": "baseline.json", "min_samples": 10}
+    base.update(values)
+    return DriftSettings.model_validate(base)
+
+
+def pair(prediction: float, **features: Any) -> tuple[bytes, bytes]:
+    return orjson.dumps(features), orjson.dumps({"predictions": [prediction]})
+
+
+# histograms
+
+
+def test_a_histogram_needs_samples() -> None:
+    with pytest.raises(ValueError, match="no samples"):
+        Histogram.from_samples([], 10)
+
+
+def test_few_distinct_values_get_a_bin_each_and_one_for_unseen_values() -> None:
+    h = Histogram.from_samples([1.0, 1.0, 2.0, 3.0], 3)
+    assert h == Histogram("categorical", (1.0, 2.0, 3.0), (0.5, 0.25, 0.25, 0.0), 1.0, 3.0)
+    assert h.proportions_of([3.0, 7.0, 7.0, 1.0]) == (0.25, 0.0, 0.25, 0.5)
+    assert h.contains(2.0)
+    assert not h.contains(2.5)
+
+
+def test_many_distinct_values_get_quantile_bins() -> None:
+    h = Histogram.from_samples([float(v) for v in range(100)], 4)
+    assert h == Histogram("numeric", (25.0, 50.0, 75.0), (0.25, 0.25, 0.25, 0.25), 0.0, 99.0)
+    assert h.proportions_of([24.0, 25.0, 74.9, 75.0, 1000.0]) == (0.2, 0.2, 0.2, 0.4)
+    assert h.contains(0.0)
+    assert h.contains(99.0)
+    assert not h.contains(-0.5)
+    assert not h.contains(99.5)
+
+
+def test_one_more_distinct_value_than_bins_is_numeric() -> None:
+    assert Histogram.from_samples([1.0, 2.0, 3.0], 3).kind == "categorical"
+    h = Histogram.from_samples([1.0, 2.0, 3.0, 4.0], 3)
+    assert h.kind == "numeric"
+    assert h.points == (2.0, 3.0)
+
+
+def test_a_numeric_histogram_without_a_range_contains_everything() -> None:
+    assert Histogram("numeric", (1.0,), (0.5, 0.5)).contains(1e9)
+    assert Histogram("numeric", (1.0,), (0.5, 0.5), low=0.0).contains(1e9)
+
+
+def test_no_samples_have_no_proportions() -> None:
+    h = Histogram("numeric", (1.0,), (0.5, 0.5))
+    assert h.proportions_of([]) == (0.0, 0.0)
+
+
+def test_a_histogram_survives_json_with_or_without_its_range() -> None:
+    h = Histogram("numeric", (1.0, 2.0), (0.25, 0.5, 0.25), 0.5, 3.0)
+    assert h.to_json() == {
+        "kind": "numeric",
+        "points": [1.0, 2.0],
+        "proportions": [0.25, 0.5, 0.25],
+        "range": [0.5, 3.0],
+    }
+    assert Histogram.from_json(orjson.loads(orjson.dumps(h.to_json()))) == h
+    bare = Histogram("categorical", (1.0,), (1.0, 0.0))
+    assert "range" not in bare.to_json()
+    assert Histogram.from_json(bare.to_json()) == bare
+    assert "range" not in Histogram("numeric", (1.0,), (1.0, 0.0), low=0.0).to_json()
+
+
+def test_a_histogram_from_json_is_checked() -> None:
+    with pytest.raises(ValueError, match="unknown histogram kind 'other'"):
+        Histogram.from_json({"kind": "other", "points": [], "proportions": [1.0]})
+    with pytest.raises(ValueError, match="one proportion more than its points"):
+        Histogram.from_json({"kind": "numeric", "points": [1], "proportions": [1.0]})
+    with pytest.raises(ValueError, match="one proportion more than its points"):
+        Histogram.from_json({"kind": "numeric", "points": [1], "proportions": [0.5, 0.25, 0.25]})
+
+
+# PSI
+
+
+def test_psi_is_zero_for_the_same_distribution_and_grows_with_the_shift() -> None:
+    assert psi((0.25, 0.75), (0.25, 0.75)) == 0.0
+    assert psi((0.5, 0.5), (0.9, 0.1)) == pytest.approx(0.8788898309344878)
+    assert psi((0.5, 0.5), (0.6, 0.4)) < psi((0.5, 0.5), (0.9, 0.1))
+
+
+def test_empty_bins_are_floored_so_psi_stays_finite() -> None:
+    assert psi((1.0, 0.0), (0.5, 0.5)) == pytest.approx(4.60431846666895)
+    assert psi((0.25, 0.25, 0.25, 0.25), (0.5, 0.5, 0.0, 0.0)) == pytest.approx(4.257031786505947)
+    assert psi((0.0, 1.0), (0.0, 1.0)) == 0.0
+
+
+# baselines
+
+
+def test_a_baseline_is_written_and_read_back(tmp_path: Path) -> None:
+    baseline = Baseline({"prediction": Histogram("categorical", (0.0, 1.0), (0.5, 0.5, 0.0))}, 42)
+    path = tmp_path / "b.json"
+    path.write_bytes(baseline.to_json("infer"))
+    document = orjson.loads(path.read_bytes())
+    assert (document["version"], document["route"], document["samples"]) == (1, "infer", 42)
+    assert document["created"].endswith("+00:00")
+    assert Baseline.load(path) == baseline
+
+
+def test_signals_are_the_prediction_and_each_feature() -> None:
+    extractor = SignalExtractor(
+        settings(features=[{"name": "age", "field": "inputs.age"}, {"name": "n", "field": "n"}])
+    )
+    assert extractor.signals == ["prediction", "age", "n"]
+    problems: list[tuple[str, str]] = []
+    values = extractor.extract(
+        {"inputs": {"age": 30}, "n": True}, {"predictions": [0.5, 1]}, problems
+    )
+    assert values == {"prediction": [0.5, 1.0], "age": [30.0], "n": []}
+    assert problems == [("n", "not_a_number")]
+    problems.clear()
+    assert extractor.extract({"inputs": {"age": None}, "n": 2.5}, {}, problems) == {
+        "prediction": [],
+        "age": [],
+        "n": [2.5],
+    }
+    extractor.extract({"n": "x"}, {}, problems)
+    assert problems == [("age", "null"), ("age", "missing"), ("n", "not_a_number")]
+    assert extractor.extract({}, {}) == {"prediction": [], "age": [], "n": []}
+
+
+def test_a_baseline_is_built_from_request_and_answer_pairs() -> None:
+    s = settings(
+        bins=3, features=[{"name": "age", "field": "age"}, {"name": "gone", "field": "gone"}]
+    )
+    pairs = [({"age": 20 + i % 2}, {"predictions": [i % 3]}) for i in range(6)]
+    baseline = build_baseline(s, pairs)
+    assert baseline.samples == 6
+    assert set(baseline.histograms) == {"prediction", "age"}  # no values: no histogram
+    assert baseline.histograms["prediction"].points == (0.0, 1.0, 2.0)
+    assert baseline.histograms["age"].proportions == (0.5, 0.5, 0.0)
+
+
+def test_a_baseline_without_predictions_is_refused() -> None:
+    with pytest.raises(ValueError, match="no predictions found"):
+        build_baseline(settings(), [({}, {"other": 1})])
+
+
+def test_payload_pairs_are_the_routes_good_answers() -> None:
+    def line(route: str, status: int, n: int) -> bytes:
+        return orjson.dumps(
+            {"route": route, "status": status, "request": {"n": n}, "response": {"p": n}}
+        )
+
+    lines = [
+        line("infer", 200, 1),
+        b"  \n",
+        line("other", 200, 2),
+        line("infer", 500, 3),
+        line("infer", 0, 5),
+        line("alpha", 200, 6),
+        line("infer", 200, 4),
+    ]
+    assert list(payload_pairs(lines, "infer")) == [({"n": 1}, {"p": 1}), ({"n": 4}, {"p": 4})]
+
+
+# the monitor
+
+
+class Monitor:
+    def __init__(self, tmp_path: Path, baseline: Baseline | None, **values: Any) -> None:
+        self.metrics = Metrics()
+        self.path = tmp_path / "state" / "baselines" / "infer.json"
+        self.monitor = DriftMonitor(
+            "infer", settings(**values), self.path, self.metrics, baseline=baseline
+        )
+
+    def sample(self, name: str, **labels: str) -> float | None:
+        return self.metrics.registry.get_sample_value(name, {"route": "infer", **labels})
+
+    def quality(self, feature: str, problem: str) -> float:
+        return self.sample("sidecar_feature_quality_total", feature=feature, problem=problem) or 0.0
+
+
+BASELINE = Baseline(
+    {
+        "prediction": Histogram("categorical", (0.0, 1.0), (0.5, 0.5, 0.0), 0.0, 1.0),
+        "age": Histogram("numeric", (30.0,), (0.5, 0.5), 18.0, 90.0),
+    },
+    100,
+)
+
+
+def test_pairs_wait_within_a_byte_budget_and_the_rest_are_counted(tmp_path: Path) -> None:
+    m = Monitor(tmp_path, BASELINE, max_pending_bytes="40B")
+    m.monitor.observe(b"x" * 10, b"y" * 10)
+    m.monitor.observe(b"x" * 10, b"y" * 10)  # exactly the budget
+    assert (
+        m.metrics.registry.get_sample_value(
+            "sidecar_dropped_total", {"buffer": "drift_pending", "route": "infer"}
+        )
+        == 0.0
+    )
+    m.monitor.observe(b"x", b"")
+    assert (
+        m.metrics.registry.get_sample_value(
+            "sidecar_dropped_total", {"buffer": "drift_pending", "route": "infer"}
+        )
+        == 1.0
+    )
+    m.monitor.evaluate()  # takes the pending pairs: the budget is free again
+    m.monitor.observe(b"x" * 20, b"y" * 20)
+    assert (
+        m.metrics.registry.get_sample_value(
+            "sidecar_dropped_total", {"buffer": "drift_pending", "route": "infer"}
+        )
+        == 1.0
+    )
+
+
+def test_psi_waits_for_min_samples_then_is_exported(tmp_path: Path) -> None:
+    m = Monitor(tmp_path, BASELINE, min_samples=10, features=[{"name": "age", "field": "age"}])
+    for i in range(9):
+        m.monitor.observe(*pair(i % 2, age=20 + 20 * (i % 2)))
+    assert m.monitor.evaluate() == {}
+    m.monitor.observe(*pair(1, age=40))
+    result = m.monitor.evaluate()
+    assert result == {"prediction": pytest.approx(0.0), "age": pytest.approx(0.0)}
+    assert m.monitor.last_psi == result
+    assert m.sample("sidecar_prediction_psi") == pytest.approx(0.0)
+    assert m.sample("sidecar_feature_psi", feature="age") == pytest.approx(0.0)
+
+
+def test_a_shift_is_detected_at_the_threshold_and_cleared_only_below_clear_below(
+    tmp_path: Path,
+) -> None:
+    m = Monitor(tmp_path, BASELINE, window=10, threshold=0.5, clear_below=0.1)
+    with capture_logs() as logs:
+        for _ in range(10):
+            m.monitor.observe(*pair(1.0))
+        shifted = m.monitor.evaluate()["prediction"]
+        assert shifted == pytest.approx(psi((0.5, 0.5, 0.0), (0.0, 1.0, 0.0)))
+        assert m.monitor.drifting["prediction"]
+        assert m.sample("sidecar_prediction_psi") == pytest.approx(shifted)
+        for _ in range(3):
+            m.monitor.observe(*pair(0.0))
+        middle = m.monitor.evaluate()["prediction"]
+        assert 0.1 < middle < 0.5
+        assert m.monitor.drifting["prediction"]  # between the lines: still drifting
+        m.monitor.observe(*pair(0.0))
+        cleared = m.monitor.evaluate()["prediction"]  # four zeros in ten: 0.0405
+        assert cleared == pytest.approx(psi((0.5, 0.5, 0.0), (0.4, 0.6, 0.0)))
+        assert not m.monitor.drifting["prediction"]
+    events = [(e["event"], e.get("signal"), e.get("psi")) for e in logs]
+    assert events == [
+        ("drift_detected", "prediction", round(shifted, 4)),
+        ("drift_cleared", "prediction", round(cleared, 4)),
+    ]
+
+
+def test_a_psi_exactly_at_the_threshold_is_drift(tmp_path: Path) -> None:
+    value = psi((0.5, 0.5, 0.0), (0.0, 1.0, 0.0))
+    m = Monitor(tmp_path, BASELINE, window=10, threshold=value, clear_below=0.05)
+    for _ in range(10):
+        m.monitor.observe(*pair(1.0))
+    m.monitor.evaluate()
+    assert m.monitor.drifting["prediction"]
+
+
+def test_a_feature_drifts_on_its_own(tmp_path: Path) -> None:
+    m = Monitor(tmp_path, BASELINE, window=10, features=[{"name": "age", "field": "age"}])
+    for i in range(10):
+        m.monitor.observe(*pair(i % 2, age=80))
+    result = m.monitor.evaluate()
+    assert result["prediction"] == pytest.approx(0.0)
+    assert result["age"] > 0.2
+    assert m.monitor.drifting == {"prediction": False, "age": True}
+    assert m.sample("sidecar_feature_psi", feature="age") == pytest.approx(result["age"])
+
+
+def test_feature_problems_are_counted_by_kind(tmp_path: Path) -> None:
+    m = Monitor(tmp_path, BASELINE, features=[{"name": "age", "field": "age"}])
+    m.monitor.observe(b"not json", b"{}")  # skipped, and the rest still read
+    m.monitor.observe(*pair(1.0))
+    m.monitor.observe(*pair(1.0, age=None))
+    m.monitor.observe(*pair(1.0, age="old"))
+    m.monitor.observe(*pair(1.0, age=95))
+    m.monitor.observe(*pair(1.0, age=17.9))
+    m.monitor.observe(*pair(1.0, age=90))
+    m.monitor.evaluate()
+    assert [m.quality("age", k) for k in ("missing", "null", "not_a_number", "out_of_range")] == [
+        1.0,
+        1.0,
+        1.0,
+        2.0,
+    ]
+
+
+def test_a_feature_without_a_baseline_histogram_is_not_range_checked(tmp_path: Path) -> None:
+    m = Monitor(tmp_path, BASELINE, features=[{"name": "height", "field": "h"}])
+    m.monitor.observe(*pair(1.0, h=1e9))
+    m.monitor.evaluate()
+    assert m.quality("height", "out_of_range") == 0.0
+
+
+def test_the_window_keeps_only_the_latest_values(tmp_path: Path) -> None:
+    m = Monitor(tmp_path, BASELINE, window=10)
+    for _ in range(10):
+        m.monitor.observe(*pair(1.0))
+    for i in range(10):
+        m.monitor.observe(*pair(i % 2))
+    assert m.monitor.evaluate()["prediction"] == pytest.approx(0.0)
+
+
+def test_without_a_baseline_one_is_frozen_from_the_first_answers_and_written(
+    tmp_path: Path,
+) -> None:
+    m = Monitor(tmp_path, None, freeze_after=10, window=10, bins=3)
+    for i in range(9):
+        m.monitor.observe(*pair(i % 2))
+    assert m.monitor.evaluate() == {}
+    assert m.monitor.baseline is None
+    for _ in range(5):
+        m.monitor.observe(*pair(1.0))  # only the first of these is part of the baseline
+    with capture_logs() as logs:
+        assert m.monitor.evaluate() == {}
+    baseline = m.monitor.baseline
+    assert baseline is not None
+    assert baseline.samples == 10
+    assert baseline.histograms["prediction"].proportions == (0.5, 0.5, 0.0)
+    assert Baseline.load(m.path) == baseline
+    assert [(e["event"], e["samples"]) for e in logs] == [("drift_baseline_frozen", 10)]
+    for _ in range(10):
+        m.monitor.observe(*pair(0.0))
+    assert m.monitor.evaluate()["prediction"] > 0.2
+
+
+async def test_a_started_monitor_evaluates_every_interval(tmp_path: Path) -> None:
+    m = Monitor(tmp_path, BASELINE, interval="10ms", min_samples=10)
+    for i in range(10):
+        m.monitor.observe(*pair(i % 2))
+    m.monitor.start()
+    try:
+        for _ in range(500):
+            if m.monitor.last_psi:
+                break
+            await asyncio.sleep(0.01)
+        assert m.monitor.last_psi == {"prediction": pytest.approx(0.0)}
+    finally:
+        await m.monitor.stop()
+
+
+def test_a_pair_that_would_pass_the_budget_is_dropped(tmp_path: Path) -> None:
+    m = Monitor(tmp_path, BASELINE, max_pending_bytes="40B")
+    m.monitor.observe(b"x" * 10, b"y" * 10)
+    m.monitor.observe(b"x" * 10, b"y" * 11)
+    assert (
+        m.metrics.registry.get_sample_value(
+            "sidecar_dropped_total", {"buffer": "drift_pending", "route": "infer"}
+        )
+        == 1.0
+    )
+
+
+def test_a_feature_without_a_baseline_does_not_stop_the_others(tmp_path: Path) -> None:
+    m = Monitor(
+        tmp_path,
+        BASELINE,
+        window=10,
+        features=[{"name": "height", "field": "h"}, {"name": "age", "field": "age"}],
+    )
+    for i in range(10):
+        m.monitor.observe(*pair(i % 2, h=170, age=80))
+    assert set(m.monitor.evaluate()) == {"prediction", "age"}
+
+
+def test_a_drift_exactly_at_clear_below_is_not_cleared(tmp_path: Path) -> None:
+    m = Monitor(tmp_path, BASELINE, window=10, threshold=0.5, clear_below=0.0)
+    for _ in range(10):
+        m.monitor.observe(*pair(1.0))
+    m.monitor.evaluate()
+    for i in range(10):
+        m.monitor.observe(*pair(i % 2))
+    assert m.monitor.evaluate()["prediction"] == 0.0
+    assert m.monitor.drifting["prediction"]
+
+
+def test_a_large_freeze_after_freezes_exactly_that_many_answers(tmp_path: Path) -> None:
+    m = Monitor(tmp_path, None, freeze_after=300, window=10)
+    for i in range(299):
+        m.monitor.observe(*pair(i % 2))
+    m.monitor.evaluate()
+    assert m.monitor.baseline is None
+    for _ in range(5):
+        m.monitor.observe(*pair(1.0))
+    m.monitor.evaluate()
+    baseline = m.monitor.baseline
+    assert baseline is not None
+    assert baseline.samples == 300
+
+
+def test_a_baseline_is_frozen_into_a_directory_that_exists(tmp_path: Path) -> None:
+    m = Monitor(tmp_path, None, freeze_after=10, window=10)
+    m.path.parent.mkdir(parents=True)
+    for i in range(10):
+        m.monitor.observe(*pair(i % 2))
+    m.monitor.evaluate()
+    assert m.path.exists()
+
+
+def test_after_each_evaluation_the_whole_budget_is_free_again(tmp_path: Path) -> None:
+    m = Monitor(tmp_path, BASELINE, max_pending_bytes="40B")
+    m.monitor.observe(b"x" * 10, b"y" * 10)
+    m.monitor.evaluate()
+    m.monitor.observe(b"x" * 20, b"y" * 21)
+    assert (
+        m.metrics.registry.get_sample_value(
+            "sidecar_dropped_total", {"buffer": "drift_pending", "route": "infer"}
+        )
+        == 1.0
+    )
+
+
+def test_psi_is_computed_with_more_than_min_samples_too(tmp_path: Path) -> None:
+    m = Monitor(tmp_path, BASELINE, min_samples=10)
+    for i in range(20):
+        m.monitor.observe(*pair(i % 2))
+    assert m.monitor.evaluate() == {"prediction": pytest.approx(0.0)}
+
+
+def test_a_feature_psi_is_exported_as_that_feature_whatever_its_name(tmp_path: Path) -> None:
+    baseline = Baseline(
+        {
+            "prediction": BASELINE.histograms["prediction"],
+            "score": Histogram("numeric", (30.0,), (0.5, 0.5), 0.0, 100.0),
+        },
+        100,
+    )
+    m = Monitor(tmp_path, baseline, window=10, features=[{"name": "score", "field": "s"}])
+    for i in range(10):
+        m.monitor.observe(*pair(i % 2, s=80))
+    result = m.monitor.evaluate()
+    assert m.sample("sidecar_prediction_psi") == pytest.approx(result["prediction"])
+    assert m.sample("sidecar_feature_psi", feature="score") == pytest.approx(result["score"])
+    assert result["score"] != pytest.approx(result["prediction"])

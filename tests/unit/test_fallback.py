@@ -1,0 +1,425 @@
+"""sidecar.upstream.fallback: cache, rules, static answers and the secondary upstream, called
+directly. The secondary upstream talks to an in-process fake model server (loopback,
+no subprocess); everything else is plain calls on a fake clock."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+import pytest
+from aiohttp import web
+
+from sidecar.config.schema import CacheFallback, FallbackPolicy, Upstream, UpstreamFallback
+from sidecar.http.client import Pool
+from sidecar.http.messages import Headers
+from sidecar.upstream.fallback import (
+    FALLBACK_HEADER,
+    FallbackChain,
+    ResponseCache,
+    SecondaryUpstream,
+    canonical_key,
+    restamp_id,
+)
+from sidecar.upstream.upstreams import UpstreamCall, UpstreamClient
+from tests.conftest import LOOPBACK, FakeClock, MakeFakeModel, closed_port
+
+
+class Evictions:
+    def __init__(self) -> None:
+        self.count = 0
+
+    def inc(self) -> None:
+        self.count += 1
+
+
+def cache(
+    clock: FakeClock, protocol: str = "plain", evicted: Any = None, **settings: Any
+) -> ResponseCache:
+    values: dict[str, Any] = {"ttl": "60s"}
+    values.update(settings)
+    return ResponseCache(CacheFallback.model_validate(values), protocol, clock, evicted)
+
+
+def call(
+    body: bytes | None = b"{}", target: str = "/infer", request_id: str = "r-1"
+) -> UpstreamCall:
+    return UpstreamCall("POST", target, Headers([("X-Client", "c")]), body, request_id)
+
+
+def chain(
+    *steps: dict[str, Any], upstreams: Any = None, clock: FakeClock | None = None, **policy: Any
+) -> FallbackChain:
+    settings = FallbackPolicy.model_validate({"chain": list(steps), **policy})
+    return FallbackChain(settings, upstreams or {}, clock or FakeClock())
+
+
+# canonical_key
+
+
+def test_the_same_json_in_another_key_order_or_spacing_has_the_same_key() -> None:
+    assert canonical_key("POST", "/a", b'{"x": 1, "y": [1, 2]}') == canonical_key(
+        "POST", "/a", b'{"y":[1,2],"x":1}'
+    )
+
+
+def test_method_target_and_content_keep_keys_apart() -> None:
+    key = canonical_key("POST", "/a", b'{"x": 1}')
+    assert canonical_key("PUT", "/a", b'{"x": 1}') != key
+    assert canonical_key("POST", "/b", b'{"x": 1}') != key
+    assert canonical_key("POST", "/a", b'{"x": 2}') != key
+
+
+def test_a_v2_request_id_is_not_part_of_the_key_but_a_plain_one_is() -> None:
+    assert canonical_key("POST", "/a", b'{"id": "1", "x": 1}', "v2") == canonical_key(
+        "POST", "/a", b'{"id": "2", "x": 1}', "v2"
+    )
+    assert canonical_key("POST", "/a", b'{"id": "1", "x": 1}') != canonical_key(
+        "POST", "/a", b'{"id": "2", "x": 1}'
+    )
+    assert canonical_key("POST", "/a", b'[{"id": "1"}]', "v2") != canonical_key(
+        "POST", "/a", b'[{"id": "2"}]', "v2"
+    )
+
+
+def test_bodies_that_are_not_json_are_keyed_by_their_bytes() -> None:
+    assert canonical_key("POST", "/a", b"raw one") == canonical_key("POST", "/a", b"raw one")
+    assert canonical_key("POST", "/a", b"raw one") != canonical_key("POST", "/a", b"raw two")
+    assert canonical_key("POST", "/a", b"raw  one") != canonical_key("POST", "/a", b"raw one")
+
+
+# restamp_id
+
+
+def test_plain_answers_keep_their_id() -> None:
+    body = b'{"id": "old", "x": 1}'
+    assert restamp_id(body, b'{"id": "new"}', "plain", "r-9") is body
+
+
+def test_a_v2_answer_takes_this_requests_id_or_none() -> None:
+    body = b'{"id": "old", "outputs": []}'
+    assert orjson.loads(restamp_id(body, b'{"id": "new"}', "v2", "r-9")) == {
+        "id": "new",
+        "outputs": [],
+    }
+    assert orjson.loads(restamp_id(body, b'{"inputs": []}', "v2", "r-9")) == {"outputs": []}
+    assert orjson.loads(restamp_id(body, b"not json", "v2", "r-9")) == {"outputs": []}
+
+
+def test_an_openai_answer_gets_a_fresh_name() -> None:
+    body = b'{"id": "chatcmpl-old", "choices": []}'
+    assert orjson.loads(restamp_id(body, b"{}", "openai", "r-9")) == {
+        "id": "cached-r-9",
+        "choices": [],
+    }
+
+
+def test_answers_without_a_top_level_id_are_left_as_they_are() -> None:
+    for body in (b'{"x": 1}', b'{"x": "id"}', b'{"x": {"id": 1}}', b'["id"]', b'"id" but not json'):
+        assert restamp_id(body, b'{"id": "new"}', "v2", "r-9") is body, body
+        assert restamp_id(body, b"{}", "openai", "r-9") is body, body
+
+
+# ResponseCache
+
+
+def test_a_stored_answer_is_given_back_with_its_status_type_and_age() -> None:
+    clock = FakeClock()
+    c = cache(clock)
+    c.store("POST", "/infer", b'{"x": 1}', 201, "application/json", b'{"y": 2}')
+    clock.advance(7.9)
+    response = c.answer("POST", "/infer", b'{ "x" : 1 }', "r-1")
+    assert response is not None
+    assert response.status == 201
+    assert response.body == b'{"y": 2}'
+    assert response.headers[FALLBACK_HEADER] == "cache"
+    assert response.headers["Age"] == "7"
+    assert response.headers["Content-Type"] == "application/json"
+    assert c.answer("POST", "/infer", b'{"x": 2}', "r-1") is None
+
+
+def test_an_answer_without_a_content_type_gets_none_from_the_cache() -> None:
+    c = cache(FakeClock())
+    c.store("POST", "/infer", b"{}", 200, None, b"data")
+    response = c.answer("POST", "/infer", b"{}", "r-1")
+    assert response is not None
+    assert "Content-Type" not in response.headers
+
+
+def test_the_cache_restamps_ids_by_protocol() -> None:
+    c = cache(FakeClock(), protocol="openai")
+    c.store("POST", "/v1/chat", b'{"m": 1}', 200, "application/json", b'{"id": "old"}')
+    response = c.answer("POST", "/v1/chat", b'{"m": 1}', "r-5")
+    assert response is not None
+    assert response.body is not None
+    assert orjson.loads(response.body) == {"id": "cached-r-5"}
+
+
+def test_an_answer_lives_exactly_its_ttl_then_is_forgotten() -> None:
+    clock = FakeClock()
+    c = cache(clock, ttl="10s")
+    c.store("POST", "/infer", b"{}", 200, None, b"12345")
+    clock.advance(10.0)
+    assert c.answer("POST", "/infer", b"{}", "r") is not None
+    clock.advance(0.5)
+    assert c.answer("POST", "/infer", b"{}", "r") is None
+    assert (len(c), c.size_bytes) == (0, 0)
+
+
+def test_answers_bigger_than_the_limit_are_not_stored() -> None:
+    c = cache(FakeClock(), max_body_size="4B")
+    c.store("POST", "/a", b"{}", 200, None, b"12345")
+    assert (len(c), c.size_bytes) == (0, 0)
+    c.store("POST", "/a", b"{}", 200, None, b"1234")
+    assert (len(c), c.size_bytes) == (1, 4)
+
+
+def test_storing_the_same_request_again_replaces_the_answer() -> None:
+    c = cache(FakeClock())
+    c.store("POST", "/a", b"{}", 200, None, b"first!")
+    c.store("POST", "/a", b"{}", 200, None, b"second")
+    c.store("POST", "/a", b"{}", 200, None, b"3rd")
+    assert (len(c), c.size_bytes) == (1, 3)
+    response = c.answer("POST", "/a", b"{}", "r")
+    assert response is not None
+    assert response.body == b"3rd"
+
+
+def test_the_least_recently_used_answer_is_evicted_beyond_max_entries() -> None:
+    evicted = Evictions()
+    c = cache(FakeClock(), evicted=evicted, max_entries=2)
+    c.store("POST", "/a", b"{}", 200, None, b"a")
+    c.store("POST", "/b", b"{}", 200, None, b"bb")
+    assert c.answer("POST", "/a", b"{}", "r") is not None  # /a is now the most recent
+    c.store("POST", "/c", b"{}", 200, None, b"ccc")
+    assert (len(c), c.size_bytes, evicted.count) == (2, 4, 1)
+    assert c.answer("POST", "/b", b"{}", "r") is None
+    assert c.answer("POST", "/a", b"{}", "r") is not None
+    assert c.answer("POST", "/c", b"{}", "r") is not None
+
+
+def test_answers_are_evicted_to_stay_within_max_bytes() -> None:
+    evicted = Evictions()
+    c = cache(FakeClock(), evicted=evicted, max_bytes="10B")
+    c.store("POST", "/a", b"{}", 200, None, b"aaaa")
+    c.store("POST", "/b", b"{}", 200, None, b"bbbbbb")
+    assert (len(c), c.size_bytes, evicted.count) == (2, 10, 0)
+    c.store("POST", "/c", b"{}", 200, None, b"ccccccc")
+    assert (len(c), c.size_bytes, evicted.count) == (1, 7, 2)
+    assert c.answer("POST", "/c", b"{}", "r") is not None
+
+
+def test_eviction_without_a_counter_still_evicts() -> None:
+    c = cache(FakeClock(), max_entries=1)
+    c.store("POST", "/a", b"{}", 200, None, b"a")
+    c.store("POST", "/b", b"{}", 200, None, b"b")
+    assert len(c) == 1
+
+
+# the chain
+
+
+def test_the_chain_keeps_its_triggers_statuses_and_cache() -> None:
+    fallback = chain(
+        {"cache": {}}, {"static": {"body": {"x": 1}}}, triggers=["timeout"], statuses=[503]
+    )
+    assert fallback.triggers == frozenset({"timeout"})
+    assert fallback.statuses == frozenset({503})
+    assert isinstance(fallback.cache, ResponseCache)
+    assert chain({"static": {}}).cache is None
+
+
+async def test_a_static_answer_is_json_with_its_own_headers_and_name() -> None:
+    fallback = chain(
+        {
+            "static": {
+                "name": "default-answer",
+                "status": 202,
+                "body": {"label": 0},
+                "headers": {"X-Extra": "1"},
+            }
+        }
+    )
+    response = await fallback.answer(call(), b"{}")
+    assert response is not None
+    assert response.status == 202
+    assert orjson.loads(response.body) == {"label": 0}  # type: ignore[arg-type]
+    assert response.headers["Content-Type"] == "application/json"
+    assert response.headers["X-Extra"] == "1"
+    assert response.headers[FALLBACK_HEADER] == "default-answer"
+
+
+async def test_a_static_answer_may_set_its_own_content_type() -> None:
+    fallback = chain({"static": {"body": "text", "headers": {"Content-Type": "text/plain"}}})
+    response = await fallback.answer(call(), b"{}")
+    assert response is not None
+    assert response.headers["Content-Type"] == "text/plain"
+    assert response.headers[FALLBACK_HEADER] == "static"
+
+
+RULES = {
+    "rules": [
+        {"name": "big", "when": {"field": "x", "gt": 10}, "respond": {"body": "big"}},
+        {"name": "any-x", "when": {"field": "x", "exists": True}, "respond": {"body": "x"}},
+    ]
+}
+
+
+async def test_the_first_rule_that_matches_answers() -> None:
+    fallback = chain(RULES, {"static": {"body": "default"}})
+    big = await fallback.answer(call(), b'{"x": 11}')
+    small = await fallback.answer(call(), b'{"x": 1}')
+    other = await fallback.answer(call(), b'{"y": 1}')
+    assert big is not None
+    assert small is not None
+    assert other is not None
+    assert [r.headers[FALLBACK_HEADER] for r in (big, small, other)] == ["big", "any-x", "static"]
+    assert orjson.loads(big.body) == "big"  # type: ignore[arg-type]
+
+
+async def test_rules_do_not_answer_a_body_that_is_not_json_and_the_chain_may_end_empty() -> None:
+    fallback = chain(RULES)
+    assert await fallback.answer(call(), b"not json") is None
+    assert await fallback.answer(call(), b'{"y": 1}') is None
+
+
+async def test_the_cache_comes_first_when_it_has_the_answer() -> None:
+    fallback = chain({"cache": {}}, {"static": {"body": "default"}})
+    assert fallback.cache is not None
+    fallback.cache.store("POST", "/infer", b'{"x": 1}', 200, None, b"cached")
+    hit = await fallback.answer(call(), b'{"x": 1}')
+    miss = await fallback.answer(call(), b'{"x": 2}')
+    assert hit is not None
+    assert miss is not None
+    assert (hit.body, hit.headers[FALLBACK_HEADER]) == (b"cached", "cache")
+    assert miss.headers[FALLBACK_HEADER] == "static"
+
+
+# the secondary upstream (an in-process fake model server)
+
+
+@pytest.fixture
+async def pools() -> AsyncIterator[list[Pool]]:
+    made: list[Pool] = []
+    yield made
+    for pool in made:
+        pool.close()
+
+
+def secondary(url: str, pools: list[Pool], timeout: str = "5s") -> SecondaryUpstream:
+    client = UpstreamClient("simple", Upstream(url=url))
+    parts = urlsplit(url)
+    pool = Pool(parts.hostname or LOOPBACK, parts.port or 80)
+    pools.append(pool)
+    client.attach(pool)
+    return SecondaryUpstream(client, UpstreamFallback(name="simple", timeout=timeout))
+
+
+def answering(status: int, body: bytes = b"", content_type: str | None = None) -> Any:
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(status=status, body=body, content_type=content_type)
+
+    return answer
+
+
+async def test_a_secondary_upstream_answers_with_its_own_status_body_and_name(
+    make_fake_model: MakeFakeModel, pools: list[Pool]
+) -> None:
+    model = await make_fake_model()
+    model.on("/infer", answering(499, b'{"label": 1}', "application/json"))
+    fallback = chain(
+        {"upstream": {"name": "simple"}},
+        upstreams={"simple": secondary(model.url, pools).upstream},
+    )
+    response = await fallback.answer(call(b'{"x": 1}', "/infer?v=1", "fb-1"), b'{"x": 1}')
+    assert response is not None
+    assert (response.status, response.body) == (499, b'{"label": 1}')
+    assert response.headers["Content-Type"] == "application/json"
+    assert response.headers[FALLBACK_HEADER] == "simple"
+    [hit] = model.hits_for("/infer")
+    assert (hit.method, hit.target, hit.body) == ("POST", "/infer?v=1", b'{"x": 1}')
+    assert hit.headers["x-request-id"] == ["fb-1"]
+    assert hit.headers["x-client"] == ["c"]
+
+
+async def test_a_secondary_answer_without_a_content_type_has_none(
+    make_fake_model: MakeFakeModel, pools: list[Pool]
+) -> None:
+    model = await make_fake_model()
+    model.on("/infer", answering(200))
+    response = await secondary(model.url, pools).answer(call(None))
+    assert response is not None
+    assert response.status == 200
+    assert "Content-Type" not in response.headers
+    assert model.hits_for("/infer")[0].body == b""
+
+
+async def test_a_secondary_upstream_that_fails_gives_way_to_the_next_step(
+    make_fake_model: MakeFakeModel, pools: list[Pool]
+) -> None:
+    model = await make_fake_model()
+    model.on("/infer", answering(500, b"broken"))
+    upstreams = {"simple": secondary(model.url, pools).upstream}
+    fallback = chain({"upstream": {"name": "simple"}}, {"static": {"body": 0}}, upstreams=upstreams)
+    response = await fallback.answer(call(), b"{}")
+    assert response is not None
+    assert response.headers[FALLBACK_HEADER] == "static"
+    assert await secondary(model.url, pools).answer(call()) is None
+
+
+async def test_a_secondary_upstream_that_is_down_or_too_slow_answers_nothing(
+    make_fake_model: MakeFakeModel, pools: list[Pool]
+) -> None:
+    down = secondary(f"http://{LOOPBACK}:{closed_port()}", pools)
+    assert await down.answer(call()) is None
+    model = await make_fake_model()
+    gate = asyncio.Event()
+
+    async def stuck(request: web.Request) -> web.Response:
+        await gate.wait()
+        return web.Response()
+
+    model.on("/infer", stuck)
+    try:
+        assert await secondary(model.url, pools, timeout="50ms").answer(call()) is None
+    finally:
+        gate.set()
+
+
+def test_the_age_of_a_cached_answer_counts_from_when_it_was_stored() -> None:
+    clock = FakeClock()
+    clock.now = 3.0  # a monotonic clock may read anything
+    c = cache(clock, ttl="60s")
+    c.store("POST", "/a", b"{}", 200, None, b"x")
+    clock.advance(7.9)
+    response = c.answer("POST", "/a", b"{}", "r")
+    assert response is not None
+    assert response.headers["Age"] == "7"
+
+
+async def test_a_secondary_upstream_that_is_unavailable_gives_way(
+    make_fake_model: MakeFakeModel, pools: list[Pool]
+) -> None:
+    model = await make_fake_model()
+    model.on("/infer", answering(503, b"busy"))
+    assert await secondary(model.url, pools).answer(call()) is None
+
+
+async def test_a_redirect_from_the_secondary_upstream_is_passed_on_not_followed(
+    make_fake_model: MakeFakeModel, pools: list[Pool]
+) -> None:
+    model = await make_fake_model()
+
+    async def moved(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(status=307, headers={"Location": "/elsewhere"})
+
+    model.on("/infer", moved)
+    response = await secondary(model.url, pools).answer(call())
+    assert response is not None
+    assert response.status == 307
+    assert model.hits_for("/elsewhere") == []

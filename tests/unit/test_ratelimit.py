@@ -1,0 +1,282 @@
+"""sidecar.pipeline.ratelimit: token buckets per principal and overall, on a fake clock."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from sidecar.config.schema import RateLimitSettings, RateSettings
+from sidecar.http import errors
+from sidecar.pipeline.ratelimit import UNAUTHENTICATED, RateLimiter, TokenBucket
+from sidecar.telemetry.metrics import Metrics
+from tests.conftest import FakeClock
+
+
+def rate(text: str, burst: int) -> RateSettings:
+    return RateSettings.model_validate({"rate": text, "burst": burst})
+
+
+class FakeShared:
+    """The shared global bucket's answers: (allowed, tokens left), or None (Redis down)."""
+
+    def __init__(self, *answers: tuple[bool, float] | None) -> None:
+        self.answers = list(answers)
+        self.asked: list[tuple[float, int]] = []
+
+    async def take_global(self, rate: float, burst: int) -> tuple[bool, float] | None:
+        self.asked.append((rate, burst))
+        return self.answers.pop(0)
+
+
+class Limiter:
+    def __init__(
+        self,
+        clock: FakeClock | None = None,
+        *,
+        per_key: dict[str, RateSettings] | None = None,
+        shared: Any = None,
+        **settings: Any,
+    ) -> None:
+        self.clock = clock or FakeClock()
+        self.metrics = Metrics()
+        values: dict[str, Any] = {"enabled": True}
+        values.update(settings)
+        self.limiter = RateLimiter(
+            RateLimitSettings.model_validate(values),
+            per_key or {},
+            self.metrics,
+            self.clock,
+            shared,
+        )
+
+    async def check(self, principal: str, label: str | None = None) -> dict[str, str]:
+        return await self.limiter.check(principal, label or principal)
+
+    async def refused(self, principal: str) -> errors.RateLimited:
+        with pytest.raises(errors.RateLimited) as refused:
+            await self.check(principal)
+        return refused.value
+
+    def counted(self, scope: str, principal: str, mode: str = "enforced") -> float:
+        value = self.metrics.registry.get_sample_value(
+            "sidecar_ratelimited_total", {"scope": scope, "principal": principal, "mode": mode}
+        )
+        return value or 0.0
+
+
+# the bucket
+
+
+def test_a_bucket_starts_full_and_each_take_costs_one_token() -> None:
+    bucket = TokenBucket.full(rate("1/s", 2), now=0.0)
+    assert bucket.headers() == {
+        "RateLimit-Limit": "2",
+        "RateLimit-Remaining": "2",
+        "RateLimit-Reset": "0",
+    }
+    assert bucket.take(0.0)
+    assert bucket.take(0.0)
+    assert not bucket.take(0.0)
+    assert bucket.headers() == {
+        "RateLimit-Limit": "2",
+        "RateLimit-Remaining": "0",
+        "RateLimit-Reset": "2",
+    }
+
+
+def test_a_bucket_refills_at_its_rate_up_to_its_burst() -> None:
+    bucket = TokenBucket.full(rate("2/s", 3), now=10.0)
+    for _ in range(3):
+        assert bucket.take(10.0)
+    assert not bucket.take(10.25)  # half a token back
+    assert bucket.tokens == 0.5
+    assert bucket.take(10.5)  # exactly one token
+    assert bucket.tokens == 0.0
+    assert bucket.seconds_until_token() == 0.5
+    assert bucket.headers()["RateLimit-Reset"] == "2"  # 1.5 s to refill three tokens
+    assert bucket.take(100.0)
+    assert bucket.tokens == 2.0  # refilled to the burst, not beyond
+
+
+def test_a_clock_going_back_neither_adds_nor_removes_tokens() -> None:
+    bucket = TokenBucket.full(rate("1/s", 2), now=10.0)
+    assert bucket.take(10.0)
+    assert bucket.take(9.0)
+    assert (bucket.tokens, bucket.updated) == (0.0, 10.0)
+    assert not bucket.take(10.5)
+    assert bucket.take(11.0)
+
+
+def test_a_token_given_back_never_overfills_the_bucket() -> None:
+    bucket = TokenBucket.full(rate("1/s", 2), now=0.0)
+    bucket.give_back()
+    assert bucket.tokens == 2.0
+    assert bucket.take(0.0)
+    bucket.give_back()
+    assert bucket.tokens == 2.0
+
+
+def test_a_bucket_with_tokens_needs_no_wait_and_shows_whole_tokens() -> None:
+    bucket = TokenBucket(rate=4.0, burst=5, tokens=2.75, updated=0.0)
+    assert bucket.seconds_until_token() == 0.0
+    assert bucket.headers() == {
+        "RateLimit-Limit": "5",
+        "RateLimit-Remaining": "2",
+        "RateLimit-Reset": "1",  # 2.25 tokens at 4/s: 0.5625 s, rounded up
+    }
+    empty = TokenBucket(rate=0.5, burst=1, tokens=0.25, updated=0.0)
+    assert empty.seconds_until_token() == 1.5
+    assert empty.headers()["RateLimit-Reset"] == "2"
+
+
+# the limiter
+
+
+async def test_without_limits_every_request_passes_without_headers() -> None:
+    lim = Limiter()
+    for _ in range(5):
+        assert await lim.check("alice") == {}
+
+
+async def test_each_principal_has_its_own_bucket() -> None:
+    lim = Limiter(per_principal={"rate": "1/s", "burst": 2})
+    assert (await lim.check("alice"))["RateLimit-Remaining"] == "1"
+    assert (await lim.check("alice"))["RateLimit-Remaining"] == "0"
+    refused = await lim.refused("alice")
+    assert refused.status == 429
+    assert str(refused) == "rate limit reached (principal)"
+    assert refused.headers == {
+        "RateLimit-Limit": "2",
+        "RateLimit-Remaining": "0",
+        "RateLimit-Reset": "2",
+        "Retry-After": "1",
+    }
+    assert lim.counted("principal", "alice") == 1.0
+    assert (await lim.check("bob"))["RateLimit-Remaining"] == "1"
+    lim.clock.advance(1.0)
+    assert (await lim.check("alice"))["RateLimit-Remaining"] == "0"
+
+
+async def test_retry_after_is_the_whole_seconds_until_a_token_is_back() -> None:
+    lim = Limiter(per_principal={"rate": "1/m", "burst": 1})
+    await lim.check("alice")
+    lim.clock.advance(15.0)
+    refused = await lim.refused("alice")
+    assert refused.headers["Retry-After"] == "45"
+
+
+async def test_a_keys_own_limit_overrides_the_per_principal_one() -> None:
+    lim = Limiter(per_key={"batch": rate("1/s", 5)}, per_principal={"rate": "1/s", "burst": 1})
+    assert (await lim.check("batch"))["RateLimit-Limit"] == "5"
+    assert (await lim.check("alice"))["RateLimit-Limit"] == "1"
+    assert (await Limiter(per_key={"batch": rate("1/s", 5)}).check("alice")) == {}
+
+
+async def test_the_global_limit_refuses_everyone_once_spent() -> None:
+    lim = Limiter(**{"global": {"rate": "1/s", "burst": 2}})
+    assert (await lim.check("alice"))["RateLimit-Remaining"] == "1"
+    assert (await lim.check("bob"))["RateLimit-Remaining"] == "0"
+    refused = await lim.refused("carol")
+    assert str(refused) == "rate limit reached (global)"
+    assert refused.headers["Retry-After"] == "1"
+    assert lim.counted("global", "carol") == 1.0
+    assert lim.counted("principal", "carol") == 0.0
+
+
+async def test_a_request_refused_overall_does_not_spend_the_principals_token() -> None:
+    lim = Limiter(
+        per_principal={"rate": "1/s", "burst": 2}, **{"global": {"rate": "1/s", "burst": 1}}
+    )
+    assert (await lim.check("alice"))["RateLimit-Remaining"] == "1"  # the principal's headers
+    refused = await lim.refused("bob")
+    assert refused.headers["RateLimit-Remaining"] == "2"
+    assert str(refused) == "rate limit reached (global)"
+    lim.clock.advance(1.0)
+    assert (await lim.check("bob"))["RateLimit-Remaining"] == "1"
+
+
+async def test_a_principal_over_its_own_limit_does_not_spend_a_global_token() -> None:
+    lim = Limiter(
+        per_principal={"rate": "1/s", "burst": 1}, **{"global": {"rate": "1/s", "burst": 2}}
+    )
+    await lim.check("alice")
+    await lim.refused("alice")
+    await lim.check("bob")  # the global bucket still had this token
+
+
+async def test_report_only_counts_would_be_refusals_and_refuses_nothing() -> None:
+    lim = Limiter(report_only=True, per_principal={"rate": "1/s", "burst": 1})
+    assert await lim.check("alice", "key-a") == {}
+    assert await lim.check("alice", "key-a") == {}
+    assert lim.counted("principal", "key-a", "report_only") == 1.0
+    assert lim.counted("principal", "key-a", "enforced") == 0.0
+    overall = Limiter(report_only=True, **{"global": {"rate": "1/s", "burst": 1}})
+    await overall.check("a")
+    await overall.check("b")
+    assert overall.counted("global", "b", "report_only") == 1.0
+
+
+async def test_the_metric_names_the_principal_by_its_label() -> None:
+    lim = Limiter(per_principal={"rate": "1/s", "burst": 1})
+    await lim.limiter.check("subject-123", "jwt")
+    with pytest.raises(errors.RateLimited):
+        await lim.limiter.check("subject-123", "jwt")
+    assert lim.counted("principal", "jwt") == 1.0
+
+
+async def test_the_least_recently_seen_principal_is_forgotten_beyond_the_bound() -> None:
+    lim = Limiter(max_principals=2, per_principal={"rate": "1/h", "burst": 1})
+    await lim.check("alice")
+    await lim.check("bob")
+    await lim.refused("alice")  # alice is remembered, and now the most recent
+    await lim.check("carol")  # bob is forgotten
+    await lim.refused("alice")
+    await lim.refused("carol")
+    assert (await lim.check("bob"))["RateLimit-Remaining"] == "0"  # a fresh bucket
+
+
+async def test_failed_authentication_shares_one_bucket_of_the_per_principal_size() -> None:
+    lim = Limiter(per_key={"alice": rate("1/s", 9)}, per_principal={"rate": "1/s", "burst": 2})
+    await lim.limiter.check_failed_auth()
+    await lim.limiter.check_failed_auth()
+    with pytest.raises(errors.RateLimited) as refused:
+        await lim.limiter.check_failed_auth()
+    assert refused.value.headers["RateLimit-Limit"] == "2"
+    assert lim.counted("principal", UNAUTHENTICATED) == 1.0
+
+
+async def test_the_shared_global_bucket_decides_and_its_tokens_are_shown() -> None:
+    shared = FakeShared((True, 4.0), (False, 0.25))
+    lim = Limiter(shared=shared, **{"global": {"rate": "2/s", "burst": 5}})
+    assert (await lim.check("alice"))["RateLimit-Remaining"] == "4"
+    refused = await lim.refused("alice")
+    assert refused.headers["RateLimit-Remaining"] == "0"
+    assert refused.headers["Retry-After"] == "1"
+    assert shared.asked == [(2.0, 5), (2.0, 5)]
+
+
+async def test_without_redis_the_local_global_bucket_decides() -> None:
+    shared = FakeShared(None, None, None)
+    lim = Limiter(shared=shared, **{"global": {"rate": "1/s", "burst": 2}})
+    assert (await lim.check("a"))["RateLimit-Remaining"] == "1"
+    assert (await lim.check("a"))["RateLimit-Remaining"] == "0"
+    await lim.refused("a")
+    assert len(shared.asked) == 3
+
+
+def test_the_refill_counts_the_time_since_the_last_take_on_any_clock_reading() -> None:
+    bucket = TokenBucket.full(rate("1/s", 5), now=3.0)
+    for _ in range(5):
+        assert bucket.take(3.0)
+    assert bucket.take(7.0)  # four tokens back, one taken
+    assert bucket.tokens == 3.0
+
+
+async def test_a_global_refusal_gives_back_exactly_the_one_token_it_took() -> None:
+    lim = Limiter(
+        per_principal={"rate": "1/h", "burst": 3}, **{"global": {"rate": "1/h", "burst": 1}}
+    )
+    assert (await lim.check("alice"))["RateLimit-Remaining"] == "2"
+    refused = await lim.refused("alice")
+    assert refused.headers["RateLimit-Remaining"] == "2"

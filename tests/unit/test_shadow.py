@@ -1,0 +1,559 @@
+"""sidecar.upstream.shadow: the governor on hand-fed numbers, and the mirror against an
+in-process fake candidate model (loopback, no subprocess)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+import pytest
+from aiohttp import web
+from structlog.testing import capture_logs
+
+from sidecar.config.schema import ShadowGovernor, ShadowSettings, Upstream
+from sidecar.http.client import Pool
+from sidecar.http.messages import Headers
+from sidecar.telemetry.metrics import Metrics
+from sidecar.upstream.shadow import (
+    Governor,
+    PrimaryOutcome,
+    ShadowMirror,
+    ShadowTicket,
+    StreamCapture,
+)
+from sidecar.upstream.upstreams import UpstreamCall, UpstreamClient
+from tests.conftest import LOOPBACK, FakeModel, MakeFakeModel, closed_port
+
+
+def governor(fraction: float = 1.0, **settings: Any) -> Governor:
+    values: dict[str, Any] = {"min_samples": 4, "min_latency_increase": "5ms"}
+    values.update(settings)
+    return Governor(fraction, ShadowGovernor.model_validate(values))
+
+
+def feed(g: Governor, count: int, latency: float, *, mirrored: bool, errors: int = 0) -> None:
+    for i in range(count):
+        g.record_primary(latency, error=i < errors, mirrored=mirrored)
+
+
+# the governor
+
+
+def test_without_enough_samples_the_fraction_stays_healthy() -> None:
+    g = governor()
+    for _ in range(3):
+        g.record_shadow(failed=True)
+    assert g.evaluate() == (1.0, "healthy")
+
+
+def test_a_failing_shadow_halves_the_fraction_each_interval() -> None:
+    g = governor(max_shadow_failure_rate=0.5)
+    for failed in (True, True, True, False):
+        g.record_shadow(failed=failed)
+    assert g.evaluate() == (0.5, "shadow failing")
+    for failed in (True, True, False, False):  # exactly the limit: not over it
+        g.record_shadow(failed=failed)
+    assert g.evaluate() == (0.6, "healthy")
+
+
+def test_the_fraction_recovers_by_steps_of_the_configured_fraction_up_to_it() -> None:
+    g = governor(0.5, recover_step=0.25)
+    g.fraction = 0.1
+    assert g.evaluate() == (pytest.approx(0.225), "healthy")
+    assert g.evaluate() == (pytest.approx(0.35), "healthy")
+    assert g.evaluate() == (pytest.approx(0.475), "healthy")
+    assert g.evaluate() == (0.5, "healthy")
+
+
+def test_counts_start_again_every_interval() -> None:
+    g = governor()
+    for _ in range(3):
+        g.record_shadow(failed=True)
+    g.evaluate()
+    g.record_shadow(failed=True)
+    assert g.evaluate()[1] == "healthy"  # 1 of 1, not 4 of 4
+    assert (g.shadow_sent, g.shadow_failed, g.mirrored, g.plain) == (0, 0, [0, 0.0, 0], [0, 0.0, 0])
+
+
+def test_records_add_up_per_kind_of_primary() -> None:
+    g = governor()
+    g.record_primary(0.5, error=True, mirrored=True)
+    g.record_primary(0.25, error=False, mirrored=True)
+    g.record_primary(0.125, error=True, mirrored=False)
+    g.record_shadow(failed=False)
+    g.record_shadow(failed=True)
+    assert (g.mirrored, g.plain, g.shadow_sent, g.shadow_failed) == (
+        [2, 0.75, 1],
+        [1, 0.125, 1],
+        2,
+        1,
+    )
+
+
+def test_unmirrored_traffic_sets_the_reference_and_it_is_kept() -> None:
+    g = governor()
+    feed(g, 3, 0.010, mirrored=False)
+    g.evaluate()
+    assert g.reference_latency is None
+    feed(g, 4, 0.020, mirrored=False, errors=1)
+    g.evaluate()
+    assert (g.reference_latency, g.reference_error_rate) == (0.020, 0.25)
+    g.evaluate()
+    assert (g.reference_latency, g.reference_error_rate) == (0.020, 0.25)
+
+
+def test_mirrored_primaries_much_slower_than_the_reference_back_off() -> None:
+    g = governor(max_latency_increase=0.25)
+    feed(g, 4, 0.020, mirrored=False)
+    feed(g, 4, 0.030, mirrored=True)
+    assert g.evaluate() == (0.5, "primary slower while shadowing")
+
+
+def test_a_little_slower_or_slower_by_less_than_the_minimum_is_healthy() -> None:
+    g = governor(max_latency_increase=0.25)
+    feed(g, 4, 0.020, mirrored=False)
+    feed(g, 4, 0.0249, mirrored=True)  # 24.5% slower
+    assert g.evaluate()[1] == "healthy"
+    tiny = governor(max_latency_increase=0.25, min_latency_increase="5ms")
+    feed(tiny, 4, 0.002, mirrored=False)
+    feed(tiny, 4, 0.006, mirrored=True)  # twice as slow, but only by 4 ms
+    assert tiny.evaluate()[1] == "healthy"
+    enough = governor(max_latency_increase=0.25, min_latency_increase="5ms")
+    feed(enough, 4, 0.002, mirrored=False)
+    feed(enough, 4, 0.0071, mirrored=True)  # by 5.1 ms
+    assert enough.evaluate()[1] == "primary slower while shadowing"
+
+
+def test_slower_mirrored_primaries_need_enough_samples_and_a_reference() -> None:
+    g = governor()
+    feed(g, 4, 0.030, mirrored=True)
+    assert g.evaluate()[1] == "healthy"  # no reference yet
+    few = governor()
+    feed(few, 4, 0.020, mirrored=False)
+    feed(few, 3, 0.100, mirrored=True)
+    assert few.evaluate()[1] == "healthy"
+
+
+def test_mirrored_primaries_failing_more_back_off() -> None:
+    g = governor(max_error_rate_increase=0.05)
+    feed(g, 20, 0.020, mirrored=False)  # no errors: the reference rate is 0
+    feed(g, 20, 0.020, mirrored=True, errors=2)  # 10%
+    assert g.evaluate() == (0.5, "primary failing more while shadowing")
+    g2 = governor(max_error_rate_increase=0.25)
+    feed(g2, 4, 0.020, mirrored=False, errors=1)  # 25%
+    feed(g2, 4, 0.020, mirrored=True, errors=2)  # 50%: exactly 25 points more
+    assert g2.evaluate()[1] == "healthy"
+    feed(g2, 4, 0.020, mirrored=True, errors=3)
+    assert g2.evaluate()[1] == "primary failing more while shadowing"
+
+
+def test_a_tiny_fraction_backs_off_to_zero() -> None:
+    g = governor(0.004, backoff_factor=0.5)
+    fractions = []
+    for _ in range(3):
+        for _ in range(4):
+            g.record_shadow(failed=True)
+        fractions.append(g.evaluate()[0])
+    assert fractions == [0.002, 0.001, 0.0]
+
+
+# small parts
+
+
+async def test_a_ticket_takes_the_first_outcome_only() -> None:
+    ticket = ShadowTicket(asyncio.get_running_loop().create_future())
+    first = PrimaryOutcome(200, b"{}", 0.01)
+    ticket.resolve(first)
+    ticket.resolve(None)
+    assert ticket.outcome.result() is first
+
+
+def test_a_stream_capture_keeps_chunks_up_to_its_limit_then_nothing() -> None:
+    capture = StreamCapture(limit=6)
+    capture.add(b"abc")
+    capture.add(b"def")
+    assert (capture.chunks, capture.size, capture.overflow) == ([b"abc", b"def"], 6, False)
+    capture.add(b"g")
+    assert (capture.chunks, capture.overflow) == ([], True)
+    capture.add(b"h")
+    assert (capture.chunks, capture.size) == ([], 7)
+
+
+# the mirror
+
+
+class Log:
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+
+    def submit(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+async def pools() -> AsyncIterator[list[Pool]]:
+    made: list[Pool] = []
+    yield made
+    for pool in made:
+        pool.close()
+
+
+class Mirror:
+    def __init__(self, url: str, pools: list[Pool], **settings: Any) -> None:
+        values: dict[str, Any] = {"upstream": "candidate", "fraction": 1.0, "timeout": "5s"}
+        values.update(settings)
+        client = UpstreamClient("candidate", Upstream(url=url))
+        parts = urlsplit(url)
+        pool = Pool(parts.hostname or LOOPBACK, parts.port or 80)
+        pools.append(pool)
+        client.attach(pool)
+        self.metrics = Metrics()
+        self.log = Log()
+        self.mirror = ShadowMirror(
+            "infer",
+            ShadowSettings.model_validate(values),
+            client,
+            self.metrics,
+            self.log,  # type: ignore[arg-type]
+        )
+
+    def call(self, body: bytes = b'{"x": 1}', request_id: str = "r-1") -> UpstreamCall:
+        headers = Headers([("Content-Type", "application/json")])
+        return UpstreamCall("POST", "/infer?v=2", headers, body, request_id)
+
+    def count(self, name: str, **labels: str) -> float:
+        value = self.metrics.registry.get_sample_value(name, {"route": "infer", **labels})
+        return value or 0.0
+
+    async def run(
+        self, primary: PrimaryOutcome | None, body: bytes = b'{"x": 1}'
+    ) -> dict[str, Any]:
+        ticket = self.mirror.mirror(self.call(body))
+        assert ticket is not None
+        ticket.resolve(primary)
+        await asyncio.wait_for(self.mirror.wait_idle(), 5)
+        return self.log.records[-1]
+
+
+def answering(payload: Any, status: int = 200) -> Any:
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(
+            status=status, body=orjson.dumps(payload), content_type="application/json"
+        )
+
+    return answer
+
+
+async def candidate(make_fake_model: MakeFakeModel, payload: Any, status: int = 200) -> FakeModel:
+    model = await make_fake_model()
+    model.on("/infer", answering(payload, status))
+    return model
+
+
+V2 = {"outputs": [{"name": "p", "data": [0.5, 0.5]}]}
+
+
+async def test_a_copy_is_sent_marked_as_shadow_and_compared(
+    make_fake_model: MakeFakeModel, pools: list[Pool]
+) -> None:
+    model = await candidate(make_fake_model, V2)
+    m = Mirror(model.url, pools)
+    record = await m.run(PrimaryOutcome(200, orjson.dumps(V2), 1.0012345))
+    [hit] = model.hits_for("/infer")
+    assert (hit.method, hit.target, hit.body) == ("POST", "/infer?v=2", b'{"x": 1}')
+    assert hit.headers["x-sidecar-shadow"] == ["1"]
+    assert hit.headers["x-request-id"] == ["r-1"]
+    assert record["result"] == "match"
+    assert record["agreement"] is True
+    assert (record["request_id"], record["route"]) == ("r-1", "infer")
+    assert (record["primary_status"], record["shadow_status"], record["primary_ms"]) == (
+        200,
+        200,
+        round(1001.2345, 3),
+    )
+    assert 0 < record["shadow_ms"] < 1000
+    assert record["latency_delta_ms"] == pytest.approx(
+        record["shadow_ms"] - record["primary_ms"], abs=0.002
+    )
+    assert record["differences"] == []
+    assert m.count("sidecar_shadow_requests_total", outcome="sent") == 1.0
+    assert m.count("sidecar_shadow_comparisons_total", result="match") == 1.0
+    assert m.count("sidecar_shadow_latency_delta_seconds_count") == 1.0
+    assert m.mirror.governor.shadow_sent == 1
+    assert m.mirror.governor.shadow_failed == 0
+    assert m.mirror.in_flight == 0
+
+
+async def test_a_different_answer_is_a_mismatch_with_its_differences(
+    make_fake_model: MakeFakeModel, pools: list[Pool]
+) -> None:
+    model = await candidate(make_fake_model, {"outputs": [{"name": "p", "data": [0.1, 0.9]}]})
+    m = Mirror(model.url, pools, compare={"abs_tol": 0.01, "rel_tol": 0.0, "classes": 2})
+    record = await m.run(PrimaryOutcome(200, orjson.dumps(V2), 0.001))
+    assert (record["result"], record["agreement"], record["reason"]) == (
+        "mismatch",
+        False,
+        "numeric",
+    )
+    assert record["max_abs_diff"] == pytest.approx(0.4)
+    assert record["label_agreement"] == 0.0
+    assert record["cosine"] is None
+    assert len(record["differences"]) == 2
+    assert m.count("sidecar_shadow_comparisons_total", result="mismatch") == 1.0
+
+
+async def test_a_streamed_primary_is_compared_byte_for_byte(
+    make_fake_model: MakeFakeModel, pools: list[Pool]
+) -> None:
+    model = await candidate(make_fake_model, V2)
+    m = Mirror(model.url, pools)
+    record = await m.run(PrimaryOutcome(200, orjson.dumps(V2) + b" ", 0.001, streamed=True))
+    assert (record["result"], record["reason"]) == ("mismatch", "stream")
+
+
+async def test_a_failing_candidate_is_counted_against_the_shadow(
+    make_fake_model: MakeFakeModel, pools: list[Pool]
+) -> None:
+    model = await candidate(make_fake_model, {"error": "boom"}, status=500)
+    m = Mirror(model.url, pools)
+    record = await m.run(PrimaryOutcome(200, orjson.dumps(V2), 0.001))
+    assert (record["result"], record["reason"], record["shadow_status"]) == (
+        "mismatch",
+        "status",
+        500,
+    )
+    assert m.mirror.governor.shadow_failed == 1
+    ok = await candidate(make_fake_model, {"error": "bad input"}, status=499)
+    m2 = Mirror(ok.url, pools)
+    await m2.run(PrimaryOutcome(499, b'{"error": "bad input"}', 0.001))
+    assert m2.mirror.governor.shadow_failed == 0
+
+
+async def test_a_candidate_that_is_down_is_an_error_without_a_comparison(
+    pools: list[Pool],
+) -> None:
+    m = Mirror(f"http://{LOOPBACK}:{closed_port()}", pools)
+    record = await m.run(PrimaryOutcome(200, orjson.dumps(V2), 0.001))
+    assert (record["result"], record["agreement"], record["reason"]) == (
+        "error",
+        None,
+        "shadow error",
+    )
+    assert record["shadow_status"] is None
+    assert 0 <= record["shadow_ms"] < 1000  # how long it took to fail
+    assert m.count("sidecar_shadow_requests_total", outcome="error") == 1.0
+    assert m.count("sidecar_shadow_comparisons_total", result="error") == 1.0
+    assert m.mirror.governor.shadow_failed == 1
+
+
+async def test_a_candidate_too_slow_times_out(
+    make_fake_model: MakeFakeModel, pools: list[Pool]
+) -> None:
+    model = await make_fake_model()
+    gate = asyncio.Event()
+
+    async def stuck(request: web.Request) -> web.Response:
+        await gate.wait()
+        return web.Response()
+
+    model.on("/infer", stuck)
+    m = Mirror(model.url, pools, timeout="50ms")
+    try:
+        record = await m.run(PrimaryOutcome(200, orjson.dumps(V2), 0.001))
+    finally:
+        gate.set()
+    assert (record["result"], record["reason"]) == ("error", "shadow timeout")
+    assert 40 <= record["shadow_ms"] < 1000  # about the 50 ms it was given
+    assert m.count("sidecar_shadow_requests_total", outcome="timeout") == 1.0
+    assert m.mirror.governor.shadow_failed == 1
+
+
+async def test_answers_too_large_to_compare_are_skipped(
+    make_fake_model: MakeFakeModel, pools: list[Pool]
+) -> None:
+    big = {"outputs": [{"name": "p", "data": [0.5] * 400}]}
+    model = await candidate(make_fake_model, big)
+    m = Mirror(model.url, pools, compare={"max_body_size": "1KiB"})
+    record = await m.run(PrimaryOutcome(200, orjson.dumps(big), 0.001))
+    assert (record["result"], record["reason"]) == ("skipped", "too large to compare")
+    assert record["shadow_status"] == 200
+    assert m.count("sidecar_shadow_requests_total", outcome="skipped_too_large") == 1.0
+    small = await candidate(make_fake_model, V2)
+    m2 = Mirror(small.url, pools)
+    record = await m2.run(PrimaryOutcome(200, None, 0.001, reason="too_large"))
+    assert (record["result"], record["reason"]) == ("skipped", "too large to compare")
+    assert m2.count("sidecar_shadow_requests_total", outcome="skipped_too_large") == 1.0
+    assert m2.count("sidecar_shadow_comparisons_total", result="error") == 0.0
+
+
+async def test_an_answer_exactly_at_the_size_limit_is_compared(
+    make_fake_model: MakeFakeModel, pools: list[Pool]
+) -> None:
+    payload = {"outputs": [{"name": "p", "data": [1]}], "pad": ""}
+    size = len(orjson.dumps(payload))
+    payload["pad"] = "x" * (1024 - size)
+    assert len(orjson.dumps(payload)) == 1024
+    model = await candidate(make_fake_model, payload)
+    m = Mirror(model.url, pools, compare={"max_body_size": "1KiB"})
+    record = await m.run(PrimaryOutcome(200, orjson.dumps(payload), 0.001))
+    assert record["result"] == "match"
+
+
+async def test_without_a_primary_answer_there_is_nothing_to_compare(
+    make_fake_model: MakeFakeModel, pools: list[Pool]
+) -> None:
+    model = await candidate(make_fake_model, V2)
+    m = Mirror(model.url, pools)
+    none = await m.run(None)
+    assert (none["result"], none["reason"], none["primary_status"], none["primary_ms"]) == (
+        "error",
+        "shadow ok",
+        None,
+        None,
+    )
+    fallback = await m.run(PrimaryOutcome(503, None, 0.001, reason="fallback answered"))
+    assert (fallback["result"], fallback["reason"]) == ("error", "fallback answered")
+    assert m.count("sidecar_shadow_comparisons_total", result="error") == 2.0
+    assert m.count("sidecar_shadow_requests_total", outcome="ok") == 0.0
+
+
+async def test_nothing_is_mirrored_at_fraction_zero(pools: list[Pool]) -> None:
+    m = Mirror(f"http://{LOOPBACK}:{closed_port()}", pools, fraction=0.0)
+    assert m.mirror.mirror(m.call()) is None
+    assert m.mirror.in_flight == 0
+
+
+async def test_copies_past_the_cap_are_skipped_not_queued(
+    make_fake_model: MakeFakeModel, pools: list[Pool]
+) -> None:
+    model = await candidate(make_fake_model, V2)
+    m = Mirror(model.url, pools, max_in_flight=2)
+    first, second = m.mirror.mirror(m.call()), m.mirror.mirror(m.call())
+    assert first is not None
+    assert second is not None
+    assert m.mirror.mirror(m.call()) is None
+    assert m.count("sidecar_shadow_requests_total", outcome="skipped_busy") == 1.0
+    assert m.mirror.in_flight == 2
+    first.resolve(None)
+    second.resolve(None)
+    await asyncio.wait_for(m.mirror.wait_idle(), 5)
+    assert m.mirror.in_flight == 0
+    assert m.mirror.mirror(m.call()) is not None
+    await m.mirror.stop(drain_within=0.01)
+
+
+async def test_stop_cancels_copies_still_waiting_for_their_primary(
+    make_fake_model: MakeFakeModel, pools: list[Pool]
+) -> None:
+    model = await candidate(make_fake_model, V2)
+    m = Mirror(model.url, pools)
+    assert m.mirror.mirror(m.call()) is not None
+    with capture_logs() as logs:
+        await m.mirror.stop(drain_within=0.05)
+    assert [(e["event"], e["in_flight"]) for e in logs] == [("shadow_copies_cancelled", 1)]
+    assert m.mirror.in_flight == 0
+    assert m.log.records == []
+
+
+async def test_govern_sets_the_gauge_and_logs_a_change(pools: list[Pool]) -> None:
+    m = Mirror(
+        f"http://{LOOPBACK}:{closed_port()}", pools, fraction=0.5, governor={"min_samples": 1}
+    )
+    assert m.count("sidecar_shadow_fraction") == 0.5
+    with capture_logs() as logs:
+        assert m.mirror.govern() == 0.5
+        m.mirror.governor.record_shadow(failed=True)
+        assert m.mirror.govern() == 0.25
+    assert m.count("sidecar_shadow_fraction") == 0.25
+    assert [(e["event"], e["fraction"], e["previous"], e["reason"]) for e in logs] == [
+        ("shadow_fraction_changed", 0.25, 0.5, "shadow failing")
+    ]
+
+
+async def test_a_started_mirror_governs_every_interval(pools: list[Pool]) -> None:
+    m = Mirror(
+        f"http://{LOOPBACK}:{closed_port()}",
+        pools,
+        governor={"min_samples": 1, "interval": "10ms"},
+    )
+    m.mirror.governor.record_shadow(failed=True)
+    m.mirror.start()
+    try:
+        for _ in range(500):
+            if m.mirror.governor.fraction < 1.0:
+                break
+            await asyncio.sleep(0.01)
+        assert m.mirror.governor.fraction == 0.5
+    finally:
+        await m.mirror.stop_governing()
+
+
+async def test_a_mirror_with_its_governor_off_keeps_its_fraction(
+    pools: list[Pool],
+) -> None:
+    m = Mirror(
+        f"http://{LOOPBACK}:{closed_port()}",
+        pools,
+        governor={"enabled": False, "min_samples": 1, "interval": "10ms"},
+    )
+    m.mirror.start()
+    assert len(m.mirror._governing) == 0
+    await m.mirror.stop()
+
+
+def test_a_shadow_failing_with_more_than_min_samples_backs_off_too() -> None:
+    g = governor(max_shadow_failure_rate=0.5)
+    for failed in (True, True, True, True, False, False):
+        g.record_shadow(failed=failed)
+    assert g.evaluate() == (0.5, "shadow failing")
+
+
+def test_slower_by_more_than_the_minimum_but_within_the_allowed_increase_is_healthy() -> None:
+    g = governor(max_latency_increase=0.25, min_latency_increase="5ms")
+    feed(g, 4, 0.100, mirrored=False)
+    feed(g, 4, 0.120, mirrored=True)  # 20% and 20 ms slower
+    assert g.evaluate() == (1.0, "healthy")
+
+
+def test_a_shadow_failing_less_than_the_limit_is_healthy() -> None:
+    g = governor(max_shadow_failure_rate=0.5)
+    for failed in (True, False, False, False):
+        g.record_shadow(failed=failed)
+    assert g.evaluate() == (1.0, "healthy")
+
+
+async def test_a_candidate_answering_503_counts_as_failing(
+    make_fake_model: MakeFakeModel, pools: list[Pool]
+) -> None:
+    model = await candidate(make_fake_model, {"error": "busy"}, status=503)
+    m = Mirror(model.url, pools)
+    await m.run(PrimaryOutcome(200, orjson.dumps(V2), 0.001))
+    assert m.mirror.governor.shadow_failed == 1
+
+
+async def test_a_fraction_change_is_logged_to_four_places(pools: list[Pool]) -> None:
+    m = Mirror(
+        f"http://{LOOPBACK}:{closed_port()}", pools, fraction=0.12345, governor={"min_samples": 1}
+    )
+    m.mirror.governor.record_shadow(failed=True)
+    with capture_logs() as logs:
+        m.mirror.govern()
+    assert [(e["fraction"], e["previous"]) for e in logs] == [
+        (round(0.12345 / 2, 4), round(0.12345, 4))
+    ]
+
+
+async def test_an_answer_one_byte_over_the_size_limit_is_skipped(
+    make_fake_model: MakeFakeModel, pools: list[Pool]
+) -> None:
+    payload = {"outputs": [{"name": "p", "data": [1]}], "pad": ""}
+    payload["pad"] = "x" * (1025 - len(orjson.dumps(payload)))
+    assert len(orjson.dumps(payload)) == 1025
+    model = await candidate(make_fake_model, payload)
+    m = Mirror(model.url, pools, compare={"max_body_size": "1KiB"})
+    record = await m.run(PrimaryOutcome(200, b"{}", 0.001))
+    assert (record["result"], record["reason"]) == ("skipped", "too large to compare")

@@ -1,0 +1,309 @@
+"""sidecar.pipeline.validation: content type, strict JSON and a route's JSON Schema,
+called directly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from sidecar.config.schema import ValidationSettings
+from sidecar.config.schemas import CompiledSchema, SchemaError, load_schema
+from sidecar.http import errors
+from sidecar.pipeline.validation import (
+    RequestValidator,
+    SchemaFailed,
+    nesting_exceeds,
+    repeats_a_key,
+    schema_field,
+)
+from sidecar.telemetry.metrics import Metrics
+
+SCHEMA = {
+    "type": "object",
+    "required": ["inputs"],
+    "properties": {
+        "inputs": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string"},
+                    "data": {"type": "array", "items": {"type": "number"}},
+                },
+            },
+        },
+        "params": {"type": "object", "additionalProperties": {"type": "integer"}},
+    },
+}
+
+
+def schema(tmp_path: Path, document: Any = SCHEMA) -> CompiledSchema:
+    path = tmp_path / "schema.json"
+    path.write_bytes(orjson.dumps(document))
+    return load_schema(path)
+
+
+class Validator:
+    def __init__(self, compiled: CompiledSchema | None = None, **settings: Any) -> None:
+        self.metrics = Metrics()
+        self.validator = RequestValidator(
+            "infer", ValidationSettings.model_validate(settings), compiled, self.metrics
+        )
+
+    def violations(self, field: str) -> float:
+        value = self.metrics.registry.get_sample_value(
+            "sidecar_schema_violations_total", {"route": "infer", "field": field}
+        )
+        return value or 0.0
+
+    def invalid(self, body: bytes) -> str:
+        with pytest.raises(errors.InvalidJson) as refused:
+            self.validator.check_body(body)
+        return refused.value.message
+
+    def violation(self, document: Any) -> errors.SchemaViolation:
+        with pytest.raises(SchemaFailed) as failed:
+            self.validator.check_body(orjson.dumps(document))
+        assert failed.value.document == document
+        return self.validator.violation(failed.value.document)
+
+
+# loading a schema
+
+
+def test_a_schema_that_cannot_be_read_names_its_file(tmp_path: Path) -> None:
+    with pytest.raises(SchemaError, match=r"cannot read .*missing.json: No such file"):
+        load_schema(tmp_path / "missing.json")
+
+
+def test_a_schema_that_is_not_json_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "schema.json"
+    path.write_text("{type: object")
+    with pytest.raises(SchemaError, match=r"schema.json is not JSON"):
+        load_schema(path)
+
+
+def test_a_schema_that_is_not_a_json_schema_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SchemaError, match=r"is not a valid JSON Schema: 5 is not valid"):
+        schema(tmp_path, {"type": 5})
+    with pytest.raises(SchemaError, match=r"is not a valid JSON Schema"):
+        schema(tmp_path, {"type": "object", "properties": {"a": {"pattern": "("}}})
+
+
+# nesting
+
+
+def nested(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
+
+
+def test_nesting_up_to_the_limit_passes_and_one_more_level_does_not() -> None:
+    assert not nesting_exceeds(nested(3), 3)
+    assert nesting_exceeds(nested(4), 3)
+    assert not nesting_exceeds(b'{"a": [{"b": [1]}]}', 4)
+    assert nesting_exceeds(b'{"a": [{"b": [1]}]}', 3)
+
+
+def test_many_brackets_side_by_side_are_not_deep() -> None:
+    assert not nesting_exceeds(b"[[], [], [], [], [[]]]", 3)
+    assert nesting_exceeds(b"[[], [], [], [], [[[]]]]", 3)
+
+
+def test_brackets_inside_strings_do_not_count() -> None:
+    assert not nesting_exceeds(b'{"a": "[[[[[[[[{{{{"}', 2)
+    assert not nesting_exceeds(b'{"a": "\\"[[[[[[[[[", "b": "x"}', 2)
+    assert not nesting_exceeds(b'{"a": "\\\\", "b": "[[[[[[[[["}', 2)
+    assert nesting_exceeds(b'{"a": "\\\\", "b": [[[1]]]}', 2)
+
+
+# repeated keys
+
+
+def repeats(body: bytes) -> bool:
+    return repeats_a_key(body, orjson.loads(body))
+
+
+def test_a_key_named_twice_in_one_object_is_found() -> None:
+    assert repeats(b'{"a": 1, "a": 2}')
+    assert repeats(b'{"x": {"a" : 1, "a" : 2}}')
+    assert repeats(b'{"a\\"b": 1, "a\\"b": 2}')
+
+
+def test_the_same_key_in_different_objects_or_as_a_value_is_not_a_repeat() -> None:
+    assert not repeats(b'{"a": 1, "b": {"a": 2}}')
+    assert not repeats(b'{"a": "a", "b": ":"}')
+    assert not repeats(b'[1, 2, {"a": 1}]')
+    assert not repeats(b'{"a\\\\": 1, "b": 2}')
+    assert not repeats(b"[1, 2, 3]")
+
+
+# content types
+
+
+def test_any_content_type_is_accepted_without_a_list() -> None:
+    Validator().validator.check_content_type("text/plain", True)
+
+
+def test_a_body_of_another_content_type_is_refused_with_the_accepted_ones() -> None:
+    v = Validator(content_types=["Application/JSON", "application/x-ndjson"])
+    v.validator.check_content_type("application/json", True)
+    v.validator.check_content_type("APPLICATION/JSON", True)
+    v.validator.check_content_type("text/plain", False)  # no body: nothing to judge
+    with pytest.raises(errors.UnsupportedMediaType) as refused:
+        v.validator.check_content_type("text/plain", True)
+    assert refused.value.message == (
+        "content type 'text/plain' is not accepted here; use application/json, application/x-ndjson"
+    )
+    assert refused.value.status == 415
+    with pytest.raises(errors.UnsupportedMediaType, match=r"content type '\(none\)'"):
+        v.validator.check_content_type("", True)
+
+
+# bodies
+
+
+def test_a_route_that_asks_for_nothing_reads_nothing() -> None:
+    assert Validator().validator.check_body(b"not json") is None
+
+
+def test_a_json_route_returns_the_document_and_refuses_what_is_not_json() -> None:
+    v = Validator(json=True)
+    assert v.validator.check_body(b'{"a": [1, 2]}') == {"a": [1, 2]}
+    assert v.invalid(b"{nope") == "the body is not valid JSON (UTF-8, no NaN or Infinity)"
+    assert v.invalid(b"[NaN]") == "the body is not valid JSON (UTF-8, no NaN or Infinity)"
+
+
+def test_a_body_deeper_than_the_limit_is_refused_whoever_notices() -> None:
+    v = Validator(json=True, max_depth=5)
+    assert v.validator.check_body(nested(5)) == [[[[[]]]]]
+    assert v.invalid(nested(6)) == "JSON nests deeper than 5 levels"
+    assert v.invalid(nested(2000)) == "JSON nests deeper than 5 levels"  # past orjson's own limit
+
+
+def test_a_body_repeating_a_key_is_refused() -> None:
+    assert Validator(json=True).invalid(b'{"a": 1, "a": 1}') == (
+        "the body repeats a key in one object: models may read either copy"
+    )
+
+
+def test_a_schema_makes_a_route_read_json(tmp_path: Path) -> None:
+    v = Validator(schema(tmp_path))
+    assert v.validator.check_body(b'{"inputs": []}') == {"inputs": []}
+    assert v.invalid(b"{") == "the body is not valid JSON (UTF-8, no NaN or Infinity)"
+
+
+def test_a_violation_lists_every_failing_path_and_counts_each_schema_place(tmp_path: Path) -> None:
+    v = Validator(schema(tmp_path))
+    document = {"inputs": [{"name": 1, "data": [1, "x"]}], "params": {"k": "v"}}
+    violation = v.violation(document)
+    assert violation.status == 422
+    assert violation.message == (
+        "the body does not match the route's schema at: inputs[0].data[1], inputs[0].name, params.k"
+    )
+    assert violation.details == [
+        {"path": "inputs[0].data[1]", "message": "'x' is not of type 'number'"},
+        {"path": "inputs[0].name", "message": "1 is not of type 'string'"},
+        {"path": "params.k", "message": "'v' is not of type 'integer'"},
+    ]
+    assert v.violations("inputs[*].data[*]") == 1.0
+    assert v.violations("inputs[*].name") == 1.0
+    assert v.violations("params.{*}") == 1.0
+
+
+def test_a_violation_at_the_top_is_at_dollar(tmp_path: Path) -> None:
+    v = Validator(schema(tmp_path))
+    violation = v.violation({"params": {}})
+    assert violation.message == "the body does not match the route's schema at: $"
+    assert violation.details == [{"path": "$", "message": "'inputs' is a required property"}]
+    assert v.violations("$") == 1.0
+    assert v.violation([1]).details == [{"path": "$", "message": "[1] is not of type 'object'"}]
+
+
+def test_at_most_twenty_failing_paths_are_listed(tmp_path: Path) -> None:
+    v = Validator(schema(tmp_path))
+    many = v.violation({"inputs": [{"name": i} for i in range(30)]})
+    assert len(many.details or []) == 20
+    assert many.message.endswith(" (and more)")
+    few = v.violation({"inputs": [{"name": i} for i in range(19)]})
+    assert len(few.details or []) == 19
+    assert not few.message.endswith(" (and more)")
+    assert few.message.count(", ") == 18
+
+
+def test_failing_paths_are_listed_in_path_order(tmp_path: Path) -> None:
+    v = Validator(
+        schema(
+            tmp_path,
+            {"type": "object", "properties": {"b": {"type": "string"}, "a": {"type": "string"}}},
+        )
+    )
+    violation = v.violation({"b": 1, "a": 2})
+    assert [d["path"] for d in violation.details or []] == ["a", "b"]
+
+
+def test_long_messages_are_cut_to_two_hundred_characters(tmp_path: Path) -> None:
+    v = Validator(schema(tmp_path, {"type": "object", "properties": {"a": {"type": "string"}}}))
+    violation = v.violation({"a": ["x" * 300]})
+    details = violation.details or []
+    assert len(details[0]["message"]) == 200
+
+
+def test_a_violation_in_an_empty_schema_path_counts_at_the_top(tmp_path: Path) -> None:
+    v = Validator(schema(tmp_path, {"type": "array"}))
+    v.violation({})
+    assert v.violations("$") == 1.0
+
+
+# naming a schema place
+
+
+def test_schema_places_are_named_by_the_schemas_structure() -> None:
+    assert schema_field(["properties", "inputs", "items", "properties", "data", "type"]) == (
+        "inputs[*].data"
+    )
+    assert schema_field(["additionalProperties", "type"]) == "{*}"
+    assert schema_field(["properties", "params", "additionalProperties", "type"]) == "params.{*}"
+    assert schema_field(["patternProperties", "^x", "type"]) == "{*}"
+    assert schema_field(
+        ["properties", "p", "patternProperties", "^x", "properties", "n", "type"]
+    ) == ("p.{*}.n")
+    assert schema_field(["prefixItems", 0, "type"]) == "[*]"
+    assert schema_field(["properties", "a", "additionalItems", "type"]) == "a[*]"
+    assert schema_field(["items", "type"]) == "[*]"
+    assert schema_field(["required"]) == "$"
+    assert schema_field(["properties"]) == "$"
+    assert schema_field(["properties", "properties", "type"]) == "properties"
+    assert schema_field(["allOf", 1, "properties", "a", "type"]) == "a"
+
+
+def test_a_repeat_is_found_whatever_the_values_around_it() -> None:
+    assert repeats(b'{"a": 1, "c": 2, "a": "v"}')
+    assert repeats(b'{"a": 1, "b": "v", "a": 1}')
+
+
+def test_escaped_characters_in_values_are_not_taken_for_keys() -> None:
+    assert not repeats(b'{"a": "\\u003ax", "b": "\\u003a"}')
+
+
+def test_hundreds_of_distinct_keys_are_not_a_repeat() -> None:
+    body = orjson.dumps({f"k{i}": i for i in range(300)}, option=orjson.OPT_INDENT_2)
+    assert not repeats(body)
+    assert Validator(json=True).validator.check_body(body) == orjson.loads(body)
+
+
+def test_schema_places_skip_what_names_a_pattern_or_stands_alone() -> None:
+    assert schema_field(["items", "properties", "type"]) == "[*]"  # no name after it
+    assert schema_field(["additionalProperties", "properties", "n", "type"]) == "{*}.n"
+    assert schema_field(["patternProperties", "items", "type"]) == "{*}"  # "items" is a pattern
+
+
+def test_a_property_named_like_a_keyword_is_a_name() -> None:
+    assert schema_field(["properties", "items", "type"]) == "items"
+    assert schema_field(["properties", "items", "properties", "x", "type"]) == "items.x"
+
+
+def test_a_pattern_keyword_at_the_end_names_any_key() -> None:
+    assert schema_field(["properties", "p", "patternProperties", "minProperties"]) == "p.{*}"
