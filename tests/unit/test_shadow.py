@@ -150,6 +150,21 @@ def test_mirrored_primaries_failing_more_back_off() -> None:
     assert g2.evaluate()[1] == "primary failing more while shadowing"
 
 
+def test_a_few_errors_within_the_allowed_increase_over_none_are_healthy() -> None:
+    g = governor(max_error_rate_increase=0.3)
+    feed(g, 10, 0.020, mirrored=False)  # no errors: the reference rate is 0
+    feed(g, 10, 0.020, mirrored=True, errors=2)  # 20%: within 0 + 30 points
+    assert g.evaluate()[1] == "healthy"
+
+
+def test_slower_by_exactly_the_minimum_is_healthy() -> None:
+    # Exact binary fractions: 0.5 - 0.25 is exactly the 250 ms minimum.
+    g = governor(max_latency_increase=0.25, min_latency_increase="250ms")
+    feed(g, 4, 0.25, mirrored=False)
+    feed(g, 4, 0.5, mirrored=True)
+    assert g.evaluate()[1] == "healthy"
+
+
 def test_a_tiny_fraction_backs_off_to_zero() -> None:
     g = governor(0.004, backoff_factor=0.5)
     fractions = []
@@ -367,6 +382,7 @@ async def test_a_candidate_too_slow_times_out(
     finally:
         gate.set()
     assert (record["result"], record["reason"]) == ("error", "shadow timeout")
+    assert record["shadow_status"] is None  # no answer, so no status
     assert 40 <= record["shadow_ms"] < 1000  # about the 50 ms it was given
     assert m.count("sidecar_shadow_requests_total", outcome="timeout") == 1.0
     assert m.mirror.governor.shadow_failed == 1
