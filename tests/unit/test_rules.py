@@ -23,6 +23,9 @@ DOC = {
         ({"field": "inputs[0].data[2]", "gt": 1.4}, False),
         ({"field": "inputs[0].data[2]", "ge": 1.4}, True),
         ({"field": "inputs[0].data[0]", "lt": 5.1}, False),
+        ({"field": "inputs[0].data[0]", "lt": 4.0}, False),  # above: lt is not ne
+        ({"field": "inputs[0].data[0]", "lt": 6.0}, True),
+        ({"field": "inputs[0].data[4]", "exists": False}, True),  # one past the end: missing
         ({"field": "inputs[0].data[0]", "le": 5.1}, True),
         ({"field": "inputs[0].data[2]", "ge": 1.0}, True),  # strictly above: ge, not le
         ({"field": "inputs[0].data[2]", "ge": 2.0}, False),
