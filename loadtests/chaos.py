@@ -1,6 +1,7 @@
 """Chaos run: steady load on `sidecar demo` while the model goes ok -> fail -> hang -> slow -> ok.
 
-    .venv/bin/python loadtests/chaos.py [--phase-seconds 5] [--concurrency 16] [--key demo-key]
+    .venv/bin/python loadtests/chaos.py [--phase-seconds 5] [--concurrency 16] [--rate 400]
+        [--key demo-key]
 
 Starts `sidecar demo` on free loopback ports, drives a closed-loop load of V2 iris
 requests from this process, switches the demo model's chaos mode through
@@ -134,10 +135,17 @@ async def classify(response: aiohttp.ClientResponse) -> str:
 
 
 class Load:
-    """Closed-loop workers that stop starting requests while a phase changes."""
+    """Workers that send at a steady rate (``rate`` requests a second together, never
+    more than one request each at a time: a slow answer lowers the rate) and stop
+    starting requests while a phase changes."""
 
-    def __init__(self, session: aiohttp.ClientSession, url: str, key: str) -> None:
+    def __init__(
+        self, session: aiohttp.ClientSession, url: str, key: str, rate: float, workers: int
+    ) -> None:
         self.session = session
+        # Paced under the demo's rate limit (2,000/s per key): fallbacks answer fast,
+        # and an unpaced loop measured the limit instead of the model's phases.
+        self.interval = workers / rate
         self.url = url
         self.headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
         self.stats = PhaseStats("warm-up")
@@ -150,10 +158,15 @@ class Load:
 
     async def worker(self, seed: int) -> None:
         rng = random.Random(seed)
+        due = time.perf_counter()
         while True:
             await self.open.wait()
             if self.stopped:
                 return
+            wait = due - time.perf_counter()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            due = max(due, time.perf_counter() - self.interval) + self.interval
             stats = self.stats
             self.in_flight += 1
             self.idle.clear()
@@ -239,13 +252,20 @@ def verdicts(all_stats: list[PhaseStats]) -> list[str]:
     return problems
 
 
-async def main(phase_seconds: float, concurrency: int, key: str, json_out: Path | None) -> int:
+async def main(
+    phase_seconds: float, concurrency: int, rate: float, key: str, json_out: Path | None
+) -> int:
     with tempfile.TemporaryDirectory(prefix="sidecar-chaos-") as log_dir:
-        return await _run(phase_seconds, concurrency, key, json_out, log_dir)
+        return await _run(phase_seconds, concurrency, rate, key, json_out, log_dir)
 
 
 async def _run(
-    phase_seconds: float, concurrency: int, key: str, json_out: Path | None, log_dir: str
+    phase_seconds: float,
+    concurrency: int,
+    rate: float,
+    key: str,
+    json_out: Path | None,
+    log_dir: str,
 ) -> int:
     process, sidecar_url, model_url = await start_demo(log_dir)
     assert process.stdout is not None
@@ -255,7 +275,7 @@ async def _run(
         timeout = aiohttp.ClientTimeout(total=CLIENT_TIMEOUT)
         connector = aiohttp.TCPConnector(limit=concurrency * 2)
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-            load = Load(session, sidecar_url + "/v2/models/iris/infer", key)
+            load = Load(session, sidecar_url + "/v2/models/iris/infer", key, rate, concurrency)
             workers = [asyncio.create_task(load.worker(seed)) for seed in range(concurrency)]
             await asyncio.sleep(1.0)
             for name, chaos, _ in PHASES:
@@ -297,6 +317,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--phase-seconds", type=float, default=5.0)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument(
+        "--rate", type=float, default=400.0, help="requests a second, all workers together"
+    )
     parser.add_argument("--key", default=DEMO_KEY, help="the API key to send (demo-key)")
     parser.add_argument("--json", type=Path, help="also write the phases and verdicts here")
     args = parser.parse_args()
@@ -307,4 +330,6 @@ if __name__ == "__main__":
     except ImportError:  # pragma: no cover
         runner = asyncio.Runner()
     with runner:
-        sys.exit(runner.run(main(args.phase_seconds, args.concurrency, args.key, args.json)))
+        sys.exit(
+            runner.run(main(args.phase_seconds, args.concurrency, args.rate, args.key, args.json))
+        )

@@ -37,8 +37,10 @@ DOC = {
         ({"field": "inputs[0].data[2]", "eq": 1.3}, False),
         ({"field": "parameters.count", "eq": 2}, False),
         ({"field": "parameters.count", "ne": 2}, True),
-        ({"field": "parameters.tier", "eq": "gol" + "d"}, True),  # equal, not identical
-        ({"field": "parameters.tier", "in": ["g" + "old"]}, True),
+        # equal, not identical (built at run time: literals would be interned)
+        ({"field": "parameters.tier", "eq": "".join(["gol", "d"])}, True),
+        ({"field": "parameters.tier", "in": ["".join(["g", "old"])]}, True),
+        ({"field": "parameters.count", "in": [2]}, False),  # 3 is not among them
         ({"field": "parameters.tier", "in": ["silver"]}, False),
         ({"field": "inputs[0].data[1]", "le": 3.5}, True),
         ({"field": "inputs[0].data[1]", "lt": 3.5}, False),
