@@ -14,9 +14,9 @@ from aiohttp import web
 from aiohttp.typedefs import Handler as AiohttpHandler
 
 from sidecar.control import admin
+from sidecar.control.listener import to_aiohttp
 from sidecar.control.runtime import Runtime
 from sidecar.http import errors
-from sidecar.http.messages import Response
 from sidecar.pipeline.identity import accept_request_id, new_request_id
 from sidecar.pipeline.stages import OwnHandler, Pipeline
 
@@ -42,13 +42,9 @@ def build_pipeline(runtime: Runtime) -> Pipeline:
     return Pipeline(runtime, own_endpoints(runtime))
 
 
-def _to_aiohttp(answer: Response) -> web.Response:
-    return web.Response(status=answer.status, body=answer.body, headers=answer.headers.items())
-
-
 def _serve_with_aiohttp(handler: OwnHandler) -> AiohttpHandler:
     async def handle(request: web.Request) -> web.StreamResponse:
-        return _to_aiohttp(await handler(request))
+        return to_aiohttp(await handler(request))
 
     return handle
 
@@ -72,7 +68,7 @@ async def _admin_boundary(request: web.Request, handler: AiohttpHandler) -> web.
     else:
         response.headers["X-Request-ID"] = request_id
         return response
-    return _to_aiohttp(errors.error_response(error, request_id))
+    return to_aiohttp(errors.error_response(error, request_id))
 
 
 def build_admin_app(

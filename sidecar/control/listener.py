@@ -20,6 +20,7 @@ from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
 from sidecar.http import errors
+from sidecar.http.messages import Response
 from sidecar.pipeline.identity import new_request_id
 
 log = structlog.get_logger("sidecar.control.listener")
@@ -37,6 +38,11 @@ def _public_reason(exc: BaseException | None) -> str:
         if match:
             return f"malformed HTTP request: {match.group(0)}"
     return "malformed HTTP request"
+
+
+def to_aiohttp(answer: Response) -> web.Response:
+    """One of our answers, for the admin listener's aiohttp server."""
+    return web.Response(status=answer.status, body=answer.body, headers=answer.headers.items())
 
 
 class JsonErrorRequestHandler(RequestHandler):
@@ -60,10 +66,7 @@ class JsonErrorRequestHandler(RequestHandler):
             error = errors.HeaderTooLarge(_public_reason(exc))
         else:
             error = errors.BadRequest(_public_reason(exc))
-        answer = errors.error_response(error, request_id)
-        response = web.Response(
-            status=answer.status, body=answer.body, headers=answer.headers.items()
-        )
+        response = to_aiohttp(errors.error_response(error, request_id))
         response.force_close()
         return response
 

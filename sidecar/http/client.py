@@ -64,16 +64,14 @@ class ClientResponse:
         "headers",
         "reason",
         "status",
-        "version",
     )
 
     def __init__(
-        self, conn: UpstreamConnection, status: int, reason: str, headers: Headers, version: str
+        self, conn: UpstreamConnection, status: int, reason: str, headers: Headers
     ) -> None:
         self.status = status
         self.reason = reason
         self.headers = headers
-        self.version = version
         length = headers.get("content-length")
         self.content_length = int(length) if length is not None else None
         self.complete = False  # every byte of the body has arrived
@@ -91,10 +89,6 @@ class ClientResponse:
     @property
     def close_delimited(self) -> bool:
         return self.content_length is None and "transfer-encoding" not in self.headers
-
-    def at_eof(self) -> bool:
-        """The whole body has arrived (it may not have been read yet)."""
-        return self.complete
 
     def _feed(self, chunk: bytes) -> None:
         self._parts.append(chunk)
@@ -292,7 +286,6 @@ class UpstreamConnection(FlowControlled):
             status,
             reason.decode("latin-1"),
             Headers.from_raw(self._raw_headers),
-            version,
         )
         self.response = response
         if self._method == "HEAD":

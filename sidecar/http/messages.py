@@ -149,9 +149,6 @@ class Headers:
         for name, value in values.items():
             self[name] = value
 
-    def remove(self, name: str) -> None:
-        self._drop(name.lower())
-
     def copy(self) -> Headers:
         out = Headers.__new__(Headers)
         out._fields = list(self._fields)

@@ -153,10 +153,6 @@ class Request:
     def content_type(self) -> str:
         return media_type(self.headers.get("content-type")) or "application/octet-stream"
 
-    @property
-    def host(self) -> str | None:
-        return self.headers.get("host")
-
     # -- the body ------------------------------------------------------------------
 
     def _feed(self, chunk: bytes) -> None:
@@ -246,7 +242,7 @@ class BodyWriter:
     was declared; ``write`` waits (up to ``send_timeout``) while the client's buffer
     is full, so a slow reader holds a few kilobytes, not the whole answer."""
 
-    __slots__ = ("_conn", "_request", "answer", "chunked", "remaining", "sends_body", "written")
+    __slots__ = ("_conn", "_request", "answer", "chunked", "length", "sends_body", "written")
 
     def __init__(
         self,
@@ -261,7 +257,7 @@ class BodyWriter:
         self._request = request
         self.answer = answer
         self.chunked = chunked
-        self.remaining = length
+        self.length = length  # declared, or None
         self.sends_body = sends_body
         self.written = 0
 
@@ -288,7 +284,7 @@ class BodyWriter:
         conn = self._conn
         if self.chunked and self.sends_body and not conn.closed:
             conn.write_raw(b"0\r\n\r\n")
-        if self.remaining is not None and self.sends_body and self.written < self.remaining:
+        if self.length is not None and self.sends_body and self.written < self.length:
             conn.abort()
             return
         await conn.drain()
@@ -654,10 +650,11 @@ class HttpConnection(FlowControlled):
         head = self._head(request, status, answer.reason, answer.headers, framing, keep_alive)
         if request.method == "HEAD" or not status_has_body(status) or not body:
             self.write_raw(head)
+        elif len(body) < 16384:
+            self.write_raw(head + body)  # one write, no copy worth avoiding
         else:
-            self.write_raw(head + body if len(body) < 16384 else head)
-            if len(body) >= 16384:
-                self.write_raw(body)
+            self.write_raw(head)
+            self.write_raw(body)
 
     async def start_stream(
         self,

@@ -8,6 +8,7 @@ a small response with a known length is read in one piece, which is cheaper.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import structlog
 
@@ -76,6 +77,13 @@ def _connection_listed(headers: Headers) -> frozenset[str]:
     )
 
 
+@functools.lru_cache(maxsize=16)
+def _request_drops(credentials: frozenset[str]) -> frozenset[str]:
+    """What never goes upstream: computed once per route's credential headers, not
+    per request."""
+    return _DROP_FROM_REQUEST | credentials
+
+
 def upstream_request_headers(
     request: Request, ctx: RequestContext, credentials: frozenset[str] = frozenset()
 ) -> Headers:
@@ -84,8 +92,9 @@ def upstream_request_headers(
     ones added. What belongs to one upstream (its own headers, the request id in its
     form, the deadline) is added by that upstream when it sends."""
     incoming = request.headers
-    drop = _DROP_FROM_REQUEST | credentials if credentials else _DROP_FROM_REQUEST
-    out = incoming.without(drop, _connection_listed(incoming), prefix=_OWN_PREFIX)
+    out = incoming.without(
+        _request_drops(credentials), _connection_listed(incoming), prefix=_OWN_PREFIX
+    )
     peer = request.peer
     earlier = incoming.get("x-forwarded-for")
     out.add("X-Forwarded-For", f"{earlier}, {peer}" if earlier else peer)
@@ -152,7 +161,7 @@ async def relay(
     # and chunked ones that had already arrived whole with their head (common for
     # JSON from servers that always chunk), which saves the client two more writes.
     whole = (length is not None and length <= BUFFER_RESPONSE_LIMIT) or (
-        length is None and response.at_eof()
+        length is None and response.complete
     )
     streaming = (
         not whole or response.content_type == "text/event-stream" or request.method == "HEAD"

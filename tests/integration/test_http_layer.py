@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -286,7 +285,6 @@ async def test_heads_and_bodies_that_trickle_are_cut_off_with_408(
     config["server"].update(head_timeout="300ms", body_timeout="300ms")
     sidecar = await start_sidecar(config, log_sinks={"access": sink})
     port = sidecar.running.main_port
-    started = time.monotonic()
     raw = await raw_request(port, b"GET /x HTTP/1.1\r\nHost: x\r\nX-Slow: ")
     assert raw.startswith(b"HTTP/1.1 408 ")
     raw = await raw_request(
@@ -295,7 +293,6 @@ async def test_heads_and_bodies_that_trickle_are_cut_off_with_408(
     status, body = status_and_body(raw)
     assert status == 408
     assert orjson.loads(body)["error"]["type"] == "request_timeout"
-    assert time.monotonic() - started < 5
     assert fake_model.hits_for("/x") == []
     records = await flushed(sidecar, sink, 2)
     assert sorted(r["status"] for r in records) == [408, 408]
