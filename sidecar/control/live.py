@@ -52,6 +52,7 @@ class LiveRuntime:
         self._pools = pools
         self._clock = clock
         self._retiring = BackgroundTasks()
+        self._publisher = BackgroundTasks()
         self._reload_lock = asyncio.Lock()
         self._published: tuple[str, str] | None = None
         self.loop_lag = LoopLagMonitor(metrics)
@@ -88,6 +89,8 @@ class LiveRuntime:
     async def start(self) -> None:
         self.loop_lag.start()
         self.process.start()
+        # Each second, so that with workers every process's counts reach a render.
+        self._publisher.spawn(self._metrics.publish_every(1.0), name="metrics-publisher")
         await self.current.start()
         self._publish(self.current.loaded)
 
@@ -96,6 +99,8 @@ class LiveRuntime:
         await self.current.stop()
         await self.loop_lag.stop()
         await self.process.stop()
+        await self._publisher.stop()
+        self._metrics.publish()
 
     def _publish(self, loaded: LoadedConfig) -> None:
         if self._published is not None:

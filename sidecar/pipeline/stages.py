@@ -95,7 +95,7 @@ class Pipeline:
     async def handle(self, request: Request) -> Answer:
         ctx = self.identify(request)
         metrics = self.metrics
-        metrics.in_flight.inc()
+        metrics.handling += 1
         status = 500
         try:
             answer = await self.stages(request, ctx)
@@ -120,7 +120,7 @@ class Pipeline:
                 request, ctx, errors.InternalError("the sidecar failed to handle this request")
             )
         finally:
-            metrics.in_flight.dec()
+            metrics.handling -= 1
             ctx.outcome = decide_outcome(ctx, status)
             self.record(request, ctx, status)
 

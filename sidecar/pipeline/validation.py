@@ -50,9 +50,12 @@ def nesting_exceeds(body: bytes, limit: int) -> bool:
 def _key_count(text: bytes) -> int:
     """Object keys in valid JSON text: strings followed by a colon. Escapes pair up
     left to right, so dropping escaped backslashes, then escaped quotes, leaves
-    quotes that strictly open and close strings; every other part is outside one."""
+    quotes that strictly open and close strings; every other part is outside one.
+    Each outside part is marked, its whitespace dropped, and a mark followed by a
+    colon is a key: bytes methods in C, no Python loop over the parts."""
     unescaped = text.replace(b"\\\\", b"").replace(b'\\"', b"")
-    return sum(1 for after in unescaped.split(b'"')[2::2] if after.lstrip()[:1] == b":")
+    outside = b"\x00" + b"\x00".join(unescaped.split(b'"')[2::2])
+    return outside.translate(None, b" \t\r\n").count(b"\x00:")
 
 
 def repeats_a_key(body: bytes, document: Any) -> bool:

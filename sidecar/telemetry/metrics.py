@@ -11,6 +11,8 @@ series stays bounded whatever the traffic.
 
 from __future__ import annotations
 
+import asyncio
+from bisect import bisect_left
 from typing import Any
 
 from prometheus_client import (
@@ -287,36 +289,85 @@ class Metrics:
             multiprocess_mode="min",
         )
 
-        # labels() validates and locks on every call; the hot path asks for the same
-        # few children again and again, so they are looked up once and kept.
-        self._request_children: dict[tuple[str, int, str], Any] = {}
-        self._duration_children: dict[str, Any] = {}
-        self._upstream_children: dict[str, Any] = {}
+        # The hot path's series (every request touches them) are tallied in plain ints
+        # and published to the registry by ``publish``: before each render, and every
+        # second (``publish_every``) so other workers' renders see them. Each
+        # prometheus-client update takes a lock; a request made seven of them.
+        self.handling = 0  # requests being handled, published as sidecar_in_flight_requests
+        self._requests: dict[tuple[str, int, str], int] = {}
+        self._request_tallies: dict[str, Tally] = {}
+        self._upstream_tallies: dict[str, Tally] = {}
 
     def count_request(self, route: str, status: int, outcome: str, seconds: float) -> None:
         key = (route, status, outcome)
-        counter = self._request_children.get(key)
-        if counter is None:
-            counter = self._request_children[key] = self.requests.labels(
-                route, str(status), outcome
-            )
-        counter.inc()
-        histogram = self._duration_children.get(route)
-        if histogram is None:
-            histogram = self._duration_children[route] = self.request_duration.labels(route)
-        histogram.observe(seconds)
+        requests = self._requests
+        requests[key] = requests.get(key, 0) + 1
+        tally = self._request_tallies.get(route)
+        if tally is None:
+            tally = self._request_tallies[route] = Tally(MODEL_LATENCY_BUCKETS)
+        tally.observe(seconds)
 
     def observe_upstream(self, upstream: str, seconds: float) -> None:
-        histogram = self._upstream_children.get(upstream)
-        if histogram is None:
-            histogram = self._upstream_children[upstream] = self.upstream_duration.labels(upstream)
-        histogram.observe(seconds)
+        tally = self._upstream_tallies.get(upstream)
+        if tally is None:
+            tally = self._upstream_tallies[upstream] = Tally(MODEL_LATENCY_BUCKETS)
+        tally.observe(seconds)
+
+    def publish(self) -> None:
+        """Move the tallies of the hot path's series into the registry."""
+        requests, self._requests = self._requests, {}
+        for (route, status, outcome), count in requests.items():
+            self.requests.labels(route, str(status), outcome).inc(count)
+        for family, tallies in (
+            (self.request_duration, self._request_tallies),
+            (self.upstream_duration, self._upstream_tallies),
+        ):
+            for label, tally in tallies.items():
+                if tally.observed:
+                    tally.move_into(family.labels(label))
+        self.in_flight.set(self.handling)
+
+    async def publish_every(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self.publish()
 
     def render(self) -> bytes:
         """Prometheus text; with several worker processes, the sum over all of them."""
+        self.publish()
         directory = multiprocess_directory()
         if directory is None:
             return generate_latest(self.registry)
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
         return generate_latest(registry)
+
+
+class Tally:
+    """A histogram's observations between two publishes, in plain numbers."""
+
+    __slots__ = ("bounds", "counts", "observed", "total")
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.bounds = (*buckets, float("inf"))
+        self.counts = [0] * len(self.bounds)
+        self.observed = 0
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        # The first bucket whose upper bound is >= value, as prometheus-client's own.
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.observed += 1
+        self.total += value
+
+    def move_into(self, child: Any) -> None:
+        """Add the tally to a prometheus-client histogram child, then start again.
+        Its ``_buckets`` (per-bucket counts, not cumulative) and ``_sum`` values are
+        what its ``observe`` updates; a unit test checks the two agree."""
+        for index, count in enumerate(self.counts):
+            if count:
+                child._buckets[index].inc(count)
+                self.counts[index] = 0
+        child._sum.inc(self.total)
+        self.observed = 0
+        self.total = 0.0
