@@ -372,6 +372,7 @@ class Pool:
         self.host = host
         self.port = port
         self.host_header = host if port == 80 else f"{host}:{port}"
+        self._host_field = self.host_header.encode("latin-1", "replace")
         self.max_connections = max_connections
         self.connect_timeout = connect_timeout
         self.keepalive = keepalive
@@ -395,7 +396,7 @@ class Pool:
         self,
         method: str,
         target: str,
-        headers: list[tuple[str, str]] | Headers,
+        fields: bytes,
         body: bytes | None,
         *,
         replayable: bool,
@@ -404,13 +405,19 @@ class Pool:
     ) -> ClientResponse:
         """Send one request and return its answer's head; ``TimeoutError`` when it
         has not come by ``deadline`` (loop time: waiting for a connection slot,
-        connecting and the answer's head all count). The caller owns the answer
-        (``release`` or ``close`` it)."""
-        lines = [f"{method} {target} HTTP/1.1", f"Host: {self.host_header}"]
-        lines += [f"{name}: {value}" for name, value in headers]
+        connecting and the answer's head all count). ``fields`` are the header
+        fields as they go on the wire (``Headers.render``); Host and the body's
+        length are added here. The caller owns the answer (``release`` or
+        ``close`` it)."""
+        head = b"%s %s HTTP/1.1\r\nHost: %s\r\n%s" % (
+            method.encode("latin-1"),
+            target.encode("latin-1", "replace"),
+            self._host_field,
+            fields,
+        )
         if body is not None:
-            lines.append(f"Content-Length: {len(body)}")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
+            head += b"Content-Length: %d\r\n" % len(body)
+        head += b"\r\n"
         first = True
         while True:
             conn, reused = await self._acquire(connect_timeout or self.connect_timeout, deadline)

@@ -7,14 +7,14 @@ they came; names are looked up without regard to case. Nothing here does I/O.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, KeysView
+from collections.abc import Iterable, Iterator
 from http import HTTPStatus
 
-_REASONS = {status.value: status.phrase for status in HTTPStatus}
+_REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 
 
-def reason_for(status: int) -> str:
-    return _REASONS.get(status, "Unknown")
+def reason_for(status: int) -> bytes:
+    return _REASONS.get(status, b"Unknown")
 
 
 def status_has_body(status: int) -> bool:
@@ -22,88 +22,99 @@ def status_has_body(status: int) -> bool:
     return not (status < 200 or status == 204 or status == 304)
 
 
+def field_key(name: str) -> bytes:
+    """The lookup key of a header name: its lower-case bytes."""
+    key = _KEYS.get(name)
+    if key is None:
+        key = name.lower().encode("latin-1", "replace")
+        if len(_KEYS) < 1024:  # names come from code and config: a few dozen
+            _KEYS[name] = key
+    return key
+
+
+_KEYS: dict[str, bytes] = {}
+
+
 class Headers:
     """Header fields in arrival order with case-insensitive lookup.
 
-    Each field's lower-case name is kept beside it (computed once, when the field
-    arrives or is added), so filters and lookups never lower-case a name twice.
+    Fields are kept as the bytes they travel as, each beside its lower-case name,
+    so a head parsed from one peer is filtered and written to another without
+    decoding, re-encoding or lower-casing a name twice. Lookups take and give
+    ``str`` (latin-1), decoding only the value asked for.
     """
 
-    __slots__ = ("_fields", "_first", "_names")
+    __slots__ = ("_fields", "_first")
 
     def __init__(self, fields: Iterable[tuple[str, str]] = ()) -> None:
-        self._fields: list[tuple[str, str]] = list(fields)
-        self._names: list[str] = [name.lower() for name, _ in self._fields]
-        self._first: dict[str, str] | None = None
+        self._fields: list[tuple[bytes, bytes, bytes]] = [
+            _encoded(name, value) for name, value in fields
+        ]
+        self._first: dict[bytes, bytes] | None = None
 
     @classmethod
     def from_raw(cls, raw: list[tuple[bytes, bytes]]) -> Headers:
-        """Fields as a parser gave them, decoded and indexed in one pass."""
+        """Fields as a parser gave them."""
         headers = cls.__new__(cls)
-        fields = []
-        names = []
-        first: dict[str, str] = {}
-        for raw_name, raw_value in raw:
-            name = raw_name.decode("latin-1")
-            value = raw_value.decode("latin-1")
-            lower = name.lower()
-            fields.append((name, value))
-            names.append(lower)
-            if lower not in first:
-                first[lower] = value
-        headers._fields = fields
-        headers._names = names
-        headers._first = first
+        headers._fields = [(name.lower(), name, value) for name, value in raw]
+        headers._first = None
         return headers
 
-    def names(self) -> KeysView[str]:
-        """The lower-case names present (a set-like view)."""
-        return self._index().keys()
+    def has(self, key: bytes) -> bool:
+        """Whether a field of this lower-case name (bytes) is present."""
+        return key in self._index()
 
-    def lowered(self) -> Iterator[tuple[str, tuple[str, str]]]:
-        """``(lower-case name, (name, value))`` for each field, in order."""
-        return zip(self._names, self._fields, strict=True)
+    def has_any(self, keys: frozenset[bytes]) -> bool:
+        return not keys.isdisjoint(self._index())
 
     def without(
-        self, names: frozenset[str], also: frozenset[str] = frozenset(), prefix: str = "\x00"
+        self, keys: frozenset[bytes], also: frozenset[bytes] = frozenset(), prefix: bytes = b"\x00"
     ) -> Headers:
-        """A copy without the fields named in ``names`` or ``also``, or whose name
-        starts with ``prefix`` (all lower case)."""
+        """A copy without the fields named in ``keys`` or ``also``, or whose name
+        starts with ``prefix`` (all lower-case bytes)."""
         out = Headers.__new__(Headers)
-        fields = []
-        kept = []
-        for lower, field in zip(self._names, self._fields, strict=True):
-            if lower in names or lower in also or lower.startswith(prefix):
-                continue
-            fields.append(field)
-            kept.append(lower)
-        out._fields = fields
-        out._names = kept
+        out._fields = [
+            field
+            for field in self._fields
+            if field[0] not in keys and field[0] not in also and not field[0].startswith(prefix)
+        ]
         out._first = None
         return out
 
-    def _index(self) -> dict[str, str]:
+    def render(self, skip: frozenset[bytes] = frozenset()) -> bytes:
+        """The fields as they go on the wire (``Name: value\\r\\n`` each), without
+        those named in ``skip``."""
+        parts: list[bytes] = []
+        for key, name, value in self._fields:
+            if key not in skip:
+                parts += (name, b": ", value, b"\r\n")
+        return b"".join(parts)
+
+    def _index(self) -> dict[bytes, bytes]:
         first = self._first
         if first is None:
             first = {}
-            for lower, (_, value) in zip(self._names, self._fields, strict=True):
-                if lower not in first:
-                    first[lower] = value
+            for key, _, value in self._fields:
+                if key not in first:
+                    first[key] = value
             self._first = first
         return first
 
     def get(self, name: str, default: str | None = None) -> str | None:
         """The first field of this name."""
-        return self._index().get(name.lower(), default)
+        value = self._index().get(field_key(name))
+        return default if value is None else value.decode("latin-1")
 
     def getall(self, name: str) -> list[str]:
-        lower = name.lower()
-        return [
-            value for key, (_, value) in zip(self._names, self._fields, strict=True) if key == lower
-        ]
+        key = field_key(name)
+        return [value.decode("latin-1") for lower, _, value in self._fields if lower == key]
+
+    def count(self, key: bytes) -> int:
+        """How many fields have this lower-case name (bytes)."""
+        return [field[0] for field in self._fields].count(key)
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name.lower() in self._index()
+        return isinstance(name, str) and field_key(name) in self._index()
 
     def __getitem__(self, name: str) -> str:
         value = self.get(name)
@@ -112,38 +123,33 @@ class Headers:
         return value
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
-        return iter(self._fields)
+        return iter(self.items())
 
     def __len__(self) -> int:
         return len(self._fields)
 
     def items(self) -> list[tuple[str, str]]:
-        return list(self._fields)
+        return [
+            (name.decode("latin-1"), value.decode("latin-1")) for _, name, value in self._fields
+        ]
 
     def add(self, name: str, value: str) -> None:
-        lower = name.lower()
-        self._fields.append((name, value))
-        self._names.append(lower)
+        field = _encoded(name, value)
+        self._fields.append(field)
         first = self._first
-        if first is not None and lower not in first:
-            first[lower] = value
+        if first is not None and field[0] not in first:
+            first[field[0]] = field[2]
 
     def __setitem__(self, name: str, value: str) -> None:
         """Replace every field of this name with one."""
-        lower = name.lower()
-        if lower in self._names:
-            self._drop(lower)
-        self._fields.append((name, value))
-        self._names.append(lower)
+        field = _encoded(name, value)
+        key = field[0]
+        if key in self._index():
+            self._fields = [f for f in self._fields if f[0] != key]
+        self._fields.append(field)
         first = self._first
         if first is not None:
-            first[lower] = value
-
-    def _drop(self, lower: str) -> None:
-        pairs = [pair for pair in zip(self._names, self._fields, strict=True) if pair[0] != lower]
-        self._names = [pair[0] for pair in pairs]
-        self._fields = [pair[1] for pair in pairs]
-        self._first = None
+            first[key] = field[2]
 
     def update(self, values: dict[str, str]) -> None:
         for name, value in values.items():
@@ -152,12 +158,16 @@ class Headers:
     def copy(self) -> Headers:
         out = Headers.__new__(Headers)
         out._fields = list(self._fields)
-        out._names = list(self._names)
         out._first = None if self._first is None else dict(self._first)
         return out
 
     def __repr__(self) -> str:
-        return f"Headers({self._fields!r})"
+        return f"Headers({self.items()!r})"
+
+
+def _encoded(name: str, value: str) -> tuple[bytes, bytes, bytes]:
+    raw = name.encode("latin-1", "replace")
+    return (raw.lower(), raw, value.encode("latin-1", "replace"))
 
 
 class Response:
@@ -215,7 +225,7 @@ def media_type(content_type: str | None) -> str:
 
 
 class _HttpDate:
-    """The Date header value, formatted once a second."""
+    """The Date header field, formatted once a second."""
 
     def __init__(self) -> None:
         self._second = -1
@@ -225,7 +235,9 @@ class _HttpDate:
         second = int(time.time())
         if second != self._second:
             self._second = second
-            self._value = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(second)).encode()
+            self._value = time.strftime(
+                "Date: %a, %d %b %Y %H:%M:%S GMT\r\n", time.gmtime(second)
+            ).encode()
         return self._value
 
 

@@ -41,7 +41,7 @@ from sidecar.http.transport import FlowControlled
 log = structlog.get_logger("sidecar.http.server")
 
 # Framing is ours to write: a handler's copies of these are never sent.
-_FRAMING = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
+_FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection", b"keep-alive"})
 _SAFE_REASON = re.compile(r"[A-Za-z][A-Za-z0-9 ,.'()-]{0,100}")
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -617,28 +617,22 @@ class HttpConnection(FlowControlled):
         status: int,
         reason: str | None,
         headers: Headers,
-        framing: str,
+        framing: bytes,
         keep_alive: bool,
     ) -> bytes:
-        version = "HTTP/1.0" if request.version == "1.0" else "HTTP/1.1"
-        lines = [f"{version} {status} {reason or reason_for(status)}"]
-        has_date = False
-        for lower, (name, value) in headers.lowered():
-            if lower in _FRAMING:
-                continue
-            if lower == "date":
-                has_date = True
-            lines.append(f"{name}: {value}")
+        version = b"HTTP/1.0" if request.version == "1.0" else b"HTTP/1.1"
+        phrase = reason.encode("latin-1", "replace") if reason else reason_for(status)
+        parts = [b"%s %d %s\r\n" % (version, status, phrase), headers.render(_FRAMING)]
         if framing:
-            lines.append(framing)
+            parts.append(framing)
         if not keep_alive:
-            lines.append("Connection: close")
+            parts.append(b"Connection: close\r\n")
         elif request.version == "1.0":
-            lines.append("Connection: keep-alive")
-        head = "\r\n".join(lines).encode("latin-1", "replace")
-        if not has_date:
-            head += b"\r\nDate: " + http_date.now()
-        return head + b"\r\n\r\n"
+            parts.append(b"Connection: keep-alive\r\n")
+        if not headers.has(b"date"):
+            parts.append(http_date.now())
+        parts.append(b"\r\n")
+        return b"".join(parts)
 
     def _write_whole(self, request: Request, answer: Response) -> None:
         request.answer_started = request.answer_finished = True
@@ -646,7 +640,7 @@ class HttpConnection(FlowControlled):
         keep_alive = self._keeps_alive(request, answer.close)
         body = answer.body
         status = answer.status
-        framing = f"Content-Length: {len(body)}" if status_has_body(status) else ""
+        framing = b"Content-Length: %d\r\n" % len(body) if status_has_body(status) else b""
         head = self._head(request, status, answer.reason, answer.headers, framing, keep_alive)
         if request.method == "HEAD" or not status_has_body(status) or not body:
             self.write_raw(head)
@@ -670,13 +664,13 @@ class HttpConnection(FlowControlled):
         request.answer_status = status
         sends_body = status_has_body(status) and request.method != "HEAD"
         chunked = False
-        framing = ""
+        framing = b""
         close = False
         if status_has_body(status):
             if length is not None:
-                framing = f"Content-Length: {length}"
+                framing = b"Content-Length: %d\r\n" % length
             elif request.version == "1.1":
-                framing = "Transfer-Encoding: chunked"
+                framing = b"Transfer-Encoding: chunked\r\n"
                 chunked = sends_body
             else:
                 close = True  # an HTTP/1.0 client reads to the end of the connection

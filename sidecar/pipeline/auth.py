@@ -119,7 +119,9 @@ class Authenticator:
         self._failures = metrics.auth_failures
         # Credentials the client gave the sidecar; they are not the model's business.
         self.credential_headers = frozenset(
-            h.lower() for h in ("Authorization", settings.header or "") if h
+            h.lower().encode("latin-1", "replace")
+            for h in ("Authorization", settings.header or "")
+            if h
         )
 
     @staticmethod

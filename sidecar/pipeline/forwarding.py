@@ -75,7 +75,7 @@ class RoutePath:
     drift: DriftMonitor | None = None
     shadow: ShadowMirror | None = None
     payload_log: LogWriter | None = None
-    credentials: frozenset[str] = frozenset()  # the sidecar's own, never forwarded
+    credentials: frozenset[bytes] = frozenset()  # the sidecar's own, never forwarded
 
     @property
     def per_try_timeout(self) -> float:

@@ -14,7 +14,7 @@ import structlog
 
 from sidecar.http import errors
 from sidecar.http.client import BrokenAnswer, ClientResponse
-from sidecar.http.messages import Answer, Headers, Response
+from sidecar.http.messages import Answer, Headers, Response, field_key
 from sidecar.http.server import ClientGone, Request, RequestRefused
 from sidecar.pipeline.context import RequestContext
 from sidecar.telemetry.metrics import (
@@ -27,7 +27,7 @@ log = structlog.get_logger("sidecar.pipeline.relay")
 
 # RFC 9110 section 7.6.1, plus the proxy-only and legacy ones proxies drop too.
 HOP_BY_HOP = frozenset(
-    h.lower()
+    h.lower().encode()
     for h in (
         "Connection",
         "Keep-Alive",
@@ -45,47 +45,52 @@ HOP_BY_HOP = frozenset(
 # header is the upstream's to set (its name and form are configured per upstream).
 _REPLACED_UPSTREAM = frozenset(
     {
-        "host",
-        "content-length",
-        "expect",
-        "x-request-id",
-        "traceparent",
-        "x-forwarded-proto",
-        "x-forwarded-host",
+        b"host",
+        b"content-length",
+        b"expect",
+        b"x-request-id",
+        b"traceparent",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
     }
 )
 # Headers of the sidecar's own (X-Sidecar-Shadow, X-Sidecar-Timeout-Ms, ...): a
 # client's copies never reach a model, which would take them for ours.
-_OWN_PREFIX = "x-sidecar-"
+_OWN_PREFIX = b"x-sidecar-"
 # X-Forwarded-For is rebuilt with the client's address appended.
-_DROP_FROM_REQUEST = HOP_BY_HOP | _REPLACED_UPSTREAM | {"x-forwarded-for"}
+_DROP_FROM_REQUEST = HOP_BY_HOP | _REPLACED_UPSTREAM | {b"x-forwarded-for"}
 # The server writes the framing of the answer it sends.
-_DROP_FROM_RESPONSE = HOP_BY_HOP | {"content-length"}
+_DROP_FROM_RESPONSE = HOP_BY_HOP | {b"content-length"}
 
 # Answers up to this size with a Content-Length are read in one piece; larger ones,
 # chunked ones and event streams are relayed chunk by chunk as they arrive.
 BUFFER_RESPONSE_LIMIT = 256 * 1024
 
 
-def _connection_listed(headers: Headers) -> frozenset[str]:
+def _connection_listed(headers: Headers) -> frozenset[bytes]:
     """Header names a sender listed in Connection: hop-by-hop for that message only."""
-    values = headers.getall("Connection") if "connection" in headers else ()
-    if not values:
+    if not headers.has(b"connection"):
         return frozenset()
-    return frozenset(
-        token.strip().lower() for value in values for token in value.split(",") if token.strip()
-    )
+    values = headers.getall("Connection")
+    if len(values) == 1:
+        return _listed(values[0])  # "keep-alive" or "close", nearly always
+    return frozenset().union(*(_listed(value) for value in values))
+
+
+@functools.lru_cache(maxsize=64)
+def _listed(value: str) -> frozenset[bytes]:
+    return frozenset(field_key(token.strip()) for token in value.split(",") if token.strip())
 
 
 @functools.lru_cache(maxsize=16)
-def _request_drops(credentials: frozenset[str]) -> frozenset[str]:
+def _request_drops(credentials: frozenset[bytes]) -> frozenset[bytes]:
     """What never goes upstream: computed once per route's credential headers, not
     per request."""
     return _DROP_FROM_REQUEST | credentials
 
 
 def upstream_request_headers(
-    request: Request, ctx: RequestContext, credentials: frozenset[str] = frozenset()
+    request: Request, ctx: RequestContext, credentials: frozenset[bytes] = frozenset()
 ) -> Headers:
     """The client's headers for any model: hop-by-hop ones, the sidecar credential
     (``credentials``, lower-case names) and X-Sidecar-* dropped; trace and forwarding

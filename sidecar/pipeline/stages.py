@@ -31,7 +31,12 @@ from sidecar.pipeline.auth import Authenticator
 from sidecar.pipeline.context import CURRENT_REQUEST, RequestContext, decide_outcome
 from sidecar.pipeline.forwarding import RoutePath, forward
 from sidecar.pipeline.guard import REFUSED_METHODS, check_framing, check_host, check_target
-from sidecar.pipeline.identity import accept_request_id, accept_traceparent, new_request_id
+from sidecar.pipeline.identity import (
+    accept_request_id,
+    accept_traceparent,
+    new_ids,
+    new_request_id,
+)
 from sidecar.pipeline.ratelimit import RateLimiter
 from sidecar.pipeline.relay import read_body
 from sidecar.pipeline.routing import RouteTable
@@ -88,6 +93,9 @@ class Pipeline:
         self.key_names = parts.key_names
         self.validators = parts.validators
         self.server_cap = parts.config.server.max_in_flight
+        self.body_limits = {
+            route.name: parts.config.route_body_limit(route) for route in parts.config.routes
+        }
         self.in_flight = 0  # proxied requests in flight, all routes together
 
     # -- the boundary ----------------------------------------------------------------
@@ -190,9 +198,9 @@ class Pipeline:
         headers = request.headers
         # The client's id is kept for correlation (answer, upstream, payload log), but
         # clients may reuse one: sidecar_id, ours, is unique in every log line.
-        sidecar_id = new_request_id()
+        sidecar_id, trace_id, span_id = new_ids()
         request_id = accept_request_id(headers.get("X-Request-ID"), sidecar_id)
-        traceparent, trace_id = accept_traceparent(headers.get("traceparent"))
+        traceparent, trace_id = accept_traceparent(headers.get("traceparent"), (trace_id, span_id))
         ctx = RequestContext(
             request_id=request_id,
             sidecar_id=sidecar_id,
@@ -209,7 +217,7 @@ class Pipeline:
             raise errors.MethodNotAllowed(f"{method} is not accepted by this proxy")
         check_target(request.target)
         check_framing(request.headers.get("Transfer-Encoding"))
-        check_host(request.headers.getall("host"), request.version)
+        check_host(request.headers.count(b"host"), request.version)
         path = request.path
         endpoint = self.own.get(path)
         if endpoint is not None:
@@ -226,7 +234,7 @@ class Pipeline:
             raise errors.NoRoute(f"no route for {method} {path}")
         ctx.route = route
         ctx.route_name = route.name
-        ctx.body_limit = self.config.route_body_limit(route)
+        ctx.body_limit = self.body_limits[route.name]
         return None
 
     async def authenticate(self, request: Request, ctx: RequestContext) -> None:

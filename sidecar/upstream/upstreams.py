@@ -28,11 +28,12 @@ from sidecar.background import BackgroundTasks
 from sidecar.config.schema import Upstream
 from sidecar.http import errors
 from sidecar.http.client import BrokenAnswer, ClientResponse, ConnectFailed, Disconnected, Pool
-from sidecar.http.messages import Headers
+from sidecar.http.messages import Headers, field_key
 from sidecar.telemetry.metrics import Metrics
 
 # Tells the model server how long this attempt may take, so it can give up too.
 DEADLINE_HEADER = "X-Sidecar-Timeout-Ms"
+_DEADLINE_RAW = DEADLINE_HEADER.encode()
 
 log = structlog.get_logger("sidecar.upstream.upstreams")
 
@@ -86,9 +87,11 @@ class UpstreamClient:
         )
         self._id_header = config.request_id.header
         self._id_as_uuid = config.request_id.format == "uuid"
+        self._id_header_raw = (self._id_header or "").encode("latin-1", "replace")
+        self._own_fields = Headers(self.extra_headers).render()
         # Names this upstream sets itself: a client's fields of these names are replaced.
         self._own_names = frozenset(
-            name.lower()
+            field_key(name)
             for name in (
                 DEADLINE_HEADER,
                 self._id_header or DEADLINE_HEADER,
@@ -99,21 +102,23 @@ class UpstreamClient:
         self.last_probe: ProbeResult | None = None
         self.last_success: float | None = None
 
-    def headers_for(self, call: UpstreamCall, within: float) -> list[tuple[str, str]]:
-        """The header fields of one attempt to this upstream: the client's, this
-        upstream's own, the request id in this upstream's form, and how long it has."""
-        own = self._own_names
-        incoming = call.headers
-        if own.isdisjoint(incoming.names()):
-            fields = incoming.items()
-        else:
-            fields = [field for field in incoming if field[0].lower() not in own]
+    def headers_for(self, call: UpstreamCall, within: float) -> bytes:
+        """The header fields of one attempt to this upstream, as they go on the wire:
+        the client's, this upstream's own, the request id in this upstream's form,
+        and how long it has."""
+        fields = call.headers.render(self._own_names)
         if self._id_header and call.request_id:
             request_id = _uuid_of(call.request_id) if self._id_as_uuid else call.request_id
-            fields.append((self._id_header, request_id))
-        fields += self.extra_headers
-        fields.append((DEADLINE_HEADER, str(max(1, int(within * 1000)))))
-        return fields
+            fields += b"%s: %s\r\n" % (self._id_header_raw, request_id.encode("latin-1", "replace"))
+        return (
+            fields
+            + self._own_fields
+            + b"%s: %d\r\n"
+            % (
+                _DEADLINE_RAW,
+                max(1, int(within * 1000)),
+            )
+        )
 
     @property
     def pool(self) -> Pool:

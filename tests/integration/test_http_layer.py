@@ -497,7 +497,7 @@ async def test_the_pool_caps_connections_and_reuses_the_warmest(fake_model: Fake
     pool = Pool(LOOPBACK, port, max_connections=2)
 
     async def one() -> bytes:
-        response = await pool.request("GET", "/x", [], None, replayable=True)
+        response = await pool.request("GET", "/x", b"", None, replayable=True)
         body = await response.read()
         response.release()
         return body

@@ -167,8 +167,8 @@ def test_a_key_with_characters_utf8_cannot_encode_is_refused_not_crashed() -> No
 
 
 def test_credential_headers_are_authorization_and_the_key_header() -> None:
-    assert Auth().auth.credential_headers == frozenset({"authorization", "x-api-key"})
-    assert Auth(header=None).auth.credential_headers == frozenset({"authorization"})
+    assert Auth().auth.credential_headers == frozenset({b"authorization", b"x-api-key"})
+    assert Auth(header=None).auth.credential_headers == frozenset({b"authorization"})
 
 
 def test_a_hs256_token_gives_a_jwt_principal() -> None:
