@@ -31,6 +31,9 @@ _READ_AHEAD = 256 * 1024  # answer bytes buffered before reading from the upstre
 # (60 KiB, 100 fields) with room to spare: past them the answer is broken (502).
 MAX_HEAD = 64 * 1024
 MAX_FIELDS = 200
+# What a reason phrase may hold (RFC 9112 section 4): tab, space, visible and
+# obs-text bytes; a control byte makes the status line broken.
+_REASON_BYTES = bytes([0x09, *range(0x20, 0x7F), *range(0x80, 0x100)])
 
 
 class ConnectFailed(Exception):
@@ -134,6 +137,14 @@ class ClientResponse:
                 self._waiter = None
                 if timer is not None:
                     timer.cancel()
+
+    def take_whole(self) -> bytes:
+        """The whole body of a ``complete`` answer, at once (no await)."""
+        assert self.complete
+        parts, self._parts, self._buffered = self._parts, deque(), 0
+        if len(parts) == 1:
+            return parts[0]
+        return b"".join(parts)
 
     async def read(self) -> bytes:
         parts = []
@@ -277,7 +288,7 @@ class UpstreamConnection(FlowControlled):
             head.set_exception(BrokenAnswer(f"status {status}"))
             self.keep_alive = False
             return
-        if any(byte < 0x20 or byte == 0x7F for byte in reason if byte != 0x09):
+        if reason.translate(None, _REASON_BYTES):
             head.set_exception(BrokenAnswer("a control byte in the status line"))
             self.keep_alive = False
             return
@@ -312,11 +323,8 @@ class UpstreamConnection(FlowControlled):
 
     # -- use -----------------------------------------------------------------------
 
-    async def send(
-        self, method: str, head: bytes, body: bytes | None, deadline: float | None
-    ) -> ClientResponse:
-        """Write one request; return once the answer's head has arrived
-        (``TimeoutError`` at ``deadline``, loop time)."""
+    def send(self, method: str, head: bytes, body: bytes | None) -> asyncio.Future[ClientResponse]:
+        """Write one request; the future is the answer's head."""
         transport = self._transport
         if transport is None or self.closed:
             raise Disconnected("the connection is closed")
@@ -325,8 +333,7 @@ class UpstreamConnection(FlowControlled):
         self._head_bytes = 0
         self._fields = 0
         self.response = None
-        loop = self.pool.loop
-        head_waiter: asyncio.Future[ClientResponse] = loop.create_future()
+        head_waiter: asyncio.Future[ClientResponse] = self.pool.loop.create_future()
         self._head = head_waiter
         if body is None or len(body) > 65536:
             transport.write(head)
@@ -334,13 +341,7 @@ class UpstreamConnection(FlowControlled):
                 transport.write(body)
         else:
             transport.write(head + body)
-        if deadline is None:
-            return await head_waiter
-        timer = loop.call_at(deadline, _expire, head_waiter)
-        try:
-            return await head_waiter
-        finally:
-            timer.cancel()
+        return head_waiter
 
     def reset(self) -> None:
         self._head = None
@@ -419,10 +420,20 @@ class Pool:
             head += b"Content-Length: %d\r\n" % len(body)
         head += b"\r\n"
         first = True
+        loop = self.loop
         while True:
-            conn, reused = await self._acquire(connect_timeout or self.connect_timeout, deadline)
+            conn = self._warm_idle()
+            reused = conn is not None
+            if conn is None:
+                conn, reused = await self._acquire(
+                    connect_timeout or self.connect_timeout, deadline
+                )
+            timer = None
             try:
-                return await conn.send(method, head, body, deadline)
+                head_waiter = conn.send(method, head, body)
+                if deadline is not None:
+                    timer = loop.call_at(deadline, _expire, head_waiter)
+                return await head_waiter
             except Disconnected:
                 self._done(conn, reusable=False)
                 if first and reused and replayable:
@@ -434,6 +445,22 @@ class Pool:
             except BaseException:
                 self._done(conn, reusable=False)  # cancelled or broken: out of step
                 raise
+            finally:
+                if timer is not None:
+                    timer.cancel()
+
+    def _warm_idle(self) -> UpstreamConnection | None:
+        """The warmest idle connection still fit for use (LIFO), if any."""
+        idle = self._idle
+        if not idle or self._closed:
+            return None
+        stale = self.loop.time() - self.keepalive
+        while idle:
+            conn = idle.pop()
+            if not conn.closed and conn.idle_since > stale:
+                return conn
+            self._forget(conn)
+        return None
 
     async def _acquire(
         self, connect_timeout: float, deadline: float | None
@@ -442,12 +469,9 @@ class Pool:
             raise Disconnected("the pool is closed")
         loop = self.loop
         while True:
-            stale = loop.time() - self.keepalive
-            while self._idle:
-                conn = self._idle.pop()  # LIFO: the warmest connection
-                if not conn.closed and conn.idle_since > stale:
-                    return conn, True
-                self._forget(conn)
+            conn = self._warm_idle()
+            if conn is not None:
+                return conn, True
             if self.open < self.max_connections:
                 self.open += 1
                 if deadline is not None:

@@ -594,8 +594,9 @@ class HttpConnection(FlowControlled):
         elif not request.answer_finished:
             self.abort()  # a streamed answer left unfinished is cut, never padded
             return
-        with contextlib.suppress(ClientGone):
-            await self.drain()
+        if self._write_paused:  # the next request waits until this answer has gone out
+            with contextlib.suppress(ClientGone):
+                await self.drain()
 
     def _reusable(self, request: Request) -> bool:
         return (

@@ -172,7 +172,10 @@ async def relay(
         not whole or response.content_type == "text/event-stream" or request.method == "HEAD"
     )
     if not streaming:
-        body = await read_whole(response, upstream, idle)
+        if response.complete:
+            body = response.take_whole()  # it came with its head
+        else:
+            body = await read_whole(response, upstream, idle)
         ctx.finish_upstream()
         ctx.bytes_out = len(body)
         # The pipeline stamps X-Request-ID and Server-Timing on it.
