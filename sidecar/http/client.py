@@ -488,7 +488,7 @@ class Pool:
             try:
                 await waiter
             except BaseException:
-                if waiter.done() and not waiter.cancelled():
+                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                     self._wake_one()  # it was woken for us: pass the turn on
                 raise
             finally:

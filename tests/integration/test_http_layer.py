@@ -509,6 +509,41 @@ async def test_the_pool_caps_connections_and_reuses_the_warmest(fake_model: Fake
     pool.close()
 
 
+async def test_a_waiter_that_times_out_gives_no_one_a_turn_out_of_order(
+    fake_model: FakeModel,
+) -> None:
+    """Waiters for a full pool are served in the order they came; one whose deadline
+    passes leaves the queue without waking (and so re-queueing) the next."""
+    port = int(fake_model.url.rsplit(":", 1)[1])
+    pool = Pool(LOOPBACK, port, max_connections=1)
+    busy = await pool.request("GET", "/x", b"", None, replayable=True)
+    order: list[str] = []
+
+    async def wait(name: str, within: float) -> None:
+        try:
+            response = await pool.request(
+                "GET", "/x", b"", None, replayable=True, deadline=pool.loop.time() + within
+            )
+        except TimeoutError:
+            order.append(f"{name} timed out")
+            return
+        order.append(name)
+        await response.read()
+        response.release()
+
+    short = asyncio.create_task(wait("short", 0.05))
+    await asyncio.sleep(0)
+    first = asyncio.create_task(wait("first", 10))
+    await asyncio.sleep(0)
+    second = asyncio.create_task(wait("second", 10))
+    await asyncio.wait_for(short, 5)
+    await busy.read()
+    busy.release()
+    await asyncio.wait_for(asyncio.gather(first, second), 10)
+    assert order == ["short timed out", "first", "second"]
+    pool.close()
+
+
 async def test_a_close_delimited_answer_is_relayed_whole(start_sidecar: StartSidecar) -> None:
     """An answer with neither Content-Length nor chunking ends where the upstream
     closes: relayed whole, and that connection is not reused."""
