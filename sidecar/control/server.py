@@ -53,7 +53,7 @@ class RunningSidecar:
         config = loaded.config
         self.metrics = Metrics()
         self.logs = Logs(loaded, self.metrics, log_sinks)
-        self.pools = ConnectionPools()
+        self.pools = ConnectionPools(self.metrics)
         self.live = LiveRuntime(
             plan, metrics=self.metrics, logs=self.logs, pools=self.pools, clock=clock, env=env
         )
@@ -73,6 +73,8 @@ class RunningSidecar:
                 send_timeout=settings.send_timeout,
             ),
         )
+        self._slow_clients_published = 0
+        self.metrics.on_publish(self._publish_slow_clients)
         self._admin: web.AppRunner | None = None
         if config.admin.enabled:
             self._admin = SidecarRunner(
@@ -95,6 +97,12 @@ class RunningSidecar:
     def runtime(self) -> Runtime:
         """The runtime in service now."""
         return self.live.current
+
+    def _publish_slow_clients(self) -> None:
+        count = self._main.slow_readers
+        if count > self._slow_clients_published:
+            self.metrics.slow_clients.inc(count - self._slow_clients_published)
+            self._slow_clients_published = count
 
     async def start(self) -> None:
         config = self.runtime.config

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from bisect import bisect_left
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import (
@@ -261,6 +262,27 @@ class Metrics:
             registry=r,
         )
 
+        self.upstream_stray = Counter(
+            "sidecar_upstream_stray_total",
+            "Upstream connections closed because bytes nobody asked for arrived (a stray "
+            "or second answer): such a connection is never reused.",
+            ["upstream"],
+            registry=r,
+        )
+        self.upstream_replayed = Counter(
+            "sidecar_upstream_replayed_total",
+            "Requests sent again on a fresh connection after a kept-alive one closed "
+            "before answering.",
+            ["upstream"],
+            registry=r,
+        )
+        self.slow_clients = Counter(
+            "sidecar_slow_clients_total",
+            "Client connections cut off for reading nothing of their answer for "
+            "server.send_timeout.",
+            registry=r,
+        )
+
         self.config_reloads = Counter(
             "sidecar_config_reloads_total",
             "Config reloads by result (ok, invalid).",
@@ -297,6 +319,12 @@ class Metrics:
         self._requests: dict[tuple[str, int, str], int] = {}
         self._request_tallies: dict[str, Tally] = {}
         self._upstream_tallies: dict[str, Tally] = {}
+        # Counts other layers keep as plain ints, moved here by ``publish``.
+        self._publishers: list[Callable[[], None]] = []
+
+    def on_publish(self, publisher: Callable[[], None]) -> None:
+        """Call ``publisher`` at each publish (it moves its own counts into series)."""
+        self._publishers.append(publisher)
 
     def count_request(self, route: str, status: int, outcome: str, seconds: float) -> None:
         key = (route, status, outcome)
@@ -326,6 +354,8 @@ class Metrics:
                 if tally.observed:
                     tally.move_into(family.labels(label))
         self.in_flight.set(self.handling)
+        for publisher in self._publishers:
+            publisher()
 
     async def publish_every(self, interval: float) -> None:
         while True:

@@ -264,11 +264,16 @@ def _uuid_of(request_id: str) -> str:
 
 class ConnectionPools:
     """Keep-alive pools shared by every config that names the same upstream with the
-    same settings, so a reload keeps warm connections."""
+    same settings, so a reload keeps warm connections. Each pool's stray and replayed
+    counts reach ``metrics`` at every publish (and when the pool closes)."""
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: Metrics | None = None) -> None:
         self._pools: dict[tuple[object, ...], Pool] = {}
         self._users: dict[tuple[object, ...], int] = {}
+        self._metrics = metrics
+        self._published: dict[tuple[object, ...], tuple[int, int]] = {}
+        if metrics is not None:
+            metrics.on_publish(self.publish)
 
     @staticmethod
     def _key(name: str, config: Upstream) -> tuple[object, ...]:
@@ -290,18 +295,39 @@ class ConnectionPools:
         self._users[key] = self._users.get(key, 0) + 1
         return pool
 
+    def publish(self) -> None:
+        for key, pool in self._pools.items():
+            self._publish_one(key, pool)
+
+    def _publish_one(self, key: tuple[object, ...], pool: Pool) -> None:
+        metrics = self._metrics
+        if metrics is None:
+            return
+        name = str(key[0])
+        stray, replayed = self._published.get(key, (0, 0))
+        if pool.stray > stray:
+            metrics.upstream_stray.labels(name).inc(pool.stray - stray)
+        if pool.replayed > replayed:
+            metrics.upstream_replayed.labels(name).inc(pool.replayed - replayed)
+        self._published[key] = (pool.stray, pool.replayed)
+
     async def release(self, name: str, config: Upstream) -> None:
         key = self._key(name, config)
         self._users[key] -= 1
         if self._users[key] == 0:
             del self._users[key]
-            self._pools.pop(key).close()
+            pool = self._pools.pop(key)
+            self._publish_one(key, pool)
+            self._published.pop(key, None)
+            pool.close()
 
     async def close(self) -> None:
+        self.publish()
         for pool in self._pools.values():
             pool.close()
         self._pools.clear()
         self._users.clear()
+        self._published.clear()
 
 
 class Upstreams:

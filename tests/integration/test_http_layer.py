@@ -23,6 +23,7 @@ from tests.conftest import (
     raw_request,
 )
 from tests.integration.test_correctness import ListSink, flushed
+from tests.integration.test_endpoints import metric_value
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 
@@ -79,6 +80,12 @@ def upstream_config(url: str, **server: Any) -> dict[str, Any]:
     return config
 
 
+async def metric(sidecar: Any, name: str, **labels: str) -> float:
+    """A series' value from the admin listener's /metrics (0 when absent)."""
+    async with sidecar.session.get(sidecar.admin_url + "/metrics") as resp:
+        return metric_value(await resp.text(), name, **labels)
+
+
 def status_and_body(raw: bytes) -> tuple[int, bytes]:
     head, _, body = raw.partition(b"\r\n\r\n")
     return int(head.split(b" ", 2)[1]), body
@@ -125,6 +132,7 @@ async def test_a_stray_answer_from_the_upstream_never_reaches_another_client(
         async with sidecar.session.get(sidecar.url + "/two") as resp:
             assert await resp.read() == b"answer-2"
         assert len(connections) == 2  # the out-of-step connection was never reused
+        assert await metric(sidecar, "sidecar_upstream_stray_total", upstream="model") == 1
 
 
 @pytest.mark.parametrize(
@@ -238,6 +246,8 @@ async def test_a_kept_alive_connection_closed_under_a_request_is_replayed_only_w
                 assert await resp.read() == b"fresh"
         assert dropped
         assert served == (2 if expected == 200 else 1)
+        replayed = await metric(sidecar, "sidecar_upstream_replayed_total", upstream="model")
+        assert replayed == (1 if expected == 200 else 0)
 
 
 # -- hostile clients ---------------------------------------------------------------
@@ -340,6 +350,7 @@ async def test_a_client_that_stops_reading_releases_its_upstream_connection(
             assert resp.status == 200
             assert await resp.read() == b"small"
         assert sidecar.running._main.slow_readers == 1
+        assert await metric(sidecar, "sidecar_slow_clients_total") == 1
         writer.close()
         assert len(connections) == 2
 
