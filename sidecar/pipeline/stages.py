@@ -147,34 +147,10 @@ class Pipeline:
         """Count and time the request, and queue its access record (no I/O here)."""
         duration = time.perf_counter() - ctx.started
         self.metrics.count_request(ctx.route_name, status, ctx.outcome, duration)
-        if self.access_log is None:
-            return
-        self.access_log.submit(
-            {
-                "event": "request",
-                "timestamp": time.time(),
-                "request_id": ctx.request_id,
-                "sidecar_id": ctx.sidecar_id,
-                "trace_id": ctx.trace_id,
-                "route": ctx.route_name,
-                "method": request.method,
-                "path": request.path,
-                "status": status,
-                "outcome": ctx.outcome,
-                "duration_ms": round(duration * 1000.0, 3),
-                "upstream_ms": (
-                    None
-                    if ctx.upstream_seconds is None
-                    else round(ctx.upstream_seconds * 1000.0, 3)
-                ),
-                "attempts": ctx.attempts,
-                "breaker": ctx.breaker_state,
-                "fallback": ctx.fallback_rule,
-                "principal": ctx.principal,
-                "bytes_in": ctx.bytes_in,
-                "bytes_out": ctx.bytes_out,
-            }
-        )
+        if self.access_log is not None:
+            self.access_log.submit(
+                access_record(ctx, request.method, request.path, status, duration)
+            )
 
     # -- the stages, in order --------------------------------------------------------
 
@@ -314,6 +290,35 @@ class Pipeline:
             path.in_flight -= 1
 
 
+def access_record(
+    ctx: RequestContext, method: str, path: str, status: int, duration: float
+) -> dict[str, Any]:
+    """One request's access-log line: the same fields for every request, refused
+    ones included."""
+    return {
+        "event": "request",
+        "timestamp": time.time(),
+        "request_id": ctx.request_id,
+        "sidecar_id": ctx.sidecar_id,
+        "trace_id": ctx.trace_id or None,
+        "route": ctx.route_name,
+        "method": method,
+        "path": path,
+        "status": status,
+        "outcome": ctx.outcome,
+        "duration_ms": round(duration * 1000.0, 3),
+        "upstream_ms": (
+            None if ctx.upstream_seconds is None else round(ctx.upstream_seconds * 1000.0, 3)
+        ),
+        "attempts": ctx.attempts,
+        "breaker": ctx.breaker_state,
+        "fallback": ctx.fallback_rule,
+        "principal": ctx.principal,
+        "bytes_in": ctx.bytes_in,
+        "bytes_out": ctx.bytes_out,
+    }
+
+
 def refusal_answer(
     parts: Parts, refusal: RequestRefused, method: str, target: str, peer: str
 ) -> Response:
@@ -323,24 +328,13 @@ def refusal_answer(
     error = errors.from_refusal(refusal)
     request_id = new_request_id()
     response = errors.error_response(error, request_id)
-    parts.metrics.count_request("-", error.status, error.outcome, 0.0)
+    ctx = RequestContext(request_id=request_id, sidecar_id=request_id, traceparent="", trace_id="")
+    ctx.outcome = error.outcome
+    ctx.bytes_out = len(response.body)
+    parts.metrics.count_request(ctx.route_name, error.status, error.outcome, 0.0)
     access_log = parts.access_log
     if access_log is not None:
-        access_log.submit(
-            {
-                "event": "request",
-                "timestamp": time.time(),
-                "request_id": request_id,
-                "sidecar_id": request_id,
-                "route": "-",
-                "method": method,
-                "path": target.split("?", 1)[0][:200],
-                "status": error.status,
-                "outcome": error.outcome,
-                "error": error.type,
-                "duration_ms": 0.0,
-                "bytes_in": 0,
-                "bytes_out": len(response.body),
-            }
-        )
+        record = access_record(ctx, method, target.split("?", 1)[0][:200], error.status, 0.0)
+        record["error"] = error.type
+        access_log.submit(record)
     return response
