@@ -102,8 +102,18 @@ class Headers:
 
     def get(self, name: str, default: str | None = None) -> str | None:
         """The first field of this name."""
-        value = self._index().get(field_key(name))
+        first = self._first
+        if first is None:
+            first = self._index()
+        value = first.get(_KEYS.get(name) or field_key(name))
         return default if value is None else value.decode("latin-1")
+
+    def get_raw(self, key: bytes) -> bytes | None:
+        """The first field named ``key`` (lower-case), as bytes."""
+        first = self._first
+        if first is None:
+            first = self._index()
+        return first.get(key)
 
     def getall(self, name: str) -> list[str]:
         key = field_key(name)
@@ -114,7 +124,12 @@ class Headers:
         return [field[0] for field in self._fields].count(key)
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and field_key(name) in self._index()
+        if not isinstance(name, str):
+            return False
+        first = self._first
+        if first is None:
+            first = self._index()
+        return (_KEYS.get(name) or field_key(name)) in first
 
     def __getitem__(self, name: str) -> str:
         value = self.get(name)
@@ -134,11 +149,12 @@ class Headers:
         ]
 
     def add(self, name: str, value: str) -> None:
-        field = _encoded(name, value)
-        self._fields.append(field)
+        key = _KEYS.get(name) or field_key(name)
+        raw = value.encode("latin-1", "replace")
+        self._fields.append((key, name.encode("latin-1", "replace"), raw))
         first = self._first
-        if first is not None and field[0] not in first:
-            first[field[0]] = field[2]
+        if first is not None and key not in first:
+            first[key] = raw
 
     def __setitem__(self, name: str, value: str) -> None:
         """Replace every field of this name with one."""
@@ -150,6 +166,21 @@ class Headers:
         first = self._first
         if first is not None:
             first[key] = field[2]
+
+    def put_raw(self, key: bytes, name: bytes, value: bytes) -> None:
+        """Replace every field named ``key`` (lower-case) with one, given as bytes."""
+        first = self._index()
+        if key in first:
+            self._fields = [field for field in self._fields if field[0] != key]
+        self._fields.append((key, name, value))
+        first[key] = value
+
+    def add_raw(self, key: bytes, name: bytes, value: bytes) -> None:
+        """Add a field given as bytes (``key`` is its lower-case name)."""
+        self._fields.append((key, name, value))
+        first = self._first
+        if first is not None and key not in first:
+            first[key] = value
 
     def update(self, values: dict[str, str]) -> None:
         for name, value in values.items():

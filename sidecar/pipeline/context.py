@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar.config.schema import Route
@@ -19,13 +18,10 @@ from sidecar.telemetry.metrics import (
 __all__ = ["CURRENT_REQUEST", "RequestContext"]
 
 
-@dataclass(slots=True)
 class RequestContext:
-    request_id: str  # the id the client sees: theirs when sane, else sidecar_id
-    sidecar_id: str  # ours, unique for every request (clients may reuse theirs)
-    traceparent: str
-    trace_id: str
-    started: float = field(default_factory=time.perf_counter)
+    """One request's state. Most fields keep their class-level default for most
+    requests: a new context sets five attributes, not thirty."""
+
     route: Route | None = None
     route_name: str = "-"
     body_limit: int = 0
@@ -49,7 +45,13 @@ class RequestContext:
     extra_headers: dict[str, str] | None = None  # e.g. RateLimit-* for the answer
     capture: Any = None  # a shadow.StreamCapture when a streamed answer is compared
     own_name: str | None = None  # set for the sidecar's own endpoints (/livez, ...)
-    own_handler: Any = None
+
+    def __init__(self, request_id: str, sidecar_id: str, traceparent: str, trace_id: str) -> None:
+        self.request_id = request_id  # the id the client sees: theirs when sane, else ours
+        self.sidecar_id = sidecar_id  # ours, unique for every request (clients may reuse theirs)
+        self.traceparent = traceparent
+        self.trace_id = trace_id
+        self.started = time.perf_counter()
 
     def finish_upstream(self) -> None:
         if self.upstream_started is not None:
@@ -57,18 +59,19 @@ class RequestContext:
 
     def stamp(self, headers: Headers) -> None:
         """Add the identity and timing headers every answer carries."""
-        headers["X-Request-ID"] = self.request_id
+        headers.put_raw(b"x-request-id", b"X-Request-ID", self.request_id.encode("latin-1"))
         if self.extra_headers:
             headers.update(self.extra_headers)
         total_ms = (time.perf_counter() - self.started) * 1000.0
-        # add, not set: a model's own Server-Timing entries are kept beside ours.
+        # add, not put: a model's own Server-Timing entries are kept beside ours.
         if self.upstream_seconds is not None:
-            headers.add(
-                "Server-Timing",
-                f"upstream;dur={self.upstream_seconds * 1000.0:.3f}, total;dur={total_ms:.3f}",
+            timing = b"upstream;dur=%.3f, total;dur=%.3f" % (
+                self.upstream_seconds * 1000.0,
+                total_ms,
             )
         else:
-            headers.add("Server-Timing", f"total;dur={total_ms:.3f}")
+            timing = b"total;dur=%.3f" % total_ms
+        headers.add_raw(b"server-timing", b"Server-Timing", timing)
 
 
 def decide_outcome(ctx: RequestContext, status: int) -> str:

@@ -100,14 +100,14 @@ def upstream_request_headers(
     out = incoming.without(
         _request_drops(credentials), _connection_listed(incoming), prefix=_OWN_PREFIX
     )
-    peer = request.peer
-    earlier = incoming.get("x-forwarded-for")
-    out.add("X-Forwarded-For", f"{earlier}, {peer}" if earlier else peer)
-    out.add("X-Forwarded-Proto", "http")
-    host = incoming.get("host")
+    peer = request.peer.encode("latin-1")
+    earlier = incoming.get_raw(b"x-forwarded-for")
+    out.add_raw(b"x-forwarded-for", b"X-Forwarded-For", earlier + b", " + peer if earlier else peer)
+    out.add_raw(b"x-forwarded-proto", b"X-Forwarded-Proto", b"http")
+    host = incoming.get_raw(b"host")
     if host:
-        out.add("X-Forwarded-Host", host)
-    out.add("traceparent", ctx.traceparent)
+        out.add_raw(b"x-forwarded-host", b"X-Forwarded-Host", host)
+    out.add_raw(b"traceparent", b"traceparent", ctx.traceparent.encode("latin-1"))
     return out
 
 
