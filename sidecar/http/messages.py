@@ -183,8 +183,15 @@ class Headers:
             first[key] = value
 
     def update(self, values: dict[str, str]) -> None:
+        """``self[name] = value`` for each item."""
+        first = self._index()
         for name, value in values.items():
-            self[name] = value
+            key = _KEYS.get(name) or field_key(name)
+            raw = value.encode("latin-1", "replace")
+            if key in first:
+                self._fields = [field for field in self._fields if field[0] != key]
+            self._fields.append((key, name.encode("latin-1", "replace"), raw))
+            first[key] = raw
 
     def copy(self) -> Headers:
         out = Headers.__new__(Headers)

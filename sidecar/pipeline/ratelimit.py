@@ -127,7 +127,9 @@ class RateLimiter:
         scope: str | None = None
         if bucket is not None and not bucket.take(now):
             scope = "principal"
-        elif self._global is not None and not await self._take_global(now):
+        elif self._global is not None and not (
+            self._global.take(now) if self._shared is None else await self._take_global(now)
+        ):
             scope = "global"
             if bucket is not None:
                 bucket.give_back()  # refused overall: this principal's token is not spent
