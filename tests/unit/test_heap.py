@@ -1,0 +1,22 @@
+"""The collector settings a serving process takes (in a child process: freezing the
+test runner's own heap would change every later test)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+CHILD = """
+import gc
+from sidecar.control import heap
+before = gc.get_freeze_count()
+heap.settle()
+print(before, gc.get_freeze_count() > 1000, gc.get_threshold() == heap.THRESHOLDS)
+"""
+
+
+def test_settle_freezes_the_start_up_heap_and_raises_the_thresholds() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.split() == ["0", "True", "True"]
