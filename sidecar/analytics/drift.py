@@ -2,9 +2,10 @@
 
 On the request path a route's monitor only appends the request and response bodies
 to a queue bounded in bytes (O(1), no parsing; past the budget a pair is dropped and
-counted). Every ``interval`` a background task takes what arrived, parses it in a
-thread (never on the event loop), keeps only the numbers of each signal (the
-prediction and each configured feature) in a window of recent values, and computes
+counted). Each second a background task takes what arrived, parses it in a thread
+(never on the event loop) and keeps only the numbers of each signal (the prediction
+and each configured feature) in a window of recent values; every ``interval`` it
+computes
 
     PSI = sum over bins of (actual - expected) * ln(actual / expected)
 
@@ -38,6 +39,10 @@ from sidecar.telemetry.metrics import Metrics
 log = structlog.get_logger("sidecar.analytics.drift")
 
 PREDICTION = "prediction"
+
+
+# Bodies waiting for the parser are taken in at least this often (seconds).
+DIGEST_EVERY = 1.0
 
 
 class SignalExtractor:
@@ -143,11 +148,21 @@ class DriftMonitor:
         await self._tasks.stop()
 
     async def _run(self) -> None:
+        interval = self.settings.interval
+        # Bodies are parsed at least every second: the thread that parses them shares
+        # the interpreter lock with the event loop, and a whole interval's worth at
+        # once (10 s at thousands of requests a second: most of a second of parsing)
+        # slowed every request for as long.
+        step = min(interval, DIGEST_EVERY)
+        loop = asyncio.get_running_loop()
+        due = loop.time() + interval
         while True:
-            await asyncio.sleep(self.settings.interval)
-            # Parsing a window's bodies is the heavy part: a thread, not the loop.
+            await asyncio.sleep(step)
+            # Parsing bodies is the heavy part: a thread, not the loop.
             await asyncio.to_thread(self._digest, self._take_pending())
-            self._compute()
+            if loop.time() >= due:
+                due += interval
+                self._compute()
 
     def _take_pending(self) -> deque[tuple[bytes, bytes]]:
         pending, self._pending, self._pending_bytes = self._pending, deque(), 0
