@@ -381,7 +381,9 @@ class Pool:
         self.stray = 0  # connections closed for bytes nobody asked for
         self.replayed = 0  # requests sent again after a reused connection failed
         self._idle: list[UpstreamConnection] = []
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        # Requests waiting for a connection: each gets one handed over, or None when
+        # a slot came free (it may then connect).
+        self._waiters: deque[asyncio.Future[UpstreamConnection | None]] = deque()
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -450,10 +452,15 @@ class Pool:
                     timer.cancel()
 
     def _warm_idle(self) -> UpstreamConnection | None:
-        """The warmest idle connection still fit for use (LIFO), if any."""
+        """The warmest idle connection still fit for use (LIFO), if any, unless
+        requests are waiting: they come first."""
         idle = self._idle
-        if not idle or self._closed:
+        if not idle or self._closed or self._waiters:
             return None
+        return self._pop_idle()
+
+    def _pop_idle(self) -> UpstreamConnection | None:
+        idle = self._idle
         stale = self.loop.time() - self.keepalive
         while idle:
             conn = idle.pop()
@@ -465,37 +472,52 @@ class Pool:
     async def _acquire(
         self, connect_timeout: float, deadline: float | None
     ) -> tuple[UpstreamConnection, bool]:
+        """A connection for one request: idle, new (under the cap), or, past the cap,
+        handed over by the request before it in line. Waiters are served in the
+        order they came: a request arriving later never takes a connection from one
+        that waits (under load, one that lost every race ran into its deadline)."""
         if self._closed:
             raise Disconnected("the pool is closed")
         loop = self.loop
+        first_in_line = not self._waiters
         while True:
-            conn = self._warm_idle()
-            if conn is not None:
-                return conn, True
-            if self.open < self.max_connections:
-                self.open += 1
-                if deadline is not None:
-                    connect_timeout = min(connect_timeout, max(0.0, deadline - loop.time()))
-                try:
-                    return await self._connect(connect_timeout), False
-                except BaseException:
-                    self.open -= 1
-                    self._wake_one()
-                    raise
-            waiter = loop.create_future()
+            if first_in_line:
+                conn = self._pop_idle()
+                if conn is not None:
+                    return conn, True
+                if self.open < self.max_connections:
+                    self.open += 1
+                    if deadline is not None:
+                        connect_timeout = min(connect_timeout, max(0.0, deadline - loop.time()))
+                    try:
+                        return await self._connect(connect_timeout), False
+                    except BaseException:
+                        self.open -= 1
+                        self._wake_one()
+                        raise
+            waiter: asyncio.Future[UpstreamConnection | None] = loop.create_future()
             self._waiters.append(waiter)
             timer = None if deadline is None else loop.call_at(deadline, _expire, waiter)
             try:
-                await waiter
+                handed = await waiter
             except BaseException:
                 if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                    self._wake_one()  # it was woken for us: pass the turn on
+                    # It was our turn: pass it on (a connection handed over goes to
+                    # the next in line, or back to the idle ones).
+                    turn = waiter.result()
+                    if turn is None:
+                        self._wake_one()
+                    else:
+                        self._done(turn, reusable=True)
                 raise
             finally:
                 if timer is not None:
                     timer.cancel()
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(waiter)
+            if handed is not None:
+                return handed, True
+            first_in_line = True  # a slot came free for us: take it before the others
 
     async def _connect(self, within: float) -> UpstreamConnection:
         loop = self.loop
@@ -512,8 +534,12 @@ class Pool:
         if reusable and not conn.closed and conn.keep_alive and not self._closed:
             conn.reset()
             conn.idle_since = self.loop.time()
+            while self._waiters:  # the first in line takes it as it is
+                waiter = self._waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(conn)
+                    return
             self._idle.append(conn)
-            self._wake_one()
         else:
             self._forget(conn)
 

@@ -555,6 +555,28 @@ async def test_a_waiter_that_times_out_gives_no_one_a_turn_out_of_order(
     pool.close()
 
 
+async def test_a_released_connection_goes_to_the_first_waiter_not_to_a_newcomer(
+    fake_model: FakeModel,
+) -> None:
+    """Under load a request arriving later must not take the connection a waiting one
+    was woken for: one that lost every such race waited into its deadline."""
+    port = int(fake_model.url.rsplit(":", 1)[1])
+    pool = Pool(LOOPBACK, port, max_connections=1)
+    busy = await pool.request("GET", "/x", b"", None, replayable=True)
+    waiting = asyncio.create_task(pool.request("GET", "/x", b"", None, replayable=True))
+    await asyncio.sleep(0)  # it is in line
+    await busy.read()
+    busy.release()
+    # What a request arriving now (before the waiter runs) would find: nothing idle.
+    assert pool.idle_count == 0
+    assert pool._warm_idle() is None
+    response = await asyncio.wait_for(waiting, 5)
+    await response.read()
+    response.release()
+    assert pool.idle_count == 1  # nobody waits: back to the idle ones
+    pool.close()
+
+
 async def test_a_close_delimited_answer_is_relayed_whole(start_sidecar: StartSidecar) -> None:
     """An answer with neither Content-Length nor chunking ends where the upstream
     closes: relayed whole, and that connection is not reused."""
