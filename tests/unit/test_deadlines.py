@@ -1,0 +1,40 @@
+"""Request deadlines share one timer per 10 ms: each fires on time, never early, and
+nothing is kept once its request is answered."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from sidecar.http.client import Deadlines
+
+
+async def test_a_deadline_fails_its_waiter_no_sooner_than_due_and_within_a_slot() -> None:
+    loop = asyncio.get_running_loop()
+    deadlines = Deadlines(loop)
+    waiter: asyncio.Future[None] = loop.create_future()
+    due = loop.time() + 0.05
+    deadlines.add(due, waiter)
+    with pytest.raises(TimeoutError):
+        await waiter
+    assert loop.time() >= due
+    assert loop.time() < due + 0.5  # a slot is 10 ms; the rest is the loop's own lateness
+    assert deadlines._slots == {}
+
+
+async def test_an_answered_waiter_is_let_go_and_its_neighbours_still_expire() -> None:
+    loop = asyncio.get_running_loop()
+    deadlines = Deadlines(loop)
+    answered: asyncio.Future[str] = loop.create_future()
+    late: asyncio.Future[str] = loop.create_future()
+    due = loop.time() + 0.02
+    slot = deadlines.add(due, answered)
+    assert deadlines.add(due, late) == slot  # one slot, one timer
+    answered.set_result("answer")
+    deadlines.discard(slot, answered)
+    assert deadlines._slots[slot] == {late}
+    with pytest.raises(TimeoutError):
+        await late
+    assert answered.result() == "answer"
+    assert deadlines._slots == {}
