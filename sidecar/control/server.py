@@ -17,7 +17,7 @@ from aiohttp import web
 
 from sidecar.config.plan import Plan, load_plan
 from sidecar.config.schema import ConfigError, cannot_listen
-from sidecar.control import heap
+from sidecar.control import interpreter
 from sidecar.control.app import build_admin_app
 from sidecar.control.listener import SidecarRunner
 from sidecar.control.live import LiveRuntime
@@ -214,7 +214,7 @@ async def serve(
     listener closes and requests in flight get ``server.drain_timeout`` to finish.
     SIGINT (Ctrl-C) skips the delay. Raises ``ConfigError`` when it cannot start.
     """
-    heap.settle()
+    interpreter.settle()
     stopping: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     loop = asyncio.get_running_loop()
     running = RunningSidecar(
