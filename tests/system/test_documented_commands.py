@@ -94,6 +94,7 @@ COVERED = {
     ("loadtests/README.md", "Locust against the demo"): "test_locust_commands_against_the_demo",
     ("loadtests/README.md", "Chaos"): "test_chaos_command_shows_each_phase_as_it_should",
     ("loadtests/README.md", "Side by side"): "test_benchmark_commands_run",
+    ("loadtests/README.md", "Without sockets"): "test_the_socketless_benchmark_command_runs",
 }
 
 
@@ -488,6 +489,28 @@ def test_benchmark_commands_run(tmp_path: Path) -> None:
     sidecar = [r for r in rows if r["contender"] == "sidecar-passthrough"]
     assert all(r["cpu_us_per_request"] > 0 and r["peak_rss_mb"] > 0 for r in sidecar)
     assert "c=16 sidecar-passthrough / minimal rps" in report["compare"]["ratios"]
+
+
+def test_the_socketless_benchmark_command_runs(tmp_path: Path) -> None:
+    """loadtests/plane.py as printed, with --quick: every contender is timed and the
+    ratios to the raw floor are printed."""
+    (tmp_path / ".venv").symlink_to(ROOT / ".venv")
+    (tmp_path / "loadtests").symlink_to(ROOT / "loadtests")
+    (command,) = commands_of("loadtests/README.md", "Without sockets")
+    done = subprocess.run(
+        ["bash", "-c", command + " --quick"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-3000:])
+    timed = dict(re.findall(r"^(\S+)\s+([\d.]+) us/request$", done.stdout, re.M))
+    assert set(timed) == {"raw-floor", "http-layers", "passthrough", "full"}, done.stdout
+    assert all(float(value) > 0 for value in timed.values())
+    for name in ("http-layers", "passthrough", "full"):
+        assert f"{name} / raw-floor: " in done.stdout
 
 
 # -- Docker, without an engine ---------------------------------------------------------
