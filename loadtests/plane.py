@@ -3,10 +3,11 @@
 Request bytes are fed to the sidecar's HttpConnection and a canned upstream answer to
 its UpstreamConnection (through the event loop, as a socket would), so what is timed
 is the Python of the HTTP layers and the pipeline, not the kernel or the load
-generator: run to run it moves by a few per cent, where the socket benchmarks
-(bench.py) move by ten. The raw floor (raw_proxy.py) runs the same way for the
-ratio. Syscalls, the upstream and the access-log and drift threads' CPU are not
-in these numbers (bench.py has them).
+generator: on a quiet host it moves by a few per cent run to run, where the socket
+benchmarks (bench.py) move by ten (on a busy one both move by 15% or more: run the
+versions to compare back to back, more than once). The raw floor (raw_proxy.py)
+runs the same way for the ratio. Syscalls, the upstream and the access-log and
+drift threads' CPU are not in these numbers (bench.py has them).
 
     python loadtests/plane.py                 # every contender, 50,000 requests each
     python loadtests/plane.py --contender passthrough --requests 20000

@@ -376,7 +376,7 @@ class Deadlines:
         due = self._slots.get(slot)
         if due is None:
             due = self._slots[slot] = set()
-            self._loop.call_at(slot * self.RESOLUTION, self._expire, slot)
+            self._loop.call_at(slot * self.RESOLUTION, self._fire, slot)
         due.add(waiter)
         return slot
 
@@ -385,7 +385,7 @@ class Deadlines:
         if due is not None:
             due.discard(waiter)
 
-    def _expire(self, slot: int) -> None:
+    def _fire(self, slot: int) -> None:
         for waiter in self._slots.pop(slot, ()):
             _expire(waiter)
 

@@ -23,10 +23,10 @@ def status_has_body(status: int) -> bool:
 
 
 def field_key(name: str) -> bytes:
-    """The lookup key of a header name: its lower-case bytes."""
+    """The lookup key of a header name: its bytes, lower-cased as a parsed name's are."""
     key = _KEYS.get(name)
     if key is None:
-        key = name.lower().encode("latin-1", "replace")
+        key = name.encode("latin-1", "replace").lower()
         if len(_KEYS) < 1024:  # names come from code and config: a few dozen
             _KEYS[name] = key
     return key
@@ -64,9 +64,6 @@ class Headers:
         """Whether a field of this lower-case name (bytes) is present."""
         return key in self._index()
 
-    def has_any(self, keys: frozenset[bytes]) -> bool:
-        return not keys.isdisjoint(self._index())
-
     def without(
         self, keys: frozenset[bytes], also: frozenset[bytes] = frozenset(), prefix: bytes = b"\x00"
     ) -> Headers:
@@ -102,10 +99,7 @@ class Headers:
 
     def get(self, name: str, default: str | None = None) -> str | None:
         """The first field of this name."""
-        first = self._first
-        if first is None:
-            first = self._index()
-        value = first.get(_KEYS.get(name) or field_key(name))
+        value = self.get_raw(field_key(name))
         return default if value is None else value.decode("latin-1")
 
     def get_raw(self, key: bytes) -> bytes | None:
@@ -124,12 +118,7 @@ class Headers:
         return [field[0] for field in self._fields].count(key)
 
     def __contains__(self, name: object) -> bool:
-        if not isinstance(name, str):
-            return False
-        first = self._first
-        if first is None:
-            first = self._index()
-        return (_KEYS.get(name) or field_key(name)) in first
+        return isinstance(name, str) and self.has(field_key(name))
 
     def __getitem__(self, name: str) -> str:
         value = self.get(name)
@@ -149,23 +138,11 @@ class Headers:
         ]
 
     def add(self, name: str, value: str) -> None:
-        key = _KEYS.get(name) or field_key(name)
-        raw = value.encode("latin-1", "replace")
-        self._fields.append((key, name.encode("latin-1", "replace"), raw))
-        first = self._first
-        if first is not None and key not in first:
-            first[key] = raw
+        self.add_raw(*_encoded(name, value))
 
     def __setitem__(self, name: str, value: str) -> None:
         """Replace every field of this name with one."""
-        field = _encoded(name, value)
-        key = field[0]
-        if key in self._index():
-            self._fields = [f for f in self._fields if f[0] != key]
-        self._fields.append(field)
-        first = self._first
-        if first is not None:
-            first[key] = field[2]
+        self.put_raw(*_encoded(name, value))
 
     def put_raw(self, key: bytes, name: bytes, value: bytes) -> None:
         """Replace every field named ``key`` (lower-case) with one, given as bytes."""
@@ -183,15 +160,8 @@ class Headers:
             first[key] = value
 
     def update(self, values: dict[str, str]) -> None:
-        """``self[name] = value`` for each item."""
-        first = self._index()
         for name, value in values.items():
-            key = _KEYS.get(name) or field_key(name)
-            raw = value.encode("latin-1", "replace")
-            if key in first:
-                self._fields = [field for field in self._fields if field[0] != key]
-            self._fields.append((key, name.encode("latin-1", "replace"), raw))
-            first[key] = raw
+            self.put_raw(*_encoded(name, value))
 
     def copy(self) -> Headers:
         out = Headers.__new__(Headers)
@@ -204,8 +174,7 @@ class Headers:
 
 
 def _encoded(name: str, value: str) -> tuple[bytes, bytes, bytes]:
-    raw = name.encode("latin-1", "replace")
-    return (raw.lower(), raw, value.encode("latin-1", "replace"))
+    return (field_key(name), name.encode("latin-1", "replace"), value.encode("latin-1", "replace"))
 
 
 class Response:

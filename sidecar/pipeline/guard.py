@@ -46,13 +46,13 @@ def check_target(raw_target: str) -> None:
         raise errors.BadRequest("dot segments ('.' or '..') in the path are not accepted")
 
 
-def check_host(hosts: int, version: str) -> None:
+def check_host(host_fields: int, version: str) -> None:
     """RFC 9112 section 3.2: an HTTP/1.1 request without a Host field, or any request
     with more than one, is refused (400); with two, the upstream and the sidecar
     (X-Forwarded-Host) could each believe another."""
-    if hosts > 1:
+    if host_fields > 1:
         raise errors.BadRequest("more than one Host field")
-    if not hosts and version == "1.1":
+    if not host_fields and version == "1.1":
         raise errors.BadRequest("an HTTP/1.1 request needs a Host field")
 
 

@@ -14,7 +14,7 @@ import structlog
 
 from sidecar.http import errors
 from sidecar.http.client import BrokenAnswer, ClientResponse
-from sidecar.http.messages import Answer, Headers, Response, field_key
+from sidecar.http.messages import Answer, Headers, Response
 from sidecar.http.server import ClientGone, Request, RequestRefused
 from sidecar.pipeline.context import RequestContext
 from sidecar.telemetry.metrics import (
@@ -79,7 +79,9 @@ def _connection_listed(headers: Headers) -> frozenset[bytes]:
 
 @functools.lru_cache(maxsize=64)
 def _listed(value: str) -> frozenset[bytes]:
-    return frozenset(field_key(token.strip()) for token in value.split(",") if token.strip())
+    # Not field_key: its cache is for names from code and config, not a client's.
+    tokens = (token.strip() for token in value.split(","))
+    return frozenset(token.encode("latin-1", "replace").lower() for token in tokens if token)
 
 
 @functools.lru_cache(maxsize=16)
