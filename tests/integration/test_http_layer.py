@@ -485,6 +485,72 @@ async def test_head_204_and_304_answers_carry_no_body(
     assert parts[3].endswith(b"\r\n\r\n")
 
 
+@pytest.mark.parametrize(
+    ("head", "reused"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n", True),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", True),
+        (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n", True),  # no framing
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r", True),  # split before its end
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\nConnection: close\r\n\r\n", False),
+        (b"HTTP/1.0 200 OK\r\nContent-Length: 9\r\n\r\n", False),
+        (b"HTTP/1.0 200 OK\r\nContent-Length: 9\r\nConnection: keep-alive\r\n\r\n", True),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nSTRAY", False),  # bytes after it
+    ],
+    ids=[
+        "length",
+        "chunked",
+        "unframed",
+        "split",
+        "close",
+        "http-1.0",
+        "http-1.0-keep-alive",
+        "bytes-after-the-head",
+    ],
+)
+async def test_a_head_answer_ends_at_its_head_and_keeps_the_connection(
+    head: bytes, reused: bool
+) -> None:
+    """llhttp would wait for the body a HEAD answer declares (or for the close): the
+    answer ends at its head, and the connection serves the next request unless the
+    upstream closes it or sent more than the head."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        while True:
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            if request.startswith(b"HEAD "):
+                if head.endswith(b"\r"):  # the head's last byte in a read of its own
+                    writer.write(head)
+                    await writer.drain()
+                    await asyncio.sleep(0.05)
+                    writer.write(b"\n")
+                else:
+                    writer.write(head)
+            else:
+                writer.write(answer(b"after"))
+            await writer.drain()
+
+    async with raw_upstream(script) as (url, connections):
+        port = int(url.rsplit(":", 1)[1])
+        pool = Pool(LOOPBACK, port, max_connections=1)
+        try:
+            response = await asyncio.wait_for(
+                pool.request("HEAD", "/x", b"", None, replayable=True), 5
+            )
+            assert (response.status, response.complete) == (200, True)
+            assert await response.read() == b""
+            response.release()
+            assert pool.idle_count == (1 if reused else 0)
+            response = await asyncio.wait_for(
+                pool.request("GET", "/x", b"", None, replayable=True), 5
+            )
+            assert await asyncio.wait_for(response.read(), 5) == b"after"
+            response.release()
+            assert len(connections) == (1 if reused else 2)
+        finally:
+            pool.close()
+
+
 async def test_parser_refusals_are_counted_and_logged(
     fake_model: FakeModel, start_sidecar: StartSidecar
 ) -> None:
