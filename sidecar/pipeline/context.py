@@ -42,7 +42,8 @@ class RequestContext:
     principal: str | None = None
     body: bytes = b""  # the request body, read whole by the body stage
     document: Any = None  # the body parsed as JSON, when the route validates it
-    extra_headers: dict[str, str] | None = None  # e.g. RateLimit-* for the answer
+    # Fields for the answer (RateLimit-*), as ``Headers.put_raw``'s arguments.
+    extra_fields: tuple[tuple[bytes, bytes, bytes], ...] = ()
     capture: Any = None  # a shadow.StreamCapture when a streamed answer is compared
     own_name: str | None = None  # set for the sidecar's own endpoints (/livez, ...)
 
@@ -60,8 +61,8 @@ class RequestContext:
     def stamp(self, headers: Headers) -> None:
         """Add the identity and timing headers every answer carries."""
         headers.put_raw(b"x-request-id", b"X-Request-ID", self.request_id.encode("latin-1"))
-        if self.extra_headers:
-            headers.update(self.extra_headers)
+        for key, name, value in self.extra_fields:
+            headers.put_raw(key, name, value)
         total_ms = (time.perf_counter() - self.started) * 1000.0
         # add, not put: a model's own Server-Timing entries are kept beside ours.
         if self.upstream_seconds is not None:

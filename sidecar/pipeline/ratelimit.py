@@ -24,6 +24,9 @@ from sidecar.telemetry.metrics import Metrics
 if TYPE_CHECKING:
     from sidecar.upstream.shared import SharedState
 
+# Header fields as (lower-case name, name, value) bytes: ``Headers.put_raw``'s arguments.
+RawFields = tuple[tuple[bytes, bytes, bytes], ...]
+
 
 @dataclass(slots=True)
 class TokenBucket:
@@ -54,12 +57,21 @@ class TokenBucket:
     def seconds_until_token(self) -> float:
         return max(0.0, (1.0 - self.tokens) / self.rate)
 
+    def fields(self) -> RawFields:
+        """The RateLimit fields as they go on the wire: rendered once, here, rather
+        than as strings re-encoded into the answer."""
+        return (
+            (b"ratelimit-limit", b"RateLimit-Limit", b"%d" % self.burst),
+            (b"ratelimit-remaining", b"RateLimit-Remaining", b"%d" % max(0, int(self.tokens))),
+            (
+                b"ratelimit-reset",
+                b"RateLimit-Reset",
+                b"%d" % math.ceil((self.burst - self.tokens) / self.rate),
+            ),
+        )
+
     def headers(self) -> dict[str, str]:
-        return {
-            "RateLimit-Limit": str(self.burst),
-            "RateLimit-Remaining": str(max(0, math.floor(self.tokens))),
-            "RateLimit-Reset": str(math.ceil((self.burst - self.tokens) / self.rate)),
-        }
+        return {name.decode(): value.decode() for _, name, value in self.fields()}
 
 
 # The bucket of requests whose credentials failed: no key's own limit applies.
@@ -116,8 +128,8 @@ class RateLimiter:
         so a flood of bad keys is answered 429 instead of checked forever."""
         await self.check(UNAUTHENTICATED, UNAUTHENTICATED)
 
-    async def check(self, principal: str, label: str) -> dict[str, str]:
-        """Take a token for ``principal``; the headers to send, or RateLimited (429).
+    async def check(self, principal: str, label: str) -> RawFields:
+        """Take a token for ``principal``; the header fields to send, or RateLimited (429).
 
         ``label`` names the principal in metrics: a key's name, or just "jwt" for
         token subjects, which are unbounded.
@@ -136,11 +148,11 @@ class RateLimiter:
         if self._settings.report_only:
             if scope is not None:
                 self._limited.labels(scope, label, "report_only").inc()
-            return {}
+            return ()
         shown = bucket if bucket is not None else self._global
-        headers = shown.headers() if shown is not None else {}
         if scope is None:
-            return headers
+            return shown.fields() if shown is not None else ()
+        headers = shown.headers() if shown is not None else {}
         self._limited.labels(scope, label, "enforced").inc()
         refused = bucket if scope == "principal" else self._global
         assert refused is not None

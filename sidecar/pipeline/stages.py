@@ -243,9 +243,7 @@ class Pipeline:
         assert limiter is not None
         principal = ctx.principal or "anonymous"
         label = principal if principal in self.key_names or principal == "anonymous" else "jwt"
-        headers = await limiter.check(principal, label)
-        if headers:
-            ctx.extra_headers = headers
+        ctx.extra_fields = await limiter.check(principal, label)
 
     async def read_body(self, request: Request, ctx: RequestContext) -> None:
         """The body within the route's limit (413), then its content type (415), JSON

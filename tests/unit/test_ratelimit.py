@@ -51,7 +51,8 @@ class Limiter:
         )
 
     async def check(self, principal: str, label: str | None = None) -> dict[str, str]:
-        return await self.limiter.check(principal, label or principal)
+        fields = await self.limiter.check(principal, label or principal)
+        return {name.decode(): value.decode() for _, name, value in fields}
 
     async def refused(self, principal: str) -> errors.RateLimited:
         with pytest.raises(errors.RateLimited) as refused:
