@@ -191,9 +191,6 @@ class UpstreamConnection(FlowControlled):
         self._fields = 0
         self._informational = False
         self._reading_paused = False
-        # A HEAD answer's head has ended in the read being parsed (see _after_bodiless).
-        self._bodiless_ended = False
-        self._tail = b""  # the last bytes of a HEAD answer's unfinished head
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but act as one.
@@ -234,28 +231,11 @@ class UpstreamConnection(FlowControlled):
         except httptools.HttpParserError:
             self._broken("an answer that is not valid HTTP")
         else:
-            if self._bodiless_ended:
-                self._after_bodiless(data)
-            elif not self._head.done():
+            if not self._head.done():
                 # Still in the head: llhttp holds an unfinished field until it ends.
                 self._head_bytes += len(data)
                 if self._head_bytes > MAX_HEAD:
                     self._broken("an answer head that is too large")
-                if self._method == "HEAD":
-                    self._tail = data[-3:]
-
-    def _after_bodiless(self, data: bytes) -> None:
-        """A HEAD answer is complete at the end of its head, but llhttp cannot be
-        told that no body follows (it would wait for the declared length, or for the
-        connection to close): the parser is replaced. The connection is reused only
-        when its read ended exactly at the head's end (no 1xx head in the read
-        either); bytes after it would be out of step."""
-        self._bodiless_ended = False
-        self._parser = httptools.HttpResponseParser(self)
-        seen = self._tail + data
-        self._tail = b""
-        if seen.find(b"\r\n\r\n") != len(seen) - 4:
-            self.keep_alive = False
 
     def _broken(self, what: str) -> None:
         error = BrokenAnswer(what)
@@ -321,11 +301,10 @@ class UpstreamConnection(FlowControlled):
         )
         self.response = response
         if self._method == "HEAD":
-            # No body follows, whatever the head declares (see _after_bodiless).
+            # No body follows; llhttp cannot be told so, and this parser would wait
+            # for one: the connection is not reused.
+            self.keep_alive = False
             response.complete = True
-            self._bodiless_ended = True
-            if not _persistent(version, response.headers):
-                self.keep_alive = False
         head.set_result(response)
 
     def on_body(self, body: bytes) -> None:
@@ -368,26 +347,11 @@ class UpstreamConnection(FlowControlled):
     def reset(self) -> None:
         self._head = None
         self.response = None
-        self._tail = b""
 
     def abort(self) -> None:
         if self._transport is not None and not self.closed:
             self.closed = True
             self._transport.abort()
-
-
-def _persistent(version: str, headers: Headers) -> bool:
-    """Whether the upstream keeps the connection open after this answer (RFC 9112
-    section 9.3), read from its head: llhttp's own test also asks whether a body
-    ends at the close, which a HEAD answer's never does."""
-    tokens = {
-        token.strip().lower()
-        for value in headers.getall("Connection")
-        for token in value.split(",")
-    }
-    if "close" in tokens:
-        return False
-    return version == "1.1" or "keep-alive" in tokens
 
 
 def _expire(waiter: asyncio.Future[Any]) -> None:
