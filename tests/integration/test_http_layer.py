@@ -485,6 +485,41 @@ async def test_head_204_and_304_answers_carry_no_body(
     assert parts[3].endswith(b"\r\n\r\n")
 
 
+async def test_a_body_sent_after_a_head_answer_never_reaches_the_next_request() -> None:
+    """A HEAD answer ends at its head, but an upstream that treats HEAD as GET sends
+    the body too, maybe later: the connection is never reused after a HEAD answer,
+    so that body cannot become the next request's answer."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        while True:
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            if request.startswith(b"HEAD "):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.05)  # the body in a later segment
+                writer.write(b"stolen")
+            else:
+                writer.write(answer(b"after"))
+            await writer.drain()
+
+    async with raw_upstream(script) as (url, connections):
+        pool = Pool(LOOPBACK, int(url.rsplit(":", 1)[1]), max_connections=1)
+        try:
+            head = await asyncio.wait_for(pool.request("HEAD", "/x", b"", None, replayable=True), 5)
+            assert (head.status, head.complete, head.content_length) == (200, True, 6)
+            assert await head.read() == b""
+            head.release()
+            assert pool.idle_count == 0
+            response = await asyncio.wait_for(
+                pool.request("GET", "/x", b"", None, replayable=True), 5
+            )
+            assert await asyncio.wait_for(response.read(), 5) == b"after"
+            response.release()
+            assert len(connections) == 2
+        finally:
+            pool.close()
+
+
 async def test_parser_refusals_are_counted_and_logged(
     fake_model: FakeModel, start_sidecar: StartSidecar
 ) -> None:
