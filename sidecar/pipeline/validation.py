@@ -115,7 +115,7 @@ class RequestValidator:
             raise errors.InvalidJson(
                 "the body repeats a key in one object: models may read either copy"
             )
-        if self.schema is not None and not self.schema.validator.is_valid(document):
+        if self.schema is not None and not self.schema.fast.is_valid(document):
             raise SchemaFailed(document)
         return document
 
@@ -129,15 +129,15 @@ class RequestValidator:
         event loop (the caller's thread), never for a valid request."""
         assert self.schema is not None
         found = sorted(
-            itertools.islice(self.schema.validator.iter_errors(document), MAX_LISTED_ERRORS),
-            key=lambda e: [str(part) for part in e.instance_path],
+            itertools.islice(self.schema.thorough.iter_errors(document), MAX_LISTED_ERRORS),
+            key=lambda e: [str(part) for part in e.path],
         )
         details = [
-            {"path": _exact_path(e.instance_path), "message": e.message[:200]} for e in found
+            {"path": _exact_path(e.absolute_path), "message": e.message[:200]} for e in found
         ]
         # Labelled by where in the schema, never by a key the client chose: the series
         # stay as many as the schema has places.
-        for field in sorted({schema_field(e.schema_path) for e in found}) or ["$"]:
+        for field in sorted({schema_field(e.absolute_schema_path) for e in found}) or ["$"]:
             self._violations.labels(self.route, field).inc()
         paths = ", ".join(d["path"] for d in details) or "$"
         more = " (and more)" if len(found) == MAX_LISTED_ERRORS else ""
