@@ -12,6 +12,9 @@ from http import HTTPStatus
 
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 
+# One header field as it is kept and sent: (lower-case name, name, value), in bytes.
+RawField = tuple[bytes, bytes, bytes]
+
 
 def reason_for(status: int) -> bytes:
     return _REASONS.get(status, b"Unknown")
@@ -47,9 +50,7 @@ class Headers:
     __slots__ = ("_fields", "_first")
 
     def __init__(self, fields: Iterable[tuple[str, str]] = ()) -> None:
-        self._fields: list[tuple[bytes, bytes, bytes]] = [
-            _encoded(name, value) for name, value in fields
-        ]
+        self._fields: list[RawField] = [_encoded(name, value) for name, value in fields]
         self._first: dict[bytes, bytes] | None = None
 
     @classmethod
@@ -173,7 +174,7 @@ class Headers:
         return f"Headers({self.items()!r})"
 
 
-def _encoded(name: str, value: str) -> tuple[bytes, bytes, bytes]:
+def _encoded(name: str, value: str) -> RawField:
     return (field_key(name), name.encode("latin-1", "replace"), value.encode("latin-1", "replace"))
 
 

@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from sidecar.config.schema import Route
-from sidecar.http.messages import Headers
+from sidecar.http.messages import Headers, RawField
 from sidecar.telemetry.logs import CURRENT_REQUEST
 from sidecar.telemetry.metrics import (
     OUTCOME_FALLBACK,
@@ -42,8 +42,7 @@ class RequestContext:
     principal: str | None = None
     body: bytes = b""  # the request body, read whole by the body stage
     document: Any = None  # the body parsed as JSON, when the route validates it
-    # Fields for the answer (RateLimit-*), as ``Headers.put_raw``'s arguments.
-    extra_fields: tuple[tuple[bytes, bytes, bytes], ...] = ()
+    extra_fields: tuple[RawField, ...] = ()  # for the answer (RateLimit-*)
     capture: Any = None  # a shadow.StreamCapture when a streamed answer is compared
     own_name: str | None = None  # set for the sidecar's own endpoints (/livez, ...)
 

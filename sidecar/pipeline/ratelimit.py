@@ -19,13 +19,11 @@ from typing import TYPE_CHECKING
 
 from sidecar.config.schema import RateLimitSettings, RateSettings
 from sidecar.http import errors
+from sidecar.http.messages import RawField
 from sidecar.telemetry.metrics import Metrics
 
 if TYPE_CHECKING:
     from sidecar.upstream.shared import SharedState
-
-# Header fields as (lower-case name, name, value) bytes: ``Headers.put_raw``'s arguments.
-RawFields = tuple[tuple[bytes, bytes, bytes], ...]
 
 
 @dataclass(slots=True)
@@ -57,7 +55,7 @@ class TokenBucket:
     def seconds_until_token(self) -> float:
         return max(0.0, (1.0 - self.tokens) / self.rate)
 
-    def fields(self) -> RawFields:
+    def fields(self) -> tuple[RawField, ...]:
         """The RateLimit fields as they go on the wire: rendered once, here, rather
         than as strings re-encoded into the answer."""
         return (
@@ -128,7 +126,7 @@ class RateLimiter:
         so a flood of bad keys is answered 429 instead of checked forever."""
         await self.check(UNAUTHENTICATED, UNAUTHENTICATED)
 
-    async def check(self, principal: str, label: str) -> RawFields:
+    async def check(self, principal: str, label: str) -> tuple[RawField, ...]:
         """Take a token for ``principal``; the header fields to send, or RateLimited (429).
 
         ``label`` names the principal in metrics: a key's name, or just "jwt" for
