@@ -96,11 +96,22 @@ def answering(protocol: Any, loop: asyncio.AbstractEventLoop) -> FakeTransport:
     return FakeTransport(lambda _: loop.call_soon(protocol.data_received, UPSTREAM_ANSWER))
 
 
-async def sidecar_handler(contender: str, pool: Pool) -> Callable[[Request], Awaitable[Any]]:
-    """The handler the HttpServer calls: the bare layers, or a whole config's pipeline
-    whose upstream pool is ``pool``."""
+def fake_upstream(pool: Pool, loop: asyncio.AbstractEventLoop) -> None:
+    """Put one idle connection in ``pool`` whose peer answers UPSTREAM_ANSWER."""
+    upstream = UpstreamConnection(pool)
+    upstream.connection_made(answering(upstream, loop))  # type: ignore[arg-type]
+    pool.open = 1
+    upstream.idle_since = loop.time()
+    pool._idle.append(upstream)
+
+
+async def sidecar_handler(contender: str) -> Callable[[Request], Awaitable[Any]]:
+    """The handler the HttpServer calls: the bare layers, or a whole config's pipeline,
+    its upstream pool holding one fake connection."""
     loop = asyncio.get_running_loop()
     if contender == "http-layers":
+        pool = Pool("127.0.0.1", 9, max_connections=4)
+        fake_upstream(pool, loop)
 
         async def forward(request: Request) -> Response:
             body = await request.read_body(1 << 20) if request.body_exists else b""
@@ -133,7 +144,8 @@ async def sidecar_handler(contender: str, pool: Pool) -> Callable[[Request], Awa
     plan = load_plan(path)
     logs = Logs(plan.loaded, metrics, None)
     pools = ConnectionPools(metrics)
-    pools.acquire = lambda name, upstream: pool  # type: ignore[method-assign]
+    # The runtime is given this pool: the same name and settings share one.
+    fake_upstream(pools.acquire("model", plan.config.upstreams["model"]), loop)
     live = LiveRuntime(plan, metrics=metrics, logs=logs, pools=pools)
     logs.start()
     await live.start()
@@ -143,14 +155,7 @@ async def sidecar_handler(contender: str, pool: Pool) -> Callable[[Request], Awa
 
 
 async def time_sidecar(contender: str, requests: int) -> float:
-    loop = asyncio.get_running_loop()
-    pool = Pool("127.0.0.1", 9, max_connections=4)
-    upstream = UpstreamConnection(pool)
-    upstream.connection_made(answering(upstream, loop))  # type: ignore[arg-type]
-    pool.open = 1
-    upstream.idle_since = loop.time()
-    pool._idle.append(upstream)
-    handler = await sidecar_handler(contender, pool)
+    handler = await sidecar_handler(contender)
     server = HttpServer(handler, lambda *_: Response(500))
     client = HttpConnection(server)
     return await _time(client, requests)
@@ -205,6 +210,13 @@ def main() -> int:
         args.requests = 2_000
     import os
 
+    import build_native
+    import sidecar
+
+    stale = build_native.stale()
+    if stale:  # compiled modules of older sources would be timed
+        raise SystemExit(f"{stale}: run `python build_native.py --inplace` (or --clean)")
+    print(f"the request path runs {'compiled' if sidecar.compiled() else 'interpreted'}")
     cpus = sorted(os.sched_getaffinity(0))
     os.sched_setaffinity(0, {cpus[0]})  # one core: a thread's CPU counts in the time
     results: dict[str, float] = {}

@@ -21,11 +21,30 @@ import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+import sidecar
 from sidecar.config.plan import load_plan
 from sidecar.control.server import RunningSidecar
 from sidecar.telemetry.logwriter import Sink
 
 LOOPBACK = "127.0.0.1"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Compiled modules built from older sources would be tested instead of the sources.
+    sys.path.insert(0, str(ROOT))
+    try:
+        import build_native
+    finally:
+        sys.path.remove(str(ROOT))
+    reason = build_native.stale()
+    if reason:
+        pytest.exit(f"{reason}: run `.venv/bin/python build_native.py --inplace` (or --clean)", 2)
+
+
+def pytest_report_header() -> str:
+    how = "compiled by mypyc" if sidecar.compiled() else "interpreted (pure Python)"
+    return f"sidecar: the request path runs {how}"
 
 
 @dataclass

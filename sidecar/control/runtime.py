@@ -71,7 +71,7 @@ class Runtime:
                 fallback=(
                     FallbackChain(
                         route.fallback,
-                        self.upstreams,
+                        self.upstreams.clients,
                         clock,
                         route.protocol,
                         metrics.dropped.labels("fallback_cache", route.name),

@@ -15,6 +15,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+import sidecar
 from sidecar.config.plan import Plan, load_plan
 from sidecar.config.schema import ConfigError, cannot_listen
 from sidecar.control import interpreter
@@ -254,6 +255,7 @@ async def serve(
         admin=f"{config.admin.host}:{running.admin_port}" if config.admin.enabled else None,
         config=str(plan.loaded.path),
         config_sha256=plan.loaded.sha256,
+        compiled=sidecar.compiled(),
     )
     if on_started is not None:
         await on_started(running)

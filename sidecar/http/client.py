@@ -20,12 +20,12 @@ import asyncio
 import contextlib
 import math
 from collections import deque
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import httptools
 
 from sidecar.http.messages import Headers, media_type
-from sidecar.http.transport import FlowControlled
+from sidecar.http.transport import FlowControlled, as_protocol
 
 _READ_AHEAD = 256 * 1024  # answer bytes buffered before reading from the upstream pauses
 # An answer's head (its 1xx heads included) and its trailers, like Envoy's limits
@@ -365,7 +365,7 @@ class Deadlines:
     started and cancelled per request (most answers come long before their
     deadline; the timer pair was 1.7 us of a request)."""
 
-    RESOLUTION = 0.01
+    RESOLUTION: ClassVar[float] = 0.01
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -481,8 +481,8 @@ class Pool:
                     # The upstream closed a kept-alive connection as we used it.
                     first = False
                     self.replayed += 1
-                    continue
-                raise
+                else:
+                    raise
             except BaseException:
                 self._done(conn, reusable=False)  # cancelled or broken: out of step
                 raise
@@ -562,9 +562,10 @@ class Pool:
         loop = self.loop
         try:
             async with asyncio.timeout(within):
-                _, conn = await loop.create_connection(
-                    lambda: UpstreamConnection(self), self.host, self.port
+                _, protocol = await loop.create_connection(
+                    lambda: as_protocol(UpstreamConnection(self)), self.host, self.port
                 )
+                conn = cast(UpstreamConnection, protocol)
         except OSError as exc:
             raise ConnectFailed(exc.errno) from None
         return conn

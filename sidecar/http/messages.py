@@ -56,10 +56,7 @@ class Headers:
     @classmethod
     def from_raw(cls, raw: list[tuple[bytes, bytes]]) -> Headers:
         """Fields as a parser gave them."""
-        headers = cls.__new__(cls)
-        headers._fields = [(name.lower(), name, value) for name, value in raw]
-        headers._first = None
-        return headers
+        return _of_fields([(name.lower(), name, value) for name, value in raw])
 
     def has(self, key: bytes) -> bool:
         """Whether a field of this lower-case name (bytes) is present."""
@@ -70,14 +67,13 @@ class Headers:
     ) -> Headers:
         """A copy without the fields named in ``keys`` or ``also``, or whose name
         starts with ``prefix`` (all lower-case bytes)."""
-        out = Headers.__new__(Headers)
-        out._fields = [
-            field
-            for field in self._fields
-            if field[0] not in keys and field[0] not in also and not field[0].startswith(prefix)
-        ]
-        out._first = None
-        return out
+        return _of_fields(
+            [
+                field
+                for field in self._fields
+                if field[0] not in keys and field[0] not in also and not field[0].startswith(prefix)
+            ]
+        )
 
     def render(self, skip: frozenset[bytes] = frozenset()) -> bytes:
         """The fields as they go on the wire (``Name: value\\r\\n`` each), without
@@ -165,13 +161,19 @@ class Headers:
             self.put_raw(*_encoded(name, value))
 
     def copy(self) -> Headers:
-        out = Headers.__new__(Headers)
-        out._fields = list(self._fields)
+        out = _of_fields(list(self._fields))
         out._first = None if self._first is None else dict(self._first)
         return out
 
     def __repr__(self) -> str:
         return f"Headers({self.items()!r})"
+
+
+def _of_fields(fields: list[RawField]) -> Headers:
+    """Headers holding ``fields`` (already encoded) as they are."""
+    headers = Headers()
+    headers._fields = fields
+    return headers
 
 
 def _encoded(name: str, value: str) -> RawField:

@@ -25,6 +25,7 @@ from urllib.parse import unquote
 
 import httptools
 import structlog
+from mypy_extensions import mypyc_attr
 
 from sidecar.http.messages import (
     Answer,
@@ -36,7 +37,7 @@ from sidecar.http.messages import (
     reason_for,
     status_has_body,
 )
-from sidecar.http.transport import FlowControlled
+from sidecar.http.transport import FlowControlled, as_protocol
 
 log = structlog.get_logger("sidecar.http.server")
 
@@ -72,6 +73,7 @@ class RequestRefused(Exception):
         self.message = message
 
 
+@mypyc_attr(native_class=False)  # compiled, a class may not extend ConnectionError
 class ClientGone(ConnectionError):
     """The client closed the connection, or stopped reading for ``send_timeout``."""
 
@@ -822,7 +824,7 @@ class HttpServer:
     async def listen(self, host: str, port: int, *, reuse_port: bool = False) -> int:
         """Start accepting on ``host:port``; returns the bound port."""
         server = await self.loop.create_server(
-            lambda: HttpConnection(self),
+            lambda: as_protocol(HttpConnection(self)),
             host,
             port,
             reuse_port=reuse_port or None,
@@ -831,7 +833,8 @@ class HttpServer:
         self._servers.append(server)
         if self._sweeper is None:
             self._sweeper = self.loop.create_task(self._sweep(), name="http-deadlines")
-        bound: Any = server.sockets[0].getsockname()
+        untyped: Any = server  # its sockets are a list under uvloop, a tuple in asyncio
+        bound: Any = untyped.sockets[0].getsockname()
         return int(bound[1])
 
     async def _sweep(self) -> None:

@@ -25,6 +25,7 @@ from queue import SimpleQueue
 from typing import Any, BinaryIO, Protocol
 
 import orjson
+from mypy_extensions import mypyc_attr
 
 from sidecar.background import BackgroundTasks
 from sidecar.telemetry.metrics import Metrics
@@ -109,8 +110,8 @@ class _SinkThread:
         self._jobs: SimpleQueue[
             tuple[Callable[[], None], asyncio.AbstractEventLoop, asyncio.Future[None]] | None
         ] = SimpleQueue()
-        self._thread = threading.Thread(target=self._work, name=f"log-{name}", daemon=True)
-        self._thread.start()
+        self._worker = threading.Thread(target=self._work, name=f"log-{name}", daemon=True)
+        self._worker.start()
 
     def _work(self) -> None:
         while (job := self._jobs.get()) is not None:
@@ -175,7 +176,7 @@ class LogWriter:
         self._full_batch = asyncio.Event()
         self._tasks = BackgroundTasks()
         self._task: asyncio.Task[None] | None = None
-        self._thread: _SinkThread | None = None
+        self._worker: _SinkThread | None = None
         self._stopping = False
         self._closed = False
         self._writing = 0  # records of the batch being written now
@@ -225,7 +226,7 @@ class LogWriter:
         return self._task is not None and not self._task.done()
 
     def start(self) -> None:
-        self._thread = _SinkThread(self.name)
+        self._worker = _SinkThread(self.name)
         self._task = self._tasks.spawn(self._run(), name=f"log-writer-{self.name}")
 
     async def _run(self) -> None:
@@ -268,10 +269,10 @@ class LogWriter:
     async def _write(self, data: bytes) -> bool:
         """Write one batch, retrying a failing sink with backoff; False when it
         could not be written."""
-        assert self._thread is not None
+        assert self._worker is not None
         for delay in (*self._retry_delays, None):
             try:
-                await self._thread.run(functools.partial(self._sink.write, data))
+                await self._worker.run(functools.partial(self._sink.write, data))
             except (OSError, ValueError) as exc:  # a full disk, a closed stream
                 if not self.failing:
                     print(f"sidecar: log {self.name}: cannot write: {exc}", file=sys.stderr)
@@ -301,7 +302,7 @@ class LogWriter:
         self._writing = 0
         self._queue.clear()
         self._bytes = 0
-        thread = self._thread
+        thread = self._worker
         if thread is not None:
             with contextlib.suppress(TimeoutError, OSError, ValueError):
                 async with asyncio.timeout(flush_within):
@@ -309,6 +310,7 @@ class LogWriter:
             thread.close()
 
 
+@mypyc_attr(native_class=False)  # structlog keeps a weak reference to its file
 class QueueFile:
     """A write-only binary 'file' for structlog's BytesLogger that feeds a LogWriter.
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import pybreaker
 import structlog
@@ -62,9 +62,21 @@ def _not_a_failure(exc: BaseException) -> bool:
 _EXCLUDED: list[Any] = [asyncio.CancelledError, _not_a_failure]
 
 
-class _StateListener(pybreaker.CircuitBreakerListener):
+class _StateListener:
+    """A pybreaker listener by its methods (a compiled class may not extend an
+    interpreted one): only state changes are ours to hear."""
+
     def __init__(self, owner: UpstreamBreaker) -> None:
         self._owner = owner
+
+    def before_call(self, cb: Any, func: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def failure(self, cb: Any, exc: BaseException) -> None:
+        pass
+
+    def success(self, cb: Any) -> None:
+        pass
 
     def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:
         old = old_state.name if old_state is not None else "none"
@@ -91,7 +103,7 @@ class UpstreamBreaker:
             # clock; pybreaker's own check (on the wall clock) is switched off.
             reset_timeout=0,
             exclude=_EXCLUDED,
-            listeners=[_StateListener(self)],
+            listeners=[cast(pybreaker.CircuitBreakerListener, _StateListener(self))],
             throw_new_error_on_trip=False,  # the tripping request keeps its own error
             name=upstream,
         )

@@ -15,9 +15,9 @@ import asyncio
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import orjson
 import structlog
@@ -27,7 +27,7 @@ from sidecar.config.schema import Answer, CacheFallback, FallbackPolicy, Upstrea
 from sidecar.http import errors
 from sidecar.http.client import BrokenAnswer
 from sidecar.http.messages import Headers, Response
-from sidecar.upstream.upstreams import UpstreamCall, UpstreamClient, Upstreams
+from sidecar.upstream.upstreams import UpstreamCall, UpstreamClient
 
 log = structlog.get_logger("sidecar.upstream.fallback")
 
@@ -224,14 +224,15 @@ class SecondaryUpstream:
         return out
 
 
-Step = ResponseCache | RuleSet | _Canned | SecondaryUpstream
+# A string: compiled classes do not make a union with | at run time.
+Step: TypeAlias = "ResponseCache | RuleSet | _Canned | SecondaryUpstream"
 
 
 class FallbackChain:
     def __init__(
         self,
         policy: FallbackPolicy,
-        upstreams: Upstreams,
+        upstreams: Mapping[str, UpstreamClient],  # the secondary upstreams named, by name
         clock: Callable[[], float] = time.monotonic,
         protocol: str = "plain",
         evicted: Any = None,

@@ -300,6 +300,17 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    # The wheel pip built runs the request path compiled (build_native.py), with only
+    # the runtime dependencies installed (outside the source tree, which would shadow it).
+    compiled = subprocess.run(
+        [str(venv_bin / "python"), "-c", "import sidecar; print(sidecar.compiled())"],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert compiled.stdout.strip() == "True", compiled.stdout + compiled.stderr
     return source, venv_bin
 
 
@@ -584,7 +595,14 @@ def test_docker_commands_in_a_clean_venv_as_the_image_user() -> None:
         "/var/log/sidecar" in r and f"chown {spec['user']} /var/log/sidecar" in r
         for r in spec["runs"]
     ), "the image user must be able to write its log folder"
-    install = next(r for r in spec["runs"] if "pip install" in r).split("&&")[0].strip()
+    run = next(r for r in spec["runs"] if "pip install" in r)
+    steps = [step.strip() for step in run.split("&&")]
+    install = next(step for step in steps if "pip install" in step)
+    # This machine has a C compiler already; the image installs one for the build only.
+    compiler = next(i for i, step in enumerate(steps) if step.startswith("apt-get install"))
+    purge = next(i for i, step in enumerate(steps) if step.startswith("apt-get purge"))
+    assert compiler < steps.index(install) < purge
+    assert "gcc" in steps[compiler] and "gcc" in steps[purge]
     # A folder the image's user can read (pytest's own tmp folders are root-only).
     work = Path(tempfile.mkdtemp(prefix="sidecar-image-", dir="/tmp"))
     try:
@@ -651,5 +669,6 @@ def test_docker_commands_in_a_clean_venv_as_the_image_user() -> None:
         assert assert_ran(results, "through")["stdout"].startswith("HTTP/1.1 200 OK")
         assert_ran(results, "healthcheck")
         assert results["container"]["rc"] == 0, results["container"]["log"][-3000:]
+        assert '"compiled":true' in results["container"]["log"], "the image's wheel compiles"
     finally:
         shutil.rmtree(work, ignore_errors=True)
