@@ -72,7 +72,8 @@ modules = [line for line in sys.stdin.read().split() if line]
 setup(
     name="sidecar-native",
     ext_modules=mypycify(
-        ["--config-file", config, *modules], group_name=%r, target_dir=target, multi_file=True
+        ["--config-file", config, *modules], group_name=%r, target_dir=target, multi_file=True,
+        opt_level="2", debug_level="0"
     ),
     script_args=["build_ext", *args],
 )
