@@ -602,7 +602,8 @@ def test_docker_commands_in_a_clean_venv_as_the_image_user() -> None:
     compiler = next(i for i, step in enumerate(steps) if step.startswith("apt-get install"))
     purge = next(i for i, step in enumerate(steps) if step.startswith("apt-get purge"))
     assert compiler < steps.index(install) < purge
-    assert "gcc" in steps[compiler] and "gcc" in steps[purge]
+    assert "gcc" in steps[compiler]
+    assert "gcc" in steps[purge]
     # A folder the image's user can read (pytest's own tmp folders are root-only).
     work = Path(tempfile.mkdtemp(prefix="sidecar-image-", dir="/tmp"))
     try:
