@@ -14,7 +14,8 @@ _ZERO_SPAN = "0" * 16
 # Ids need to be unique, not secret: the module's Mersenne Twister (seeded from the
 # OS, and reseeded in forked children) spares a getrandom system call per id.
 def _random_hex(bits: int) -> str:
-    return f"{random.getrandbits(bits) or 1:0{bits // 4}x}"  # never all zeros
+    # Never all zeros. Through bytes: half the time of a formatted int (0.23 us, 0.54).
+    return (random.getrandbits(bits) or 1).to_bytes(bits // 8, "big").hex()
 
 
 def new_request_id() -> str:
