@@ -16,6 +16,7 @@ SIDECAR_PURE_PYTHON=1 builds a pure-Python wheel, for a machine without a C comp
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -82,7 +83,7 @@ setup(
 
 def source_digest() -> str:
     """What a build is made of: the compiled modules, their order and the settings."""
-    digest = hashlib.sha256(MYPY_CONFIG.encode() + _BUILD.encode())
+    digest = hashlib.sha256(MYPY_CONFIG.encode() + _BUILD.encode() + _mypy_version().encode())
     for module in MODULES:
         digest.update(module.encode() + b"\0" + (ROOT / module).read_bytes())
     # Every module is type-checked with the ones it imports: a change to any of the
@@ -90,6 +91,14 @@ def source_digest() -> str:
     for path in sorted((ROOT / "sidecar").rglob("*.py")):
         digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
+
+
+def _mypy_version() -> str:
+    """The compiler is part of what a build is made of (none installed: no build)."""
+    try:
+        return importlib.metadata.version("mypy")
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
 
 
 def compile_modules(target: Path) -> list[Path]:

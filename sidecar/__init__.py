@@ -10,3 +10,23 @@ def compiled() -> bool:
     from sidecar.http import server
 
     return not server.__file__.endswith(".py")
+
+
+def stale_build() -> str | None:
+    """Why modules compiled in place (a source checkout, ``build_native.py
+    --inplace``) are older than the sources beside them, which they would shadow; None
+    for an installed wheel, for sources never compiled and for a current build."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    script = root / "build_native.py"
+    if not (script.exists() and (root / "build" / "native-stamp").exists()):
+        return None
+    spec = importlib.util.spec_from_file_location("build_native", script)
+    if spec is None or spec.loader is None:
+        return None
+    native = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(native)
+    reason: str | None = native.stale()
+    return reason

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import sidecar
 from sidecar import __version__
 from sidecar.config.schema import (
     ConfigError,
@@ -364,6 +365,13 @@ def _healthcheck(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    stale = sidecar.stale_build()
+    if stale:  # the compiled modules would run instead of the edited sources
+        print(
+            f"sidecar: {stale}: run `python build_native.py --inplace` (or --clean)",
+            file=sys.stderr,
+        )
+        return 2
     handlers = {
         "check-config": lambda: _check_config(args.path),
         "run": lambda: _run(args),

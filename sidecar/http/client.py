@@ -197,7 +197,7 @@ class UpstreamConnection(FlowControlled):
         self._transport = transport = cast(asyncio.Transport, transport)
         # uvloop sets TCP_NODELAY on TCP transports already.
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    def connection_lost(self, exc: BaseException | None) -> None:
         self.closed = True
         self.keep_alive = False
         head = self._head

@@ -371,7 +371,7 @@ class HttpConnection(FlowControlled):
         self.server.connections.add(self)
         self._arm(self.limits.idle_timeout, self._idle_timed_out)
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    def connection_lost(self, exc: BaseException | None) -> None:
         self.closed = True
         server = self.server
         server.connections.discard(self)

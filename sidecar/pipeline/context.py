@@ -19,8 +19,8 @@ __all__ = ["CURRENT_REQUEST", "RequestContext"]
 
 
 class RequestContext:
-    """One request's state. Most fields keep their class-level default for most
-    requests: a new context sets five attributes, not thirty."""
+    """One request's state. Most fields keep their default for most requests
+    (compiled, each is a slot of the object, filled from the class's defaults)."""
 
     route: Route | None = None
     route_name: str = "-"
