@@ -56,14 +56,31 @@ def _key_count(text: bytes) -> int:
     return outside.translate(None, b" \t\r\n").count(b"\x00:")
 
 
+def _keys_in(document: Any) -> int:
+    """Object keys in a parsed document: each object's own, once per name. Only
+    objects and arrays are visited (a tensor's numbers are skipped, not walked)."""
+    count = 0
+    pending: list[Any] = [document] if isinstance(document, (dict, list)) else []
+    while pending:
+        node = pending.pop()
+        children: Any = node
+        if isinstance(node, dict):
+            count += len(node)
+            children = node.values()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                pending.append(child)
+    return count
+
+
 def repeats_a_key(body: bytes, document: Any) -> bool:
     """True when valid JSON ``body`` names a key twice in one object. The parser kept
     one copy, a model's parser may keep the other (RapidJSON in Triton keeps the
     first): what was validated would not be what the model reads. The parsed
-    document, written back, has each key once; fewer keys there means a repeat."""
+    document has each key once; fewer keys there than in the text means a repeat."""
     if b'"' not in body:
         return False
-    return _key_count(body) != _key_count(orjson.dumps(document))
+    return _key_count(body) != _keys_in(document)
 
 
 def _exact_path(path: Any) -> str:

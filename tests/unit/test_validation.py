@@ -8,6 +8,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sidecar.config.schema import ValidationSettings
 from sidecar.config.schemas import CompiledSchema, SchemaError, load_schema
@@ -15,6 +17,8 @@ from sidecar.http import errors
 from sidecar.pipeline.validation import (
     RequestValidator,
     SchemaFailed,
+    _key_count,
+    _keys_in,
     nesting_exceeds,
     repeats_a_key,
     schema_field,
@@ -130,6 +134,33 @@ def test_a_key_named_twice_in_one_object_is_found() -> None:
     assert repeats(b'{"a": 1, "a": 2}')
     assert repeats(b'{"x": {"a" : 1, "a" : 2}}')
     assert repeats(b'{"a\\"b": 1, "a\\"b": 2}')
+
+
+def test_a_repeat_deep_in_arrays_of_objects_is_found() -> None:
+    assert repeats(b'[1, {"k": [{"k": 1, "k": 1}]}]')
+    assert repeats(b'{"inputs": [{"data": [1, 2]}, {"name": "b", "name": "c"}]}')
+    assert not repeats(b'{"inputs": [{"name": "a"}, {"name": "b"}], "name": "c"}')
+    assert not repeats(b'"a string: with a colon"')
+    assert not repeats(b"5")
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=30,
+)
+
+
+@given(json_values)
+def test_the_parsed_document_counts_the_keys_its_text_has(document: Any) -> None:
+    # Written by orjson, a document names each key once: as many keys as its text.
+    text = orjson.dumps(document)
+    assert _keys_in(orjson.loads(text)) == _key_count(text)
+    assert not repeats(text)
 
 
 def test_the_same_key_in_different_objects_or_as_a_value_is_not_a_repeat() -> None:
