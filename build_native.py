@@ -6,7 +6,8 @@ tests, ``python build_native.py --inplace`` puts the extension modules beside th
 sources (an extension module is imported before the .py of the same name), and a
 stamp records what they were built from, so a stale build is noticed:
 
-    python build_native.py --inplace   # compile beside the sources (scripts/setup-venv)
+    python build_native.py --inplace   # compile beside the sources
+    python build_native.py --ensure    # the same, unless a current build is there (scripts/test)
     python build_native.py --check     # exit 1 if a source changed since (conftest)
     python build_native.py --clean     # back to pure Python
 
@@ -170,6 +171,10 @@ def stale() -> str | None:
 def main(argv: list[str]) -> int:
     if argv == ["--inplace"]:
         build_in_place()
+        return 0
+    if argv == ["--ensure"]:  # a current build, made now if there is none
+        if not (built_in_place() and stale() is None):
+            build_in_place()
         return 0
     if argv == ["--clean"]:
         clean()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import socket
 import subprocess
@@ -40,6 +41,8 @@ def pytest_configure(config: pytest.Config) -> None:
     reason = build_native.stale()
     if reason:
         pytest.exit(f"{reason}: run `.venv/bin/python build_native.py --inplace` (or --clean)", 2)
+    if os.environ.get("SIDECAR_EXPECT_COMPILED") and not sidecar.compiled():
+        pytest.exit("scripts/test expects the compiled build, and the sources run interpreted", 2)
 
 
 def pytest_report_header() -> str:
