@@ -83,10 +83,9 @@ setup(
 
 
 def source_digest() -> str:
-    """What a build is made of: the compiled modules, their order and the settings."""
-    digest = hashlib.sha256(MYPY_CONFIG.encode() + _BUILD.encode() + _mypy_version().encode())
-    for module in MODULES:
-        digest.update(module.encode() + b"\0" + (ROOT / module).read_bytes())
+    """What a build is made of: the settings, which modules, and every source."""
+    settings = "\0".join([MYPY_CONFIG, _BUILD, _mypy_version(), *MODULES])
+    digest = hashlib.sha256(settings.encode())
     # Every module is type-checked with the ones it imports: a change to any of the
     # package's sources may change the code generated for the compiled ones.
     for path in sorted((ROOT / "sidecar").rglob("*.py")):

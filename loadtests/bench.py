@@ -1156,10 +1156,9 @@ def main() -> int:
         "checks that every contender starts and answers; its numbers mean little",
     )
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
-    import build_native
+    import sidecar
 
-    stale = build_native.stale()
+    stale = sidecar.stale_build()
     if stale:  # the sidecar would run compiled modules of older sources
         raise SystemExit(f"{stale}: run `python build_native.py --inplace` (or --clean)")
     if args.quick:

@@ -210,10 +210,9 @@ def main() -> int:
         args.requests = 2_000
     import os
 
-    import build_native
     import sidecar
 
-    stale = build_native.stale()
+    stale = sidecar.stale_build()
     if stale:  # compiled modules of older sources would be timed
         raise SystemExit(f"{stale}: run `python build_native.py --inplace` (or --clean)")
     print(f"the request path runs {'compiled' if sidecar.compiled() else 'interpreted'}")

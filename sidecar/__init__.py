@@ -19,10 +19,9 @@ def stale_build() -> str | None:
     import importlib.util
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
-    script = root / "build_native.py"
-    if not (script.exists() and (root / "build" / "native-stamp").exists()):
-        return None
+    script = Path(__file__).resolve().parent.parent / "build_native.py"
+    if not script.exists():
+        return None  # installed: a wheel's modules were built from its own sources
     spec = importlib.util.spec_from_file_location("build_native", script)
     if spec is None or spec.loader is None:
         return None

@@ -33,12 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def pytest_configure(config: pytest.Config) -> None:
     # Compiled modules built from older sources would be tested instead of the sources.
-    sys.path.insert(0, str(ROOT))
-    try:
-        import build_native
-    finally:
-        sys.path.remove(str(ROOT))
-    reason = build_native.stale()
+    reason = sidecar.stale_build()
     if reason:
         pytest.exit(f"{reason}: run `.venv/bin/python build_native.py --inplace` (or --clean)", 2)
     if os.environ.get("SIDECAR_EXPECT_COMPILED") and not sidecar.compiled():
