@@ -16,7 +16,7 @@ from sidecar.telemetry.metrics import CONTENT_TYPE
 
 CurrentRuntime = Callable[[], Runtime]
 Reload = Callable[[], Awaitable[dict[str, Any]]]
-# Served on the main listener (our server) and the admin one (aiohttp): a handler
+# Served on the main listener and on the admin one: a handler
 # reads only the request's headers, which both kinds of request have.
 Handler = Callable[[Any], Awaitable[Response]]
 

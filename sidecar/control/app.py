@@ -2,21 +2,20 @@
 
 The main listener runs the request pipeline (``sidecar.pipeline.stages``) on the
 sidecar's own HTTP server; the operator's listener (admin: health detail, metrics,
-reload) is a small aiohttp application, off the hot path.
+reload) is a handful of endpoints on a second server of the same kind.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
 
 import structlog
-from aiohttp import web
-from aiohttp.typedefs import Handler as AiohttpHandler
 
 from sidecar.control import admin
-from sidecar.control.listener import to_aiohttp
 from sidecar.control.runtime import Runtime
 from sidecar.http import errors
+from sidecar.http.messages import Answer, Response
+from sidecar.http.server import ClientGone, Request, RequestRefused
 from sidecar.pipeline.identity import accept_request_id, new_request_id
 from sidecar.pipeline.stages import OwnHandler, Pipeline
 
@@ -42,56 +41,68 @@ def build_pipeline(runtime: Runtime) -> Pipeline:
     return Pipeline(runtime, own_endpoints(runtime))
 
 
-def _serve_with_aiohttp(handler: OwnHandler) -> AiohttpHandler:
-    async def handle(request: web.Request) -> web.StreamResponse:
-        return to_aiohttp(await handler(request))
+class AdminEndpoints:
+    """The operator's listener (loopback by default): health detail, metrics, reload.
 
-    return handle
+    Served by the same HTTP server as the main listener, so its refusals (malformed
+    or oversized heads) are the same JSON error bodies, and every answer carries an
+    X-Request-ID. Handlers serve from the runtime in service, across reloads.
+    """
 
+    def __init__(
+        self,
+        current: admin.CurrentRuntime,
+        reload: admin.Reload | None = None,
+        *,
+        reload_open_to_all: bool = True,
+    ) -> None:
+        get = {
+            path: admin.current_handler(current, make)
+            for path, make in (
+                ("/livez", admin.livez_handler),
+                ("/readyz", admin.readyz_handler),
+                ("/health", admin.health_handler),
+                ("/metrics", admin.metrics_handler),
+            )
+        }
+        self._endpoints: dict[str, tuple[frozenset[str], OwnHandler]] = {
+            path: (_READ, handler) for path, handler in get.items()
+        }
+        if reload is not None:
+            self._endpoints["/-/reload"] = (
+                frozenset({"POST"}),
+                admin.reload_handler(current, reload, open_to_all=reload_open_to_all),
+            )
 
-@web.middleware
-async def _admin_boundary(request: web.Request, handler: AiohttpHandler) -> web.StreamResponse:
-    """Every failure on the admin listener becomes the JSON error body too."""
-    request_id = accept_request_id(request.headers.get("X-Request-ID"), new_request_id())
-    try:
-        response = await handler(request)
-    except errors.SidecarError as exc:
-        error: errors.SidecarError = exc
-    except web.HTTPException as exc:
-        kind = {404: errors.NoRoute, 405: errors.MethodNotAllowed}.get(
-            exc.status, errors.BadRequest if exc.status < 500 else errors.InternalError
-        )
-        error = kind(exc.reason or "request refused")
-    except Exception:
-        log.exception("unhandled_admin_error", path=request.path)
-        error = errors.InternalError("the sidecar failed to handle this request")
-    else:
-        response.headers["X-Request-ID"] = request_id
+    async def dispatch(self, request: Request) -> Answer:
+        request_id = accept_request_id(request.headers.get("X-Request-ID"), new_request_id())
+        try:
+            response = await self._answer(request)
+        except errors.SidecarError as exc:
+            response = errors.error_response(exc, request_id)
+        except (ClientGone, asyncio.CancelledError):
+            raise
+        except Exception:
+            log.exception("unhandled_admin_error", path=request.path)
+            error = errors.InternalError("the sidecar failed to handle this request")
+            response = errors.error_response(error, request_id)
+        else:
+            response.headers["X-Request-ID"] = request_id
         return response
-    return to_aiohttp(errors.error_response(error, request_id))
+
+    async def _answer(self, request: Request) -> Response:
+        endpoint = self._endpoints.get(request.path)
+        if endpoint is None:
+            raise errors.NoRoute(f"no admin endpoint at {request.path}")
+        methods, handler = endpoint
+        if request.method not in methods:
+            allowed = ", ".join(sorted(methods))
+            raise errors.MethodNotAllowed(f"{request.path} answers {allowed} only")
+        return await handler(request)
+
+    def refuse(self, refusal: RequestRefused, method: str, target: str, peer: str) -> Response:
+        """A request the HTTP layer refused (malformed, oversized, stalled)."""
+        return errors.error_response(errors.from_refusal(refusal), new_request_id())
 
 
-def build_admin_app(
-    current: admin.CurrentRuntime,
-    reload: admin.Reload | None = None,
-    *,
-    reload_open_to_all: bool = True,
-) -> web.Application:
-    """The operator's listener (loopback by default): health detail, metrics, reload."""
-    app = web.Application(middlewares=[_admin_boundary])
-
-    def add(path: str, make: Any) -> None:
-        app.router.add_get(path, _serve_with_aiohttp(admin.current_handler(current, make)))
-
-    add("/livez", admin.livez_handler)
-    add("/readyz", admin.readyz_handler)
-    add("/health", admin.health_handler)
-    add("/metrics", admin.metrics_handler)
-    if reload is not None:
-        app.router.add_post(
-            "/-/reload",
-            _serve_with_aiohttp(
-                admin.reload_handler(current, reload, open_to_all=reload_open_to_all)
-            ),
-        )
-    return app
+_READ = frozenset({"GET", "HEAD"})

@@ -13,14 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from aiohttp import web
 
 import sidecar
 from sidecar.config.plan import Plan, load_plan
 from sidecar.config.schema import ConfigError, cannot_listen
 from sidecar.control import interpreter
-from sidecar.control.app import build_admin_app
-from sidecar.control.listener import SidecarRunner
+from sidecar.control.app import AdminEndpoints
 from sidecar.control.live import LiveRuntime
 from sidecar.control.runtime import Runtime
 from sidecar.http.server import HttpServer, Limits
@@ -61,36 +59,27 @@ class RunningSidecar:
         )
         self._reuse_port = reuse_port
         settings = config.server
-        header_size, max_headers = settings.max_header_size, settings.max_headers
-        self._main = HttpServer(
-            self.live.dispatch,
-            self.live.refuse,
-            Limits(
-                max_line=header_size,
-                max_head=max(settings.max_head_size, header_size),
-                max_headers=max_headers,
-                head_timeout=settings.head_timeout,
-                body_timeout=settings.body_timeout,
-                idle_timeout=settings.keepalive_timeout,
-                send_timeout=settings.send_timeout,
-            ),
+        header_size = settings.max_header_size
+        limits = Limits(
+            max_line=header_size,
+            max_head=max(settings.max_head_size, header_size),
+            max_headers=settings.max_headers,
+            head_timeout=settings.head_timeout,
+            body_timeout=settings.body_timeout,
+            idle_timeout=settings.keepalive_timeout,
+            send_timeout=settings.send_timeout,
         )
+        self._main = HttpServer(self.live.dispatch, self.live.refuse, limits)
         self._slow_clients_published = 0
         self.metrics.on_publish(self._publish_slow_clients)
-        self._admin: web.AppRunner | None = None
+        self._admin: HttpServer | None = None
         if config.admin.enabled:
-            self._admin = SidecarRunner(
-                build_admin_app(
-                    lambda: self.live.current,
-                    None if config.admin.reload == "off" else (reload or self.live.reload),
-                    reload_open_to_all=config.admin.reload_open_to_all,
-                ),
-                access_log=None,
-                handle_signals=False,
-                max_line_size=header_size,
-                max_field_size=header_size,
-                max_headers=max_headers,
+            endpoints = AdminEndpoints(
+                lambda: self.live.current,
+                None if config.admin.reload == "off" else (reload or self.live.reload),
+                reload_open_to_all=config.admin.reload_open_to_all,
             )
+            self._admin = HttpServer(endpoints.dispatch, endpoints.refuse, limits)
         self.main_port = 0
         self.admin_port = 0
         self._stopped = False
@@ -120,12 +109,15 @@ class RunningSidecar:
                 source, "listen.port", config.listen.host, config.listen.port, exc
             ) from None
         if self._admin is not None:
-            await self._admin.setup()
             # Workers each have an admin listener; only the first binds the port.
-            await _open(
-                self._admin, source, "admin", config.admin.host, config.admin.port, self._reuse_port
-            )
-            self.admin_port = _bound_port(self._admin)
+            try:
+                self.admin_port = await self._admin.listen(
+                    config.admin.host, config.admin.port, reuse_port=self._reuse_port
+                )
+            except OSError as exc:
+                raise cannot_listen(
+                    source, "admin.port", config.admin.host, config.admin.port, exc
+                ) from None
 
     async def reload(self) -> dict[str, Any]:
         return await self.live.reload()
@@ -138,24 +130,10 @@ class RunningSidecar:
         # Stops listening, then waits up to drain_timeout for requests in flight.
         await self._main.stop(self.runtime.config.server.drain_timeout)
         if self._admin is not None:
-            await self._admin.cleanup()
+            await self._admin.stop(self.runtime.config.server.drain_timeout)
         await self.live.stop()
         await self.pools.close()
         await self.logs.stop()  # last, so everything logged while stopping is written
-
-
-async def _open(
-    runner: web.BaseRunner, source: str, key: str, host: str, port: int, reuse_port: bool
-) -> None:
-    try:
-        await web.TCPSite(runner, host, port, reuse_port=reuse_port).start()
-    except OSError as exc:
-        raise cannot_listen(source, f"{key}.port", host, port, exc) from None
-
-
-def _bound_port(runner: web.BaseRunner) -> int:
-    port: int = runner.addresses[0][1]
-    return port
 
 
 async def _reload_every_worker(

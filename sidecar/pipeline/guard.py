@@ -1,7 +1,7 @@
 """Refusing request targets and framings that try to trick a proxy.
 
-aiohttp's parser already refuses Content-Length with Transfer-Encoding, duplicate
-Content-Length and obsolete line folding (see ``sidecar.control.listener``). This adds what
+The HTTP layer's strict parser (llhttp) already refuses Content-Length with
+Transfer-Encoding, duplicate Content-Length and obsolete line folding. This adds what
 a proxy must not forward: absolute-form targets naming another host, dot segments
 (``..``, ``.``) in any encoding, encoded slashes and backslashes (``%2f``, ``%5c``),
 double encoding, NUL, transfer codings other than plain ``chunked``, and the CONNECT

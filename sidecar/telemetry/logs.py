@@ -88,7 +88,7 @@ def configure_logging(level: str = "info") -> None:
         logger_factory=structlog.BytesLoggerFactory(EVENT_STREAM),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
-    # aiohttp's own loggers (low-level protocol errors) go to stderr as plain text.
+    # Other libraries' loggers (asyncio's, for one) go to stderr as plain text.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
 

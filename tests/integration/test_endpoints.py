@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import re
 
-from tests.conftest import FakeModel, StartSidecar, base_config
+import orjson
+
+from tests.conftest import FakeModel, StartSidecar, base_config, raw_request
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:
@@ -154,3 +156,34 @@ async def test_admin_listener_answers_unknown_paths_with_json(
         error = (await resp.json())["error"]
     assert error["type"] == "no_route"
     assert error["request_id"] == resp.headers["X-Request-ID"]
+
+
+async def test_admin_listener_refuses_like_the_main_one(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """The admin listener runs the same HTTP server: a wrong method, a smuggling shape
+    and a HEAD are handled as on the main listener, errors in the JSON shape."""
+    sidecar = await start_sidecar(base_config(fake_model.url))
+    async with sidecar.session.post(sidecar.admin_url + "/metrics", data=b"{}") as resp:
+        assert resp.status == 405
+        error = (await resp.json())["error"]
+    assert error["type"] == "method_not_allowed"
+    assert error["request_id"] == resp.headers["X-Request-ID"]
+
+    port = sidecar.running.admin_port
+    smuggled = await raw_request(
+        port,
+        b"POST /-/reload HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    )
+    head, _, body = smuggled.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ")
+    assert orjson.loads(body)["error"]["type"] == "bad_request"
+
+    answer = await raw_request(
+        port, b"HEAD /livez HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    )
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert b"\r\nx-request-id: " in head.lower()
+    assert body == b""

@@ -4,6 +4,8 @@ are never imported by the server."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "sidecar"
@@ -83,3 +85,16 @@ def test_every_module_belongs_to_a_layer() -> None:
         if _layer(module) not in {*LAYERS, *ROOT_LEAVES, *ENTRY_POINTS, "__init__"}
     ]
     assert stray == []
+
+
+def test_the_server_does_not_import_the_demos_http_library() -> None:
+    """aiohttp serves the demo's model and traffic only: `sidecar run` never loads it
+    (8 MB of every worker's memory)."""
+    probe = (
+        "import sys, sidecar.cli, sidecar.control.server; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('aiohttp', 'yarl')))"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert found.stdout.strip() == "[]"
