@@ -24,7 +24,7 @@ import asyncio
 from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import orjson
 import structlog
@@ -36,13 +36,13 @@ from sidecar.config.rules import MISSING, FieldPath, lookup, parse_field_path
 from sidecar.config.schema import DriftSettings
 from sidecar.telemetry.metrics import Metrics
 
-log = structlog.get_logger("sidecar.analytics.drift")
+log: Final = structlog.get_logger("sidecar.analytics.drift")
 
-PREDICTION = "prediction"
+PREDICTION: Final = "prediction"
 
 
 # Bodies waiting for the parser are taken in at least this often (seconds).
-DIGEST_EVERY = 1.0
+DIGEST_EVERY: Final = 1.0
 
 
 class SignalExtractor:

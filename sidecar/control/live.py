@@ -15,7 +15,7 @@ import asyncio
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import structlog
 
@@ -32,7 +32,7 @@ from sidecar.telemetry.logs import Logs
 from sidecar.telemetry.metrics import Metrics
 from sidecar.upstream.upstreams import ConnectionPools
 
-log = structlog.get_logger("sidecar.control.live")
+log: Final = structlog.get_logger("sidecar.control.live")
 
 
 class LiveRuntime:
@@ -73,8 +73,9 @@ class LiveRuntime:
 
     async def dispatch(self, request: Request) -> Answer:
         runtime, pipeline = self.current, self._pipeline
+        if runtime.active == 0:
+            runtime.idle.clear()
         runtime.active += 1
-        runtime.idle.clear()
         try:
             return await pipeline.handle(request)
         finally:

@@ -20,21 +20,21 @@ import asyncio
 import contextlib
 import math
 from collections import deque
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, Final, cast
 
 import httptools
 
 from sidecar.http.messages import Headers, media_type
 from sidecar.http.transport import FlowControlled, as_protocol
 
-_READ_AHEAD = 256 * 1024  # answer bytes buffered before reading from the upstream pauses
+_READ_AHEAD: Final = 256 * 1024  # answer bytes buffered before reading from the upstream pauses
 # An answer's head (its 1xx heads included) and its trailers, like Envoy's limits
 # (60 KiB, 100 fields) with room to spare: past them the answer is broken (502).
-MAX_HEAD = 64 * 1024
-MAX_FIELDS = 200
+MAX_HEAD: Final = 64 * 1024
+MAX_FIELDS: Final = 200
 # What a reason phrase may hold (RFC 9112 section 4): tab, space, visible and
 # obs-text bytes; a control byte makes the status line broken.
-_REASON_BYTES = bytes([0x09, *range(0x20, 0x7F), *range(0x80, 0x100)])
+_REASON_BYTES: Final = bytes([0x09, *range(0x20, 0x7F), *range(0x80, 0x100)])
 
 
 class ConnectFailed(Exception):
@@ -51,6 +51,9 @@ class Disconnected(Exception):
 
 class BrokenAnswer(Exception):
     """The answer is not valid HTTP, or ended before it was complete."""
+
+
+_T: Final = frozenset(b"tT")  # the first byte of text/* media types
 
 
 class ClientResponse:
@@ -89,6 +92,14 @@ class ClientResponse:
     @property
     def content_type(self) -> str:
         return media_type(self.headers.get("content-type"))
+
+    @property
+    def event_stream(self) -> bool:
+        """Whether the answer is server-sent events (relayed as they come)."""
+        value = self.headers.get_raw(b"content-type")
+        if not value or value[0] not in _T:
+            return False  # not text/*: without decoding and splitting the value
+        return self.content_type == "text/event-stream"
 
     @property
     def close_delimited(self) -> bool:

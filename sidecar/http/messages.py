@@ -9,8 +9,9 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator
 from http import HTTPStatus
+from typing import Final
 
-_REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
+_REASONS: Final = {status.value: status.phrase.encode() for status in HTTPStatus}
 
 # One header field as it is kept and sent: (lower-case name, name, value), in bytes.
 RawField = tuple[bytes, bytes, bytes]
@@ -35,7 +36,7 @@ def field_key(name: str) -> bytes:
     return key
 
 
-_KEYS: dict[str, bytes] = {}
+_KEYS: Final[dict[str, bytes]] = {}
 
 
 class Headers:
@@ -44,14 +45,15 @@ class Headers:
     Fields are kept as the bytes they travel as, each beside its lower-case name,
     so a head parsed from one peer is filtered and written to another without
     decoding, re-encoding or lower-casing a name twice. Lookups take and give
-    ``str`` (latin-1), decoding only the value asked for.
+    ``str`` (latin-1), decoding only the value asked for. A lookup scans the fields:
+    a head has a handful, and building an index for each head cost more than the
+    few lookups a request makes.
     """
 
-    __slots__ = ("_fields", "_first")
+    __slots__ = ("_fields",)
 
     def __init__(self, fields: Iterable[tuple[str, str]] = ()) -> None:
         self._fields: list[RawField] = [_encoded(name, value) for name, value in fields]
-        self._first: dict[bytes, bytes] | None = None
 
     @classmethod
     def from_raw(cls, raw: list[tuple[bytes, bytes]]) -> Headers:
@@ -60,7 +62,7 @@ class Headers:
 
     def has(self, key: bytes) -> bool:
         """Whether a field of this lower-case name (bytes) is present."""
-        return key in self._index()
+        return self.get_raw(key) is not None
 
     def without(
         self, keys: frozenset[bytes], also: frozenset[bytes] = frozenset(), prefix: bytes = b"\x00"
@@ -80,19 +82,12 @@ class Headers:
         those named in ``skip``."""
         parts: list[bytes] = []
         for key, name, value in self._fields:
-            if key not in skip:
-                parts += (name, b": ", value, b"\r\n")
+            if not skip or key not in skip:
+                parts.append(name)
+                parts.append(b": ")
+                parts.append(value)
+                parts.append(b"\r\n")
         return b"".join(parts)
-
-    def _index(self) -> dict[bytes, bytes]:
-        first = self._first
-        if first is None:
-            first = {}
-            for key, _, value in self._fields:
-                if key not in first:
-                    first[key] = value
-            self._first = first
-        return first
 
     def get(self, name: str, default: str | None = None) -> str | None:
         """The first field of this name."""
@@ -101,10 +96,10 @@ class Headers:
 
     def get_raw(self, key: bytes) -> bytes | None:
         """The first field named ``key`` (lower-case), as bytes."""
-        first = self._first
-        if first is None:
-            first = self._index()
-        return first.get(key)
+        for field in self._fields:
+            if field[0] == key:
+                return field[2]
+        return None
 
     def getall(self, name: str) -> list[str]:
         key = field_key(name)
@@ -112,7 +107,11 @@ class Headers:
 
     def count(self, key: bytes) -> int:
         """How many fields have this lower-case name (bytes)."""
-        return [field[0] for field in self._fields].count(key)
+        found = 0
+        for field in self._fields:
+            if field[0] == key:
+                found += 1
+        return found
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and self.has(field_key(name))
@@ -143,27 +142,20 @@ class Headers:
 
     def put_raw(self, key: bytes, name: bytes, value: bytes) -> None:
         """Replace every field named ``key`` (lower-case) with one, given as bytes."""
-        first = self._index()
-        if key in first:
+        if self.has(key):
             self._fields = [field for field in self._fields if field[0] != key]
         self._fields.append((key, name, value))
-        first[key] = value
 
     def add_raw(self, key: bytes, name: bytes, value: bytes) -> None:
         """Add a field given as bytes (``key`` is its lower-case name)."""
         self._fields.append((key, name, value))
-        first = self._first
-        if first is not None and key not in first:
-            first[key] = value
 
     def update(self, values: dict[str, str]) -> None:
         for name, value in values.items():
             self.put_raw(*_encoded(name, value))
 
     def copy(self) -> Headers:
-        out = _of_fields(list(self._fields))
-        out._first = None if self._first is None else dict(self._first)
-        return out
+        return _of_fields(list(self._fields))
 
     def __repr__(self) -> str:
         return f"Headers({self.items()!r})"
@@ -251,4 +243,4 @@ class _HttpDate:
         return self._value
 
 
-http_date = _HttpDate()
+http_date: Final = _HttpDate()

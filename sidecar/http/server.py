@@ -20,7 +20,7 @@ import re
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Final, cast
 from urllib.parse import unquote
 
 import httptools
@@ -39,12 +39,12 @@ from sidecar.http.messages import (
 )
 from sidecar.http.transport import FlowControlled, as_protocol
 
-log = structlog.get_logger("sidecar.http.server")
+log: Final = structlog.get_logger("sidecar.http.server")
 
 # Framing is ours to write: a handler's copies of these are never sent.
-_FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection", b"keep-alive"})
-_SAFE_REASON = re.compile(r"[A-Za-z][A-Za-z0-9 ,.'()-]{0,100}")
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_FRAMING: Final = frozenset({b"content-length", b"transfer-encoding", b"connection", b"keep-alive"})
+_SAFE_REASON: Final = re.compile(r"[A-Za-z][A-Za-z0-9 ,.'()-]{0,100}")
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 @dataclass(frozen=True, slots=True)

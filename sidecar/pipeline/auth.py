@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
+from typing import Final
 
 import structlog
 
@@ -22,7 +23,7 @@ from sidecar.config.schema import ApiKey, AuthSettings, JwtSettings
 from sidecar.http import errors
 from sidecar.telemetry.metrics import Metrics
 
-log = structlog.get_logger("sidecar.pipeline.auth")
+log: Final = structlog.get_logger("sidecar.pipeline.auth")
 
 
 def hash_key(key: str) -> str:

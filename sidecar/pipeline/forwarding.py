@@ -19,6 +19,7 @@ import asyncio
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Final
 
 import structlog
 
@@ -39,10 +40,10 @@ from sidecar.upstream.retry import RetryBudget, backoff_delay, parse_retry_after
 from sidecar.upstream.shadow import PrimaryOutcome, ShadowMirror, StreamCapture
 from sidecar.upstream.upstreams import IDEMPOTENT, UpstreamCall, UpstreamClient
 
-log = structlog.get_logger("sidecar.pipeline.forwarding")
+log: Final = structlog.get_logger("sidecar.pipeline.forwarding")
 
 # Error bodies up to this size are read before a retry so the connection is reused.
-_DRAIN_LIMIT = 64 * 1024
+_DRAIN_LIMIT: Final = 64 * 1024
 
 
 @dataclass(slots=True)
@@ -76,19 +77,27 @@ class RoutePath:
     shadow: ShadowMirror | None = None
     payload_log: LogWriter | None = None
     credentials: frozenset[bytes] = frozenset()  # the sidecar's own, never forwarded
+    # Read from the config once: a config model's attribute costs a Python-level
+    # lookup, and each request reads these.
+    timeout: float = field(init=False)  # the whole deadline, every attempt included
+    per_try_timeout: float = field(init=False)
+    connect_timeout: float | None = field(init=False)
+    retryable: bool = field(init=False)  # the route's requests may be sent again
+    idle_timeout: float = field(init=False)
+    failure_statuses: frozenset[int] = field(init=False)  # the model is unavailable
+    retry_statuses: frozenset[int] = field(init=False)
+    max_attempts: int = field(init=False)  # 1 on a route that is not retried
 
-    @property
-    def per_try_timeout(self) -> float:
-        return self.route.per_try_timeout or self.route.timeout
-
-    @property
-    def idle_timeout(self) -> float:
-        return self.route.idle_timeout or self.upstream.config.read_timeout
-
-    @property
-    def failure_statuses(self) -> tuple[int, ...]:
-        """Answers that mean the model is unavailable: breaker failures."""
-        return self.upstream.config.breaker.failure_statuses
+    def __post_init__(self) -> None:
+        route = self.route
+        self.timeout = route.timeout
+        self.per_try_timeout = route.per_try_timeout or route.timeout
+        self.connect_timeout = route.connect_timeout
+        self.retryable = route.retryable
+        self.idle_timeout = route.idle_timeout or self.upstream.config.read_timeout
+        self.failure_statuses = frozenset(self.upstream.config.breaker.failure_statuses)
+        self.retry_statuses = frozenset(route.retry.on_statuses)
+        self.max_attempts = route.retry.attempts if route.retryable else 1
 
     def falls_back_on(self, status: int) -> bool:
         """A model's answer with this status is replaced by the fallback."""
@@ -142,16 +151,16 @@ async def _with_retries(
     model rejected, is the model's answer and is returned (after retries, when the
     route retries its status)."""
     route, upstream, budget = path.route, path.upstream, path.guard.budget
-    policy = route.retry
     unavailable = path.failure_statuses
     # A half-open probe asks one question: is the model back? It is never retried.
-    max_attempts = policy.attempts if route.retryable and not probe else 1
+    max_attempts = 1 if probe else path.max_attempts
     # Sent again on a fresh connection when a kept-alive one failed before answering:
     # only what may be replayed (an idempotent method, or a route marked retryable).
-    replayable = route.retryable or call.method in IDEMPOTENT
+    replayable = path.retryable or call.method in IDEMPOTENT
+    connect_timeout = path.connect_timeout
     loop = upstream.pool.loop  # looked up once per pool (each lookup is a getpid())
     started_at = loop.time()
-    deadline = started_at + route.timeout
+    deadline = started_at + path.timeout
     budget.active_requests += 1
     holding_retry = False
     try:
@@ -169,7 +178,7 @@ async def _with_retries(
                 response = await upstream.send(
                     call,
                     within=timeout,
-                    connect_timeout=route.connect_timeout,
+                    connect_timeout=connect_timeout,
                     replayable=replayable,
                 )
             except errors.SidecarError as exc:
@@ -177,14 +186,17 @@ async def _with_retries(
                 retryable = exc.retryable
             else:
                 path.metrics.observe_upstream(upstream.name, time.perf_counter() - started)
-                retryable = response.status in policy.on_statuses
+                retryable = response.status in path.retry_statuses
                 if not retryable and response.status not in unavailable:
                     return response
                 failure = ModelFailed(response)
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
 
-            delay = max(backoff_delay(policy, attempt, path.rng), retry_after or 0.0)
-            give_up = not retryable or attempt >= max_attempts or loop.time() + delay >= deadline
+            give_up = not retryable or attempt >= max_attempts
+            delay = 0.0
+            if not give_up:
+                delay = max(backoff_delay(route.retry, attempt, path.rng), retry_after or 0.0)
+                give_up = loop.time() + delay >= deadline
             if holding_retry:
                 budget.release()
                 holding_retry = False

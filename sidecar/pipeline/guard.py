@@ -11,16 +11,17 @@ and TRACE methods.
 from __future__ import annotations
 
 import re
+from typing import Final
 from urllib.parse import unquote
 
 from sidecar.http import errors
 
 # CONNECT opens tunnels and TRACE reflects requests (cross-site tracing): neither has
 # any business reaching a model server.
-REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})
+REFUSED_METHODS: Final = frozenset({"CONNECT", "TRACE"})
 
-_ENCODED_SEPARATOR = re.compile(r"%(2f|5c)", re.IGNORECASE)
-_PERCENT_ESCAPE = re.compile(r"%[0-9a-fA-F]{2}")
+_ENCODED_SEPARATOR: Final = re.compile(r"%(2f|5c)", re.IGNORECASE)
+_PERCENT_ESCAPE: Final = re.compile(r"%[0-9a-fA-F]{2}")
 
 
 def check_target(raw_target: str) -> None:

@@ -15,7 +15,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from sidecar.config.schema import RateLimitSettings, RateSettings
 from sidecar.http import errors
@@ -73,7 +73,7 @@ class TokenBucket:
 
 
 # The bucket of requests whose credentials failed: no key's own limit applies.
-UNAUTHENTICATED = "unauthenticated"
+UNAUTHENTICATED: Final = "unauthenticated"
 
 
 class RateLimiter:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from typing import Final
 
 import structlog
 
@@ -23,10 +24,10 @@ from sidecar.telemetry.metrics import (
 )
 from sidecar.upstream.upstreams import UpstreamClient
 
-log = structlog.get_logger("sidecar.pipeline.relay")
+log: Final = structlog.get_logger("sidecar.pipeline.relay")
 
 # RFC 9110 section 7.6.1, plus the proxy-only and legacy ones proxies drop too.
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     h.lower().encode()
     for h in (
         "Connection",
@@ -43,7 +44,7 @@ HOP_BY_HOP = frozenset(
 # Set by the sidecar itself towards the upstream (or meaningless once the body is
 # buffered, like Expect), so the client's copies are not forwarded. The request id
 # header is the upstream's to set (its name and form are configured per upstream).
-_REPLACED_UPSTREAM = frozenset(
+_REPLACED_UPSTREAM: Final = frozenset(
     {
         b"host",
         b"content-length",
@@ -56,21 +57,28 @@ _REPLACED_UPSTREAM = frozenset(
 )
 # Headers of the sidecar's own (X-Sidecar-Shadow, X-Sidecar-Timeout-Ms, ...): a
 # client's copies never reach a model, which would take them for ours.
-_OWN_PREFIX = b"x-sidecar-"
+_OWN_PREFIX: Final = b"x-sidecar-"
 # X-Forwarded-For is rebuilt with the client's address appended.
-_DROP_FROM_REQUEST = HOP_BY_HOP | _REPLACED_UPSTREAM | {b"x-forwarded-for"}
+_DROP_FROM_REQUEST: Final = HOP_BY_HOP | _REPLACED_UPSTREAM | {b"x-forwarded-for"}
 # The server writes the framing of the answer it sends.
-_DROP_FROM_RESPONSE = HOP_BY_HOP | {b"content-length"}
+_DROP_FROM_RESPONSE: Final = HOP_BY_HOP | {b"content-length"}
 
 # Answers up to this size with a Content-Length are read in one piece; larger ones,
 # chunked ones and event streams are relayed chunk by chunk as they arrive.
-BUFFER_RESPONSE_LIMIT = 256 * 1024
+BUFFER_RESPONSE_LIMIT: Final = 256 * 1024
+
+
+# The values of nearly every Connection field: what they list is dropped anyway.
+_ALREADY_HOP_BY_HOP: Final = frozenset({b"keep-alive", b"Keep-Alive", b"close", b"Close"})
 
 
 def _connection_listed(headers: Headers) -> frozenset[bytes]:
     """Header names a sender listed in Connection: hop-by-hop for that message only."""
-    if not headers.has(b"connection"):
+    value = headers.get_raw(b"connection")
+    if value is None:
         return frozenset()
+    if value in _ALREADY_HOP_BY_HOP and headers.count(b"connection") == 1:
+        return frozenset()  # it lists only what is always dropped
     values = headers.getall("Connection")
     if len(values) == 1:
         return _listed(values[0])  # "keep-alive" or "close", nearly always
@@ -170,9 +178,7 @@ async def relay(
     whole = (length is not None and length <= BUFFER_RESPONSE_LIMIT) or (
         length is None and response.complete
     )
-    streaming = (
-        not whole or response.content_type == "text/event-stream" or request.method == "HEAD"
-    )
+    streaming = not whole or response.event_stream or request.method == "HEAD"
     if not streaming:
         if response.complete:
             body = response.take_whole()  # it came with its head

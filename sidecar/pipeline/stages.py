@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import structlog
 
@@ -44,14 +44,14 @@ from sidecar.pipeline.validation import RequestValidator, SchemaFailed
 from sidecar.telemetry.logwriter import LogWriter
 from sidecar.telemetry.metrics import OUTCOME_CLIENT_CLOSED, OUTCOME_ERROR, Metrics
 
-log = structlog.get_logger("sidecar.pipeline.stages")
+log: Final = structlog.get_logger("sidecar.pipeline.stages")
 
 OwnHandler = Callable[[Any], Awaitable[Response]]
 
 # Own endpoints that need credentials when they share the main listener.
-_PROTECTED_OWN = frozenset({"health", "metrics"})
+_PROTECTED_OWN: Final = frozenset({"health", "metrics"})
 # What nginx logs for a client that closed before its answer was sent.
-CLIENT_CLOSED_STATUS = 499
+CLIENT_CLOSED_STATUS: Final = 499
 
 
 class Parts(Protocol):

@@ -8,7 +8,7 @@ its failing paths, in a thread.
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -18,9 +18,9 @@ from sidecar.http import errors
 from sidecar.telemetry.metrics import Metrics
 
 # Keep only brackets, and make both kinds one kind (valid JSON pairs them properly).
-_ONE_BRACKET_KIND = bytes.maketrans(b"{}", b"[]")
-_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
-MAX_LISTED_ERRORS = 20
+_ONE_BRACKET_KIND: Final = bytes.maketrans(b"{}", b"[]")
+_NOT_BRACKETS: Final = bytes(b for b in range(256) if b not in b"[]{}")
+MAX_LISTED_ERRORS: Final = 20
 
 
 def nesting_exceeds(body: bytes, limit: int) -> bool:

@@ -13,7 +13,7 @@ import logging
 import sys
 from collections.abc import Mapping, MutableMapping
 from contextvars import ContextVar
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import orjson
 import structlog
@@ -42,7 +42,9 @@ class RequestFields(Protocol):
 
 
 # The request being handled by the current task (and the tasks it spawned).
-CURRENT_REQUEST: ContextVar[RequestFields | None] = ContextVar("sidecar_request", default=None)
+CURRENT_REQUEST: Final[ContextVar[RequestFields | None]] = ContextVar(
+    "sidecar_request", default=None
+)
 
 
 def add_request_fields(
@@ -64,7 +66,7 @@ def add_request_fields(
     return event
 
 
-_LEVELS = {
+_LEVELS: Final = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
     "warning": logging.WARNING,
@@ -72,7 +74,7 @@ _LEVELS = {
 }
 
 # structlog writes into this; a running sidecar attaches its event writer to it.
-EVENT_STREAM = QueueFile()
+EVENT_STREAM: Final = QueueFile()
 
 
 def configure_logging(level: str = "info") -> None:

@@ -22,7 +22,7 @@ from collections.abc import Callable, MutableMapping
 from datetime import UTC, datetime
 from pathlib import Path
 from queue import SimpleQueue
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, Final, Protocol
 
 import orjson
 from mypy_extensions import mypyc_attr
@@ -35,7 +35,7 @@ Record = MutableMapping[str, Any] | bytes
 
 # RFC 3339 UTC timestamps ("...Z") and the newline come from orjson itself; anything
 # it cannot encode is written as its repr rather than failing the batch.
-_RENDER_OPTIONS = orjson.OPT_APPEND_NEWLINE | orjson.OPT_UTC_Z
+_RENDER_OPTIONS: Final = orjson.OPT_APPEND_NEWLINE | orjson.OPT_UTC_Z
 
 
 def render(record: Record) -> bytes:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 from bisect import bisect_left
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from prometheus_client import (
     CollectorRegistry,
@@ -30,6 +30,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from sidecar.config.schema import multiprocess_directory
 
 # Model latency spans GPU micro-batches (ms) to LLM generations (tens of seconds).
+# Not Final: mypyc (2.x) leaves a Final tuple of floats unset (NameError at first use).
 MODEL_LATENCY_BUCKETS = (
     0.001,
     0.0025,
@@ -48,18 +49,18 @@ MODEL_LATENCY_BUCKETS = (
 )
 
 # Outcomes of a request, as used in sidecar_requests_total and the access log.
-OUTCOME_OK = "ok"  # the model answered (any status below 500)
-OUTCOME_MODEL_ERROR = "model_error"  # the model answered with a 5xx, passed through
-OUTCOME_REJECTED = "rejected"  # the sidecar refused the request (4xx of its own)
-OUTCOME_UPSTREAM_FAILED = "upstream_failed"  # no usable answer: 502/504 of the sidecar
-OUTCOME_ABORTED = "aborted"  # the upstream failed after the response had started
-OUTCOME_CLIENT_CLOSED = "client_closed"  # the client went away before the answer ended
-OUTCOME_OVERLOADED = "overloaded"  # shed or circuit open without a fallback
-OUTCOME_FALLBACK = "fallback"  # answered by a fallback rule instead of the model
-OUTCOME_ERROR = "error"  # a bug in the sidecar (500)
-OUTCOME_OWN = "own"  # the sidecar's own endpoints (/livez, /readyz, ...)
+OUTCOME_OK: Final = "ok"  # the model answered (any status below 500)
+OUTCOME_MODEL_ERROR: Final = "model_error"  # the model answered with a 5xx, passed through
+OUTCOME_REJECTED: Final = "rejected"  # the sidecar refused the request (4xx of its own)
+OUTCOME_UPSTREAM_FAILED: Final = "upstream_failed"  # no usable answer: 502/504 of the sidecar
+OUTCOME_ABORTED: Final = "aborted"  # the upstream failed after the response had started
+OUTCOME_CLIENT_CLOSED: Final = "client_closed"  # the client went away before the answer ended
+OUTCOME_OVERLOADED: Final = "overloaded"  # shed or circuit open without a fallback
+OUTCOME_FALLBACK: Final = "fallback"  # answered by a fallback rule instead of the model
+OUTCOME_ERROR: Final = "error"  # a bug in the sidecar (500)
+OUTCOME_OWN: Final = "own"  # the sidecar's own endpoints (/livez, /readyz, ...)
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
 
 
 # The *_created series double the output and no dashboard of ours reads them.

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar, cast
+from typing import Any, Final, TypeVar, cast
 
 import pybreaker
 import structlog
@@ -33,13 +33,13 @@ from sidecar.config.schema import BreakerSettings
 from sidecar.http import errors
 from sidecar.telemetry.metrics import Metrics
 
-log = structlog.get_logger("sidecar.upstream.breaker")
+log: Final = structlog.get_logger("sidecar.upstream.breaker")
 
 T = TypeVar("T")
 
 CLOSED, OPEN, HALF_OPEN = pybreaker.STATE_CLOSED, pybreaker.STATE_OPEN, pybreaker.STATE_HALF_OPEN
 # sidecar_circuit_state values: the higher, the worse.
-STATE_VALUES = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
+STATE_VALUES: Final = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
 
 
 class BreakerFailure(Exception):

@@ -17,7 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, Final, TypeAlias
 
 import orjson
 import structlog
@@ -29,9 +29,9 @@ from sidecar.http.client import BrokenAnswer
 from sidecar.http.messages import Headers, Response
 from sidecar.upstream.upstreams import UpstreamCall, UpstreamClient
 
-log = structlog.get_logger("sidecar.upstream.fallback")
+log: Final = structlog.get_logger("sidecar.upstream.fallback")
 
-FALLBACK_HEADER = "X-Sidecar-Fallback"
+FALLBACK_HEADER: Final = "X-Sidecar-Fallback"
 
 
 @dataclass(frozen=True, slots=True)

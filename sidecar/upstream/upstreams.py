@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 import orjson
@@ -32,26 +32,39 @@ from sidecar.http.messages import Headers, field_key
 from sidecar.telemetry.metrics import Metrics
 
 # Tells the model server how long this attempt may take, so it can give up too.
-DEADLINE_HEADER = "X-Sidecar-Timeout-Ms"
-_DEADLINE_RAW = DEADLINE_HEADER.encode()
+DEADLINE_HEADER: Final = "X-Sidecar-Timeout-Ms"
+_DEADLINE_RAW: Final = DEADLINE_HEADER.encode()
 
-log = structlog.get_logger("sidecar.upstream.upstreams")
+log: Final = structlog.get_logger("sidecar.upstream.upstreams")
 
 # Methods a request may be sent again with, after a kept-alive connection failed
 # before any byte of the answer (RFC 9110 section 9.2.2).
-IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
+IDEMPOTENT: Final = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 
 
-@dataclass(slots=True)
 class UpstreamCall:
     """What is sent upstream; kept whole so a retry, a shadow copy or a fallback can
-    replay it to whichever upstream sends it."""
+    replay it to whichever upstream sends it. (One per request: a plain class, as a
+    compiled dataclass's ``__init__`` would run interpreted.)"""
 
-    method: str
-    target: str  # the raw path and query, exactly as the client sent them
-    headers: Headers  # the client's, for any upstream
-    body: bytes | None
-    request_id: str = ""  # the id the client sees
+    __slots__ = ("body", "headers", "method", "request_id", "target")
+
+    def __init__(
+        self,
+        method: str,
+        target: str,  # the raw path and query, exactly as the client sent them
+        headers: Headers,  # the client's, for any upstream
+        body: bytes | None,
+        request_id: str = "",  # the id the client sees
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.headers = headers
+        self.body = body
+        self.request_id = request_id
+
+    def __repr__(self) -> str:
+        return f"UpstreamCall({self.method} {self.target!r}, request_id={self.request_id!r})"
 
 
 @dataclass(slots=True)
