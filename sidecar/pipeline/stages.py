@@ -304,9 +304,9 @@ def access_record(
         "path": path,
         "status": status,
         "outcome": ctx.outcome,
-        "duration_ms": round(duration * 1000.0, 3),
+        "duration_ms": _milliseconds(duration),
         "upstream_ms": (
-            None if ctx.upstream_seconds is None else round(ctx.upstream_seconds * 1000.0, 3)
+            None if ctx.upstream_seconds is None else _milliseconds(ctx.upstream_seconds)
         ),
         "attempts": ctx.attempts,
         "breaker": ctx.breaker_state,
@@ -315,6 +315,12 @@ def access_record(
         "bytes_in": ctx.bytes_in,
         "bytes_out": ctx.bytes_out,
     }
+
+
+def _milliseconds(seconds: float) -> float:
+    """Rounded to the microsecond, as ``round(ms, 3)`` but without its decimal
+    conversion (a fifth of an access record's cost)."""
+    return int(seconds * 1_000_000.0 + 0.5) / 1000.0
 
 
 def refusal_answer(

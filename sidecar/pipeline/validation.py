@@ -77,10 +77,17 @@ def repeats_a_key(body: bytes, document: Any) -> bool:
     """True when valid JSON ``body`` names a key twice in one object. The parser kept
     one copy, a model's parser may keep the other (RapidJSON in Triton keeps the
     first): what was validated would not be what the model reads. The parsed
-    document has each key once; fewer keys there than in the text means a repeat."""
+    document has each key once; fewer keys there than in the text means a repeat.
+
+    Outside strings a colon only ever follows a key, so the text's colons are its
+    keys plus any inside strings: when the document has as many keys as the text has
+    colons, none repeats, and one count in C answers for most bodies."""
     if b'"' not in body:
         return False
-    return _key_count(body) != _keys_in(document)
+    keys = _keys_in(document)
+    if body.count(b":") == keys:
+        return False
+    return _key_count(body) != keys
 
 
 def _exact_path(path: Any) -> str:

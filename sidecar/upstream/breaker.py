@@ -97,6 +97,7 @@ class UpstreamBreaker:
         self._clock = clock
         self._opened_at: float | None = None
         self._probes_in_flight = 0
+        self._state: str = CLOSED
         self._breaker = pybreaker.CircuitBreaker(
             fail_max=settings.failures,
             # The reset timeout is enforced by _admit() on an injectable monotonic
@@ -107,13 +108,17 @@ class UpstreamBreaker:
             throw_new_error_on_trip=False,  # the tripping request keeps its own error
             name=upstream,
         )
+        self._state = str(self._breaker.current_state)
         metrics.circuit_state.labels(upstream).set(STATE_VALUES[CLOSED])
 
     @property
     def state(self) -> str:
-        return str(self._breaker.current_state)
+        return self._state
 
     def _on_state_change(self, old: str, new: str) -> None:
+        # Every transition comes here (pybreaker notifies each new state object),
+        # so the state is kept rather than asked of pybreaker's properties per request.
+        self._state = new
         if new == OPEN:
             self._opened_at = self._clock()
         self._metrics.circuit_state.labels(self.upstream).set(STATE_VALUES[new])

@@ -163,6 +163,19 @@ def test_the_parsed_document_counts_the_keys_its_text_has(document: Any) -> None
     assert not repeats(text)
 
 
+@given(st.dictionaries(st.text(), json_values, min_size=1, max_size=4), json_values)
+def test_a_key_named_again_is_found_whatever_the_strings_hold(
+    document: dict[str, Any], again: Any
+) -> None:
+    # Strings may hold colons: the one-count shortcut must then give way to the count
+    # of keys in the text.
+    text = orjson.dumps(document)
+    key = next(iter(document))
+    repeated = b"{" + orjson.dumps(key) + b":" + orjson.dumps(again) + b"," + text[1:]
+    assert repeats(repeated)
+    assert repeats(b"[" + text + b"," + repeated + b"]")
+
+
 def test_the_same_key_in_different_objects_or_as_a_value_is_not_a_repeat() -> None:
     assert not repeats(b'{"a": 1, "b": {"a": 2}}')
     assert not repeats(b'{"a": "a", "b": ":"}')
