@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 from collections import deque
 from typing import Any, ClassVar, Final, cast
 
 import httptools
 
-from sidecar.http.messages import Headers, media_type
+from sidecar.http.messages import Headers, RawField, media_type
 from sidecar.http.transport import FlowControlled, as_protocol
 
 _READ_AHEAD: Final = 256 * 1024  # answer bytes buffered before reading from the upstream pauses
@@ -197,7 +196,7 @@ class UpstreamConnection(FlowControlled):
         self._method = ""
         self._received = False  # a byte of the current answer arrived
         self._reason = b""
-        self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._raw_headers: list[RawField] = []
         self._head_bytes = 0  # of the answer's heads (1xx ones too) and its trailers
         self._fields = 0
         self._informational = False
@@ -274,7 +273,7 @@ class UpstreamConnection(FlowControlled):
     def on_header(self, name: bytes, value: bytes) -> None:
         self._fields += 1
         if self.response is None:
-            self._raw_headers.append((name, value))
+            self._raw_headers.append((name.lower(), name, value))
         else:
             # A trailer: not relayed, only bounded.
             self._head_bytes += len(name) + len(value) + 4
@@ -308,8 +307,9 @@ class UpstreamConnection(FlowControlled):
             self,
             status,
             reason.decode("latin-1"),
-            Headers.from_raw(self._raw_headers),
+            Headers.of_fields(self._raw_headers),
         )
+        self._raw_headers = []  # the answer's own from here
         self.response = response
         if self._method == "HEAD":
             # No body follows; llhttp cannot be told so, and this parser would wait
@@ -383,7 +383,7 @@ class Deadlines:
         self._slots: dict[int, set[asyncio.Future[Any]]] = {}
 
     def add(self, deadline: float, waiter: asyncio.Future[Any]) -> int:
-        slot = math.ceil(deadline / self.RESOLUTION)
+        slot = int(deadline / self.RESOLUTION) + 1  # rounded up (an int, not math.ceil's call)
         due = self._slots.get(slot)
         if due is None:
             due = self._slots[slot] = set()

@@ -56,9 +56,10 @@ class Headers:
         self._fields: list[RawField] = [_encoded(name, value) for name, value in fields]
 
     @classmethod
-    def from_raw(cls, raw: list[tuple[bytes, bytes]]) -> Headers:
-        """Fields as a parser gave them."""
-        return _of_fields([(name.lower(), name, value) for name, value in raw])
+    def of_fields(cls, fields: list[RawField]) -> Headers:
+        """Headers that take over ``fields`` (lower-case name, name, value), as a
+        parser's callbacks collected them."""
+        return _of_fields(fields)
 
     def has(self, key: bytes) -> bool:
         """Whether a field of this lower-case name (bytes) is present."""

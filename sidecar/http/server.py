@@ -30,6 +30,7 @@ from mypy_extensions import mypyc_attr
 from sidecar.http.messages import (
     Answer,
     Headers,
+    RawField,
     Response,
     StreamedAnswer,
     http_date,
@@ -345,7 +346,7 @@ class HttpConnection(FlowControlled):
         self.deadline = 0.0
         self.on_deadline: Callable[[], None] | None = None
         self._url = b""
-        self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._raw_headers: list[RawField] = []
         self._head_bytes = 0  # the request line and the complete fields of a head
         self._partial = 0  # at most this many bytes of an unfinished line are held
         self._head_began = False  # a head began in the read being parsed
@@ -469,7 +470,7 @@ class HttpConnection(FlowControlled):
             self._refusal = _head_too_large("the request head")
         if self._refusal is not None:
             raise self._refusal
-        self._raw_headers.append((name, value))
+        self._raw_headers.append((name.lower(), name, value))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -491,7 +492,9 @@ class HttpConnection(FlowControlled):
                 400, "bad_request", f"more than {self.limits.max_pipelined} pipelined requests"
             )
             raise self._refusal
-        headers = Headers.from_raw(self._raw_headers)
+        # The fields are the request's from here: a trailer must not be added to them.
+        headers = Headers.of_fields(self._raw_headers)
+        self._raw_headers = []
         keep_alive = parser.should_keep_alive()
         if keep_alive and version == "1.0" and "transfer-encoding" in headers:
             keep_alive = False  # faulty framing in 1.0 (RFC 9112 6.1): close after it
