@@ -117,7 +117,11 @@ class DriftMonitor:
         self._pending: deque[tuple[bytes, bytes]] = deque()
         self._pending_bytes = 0
         self._max_pending_bytes = settings.max_pending_bytes
+        self._window = settings.window
         self._dropped = metrics.dropped.labels("drift_pending", route)
+        # Pairs newer ones pushed out before they were parsed (counted when digested).
+        self._superseded = 0
+        self._superseded_counter = metrics.dropped.labels("drift_superseded", route)
         self._windows: dict[str, deque[float]] = {
             s: deque(maxlen=settings.window) for s in self._extractor.signals
         }
@@ -132,11 +136,20 @@ class DriftMonitor:
     # -- the hot path -------------------------------------------------------------
 
     def observe(self, request_body: bytes, response_body: bytes) -> None:
+        pending = self._pending
+        if len(pending) >= self._window and self.baseline is not None:
+            # The window keeps the values of the latest `window` responses: an older
+            # pair would be pushed out of it as soon as it was parsed. Not parsing it
+            # is most of drift's cost under load (and its bursts of lock contention).
+            # While a baseline is being frozen every response counts.
+            old_request, old_response = pending.popleft()
+            self._pending_bytes -= len(old_request) + len(old_response)
+            self._superseded += 1
         size = len(request_body) + len(response_body)
         if self._pending_bytes + size > self._max_pending_bytes:
             self._dropped.inc()
             return
-        self._pending.append((request_body, response_body))
+        pending.append((request_body, response_body))
         self._pending_bytes += size
 
     # -- the background -----------------------------------------------------------
@@ -166,6 +179,9 @@ class DriftMonitor:
 
     def _take_pending(self) -> deque[tuple[bytes, bytes]]:
         pending, self._pending, self._pending_bytes = self._pending, deque(), 0
+        superseded, self._superseded = self._superseded, 0
+        if superseded:
+            self._superseded_counter.inc(superseded)
         return pending
 
     def _digest(self, pending: deque[tuple[bytes, bytes]]) -> None:

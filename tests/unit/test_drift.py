@@ -464,3 +464,31 @@ def test_a_feature_psi_is_exported_as_that_feature_whatever_its_name(tmp_path: P
     assert m.sample("sidecar_prediction_psi") == pytest.approx(result["prediction"])
     assert m.sample("sidecar_feature_psi", feature="score") == pytest.approx(result["score"])
     assert result["score"] != pytest.approx(result["prediction"])
+
+
+def test_only_the_pairs_the_window_keeps_are_parsed(tmp_path: Path) -> None:
+    """The window holds the latest `window` responses' values: older pairs are let go
+    unparsed (and counted), and the PSI is what it would be had they been parsed."""
+    pairs = [pair(float(n % 2), age=float(20 + n)) for n in range(35)]
+    kept = Monitor(tmp_path, BASELINE, window=10)
+    for request, response in pairs:
+        kept.monitor.observe(request, response)
+    assert len(kept.monitor._pending) == 10
+    every = Monitor(tmp_path / "every", BASELINE, window=10)
+    for request, response in pairs:
+        every.monitor.observe(request, response)
+        every.monitor.evaluate()  # each pair parsed as it comes
+    assert kept.monitor.evaluate() == every.monitor.evaluate()
+    superseded = {"buffer": "drift_superseded", "route": "infer"}
+    assert kept.metrics.registry.get_sample_value("sidecar_dropped_total", superseded) == 25
+    assert every.metrics.registry.get_sample_value("sidecar_dropped_total", superseded) == 0
+
+
+def test_while_a_baseline_is_frozen_every_pair_is_parsed(tmp_path: Path) -> None:
+    m = Monitor(tmp_path, None, window=10, freeze_after=30)
+    for n in range(30):
+        m.monitor.observe(*pair(float(n % 2), age=float(20 + n)))
+    assert len(m.monitor._pending) == 30
+    m.monitor.evaluate()
+    assert m.monitor.baseline is not None
+    assert m.monitor.baseline.samples == 30
