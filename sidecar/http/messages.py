@@ -74,7 +74,9 @@ class Headers:
             [
                 field
                 for field in self._fields
-                if field[0] not in keys and field[0] not in also and not field[0].startswith(prefix)
+                if field[0] not in keys
+                and (not also or field[0] not in also)
+                and not field[0].startswith(prefix)
             ]
         )
 

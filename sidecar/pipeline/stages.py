@@ -209,8 +209,8 @@ class Pipeline:
                 raise errors.MethodNotAllowed(f"method {method} is not allowed here")
             raise errors.NoRoute(f"no route for {method} {path}")
         ctx.route = route
-        ctx.route_name = route.name
-        ctx.body_limit = self.body_limits[route.name]
+        ctx.route_name = name = route.name
+        ctx.body_limit = self.body_limits[name]
         return None
 
     async def authenticate(self, request: Request, ctx: RequestContext) -> None:
