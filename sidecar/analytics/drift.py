@@ -119,9 +119,8 @@ class DriftMonitor:
         self._max_pending_bytes = settings.max_pending_bytes
         self._window = settings.window
         self._dropped = metrics.dropped.labels("drift_pending", route)
-        # Pairs newer ones pushed out before they were parsed (counted when digested).
-        self._superseded = 0
-        self._superseded_counter = metrics.dropped.labels("drift_superseded", route)
+        # Pairs let go unparsed: newer ones had filled every window.
+        self._superseded = metrics.dropped.labels("drift_superseded", route)
         self._windows: dict[str, deque[float]] = {
             s: deque(maxlen=settings.window) for s in self._extractor.signals
         }
@@ -136,20 +135,11 @@ class DriftMonitor:
     # -- the hot path -------------------------------------------------------------
 
     def observe(self, request_body: bytes, response_body: bytes) -> None:
-        pending = self._pending
-        if len(pending) >= self._window and self.baseline is not None:
-            # The window keeps the values of the latest `window` responses: an older
-            # pair would be pushed out of it as soon as it was parsed. Not parsing it
-            # is most of drift's cost under load (and its bursts of lock contention).
-            # While a baseline is being frozen every response counts.
-            old_request, old_response = pending.popleft()
-            self._pending_bytes -= len(old_request) + len(old_response)
-            self._superseded += 1
         size = len(request_body) + len(response_body)
         if self._pending_bytes + size > self._max_pending_bytes:
             self._dropped.inc()
             return
-        pending.append((request_body, response_body))
+        self._pending.append((request_body, response_body))
         self._pending_bytes += size
 
     # -- the background -----------------------------------------------------------
@@ -179,22 +169,38 @@ class DriftMonitor:
 
     def _take_pending(self) -> deque[tuple[bytes, bytes]]:
         pending, self._pending, self._pending_bytes = self._pending, deque(), 0
-        superseded, self._superseded = self._superseded, 0
-        if superseded:
-            self._superseded_counter.inc(superseded)
         return pending
 
     def _digest(self, pending: deque[tuple[bytes, bytes]]) -> None:
-        """Parse bodies into the numbers each signal needs; the bodies are let go."""
+        """Parse bodies into the numbers each signal needs; the bodies are let go.
+
+        Newest first: once every signal's window would be full, older pairs could only
+        be pushed out of the windows, so they are let go unparsed (and counted). Under
+        load that is most pairs, and most of drift's cost. A baseline being frozen
+        takes every pair, oldest first."""
         freezing = self.baseline is None
         histograms = self.baseline.histograms if self.baseline is not None else {}
         problems: list[tuple[str, str]] = []
-        for request_body, response_body in pending:
+        taken: list[dict[str, list[float]]] = []
+        wanted = dict.fromkeys(self._windows, self._window)  # values each window lacks
+        lacking = len(wanted)
+        for parsed, (request_body, response_body) in enumerate(
+            iter(pending) if freezing else reversed(pending)
+        ):
+            if not lacking and not freezing:
+                self._superseded.inc(len(pending) - parsed)
+                break
             try:
                 request, response = orjson.loads(request_body), orjson.loads(response_body)
             except orjson.JSONDecodeError:
                 continue
             signals = self._extractor.extract(request, response, problems)
+            taken.append(signals)
+            for signal, values in signals.items():
+                if values and wanted[signal] > 0:
+                    wanted[signal] -= len(values)
+                    if wanted[signal] <= 0:
+                        lacking -= 1
             for name, _ in self._extractor.features:
                 histogram = histograms.get(name)
                 values = signals[name]
@@ -204,6 +210,9 @@ class DriftMonitor:
                 self._frozen_from += 1
                 for signal, values in signals.items():
                     self._freezing[signal].extend(values)
+        if not freezing:
+            taken.reverse()  # the windows take values oldest first
+        for signals in taken:
             for signal, values in signals.items():
                 self._windows[signal].extend(values)
         for name, kind in problems:

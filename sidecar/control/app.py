@@ -93,11 +93,14 @@ class AdminEndpoints:
     async def _answer(self, request: Request) -> Response:
         endpoint = self._endpoints.get(request.path)
         if endpoint is None:
-            raise errors.NoRoute(f"no admin endpoint at {request.path}")
+            # The path is not echoed: this listener does not check targets.
+            raise errors.NoRoute("no admin endpoint at this path")
         methods, handler = endpoint
         if request.method not in methods:
             allowed = ", ".join(sorted(methods))
-            raise errors.MethodNotAllowed(f"{request.path} answers {allowed} only")
+            raise errors.MethodNotAllowed(
+                f"{request.path} answers {allowed} only", headers={"Allow": allowed}
+            )
         return await handler(request)
 
     def refuse(self, refusal: RequestRefused, method: str, target: str, peer: str) -> Response:

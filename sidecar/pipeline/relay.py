@@ -68,8 +68,9 @@ _DROP_FROM_RESPONSE: Final = HOP_BY_HOP | {b"content-length"}
 BUFFER_RESPONSE_LIMIT: Final = 256 * 1024
 
 
-# The values of nearly every Connection field: what they list is dropped anyway.
-_ALREADY_HOP_BY_HOP: Final = frozenset({b"keep-alive", b"Keep-Alive", b"close", b"Close"})
+# The value of nearly every kept-alive message's Connection field: it lists a field
+# that is dropped anyway. ("close" is not here: a field named Close would be listed.)
+_ALREADY_HOP_BY_HOP: Final = frozenset({b"keep-alive", b"Keep-Alive"})
 
 
 def _connection_listed(headers: Headers) -> frozenset[bytes]:

@@ -169,6 +169,7 @@ async def test_admin_listener_refuses_like_the_main_one(
         error = (await resp.json())["error"]
     assert error["type"] == "method_not_allowed"
     assert error["request_id"] == resp.headers["X-Request-ID"]
+    assert resp.headers["Allow"] == "GET, HEAD"
 
     port = sidecar.running.admin_port
     smuggled = await raw_request(

@@ -466,22 +466,46 @@ def test_a_feature_psi_is_exported_as_that_feature_whatever_its_name(tmp_path: P
     assert result["score"] != pytest.approx(result["prediction"])
 
 
-def test_only_the_pairs_the_window_keeps_are_parsed(tmp_path: Path) -> None:
-    """The window holds the latest `window` responses' values: older pairs are let go
-    unparsed (and counted), and the PSI is what it would be had they been parsed."""
+def digest_each(monitor: Monitor, pairs: list[tuple[bytes, bytes]]) -> dict[str, float]:
+    for request, response in pairs:
+        monitor.monitor.observe(request, response)
+        monitor.monitor.evaluate()  # each pair parsed as it comes: nothing let go
+    return monitor.monitor.evaluate()
+
+
+def superseded(monitor: Monitor) -> float | None:
+    labels = {"buffer": "drift_superseded", "route": "infer"}
+    return monitor.metrics.registry.get_sample_value("sidecar_dropped_total", labels)
+
+
+AGE = [{"name": "age", "field": "age"}]
+
+
+def test_only_the_pairs_the_windows_keep_are_parsed(tmp_path: Path) -> None:
+    """Newest first, until every window is full: the older pairs are let go unparsed
+    (and counted), and the PSI is what it would be had they been parsed."""
     pairs = [pair(float(n % 2), age=float(20 + n)) for n in range(35)]
-    kept = Monitor(tmp_path, BASELINE, window=10)
+    kept = Monitor(tmp_path, BASELINE, window=10, features=AGE)
     for request, response in pairs:
         kept.monitor.observe(request, response)
-    assert len(kept.monitor._pending) == 10
-    every = Monitor(tmp_path / "every", BASELINE, window=10)
-    for request, response in pairs:
-        every.monitor.observe(request, response)
-        every.monitor.evaluate()  # each pair parsed as it comes
-    assert kept.monitor.evaluate() == every.monitor.evaluate()
-    superseded = {"buffer": "drift_superseded", "route": "infer"}
-    assert kept.metrics.registry.get_sample_value("sidecar_dropped_total", superseded) == 25
-    assert every.metrics.registry.get_sample_value("sidecar_dropped_total", superseded) == 0
+    every = Monitor(tmp_path / "every", BASELINE, window=10, features=AGE)
+    assert kept.monitor.evaluate() == digest_each(every, pairs)
+    assert set(kept.monitor.last_psi) == {"prediction", "age"}
+    assert superseded(kept) == 25
+    assert superseded(every) == 0
+
+
+def test_pairs_without_a_signal_do_not_cut_its_window_short(tmp_path: Path) -> None:
+    # The newest pairs lack the feature or are not JSON: older ones fill its window.
+    with_age = [pair(float(n % 2), age=float(60 + n)) for n in range(10)]
+    without = [pair(float(n % 2)) for n in range(10)] + [(b"{}", b"not json")] * 5
+    kept = Monitor(tmp_path, BASELINE, window=10, features=AGE)
+    for request, response in with_age + without:
+        kept.monitor.observe(request, response)
+    every = Monitor(tmp_path / "every", BASELINE, window=10, features=AGE)
+    assert kept.monitor.evaluate() == digest_each(every, with_age + without)
+    assert kept.monitor.last_psi["age"] > 0.2  # the drifting feature is still seen
+    assert not superseded(kept)
 
 
 def test_while_a_baseline_is_frozen_every_pair_is_parsed(tmp_path: Path) -> None:
