@@ -100,24 +100,22 @@ class RunningSidecar:
         self.logs.start()
         await self.live.start()
         source = str(self.runtime.loaded.path)
-        try:
-            self.main_port = await self._main.listen(
-                config.listen.host, config.listen.port, reuse_port=self._reuse_port
-            )
-        except OSError as exc:
-            raise cannot_listen(
-                source, "listen.port", config.listen.host, config.listen.port, exc
-            ) from None
+        self.main_port = await self._listen(
+            self._main, source, "listen", config.listen.host, config.listen.port
+        )
         if self._admin is not None:
             # Workers each have an admin listener; only the first binds the port.
-            try:
-                self.admin_port = await self._admin.listen(
-                    config.admin.host, config.admin.port, reuse_port=self._reuse_port
-                )
-            except OSError as exc:
-                raise cannot_listen(
-                    source, "admin.port", config.admin.host, config.admin.port, exc
-                ) from None
+            self.admin_port = await self._listen(
+                self._admin, source, "admin", config.admin.host, config.admin.port
+            )
+
+    async def _listen(self, server: HttpServer, source: str, key: str, host: str, port: int) -> int:
+        """Start ``server`` on ``host:port``; a port it cannot have is a config error
+        naming ``{key}.port``."""
+        try:
+            return await server.listen(host, port, reuse_port=self._reuse_port)
+        except OSError as exc:
+            raise cannot_listen(source, f"{key}.port", host, port, exc) from None
 
     async def reload(self) -> dict[str, Any]:
         return await self.live.reload()
