@@ -56,17 +56,14 @@ class AdminEndpoints:
         *,
         reload_open_to_all: bool = True,
     ) -> None:
-        get = {
-            path: admin.current_handler(current, make)
+        self._endpoints: dict[str, tuple[frozenset[str], OwnHandler]] = {
+            path: (_READ, admin.current_handler(current, make))
             for path, make in (
                 ("/livez", admin.livez_handler),
                 ("/readyz", admin.readyz_handler),
                 ("/health", admin.health_handler),
                 ("/metrics", admin.metrics_handler),
             )
-        }
-        self._endpoints: dict[str, tuple[frozenset[str], OwnHandler]] = {
-            path: (_READ, handler) for path, handler in get.items()
         }
         if reload is not None:
             self._endpoints["/-/reload"] = (

@@ -104,7 +104,7 @@ class RunningSidecar:
             self._main, source, "listen", config.listen.host, config.listen.port
         )
         if self._admin is not None:
-            # Workers each have an admin listener; only the first binds the port.
+            # With workers, each binds the port the supervisor reserved (SO_REUSEPORT).
             self.admin_port = await self._listen(
                 self._admin, source, "admin", config.admin.host, config.admin.port
             )

@@ -59,7 +59,9 @@ class Headers:
     def of_fields(cls, fields: list[RawField]) -> Headers:
         """Headers that take over ``fields`` (lower-case name, name, value), as a
         parser's callbacks collected them."""
-        return _of_fields(fields)
+        headers = cls()
+        headers._fields = fields
+        return headers
 
     def has(self, key: bytes) -> bool:
         """Whether a field of this lower-case name (bytes) is present."""
@@ -70,7 +72,7 @@ class Headers:
     ) -> Headers:
         """A copy without the fields named in ``keys`` or ``also``, or whose name
         starts with ``prefix`` (all lower-case bytes)."""
-        return _of_fields(
+        return Headers.of_fields(
             [
                 field
                 for field in self._fields
@@ -158,17 +160,10 @@ class Headers:
             self.put_raw(*_encoded(name, value))
 
     def copy(self) -> Headers:
-        return _of_fields(list(self._fields))
+        return Headers.of_fields(list(self._fields))
 
     def __repr__(self) -> str:
         return f"Headers({self.items()!r})"
-
-
-def _of_fields(fields: list[RawField]) -> Headers:
-    """Headers holding ``fields`` (already encoded) as they are."""
-    headers = Headers()
-    headers._fields = fields
-    return headers
 
 
 def _encoded(name: str, value: str) -> RawField:
