@@ -148,6 +148,10 @@ def _settle(done: asyncio.Future[None], error: BaseException | None) -> None:
 RETRY_DELAYS = (0.1, 0.5, 2.0)
 
 
+# Records rendered between two passes of the event loop: about 0.2 ms of work.
+RENDER_SLICE: Final = 64
+
+
 class LogWriter:
     def __init__(
         self,
@@ -257,14 +261,26 @@ class LogWriter:
             pending -= size
             batch = [self._queue.popleft() for _ in range(size)]
             self._bytes -= sum(held for _, held in batch)
-            data = b"".join(self._render(record) for record, _ in batch)
             self._writing = len(batch)  # counted as dropped if the writer is stopped now
-            if await self._write(data):
+            if await self._write(await self._rendered(batch)):
                 self._written.inc(len(batch))
             else:
                 self._dropped.inc(len(batch))
             self._writing = 0
         self._depth.set(0)
+
+    async def _rendered(self, batch: list[tuple[Record, int]]) -> bytes:
+        """The batch as lines, rendered a slice at a time with a pass of the event
+        loop between slices: a whole batch at once held every request up for
+        milliseconds (the access log's p99 was 15 ms where requests took 2)."""
+        render = self._render
+        lines: list[bytes] = []
+        for start in range(0, len(batch), RENDER_SLICE):
+            if start:
+                await asyncio.sleep(0)
+            for record, _ in batch[start : start + RENDER_SLICE]:
+                lines.append(render(record))
+        return b"".join(lines)
 
     async def _write(self, data: bytes) -> bool:
         """Write one batch, retrying a failing sink with backoff; False when it

@@ -172,6 +172,39 @@ async def test_log_writer_keeps_batching_under_steady_load() -> None:
     assert len(sink.writes) <= elapsed / linger + 2
 
 
+async def test_log_writer_lets_requests_run_while_it_renders_a_large_batch() -> None:
+    # Rendering is event-loop work: a batch of a few thousand records rendered at
+    # once held every request up for milliseconds. Requests must get turns between
+    # slices of the batch, and the batch still goes out whole and in order.
+    turns = 0
+    turns_seen: list[int] = []
+
+    def render(record: object) -> bytes:
+        turns_seen.append(turns)
+        return orjson.dumps(record) + b"\n"
+
+    async def other_requests() -> None:
+        nonlocal turns
+        for _ in range(1_000_000):  # cancelled once the batch is written
+            turns += 1
+            await asyncio.sleep(0)
+
+    sink = SlowSink()
+    writer = LogWriter("test", sink, Metrics(), linger=60.0, batch_size=1000, renderer=render)
+    writer.start()
+    ticker = asyncio.create_task(other_requests())
+    for n in range(1000):  # a full batch: written without waiting for the linger
+        assert writer.submit({"n": n})
+    assert await asyncio.to_thread(sink.written.wait, 10)
+    ticker.cancel()
+    # The other task had turns while the batch rendered, not only before or after.
+    assert len(turns_seen) == 1000
+    assert turns_seen[-1] > turns_seen[0]
+    await writer.stop()
+    assert len(sink.writes) == 1
+    assert [orjson.loads(line)["n"] for line in sink.writes[0].splitlines()] == list(range(1000))
+
+
 async def test_log_writer_stops_lingering_once_a_full_batch_waits() -> None:
     sink = SlowSink()
     writer = LogWriter("test", sink, Metrics(), batch_size=4, linger=60.0)
