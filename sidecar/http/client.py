@@ -307,7 +307,7 @@ class UpstreamConnection(FlowControlled):
             self,
             status,
             reason.decode("latin-1"),
-            Headers.of_fields(self._raw_headers),
+            Headers(raw=self._raw_headers),
         )
         self._raw_headers = []  # the answer's own from here
         self.response = response

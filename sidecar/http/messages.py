@@ -14,7 +14,27 @@ from typing import Final
 _REASONS: Final = {status.value: status.phrase.encode() for status in HTTPStatus}
 
 # One header field as it is kept and sent: (lower-case name, name, value), in bytes.
-RawField = tuple[bytes, bytes, bytes]
+# Typed as a tuple of any length so mypyc keeps each field a tuple object: as
+# tuple[bytes, bytes, bytes] it would unpack every field read from a list into a C
+# struct and build a new tuple for every field put into one.
+RawField = tuple[bytes, ...]
+
+
+# RFC 9110 section 7.6.1, plus the proxy-only and legacy ones proxies drop too
+# (lower-case). Never relayed: they concern one connection, not the message.
+HOP_BY_HOP: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
 
 
 def reason_for(status: int) -> bytes:
@@ -52,16 +72,15 @@ class Headers:
 
     __slots__ = ("_fields",)
 
-    def __init__(self, fields: Iterable[tuple[str, str]] = ()) -> None:
-        self._fields: list[RawField] = [_encoded(name, value) for name, value in fields]
-
-    @classmethod
-    def of_fields(cls, fields: list[RawField]) -> Headers:
-        """Headers that take over ``fields`` (lower-case name, name, value), as a
-        parser's callbacks collected them."""
-        headers = cls()
-        headers._fields = fields
-        return headers
+    def __init__(
+        self, fields: Iterable[tuple[str, str]] = (), *, raw: list[RawField] | None = None
+    ) -> None:
+        """Headers of (name, value) pairs, or taking over ``raw``: fields (lower-case
+        name, name, value) as a parser's callbacks collected them."""
+        if raw is not None:
+            self._fields = raw
+        else:
+            self._fields = [_encoded(name, value) for name, value in fields]
 
     def has(self, key: bytes) -> bool:
         """Whether a field of this lower-case name (bytes) is present."""
@@ -72,15 +91,13 @@ class Headers:
     ) -> Headers:
         """A copy without the fields named in ``keys`` or ``also``, or whose name
         starts with ``prefix`` (all lower-case bytes)."""
-        return Headers.of_fields(
-            [
-                field
-                for field in self._fields
-                if field[0] not in keys
-                and (not also or field[0] not in also)
-                and not field[0].startswith(prefix)
-            ]
-        )
+        kept: list[RawField] = []
+        for field in self._fields:
+            key = field[0]
+            if key in keys or (also and key in also) or key.startswith(prefix):
+                continue
+            kept.append(field)
+        return Headers(raw=kept)
 
     def render(self, skip: frozenset[bytes] = frozenset()) -> bytes:
         """The fields as they go on the wire (``Name: value\\r\\n`` each), without
@@ -160,7 +177,7 @@ class Headers:
             self.put_raw(*_encoded(name, value))
 
     def copy(self) -> Headers:
-        return Headers.of_fields(list(self._fields))
+        return Headers(raw=list(self._fields))
 
     def __repr__(self) -> str:
         return f"Headers({self.items()!r})"

@@ -28,6 +28,7 @@ import structlog
 from mypy_extensions import mypyc_attr
 
 from sidecar.http.messages import (
+    HOP_BY_HOP,
     Answer,
     Headers,
     RawField,
@@ -42,8 +43,9 @@ from sidecar.http.transport import FlowControlled, as_protocol
 
 log: Final = structlog.get_logger("sidecar.http.server")
 
-# Framing is ours to write: a handler's copies of these are never sent.
-_FRAMING: Final = frozenset({b"content-length", b"transfer-encoding", b"connection", b"keep-alive"})
+# Framing and connection management are ours to write: a handler's copies of
+# these (a relayed model's among them) are never sent.
+_FRAMING: Final = HOP_BY_HOP | {b"content-length"}
 _SAFE_REASON: Final = re.compile(r"[A-Za-z][A-Za-z0-9 ,.'()-]{0,100}")
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -493,7 +495,7 @@ class HttpConnection(FlowControlled):
             )
             raise self._refusal
         # The fields are the request's from here: a trailer must not be added to them.
-        headers = Headers.of_fields(self._raw_headers)
+        headers = Headers(raw=self._raw_headers)
         self._raw_headers = []
         keep_alive = parser.should_keep_alive()
         if keep_alive and version == "1.0" and "transfer-encoding" in headers:

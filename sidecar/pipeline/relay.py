@@ -15,7 +15,7 @@ import structlog
 
 from sidecar.http import errors
 from sidecar.http.client import BrokenAnswer, ClientResponse
-from sidecar.http.messages import Answer, Headers, Response
+from sidecar.http.messages import HOP_BY_HOP, Answer, Headers, Response
 from sidecar.http.server import ClientGone, Request, RequestRefused
 from sidecar.pipeline.context import RequestContext
 from sidecar.telemetry.metrics import (
@@ -26,21 +26,6 @@ from sidecar.upstream.upstreams import UpstreamClient
 
 log: Final = structlog.get_logger("sidecar.pipeline.relay")
 
-# RFC 9110 section 7.6.1, plus the proxy-only and legacy ones proxies drop too.
-HOP_BY_HOP: Final = frozenset(
-    h.lower().encode()
-    for h in (
-        "Connection",
-        "Keep-Alive",
-        "Proxy-Authenticate",
-        "Proxy-Authorization",
-        "Proxy-Connection",
-        "TE",
-        "Trailer",
-        "Transfer-Encoding",
-        "Upgrade",
-    )
-)
 # Set by the sidecar itself towards the upstream (or meaningless once the body is
 # buffered, like Expect), so the client's copies are not forwarded. The request id
 # header is the upstream's to set (its name and form are configured per upstream).
@@ -60,8 +45,6 @@ _REPLACED_UPSTREAM: Final = frozenset(
 _OWN_PREFIX: Final = b"x-sidecar-"
 # X-Forwarded-For is rebuilt with the client's address appended.
 _DROP_FROM_REQUEST: Final = HOP_BY_HOP | _REPLACED_UPSTREAM | {b"x-forwarded-for"}
-# The server writes the framing of the answer it sends.
-_DROP_FROM_RESPONSE: Final = HOP_BY_HOP | {b"content-length"}
 
 # Answers up to this size with a Content-Length are read in one piece; larger ones,
 # chunked ones and event streams are relayed chunk by chunk as they arrive.
@@ -123,7 +106,12 @@ def upstream_request_headers(
 
 
 def client_response_headers(upstream_headers: Headers) -> Headers:
-    return upstream_headers.without(_DROP_FROM_RESPONSE, _connection_listed(upstream_headers))
+    """The model's header fields for the client. The server drops hop-by-hop fields
+    and writes the framing of every answer itself, so only the fields the model
+    listed in Connection are left out here; nearly always none, and the model's
+    headers are handed on without a copy."""
+    listed = _connection_listed(upstream_headers)
+    return upstream_headers.without(listed) if listed else upstream_headers
 
 
 async def read_body(request: Request, limit: int) -> bytes:
