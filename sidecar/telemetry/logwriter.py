@@ -274,13 +274,16 @@ class LogWriter:
         loop between slices: a whole batch at once held every request up for
         milliseconds (the access log's p99 was 15 ms where requests took 2)."""
         render = self._render
-        lines: list[bytes] = []
+        # Appended to one buffer and let go at once: a few thousand rendered lines
+        # kept alive until a join cost 6-7 us each, not 1, in page faults (orjson
+        # allocates each output large, then shrinks it).
+        lines = bytearray()
         for start in range(0, len(batch), RENDER_SLICE):
             if start:
                 await asyncio.sleep(0)
             for record, _ in batch[start : start + RENDER_SLICE]:
-                lines.append(render(record))
-        return b"".join(lines)
+                lines += render(record)
+        return bytes(lines)
 
     async def _write(self, data: bytes) -> bool:
         """Write one batch, retrying a failing sink with backoff; False when it
