@@ -20,18 +20,20 @@ from sidecar.telemetry.metrics import Metrics
 # Keep only brackets, and make both kinds one kind (valid JSON pairs them properly).
 _ONE_BRACKET_KIND: Final = bytes.maketrans(b"{}", b"[]")
 _NOT_BRACKETS: Final = bytes(b for b in range(256) if b not in b"[]{}")
+_NOT_OPENING: Final = bytes(b for b in range(256) if b not in b"[{")
 MAX_LISTED_ERRORS: Final = 20
 
 
 def nesting_exceeds(body: bytes, limit: int) -> bool:
     """True when valid JSON ``body`` nests deeper than ``limit``.
 
-    Small bodies cannot: there are fewer brackets than the limit. Otherwise strings are
-    cut out, the rest reduced to brackets, and innermost pairs removed one level per
-    pass. Every step is a bytes method running in C, so a large tensor or a huge
-    string costs milliseconds, not a Python loop over its characters.
+    Small bodies cannot: each level takes two bytes, and more than ``limit`` opening
+    brackets. Otherwise strings are cut out, the rest reduced to brackets, and
+    innermost pairs removed one level per pass. Every step is a bytes method running
+    in C, so a large tensor or a huge string costs milliseconds, not a Python loop
+    over its characters.
     """
-    if body.count(b"[") + body.count(b"{") <= limit:
+    if len(body) <= 2 * limit or len(body.translate(None, _NOT_OPENING)) <= limit:
         return False
     # Escapes pair up left to right, so dropping escaped backslashes and then escaped
     # quotes leaves quotes that strictly open and close strings.
@@ -81,11 +83,13 @@ def repeats_a_key(body: bytes, document: Any) -> bool:
 
     Outside strings a colon only ever follows a key, so the text's colons are its
     keys plus any inside strings: when the document has as many keys as the text has
-    colons, none repeats, and one count in C answers for most bodies."""
-    if b'"' not in body:
+    colons, none repeats, and one count in C answers for most bodies. (A repeat takes
+    two keys, so two colons.)"""
+    colons = body.count(b":")
+    if colons < 2:
         return False
     keys = _keys_in(document)
-    if body.count(b":") == keys:
+    if colons == keys:
         return False
     return _key_count(body) != keys
 
