@@ -242,7 +242,9 @@ async def serve(
         if supervisor is not None and not _die_with(supervisor)
         else None
     )
+    collector = loop.create_task(interpreter.collect_regularly())
     signum = await stopping
+    collector.cancel()
     if watchdog is not None:
         watchdog.cancel()
     for task in reloads:

@@ -3,8 +3,13 @@ test runner's own heap would change every later test)."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import subprocess
 import sys
+import weakref
+
+from sidecar.control import interpreter
 
 CHILD = """
 import gc, sys
@@ -14,13 +19,39 @@ interpreter.settle()
 print(
     before,
     gc.get_freeze_count() > 1000,
+    gc.get_threshold() == interpreter.THRESHOLDS,
     sys.getswitchinterval() == interpreter.SWITCH_INTERVAL,
 )
 """
 
 
-def test_settle_freezes_the_start_up_heap_and_shortens_thread_switches() -> None:
+def test_settle_freezes_the_start_up_heap_sets_thresholds_and_shortens_thread_switches() -> None:
     out = subprocess.run(
         [sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=60, check=True
     )
-    assert out.stdout.split() == ["0", "True", "True"]
+    assert out.stdout.split() == ["0", "True", "True", "True"]
+
+
+class Node:
+    def __init__(self) -> None:
+        self.other: Node | None = None
+
+
+async def test_cyclic_garbage_is_freed_on_the_clock_without_allocations() -> None:
+    # With the automatic collector off, nothing but the regular collection can free a
+    # cycle: it must go within a few periods.
+    gc.disable()
+    collector = asyncio.create_task(interpreter.collect_regularly(every=0.02))
+    try:
+        first, second = Node(), Node()
+        first.other, second.other = second, first
+        gone = weakref.ref(first)
+        del first, second
+        for _ in range(200):  # up to 2 s
+            if gone() is None:
+                break
+            await asyncio.sleep(0.01)
+        assert gone() is None
+    finally:
+        collector.cancel()
+        gc.enable()
