@@ -77,6 +77,9 @@ class ClientResponse:
     ) -> None:
         self.status = status
         self.reason = reason
+        # The relay hands this object on as the client's answer headers, which the
+        # pipeline then stamps (X-Request-ID, Server-Timing): read the model's own
+        # values before the answer is relayed.
         self.headers = headers
         length = headers.get("content-length")
         self.content_length = int(length) if length is not None else None

@@ -109,7 +109,8 @@ def client_response_headers(upstream_headers: Headers) -> Headers:
     """The model's header fields for the client. The server drops hop-by-hop fields
     and writes the framing of every answer itself, so only the fields the model
     listed in Connection are left out here; nearly always none, and the model's
-    headers are handed on without a copy."""
+    headers are handed on without a copy (so ``response.headers`` then holds what the
+    client gets, stamps included)."""
     listed = _connection_listed(upstream_headers)
     return upstream_headers.without(listed) if listed else upstream_headers
 
