@@ -23,6 +23,11 @@ from sidecar.config.schema import ApiKey, AuthSettings, JwtSettings
 from sidecar.http import errors
 from sidecar.telemetry.metrics import Metrics
 
+# Bound once: a compiled module reads a Final from a C static, where each
+# ``hashlib.sha256`` would be an attribute lookup per request.
+_SHA256: Final = hashlib.sha256
+_SAME_DIGEST: Final = hmac.compare_digest
+
 log: Final = structlog.get_logger("sidecar.pipeline.auth")
 
 
@@ -163,10 +168,10 @@ class Authenticator:
                 self._failures.labels("invalid_token").inc()
                 exc.headers["WWW-Authenticate"] = f'{self._challenge}, error="invalid_token"'
                 raise
-        presented = hashlib.sha256(credential.encode("utf-8", "surrogatepass")).digest()
+        presented = _SHA256(credential.encode("utf-8", "surrogatepass")).digest()
         match: Principal | None = None
         for digest, principal in self._keys:  # every digest is compared: constant time
-            if hmac.compare_digest(presented, digest):
+            if _SAME_DIGEST(presented, digest):
                 match = principal
         if match is None:
             self._failures.labels("invalid_key").inc()

@@ -130,7 +130,10 @@ class Pipeline:
         finally:
             metrics.handling -= 1
             ctx.outcome = decide_outcome(ctx, status)
-            self.record(request, ctx, status)
+            # Counted and logged once the answer is written (the server writes a whole
+            # one right after this returns, in the same turn of the loop), so the
+            # client does not wait for it and the duration includes the write.
+            asyncio.get_running_loop().call_soon(self.record, request, ctx, status)
 
     def error_answer(
         self, request: Request, ctx: RequestContext, error: errors.SidecarError
