@@ -18,11 +18,11 @@ load, so ``collect_regularly`` collects the young and middle generations every
 second whatever the count: such garbage lives about a second at any load (with
 CPython's thresholds, at a few requests a second, it could wait for minutes).
 
-Thread switches. Drift parsing, log writing and schema-violation listings run in
-threads so that they never block the event loop, but a thread holding the
-interpreter lock keeps the loop waiting for up to the switch interval (5 ms by
-default) each time the loop wants it back. At 0.5 ms the p99 of single requests
-with drift on went from 2.2-3.0 ms to 1.4 ms (0.84 ms with no thread at work).
+Thread switches. Log writes and schema-violation listings run in threads so that
+they never block the event loop, but a thread holding the interpreter lock keeps
+the loop waiting for up to the switch interval (5 ms by default) each time the loop
+wants it back. At 0.5 ms the p99 of single requests with drift on (then parsed in a
+thread) went from 2.2-3.0 ms to 1.4 ms (0.84 ms with no thread at work).
 """
 
 from __future__ import annotations

@@ -516,3 +516,34 @@ def test_while_a_baseline_is_frozen_every_pair_is_parsed(tmp_path: Path) -> None
     m.monitor.evaluate()
     assert m.monitor.baseline is not None
     assert m.monitor.baseline.samples == 30
+
+
+async def test_a_running_monitor_parses_with_the_loops_other_work_in_between(
+    tmp_path: Path,
+) -> None:
+    """Parsing happens on the event loop, a slice at a time: other tasks get turns
+    while a second's pairs are parsed, and the PSI is the one parsing at once gives."""
+    pairs = [pair(float(n % 2), age=float(20 + n % 50)) for n in range(3000)]
+    sliced = Monitor(tmp_path, BASELINE, window=3000, features=AGE)
+    at_once = Monitor(tmp_path / "at-once", BASELINE, window=3000, features=AGE)
+    for request, response in pairs:
+        sliced.monitor.observe(request, response)
+        at_once.monitor.observe(request, response)
+    turns = 0
+
+    async def other_requests() -> None:
+        nonlocal turns
+        for _ in range(10_000_000):  # cancelled once the pairs are parsed
+            turns += 1
+            await asyncio.sleep(0)
+
+    ticker = asyncio.create_task(other_requests())
+    await asyncio.sleep(0)
+    before = turns
+    await sliced.monitor._digest_in_slices(sliced.monitor._take_pending())
+    during = turns - before
+    ticker.cancel()
+    # 3,000 pairs take milliseconds to parse: many slices of a tenth of one.
+    assert during >= 5
+    assert sliced.monitor._compute() == at_once.monitor.evaluate()
+    assert set(sliced.monitor.last_psi) == {"prediction", "age"}
