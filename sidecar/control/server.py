@@ -243,24 +243,29 @@ async def serve(
         else None
     )
     collector = loop.create_task(interpreter.collect_regularly())
-    signum = await stopping
-    collector.cancel()
-    if watchdog is not None:
-        watchdog.cancel()
-    for task in reloads:
-        task.cancel()
-    running.runtime.draining = True  # /readyz says 503 from now on
-    delay = config.server.drain_delay if signum == signal.SIGTERM else 0.0
-    log.info("sidecar_draining", drain_delay_s=delay, drain_timeout_s=config.server.drain_timeout)
-    if delay > 0:
-        # Still serving while endpoints are updated; a second signal cuts it short.
-        again = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, again.set)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(again.wait(), delay)
-    await running.stop()
-    log.info("sidecar_stopped")
+    try:
+        signum = await stopping
+        if watchdog is not None:
+            watchdog.cancel()
+        for task in reloads:
+            task.cancel()
+        running.runtime.draining = True  # /readyz says 503 from now on
+        delay = config.server.drain_delay if signum == signal.SIGTERM else 0.0
+        log.info(
+            "sidecar_draining", drain_delay_s=delay, drain_timeout_s=config.server.drain_timeout
+        )
+        if delay > 0:
+            # Still serving while endpoints are updated; a second signal cuts it short.
+            again = asyncio.Event()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, again.set)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(again.wait(), delay)
+        await running.stop()
+        log.info("sidecar_stopped")
+    finally:
+        # Collections go on while draining; they end with the process's work.
+        collector.cancel()
 
 
 def run_event_loop(main: Coroutine[Any, Any, None]) -> None:

@@ -130,10 +130,7 @@ class Pipeline:
         finally:
             metrics.handling -= 1
             ctx.outcome = decide_outcome(ctx, status)
-            # Counted and logged once the answer is written (the server writes a whole
-            # one right after this returns, in the same turn of the loop), so the
-            # client does not wait for it and the duration includes the write.
-            asyncio.get_running_loop().call_soon(self.record, request, ctx, status)
+            self.record(request, ctx, status)
 
     def error_answer(
         self, request: Request, ctx: RequestContext, error: errors.SidecarError
@@ -147,12 +144,15 @@ class Pipeline:
         return response
 
     def record(self, request: Request, ctx: RequestContext, status: int) -> None:
-        """Count and time the request, and queue its access record (no I/O here)."""
+        """Count and time the request now (a scrape pipelined behind it sees it), and
+        queue its access record once the answer is written: the server writes a whole
+        answer in the same turn of the loop, so the client does not wait for its
+        record to be made (no I/O either way)."""
         duration = time.perf_counter() - ctx.started
         self.metrics.count_request(ctx.route_name, status, ctx.outcome, duration)
         if self.access_log is not None:
-            self.access_log.submit(
-                access_record(ctx, request.method, request.path, status, duration)
+            asyncio.get_running_loop().call_soon(
+                _log_access, self.access_log, request, ctx, status, duration
             )
 
     # -- the stages, in order --------------------------------------------------------
@@ -289,6 +289,12 @@ class Pipeline:
         finally:
             self.in_flight -= 1
             path.in_flight -= 1
+
+
+def _log_access(
+    access_log: LogWriter, request: Request, ctx: RequestContext, status: int, duration: float
+) -> None:
+    access_log.submit(access_record(ctx, request.method, request.path, status, duration))
 
 
 def access_record(

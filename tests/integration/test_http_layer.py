@@ -520,6 +520,26 @@ async def test_a_body_sent_after_a_head_answer_never_reaches_the_next_request() 
             pool.close()
 
 
+async def test_a_scrape_pipelined_behind_a_request_counts_it(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    # The access record is made once the answer is written; the count is not: a
+    # scrape the client sent in the same segment already sees the request before it.
+    config = base_config(fake_model.url)
+    config["admin"] = {"enabled": False}  # /metrics on the main listener
+    config["routes"] = [
+        {"name": "infer", "path_prefix": "/infer", "methods": ["POST"], "upstream": "model"}
+    ]
+    sidecar = await start_sidecar(config)
+    out = await raw_request(
+        sidecar.running.main_port,
+        b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    assert out.startswith(b"HTTP/1.1 404 ")
+    assert b'route="-",status="404"' in out
+
+
 async def test_parser_refusals_are_counted_and_logged(
     fake_model: FakeModel, start_sidecar: StartSidecar
 ) -> None:

@@ -213,7 +213,7 @@ BASELINE = Baseline(
 
 
 def test_pairs_wait_within_a_byte_budget_and_the_rest_are_counted(tmp_path: Path) -> None:
-    m = Monitor(tmp_path, BASELINE, max_pending_bytes="40B")
+    m = Monitor(tmp_path, BASELINE, max_pending_bytes="40B", features=AGE)
     m.monitor.observe(b"x" * 10, b"y" * 10)
     m.monitor.observe(b"x" * 10, b"y" * 10)  # exactly the budget
     assert (
@@ -372,7 +372,7 @@ async def test_a_started_monitor_evaluates_every_interval(tmp_path: Path) -> Non
 
 
 def test_a_pair_that_would_pass_the_budget_is_dropped(tmp_path: Path) -> None:
-    m = Monitor(tmp_path, BASELINE, max_pending_bytes="40B")
+    m = Monitor(tmp_path, BASELINE, max_pending_bytes="40B", features=AGE)
     m.monitor.observe(b"x" * 10, b"y" * 10)
     m.monitor.observe(b"x" * 10, b"y" * 11)
     assert (
@@ -381,6 +381,21 @@ def test_a_pair_that_would_pass_the_budget_is_dropped(tmp_path: Path) -> None:
         )
         == 1.0
     )
+
+
+def test_without_features_request_bodies_are_neither_kept_nor_parsed(tmp_path: Path) -> None:
+    # Only features read the request: its body does not count against the budget,
+    # and a request that is not JSON does not cost the answer's prediction.
+    m = Monitor(tmp_path, BASELINE, max_pending_bytes="64B", min_samples=2)
+    m.monitor.observe(b"not json" * 100, orjson.dumps({"predictions": [1.0]}))
+    m.monitor.observe(b"x" * 1000, orjson.dumps({"predictions": [0.0]}))
+    assert (
+        m.metrics.registry.get_sample_value(
+            "sidecar_dropped_total", {"buffer": "drift_pending", "route": "infer"}
+        )
+        == 0.0
+    )
+    assert m.monitor.evaluate() == {"prediction": pytest.approx(0.0)}
 
 
 def test_a_feature_without_a_baseline_does_not_stop_the_others(tmp_path: Path) -> None:
@@ -430,7 +445,7 @@ def test_a_baseline_is_frozen_into_a_directory_that_exists(tmp_path: Path) -> No
 
 
 def test_after_each_evaluation_the_whole_budget_is_free_again(tmp_path: Path) -> None:
-    m = Monitor(tmp_path, BASELINE, max_pending_bytes="40B")
+    m = Monitor(tmp_path, BASELINE, max_pending_bytes="40B", features=AGE)
     m.monitor.observe(b"x" * 10, b"y" * 10)
     m.monitor.evaluate()
     m.monitor.observe(b"x" * 20, b"y" * 21)

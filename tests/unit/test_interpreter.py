@@ -55,3 +55,28 @@ async def test_cyclic_garbage_is_freed_on_the_clock_without_allocations() -> Non
     finally:
         collector.cancel()
         gc.enable()
+
+
+async def test_cyclic_garbage_that_reached_the_old_generation_is_freed_too() -> None:
+    # A cycle that lived through collections (a kept-alive connection, a retired
+    # runtime) is in the oldest generation when it becomes garbage: only a full
+    # collection frees it, every FULL_EVERY ticks.
+    gc.disable()
+    first, second = Node(), Node()
+    first.other, second.other = second, first
+    gone = weakref.ref(first)
+    gc.collect(1)
+    gc.collect(1)  # survivors of a middle collection move to the oldest generation
+    del first, second
+    gc.collect(1)
+    assert gone() is not None  # young and middle collections cannot free it
+    collector = asyncio.create_task(interpreter.collect_regularly(every=0.01))
+    try:
+        for _ in range(200):  # up to 2 s
+            if gone() is None:
+                break
+            await asyncio.sleep(0.01)
+        assert gone() is None
+    finally:
+        collector.cancel()
+        gc.enable()
