@@ -37,23 +37,33 @@ class Node:
         self.other: Node | None = None
 
 
+def cycle() -> weakref.ref[Node]:
+    """A reference to one of two nodes that point at each other, kept by nothing else."""
+    first, second = Node(), Node()
+    first.other, second.other = second, first
+    return weakref.ref(first)
+
+
+async def freed_by_regular_collections(gone: weakref.ref[Node]) -> bool:
+    """Whether ``collect_regularly`` frees what ``gone`` refers to within 2 s."""
+    collector = asyncio.create_task(interpreter.collect_regularly(every=0.01))
+    try:
+        for _ in range(200):  # up to 2 s
+            if gone() is None:
+                return True
+            await asyncio.sleep(0.01)
+        return False
+    finally:
+        collector.cancel()
+
+
 async def test_cyclic_garbage_is_freed_on_the_clock_without_allocations() -> None:
     # With the automatic collector off, nothing but the regular collection can free a
     # cycle: it must go within a few periods.
     gc.disable()
-    collector = asyncio.create_task(interpreter.collect_regularly(every=0.02))
     try:
-        first, second = Node(), Node()
-        first.other, second.other = second, first
-        gone = weakref.ref(first)
-        del first, second
-        for _ in range(200):  # up to 2 s
-            if gone() is None:
-                break
-            await asyncio.sleep(0.01)
-        assert gone() is None
+        assert await freed_by_regular_collections(cycle())
     finally:
-        collector.cancel()
         gc.enable()
 
 
@@ -62,21 +72,15 @@ async def test_cyclic_garbage_that_reached_the_old_generation_is_freed_too() -> 
     # runtime) is in the oldest generation when it becomes garbage: only a full
     # collection frees it, every FULL_EVERY ticks.
     gc.disable()
-    first, second = Node(), Node()
-    first.other, second.other = second, first
-    gone = weakref.ref(first)
-    gc.collect(1)
-    gc.collect(1)  # survivors of a middle collection move to the oldest generation
-    del first, second
-    gc.collect(1)
-    assert gone() is not None  # young and middle collections cannot free it
-    collector = asyncio.create_task(interpreter.collect_regularly(every=0.01))
     try:
-        for _ in range(200):  # up to 2 s
-            if gone() is None:
-                break
-            await asyncio.sleep(0.01)
-        assert gone() is None
+        first, second = Node(), Node()
+        first.other, second.other = second, first
+        gone = weakref.ref(first)
+        gc.collect(1)
+        gc.collect(1)  # survivors of a middle collection move to the oldest generation
+        del first, second
+        gc.collect(1)
+        assert gone() is not None  # young and middle collections cannot free it
+        assert await freed_by_regular_collections(gone)
     finally:
-        collector.cancel()
         gc.enable()
