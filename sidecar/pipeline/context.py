@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Final
 
 from sidecar.config.schema import Route
 from sidecar.http.messages import Headers, RawField
@@ -62,16 +62,27 @@ class RequestContext:
         headers.put_raw(b"x-request-id", b"X-Request-ID", self.request_id.encode("latin-1"))
         for key, name, value in self.extra_fields:
             headers.put_raw(key, name, value)
-        total_ms = (time.perf_counter() - self.started) * 1000.0
+        total = _milliseconds(time.perf_counter() - self.started)
         # add, not put: a model's own Server-Timing entries are kept beside ours.
         if self.upstream_seconds is not None:
-            timing = b"upstream;dur=%.3f, total;dur=%.3f" % (
-                self.upstream_seconds * 1000.0,
-                total_ms,
+            timing = b"upstream;dur=%s, total;dur=%s" % (
+                _milliseconds(self.upstream_seconds),
+                total,
             )
         else:
-            timing = b"total;dur=%.3f" % total_ms
+            timing = b"total;dur=%s" % total
         headers.add_raw(b"server-timing", b"Server-Timing", timing)
+
+
+# "000" to "999": the thousandths of a millisecond, as Server-Timing writes them.
+_THOUSANDTHS: Final = [b"%03d" % n for n in range(1000)]
+
+
+def _milliseconds(seconds: float) -> bytes:
+    """``b"12.345"`` for 0.012345 s, as ``b"%.3f" % ms`` but with integer steps, which
+    compile to C (a float's ``%`` formatting was half of what stamping cost)."""
+    micros = int(seconds * 1_000_000.0 + 0.5)
+    return b"%d.%s" % (micros // 1000, _THOUSANDTHS[micros % 1000])
 
 
 def decide_outcome(ctx: RequestContext, status: int) -> str:

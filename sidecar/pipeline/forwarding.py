@@ -167,7 +167,8 @@ async def _with_retries(
         attempt = 0
         while True:
             attempt += 1
-            remaining = deadline - loop.time()
+            # The first attempt has the whole deadline (one clock read fewer).
+            remaining = path.timeout if attempt == 1 else deadline - loop.time()
             timeout = min(path.per_try_timeout, remaining)
             ctx.attempts += 1
             started = time.perf_counter()

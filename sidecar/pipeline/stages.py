@@ -178,8 +178,16 @@ class Pipeline:
         # The client's id is kept for correlation (answer, upstream, payload log), but
         # clients may reuse one: sidecar_id, ours, is unique in every log line.
         sidecar_id, trace_id, span_id = new_ids()
-        request_id = accept_request_id(headers.get("X-Request-ID"), sidecar_id)
-        traceparent, trace_id = accept_traceparent(headers.get("traceparent"), (trace_id, span_id))
+        # Looked up by their lower-case names as bytes: most requests carry neither.
+        client_id = headers.get_raw(b"x-request-id")
+        client_trace = headers.get_raw(b"traceparent")
+        request_id = accept_request_id(
+            None if client_id is None else client_id.decode("latin-1"), sidecar_id
+        )
+        traceparent, trace_id = accept_traceparent(
+            None if client_trace is None else client_trace.decode("latin-1"),
+            (trace_id, span_id),
+        )
         ctx = RequestContext(
             request_id=request_id,
             sidecar_id=sidecar_id,
