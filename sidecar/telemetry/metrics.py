@@ -389,7 +389,7 @@ class Tally:
         # scanned from the smallest, where nearly every request falls, in compiled
         # float comparisons (bisect compares Python objects through a call).
         bounds = self.bounds
-        last = len(bounds) - 1  # +Inf: everything else, NaN too (as bisect would)
+        last = len(bounds) - 1  # +Inf takes the rest (a NaN, which no duration is, the first)
         index = 0
         while index < last and value > bounds[index]:
             index += 1
