@@ -125,11 +125,16 @@ class _SinkThread:
             with contextlib.suppress(RuntimeError):  # the loop may be gone at exit
                 loop.call_soon_threadsafe(_settle, done, error)
 
-    async def run(self, call: Callable[[], None]) -> None:
+    def submit(self, call: Callable[[], None]) -> asyncio.Future[None]:
+        """Hand ``call`` to the thread; the future settles when it has run (jobs run
+        in the order they were handed over)."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         self._jobs.put((call, loop, done))
-        await done
+        return done
+
+    async def run(self, call: Callable[[], None]) -> None:
+        await self.submit(call)
 
     def close(self) -> None:
         self._jobs.put(None)
@@ -185,6 +190,7 @@ class LogWriter:
         self._stopping = False
         self._closed = False
         self._writing = 0  # records of the batch being written now
+        self._write_job: asyncio.Future[None] | None = None  # its latest hand-off
         self.failing = False  # the last write failed
         self.last_error: str | None = None
         self._dropped = metrics.log_dropped.labels(name)
@@ -262,7 +268,8 @@ class LogWriter:
             pending -= size
             batch = [self._queue.popleft() for _ in range(size)]
             self._bytes -= sum(held for _, held in batch)
-            self._writing = len(batch)  # counted as dropped if the writer is stopped now
+            self._writing = len(batch)  # settled by stop() if the writer is stopped now
+            self._write_job = None
             if await self._write(await self._rendered(batch)):
                 self._written.inc(len(batch))
             else:
@@ -297,7 +304,10 @@ class LogWriter:
         assert self._worker is not None
         for delay in (*self._retry_delays, None):
             try:
-                await self._worker.run(functools.partial(self._sink.write, data))
+                # Shielded: a writer stopped meanwhile leaves the write to finish in the
+                # thread, and stop() learns from the job whether it did.
+                self._write_job = self._worker.submit(functools.partial(self._sink.write, data))
+                await asyncio.shield(self._write_job)
             except (OSError, ValueError) as exc:  # a full disk, a closed stream
                 if not self.failing:
                     print(f"sidecar: log {self.name}: cannot write: {exc}", file=sys.stderr)
@@ -323,16 +333,24 @@ class LogWriter:
             except TimeoutError:
                 await self._tasks.stop()  # the sink is stuck
         self._closed = True
-        self._dropped.inc(len(self._queue) + self._writing)
-        self._writing = 0
+        self._dropped.inc(len(self._queue))
         self._queue.clear()
         self._bytes = 0
+        in_flight, self._writing = self._writing, 0
         thread = self._worker
         if thread is not None:
             with contextlib.suppress(TimeoutError, OSError, ValueError):
                 async with asyncio.timeout(flush_within):
                     await thread.run(self._sink.close)
             thread.close()
+        if in_flight:
+            # A batch the stopped writer had handed to the thread: written if its job
+            # has finished without error (the close ran after it), else lost.
+            job = self._write_job
+            if job is not None and job.done() and not job.cancelled() and job.exception() is None:
+                self._written.inc(in_flight)
+            else:
+                self._dropped.inc(in_flight)
 
 
 @mypyc_attr(native_class=False)  # structlog keeps a weak reference to its file

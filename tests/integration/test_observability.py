@@ -138,6 +138,45 @@ async def test_log_writer_counts_drops_and_flushes_on_stop() -> None:
     assert not writer.submit({"late": True})  # closed: refused, and counted
 
 
+async def test_a_batch_the_sink_writes_after_the_flush_timeout_is_counted_written() -> None:
+    # The writer is stopped while the thread is still in a slow write; the write
+    # then finishes, the sink closes: those records are written, not lost.
+    metrics = Metrics()
+    sink = BlockingSink()
+    writer = LogWriter("test", sink, metrics, linger=0.01)
+    writer.start()
+    for n in range(5):
+        assert writer.submit({"n": n})
+    await asyncio.to_thread(sink.entered.wait, 10)  # the thread is in the write
+    stopping = asyncio.create_task(writer.stop(flush_within=0.5))
+    for _ in range(1000):  # up to 10 s: the flush wait gives up, the writer is stopped
+        if not writer.alive:
+            break
+        await asyncio.sleep(0.01)
+    assert not writer.alive
+    sink.release.set()  # the slow write finishes; the close comes after it
+    await asyncio.wait_for(stopping, 10)
+    assert [orjson.loads(line)["n"] for line in sink.lines] == list(range(5))
+    text = metrics.render().decode()
+    assert metric_value(text, "sidecar_log_written_total", log="test") == 5
+    assert metric_value(text, "sidecar_log_dropped_total", log="test") == 0
+
+
+async def test_a_batch_a_stuck_sink_never_writes_is_counted_dropped() -> None:
+    metrics = Metrics()
+    sink = BlockingSink()
+    writer = LogWriter("test", sink, metrics, linger=0.01)
+    writer.start()
+    for n in range(5):
+        assert writer.submit({"n": n})
+    await asyncio.to_thread(sink.entered.wait, 10)
+    await writer.stop(flush_within=0.05)  # neither the write nor the close finishes
+    text = metrics.render().decode()
+    assert metric_value(text, "sidecar_log_dropped_total", log="test") == 5
+    assert (metric_value(text, "sidecar_log_written_total", log="test") or 0) == 0
+    sink.release.set()
+
+
 class SlowSink:
     """Each write takes a millisecond, like a real disk; counts the writes."""
 
