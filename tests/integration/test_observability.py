@@ -138,16 +138,23 @@ async def test_log_writer_counts_drops_and_flushes_on_stop() -> None:
     assert not writer.submit({"late": True})  # closed: refused, and counted
 
 
-async def test_a_batch_the_sink_writes_after_the_flush_timeout_is_counted_written() -> None:
-    # The writer is stopped while the thread is still in a slow write; the write
-    # then finishes, the sink closes: those records are written, not lost.
-    metrics = Metrics()
+async def in_a_blocked_write(metrics: Metrics) -> tuple[LogWriter, BlockingSink]:
+    """A started writer whose thread is in the write of records 0-4, held there until
+    the sink is released."""
     sink = BlockingSink()
     writer = LogWriter("test", sink, metrics, linger=0.01)
     writer.start()
     for n in range(5):
         assert writer.submit({"n": n})
-    await asyncio.to_thread(sink.entered.wait, 10)  # the thread is in the write
+    await asyncio.to_thread(sink.entered.wait, 10)
+    return writer, sink
+
+
+async def test_a_batch_the_sink_writes_after_the_flush_timeout_is_counted_written() -> None:
+    # The writer is stopped while the thread is still in a slow write; the write
+    # then finishes, the sink closes: those records are written, not lost.
+    metrics = Metrics()
+    writer, sink = await in_a_blocked_write(metrics)
     stopping = asyncio.create_task(writer.stop(flush_within=0.5))
     for _ in range(1000):  # up to 10 s: the flush wait gives up, the writer is stopped
         if not writer.alive:
@@ -164,12 +171,7 @@ async def test_a_batch_the_sink_writes_after_the_flush_timeout_is_counted_writte
 
 async def test_a_batch_a_stuck_sink_never_writes_is_counted_dropped() -> None:
     metrics = Metrics()
-    sink = BlockingSink()
-    writer = LogWriter("test", sink, metrics, linger=0.01)
-    writer.start()
-    for n in range(5):
-        assert writer.submit({"n": n})
-    await asyncio.to_thread(sink.entered.wait, 10)
+    writer, sink = await in_a_blocked_write(metrics)
     await writer.stop(flush_within=0.05)  # neither the write nor the close finishes
     text = metrics.render().decode()
     assert metric_value(text, "sidecar_log_dropped_total", log="test") == 5
