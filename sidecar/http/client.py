@@ -466,22 +466,15 @@ class Pool:
         fields as they go on the wire (``Headers.render``); Host and the body's
         length are added here. The caller owns the answer (``release`` or
         ``close`` it)."""
-        # One format each way: bytes += is a generic call under mypyc, a format is not.
-        if body is not None:
-            head = b"%s %s HTTP/1.1\r\nHost: %s\r\n%sContent-Length: %d\r\n\r\n" % (
-                method.encode("latin-1"),
-                target.encode("latin-1", "replace"),
-                self._host_field,
-                fields,
-                len(body),
-            )
-        else:
-            head = b"%s %s HTTP/1.1\r\nHost: %s\r\n%s\r\n" % (
-                method.encode("latin-1"),
-                target.encode("latin-1", "replace"),
-                self._host_field,
-                fields,
-            )
+        # Formats, not bytes +=, which is a generic call under mypyc.
+        length = b"" if body is None else b"Content-Length: %d\r\n" % len(body)
+        head = b"%s %s HTTP/1.1\r\nHost: %s\r\n%s%s\r\n" % (
+            method.encode("latin-1"),
+            target.encode("latin-1", "replace"),
+            self._host_field,
+            fields,
+            length,
+        )
         first = True
         while True:
             conn = self._warm_idle()

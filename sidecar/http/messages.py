@@ -113,8 +113,14 @@ class Headers:
 
     def get(self, name: str, default: str | None = None) -> str | None:
         """The first field of this name."""
-        value = self.get_raw(field_key(name))
-        return default if value is None else value.decode("latin-1")
+        value = self.text(field_key(name))
+        return default if value is None else value
+
+    def text(self, key: bytes) -> str | None:
+        """The first field named ``key`` (lower-case bytes), decoded: the lookup of
+        ``get`` without mapping a ``str`` name to its key."""
+        value = self.get_raw(key)
+        return None if value is None else value.decode("latin-1")
 
     def get_raw(self, key: bytes) -> bytes | None:
         """The first field named ``key`` (lower-case), as bytes."""
