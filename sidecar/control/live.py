@@ -72,16 +72,7 @@ class LiveRuntime:
         return self.current.loaded.path
 
     async def dispatch(self, request: Request) -> Answer:
-        runtime, pipeline = self.current, self._pipeline
-        if runtime.active == 0:
-            runtime.idle.clear()
-        runtime.active += 1
-        try:
-            return await pipeline.handle(request)
-        finally:
-            runtime.active -= 1
-            if runtime.active == 0:
-                runtime.idle.set()
+        return await self._pipeline.handle(request)  # counted in its runtime's requests
 
     def refuse(self, refusal: RequestRefused, method: str, target: str, peer: str) -> Response:
         """The answer to a request the HTTP layer refused, counted like the others."""
@@ -152,7 +143,7 @@ class LiveRuntime:
         # for good), then it is stopped whatever is left.
         await old.stop_background()
         try:
-            await asyncio.wait_for(old.idle.wait(), old.config.server.drain_timeout)
+            await asyncio.wait_for(old.requests.none_left(), old.config.server.drain_timeout)
         except TimeoutError:
             log.warning("retired_runtime_stopped_busy", requests_in_flight=old.active)
         await old.stop()

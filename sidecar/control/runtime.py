@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -14,6 +13,7 @@ from sidecar.pipeline.auth import Authenticator
 from sidecar.pipeline.forwarding import RoutePath, UpstreamGuard
 from sidecar.pipeline.ratelimit import RateLimiter
 from sidecar.pipeline.routing import RouteTable
+from sidecar.pipeline.stages import InFlight
 from sidecar.pipeline.validation import RequestValidator
 from sidecar.telemetry.logs import Logs
 from sidecar.telemetry.logwriter import LogWriter
@@ -145,9 +145,7 @@ class Runtime:
             for route in config.routes
             if route.validate_ is not None
         }
-        self.active = 0  # requests being handled by this runtime (for retiring it)
-        self.idle = asyncio.Event()
-        self.idle.set()
+        self.requests = InFlight()  # being handled by this runtime (for retiring it)
         self.draining = False
         self.loop_lag: LoopLagMonitor | None = None  # process-wide, set by its owner
 
@@ -155,6 +153,10 @@ class Runtime:
         guard = self.guards.get(upstream)
         if guard is not None and guard.breaker is not None:
             guard.breaker.probe_passed()
+
+    @property
+    def active(self) -> int:
+        return self.requests.count
 
     @property
     def drift_monitors(self) -> list[DriftMonitor]:

@@ -76,6 +76,33 @@ class Parts(Protocol):
     def key_names(self) -> frozenset[str]: ...
     @property
     def validators(self) -> Mapping[str, RequestValidator]: ...
+    @property
+    def requests(self) -> InFlight: ...
+
+
+class InFlight:
+    """The requests one runtime is handling, counted at the pipeline's boundary: a
+    runtime retired by a reload is stopped once none is left. Nothing is signalled
+    per request unless a retirement waits (an ``asyncio.Event`` set and cleared
+    around every request was a microsecond at one client)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._none_left: asyncio.Future[None] | None = None
+
+    def leave(self) -> None:
+        self.count -= 1
+        waiter = self._none_left
+        if self.count == 0 and waiter is not None:
+            self._none_left = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def none_left(self) -> None:
+        """Return once no request is in flight (a retired runtime takes no new ones)."""
+        while self.count:
+            waiter = self._none_left = asyncio.get_running_loop().create_future()
+            await waiter
 
 
 class Pipeline:
@@ -92,11 +119,15 @@ class Pipeline:
         self.limiter = parts.limiter
         self.key_names = parts.key_names
         self.validators = parts.validators
+        self.requests = parts.requests
         self.server_cap = parts.config.server.max_in_flight
         self.body_limits = {
             route.name: parts.config.route_body_limit(route) for route in parts.config.routes
         }
         self.in_flight = 0  # proxied requests in flight, all routes together
+        # The loop the pipeline serves on, once known: asyncio.get_running_loop() makes
+        # a getpid system call each time.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- the boundary ----------------------------------------------------------------
 
@@ -104,6 +135,8 @@ class Pipeline:
         ctx = self.identify(request)
         metrics = self.metrics
         metrics.handling += 1
+        requests = self.requests
+        requests.count += 1
         status = 500
         try:
             answer = await self.stages(request, ctx)
@@ -129,6 +162,7 @@ class Pipeline:
             )
         finally:
             metrics.handling -= 1
+            requests.leave()
             ctx.outcome = decide_outcome(ctx, status)
             self.record(request, ctx, status)
 
@@ -151,9 +185,10 @@ class Pipeline:
         duration = time.perf_counter() - ctx.started
         self.metrics.count_request(ctx.route_name, status, ctx.outcome, duration)
         if self.access_log is not None:
-            asyncio.get_running_loop().call_soon(
-                _log_access, self.access_log, request, ctx, status, duration
-            )
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
+            loop.call_soon(_log_access, self.access_log, request, ctx, status, duration)
 
     # -- the stages, in order --------------------------------------------------------
 

@@ -186,3 +186,50 @@ async def test_a_request_that_never_ends_does_not_keep_old_runtimes_probing(
         assert sidecar.running.runtime.upstreams.probing
     finally:
         writer.close()
+
+
+async def test_a_retired_runtime_stops_as_soon_as_its_last_request_ends(
+    make_fake_model: MakeFakeModel, start_sidecar: StartSidecar
+) -> None:
+    """The old runtime keeps its pools while a request it took is in flight, and is
+    stopped when that request ends, not when the (long) drain time runs out."""
+    model = await make_fake_model()
+    gate = asyncio.Event()
+
+    async def held(request: web.Request) -> web.Response:
+        await request.read()
+        await gate.wait()
+        return web.json_response({"model": "old"})
+
+    model.on("/held", held)
+    config = base_config(model.url)
+    config["server"]["drain_timeout"] = "60s"
+    sidecar = await start_sidecar(config)
+    first = sidecar.running.runtime
+    in_flight = asyncio.create_task(sidecar.session.post(sidecar.url + "/held", data=b"{}"))
+    try:
+        for _ in range(200):  # bounded: until the request is inside the pipeline
+            if first.active:
+                break
+            await asyncio.sleep(0.01)
+        assert first.active == 1
+        async with sidecar.session.post(sidecar.admin_url + "/-/reload") as resp:
+            assert resp.status == 200
+        assert sidecar.running.runtime is not first
+        for _ in range(5):  # the retirement starts and waits
+            await asyncio.sleep(0.01)
+        assert not first.upstreams._released, "stopped while its request was in flight"
+        gate.set()
+        async with await in_flight as resp:
+            assert resp.status == 200
+            assert await resp.json() == {"model": "old"}
+        for _ in range(200):  # bounded: 2 s, where the drain time is 60 s
+            if first.upstreams._released:
+                break
+            await asyncio.sleep(0.01)
+        assert first.upstreams._released, "the retired runtime waited for its drain time"
+        assert first.active == 0
+    finally:
+        gate.set()
+        if not in_flight.done():
+            in_flight.cancel()
