@@ -163,7 +163,7 @@ async def time_sidecar(contender: str, requests: int) -> float:
 
 async def time_floor(requests: int) -> float:
     loop = asyncio.get_running_loop()
-    pool = raw_proxy.Pool("http://127.0.0.1:9")
+    pool = raw_proxy.Pool("http://127.0.0.1:9", loop)
     upstream = raw_proxy.UpstreamConnection()
     upstream.connection_made(answering(upstream, loop))  # type: ignore[arg-type]
     pool.idle.append(upstream)

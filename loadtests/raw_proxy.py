@@ -65,7 +65,9 @@ class UpstreamConnection(asyncio.Protocol):
 
 
 class Pool:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, loop: asyncio.AbstractEventLoop) -> None:
+        # The loop, kept: asyncio.get_running_loop() makes a getpid system call.
+        self.loop = loop
         parts = urlsplit(url)
         self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
         self.host_header = f"{self.host}:{self.port}".encode()
@@ -77,9 +79,9 @@ class Pool:
         if self.idle:
             connection = self.idle.pop()  # LIFO: the warmest connection
         else:
-            loop = asyncio.get_running_loop()
-            _, connection = await loop.create_connection(UpstreamConnection, self.host, self.port)
-        connection.answer = asyncio.get_running_loop().create_future()
+            create = self.loop.create_connection
+            _, connection = await create(UpstreamConnection, self.host, self.port)
+        connection.answer = self.loop.create_future()
         assert connection.transport is not None
         connection.transport.write(head + body)
         answer = await connection.answer
@@ -92,12 +94,14 @@ class ClientConnection(asyncio.Protocol):
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
         self.parser = httptools.HttpRequestParser(self)
-        self.queue: asyncio.Queue[tuple[bytes, bytes, list[tuple[bytes, bytes]], bytes]]
-        self.queue = asyncio.Queue()
+        # Parsed requests, and the serving task's wait for the next (an asyncio.Queue
+        # looks the running loop up, a getpid system call, for each wait).
+        self.queue: deque[tuple[bytes, bytes, list[tuple[bytes, bytes]], bytes]] = deque()
+        self.waiter: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport: asyncio.Transport = transport  # type: ignore[assignment]
-        self.task = asyncio.get_running_loop().create_task(self.serve())
+        self.task = self.pool.loop.create_task(self.serve())
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.task.cancel()
@@ -123,11 +127,16 @@ class ClientConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         method = self.parser.get_method()
-        self.queue.put_nowait((method, self.url, self.headers, b"".join(self.body)))
+        self.queue.append((method, self.url, self.headers, b"".join(self.body)))
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
 
     async def serve(self) -> None:  # pipelined requests answered in order
         while True:
-            method, url, headers, body = await self.queue.get()
+            while not self.queue:
+                self.waiter = self.pool.loop.create_future()
+                await self.waiter
+            method, url, headers, body = self.queue.popleft()
             lines = [method + b" " + url + b" HTTP/1.1", b"host: " + self.pool.host_header]
             lines += [n + b": " + v for n, v in headers if n.lower() not in HOP]
             lines.append(b"content-length: %d" % len(body))
@@ -141,8 +150,8 @@ class ClientConnection(asyncio.Protocol):
 
 
 async def main(port: int, upstream: str) -> None:
-    pool = Pool(upstream)
     loop = asyncio.get_running_loop()
+    pool = Pool(upstream, loop)
     server = await loop.create_server(
         lambda: ClientConnection(pool), "127.0.0.1", port, backlog=4096
     )
