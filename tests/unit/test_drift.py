@@ -562,3 +562,13 @@ async def test_a_running_monitor_parses_with_the_loops_other_work_in_between(
     assert during >= 5
     assert sliced.monitor._compute() == at_once.monitor.evaluate()
     assert set(sliced.monitor.last_psi) == {"prediction", "age"}
+
+
+def test_a_pair_too_large_to_parse_in_one_step_is_counted_not_kept(tmp_path: Path) -> None:
+    m = Monitor(tmp_path, BASELINE, max_pair_bytes="64B", features=AGE)
+    m.monitor.observe(b'{"age": 40}' + b" " * 21, b'{"label": 1}' + b" " * 20)  # 64 bytes
+    m.monitor.observe(b'{"age": 40}' + b" " * 22, b'{"label": 1}' + b" " * 20)  # 65 bytes
+    assert m.sample("sidecar_dropped_total", buffer="drift_too_large") == 1.0
+    assert m.sample("sidecar_dropped_total", buffer="drift_pending") == 0.0
+    assert m.monitor._pending_bytes == 64  # only the pair within the limit waits
+    assert len(m.monitor._pending) == 1
