@@ -128,6 +128,7 @@ class DriftMonitor:
         self._dropped = metrics.dropped.labels("drift_pending", route)
         # Pairs too large to parse without holding the event loop up.
         self._too_large = metrics.dropped.labels("drift_too_large", route)
+        self._said_too_large = False
         # Pairs let go unparsed: newer ones had filled every window.
         self._superseded = metrics.dropped.labels("drift_superseded", route)
         self._windows: dict[str, deque[float]] = {
@@ -149,6 +150,16 @@ class DriftMonitor:
         size = len(request_body) + len(response_body)
         if size > self._max_pair_bytes:
             self._too_large.inc()
+            if not self._said_too_large:  # a route of large pairs would get no PSI
+                self._said_too_large = True
+                log.warning(
+                    "drift_pair_too_large",
+                    route=self.route,
+                    bytes=size,
+                    max_pair_bytes=self._max_pair_bytes,
+                    message="pairs this large are not parsed for drift (counted in "
+                    'sidecar_dropped_total{buffer="drift_too_large"}); raise max_pair_bytes',
+                )
             return
         if self._pending_bytes + size > self._max_pending_bytes:
             self._dropped.inc()

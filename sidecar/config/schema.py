@@ -386,8 +386,8 @@ class DriftSettings(_Strict):
     baseline: str
     freeze_after: int | None = Field(default=None, ge=10)
     window: int = Field(default=1000, ge=10)
-    # Bodies waiting to be parsed (once per interval): past this, pairs are dropped and
-    # counted (sidecar_dropped_total{buffer="drift_pending"}).
+    # Bodies waiting to be parsed (each second, or each interval when shorter): past
+    # this, pairs are dropped and counted (sidecar_dropped_total{buffer="drift_pending"}).
     max_pending_bytes: ByteSize = 16 * 1024 * 1024
     # A larger pair (request and response together) is not parsed: one pair is parsed
     # in one step on the event loop, about 3 ms a MiB of JSON. Counted

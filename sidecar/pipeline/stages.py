@@ -101,8 +101,10 @@ class InFlight:
     async def none_left(self) -> None:
         """Return once no request is in flight (a retired runtime takes no new ones)."""
         while self.count:
-            waiter = self._none_left = asyncio.get_running_loop().create_future()
-            await waiter
+            waiter = self._none_left
+            if waiter is None or waiter.done():
+                waiter = self._none_left = asyncio.get_running_loop().create_future()
+            await asyncio.shield(waiter)  # one waiter's timeout is not the others'
 
 
 class Pipeline:

@@ -42,10 +42,15 @@ def render(record: Record) -> bytes:
     if isinstance(record, bytes):
         return record if record.endswith(b"\n") else record + b"\n"
     timestamp = record.get("timestamp")
-    if isinstance(timestamp, float):
-        # Taken as a float on the hot path; written out here, off it.
+    # Taken as a float on the hot path; written out here, off it. One that is no time
+    # of years 1 to 9999 (NaN, say) stays a number: a bad record is not a lost batch.
+    if isinstance(timestamp, float) and _YEAR_1 <= timestamp < _YEAR_10000:
         record["timestamp"] = _UTC_TIMESTAMPS.format(timestamp)
     return orjson.dumps(record, default=repr, option=_RENDER_OPTIONS)
+
+
+_YEAR_1: Final = -62_135_596_800.0  # 0001-01-01T00:00:00Z
+_YEAR_10000: Final = 253_402_300_799.0  # 9999-12-31T23:59:59Z: its fraction may round up
 
 
 class _Rfc3339:
@@ -54,17 +59,24 @@ class _Rfc3339:
     datetime made for each record was two thirds of rendering one."""
 
     def __init__(self) -> None:
-        self._second = -1
+        self._second: int | None = None
         self._prefix = ""
 
     def format(self, timestamp: float) -> str:
+        # Rounded as datetime.fromtimestamp rounds: to the microsecond, half to even.
         second = int(timestamp)
-        micros = int((timestamp - second) * 1_000_000.0 + 0.5)  # to the nearest
-        if micros == 1_000_000:
-            second, micros = second + 1, 0
+        micros = round((timestamp - second) * 1_000_000.0)
+        if micros >= 1_000_000:
+            second, micros = second + 1, micros - 1_000_000
+        elif micros < 0:  # before 1970: int() took the second towards zero
+            second, micros = second - 1, micros + 1_000_000
         if second != self._second:
             self._second = second
-            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            t = time.gmtime(second)  # strftime's %Y has no leading zeros before 1000
+            self._prefix = (
+                f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}"
+                f"T{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}"
+            )
         if not micros:
             return self._prefix + "Z"
         return self._prefix + "." + _DIGITS3[micros // 1000] + _DIGITS3[micros % 1000] + "Z"
@@ -218,6 +230,7 @@ class LogWriter:
         self._closed = False
         self._writing = 0  # records of the batch being written now
         self._write_job: asyncio.Future[None] | None = None  # its latest hand-off
+        self._render_failed = False  # a record failed to render (said once)
         self.failing = False  # the last write failed
         self.last_error: str | None = None
         self._dropped = metrics.log_dropped.labels(name)
@@ -295,12 +308,14 @@ class LogWriter:
             pending -= size
             batch = [self._queue.popleft() for _ in range(size)]
             self._bytes -= sum(held for _, held in batch)
-            self._writing = len(batch)  # settled by stop() if the writer is stopped now
+            # Records not yet counted, settled by stop() if the writer is stopped now.
+            self._writing = len(batch)
             self._write_job = None
-            if await self._write(await self._rendered(batch)):
-                self._written.inc(len(batch))
+            data = await self._rendered(batch)
+            if await self._write(data):
+                self._written.inc(self._writing)
             else:
-                self._dropped.inc(len(batch))
+                self._dropped.inc(self._writing)
             self._writing = 0
         self._depth.set(0)
 
@@ -319,7 +334,17 @@ class LogWriter:
         lines = bytearray()
         until = clock() + RENDER_SLICE
         for record, _ in batch:
-            lines += render(record)
+            try:
+                lines += render(record)
+            except Exception as exc:  # noqa: BLE001 - one record lost, not the batch
+                self._dropped.inc()
+                self._writing -= 1
+                if not self._render_failed:
+                    self._render_failed = True
+                    print(
+                        f"sidecar: log {self.name}: a record failed to render: {exc!r}"[:300],
+                        file=sys.stderr,
+                    )
             if clock() >= until:
                 await asyncio.sleep(0)
                 until = clock() + RENDER_SLICE

@@ -138,6 +138,33 @@ async def test_log_writer_counts_drops_and_flushes_on_stop() -> None:
     assert not writer.submit({"late": True})  # closed: refused, and counted
 
 
+async def test_a_record_that_fails_to_render_is_counted_and_its_batch_written() -> None:
+    metrics = Metrics()
+    sink = BlockingSink()
+    sink.release.set()
+
+    def render_or_fail(record: Any) -> bytes:
+        if record.get("n") == 2:
+            raise ValueError("cannot render this one")
+        return orjson.dumps(record) + b"\n"
+
+    writer = LogWriter("test", sink, metrics, linger=0.01, renderer=render_or_fail)
+    writer.start()
+    for n in range(5):
+        assert writer.submit({"n": n})
+    for _ in range(500):  # bounded: until the batch is written
+        if len(sink.lines) == 4:
+            break
+        await asyncio.sleep(0.01)
+    assert writer.alive  # the writer lives on after a record failed
+    assert writer.submit({"n": 5})
+    await writer.stop()
+    assert [orjson.loads(line)["n"] for line in sink.lines] == [0, 1, 3, 4, 5]
+    text = metrics.render().decode()
+    assert metric_value(text, "sidecar_log_dropped_total", log="test") == 1
+    assert metric_value(text, "sidecar_log_written_total", log="test") == 5
+
+
 async def in_a_blocked_write(metrics: Metrics) -> tuple[LogWriter, BlockingSink]:
     """A started writer whose thread is in the write of records 0-4, held there until
     the sink is released."""

@@ -233,3 +233,57 @@ async def test_a_retired_runtime_stops_as_soon_as_its_last_request_ends(
         gate.set()
         if not in_flight.done():
             in_flight.cancel()
+
+
+async def test_a_retired_runtime_stops_once_the_clients_of_its_requests_have_left(
+    make_fake_model: MakeFakeModel, start_sidecar: StartSidecar
+) -> None:
+    """A request that ends because its client left is no longer in flight: the
+    retired runtime is stopped when the last such client leaves, not before and not
+    at the end of the drain time."""
+    model = await make_fake_model()
+    never = asyncio.Event()
+
+    async def held(request: web.Request) -> web.Response:
+        await request.read()
+        await never.wait()
+        return web.json_response({})
+
+    model.on("/held", held)
+    config = base_config(model.url)
+    config["server"]["drain_timeout"] = "60s"
+    sidecar = await start_sidecar(config)
+    first = sidecar.running.runtime
+    request = b"POST /held HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+    clients = []
+    try:
+        for _ in range(2):
+            _, writer = await asyncio.open_connection(LOOPBACK, sidecar.running.main_port)
+            writer.write(request)
+            await writer.drain()
+            clients.append(writer)
+        for _ in range(200):  # bounded: until both requests are inside the pipeline
+            if first.active == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert first.active == 2
+        async with sidecar.session.post(sidecar.admin_url + "/-/reload") as resp:
+            assert resp.status == 200
+        clients[0].close()
+        for _ in range(200):  # bounded: the first client's request is cancelled
+            if first.active == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert first.active == 1
+        await asyncio.sleep(0.05)
+        assert not first.upstreams._released, "stopped while a request was in flight"
+        clients[1].close()
+        for _ in range(200):  # bounded: 2 s, where the drain time is 60 s
+            if first.upstreams._released:
+                break
+            await asyncio.sleep(0.01)
+        assert first.upstreams._released, "the retired runtime waited for its drain time"
+    finally:
+        never.set()
+        for writer in clients:
+            writer.close()

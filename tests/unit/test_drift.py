@@ -572,3 +572,15 @@ def test_a_pair_too_large_to_parse_in_one_step_is_counted_not_kept(tmp_path: Pat
     assert m.sample("sidecar_dropped_total", buffer="drift_pending") == 0.0
     assert m.monitor._pending_bytes == 64  # only the pair within the limit waits
     assert len(m.monitor._pending) == 1
+
+
+def test_large_pairs_are_said_once_and_the_default_limit_is_a_mebibyte(tmp_path: Path) -> None:
+    assert settings().max_pair_bytes == 1024 * 1024
+    m = Monitor(tmp_path, BASELINE, max_pair_bytes="16B")
+    with capture_logs() as logs:
+        for _ in range(3):
+            m.monitor.observe(b"", b'{"label": 1, "padding": 0}')
+    warned = [line for line in logs if line["event"] == "drift_pair_too_large"]
+    assert len(warned) == 1
+    assert warned[0]["route"] == "infer"
+    assert m.sample("sidecar_dropped_total", buffer="drift_too_large") == 3.0
