@@ -411,6 +411,52 @@ async def test_pipelined_requests_are_answered_in_order(
     assert raw.index(b"slow") < raw.index(b"fast")
 
 
+async def _one_answer(reader: asyncio.StreamReader) -> bytes:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    length = int(head.lower().split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0])
+    return head + await asyncio.wait_for(reader.readexactly(length), 10)
+
+
+async def test_a_kept_alive_connection_reuses_its_task_and_an_idle_one_holds_none(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """Between requests a connection's task waits a tick or two for the next one,
+    then ends: a busy client's requests share one task, an idle one holds none, and a
+    request that comes as the wait ends is answered all the same."""
+    sidecar = await start_sidecar(base_config(fake_model.url))
+    server = sidecar.running._main
+    request = b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n"
+    reader, writer = await asyncio.open_connection(LOOPBACK, sidecar.running.main_port)
+    try:
+        writer.write(request)
+        assert (await _one_answer(reader)).startswith(b"HTTP/1.1 200 OK")
+        (conn,) = server.connections
+        waiting = conn._task
+        assert waiting is not None  # parked for the next request
+        writer.write(request)
+        assert (await _one_answer(reader)).startswith(b"HTTP/1.1 200 OK")
+        assert conn._task is waiting
+        for _ in range(300):  # bounded: two ticks of the sweeper (0.5 s each here)
+            if conn._task is None:
+                break
+            await asyncio.sleep(0.01)
+        assert conn._task is None  # idle: no task held
+        assert waiting.done()
+        writer.write(request)
+        assert (await _one_answer(reader)).startswith(b"HTTP/1.1 200 OK")
+        assert conn._task is not None
+        # The wait ends and a request comes before the task has run again: it is
+        # served (queued for the ending task), not left unanswered.
+        conn._end_wait()
+        conn.data_received(request)
+        assert (await _one_answer(reader)).startswith(b"HTTP/1.1 200 OK")
+        writer.write(request)  # and the connection goes on as before
+        assert (await _one_answer(reader)).startswith(b"HTTP/1.1 200 OK")
+        assert len(fake_model.hits_for("/one")) == 5
+    finally:
+        writer.close()
+
+
 async def test_versions_we_answer_and_refuse(
     fake_model: FakeModel, start_sidecar: StartSidecar
 ) -> None:
