@@ -314,7 +314,6 @@ class HttpConnection(FlowControlled):
         "_in_head",
         "_lingering",
         "_next",
-        "_parked_tick",
         "_parser",
         "_parsing",
         "_partial",
@@ -348,7 +347,6 @@ class HttpConnection(FlowControlled):
         # it waits (parked) a tick or two for the next one, on ``_next``.
         self._task: asyncio.Task[None] | None = None
         self._next: asyncio.Future[Request | None] | None = None
-        self._parked_tick = 0
         # One deadline at a time (head, idle), checked by the server's sweeper: no
         # timer is created or cancelled per request.
         self.deadline = 0.0
@@ -549,13 +547,14 @@ class HttpConnection(FlowControlled):
         self._current = request
         self._task = self.loop.create_task(self._serve(request))
 
-    async def _serve(self, request: Request) -> None:
+    async def _serve(self, first: Request) -> None:
         """Answer the connection's requests in order. Between requests the task waits
-        for the next one until the server's sweeper ends the wait (a tick or two), so
-        a busy kept-alive connection reuses it: a task made per request was a tenth
-        of what a pass-through request cost. An idle connection holds no task."""
+        for the next one until the server's sweeper next runs (within a tick), so a
+        busy kept-alive connection reuses it: a task made per request was a tenth of
+        what a pass-through request cost. An idle connection holds no task."""
+        request: Request | None = first
         try:
-            while True:
+            while request is not None:
                 await self._handle(request)
                 if self.closed or not self._reusable(request):
                     # Bytes of the client's may be left unread: its body, or what it
@@ -563,18 +562,22 @@ class HttpConnection(FlowControlled):
                     self.close(linger=not request.complete or bool(self._queue) or self._in_head)
                     return
                 if not self._queue:
-                    self._current = None
+                    self._current = request = None  # not kept while the next is awaited
                     if not self._ready_for_next():
                         return
+                    server = self.server
+                    if server.waiting >= MAX_WAITING_TASKS:
+                        return  # the connection idles without a task, as all do after a tick
                     waiter: asyncio.Future[Request | None] = self.loop.create_future()
                     self._next = waiter
-                    self._parked_tick = self.server.ticks
-                    handed = await waiter  # the next request, or None: the wait ended
-                    if handed is not None:
-                        request = handed
-                        continue
-                    if not self._queue:
-                        return  # idle: the next request starts a task again
+                    server.waiting += 1
+                    try:
+                        request = await waiter  # the next request, or None: the wait ended
+                    finally:
+                        server.waiting -= 1
+                    if request is not None or not self._queue:
+                        continue  # served, or (None) the task ends: the connection idles
+                # Pipelined, or come as the wait ended (queued for this ending task).
                 request = self._queue.popleft()
                 self._current = request
         finally:
@@ -600,8 +603,8 @@ class HttpConnection(FlowControlled):
         return True
 
     def _end_wait(self) -> None:
-        """The sweeper ends a wait for the next request that lasted a whole tick: the
-        task returns and the connection waits idle without one."""
+        """The sweeper ends the wait for a next request: the task returns, and the
+        connection waits idle without one."""
         waiter, self._next = self._next, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -830,6 +833,12 @@ class HttpConnection(FlowControlled):
             )
 
 
+# Tasks kept waiting for a connection's next request, at most: a task and its
+# coroutine are about a kilobyte, and thousands of clients that each send one
+# request and then idle must not add that much to the memory they hold.
+MAX_WAITING_TASKS: Final = 256
+
+
 def _head_too_large(what: str) -> RequestRefused:
     return RequestRefused(431, "header_too_large", f"{what} is too large")
 
@@ -857,7 +866,7 @@ class HttpServer:
         self._sweeper: asyncio.Task[None] | None = None
         shortest = min(self.limits.head_timeout, self.limits.idle_timeout)
         self._tick = max(0.01, min(0.5, shortest / 4))  # how late a deadline may fire
-        self.ticks = 0  # sweeps so far
+        self.waiting = 0  # connections' tasks waiting for a next request
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -882,15 +891,14 @@ class HttpServer:
         return int(bound[1])
 
     async def _sweep(self) -> None:
-        """Fire the head and idle deadlines that have passed, every tick, and end the
-        waits for a next request that began before the last tick."""
+        """Fire the head and idle deadlines that have passed, and end the tasks' waits
+        for a next request, every tick."""
         loop = self.loop
         while True:
             await asyncio.sleep(self._tick)
-            self.ticks += 1
             now = loop.time()
             for conn in list(self.connections):
-                if conn._next is not None and conn._parked_tick < self.ticks - 1:
+                if conn._next is not None:
                     conn._end_wait()
                 callback = conn.on_deadline
                 if callback is not None and conn.deadline <= now:

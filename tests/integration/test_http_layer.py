@@ -420,9 +420,10 @@ async def _one_answer(reader: asyncio.StreamReader) -> bytes:
 async def test_a_kept_alive_connection_reuses_its_task_and_an_idle_one_holds_none(
     fake_model: FakeModel, start_sidecar: StartSidecar
 ) -> None:
-    """Between requests a connection's task waits a tick or two for the next one,
-    then ends: a busy client's requests share one task, an idle one holds none, and a
-    request that comes as the wait ends is answered all the same."""
+    """Between requests a connection's task waits for the next one until the server's
+    sweeper next runs, then ends: a busy client's requests share one task, an idle
+    one holds none, and a request that comes as the wait ends is answered all the
+    same."""
     sidecar = await start_sidecar(base_config(fake_model.url))
     server = sidecar.running._main
     request = b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -436,7 +437,7 @@ async def test_a_kept_alive_connection_reuses_its_task_and_an_idle_one_holds_non
         writer.write(request)
         assert (await _one_answer(reader)).startswith(b"HTTP/1.1 200 OK")
         assert conn._task is waiting
-        for _ in range(300):  # bounded: two ticks of the sweeper (0.5 s each here)
+        for _ in range(300):  # bounded: a tick of the sweeper (0.5 s here)
             if conn._task is None:
                 break
             await asyncio.sleep(0.01)
@@ -455,6 +456,38 @@ async def test_a_kept_alive_connection_reuses_its_task_and_an_idle_one_holds_non
         assert len(fake_model.hits_for("/one")) == 5
     finally:
         writer.close()
+
+
+async def test_at_most_256_tasks_wait_for_a_next_request(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """Clients that each send one request and then idle leave at most 256 tasks
+    waiting (bounded memory): the others' connections idle without one."""
+    sidecar = await start_sidecar(base_config(fake_model.url))
+    server = sidecar.running._main
+    sweeper = server._sweeper
+    assert sweeper is not None
+    sweeper.cancel()  # no wait ends on its own during the test
+    request = b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n"
+    writers = []
+    try:
+        for _ in range(300):
+            reader, writer = await asyncio.open_connection(LOOPBACK, sidecar.running.main_port)
+            writers.append(writer)
+            writer.write(request)
+            assert (await _one_answer(reader)).startswith(b"HTTP/1.1 200 OK")
+        assert server.waiting == 256
+        assert sum(conn._task is not None for conn in server.connections) == 256
+        for writer in writers:
+            writer.close()
+        for _ in range(300):  # bounded: until the server has seen every client leave
+            if not server.connections:
+                break
+            await asyncio.sleep(0.01)
+        assert server.waiting == 0  # each wait ended with its connection
+    finally:
+        for writer in writers:
+            writer.close()
 
 
 async def test_versions_we_answer_and_refuse(
