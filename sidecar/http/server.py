@@ -1,7 +1,9 @@
 """The sidecar's HTTP/1.1 server: an asyncio protocol per connection, llhttp to parse.
 
 A connection handles one request at a time; pipelined requests wait, in the order
-they came, with reading paused. What one client can hold is bounded in bytes and
+they came, with reading paused. One task answers a connection's requests, and waits
+for the next until the sweeper's next tick (at most 256 tasks wait): a busy
+kept-alive client is served without a task made per request, an idle one holds none. What one client can hold is bounded in bytes and
 time: the head (request line, each field, the whole head, the field count), the
 time to send a head, the silence between two parts of a body, the body read ahead
 of the handler (reading pauses past ``read_ahead``), the idle time between
