@@ -3,11 +3,12 @@
 A connection handles one request at a time; pipelined requests wait, in the order
 they came, with reading paused. One task answers a connection's requests, and waits
 for the next until the sweeper's next tick (at most 256 tasks wait): a busy
-kept-alive client is served without a task made per request, an idle one holds none. What one client can hold is bounded in bytes and
-time: the head (request line, each field, the whole head, the field count), the
-time to send a head, the silence between two parts of a body, the body read ahead
-of the handler (reading pauses past ``read_ahead``), the idle time between
-requests, and how long a write may wait for a client that stopped reading.
+kept-alive client is served without a task made per request, an idle one holds none.
+What one client can hold is bounded in bytes and time: the head (request line, each
+field, the whole head, the field count), the time to send a head, the silence
+between two parts of a body, the body read ahead of the handler (reading pauses
+past ``read_ahead``), the idle time between requests, and how long a write may wait
+for a client that stopped reading.
 
 Refusals before a request reaches the handler (malformed or oversized heads,
 timeouts, unsupported versions) are answered through ``refuse``, which the layer
@@ -516,13 +517,19 @@ class HttpConnection(FlowControlled):
             keep_alive,
         )
         self._parsing = request
-        if self._current is None and self._next is not None:
+        waiter = self._next
+        if self._current is None and waiter is not None and not waiter.done():
             self._current = request  # the serving task waits for it: hand it over
-            waiter, self._next = self._next, None
+            self._next = None
             waiter.set_result(request)
         elif self._current is None and self._task is None:
             self._start(request)
         else:
+            if self._current is None:
+                # Come as the wait ended, before the task ran again: the ending task
+                # serves it, so it is being handled from now on (a refusal behind it,
+                # a timeout and stop() wait for its answer).
+                self._current = request
             if self._queue is None:
                 self._queue = deque()
             self._queue.append(request)

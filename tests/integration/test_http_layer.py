@@ -453,7 +453,15 @@ async def test_a_kept_alive_connection_reuses_its_task_and_an_idle_one_holds_non
         assert (await _one_answer(reader)).startswith(b"HTTP/1.1 200 OK")
         writer.write(request)  # and the connection goes on as before
         assert (await _one_answer(reader)).startswith(b"HTTP/1.1 200 OK")
-        assert len(fake_model.hits_for("/one")) == 5
+        # The same, with a malformed request behind it in the same read: the request
+        # is answered first, then the refusal, and the connection closes.
+        conn._end_wait()
+        conn.data_received(request + b"GARBAGE\x01\r\n\r\n")
+        rest = await asyncio.wait_for(reader.read(), 10)
+        assert rest.startswith(b"HTTP/1.1 200 OK"), rest
+        assert rest.count(b"HTTP/1.1 400 Bad Request") == 1
+        assert rest.index(b"HTTP/1.1 400") > rest.index(b"HTTP/1.1 200")
+        assert len(fake_model.hits_for("/one")) == 6
     finally:
         writer.close()
 
