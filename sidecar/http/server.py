@@ -184,6 +184,15 @@ class Request:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def arrived_body(self, limit: int) -> bytes | None:
+        """The whole body when all of it has come and is within ``limit``, without a
+        wait (a small body comes with its head); else None, and ``read_body`` it."""
+        if not self.complete or self._size > limit:
+            return None
+        parts = self._parts
+        self._parts = []
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
     async def read_body(self, limit: int) -> bytes:
         """The whole body, refused (413) as soon as it passes ``limit`` bytes and
         (408) when the client goes silent in the middle of it for ``body_timeout``."""

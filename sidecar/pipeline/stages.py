@@ -294,7 +294,8 @@ class Pipeline:
         validator = self.validators.get(ctx.route.name)
         if validator is not None:
             validator.check_content_type(request.content_type, request.body_exists)
-        ctx.body = await read_body(request, ctx.body_limit)
+        body = request.arrived_body(ctx.body_limit)
+        ctx.body = body if body is not None else await read_body(request, ctx.body_limit)
         ctx.bytes_in = len(ctx.body)
         if validator is not None:
             try:
