@@ -234,6 +234,19 @@ def closed_port() -> int:
     return port
 
 
+async def clients_that_sent(
+    port: int, request: bytes, count: int
+) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """``count`` loopback connections to ``port``, each having sent ``request``."""
+    clients = []
+    for _ in range(count):
+        reader, writer = await asyncio.open_connection(LOOPBACK, port)
+        clients.append((reader, writer))
+        writer.write(request)
+        await writer.drain()
+    return clients
+
+
 async def raw_request(port: int, data: bytes, *, read_until_close: bool = True) -> bytes:
     """Send raw bytes to a loopback port and return what comes back until it closes."""
     reader, writer = await asyncio.open_connection(LOOPBACK, port)

@@ -20,6 +20,7 @@ from tests.conftest import (
     FakeModel,
     StartSidecar,
     base_config,
+    clients_that_sent,
     raw_request,
 )
 from tests.integration.test_correctness import ListSink, flushed
@@ -477,12 +478,10 @@ async def test_at_most_256_tasks_wait_for_a_next_request(
     assert sweeper is not None
     sweeper.cancel()  # no wait ends on its own during the test
     request = b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n"
-    writers = []
+    clients = await clients_that_sent(sidecar.running.main_port, request, 300)
+    writers = [writer for _, writer in clients]
     try:
-        for _ in range(300):
-            reader, writer = await asyncio.open_connection(LOOPBACK, sidecar.running.main_port)
-            writers.append(writer)
-            writer.write(request)
+        for reader, _ in clients:
             assert (await _one_answer(reader)).startswith(b"HTTP/1.1 200 OK")
         assert server.waiting == 256
         assert sum(conn._task is not None for conn in server.connections) == 256

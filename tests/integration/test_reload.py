@@ -17,6 +17,7 @@ from tests.conftest import (
     MakeFakeModel,
     StartSidecar,
     base_config,
+    clients_that_sent,
     start_sidecar_process,
 )
 from tests.integration.test_endpoints import metric_value
@@ -255,13 +256,9 @@ async def test_a_retired_runtime_stops_once_the_clients_of_its_requests_have_lef
     sidecar = await start_sidecar(config)
     first = sidecar.running.runtime
     request = b"POST /held HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
-    clients = []
+    main_port = sidecar.running.main_port
+    clients = [writer for _, writer in await clients_that_sent(main_port, request, 2)]
     try:
-        for _ in range(2):
-            _, writer = await asyncio.open_connection(LOOPBACK, sidecar.running.main_port)
-            writer.write(request)
-            await writer.drain()
-            clients.append(writer)
         for _ in range(200):  # bounded: until both requests are inside the pipeline
             if first.active == 2:
                 break
