@@ -356,7 +356,7 @@ class HttpConnection(FlowControlled):
         self._current: Request | None = None  # being handled
         self._parsing: Request | None = None  # head parsed, body still arriving
         # The task that answers this connection's requests in order; between requests
-        # it waits (parked) a tick or two for the next one, on ``_next``.
+        # it waits on ``_next`` for the next one, until the sweeper's next tick.
         self._task: asyncio.Task[None] | None = None
         self._next: asyncio.Future[Request | None] | None = None
         # One deadline at a time (head, idle), checked by the server's sweeper: no
