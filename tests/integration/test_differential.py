@@ -99,6 +99,8 @@ def _unchunk(data: bytes) -> bytes:
 
 TOKEN = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=12)
 SEGMENT = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-_~", min_size=1, max_size=10)
+# The sidecar answers these paths itself (no admin listener here): never forwarded.
+OWN_PATHS = {"/livez", "/readyz", "/health", "/metrics"}
 TARGETS = st.builds(
     lambda segments, query: "/" + "/".join(segments) + (f"?{query}" if query else ""),
     st.lists(SEGMENT, max_size=4),
@@ -106,7 +108,7 @@ TARGETS = st.builds(
         st.none(),
         st.from_regex(r"[a-z0-9]{1,8}=[a-z0-9%]{0,12}(&[a-z]{1,5}=[0-9]{1,3})?", fullmatch=True),
     ),
-)
+).filter(lambda target: target.split("?", 1)[0] not in OWN_PATHS)
 VALUE = st.text(
     alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=30
 )
