@@ -129,11 +129,13 @@ async def sidecar_handler(contender: str) -> Callable[[Request], Awaitable[Any]]
 
         return forward
     from sidecar.config.plan import load_plan
+    from sidecar.control import interpreter
     from sidecar.control.live import LiveRuntime
     from sidecar.telemetry.logs import Logs
     from sidecar.telemetry.metrics import Metrics
     from sidecar.upstream.upstreams import ConnectionPools
 
+    interpreter.settle()  # as `sidecar run` does before it builds a config
     workdir = Path(tempfile.mkdtemp(prefix="sidecar-plane-"))
     url = "http://127.0.0.1:9"
     config = bench.full_config(url, workdir) if contender == "full" else bench.sidecar_config(url)

@@ -72,7 +72,7 @@ class SignalExtractor:
         out = {PREDICTION: self.reader.values(response)}
         for name, path in self.features:
             value = lookup(request, path)
-            if isinstance(value, int | float) and not isinstance(value, bool):
+            if (isinstance(value, float) or isinstance(value, int)) and not isinstance(value, bool):  # noqa: SIM101
                 out[name] = [float(value)]
                 continue
             out[name] = []

@@ -29,7 +29,7 @@ def _numbers(node: Any) -> Iterator[float]:
     """Every number in a nested structure, in document order (booleans excluded)."""
     if isinstance(node, bool):
         return
-    if isinstance(node, int | float):
+    if isinstance(node, float) or isinstance(node, int):  # noqa: SIM101 - compiled: two type checks
         yield float(node)
     elif isinstance(node, list):
         for item in node:

@@ -32,8 +32,11 @@ _READ_AHEAD: Final = 256 * 1024  # answer bytes buffered before reading from the
 MAX_HEAD: Final = 64 * 1024
 MAX_FIELDS: Final = 200
 # What a reason phrase may hold (RFC 9112 section 4): tab, space, visible and
-# obs-text bytes; a control byte makes the status line broken.
-_REASON_BYTES: Final = bytes([0x09, *range(0x20, 0x7F), *range(0x80, 0x100)])
+# obs-text bytes; a control byte makes the status line broken. The table maps every
+# control byte to NUL and the rest to themselves (a translate that deletes the
+# allowed bytes instead builds its table on each call).
+_CONTROL_BYTES: Final = bytes([*range(0x09), *range(0x0A, 0x20), 0x7F])
+_CONTROL_TO_NUL: Final = bytes.maketrans(_CONTROL_BYTES, b"\x00" * len(_CONTROL_BYTES))
 
 
 class ConnectFailed(Exception):
@@ -81,7 +84,7 @@ class ClientResponse:
         # pipeline then stamps (X-Request-ID, Server-Timing): read the model's own
         # values before the answer is relayed.
         self.headers = headers
-        length = headers.get("content-length")
+        length = headers.get_raw(b"content-length")  # digits only: llhttp checked them
         self.content_length = int(length) if length is not None else None
         self.complete = False  # every byte of the body has arrived
         self._conn = conn
@@ -302,7 +305,9 @@ class UpstreamConnection(FlowControlled):
             head.set_exception(BrokenAnswer(f"status {status}"))
             self.keep_alive = False
             return
-        if reason.translate(None, _REASON_BYTES):
+        # 0, not b"\x00": a bytes needle costs bytes.__contains__ a TypeError raised
+        # and cleared inside (it tries the needle as an int first).
+        if 0 in reason.translate(_CONTROL_TO_NUL):
             head.set_exception(BrokenAnswer("a control byte in the status line"))
             self.keep_alive = False
             return

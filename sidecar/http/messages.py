@@ -12,6 +12,13 @@ from http import HTTPStatus
 from typing import Final
 
 _REASONS: Final = {status.value: status.phrase.encode() for status in HTTPStatus}
+_PHRASES: Final = {status.value: status.phrase for status in HTTPStatus}
+# The HTTP/1.1 status line of every registered status with its own phrase: nearly
+# every answer's, made once rather than encoded and formatted per answer.
+_STATUS_LINES: Final = {
+    status.value: b"HTTP/1.1 %d %s\r\n" % (status.value, status.phrase.encode())
+    for status in HTTPStatus
+}
 
 # One header field as it is kept and sent: (lower-case name, name, value), in bytes.
 # Typed as a tuple of any length so mypyc keeps each field a tuple object: as
@@ -39,6 +46,17 @@ HOP_BY_HOP: Final = frozenset(
 
 def reason_for(status: int) -> bytes:
     return _REASONS.get(status, b"Unknown")
+
+
+def status_line(status: int, reason: str | None, http10: bool) -> bytes:
+    """The status line, CRLF included: with ``reason`` when given, else the status's
+    own phrase; ``HTTP/1.0`` for a 1.0 client."""
+    if not http10 and (not reason or reason == _PHRASES.get(status)):
+        line = _STATUS_LINES.get(status)
+        if line is not None:
+            return line
+    phrase = reason.encode("latin-1", "replace") if reason else reason_for(status)
+    return b"%s %d %s\r\n" % (b"HTTP/1.0" if http10 else b"HTTP/1.1", status, phrase)
 
 
 def status_has_body(status: int) -> bool:

@@ -39,8 +39,8 @@ from sidecar.http.messages import (
     StreamedAnswer,
     http_date,
     media_type,
-    reason_for,
     status_has_body,
+    status_line,
 )
 from sidecar.http.transport import FlowControlled, as_protocol
 
@@ -687,9 +687,7 @@ class HttpConnection(FlowControlled):
         framing: bytes,
         keep_alive: bool,
     ) -> bytes:
-        version = b"HTTP/1.0" if request.version == "1.0" else b"HTTP/1.1"
-        phrase = reason.encode("latin-1", "replace") if reason else reason_for(status)
-        parts = [b"%s %d %s\r\n" % (version, status, phrase), headers.render(_FRAMING)]
+        parts = [status_line(status, reason, request.version == "1.0"), headers.render(_FRAMING)]
         if framing:
             parts.append(framing)
         if not keep_alive:

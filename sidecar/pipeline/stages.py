@@ -337,33 +337,60 @@ def _log_access(
     access_log.submit(access_record(ctx, request.method, request.path, status, duration))
 
 
+# The access record's fields, in the order they are written. Each record starts as
+# a copy of this (its key table copied whole) and has its values replaced: a dict
+# built key by key grew four times and was half of a record's cost.
+_ACCESS_FIELDS: Final[dict[str, Any]] = dict.fromkeys(
+    (
+        "event",
+        "timestamp",
+        "request_id",
+        "sidecar_id",
+        "trace_id",
+        "route",
+        "method",
+        "path",
+        "status",
+        "outcome",
+        "duration_ms",
+        "upstream_ms",
+        "attempts",
+        "breaker",
+        "fallback",
+        "principal",
+        "bytes_in",
+        "bytes_out",
+    )
+)
+
+
 def access_record(
     ctx: RequestContext, method: str, path: str, status: int, duration: float
 ) -> dict[str, Any]:
     """One request's access-log line: the same fields for every request, refused
     ones included."""
-    return {
-        "event": "request",
-        "timestamp": time.time(),
-        "request_id": ctx.request_id,
-        "sidecar_id": ctx.sidecar_id,
-        "trace_id": ctx.trace_id or None,
-        "route": ctx.route_name,
-        "method": method,
-        "path": path,
-        "status": status,
-        "outcome": ctx.outcome,
-        "duration_ms": _milliseconds(duration),
-        "upstream_ms": (
-            None if ctx.upstream_seconds is None else _milliseconds(ctx.upstream_seconds)
-        ),
-        "attempts": ctx.attempts,
-        "breaker": ctx.breaker_state,
-        "fallback": ctx.fallback_rule,
-        "principal": ctx.principal,
-        "bytes_in": ctx.bytes_in,
-        "bytes_out": ctx.bytes_out,
-    }
+    record = _ACCESS_FIELDS.copy()
+    record["event"] = "request"
+    record["timestamp"] = time.time()
+    record["request_id"] = ctx.request_id
+    record["sidecar_id"] = ctx.sidecar_id
+    record["trace_id"] = ctx.trace_id or None
+    record["route"] = ctx.route_name
+    record["method"] = method
+    record["path"] = path
+    record["status"] = status
+    record["outcome"] = ctx.outcome
+    record["duration_ms"] = _milliseconds(duration)
+    upstream = ctx.upstream_seconds
+    if upstream is not None:
+        record["upstream_ms"] = _milliseconds(upstream)
+    record["attempts"] = ctx.attempts
+    record["breaker"] = ctx.breaker_state
+    record["fallback"] = ctx.fallback_rule
+    record["principal"] = ctx.principal
+    record["bytes_in"] = ctx.bytes_in
+    record["bytes_out"] = ctx.bytes_out
+    return record
 
 
 def _milliseconds(seconds: float) -> float:

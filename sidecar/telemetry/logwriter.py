@@ -222,6 +222,8 @@ class LogWriter:
         self._render = renderer
         self._retry_delays = retry_delays
         self._wakeup = asyncio.Event()
+        # Whether _wakeup is set, read per record without Event.is_set's interpreted call.
+        self._woken = False
         self._full_batch = asyncio.Event()
         self._tasks = BackgroundTasks()
         self._task: asyncio.Task[None] | None = None
@@ -251,7 +253,8 @@ class LogWriter:
             return False
         self._queue.append((record, size))
         self._bytes += size
-        if not self._wakeup.is_set():
+        if not self._woken:
+            self._woken = True
             self._wakeup.set()
         elif len(self._queue) >= self._batch_size and not self._full_batch.is_set():
             self._full_batch.set()  # no need to linger any longer
@@ -290,6 +293,7 @@ class LogWriter:
                     async with asyncio.timeout(self._linger):
                         await self._full_batch.wait()
             self._wakeup.clear()
+            self._woken = False
             self._full_batch.clear()
             await self._write_all()
             if self._stopping and not self._queue:
@@ -377,6 +381,7 @@ class LogWriter:
         """Write everything accepted so far (for up to ``flush_within`` s), then close.
         Whatever cannot be written is counted as dropped."""
         self._stopping = True
+        self._woken = True
         self._wakeup.set()
         if self._task is not None and not self._task.done():
             try:

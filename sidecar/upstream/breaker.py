@@ -98,6 +98,10 @@ class UpstreamBreaker:
         self._opened_at: float | None = None
         self._probes_in_flight = 0
         self._state: str = CLOSED
+        # A failure was reported since the last success: pybreaker's count may be
+        # above zero, and a success must reset it. Kept here because pybreaker's
+        # fail_counter is two interpreted calls, and every request would ask.
+        self._failures_reported = False
         self._breaker = pybreaker.CircuitBreaker(
             fail_max=settings.failures,
             # The reset timeout is enforced by _admit() on an injectable monotonic
@@ -144,13 +148,16 @@ class UpstreamBreaker:
         except BreakerFailure as failure:
             self._report(failure, CLOSED)
             raise
-        if self._breaker.fail_counter:
+        if self._failures_reported:
+            self._failures_reported = False
             self._report(None, CLOSED)
         return result
 
     def _report(self, failure: BreakerFailure | None, started_in: str) -> None:
         if self.state != started_in:
             return
+        if failure is not None:
+            self._failures_reported = True
         try:
             with self._breaker.calling():
                 if failure is not None:

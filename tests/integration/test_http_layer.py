@@ -141,6 +141,8 @@ async def test_a_stray_answer_from_the_upstream_never_reaches_another_client(
     [
         (b"HTTP/1.1 999 Odd\r\nContent-Length: 0\r\n\r\n", "status beyond 599"),
         (b"HTTP/1.1 200 O\x01K\r\nContent-Length: 0\r\n\r\n", "control byte in the reason"),
+        (b"HTTP/1.1 200 OK\x7f\r\nContent-Length: 0\r\n\r\n", "DEL in the reason"),
+        (b"HTTP/1.1 200 O\x00K\r\nContent-Length: 0\r\n\r\n", "NUL in the reason"),
         (
             b"HTTP/1.1 101 Switching Protocols\r\n"
             b"Upgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
@@ -172,6 +174,27 @@ async def test_a_broken_status_line_becomes_our_502(
         assert body["error"]["type"] == "upstream_error"
         (record,) = await flushed(sidecar, sink, 1)
         assert record["status"] == 502
+
+
+async def test_a_reason_phrase_with_tabs_and_obs_text_is_relayed(
+    start_sidecar: StartSidecar,
+) -> None:
+    # RFC 9112 section 4 allows tab, space, visible bytes and obs-text (0x80-0xFF).
+    reason = b"All\tGood \xe9t\xe9 ~"
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        await read_head(reader, writer)
+        writer.write(b"HTTP/1.1 299 " + reason + b"\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await asyncio.sleep(1)
+
+    async with raw_upstream(script) as (url, _):
+        sidecar = await start_sidecar(upstream_config(url), wait_ready=False)
+        raw = await raw_request(
+            sidecar.running.main_port, b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        assert raw.startswith(b"HTTP/1.1 299 " + reason + b"\r\n")
+        assert raw.endswith(b"\r\n\r\nok")
 
 
 async def test_informational_answers_are_skipped_and_the_final_one_relayed(
