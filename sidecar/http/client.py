@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Final, cast
 
 import httptools
 
-from sidecar.http.messages import Headers, RawField, media_type
+from sidecar.http.messages import Headers, RawField, media_type, parsed_version
 from sidecar.http.transport import FlowControlled, as_protocol
 
 _READ_AHEAD: Final = 256 * 1024  # answer bytes buffered before reading from the upstream pauses
@@ -296,8 +296,8 @@ class UpstreamConnection(FlowControlled):
         if head is None or head.done():
             return
         reason = self._reason
-        version = parser.get_http_version()
-        if version not in ("1.1", "1.0"):
+        version = parsed_version(parser, self._raw_headers, parser.should_keep_alive())
+        if version != "1.1" and version != "1.0":
             head.set_exception(BrokenAnswer(f"an answer in HTTP/{version}"))
             self.keep_alive = False
             return

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator
 from http import HTTPStatus
-from typing import Final
+from typing import Any, Final
 
 _REASONS: Final = {status.value: status.phrase.encode() for status in HTTPStatus}
 _PHRASES: Final = {status.value: status.phrase for status in HTTPStatus}
@@ -42,6 +42,24 @@ HOP_BY_HOP: Final = frozenset(
         b"upgrade",
     }
 )
+
+
+def parsed_version(parser: Any, fields: list[RawField], keep_alive: bool) -> str:
+    """The HTTP version of the message an httptools ``parser`` has just parsed the
+    head of, given its header ``fields`` and the parser's ``should_keep_alive()``.
+
+    "1.1" for nearly every message without asking the parser, whose
+    ``get_http_version()`` formats a new string (a tenth of the HTTP layers' cost
+    of a request, asked on both sides). llhttp accepts versions 0.9, 1.0, 1.1 and
+    2.0, and keeps a message alive without a Connection (or Proxy-Connection)
+    field only when its minor version is above zero: 1.1."""
+    if keep_alive:
+        for field in fields:
+            key = field[0]
+            if key == b"connection" or key == b"proxy-connection":
+                return str(parser.get_http_version())
+        return "1.1"
+    return str(parser.get_http_version())
 
 
 def reason_for(status: int) -> bytes:

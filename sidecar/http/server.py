@@ -39,6 +39,7 @@ from sidecar.http.messages import (
     StreamedAnswer,
     http_date,
     media_type,
+    parsed_version,
     status_has_body,
     status_line,
 )
@@ -496,8 +497,9 @@ class HttpConnection(FlowControlled):
         if self._current is None:
             self._disarm()
         parser = self._parser
-        version = parser.get_http_version()
-        if version not in ("1.1", "1.0"):
+        keep_alive = parser.should_keep_alive()
+        version = parsed_version(parser, self._raw_headers, keep_alive)
+        if version != "1.1" and version != "1.0":
             self._refusal = RequestRefused(
                 505, "http_version_not_supported", f"HTTP/{version} is not served here"
             )
@@ -513,7 +515,6 @@ class HttpConnection(FlowControlled):
         # The fields are the request's from here: a trailer must not be added to them.
         headers = Headers(raw=self._raw_headers)
         self._raw_headers = []
-        keep_alive = parser.should_keep_alive()
         if keep_alive and version == "1.0" and "transfer-encoding" in headers:
             keep_alive = False  # faulty framing in 1.0 (RFC 9112 6.1): close after it
         request = Request(
