@@ -158,10 +158,13 @@ class ClientResponse:
     def take_whole(self) -> bytes:
         """The whole body of a ``complete`` answer, at once (no await)."""
         assert self.complete
-        parts, self._parts, self._buffered = self._parts, deque(), 0
+        parts = self._parts  # emptied, not replaced: a deque made per answer for nothing
+        self._buffered = 0
         if len(parts) == 1:
-            return parts[0]
-        return b"".join(parts)
+            return parts.popleft()
+        body = b"".join(parts)
+        parts.clear()
+        return body
 
     async def read(self) -> bytes:
         parts = []
