@@ -66,16 +66,42 @@ no_site_packages = True
 ignore_missing_imports = True
 """
 _BUILD = """\
+import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from setuptools import setup
+from setuptools._distutils import ccompiler
 from mypyc.build import mypycify
+
+
+def _compile_in_parallel(self, sources, output_dir=None, macros=None, include_dirs=None,
+                         debug=0, extra_preargs=None, extra_postargs=None, depends=None):
+    # build_ext --parallel compiles extensions side by side, but the modules share one
+    # extension, whose C files it compiles one after another: here, one per CPU.
+    macros, objects, extra_postargs, pp_opts, build = self._setup_compile(
+        output_dir, macros, include_dirs, sources, depends, extra_postargs)
+    cc_args = self._get_cc_args(pp_opts, debug, extra_preargs)
+
+    def one(obj):
+        if obj in build:
+            src, ext = build[obj]
+            self._compile(obj, src, ext, cc_args, extra_postargs, pp_opts)
+
+    with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
+        list(pool.map(one, objects))
+    return objects
+
+
+if all(hasattr(ccompiler.CCompiler, name)
+       for name in ("_setup_compile", "_get_cc_args", "_compile")):
+    ccompiler.CCompiler.compile = _compile_in_parallel
 config, target, *args = sys.argv[1:]
 modules = [line for line in sys.stdin.read().split() if line]
 setup(
     name="sidecar-native",
     ext_modules=mypycify(
         ["--config-file", config, *modules], group_name=%r, target_dir=target, multi_file=True,
-        opt_level="2", debug_level="0"
+        opt_level="1", debug_level="0"  # -O2: 1-2% fewer instructions, half again the build
     ),
     script_args=["build_ext", *args],
 )
