@@ -101,7 +101,7 @@ setup(
     name="sidecar-native",
     ext_modules=mypycify(
         ["--config-file", config, *modules], group_name=%r, target_dir=target, multi_file=True,
-        opt_level="1", debug_level="0"  # -O2: 1-2% fewer instructions, half again the build
+        opt_level="1", debug_level="0"  # -O2: 1-2 per cent fewer instructions, half again the build
     ),
     script_args=["build_ext", *args],
 )
