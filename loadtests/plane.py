@@ -118,7 +118,7 @@ async def sidecar_handler(contender: str) -> Callable[[Request], Awaitable[Any]]
             response = await pool.request(
                 request.method,
                 request.target,
-                b"Content-Type: application/json\r\n",
+                [b"Content-Type: application/json\r\n"],
                 body,
                 replayable=False,
                 deadline=loop.time() + 30,

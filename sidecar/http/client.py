@@ -31,6 +31,9 @@ _READ_AHEAD: Final = 256 * 1024  # answer bytes buffered before reading from the
 # (60 KiB, 100 fields) with room to spare: past them the answer is broken (502).
 MAX_HEAD: Final = 64 * 1024
 MAX_FIELDS: Final = 200
+# Request bodies up to this size are joined with their head into one write; larger
+# ones are written after it, not copied.
+_JOINED_BODY: Final = 64 * 1024
 # What a reason phrase may hold (RFC 9112 section 4): tab, space, visible and
 # obs-text bytes; a control byte makes the status line broken. The table maps every
 # control byte to NUL and the rest to themselves (a translate that deletes the
@@ -358,12 +361,9 @@ class UpstreamConnection(FlowControlled):
         self.response = None
         head_waiter: asyncio.Future[ClientResponse] = self.pool.loop.create_future()
         self._head = head_waiter
-        if body is None or len(body) > 65536:
-            transport.write(head)
-            if body:
-                transport.write(body)
-        else:
-            transport.write(head + body)
+        transport.write(head)
+        if body:
+            transport.write(body)  # large: not copied into the head (Pool.request)
         return head_waiter
 
     def reset(self) -> None:
@@ -461,7 +461,7 @@ class Pool:
         self,
         method: str,
         target: str,
-        fields: bytes,
+        fields: list[bytes],
         body: bytes | None,
         *,
         replayable: bool,
@@ -471,18 +471,27 @@ class Pool:
         """Send one request and return its answer's head; ``TimeoutError`` when it
         has not come by ``deadline`` (loop time: waiting for a connection slot,
         connecting and the answer's head all count). ``fields`` are the header
-        fields as they go on the wire (``Headers.render``); Host and the body's
+        fields as pieces of their wire form (``Headers.render_into``); Host and the body's
         length are added here. The caller owns the answer (``release`` or
         ``close`` it)."""
-        # Formats, not bytes +=, which is a generic call under mypyc.
-        length = b"" if body is None else b"Content-Length: %d\r\n" % len(body)
-        head = b"%s %s HTTP/1.1\r\nHost: %s\r\n%s%s\r\n" % (
+        # One join of the whole message (bytes += is a generic call under mypyc, and
+        # each format or concatenation a copy); a small body goes in the same write.
+        parts = [
             method.encode("latin-1"),
+            b" ",
             target.encode("latin-1", "replace"),
+            b" HTTP/1.1\r\nHost: ",
             self._host_field,
-            fields,
-            length,
-        )
+            b"\r\n",
+        ]
+        parts += fields
+        if body is not None:
+            parts.append(b"Content-Length: %d\r\n" % len(body))
+        parts.append(b"\r\n")
+        if body and len(body) <= _JOINED_BODY:
+            parts.append(body)
+            body = None
+        head = b"".join(parts)
         first = True
         while True:
             conn = self._warm_idle()

@@ -139,13 +139,18 @@ class Headers:
         """The fields as they go on the wire (``Name: value\\r\\n`` each), without
         those named in ``skip``."""
         parts: list[bytes] = []
+        self.render_into(parts, skip)
+        return b"".join(parts)
+
+    def render_into(self, parts: list[bytes], skip: frozenset[bytes] = frozenset()) -> None:
+        """``render``'s pieces appended to ``parts``, for a caller that joins a whole
+        message once (each join is a copy, with a pass over its pieces)."""
         for key, name, value in self._fields:
             if not skip or key not in skip:
                 parts.append(name)
                 parts.append(b": ")
                 parts.append(value)
                 parts.append(b"\r\n")
-        return b"".join(parts)
 
     def get(self, name: str, default: str | None = None) -> str | None:
         """The first field of this name."""

@@ -687,8 +687,11 @@ class HttpConnection(FlowControlled):
         headers: Headers,
         framing: bytes,
         keep_alive: bool,
-    ) -> bytes:
-        parts = [status_line(status, reason, request.version == "1.0"), headers.render(_FRAMING)]
+    ) -> list[bytes]:
+        """The pieces of an answer's head, for the caller to join once (a small
+        body joined with them): one copy of the whole answer, not one per part."""
+        parts = [status_line(status, reason, request.version == "1.0")]
+        headers.render_into(parts, _FRAMING)
         if framing:
             parts.append(framing)
         if not keep_alive:
@@ -698,7 +701,7 @@ class HttpConnection(FlowControlled):
         if not headers.has(b"date"):
             parts.append(http_date.now())
         parts.append(b"\r\n")
-        return b"".join(parts)
+        return parts
 
     def _write_whole(self, request: Request, answer: Response) -> None:
         request.answer_started = request.answer_finished = True
@@ -709,11 +712,12 @@ class HttpConnection(FlowControlled):
         framing = b"Content-Length: %d\r\n" % len(body) if status_has_body(status) else b""
         head = self._head(request, status, answer.reason, answer.headers, framing, keep_alive)
         if request.method == "HEAD" or not status_has_body(status) or not body:
-            self.write_raw(head)
+            self.write_raw(b"".join(head))
         elif len(body) < 16384:
-            self.write_raw(head + body)  # one write, no copy worth avoiding
+            head.append(body)
+            self.write_raw(b"".join(head))  # one write, no copy worth avoiding
         else:
-            self.write_raw(head)
+            self.write_raw(b"".join(head))
             self.write_raw(body)
 
     async def start_stream(
@@ -741,7 +745,7 @@ class HttpConnection(FlowControlled):
             else:
                 close = True  # an HTTP/1.0 client reads to the end of the connection
         keep_alive = self._keeps_alive(request, close)
-        self.write_raw(self._head(request, status, reason, headers, framing, keep_alive))
+        self.write_raw(b"".join(self._head(request, status, reason, headers, framing, keep_alive)))
         writer = BodyWriter(
             self, request, StreamedAnswer(status, headers), chunked, length, sends_body
         )

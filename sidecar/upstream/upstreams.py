@@ -33,7 +33,7 @@ from sidecar.telemetry.metrics import Metrics
 
 # Tells the model server how long this attempt may take, so it can give up too.
 DEADLINE_HEADER: Final = "X-Sidecar-Timeout-Ms"
-_DEADLINE_RAW: Final = DEADLINE_HEADER.encode()
+_DEADLINE_PREFIX: Final = DEADLINE_HEADER.encode() + b": "
 
 log: Final = structlog.get_logger("sidecar.upstream.upstreams")
 
@@ -100,7 +100,7 @@ class UpstreamClient:
         )
         self._id_header = config.request_id.header
         self._id_as_uuid = config.request_id.format == "uuid"
-        self._id_header_raw = (self._id_header or "").encode("latin-1", "replace")
+        self._id_header_prefix = (self._id_header or "").encode("latin-1", "replace") + b": "
         self._own_fields = Headers(self.extra_headers).render()
         # Names this upstream sets itself: a client's fields of these names are replaced.
         self._own_names = frozenset(
@@ -115,25 +115,21 @@ class UpstreamClient:
         self.last_probe: ProbeResult | None = None
         self.last_success: float | None = None
 
-    def headers_for(self, call: UpstreamCall, within: float) -> bytes:
-        """The header fields of one attempt to this upstream, as they go on the wire:
-        the client's, this upstream's own, the request id in this upstream's form,
-        and how long it has."""
-        id_field = b""
+    def headers_for(self, call: UpstreamCall, within: float) -> list[bytes]:
+        """The header fields of one attempt to this upstream, as pieces of the wire
+        form (the pool joins them with the request line once): the client's, this
+        upstream's own, the request id in this upstream's form, and how long it has."""
+        parts: list[bytes] = []
+        call.headers.render_into(parts, self._own_names)
         if self._id_header and call.request_id:
             request_id = _uuid_of(call.request_id) if self._id_as_uuid else call.request_id
-            id_field = b"%s: %s\r\n" % (
-                self._id_header_raw,
-                request_id.encode("latin-1", "replace"),
-            )
-        # One format, which compiles to one join (bytes += is a generic call).
-        return b"%s%s%s%s: %d\r\n" % (
-            call.headers.render(self._own_names),
-            id_field,
-            self._own_fields,
-            _DEADLINE_RAW,
-            max(1, int(within * 1000)),
-        )
+            parts.append(self._id_header_prefix)
+            parts.append(request_id.encode("latin-1", "replace"))
+            parts.append(b"\r\n")
+        parts.append(self._own_fields)
+        parts.append(_DEADLINE_PREFIX)
+        parts.append(b"%d\r\n" % max(1, int(within * 1000)))
+        return parts
 
     @property
     def pool(self) -> Pool:

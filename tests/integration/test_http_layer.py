@@ -614,13 +614,13 @@ async def test_a_body_sent_after_a_head_answer_never_reaches_the_next_request() 
     async with raw_upstream(script) as (url, connections):
         pool = Pool(LOOPBACK, int(url.rsplit(":", 1)[1]), max_connections=1)
         try:
-            head = await asyncio.wait_for(pool.request("HEAD", "/x", b"", None, replayable=True), 5)
+            head = await asyncio.wait_for(pool.request("HEAD", "/x", [], None, replayable=True), 5)
             assert (head.status, head.complete, head.content_length) == (200, True, 6)
             assert await head.read() == b""
             head.release()
             assert pool.idle_count == 0
             response = await asyncio.wait_for(
-                pool.request("GET", "/x", b"", None, replayable=True), 5
+                pool.request("GET", "/x", [], None, replayable=True), 5
             )
             assert await asyncio.wait_for(response.read(), 5) == b"after"
             response.release()
@@ -672,7 +672,7 @@ async def test_the_pool_caps_connections_and_reuses_the_warmest(fake_model: Fake
     pool = Pool(LOOPBACK, port, max_connections=2)
 
     async def one() -> bytes:
-        response = await pool.request("GET", "/x", b"", None, replayable=True)
+        response = await pool.request("GET", "/x", [], None, replayable=True)
         body = await response.read()
         response.release()
         return body
@@ -691,13 +691,13 @@ async def test_a_waiter_that_times_out_gives_no_one_a_turn_out_of_order(
     passes leaves the queue without waking (and so re-queueing) the next."""
     port = int(fake_model.url.rsplit(":", 1)[1])
     pool = Pool(LOOPBACK, port, max_connections=1)
-    busy = await pool.request("GET", "/x", b"", None, replayable=True)
+    busy = await pool.request("GET", "/x", [], None, replayable=True)
     order: list[str] = []
 
     async def wait(name: str, within: float) -> None:
         try:
             response = await pool.request(
-                "GET", "/x", b"", None, replayable=True, deadline=pool.loop.time() + within
+                "GET", "/x", [], None, replayable=True, deadline=pool.loop.time() + within
             )
         except TimeoutError:
             order.append(f"{name} timed out")
@@ -726,8 +726,8 @@ async def test_a_released_connection_goes_to_the_first_waiter_not_to_a_newcomer(
     was woken for: one that lost every such race waited into its deadline."""
     port = int(fake_model.url.rsplit(":", 1)[1])
     pool = Pool(LOOPBACK, port, max_connections=1)
-    busy = await pool.request("GET", "/x", b"", None, replayable=True)
-    waiting = asyncio.create_task(pool.request("GET", "/x", b"", None, replayable=True))
+    busy = await pool.request("GET", "/x", [], None, replayable=True)
+    waiting = asyncio.create_task(pool.request("GET", "/x", [], None, replayable=True))
     await asyncio.sleep(0)  # it is in line
     await busy.read()
     busy.release()
