@@ -6,8 +6,9 @@
       route         refuse tricky targets (400); own endpoints; pick the route (404/405)
       authenticate  API key or JWT -> principal (401), allowed route? (403)
       rate_limit    token bucket per principal and overall (429 + Retry-After)
-      read_body     within the limit (413, 408); content type (415); JSON (400);
-                    schema (422)
+      body_arrived  content type (415); the body, when it came with its head
+      read_body     else waited for, within the limit (413, 408); then both check
+                    JSON (400) and the schema (422)
       admit         in-flight caps: 503 overloaded (or the fallback) past them
       forward       fallback(breaker(retry(send))), relay the answer
 
@@ -205,8 +206,15 @@ class Pipeline:
         if self.limiter is not None:
             await self.rate_limit(ctx)
         # The body first: a slot in flight is taken only by a request that has all of
-        # its body, so slow uploaders cannot fill a route while they trickle.
-        await self.read_body(request, ctx)
+        # its body, so slow uploaders cannot fill a route while they trickle. Nearly
+        # every body comes with its head: then no coroutine is made to wait for it.
+        try:
+            if not self.body_arrived(request, ctx):
+                await self.read_body(request, ctx)
+        except SchemaFailed as failed:
+            # Listing what failed is the slow part: a thread, never the loop.
+            validator = self.validators[ctx.route_name]
+            raise await asyncio.to_thread(validator.violation, failed.document) from None
         return await self.admit(request, ctx)
 
     def identify(self, request: Request) -> RequestContext:
@@ -287,22 +295,33 @@ class Pipeline:
         label = principal if principal in self.key_names or principal == "anonymous" else "jwt"
         ctx.extra_fields = await limiter.check(principal, label)
 
-    async def read_body(self, request: Request, ctx: RequestContext) -> None:
-        """The body within the route's limit (413), then its content type (415), JSON
-        (400 invalid_json) and schema (422), as the route asks."""
+    def body_arrived(self, request: Request, ctx: RequestContext) -> bool:
+        """The content type (415); then, when the whole body came with its head,
+        the body taken and checked (``check_body``). False: it is still to be read."""
         assert ctx.route is not None
         validator = self.validators.get(ctx.route.name)
         if validator is not None:
             validator.check_content_type(request.content_type, request.body_exists)
         body = request.arrived_body(ctx.body_limit)
-        ctx.body = body if body is not None else await read_body(request, ctx.body_limit)
-        ctx.bytes_in = len(ctx.body)
+        if body is None:
+            return False
+        self.check_body(ctx, body, validator)
+        return True
+
+    async def read_body(self, request: Request, ctx: RequestContext) -> None:
+        """The body within the route's limit (413, or 408 when it stalls), checked."""
+        assert ctx.route is not None
+        body = await read_body(request, ctx.body_limit)
+        self.check_body(ctx, body, self.validators.get(ctx.route.name))
+
+    def check_body(
+        self, ctx: RequestContext, body: bytes, validator: RequestValidator | None
+    ) -> None:
+        """JSON (400 invalid_json) and schema (``SchemaFailed``), as the route asks."""
+        ctx.body = body
+        ctx.bytes_in = len(body)
         if validator is not None:
-            try:
-                ctx.document = validator.check_body(ctx.body)
-            except SchemaFailed as failed:
-                # Listing what failed is the slow part: a thread, never the loop.
-                raise await asyncio.to_thread(validator.violation, failed.document) from None
+            ctx.document = validator.check_body(body)
 
     async def admit(self, request: Request, ctx: RequestContext) -> Answer:
         """Load shedding: caps on requests in flight, per route and server-wide.

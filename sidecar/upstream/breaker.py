@@ -102,6 +102,8 @@ class UpstreamBreaker:
         # above zero, and a success must reset it. Kept here because pybreaker's
         # fail_counter is two interpreted calls, and every request would ask.
         self._failures_reported = False
+        self._closed_attempt = Attempt(self, probe=False)
+        self._probe_attempt = Attempt(self, probe=True)
         self._breaker = pybreaker.CircuitBreaker(
             fail_max=settings.failures,
             # The reset timeout is enforced by _admit() on an injectable monotonic
@@ -137,21 +139,6 @@ class UpstreamBreaker:
             self._breaker.close()
         elif state == HALF_OPEN:
             self._breaker.half_open()
-
-    async def _call_closed(self, attempt: Callable[[bool], Awaitable[T]]) -> T:
-        """The common case, without pybreaker's lock and generator around the await:
-        the outcome is reported afterwards, and only while the circuit is still
-        closed (a late result from before a trip must not extend or end the open
-        period). A run of failures is reset by a success; cancellation says nothing."""
-        try:
-            result = await attempt(False)
-        except BreakerFailure as failure:
-            self._report(failure, CLOSED)
-            raise
-        if self._failures_reported:
-            self._failures_reported = False
-            self._report(None, CLOSED)
-        return result
 
     def _report(self, failure: BreakerFailure | None, started_in: str) -> None:
         if self.state != started_in:
@@ -196,21 +183,51 @@ class UpstreamBreaker:
         ):
             self._breaker.half_open()
 
-    async def call(self, attempt: Callable[[bool], Awaitable[T]]) -> T:
-        """Run ``attempt(is_probe)`` under the breaker.
+    def attempt(self) -> Attempt:
+        """One request under the breaker, as a ``with`` block around it::
 
-        ``attempt`` raises ``BreakerFailure`` for an outcome that counts against the
-        upstream. Raises ``CircuitOpen`` without calling it while the circuit is open.
-        """
-        probe = self._admit()
-        if not probe:
-            return await self._call_closed(attempt)
-        try:
-            result = await attempt(probe)
-        except BreakerFailure as failure:
-            self._report(failure, HALF_OPEN)
-            raise
-        finally:
+            with breaker.attempt() as probe:   # CircuitOpen while the circuit is open
+                answer = await send(probe)     # BreakerFailure counts against it
+
+        ``probe`` is True for a half-open probe. Only ``BreakerFailure`` leaving the
+        block counts as a failure, and an answer as a success; a cancelled request
+        or any other error says nothing either way. A block, not a wrapper around a
+        callable: two coroutines and a closure fewer per request."""
+        return self._probe_attempt if self._admit() else self._closed_attempt
+
+    async def call(self, attempt: Callable[[bool], Awaitable[T]]) -> T:
+        """Run ``attempt(is_probe)`` under the breaker (``attempt()``'s block)."""
+        with self.attempt() as probe:
+            return await attempt(probe)
+
+    def _settle(self, probe: bool, failure: BaseException | None) -> None:
+        """The outcome of an attempt that got through: reported while the circuit is
+        still in the state it started in (a late result from before a trip must not
+        extend or end the open period); a run of failures is reset by a success."""
+        if probe:
             self._probes_in_flight -= 1
-        self._report(None, HALF_OPEN)  # the model answered: closed
-        return result
+        if isinstance(failure, BreakerFailure):
+            self._report(failure, HALF_OPEN if probe else CLOSED)
+        elif failure is None:
+            if probe:
+                self._report(None, HALF_OPEN)  # the model answered: closed
+            elif self._failures_reported:
+                self._failures_reported = False
+                self._report(None, CLOSED)
+
+
+class Attempt:
+    """The ``with`` block of one attempt (``UpstreamBreaker.attempt``): two per
+    breaker, made once, one for the closed circuit and one for probes."""
+
+    __slots__ = ("_breaker", "_probe")
+
+    def __init__(self, breaker: UpstreamBreaker, probe: bool) -> None:
+        self._breaker = breaker
+        self._probe = probe
+
+    def __enter__(self) -> bool:
+        return self._probe
+
+    def __exit__(self, kind: object, failure: BaseException | None, trace: object) -> None:
+        self._breaker._settle(self._probe, failure)
