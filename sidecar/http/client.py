@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Final, cast
 
 import httptools
 
-from sidecar.http.messages import Headers, RawField, media_type, parsed_version
+from sidecar.http.messages import Headers, RawField, lower_key, media_type, parsed_version
 from sidecar.http.transport import FlowControlled, as_protocol
 
 _READ_AHEAD: Final = 256 * 1024  # answer bytes buffered before reading from the upstream pauses
@@ -285,7 +285,7 @@ class UpstreamConnection(FlowControlled):
     def on_header(self, name: bytes, value: bytes) -> None:
         self._fields += 1
         if self.response is None:
-            self._raw_headers.append((name.lower(), name, value))
+            self._raw_headers.append((lower_key(name), name, value))
         else:
             # A trailer: not relayed, only bounded.
             self._head_bytes += len(name) + len(value) + 4

@@ -95,6 +95,25 @@ def field_key(name: str) -> bytes:
 _KEYS: Final[dict[str, bytes]] = {}
 
 
+def lower_key(name: bytes) -> bytes:
+    """The lookup key of a parsed header name (its lower-case bytes). Peers send the
+    same few dozen names on every message: a cached key spares a method call and a
+    new object per field, and, being the same object each time, its hash is kept
+    and comparisons with it are by identity. Bounded in entries and in name size:
+    names are the peer's to choose."""
+    key = _LOWER_KEYS.get(name)
+    if key is None:
+        key = name.lower()
+        if len(name) <= _LOWER_KEY_MAX_NAME and len(_LOWER_KEYS) < _LOWER_KEY_ENTRIES:
+            _LOWER_KEYS[name] = key
+    return key
+
+
+_LOWER_KEYS: Final[dict[bytes, bytes]] = {}
+_LOWER_KEY_ENTRIES: Final = 1024
+_LOWER_KEY_MAX_NAME: Final = 64
+
+
 class Headers:
     """Header fields in arrival order with case-insensitive lookup.
 
@@ -126,11 +145,16 @@ class Headers:
         self, keys: frozenset[bytes], also: frozenset[bytes] = frozenset(), prefix: bytes = b"\x00"
     ) -> Headers:
         """A copy without the fields named in ``keys`` or ``also``, or whose name
-        starts with ``prefix`` (all lower-case bytes)."""
+        starts with ``prefix`` (all lower-case bytes; the prefix is not empty)."""
         kept: list[RawField] = []
+        first = prefix[0]
         for field in self._fields:
             key = field[0]
-            if key in keys or (also and key in also) or key.startswith(prefix):
+            if key in keys or (also and key in also):
+                continue
+            # Indexing compiles to C; startswith is a method call, made only for
+            # names that begin like the prefix.
+            if key and key[0] == first and key.startswith(prefix):
                 continue
             kept.append(field)
         return Headers(raw=kept)

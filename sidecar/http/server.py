@@ -38,6 +38,7 @@ from sidecar.http.messages import (
     Response,
     StreamedAnswer,
     http_date,
+    lower_key,
     media_type,
     parsed_version,
     status_has_body,
@@ -489,7 +490,7 @@ class HttpConnection(FlowControlled):
             self._refusal = _head_too_large("the request head")
         if self._refusal is not None:
             raise self._refusal
-        self._raw_headers.append((name.lower(), name, value))
+        self._raw_headers.append((lower_key(name), name, value))
 
     def on_headers_complete(self) -> None:
         self._in_head = False

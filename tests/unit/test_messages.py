@@ -1,4 +1,5 @@
-"""Status lines as the server writes them, and the version of a parsed head."""
+"""Status lines as the server writes them, the version of a parsed head, and the
+lookup keys of parsed header names."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from typing import Any
 import httptools
 import pytest
 
-from sidecar.http.messages import parsed_version, status_line
+from sidecar.http import messages
+from sidecar.http.messages import Headers, lower_key, parsed_version, status_line
 
 
 def test_a_registered_status_with_its_own_phrase() -> None:
@@ -80,3 +82,38 @@ def test_the_version_is_the_parsers_whatever_the_head(
             head.parser.feed_data(first_line + connection + framing + b"\r\n")
         assert head.versions is not None
         assert head.versions[1] == head.versions[0] == version.decode()
+
+
+def test_a_parsed_names_key_is_its_lower_case_made_once() -> None:
+    tail = b"Type"
+    first = lower_key(b"Content-" + tail)  # new objects, as a parser gives
+    again = lower_key(b"Content-" + tail)
+    assert first == b"content-type"
+    assert again is first  # the same key object: its hash kept, compared by identity
+    assert lower_key(b"X-\xc9T\xc9") == b"x-\xc9t\xc9"  # obs-text bytes are not letters
+
+
+def test_the_name_cache_is_bounded_in_entries_and_in_name_size() -> None:
+    # The module's own dict (compiled code holds the same object): emptied for the
+    # test, then given back what it held.
+    cache = messages._LOWER_KEYS
+    saved = dict(cache)
+    cache.clear()
+    try:
+        long_name = b"X-" + b"A" * 100
+        assert lower_key(long_name) == long_name.lower()
+        assert long_name not in cache  # a client's long names are not kept
+        for n in range(1100):
+            assert lower_key(b"X-Name-%d" % n) == b"x-name-%d" % n
+        assert len(cache) == 1024  # a client's many names are not kept either
+    finally:
+        cache.clear()
+        cache.update(saved)
+
+
+def test_fields_named_with_the_prefix_are_dropped_and_only_those() -> None:
+    headers = Headers(
+        [("X-Sidecar-Shadow", "1"), ("X-Other", "2"), ("x-sidecar", "3"), ("Accept", "4")]
+    )
+    kept = headers.without(frozenset({b"accept"}), prefix=b"x-sidecar-")
+    assert kept.items() == [("X-Other", "2"), ("x-sidecar", "3")]
