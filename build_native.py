@@ -27,7 +27,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 # The modules a request runs through. The rest (config loading, the admin listener,
-# offline tools) runs at start-up or off the request path: compiling it gains nothing.
+# offline tools; and drift's parsing, fallbacks and log processors, which run in the
+# background or only on failures) runs off the request path: compiling it would
+# gain little and make `pip install .` slower (it must stay under a minute on a
+# 2-core machine; these four took a fifth of the C compile).
 MODULES = (
     "sidecar/http/transport.py",
     "sidecar/http/messages.py",
@@ -44,14 +47,10 @@ MODULES = (
     "sidecar/pipeline/stages.py",
     "sidecar/pipeline/validation.py",
     "sidecar/upstream/breaker.py",
-    "sidecar/upstream/fallback.py",
     "sidecar/upstream/retry.py",
     "sidecar/upstream/upstreams.py",
     "sidecar/telemetry/metrics.py",
-    "sidecar/telemetry/logs.py",
     "sidecar/telemetry/logwriter.py",
-    "sidecar/analytics/drift.py",
-    "sidecar/analytics/predictions.py",
     "sidecar/control/live.py",
 )
 GROUP = "sidecar_native"  # the shared library the modules' code lives in
@@ -84,9 +83,7 @@ def _compile_in_parallel(self, sources, output_dir=None, macros=None, include_di
 
     def one(obj):
         src, ext = build[obj]
-        cold = any(src.endswith(name) for name in COLD)
-        self._compile(obj, src, ext, cc_args, [*extra_postargs, "-O0"] if cold else extra_postargs,
-                      pp_opts)
+        self._compile(obj, src, ext, cc_args, extra_postargs, pp_opts)
 
     # The largest files first, so no CPU is left alone with a long one at the end.
     todo = sorted((obj for obj in objects if obj in build),
@@ -95,12 +92,6 @@ def _compile_in_parallel(self, sources, output_dir=None, macros=None, include_di
         list(pool.map(one, todo))
     return objects
 
-
-# Code off the request path (drift's background parsing, predictions read for drift
-# and shadow comparisons, fallbacks, log processors): not optimised, built in half
-# the time; the wheel must build in well under a minute on a 2-core machine.
-COLD = ("___analytics___drift.c", "___analytics___predictions.c",
-        "___upstream___fallback.c", "___telemetry___logs.c")
 
 
 if all(hasattr(ccompiler.CCompiler, name)
