@@ -6,11 +6,10 @@ commands that point the sidecar at a model server of their own.
 
 from __future__ import annotations
 
+import asyncio
 import sys
 
-from aiohttp import web
-
-from sidecar.demo.model import build_model_app
+from sidecar.demo.model import serve
 
 if __name__ == "__main__":
-    web.run_app(build_model_app(), host="127.0.0.1", port=int(sys.argv[1]), print=None)
+    asyncio.run(serve(int(sys.argv[1])))

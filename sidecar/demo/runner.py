@@ -9,12 +9,10 @@ import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from aiohttp import web
-
 from sidecar.config.plan import load_plan
 from sidecar.config.schema import ConfigError, ConfigIssue, bundled_config_dir, cannot_listen
 from sidecar.control.server import RunningSidecar
-from sidecar.demo.model import build_model_app, candidate_model, production_model
+from sidecar.demo.model import IrisModel, ModelServer, candidate_model, production_model
 
 DEMO_KEY = "demo-key"  # config/demo.yaml holds only its digest
 DEMO_INPUT = (
@@ -49,15 +47,15 @@ def demo_log_dir(given: str | None) -> Path:
     return Path(tempfile.mkdtemp(prefix="sidecar-demo-"))
 
 
-async def _start_model(app: web.Application, flag: str, port: int) -> web.AppRunner:
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
+async def _start_model(model: IrisModel, flag: str, port: int) -> tuple[ModelServer, int]:
+    """The model served on 127.0.0.1; returns the server and its bound port."""
+    server = ModelServer(model)
     try:
-        await web.TCPSite(runner, "127.0.0.1", port).start()
+        bound = await server.listen("127.0.0.1", port)
     except OSError as exc:
-        await runner.cleanup()
+        await server.stop()
         raise cannot_listen("sidecar demo", flag, "127.0.0.1", port, exc) from None
-    return runner
+    return server, bound
 
 
 def banner(ports: DemoPorts, log_dir: Path) -> str:
@@ -81,11 +79,6 @@ def banner(ports: DemoPorts, log_dir: Path) -> str:
     )
 
 
-def _port(runner: web.AppRunner) -> int:
-    port: int = runner.addresses[0][1]
-    return port
-
-
 async def run_demo(ports: DemoPorts, log_dir: Path) -> None:
     """Serve the demo until SIGINT or SIGTERM. A port of 0 takes any free port.
 
@@ -95,17 +88,15 @@ async def run_demo(ports: DemoPorts, log_dir: Path) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    model = await _start_model(
-        build_model_app(production_model()), "--model-port", ports.model_port
-    )
-    candidate: web.AppRunner | None = None
+    model, model_port = await _start_model(production_model(), "--model-port", ports.model_port)
+    candidate: ModelServer | None = None
     sidecar: RunningSidecar | None = None
     try:
-        candidate = await _start_model(
-            build_model_app(candidate_model()), "--shadow-port", ports.shadow_port
+        candidate, shadow_port = await _start_model(
+            candidate_model(), "--shadow-port", ports.shadow_port
         )
         env = demo_environment(
-            replace(ports, model_port=_port(model), shadow_port=_port(candidate)), log_dir
+            replace(ports, model_port=model_port, shadow_port=shadow_port), log_dir
         )
         plan = await asyncio.to_thread(load_plan, bundled_config_dir() / "demo.yaml", env=env)
         # The same variables on a reload: it must keep pointing at these ports.
@@ -116,12 +107,12 @@ async def run_demo(ports: DemoPorts, log_dir: Path) -> None:
             flags = {"listen.port": "--port", "admin.port": "--admin-port"}
             issues = [ConfigIssue(flags.get(i.path, i.path), i.message) for i in exc.issues]
             raise ConfigError("sidecar demo", issues) from None
-        actual = DemoPorts(sidecar.main_port, _port(model), _port(candidate), sidecar.admin_port)
+        actual = DemoPorts(sidecar.main_port, model_port, shadow_port, sidecar.admin_port)
         print(banner(actual, log_dir), flush=True)
         await stop.wait()
     finally:
         if sidecar is not None:
             await sidecar.stop()
         if candidate is not None:
-            await candidate.cleanup()
-        await model.cleanup()
+            await candidate.stop()
+        await model.stop()

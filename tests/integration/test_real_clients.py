@@ -5,6 +5,8 @@ sidecar's errors as their own, and complete streams must count as complete."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -13,18 +15,25 @@ import orjson
 import pytest
 import tritonclient.http as triton
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 from tritonclient.utils import InferenceServerException
 
-from sidecar.demo.model import build_model_app
+from sidecar.demo.model import ModelServer
 from tests.conftest import LOOPBACK, StartSidecar, base_config
 from tests.integration.test_correctness import ListSink, flushed
 
 
+@dataclass
+class Iris:
+    port: int
+
+
 @pytest.fixture
-async def iris(aiohttp_server: Any) -> TestServer:
-    server: TestServer = await aiohttp_server(build_model_app(), host=LOOPBACK)
-    return server
+async def iris() -> AsyncIterator[Iris]:
+    """The demo's model server, on its own port."""
+    server = ModelServer()
+    port = await server.listen(LOOPBACK, 0)
+    yield Iris(port)
+    await server.stop()
 
 
 def v2_config(upstream: str) -> dict[str, Any]:
@@ -43,7 +52,7 @@ def v2_config(upstream: str) -> dict[str, Any]:
 
 
 async def test_tritonclient_infers_and_reads_the_sidecars_errors(
-    iris: TestServer, start_sidecar: StartSidecar
+    iris: Iris, start_sidecar: StartSidecar
 ) -> None:
     sidecar = await start_sidecar(v2_config(f"http://{LOOPBACK}:{iris.port}"))
 

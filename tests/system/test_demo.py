@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ import pytest
 
 from sidecar.demo.model import (
     CLASSES,
-    build_model_app,
+    ModelServer,
     candidate_model,
     parse_v2_rows,
     production_model,
@@ -67,8 +69,30 @@ def test_v2_rows_accept_flat_and_nested_data() -> None:
             parse_v2_rows(bad)
 
 
-async def test_model_server_batch_and_chaos(aiohttp_client: Any) -> None:
-    client = await aiohttp_client(build_model_app())
+class ModelClient:
+    """``get`` and ``post`` of paths on one server."""
+
+    def __init__(self, session: aiohttp.ClientSession, base: str) -> None:
+        self.session, self.base = session, base
+
+    async def get(self, path: str) -> aiohttp.ClientResponse:
+        return await self.session.get(self.base + path)
+
+    async def post(self, path: str, **kwargs: Any) -> aiohttp.ClientResponse:
+        return await self.session.post(self.base + path, **kwargs)
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[ModelClient]:
+    """A session against the demo's model server on its own port."""
+    server = ModelServer()
+    port = await server.listen("127.0.0.1", 0)
+    async with aiohttp.ClientSession() as session:
+        yield ModelClient(session, f"http://127.0.0.1:{port}")
+    await server.stop()
+
+
+async def test_model_server_batch_and_chaos(client: ModelClient) -> None:
     resp = await client.post("/v2/models/iris/infer", json=v2_request(SETOSA, VIRGINICA))
     assert resp.status == 200
     body = await resp.json()
@@ -96,8 +120,35 @@ async def test_model_server_batch_and_chaos(aiohttp_client: Any) -> None:
     assert resp.status == 400
 
 
-async def test_generate_stream_sends_events(aiohttp_client: Any) -> None:
-    client = await aiohttp_client(build_model_app())
+async def test_model_server_routes(client: ModelClient) -> None:
+    """What the V2 clients and the sidecar's probes ask of a model server."""
+    for path, expected in (
+        ("/v2/health/live", {"live": True}),
+        ("/v2/health/ready", {"ready": True}),
+        ("/v2/models/iris/ready", {"name": "iris", "ready": True}),
+    ):
+        resp = await client.get(path)
+        assert (resp.status, await resp.json()) == (200, expected), path
+    metadata = await (await client.get("/v2/models/iris")).json()
+    assert metadata["versions"] == ["1"]
+    assert metadata["inputs"][0]["shape"] == [-1, 4]
+    for method, path, status in (
+        ("GET", "/v2/models/other/ready", 404),
+        ("GET", "/nowhere", 404),
+        ("GET", "/v2/models/iris/infer", 405),
+        ("POST", "/v2/health/live", 405),
+        ("PUT", "/demo/chaos", 405),
+    ):
+        resp = await client.session.request(method, client.base + path)
+        assert resp.status == status, (method, path)
+        assert "error" in await resp.json()
+    resp = await client.post("/v2/models/iris/infer", data=b"{not json")
+    assert (resp.status, await resp.json()) == (400, {"error": "body is not valid JSON"})
+    resp = await client.post("/v2/models/iris/infer", data=io.BytesIO(b"x" * ((1 << 20) + 1)))
+    assert resp.status == 413
+
+
+async def test_generate_stream_sends_events(client: ModelClient) -> None:
     resp = await client.post("/v2/models/iris/generate_stream", json={})
     assert resp.headers["Content-Type"] == "text/event-stream"
     text = await resp.text()

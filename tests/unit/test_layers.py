@@ -87,11 +87,12 @@ def test_every_module_belongs_to_a_layer() -> None:
     assert stray == []
 
 
-def test_the_server_does_not_import_the_demos_http_library() -> None:
-    """aiohttp serves the demo's model and traffic only: `sidecar run` never loads it
-    (8 MB of every worker's memory)."""
+def test_the_package_does_not_import_aiohttp() -> None:
+    """aiohttp is the tests' and load tests' client and fake server, not a dependency:
+    neither `sidecar run` (8 MB of every worker's memory) nor `sidecar demo` loads it."""
     probe = (
-        "import sys, sidecar.cli, sidecar.control.server; "
+        "import sys, sidecar.cli, sidecar.control.server, sidecar.demo.runner, "
+        "sidecar.demo.traffic; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('aiohttp', 'yarl')))"
     )
     found = subprocess.run(
