@@ -207,6 +207,9 @@ class UpstreamConnection(FlowControlled):
         self.response: ClientResponse | None = None
         self._method = ""
         self._received = False  # a byte of the current answer arrived
+        # Its first bytes were "HTTP/1.1 ": its version is known without asking the
+        # parser, whose get_http_version() formats a new string (2k instructions).
+        self._begins_http11 = False
         self._reason = b""
         self._raw_headers: list[RawField] = []
         self._head_bytes = 0  # of the answer's heads (1xx ones too) and its trailers
@@ -245,7 +248,9 @@ class UpstreamConnection(FlowControlled):
             self.keep_alive = False
             self.abort()
             return
-        self._received = True
+        if not self._received:
+            self._begins_http11 = data[:9] == b"HTTP/1.1 "
+            self._received = True
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -295,6 +300,9 @@ class UpstreamConnection(FlowControlled):
     def on_headers_complete(self) -> None:
         parser = self._parser
         status = parser.get_status_code()
+        # Only the first head of what arrived began with those bytes: a final
+        # answer after a 1xx one has its version from the parser.
+        http11, self._begins_http11 = self._begins_http11, False
         if 100 <= status < 200 and status != 101:
             self._informational = True  # 100 Continue, 103 Early Hints: not relayed
             return
@@ -302,7 +310,11 @@ class UpstreamConnection(FlowControlled):
         if head is None or head.done():
             return
         reason = self._reason
-        version = parsed_version(parser, self._raw_headers, parser.should_keep_alive())
+        version = (
+            "1.1"
+            if http11
+            else parsed_version(parser, self._raw_headers, parser.should_keep_alive())
+        )
         if version != "1.1" and version != "1.0":
             head.set_exception(BrokenAnswer(f"an answer in HTTP/{version}"))
             self.keep_alive = False
@@ -367,8 +379,13 @@ class UpstreamConnection(FlowControlled):
         return head_waiter
 
     def reset(self) -> None:
+        """Between answers, before the pool keeps or hands on the connection. It
+        reads again: an answer read ahead past ``_READ_AHEAD`` may have paused it,
+        and a paused connection would never see its next answer, nor an EOF or stray
+        bytes while idle."""
         self._head = None
         self.response = None
+        self.resume_reading()
 
     def abort(self) -> None:
         if self._transport is not None and not self.closed:

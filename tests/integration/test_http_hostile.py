@@ -404,15 +404,26 @@ async def test_an_http_1_0_request_with_transfer_encoding_closes_the_connection(
     assert b"\r\nConnection: close" in raw.partition(b"\r\n\r\n")[0]
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/2.0 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+        b"HTTP/2.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 5\r\n\r\nhello",
+        # The first head's "HTTP/1.1" says nothing of the final answer's version.
+        b"HTTP/1.1 100 Continue\r\n\r\n"
+        b"HTTP/2.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 5\r\n\r\nhello",
+    ],
+    ids=["plain", "keep-alive", "after-100"],
+)
 async def test_an_answer_in_another_http_version_becomes_our_502(
-    start_sidecar: StartSidecar,
+    start_sidecar: StartSidecar, answer: bytes
 ) -> None:
     """An upstream that answers 'HTTP/2.0 200' is not speaking HTTP/1.x to us: its
     framing cannot be trusted. It was relayed as a 200."""
 
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
         await read_head(reader, writer)
-        writer.write(b"HTTP/2.0 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+        writer.write(answer)
         await writer.drain()
         await reader.read()
 
