@@ -198,7 +198,7 @@ class UpstreamConnection(FlowControlled):
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
         self._parser = httptools.HttpResponseParser(self)
-        self._transport: asyncio.Transport | None = None
+        self._transport = None  # declared by FlowControlled: see its comment
         self.closed = False
         self.keep_alive = True
         self.counted = True  # holds one of the pool's connection slots

@@ -351,7 +351,7 @@ class HttpConnection(FlowControlled):
         self.limits = server.limits
         self.loop = server.loop
         self._parser = httptools.HttpRequestParser(self)
-        self._transport: asyncio.Transport | None = None
+        self._transport = None  # declared by FlowControlled: see its comment
         self.peer = ""
         self.closed = False
         self._queue: deque[Request] | None = None  # pipelined requests (made when needed)

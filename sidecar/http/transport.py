@@ -15,6 +15,10 @@ class FlowControlled:
     the event loop."""
 
     __slots__ = ("_reading_paused", "_transport", "closed")
+    # A subclass must not annotate these again (``self._transport: T = None``): mypyc
+    # 2.4 then gives the garbage collector the attribute twice, which cancels out an
+    # outside reference, and a collection can clear a connection still in use
+    # (tests/unit/test_native_gc.py).
     _transport: asyncio.Transport | None
     _reading_paused: bool
     closed: bool
