@@ -7,7 +7,8 @@ the client pauses reading, half-closes or resets, and time jumps past the limits
 The pool fuzz sends requests through a Pool whose upstreams answer with scripted
 bytes: split anywhere, 1xx heads first, chunked or close-delimited bodies, broken
 status lines, early EOF, resets, stalls, and stray bytes after an answer or while
-idle. What each checks is in its test's docstring.
+idle. What each checks is in its test's docstring. test_pipeline_fuzz.py puts this
+client and these upstreams on either side of the whole request pipeline.
 
 The default runs take about twenty seconds. SIDECAR_FUZZ_SOAK=1 runs twenty times
 as many cases (``SIDECAR_FUZZ_SOAK=1 pytest tests/integration/test_protocol_fuzz.py``).
@@ -23,7 +24,7 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
@@ -314,6 +315,18 @@ class ClientSide:
     def can_send(self) -> bool:
         return not (self.paused or self.closing or self.lost or self.client_eof)
 
+    def send_eof(self) -> None:
+        """The client half-closes (a server that does not keep it half-open closes)."""
+        if not (self.lost or self.client_eof or self.closing):
+            self.client_eof = True
+            if not self.protocol.eof_received():
+                self.close(by_server=False)
+
+    def send_reset(self) -> None:
+        if not self.lost:
+            self.lost = self.reset = self.closing = True
+            self.protocol.connection_lost(ConnectionResetError())
+
 
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) (\d{3}) ([\t\x20-\x7e\x80-\xff]*)")
 _FIELD_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+): ?([\t\x20-\x7e\x80-\xff]*)")
@@ -331,10 +344,19 @@ class Parsed:
         return values[0] if values else None
 
 
-def parse_answers(out: bytes) -> tuple[list[Parsed], bool]:
+def _tagged_head(_: int, answer: Parsed) -> bool:
+    return answer.get(b"x-method") == b"HEAD"
+
+
+def parse_answers(
+    out: bytes, to_head: Callable[[int, Parsed], bool] = _tagged_head
+) -> tuple[list[Parsed], bool]:
     """The whole answers in what the server wrote (1xx ones too), and whether one
-    after them is cut short; an AssertionError for anything not valid HTTP/1.1."""
+    after them is cut short; an AssertionError for anything not valid HTTP/1.1.
+    ``to_head(n, answer)``: whether the n-th final answer is to a HEAD request (it
+    has no body); by default, its X-Method field says."""
     answers: list[Parsed] = []
+    finals = 0
     pos = 0
     while pos < len(out):
         end = out.find(b"\r\n\r\n", pos)
@@ -361,7 +383,7 @@ def parse_answers(out: bytes) -> tuple[list[Parsed], bool]:
         closing = b"close" in connection or (
             status_line.group(1) == b"0" and b"keep-alive" not in connection
         )
-        if answer.get(b"x-method") == b"HEAD" or answer.status in (204, 304):
+        if to_head(finals, answer) or answer.status in (204, 304):
             pass
         elif codings:
             assert codings == [b"chunked"], f"Transfer-Encoding {codings}"
@@ -391,8 +413,19 @@ def parse_answers(out: bytes) -> tuple[list[Parsed], bool]:
             answer.close_delimited = closing = True
             pos = len(out)
         answers.append(answer)
+        finals += 1
         assert not (closing and pos < len(out)), f"bytes after a last answer {out[pos:][:60]!r}"
     return answers, False
+
+
+def sweep(conn: HttpConnection) -> None:
+    """What the server's sweeper does each tick (it runs only once listening)."""
+    if conn._next is not None:
+        conn._end_wait()
+    callback = conn.on_deadline
+    if callback is not None and conn.deadline <= conn.server.loop.time():
+        conn.on_deadline = None
+        callback()
 
 
 class ServerRun:
@@ -423,7 +456,7 @@ class ServerRun:
                 await turns(2)
             else:
                 await advance(0.5)
-                self.sweep()
+                sweep(conn)
             self.check_state()
         assert client.lost, f"the connection never closed (paused={client.paused})"
         await turns(5)
@@ -443,18 +476,15 @@ class ServerRun:
         elif kind == "advance":
             await advance(args[0])
         elif kind == "sweep":
-            self.sweep()
+            sweep(conn)
         elif kind == "stop_reading" and not conn._write_paused:
             conn.pause_writing()
         elif kind == "read_again" and conn._write_paused:
             conn.resume_writing()
-        elif kind == "eof" and not (client.lost or client.client_eof or client.closing):
-            client.client_eof = True
-            if not conn.eof_received():
-                client.close(by_server=False)
-        elif kind == "reset" and not client.lost:
-            client.lost = client.reset = client.closing = True
-            conn.connection_lost(ConnectionResetError())
+        elif kind == "eof":
+            client.send_eof()
+        elif kind == "reset":
+            client.send_reset()
 
     def send(self, size: int) -> None:
         if self.pending and self.client.can_send():
@@ -462,16 +492,6 @@ class ServerRun:
             del self.pending[:size]
             self.largest_read = max(self.largest_read, len(chunk))
             self.conn.data_received(chunk)
-
-    def sweep(self) -> None:
-        """What the server's sweeper does each tick (it runs only once listening)."""
-        conn = self.conn
-        if conn._next is not None:
-            conn._end_wait()
-        callback = conn.on_deadline
-        if callback is not None and conn.deadline <= self.server.loop.time():
-            conn.on_deadline = None
-            callback()
 
     def check_state(self) -> None:
         """Between the client's actions: the body bytes and requests held stay
@@ -917,12 +937,24 @@ ADVANCES = [0.01, 0.01, 0.1, 0.1, 0.6, 2.5, 40.0]
 STRAYS = [b"HTTP/1.1 200 OK\r\n\r\n", b"x", b"\r\n"]
 
 
+class UpstreamScript(Protocol):
+    """What scripted upstreams answer, and where they report what they saw."""
+
+    violations: list[str]
+
+    def answer(self, k: int, method: bytes) -> tuple[list[tuple[bytes, str]], str, bool]:
+        """For request ``k``: the bytes to deliver (each part with what it is), what
+        to do once they are delivered (keep the connection, eof or reset), and
+        whether the connection may not be used after this answer."""
+        ...
+
+
 class Upstream:
     """The upstream's end of one pooled connection (and the connection's transport):
-    it answers each request from the next plan when the request is written, and
+    it answers each request from its script when the request is written, and
     delivers those bytes when the test says so, as much as the test says."""
 
-    def __init__(self, run: PoolRun, conn: UpstreamConnection) -> None:
+    def __init__(self, run: UpstreamScript, conn: UpstreamConnection) -> None:
         self.run = run
         self.conn = conn
         self.out: list[tuple[bytes, str]] = []  # bytes to deliver, and what they are
@@ -985,9 +1017,10 @@ class Upstream:
             self.run.violations.append("a connection reused after an answer that ended it")
         # Bytes of an earlier answer not delivered yet were never sent: dropped.
         self.in_flight = True
-        plan = self.run.next_answer()
-        self.out, self.after = plan.render(int(match.group(2)))
-        self.ended = plan.ends_connection(match.group(1))
+        self.out, self.after, self.ended = self.run.answer(int(match.group(2)), match.group(1))
+        if not self.out and self.after != "keep":  # it closes as the request comes
+            exc = None if self.after == "eof" else ConnectionResetError()
+            asyncio.get_running_loop().call_soon(self.lose, exc)
 
     def deliver(self, size: int) -> bool:
         """Up to ``size`` bytes of the plan, as one read; False when there was none
@@ -1006,6 +1039,30 @@ class Upstream:
         if not self.out and self.after != "keep":
             self.lose(None if self.after == "eof" else ConnectionResetError())
         return True
+
+
+def pool_violations(pool: Pool, upstreams: list[Upstream], connecting: int) -> list[str]:
+    """What is wrong with the pool's accounting of its connections (all of which go
+    to ``upstreams``, and ``connecting`` more are being made)."""
+    violations = []
+    if not 0 <= pool.open <= pool.max_connections:
+        violations.append(f"pool.open = {pool.open}")
+    counted = sum(1 for u in upstreams if u.conn.counted)
+    if counted + connecting != pool.open:
+        violations.append(f"pool.open = {pool.open}, {counted} connections counted")
+    if len({id(c) for c in pool._idle}) != len(pool._idle):
+        violations.append("a connection twice in the idle list")
+    for conn in pool._idle:
+        if conn._head is not None or conn.response is not None:
+            violations.append("an idle connection still holds a request")
+        if conn._reading_paused and not conn.closed:
+            violations.append("an idle connection has reading paused")
+    for upstream in upstreams:
+        conn = upstream.conn
+        waiting = conn._head is not None and not conn._head.done()
+        if upstream.paused and waiting and not conn.closed:
+            violations.append("waiting for an answer's head with reading paused")
+    return violations
 
 
 class PoolRun:
@@ -1029,10 +1086,10 @@ class PoolRun:
         self.connecting = 0
         self.deadline_slots: set[int] = set()
 
-    def next_answer(self) -> AnswerPlan:
+    def answer(self, k: int, method: bytes) -> tuple[list[tuple[bytes, str]], str, bool]:
         plan = self.answers[self.written % len(self.answers)]
         self.written += 1
-        return plan
+        return (*plan.render(k), plan.ends_connection(method))
 
     async def connect(self, protocol_factory: Callable[[], Any]) -> tuple[Any, Any]:
         how = self.connects[(len(self.upstreams) + self.connecting) % len(self.connects)]
@@ -1063,24 +1120,7 @@ class PoolRun:
         return deadline
 
     def check(self) -> None:
-        pool = self.pool
-        if not 0 <= pool.open <= pool.max_connections:
-            self.violations.append(f"pool.open = {pool.open}")
-        counted = sum(1 for u in self.upstreams if u.conn.counted)
-        if counted + self.connecting != pool.open:
-            self.violations.append(f"pool.open = {pool.open}, {counted} connections counted")
-        if len({id(c) for c in pool._idle}) != len(pool._idle):
-            self.violations.append("a connection twice in the idle list")
-        for conn in pool._idle:
-            if conn._head is not None or conn.response is not None:
-                self.violations.append("an idle connection still holds a request")
-            if conn._reading_paused and not conn.closed:
-                self.violations.append("an idle connection has reading paused")
-        for upstream in self.upstreams:
-            conn = upstream.conn
-            waiting = conn._head is not None and not conn._head.done()
-            if upstream.paused and waiting and not conn.closed:
-                self.violations.append("waiting for an answer's head with reading paused")
+        self.violations += pool_violations(self.pool, self.upstreams, self.connecting)
 
     async def caller(self, k: int, plan: CallerPlan) -> None:
         try:
