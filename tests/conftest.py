@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -232,6 +233,19 @@ def closed_port() -> int:
         sock.bind((LOOPBACK, 0))
         port: int = sock.getsockname()[1]
     return port
+
+
+@contextmanager
+def unanswered_port() -> Iterator[int]:
+    """A loopback port where connecting hangs: a listener that accepts nothing, its
+    queue filled by one connection (Linux then drops further SYNs, as a host that
+    went away would)."""
+    with socket.socket() as listener, socket.socket() as filler:
+        listener.bind((LOOPBACK, 0))
+        listener.listen(0)
+        port: int = listener.getsockname()[1]
+        filler.connect((LOOPBACK, port))
+        yield port
 
 
 async def clients_that_sent(

@@ -43,11 +43,13 @@ _CONTROL_TO_NUL: Final = bytes.maketrans(_CONTROL_BYTES, b"\x00" * len(_CONTROL_
 
 
 class ConnectFailed(Exception):
-    """No connection could be made (refused, unreachable, ...)."""
+    """No connection could be made: refused, unreachable (``errno``), or none within
+    the connect timeout (``timeout``, seconds)."""
 
-    def __init__(self, errno: int | None) -> None:
+    def __init__(self, errno: int | None, timeout: float | None = None) -> None:
         super().__init__(errno)
         self.errno = errno
+        self.timeout = timeout
 
 
 class Disconnected(Exception):
@@ -574,9 +576,12 @@ class Pool:
                     return conn, True
                 if self.open < self.max_connections:
                     self.open += 1
-                    if deadline is not None:
-                        connect_timeout = min(connect_timeout, max(0.0, deadline - loop.time()))
+                    # The request's deadline may come first: then it is the request
+                    # that timed out (TimeoutError), not the connect.
+                    left = None if deadline is None else max(0.0, deadline - loop.time())
                     try:
+                        if left is not None and left < connect_timeout:
+                            return await self._connect(left, deadline_first=True), False
                         return await self._connect(connect_timeout), False
                     except BaseException:
                         self.open -= 1
@@ -606,7 +611,7 @@ class Pool:
                 return handed, True
             first_in_line = True  # a slot came free for us: take it before the others
 
-    async def _connect(self, within: float) -> UpstreamConnection:
+    async def _connect(self, within: float, *, deadline_first: bool = False) -> UpstreamConnection:
         loop = self.loop
         try:
             async with asyncio.timeout(within):
@@ -614,8 +619,12 @@ class Pool:
                     lambda: as_protocol(UpstreamConnection(self)), self.host, self.port
                 )
                 conn = cast(UpstreamConnection, protocol)
-        except OSError as exc:
-            raise ConnectFailed(exc.errno) from None
+        except OSError as exc:  # TimeoutError is an OSError: asyncio.timeout's has no errno
+            if exc.errno is not None:
+                raise ConnectFailed(exc.errno) from None
+            if deadline_first:
+                raise TimeoutError from None
+            raise ConnectFailed(None, within) from None
         return conn
 
     def _done(self, conn: UpstreamConnection, *, reusable: bool) -> None:

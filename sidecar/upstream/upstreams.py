@@ -172,7 +172,10 @@ class UpstreamClient:
             ) from None
         except ConnectFailed as exc:
             errno = exc.errno
-            reason = os.strerror(errno).lower() if errno else "the connection failed"
+            if exc.timeout is not None:
+                reason = f"no connection within {exc.timeout:g}s"
+            else:
+                reason = os.strerror(errno).lower() if errno else "the connection failed"
             raise errors.UpstreamError(
                 f"cannot connect to upstream {self.name!r}: {reason}", retryable=True
             ) from None

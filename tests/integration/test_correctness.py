@@ -23,6 +23,7 @@ from tests.conftest import (
     StartSidecar,
     base_config,
     closed_port,
+    unanswered_port,
 )
 from tests.integration.test_endpoints import metric_value
 
@@ -445,6 +446,43 @@ async def test_a_502_names_no_class_and_no_address(start_sidecar: StartSidecar) 
     )
     assert str(port) not in body
     assert "Error" not in body
+
+
+async def test_an_upstream_that_never_accepts_fails_the_connect_in_its_timeout(
+    start_sidecar: StartSidecar,
+) -> None:
+    """A connect that outlasts ``connect_timeout`` is a connect failure (502, and
+    retried where the route allows), named with the wait; not a timeout of the
+    request, whose deadline is far."""
+    with unanswered_port() as port:
+        config = base_config(f"http://{LOOPBACK}:{port}")
+        config["upstreams"]["model"]["connect_timeout"] = "200ms"
+        sidecar = await start_sidecar(config, wait_ready=False)
+        started = asyncio.get_running_loop().time()
+        async with sidecar.session.get(sidecar.url + "/x") as resp:
+            assert resp.status == 502
+            error = orjson.loads(await resp.read())["error"]
+        assert asyncio.get_running_loop().time() - started < 2.0
+    assert error["type"] == "upstream_error"
+    assert error["message"] == "cannot connect to upstream 'model': no connection within 0.2s"
+
+
+async def test_a_request_whose_deadline_ends_while_connecting_is_a_timeout(
+    start_sidecar: StartSidecar,
+) -> None:
+    """When the request's own deadline comes before the connect timeout, the wait
+    for a connection is part of the wait for the answer: a 504, not a 502 saying the
+    connection failed."""
+    with unanswered_port() as port:
+        config = base_config(f"http://{LOOPBACK}:{port}")
+        config["upstreams"]["model"]["connect_timeout"] = "10s"
+        config["routes"][0]["timeout"] = "300ms"
+        sidecar = await start_sidecar(config, wait_ready=False)
+        async with sidecar.session.get(sidecar.url + "/x") as resp:
+            assert resp.status == 504
+            error = orjson.loads(await resp.read())["error"]
+    assert error["type"] == "upstream_timeout"
+    assert "0.3s" in error["message"], error["message"]
 
 
 # -- 15: a schema violation costs a bounded amount, and bounded metric series --------
