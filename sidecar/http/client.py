@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
 from collections import deque
 from typing import Any, ClassVar, Final, cast
 
@@ -43,13 +45,22 @@ _CONTROL_TO_NUL: Final = bytes.maketrans(_CONTROL_BYTES, b"\x00" * len(_CONTROL_
 
 
 class ConnectFailed(Exception):
-    """No connection could be made: refused, unreachable (``errno``), or none within
-    the connect timeout (``timeout``, seconds)."""
+    """No connection could be made: refused, unreachable, a host name that does not
+    resolve, or none within the connect timeout. ``reason`` says which, in words fit
+    for a client (no address, no class name)."""
 
-    def __init__(self, errno: int | None, timeout: float | None = None) -> None:
-        super().__init__(errno)
-        self.errno = errno
-        self.timeout = timeout
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _connect_error(exc: OSError) -> str:
+    if isinstance(exc, socket.gaierror):  # its errno is getaddrinfo's, not the OS's
+        return "its host name does not resolve"
+    if exc.errno:
+        return os.strerror(exc.errno).lower()
+    # e.g. asyncio's "Multiple exceptions" when each address of a name failed its own way
+    return "the connection failed"
 
 
 class Disconnected(Exception):
@@ -575,10 +586,14 @@ class Pool:
                 if conn is not None:
                     return conn, True
                 if self.open < self.max_connections:
+                    # The attempt's deadline (per try, or the route's) may come before
+                    # the connect timeout: running out of it is then the attempt's
+                    # TimeoutError, not a failed connect.
+                    left = None if deadline is None else deadline - loop.time()
+                    if left is not None and left <= 0:
+                        self._wake_one()  # a slot that came free for us goes on
+                        raise TimeoutError
                     self.open += 1
-                    # The request's deadline may come first: then it is the request
-                    # that timed out (TimeoutError), not the connect.
-                    left = None if deadline is None else max(0.0, deadline - loop.time())
                     try:
                         if left is not None and left < connect_timeout:
                             return await self._connect(left, deadline_first=True), False
@@ -613,18 +628,19 @@ class Pool:
 
     async def _connect(self, within: float, *, deadline_first: bool = False) -> UpstreamConnection:
         loop = self.loop
+        timeout = asyncio.timeout(within)
         try:
-            async with asyncio.timeout(within):
+            async with timeout:
                 _, protocol = await loop.create_connection(
                     lambda: as_protocol(UpstreamConnection(self)), self.host, self.port
                 )
                 conn = cast(UpstreamConnection, protocol)
-        except OSError as exc:  # TimeoutError is an OSError: asyncio.timeout's has no errno
-            if exc.errno is not None:
-                raise ConnectFailed(exc.errno) from None
+        except OSError as exc:  # TimeoutError is one: the timeout says whether it was its
+            if not timeout.expired():
+                raise ConnectFailed(_connect_error(exc)) from None
             if deadline_first:
                 raise TimeoutError from None
-            raise ConnectFailed(None, within) from None
+            raise ConnectFailed(f"no connection within {within:g}s") from None
         return conn
 
     def _done(self, conn: UpstreamConnection, *, reusable: bool) -> None:

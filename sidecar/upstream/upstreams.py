@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -171,13 +170,8 @@ class UpstreamClient:
                 retryable=True,
             ) from None
         except ConnectFailed as exc:
-            errno = exc.errno
-            if exc.timeout is not None:
-                reason = f"no connection within {exc.timeout:g}s"
-            else:
-                reason = os.strerror(errno).lower() if errno else "the connection failed"
             raise errors.UpstreamError(
-                f"cannot connect to upstream {self.name!r}: {reason}", retryable=True
+                f"cannot connect to upstream {self.name!r}: {exc.reason}", retryable=True
             ) from None
         except Disconnected:
             raise errors.UpstreamError(

@@ -451,9 +451,8 @@ async def test_a_502_names_no_class_and_no_address(start_sidecar: StartSidecar) 
 async def test_an_upstream_that_never_accepts_fails_the_connect_in_its_timeout(
     start_sidecar: StartSidecar,
 ) -> None:
-    """A connect that outlasts ``connect_timeout`` is a connect failure (502, and
-    retried where the route allows), named with the wait; not a timeout of the
-    request, whose deadline is far."""
+    """A connect that outlasts ``connect_timeout`` is a connect failure (502), named
+    with the wait; not a timeout of the request, whose deadline is far."""
     with unanswered_port() as port:
         config = base_config(f"http://{LOOPBACK}:{port}")
         config["upstreams"]["model"]["connect_timeout"] = "200ms"
@@ -470,9 +469,9 @@ async def test_an_upstream_that_never_accepts_fails_the_connect_in_its_timeout(
 async def test_a_request_whose_deadline_ends_while_connecting_is_a_timeout(
     start_sidecar: StartSidecar,
 ) -> None:
-    """When the request's own deadline comes before the connect timeout, the wait
-    for a connection is part of the wait for the answer: a 504, not a 502 saying the
-    connection failed."""
+    """When the attempt's deadline (here the route's) comes before the connect
+    timeout, the wait for a connection is part of the wait for the answer: a 504, not
+    a 502 saying the connection failed."""
     with unanswered_port() as port:
         config = base_config(f"http://{LOOPBACK}:{port}")
         config["upstreams"]["model"]["connect_timeout"] = "10s"
