@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -338,6 +338,7 @@ class Parsed:
     fields: dict[bytes, list[bytes]]
     body: bytes = b""
     close_delimited: bool = False
+    closes: bool = False  # the connection ends after it (Connection: close, 1.0, or its body)
 
     def get(self, name: bytes) -> bytes | None:
         values = self.fields.get(name)
@@ -412,6 +413,7 @@ def parse_answers(
             answer.body = out[pos:]
             answer.close_delimited = closing = True
             pos = len(out)
+        answer.closes = closing
         answers.append(answer)
         finals += 1
         assert not (closing and pos < len(out)), f"bytes after a last answer {out[pos:][:60]!r}"
@@ -1041,7 +1043,7 @@ class Upstream:
         return True
 
 
-def pool_violations(pool: Pool, upstreams: list[Upstream], connecting: int) -> list[str]:
+def pool_violations(pool: Pool, upstreams: Sequence[Upstream], connecting: int) -> list[str]:
     """What is wrong with the pool's accounting of its connections (all of which go
     to ``upstreams``, and ``connecting`` more are being made)."""
     violations = []
