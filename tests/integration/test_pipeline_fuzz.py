@@ -142,8 +142,12 @@ class ModelAnswer:
     def ends_connection(self, method: bytes) -> bool:
         """Whether the connection may not be used after this answer: its body ends
         with the connection, or it answered HEAD (the pool cannot tell llhttp that
-        no body follows)."""
-        return method == b"HEAD" or (self.close_delimited and self.damage == "none")
+        no body follows). A 204 or 304 has no body, so no framing: it ends at its head
+        and, without Connection: close, leaves the connection usable (a close that
+        follows is the upstream's, met by the pool's replay)."""
+        if method == b"HEAD":
+            return True
+        return self.close_delimited and self.damage == "none" and self.status not in (204, 304)
 
     def render(self, k: int, method: bytes) -> tuple[list[tuple[bytes, str]], str, bytes | None]:
         """The bytes the upstream sends (each part with what it is), what it does once
@@ -362,6 +366,9 @@ class PipelineRun:
         self.connecting = 0
         self.written = 0
         self.expected: dict[int, bytes | None] = {}  # by request, of its last attempt
+        # By request: the statuses of answers sent cut short, which may have lost their
+        # X-Id and still be whole answers (a cut status line and stray CRLFs after it).
+        self.cut_statuses: dict[int, set[int]] = {}
         self.attempts: dict[int, int] = {}  # by request, its last attempt (a write's number)
         self.last_answer: tuple[int, int, ModelAnswer] | None = None
         rendered = [r.render(k) for k, r in enumerate(requests)]
@@ -376,6 +383,8 @@ class PipelineRun:
         self.last_answer = (k, self.written, model_answer)
         self.written += 1
         out, after, self.expected[k] = model_answer.render(k, method)
+        if model_answer.damage != "none":
+            self.cut_statuses.setdefault(k, set()).add(model_answer.status)
         return out, after, model_answer.ends_connection(method)
 
     async def connect(self, protocol_factory: Any) -> tuple[Any, Any]:
@@ -582,10 +591,11 @@ class PipelineRun:
         if any(m != token(k) for m in TOKEN.findall(answer.body)):
             wrong.append(f"answer {k} carries another request's bytes")
         bodiless = method == "HEAD" or answer.status in (204, 304)
-        if mark is None:  # the sidecar's own answer: an error
-            if answer.status < 400:
+        if mark is None:  # the sidecar's own answer (an error), or a cut one of the model's
+            cut_by_model = answer.status in self.cut_statuses.get(k, ())
+            if answer.status < 400 and not cut_by_model:
                 wrong.append(f"answer {k}: {answer.status}, neither the model's nor an error")
-            elif not bodiless:
+            elif not bodiless and not (cut_by_model and not answer.body):
                 wrong += self.wrong_in_error(k, answer.body)
         elif not bodiless and not (answer.close_delimited and self.ended_early):
             # A body that ends with the connection is whole only if the server ended
