@@ -796,8 +796,11 @@ class AnswerPlan:
     def ends_connection(self, method: bytes) -> bool:
         """Whether the connection may not be used after this answer: it said so, or
         its body ends with the connection, or it answered HEAD (the pool cannot
-        tell llhttp that no body follows)."""
-        closing = self.kind in ("conn_close", "close", "v10")
+        tell llhttp that no body follows). A 204 or 304 has no body to end with the
+        connection: what follows its head is stray."""
+        closing = self.kind in ("conn_close", "v10") or (
+            self.kind == "close" and self.status not in (204, 304)
+        )
         return method == b"HEAD" or (closing and self.damage == "none")
 
     def render(self, k: int) -> tuple[list[tuple[bytes, str]], str]:
