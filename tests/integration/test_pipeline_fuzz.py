@@ -35,15 +35,14 @@ from sidecar.telemetry.logs import Logs
 from sidecar.telemetry.metrics import Metrics
 from sidecar.upstream.upstreams import ConnectionPools
 from tests.integration.test_protocol_fuzz import (
-    READS,
     SOAK,
-    STRAYS,
     TOKEN,
     ClientSide,
     Parsed,
     Upstream,
     VirtualLoop,
     advance,
+    connect_upstream,
     fuzz_settings,
     parse_answers,
     pool_violations,
@@ -51,6 +50,7 @@ from tests.integration.test_protocol_fuzz import (
     sweep,
     token,
     turns,
+    upstream_step,
 )
 
 PIPELINE_EXAMPLES = 1000
@@ -391,11 +391,9 @@ class PipelineRun:
         self.connecting += 1
         try:
             await asyncio.sleep(0)
-            conn = protocol_factory()
-            upstream = ModelUpstream(self, conn)
-            conn.connection_made(upstream)
-            self.upstreams.append(upstream)
-            return upstream, conn
+            return connect_upstream(
+                protocol_factory, lambda conn: ModelUpstream(self, conn), self.upstreams
+            )
         finally:
             self.connecting -= 1
 
@@ -450,15 +448,10 @@ class PipelineRun:
         conn, client = self.conn, self.client
         for kind, pick, size in steps:
             live = [u for u in self.upstreams if not u.lost]
-            if kind == "send":
+            if await upstream_step(kind, pick, size, live, self.pool):
+                pass
+            elif kind == "send":
                 self.send(SENDS[size])
-            elif kind == "deliver" and any(u.out for u in live):
-                sending = [u for u in live if u.out]
-                sending[pick % len(sending)].deliver(READS[size % len(READS)])
-            elif kind == "turn":
-                await turns(1 + size)
-            elif kind == "advance":
-                await advance(ADVANCES[size])
             elif kind == "stop_reading" and not conn._write_paused:
                 conn.pause_writing()
             elif kind == "read_again" and conn._write_paused:
@@ -466,12 +459,6 @@ class PipelineRun:
             elif kind == "close_by_upstream" and live:
                 exc = None if size % 2 else ConnectionResetError()
                 self.close_by_upstream(live[pick % len(live)], exc)
-            elif kind == "stray_while_idle":
-                idle = [u for u in live if u.conn in self.pool._idle]
-                if idle:
-                    upstream = idle[pick % len(idle)]
-                    upstream.out.append((STRAYS[size % len(STRAYS)], "stray"))
-                    upstream.deliver(1 << 20)
             elif kind == "sweep":
                 sweep(conn)
             elif kind == "eof":

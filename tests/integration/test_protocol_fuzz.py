@@ -1070,6 +1070,43 @@ def pool_violations(pool: Pool, upstreams: Sequence[Upstream], connecting: int) 
     return violations
 
 
+def connect_upstream(
+    protocol_factory: Callable[[], Any], make: Callable[[Any], Upstream], upstreams: list[Any]
+) -> tuple[Any, Any]:
+    """The connection a pool asked for, its far end a new scripted upstream (kept in
+    ``upstreams``)."""
+    conn = protocol_factory()
+    upstream = make(conn)
+    conn.connection_made(upstream)
+    upstreams.append(upstream)
+    return upstream, conn
+
+
+async def upstream_step(
+    kind: str, pick: int, size: int, live: Sequence[Upstream], pool: Pool
+) -> bool:
+    """A step on the upstreams' side or the clock's, as the pool and pipeline fuzz
+    tests take them: one read delivered, loop turns, time passing, stray bytes on an
+    idle connection. False when ``kind`` is none of these."""
+    if kind == "deliver":
+        sending = [u for u in live if u.out]
+        if sending:
+            sending[pick % len(sending)].deliver(READS[size % len(READS)])
+    elif kind == "turn":
+        await turns(1 + size)
+    elif kind == "advance":
+        await advance(ADVANCES[size])
+    elif kind == "stray_while_idle":
+        idle = [u for u in live if u.conn in pool._idle]
+        if idle:
+            upstream = idle[pick % len(idle)]
+            upstream.out.append((STRAYS[size % len(STRAYS)], "stray"))
+            upstream.deliver(1 << 20)
+    else:
+        return False
+    return True
+
+
 class PoolRun:
     """Callers sharing one pool, whose connections go to scripted upstreams."""
 
@@ -1105,11 +1142,9 @@ class PoolRun:
                 raise ConnectionRefusedError(111, "refused")
             if how == "slow":
                 await asyncio.sleep(3600)  # the pool's connect timeout ends it
-            conn = protocol_factory()
-            upstream = Upstream(self, conn)
-            conn.connection_made(upstream)
-            self.upstreams.append(upstream)
-            return upstream, conn
+            return connect_upstream(
+                protocol_factory, lambda conn: Upstream(self, conn), self.upstreams
+            )
         finally:
             self.connecting -= 1
 
@@ -1177,22 +1212,11 @@ class PoolRun:
         loop.connector = self.connect
         for kind, pick, size in steps:
             live = [u for u in self.upstreams if not u.lost]
-            if kind == "spawn" and len(self.callers) < len(self.caller_plans):
+            if await upstream_step(kind, pick, size, live, self.pool):
+                pass
+            elif kind == "spawn" and len(self.callers) < len(self.caller_plans):
                 plan = self.caller_plans[len(self.callers)]
                 self.callers.append(loop.create_task(self.caller(len(self.callers), plan)))
-            elif kind == "deliver" and any(u.out for u in live):
-                sending = [u for u in live if u.out]
-                sending[pick % len(sending)].deliver(READS[size % len(READS)])
-            elif kind == "turn":
-                await turns(1 + size)
-            elif kind == "advance":
-                await advance(ADVANCES[size])
-            elif kind == "stray_while_idle":
-                idle = [u for u in live if u.conn in self.pool._idle]
-                if idle:
-                    upstream = idle[pick % len(idle)]
-                    upstream.out.append((STRAYS[size % len(STRAYS)], "stray"))
-                    upstream.deliver(1 << 20)
             elif kind == "close_by_upstream" and live:
                 live[pick % len(live)].lose(None if size % 2 else ConnectionResetError())
             elif kind == "cancel":
