@@ -457,11 +457,9 @@ async def test_an_upstream_that_never_accepts_fails_the_connect_in_its_timeout(
         config = base_config(f"http://{LOOPBACK}:{port}")
         config["upstreams"]["model"]["connect_timeout"] = "200ms"
         sidecar = await start_sidecar(config, wait_ready=False)
-        started = asyncio.get_running_loop().time()
         async with sidecar.session.get(sidecar.url + "/x") as resp:
-            assert resp.status == 502
+            assert resp.status == 502  # the route's 5 s would have been a 504
             error = orjson.loads(await resp.read())["error"]
-        assert asyncio.get_running_loop().time() - started < 2.0
     assert error["type"] == "upstream_error"
     assert error["message"] == "cannot connect to upstream 'model': no connection within 0.2s"
 

@@ -49,6 +49,7 @@ from sidecar.http.server import (
     Request,
     RequestRefused,
 )
+from tests.fake_transport import FakeTransport
 
 SERVER_EXAMPLES = 600
 POOL_EXAMPLES = 400
@@ -240,17 +241,16 @@ def _tags(method: str) -> list[tuple[str, str]]:
     return [("X-Method", "HEAD" if method == "HEAD" else "other")]
 
 
-class ClientSide:
+class ClientSide(FakeTransport):
     """The server connection's transport: the client's end of the socket, whose
     writes are kept; a client that sent EOF, or a closed socket, sends no more."""
 
     def __init__(self, protocol: HttpConnection, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
         self.protocol = protocol
         self.loop = loop
         self.out = bytearray()
         self.misuse: list[str] = []
-        self.paused = False
-        self.closing = False
         self.aborted = False
         self.eof_written = False
         self.lost = False
@@ -260,9 +260,6 @@ class ClientSide:
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return ("127.0.0.1", 40000) if name == "peername" else default
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        pass
 
     def write(self, data: bytes) -> None:
         # As uvloop: an error after the handle is closed or after write_eof; dropped
@@ -275,18 +272,6 @@ class ClientSide:
             raise RuntimeError("Cannot call write() after write_eof()")
         if not self.closing:
             self.out += data
-
-    def writelines(self, parts: Any) -> None:
-        self.write(b"".join(parts))
-
-    def pause_reading(self) -> None:
-        self.paused = True
-
-    def resume_reading(self) -> None:
-        self.paused = False
-
-    def is_closing(self) -> bool:
-        return self.closing
 
     def _lose(self) -> None:
         if not self.lost:
@@ -304,9 +289,6 @@ class ClientSide:
         if not self.closing:
             self.closing = True
             self.loop.call_soon(self._lose)
-
-    def can_write_eof(self) -> bool:
-        return True
 
     def write_eof(self) -> None:
         self.eof_written = True
@@ -954,37 +936,21 @@ class UpstreamScript(Protocol):
         ...
 
 
-class Upstream:
+class Upstream(FakeTransport):
     """The upstream's end of one pooled connection (and the connection's transport):
     it answers each request from its script when the request is written, and
     delivers those bytes when the test says so, as much as the test says."""
 
     def __init__(self, run: UpstreamScript, conn: UpstreamConnection) -> None:
+        super().__init__()
         self.run = run
         self.conn = conn
         self.out: list[tuple[bytes, str]] = []  # bytes to deliver, and what they are
         self.after = "keep"  # once delivered: keep the connection, eof or reset
         self.tainted = False  # it delivered bytes nobody asked for
         self.ended = False  # its last answer ends the connection (Connection: close...)
-        self.paused = False
-        self.closing = False
         self.lost = False
         self.in_flight = False
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return default
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        pass
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def pause_reading(self) -> None:
-        self.paused = True
-
-    def resume_reading(self) -> None:
-        self.paused = False
 
     def lose(self, exc: BaseException | None = None) -> None:
         if not self.lost:
@@ -997,15 +963,6 @@ class Upstream:
             asyncio.get_running_loop().call_soon(self.lose)
 
     close = abort
-
-    def can_write_eof(self) -> bool:
-        return True
-
-    def write_eof(self) -> None:
-        pass
-
-    def writelines(self, parts: Any) -> None:
-        self.write(b"".join(parts))
 
     def write(self, data: bytes) -> None:
         assert not self.lost, "a write to a closed connection"

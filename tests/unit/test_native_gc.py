@@ -23,6 +23,7 @@ import sidecar
 from sidecar.http.client import Pool, UpstreamConnection
 from sidecar.http.server import HttpConnection, HttpServer, Limits
 from sidecar.http.transport import FlowControlled
+from tests.fake_transport import FakeTransport
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,17 +37,10 @@ def compiled_modules() -> list[Path]:
     return [ROOT / path for path in build_native.MODULES]
 
 
-class Transport:
-    """Enough of a transport for connection_made, holding its protocol as real ones do."""
+class Transport(FakeTransport):
+    """Holding its protocol, as real transports do."""
 
-    def __init__(self) -> None:
-        self.protocol: Any = None
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return default
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        pass
+    protocol: Any = None
 
 
 def upstream_connection() -> FlowControlled:

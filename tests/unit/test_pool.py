@@ -11,41 +11,9 @@ from typing import Any
 import pytest
 
 from sidecar.http.client import ConnectFailed, Pool, UpstreamConnection
+from tests.fake_transport import FakeTransport
 
 READ_AHEAD_PLUS = 300_000  # body bytes: past the client's 256 KiB read-ahead
-
-
-class PausableTransport:
-    """What a connection uses of a transport; records writes and whether reading is
-    paused (a paused transport delivers nothing)."""
-
-    def __init__(self) -> None:
-        self.paused = False
-        self.closing = False
-        self.writes: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(data)
-
-    def writelines(self, parts: Any) -> None:
-        self.write(b"".join(parts))
-
-    def pause_reading(self) -> None:
-        self.paused = True
-
-    def resume_reading(self) -> None:
-        self.paused = False
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def close(self) -> None:
-        self.closing = True
-
-    abort = close
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return default
 
 
 def answer(body: bytes) -> bytes:
@@ -59,7 +27,7 @@ async def test_a_connection_paused_by_a_large_answer_reads_again_when_reused() -
     loop = asyncio.get_running_loop()
     pool = Pool("127.0.0.1", 9, max_connections=1)
     conn = UpstreamConnection(pool)
-    transport = PausableTransport()
+    transport = FakeTransport()
     conn.connection_made(transport)  # type: ignore[arg-type]
     pool.open = 1
     conn.idle_since = loop.time()
