@@ -389,6 +389,25 @@ async def test_content_type_json_depth_nan_utf8(
     assert len(fake_model.hits_for("/infer")) == 2
 
 
+async def test_a_validated_route_takes_bodiless_reads_unchecked(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    # A route that validates its bodies still serves its metadata and readiness GETs.
+    sidecar = await start_sidecar(validated_config(fake_model.url))
+    for method in ("GET", "HEAD", "DELETE", "OPTIONS"):
+        async with sidecar.session.request(method, sidecar.url + "/infer/ready") as r:
+            assert r.status == 200, method
+    assert len(fake_model.hits_for("/infer/ready")) == 4
+    # A body is checked whatever the method; a POST without one is not JSON.
+    for method, data in (("GET", b"not json"), ("POST", b""), ("PUT", b"")):
+        async with sidecar.session.request(
+            method, sidecar.url + "/infer", data=data, headers={"Content-Type": "application/json"}
+        ) as r:
+            body = orjson.loads(await r.read())
+            assert (r.status, body["error"]["type"]) == (400, "invalid_json"), method
+    assert fake_model.hits_for("/infer") == []
+
+
 def _depth(document: Any) -> int:
     if isinstance(document, list):
         return 1 + max((_depth(item) for item in document), default=0)
