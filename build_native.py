@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -161,11 +162,43 @@ def compile_modules(target: Path) -> list[Path]:
         if built.returncode != 0:
             # mypyc's type errors and the compiler's are in what it printed.
             raise SystemExit(f"{built.stdout}\nmypyc failed to compile the sidecar (above)")
+        doubled = doubly_visited(work / "c")
+        if doubled:
+            raise SystemExit(
+                "mypyc generated a garbage-collector traverse that visits an attribute "
+                f"twice ({', '.join(doubled)}): the collector would free objects still in "
+                "use. Is an attribute a base class declares annotated again in a subclass?"
+            )
         made = sorted(p.relative_to(work / "lib") for p in (work / "lib").rglob("*.so"))
         for path in made:
             (target / path).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(work / "lib" / path, target / path)
     return made
+
+
+_TRAVERSE = re.compile(r"^(\w+)_traverse\(.*?\)\n\{\n(.*?)^\}", re.M | re.S)
+_VISIT = re.compile(r"Py_VISIT\(self->(\w+)\);")
+
+
+def doubly_visited(generated: Path) -> list[str]:
+    """``Class.field`` for each attribute that a generated ``tp_traverse`` visits more
+    than once. Each visit stands for one reference the object holds: a second one
+    makes the collector think a reference from outside is the object's own, and
+    free what that outside reference keeps alive (mypyc 2.4 does it when a subclass
+    annotates an attribute that its base declares)."""
+    found: list[str] = []
+    traverses = 0
+    for source in sorted(generated.rglob("*.c")):
+        for match in _TRAVERSE.finditer(source.read_text()):
+            traverses += 1
+            fields = _VISIT.findall(match.group(2))
+            found += sorted({f"{match.group(1)}.{f}" for f in fields if fields.count(f) > 1})
+    if traverses == 0:
+        raise SystemExit(
+            f"no tp_traverse found in the C that mypyc generated under {generated}: "
+            "its form changed; update build_native.doubly_visited"
+        )
+    return found
 
 
 def built_in_place() -> list[Path]:

@@ -28,13 +28,17 @@ from tests.fake_transport import FakeTransport
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def compiled_modules() -> list[Path]:
+def load_build_native() -> Any:
     spec = importlib.util.spec_from_file_location("build_native", ROOT / "build_native.py")
     assert spec is not None
     assert spec.loader is not None
     build_native = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build_native)
-    return [ROOT / path for path in build_native.MODULES]
+    return build_native
+
+
+def compiled_modules() -> list[Path]:
+    return [ROOT / path for path in load_build_native().MODULES]
 
 
 class Transport(FakeTransport):
@@ -134,3 +138,36 @@ def test_no_compiled_class_annotates_again_what_a_base_declares() -> None:
         for attribute in sorted(attributes & classes[base][0])
     ]
     assert not again, ", ".join(again)
+
+
+_GENERATED = """\
+static int
+Base_traverse(m___BaseObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->__t);
+    int rv = 0;
+    return rv;
+}
+
+static int
+Sub_traverse(m___SubObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->__t);
+%s    Py_VISIT(self->_x);
+    int rv = 0;
+    return rv;
+}
+"""
+
+
+def test_the_build_refuses_a_traverse_that_visits_an_attribute_twice(tmp_path: Path) -> None:
+    """Every build scans the C that mypyc generated (as it generates it for the bug
+    above), whatever the cause of a doubled visit."""
+    build_native = load_build_native()
+    (tmp_path / "__native.c").write_text(_GENERATED % "    Py_VISIT(self->__t);\n")
+    assert build_native.doubly_visited(tmp_path) == ["Sub.__t"]
+    (tmp_path / "__native.c").write_text(_GENERATED % "")
+    assert build_native.doubly_visited(tmp_path) == []
+    (tmp_path / "__native.c").write_text("int main(void) { return 0; }\n")
+    with pytest.raises(SystemExit, match="no tp_traverse found"):
+        build_native.doubly_visited(tmp_path)
