@@ -133,14 +133,16 @@ def _trigger(cause: object) -> str:
 async def _discard(response: ClientResponse, idle: float) -> None:
     """Drop an answer we will not relay, keeping the connection when that is cheap."""
     length = response.content_length
-    if length is not None and length <= _DRAIN_LIMIT:
-        try:
+    try:
+        if length is not None and length <= _DRAIN_LIMIT:
             async with asyncio.timeout(idle):
                 await response.read()
-        except (BrokenAnswer, TimeoutError):
-            response.close()  # a broken body: the connection cannot be reused
-            return
-    response.release()
+    except (BrokenAnswer, TimeoutError):
+        pass  # a broken body: release() below closes the connection
+    finally:
+        # Released whatever happens, a cancelled request too: read whole it goes back
+        # to the pool, else it is closed and its slot freed.
+        response.release()
 
 
 async def _with_retries(
@@ -337,7 +339,14 @@ async def _answer(
         and _trigger(cause) in fallback.triggers
         and (not isinstance(cause, ModelFailed) or path.falls_back_on(cause.response.status))
     ):
-        replacement = await fallback.answer(call, body)
+        try:
+            replacement = await fallback.answer(call, body)
+        except BaseException:
+            # Cancelled (the client left) while a secondary model was asked: the
+            # model's answer held meanwhile must free its connection slot.
+            if isinstance(cause, ModelFailed):
+                cause.response.close()
+            raise
         if replacement is not None:
             if isinstance(cause, ModelFailed):
                 cause.response.release()

@@ -533,6 +533,90 @@ async def test_secondary_upstream_answers_when_the_primary_fails(
     assert hit.body == b'{"x": 1}'
 
 
+async def test_a_client_leaving_during_the_secondary_fallback_frees_the_primarys_connection(
+    make_fake_model: MakeFakeModel, start_sidecar: StartSidecar
+) -> None:
+    # The primary's 503 is held while the secondary model is asked; a client that
+    # leaves meanwhile must not take the primary's connection slot with it.
+    primary, simple = await make_fake_model(), await make_fake_model()
+    primary.on("/infer", status_handler(503))
+    asked = asyncio.Event()
+    never = asyncio.Event()
+
+    async def slow_secondary(request: web.Request) -> web.Response:
+        asked.set()
+        await never.wait()
+        return web.json_response({"label": 1})
+
+    simple.on("/infer", slow_secondary)
+    config = config_with(
+        primary.url,
+        {
+            "timeout": "1s",
+            "fallback": {"chain": [{"upstream": {"name": "simple", "timeout": "5s"}}]},
+        },
+        breaker={"enabled": False},
+        max_connections=1,
+    )
+    config["upstreams"]["simple"] = {"url": simple.url}
+    sidecar = await start_sidecar(config)
+    leaving = asyncio.create_task(sidecar.session.post(sidecar.url + "/infer", data=b"{}"))
+    await asyncio.wait_for(asked.wait(), 10)
+    leaving.cancel()  # the client closes its connection
+    with contextlib.suppress(asyncio.CancelledError):
+        await leaving
+    pool = sidecar.running.runtime.upstreams["model"].pool
+    for _ in range(100):  # the sidecar notices the client left
+        if pool.open == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert pool.open == 0
+    primary.on("/infer", status_handler(200))
+    async with sidecar.session.post(sidecar.url + "/infer", data=b"{}") as resp:
+        assert resp.status == 200  # not a 504 waiting for a connection slot that never frees
+    never.set()
+
+
+async def test_a_client_leaving_while_a_retried_answer_is_drained_frees_its_connection(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    # A 503 to be retried is read to its end first (to keep the connection); its body
+    # stalls, and the client leaves meanwhile: the slot must come free.
+    stalled = asyncio.Event()
+    never = asyncio.Event()
+
+    async def stalling_503(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(status=503)
+        response.content_length = 100
+        await response.prepare(request)
+        await response.write(b"{")
+        stalled.set()
+        await never.wait()
+        return response
+
+    fake_model.on("/infer", stalling_503)
+    config = config_with(
+        fake_model.url,
+        {"timeout": "5s", "idle_timeout": "5s", "retryable": True, "retry": {"attempts": 2}},
+        breaker={"enabled": False},
+        max_connections=1,
+    )
+    sidecar = await start_sidecar(config)
+    leaving = asyncio.create_task(sidecar.session.post(sidecar.url + "/infer", data=b"{}"))
+    await asyncio.wait_for(stalled.wait(), 10)
+    await asyncio.sleep(0.1)
+    leaving.cancel()  # the client closes its connection
+    with contextlib.suppress(asyncio.CancelledError):
+        await leaving
+    pool = sidecar.running.runtime.upstreams["model"].pool
+    for _ in range(100):  # the sidecar notices the client left
+        if pool.open == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert pool.open == 0
+    never.set()
+
+
 async def test_overload_is_refused_at_once_with_retry_after(
     fake_model: FakeModel, start_sidecar: StartSidecar
 ) -> None:
