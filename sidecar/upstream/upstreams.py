@@ -379,26 +379,42 @@ class Upstreams:
             await self._pools.release(client.name, client.config)
 
     async def probe_all(self) -> None:
-        results = await asyncio.gather(*(c.probe() for c in self.clients.values()))
-        for client, result in zip(self.clients.values(), results, strict=True):
-            self._metrics.upstream_ready.labels(client.name).set(1 if result.ready else 0)
-            if result.ready and self.on_probe_passed is not None:
-                self.on_probe_passed(client.name)
-            if result.ready != self._was_ready.get(client.name):
-                # Log changes only: a probe every few seconds must not flood the log.
-                if result.ready:
-                    log.info("upstream_ready", upstream=client.name)
-                else:
-                    log.warning("upstream_not_ready", upstream=client.name, error=result.error)
-                self._was_ready[client.name] = result.ready
+        await asyncio.gather(*(self._probe_one(c) for c in self.clients.values()))
         self.first_pass_done.set()
 
+    async def _probe_one(self, client: UpstreamClient) -> None:
+        result = await client.probe()
+        self._metrics.upstream_ready.labels(client.name).set(1 if result.ready else 0)
+        if result.ready and self.on_probe_passed is not None:
+            self.on_probe_passed(client.name)
+        if result.ready != self._was_ready.get(client.name):
+            # Log changes only: a probe every few seconds must not flood the log.
+            if result.ready:
+                log.info("upstream_ready", upstream=client.name)
+            else:
+                log.warning("upstream_not_ready", upstream=client.name, error=result.error)
+            self._was_ready[client.name] = result.ready
+
     async def _probe_forever(self) -> None:
-        interval = min(c.config.health.interval for c in self.clients.values())
+        """Each upstream on its own schedule: one whose probes hang (a shadow candidate,
+        a secondary model with a long probe timeout) must not hold back another's, whose
+        last result would then go stale and take the pod out of service."""
+        clients = list(self.clients.values())
+        first = [asyncio.Event() for _ in clients]
+        for client, probed in zip(clients, first, strict=True):
+            self._tasks.spawn(
+                self._probe_client_forever(client, probed), name=f"upstream-prober-{client.name}"
+            )
+        for probed in first:
+            await probed.wait()
+        self.first_pass_done.set()
+
+    async def _probe_client_forever(self, client: UpstreamClient, probed: asyncio.Event) -> None:
         while True:
             try:
-                await self.probe_all()
+                await self._probe_one(client)
             except Exception:
                 # One bad pass must not end probing for good (readiness would freeze).
-                log.exception("readiness_probe_failed")
-            await asyncio.sleep(interval)
+                log.exception("readiness_probe_failed", upstream=client.name)
+            probed.set()
+            await asyncio.sleep(client.config.health.interval)

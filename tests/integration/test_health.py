@@ -11,7 +11,7 @@ from aiohttp import web
 
 from sidecar.control.health import LoopLagMonitor
 from sidecar.telemetry.metrics import Metrics
-from tests.conftest import FakeClock, FakeModel, StartSidecar, base_config
+from tests.conftest import FakeClock, FakeModel, MakeFakeModel, StartSidecar, base_config
 from tests.integration.test_observability import BlockingSink
 
 GOLDEN = {
@@ -239,3 +239,29 @@ async def test_readiness_goes_stale_when_the_prober_stops(
     status, body = await readyz(sidecar)
     assert status == 503
     assert body["reasons"][0].startswith("upstream model: readiness probe stale (last ran 3600s")
+
+
+async def test_a_hung_shadow_candidates_probe_never_makes_the_primary_stale(
+    make_fake_model: MakeFakeModel, start_sidecar: StartSidecar
+) -> None:
+    """Each upstream is probed on its own schedule: a candidate whose readiness path
+    hangs for its (longer) probe timeout must not hold back the primary's probes until
+    the primary's last pass looks stale and the pod is taken out of service."""
+    primary, candidate = await make_fake_model(), await make_fake_model()
+    candidate.health_gate = asyncio.Event()  # never set: its probes hang
+    config = base_config(primary.url)
+    config["upstreams"]["model"]["health"] = {"interval": "200ms", "timeout": "500ms"}
+    config["upstreams"]["candidate"] = {
+        "url": candidate.url,
+        "health": {"interval": "200ms", "timeout": "3s"},
+    }
+    config["routes"][0]["shadow"] = {"upstream": "candidate", "fraction": 0.0}
+    sidecar = await start_sidecar(config, wait_ready=False)
+    await asyncio.sleep(3.2)  # the candidate's first probe has timed out
+    statuses = []
+    for _ in range(20):  # 4 s: past the primary's staleness limit (3 x 0.7 s)
+        async with sidecar.session.get(sidecar.admin_url + "/readyz") as resp:
+            statuses.append((resp.status, (await resp.json()).get("reasons")))
+        await asyncio.sleep(0.2)
+    assert all(status == 200 for status, _ in statuses), statuses
+    candidate.health_gate.set()
