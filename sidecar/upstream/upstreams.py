@@ -40,6 +40,9 @@ log: Final = structlog.get_logger("sidecar.upstream.upstreams")
 # before any byte of the answer (RFC 9110 section 9.2.2).
 IDEMPOTENT: Final = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 
+# Connections a readiness prober keeps to each upstream (its checks run one at a time).
+_PROBE_CONNECTIONS: Final = 2
+
 
 class UpstreamCall:
     """What is sent upstream; kept whole so a retry, a shadow copy or a fallback can
@@ -111,6 +114,9 @@ class UpstreamClient:
             )
         )
         self._pool: Pool | None = None
+        # Readiness probes have connections of their own: a pool whose every slot is
+        # busy with slow answers is load, not an outage, and must not fail the probe.
+        self._probe_pool: Pool | None = None
         self.last_probe: ProbeResult | None = None
         self.last_success: float | None = None
 
@@ -136,8 +142,14 @@ class UpstreamClient:
             raise RuntimeError(f"upstream {self.name!r} is not started")
         return self._pool
 
-    def attach(self, pool: Pool) -> None:
+    def attach(self, pool: Pool, probe_pool: Pool | None = None) -> None:
         self._pool = pool
+        self._probe_pool = probe_pool
+
+    def close_probe_pool(self) -> None:
+        if self._probe_pool is not None:
+            self._probe_pool.close()
+            self._probe_pool = None
 
     async def send(
         self,
@@ -146,14 +158,16 @@ class UpstreamClient:
         within: float,
         connect_timeout: float | None = None,
         replayable: bool | None = None,
+        via: Pool | None = None,
     ) -> ClientResponse:
         """Send one attempt and return once the answer's head has arrived, ``within``
         seconds. The caller owns the answer and must ``release()`` (or ``close()``)
         it. Raises ``UpstreamTimeout`` or ``UpstreamError`` (``retryable`` when a
-        retry may cure it), never a Python class name or an address."""
+        retry may cure it), never a Python class name or an address. ``via``: another
+        pool to this upstream than the one requests share (the probes' own)."""
         if replayable is None:
             replayable = call.method in IDEMPOTENT
-        pool = self.pool
+        pool = self.pool if via is None else via
         try:
             return await pool.request(
                 call.method,
@@ -202,7 +216,9 @@ class UpstreamClient:
         )
         try:
             async with asyncio.timeout(health.timeout):
-                response = await self.send(call, within=health.timeout, replayable=True)
+                response = await self.send(
+                    call, within=health.timeout, replayable=True, via=self._probe_pool
+                )
                 try:
                     payload = await response.read()
                 except BrokenAnswer:
@@ -360,7 +376,13 @@ class Upstreams:
 
     async def start(self) -> None:
         for client in self.clients.values():
-            client.attach(self._pools.acquire(client.name, client.config))
+            probe_pool = Pool(
+                client.host,
+                client.port,
+                max_connections=_PROBE_CONNECTIONS,
+                connect_timeout=client.config.connect_timeout,
+            )
+            client.attach(self._pools.acquire(client.name, client.config), probe_pool)
         self._tasks.spawn(self._probe_forever(), name="upstream-prober")
 
     async def stop_probing(self) -> None:
@@ -376,6 +398,7 @@ class Upstreams:
             return
         self._released = True
         for client in self.clients.values():
+            client.close_probe_pool()
             await self._pools.release(client.name, client.config)
 
     async def probe_all(self) -> None:

@@ -265,3 +265,39 @@ async def test_a_hung_shadow_candidates_probe_never_makes_the_primary_stale(
         await asyncio.sleep(0.2)
     assert all(status == 200 for status, _ in statuses), statuses
     candidate.health_gate.set()
+
+
+async def test_a_busy_connection_pool_never_takes_a_healthy_model_out_of_service(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """Every pooled connection busy with slow answers (long generations, say) is load,
+    not an outage: the readiness probe must still reach the model and pass."""
+    release = asyncio.Event()
+    arrived = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        if len(fake_model.hits_for("/infer")) == 2:
+            arrived.set()
+        await release.wait()
+        return web.json_response({"ok": True})
+
+    fake_model.on("/infer", slow)
+    config = base_config(fake_model.url)
+    config["upstreams"]["model"]["max_connections"] = 2
+    config["upstreams"]["model"]["health"] = {"interval": "100ms", "timeout": "300ms"}
+    sidecar = await start_sidecar(config)
+    held = [
+        asyncio.create_task(sidecar.session.post(sidecar.url + "/infer", data=b"{}"))
+        for _ in range(2)
+    ]
+    await asyncio.wait_for(arrived.wait(), 10)
+    statuses = []
+    for _ in range(10):  # 1.5 s: several probes while the pool is full
+        async with sidecar.session.get(sidecar.admin_url + "/readyz") as resp:
+            statuses.append((resp.status, (await resp.json()).get("reasons")))
+        await asyncio.sleep(0.15)
+    release.set()
+    for task in held:
+        async with await task as resp:
+            assert resp.status == 200
+    assert all(status == 200 for status, _ in statuses), statuses
