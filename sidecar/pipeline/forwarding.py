@@ -295,6 +295,10 @@ def _primary_outcome(ctx: RequestContext, answer: Answer | None) -> PrimaryOutco
         return PrimaryOutcome(answer.status, None, latency, reason="primary answered by fallback")
     if isinstance(answer, Response):
         return PrimaryOutcome(answer.status, answer.body, latency)
+    if ctx.ending is not None:
+        # The stream broke off (the model, or the client left): what was captured is a
+        # fragment, and comparing it would count the cut as the candidate disagreeing.
+        return PrimaryOutcome(answer.status, None, latency, reason=f"primary {ctx.ending}")
     capture = ctx.capture
     if capture is None or capture.overflow:
         return PrimaryOutcome(answer.status, None, latency, reason="too_large")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from aiohttp import web
@@ -347,6 +349,46 @@ async def test_streams_are_compared_whole_and_big_ones_skipped(
         )
         == 1
     )
+
+
+async def test_a_primary_stream_cut_short_is_not_counted_as_a_disagreement(
+    make_fake_model: MakeFakeModel, start_sidecar: StartSidecar, tmp_path: Path
+) -> None:
+    """When the primary's stream breaks off after bytes reached the client, what was
+    captured is a fragment: comparing it with the candidate's whole answer would count
+    the model's outage as the candidate disagreeing."""
+    primary, candidate = await make_fake_model(), await make_fake_model()
+
+    async def cut(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: a\n\n")
+        assert request.transport is not None
+        request.transport.close()
+        return response
+
+    async def whole(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: a\n\ndata: b\n\n")
+        await response.write_eof()
+        return response
+
+    primary.on("/stream", cut)
+    candidate.on("/stream", whole)
+    sidecar = await start_sidecar(shadow_config(primary.url, candidate.url, tmp_path))
+    with contextlib.suppress(aiohttp.ClientPayloadError):
+        async with sidecar.session.post(sidecar.url + "/stream", data=b"{}") as resp:
+            assert resp.status == 200
+            await resp.read()
+    mirror = sidecar.running.runtime.paths["all"].shadow
+    assert mirror is not None
+    await asyncio.wait_for(mirror.wait_idle(), 10)
+    text = await metrics_text(sidecar)
+    assert (
+        metric_value(text, "sidecar_shadow_comparisons_total", route="all", result="mismatch") == 0
+    )
+    assert metric_value(text, "sidecar_shadow_comparisons_total", route="all", result="error") == 1
 
 
 async def test_rejected_requests_are_not_mirrored(
