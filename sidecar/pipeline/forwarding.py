@@ -332,10 +332,16 @@ async def _answer(
         else:
             try:
                 answer = await relay(request, ctx, path.upstream, response, path.idle_timeout)
+            except errors.SidecarError as exc:
+                # An answer read whole before relaying broke off or went silent: nothing
+                # reached the client yet, so the fallback may still answer. (A streamed
+                # one that fails after its first byte is cut short inside relay.)
+                cause = exc
+            else:
+                _record(request, path, ctx, body, answer)
+                return answer
             finally:
                 response.release()
-            _record(request, path, ctx, body, answer)
-            return answer
 
     fallback = path.fallback
     if (

@@ -617,6 +617,53 @@ async def test_a_client_leaving_while_a_retried_answer_is_drained_frees_its_conn
     never.set()
 
 
+async def test_an_answer_broken_off_before_it_reached_the_client_falls_back(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    # A small answer is read whole before it is relayed: when the model breaks it off
+    # or goes silent in its body, nothing has reached the client yet, and the route's
+    # fallback (upstream_error, timeout) answers instead of a 502/504.
+    async def cut(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.content_length = 100
+        await response.prepare(request)
+        await response.write(b'{"outputs": ')
+        assert request.transport is not None
+        request.transport.close()
+        return response
+
+    never = asyncio.Event()
+
+    async def stalled(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.content_length = 100
+        await response.prepare(request)
+        await response.write(b'{"outputs": ')
+        await never.wait()
+        return response
+
+    fake_model.on("/cut", cut)
+    fake_model.on("/stalled", stalled)
+    config = config_with(fake_model.url, {"idle_timeout": "200ms", "fallback": {"chain": [STATIC]}})
+    sidecar = await start_sidecar(config)
+    for path in ("/cut", "/stalled"):
+        async with sidecar.session.post(sidecar.url + path, data=b"{}") as resp:
+            assert resp.status == 200, path
+            assert resp.headers["X-Sidecar-Fallback"] == "default-answer"
+            assert await resp.json() == {"label": -1}
+    # Without a fallback the client still gets the sidecar's own error.
+    config = config_with(fake_model.url, {"idle_timeout": "200ms"})
+    sidecar = await start_sidecar(config)
+    for path, status, kind in (
+        ("/cut", 502, "upstream_error"),
+        ("/stalled", 504, "upstream_timeout"),
+    ):
+        async with sidecar.session.post(sidecar.url + path, data=b"{}") as resp:
+            assert resp.status == status
+            assert (await resp.json())["error"]["type"] == kind
+    never.set()
+
+
 async def test_overload_is_refused_at_once_with_retry_after(
     fake_model: FakeModel, start_sidecar: StartSidecar
 ) -> None:
