@@ -20,7 +20,9 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    # ASCII digits only: "²" (a latin-1 byte a model may send) is a digit to isdigit()
+    # but not to float().
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         when = parsedate_to_datetime(value)

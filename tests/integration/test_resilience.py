@@ -195,6 +195,33 @@ async def test_retry_after_is_honoured(fake_model: FakeModel, start_sidecar: Sta
     assert arrivals[1] - arrivals[0] >= 1.0  # a lower bound: the wait it was asked for
 
 
+async def test_a_retry_after_of_odd_digits_is_ignored_not_a_crash(
+    start_sidecar: StartSidecar,
+) -> None:
+    # "²" (0xB2 in latin-1) is a digit to str.isdigit() but not to float().
+    from sidecar.upstream.retry import parse_retry_after
+    from tests.integration.test_http_layer import answer, raw_upstream
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        while True:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            if b" /v2/health/" in head.split(b"\r\n", 1)[0]:
+                writer.write(answer(b"ready"))
+            else:
+                await reader.readexactly(2)  # the body, b"{}"
+                writer.write(answer(b"busy", status=b"503 Busy", extra=b"Retry-After: \xb2\r\n"))
+            await writer.drain()
+
+    async with raw_upstream(script) as (url, _):
+        for retryable in (False, True):
+            config = config_with(url, {"retryable": retryable, "retry": {"attempts": 2}})
+            sidecar = await start_sidecar(config)
+            async with sidecar.session.post(sidecar.url + "/infer", data=b"{}") as resp:
+                assert resp.status == 503, retryable  # the model's own answer, passed on
+                assert await resp.read() == b"busy"
+    assert parse_retry_after("\u00b2") is None
+
+
 async def test_retry_after_beyond_the_deadline_is_not_waited_for(
     fake_model: FakeModel, start_sidecar: StartSidecar
 ) -> None:
