@@ -222,11 +222,14 @@ class UpstreamClient:
                 try:
                     payload = await response.read()
                 except BrokenAnswer:
-                    response.close()
                     raise errors.UpstreamError(
                         f"upstream {self.name!r} broke off its answer"
                     ) from None
-                response.release()
+                finally:
+                    # Whatever happens (broken, or the timeout in the middle of the
+                    # body): read whole it goes back to the pool, else it is closed and
+                    # its slot freed.
+                    response.release()
                 if response.status != 200:
                     error = f"{path} answered {response.status}"
                 elif expect is not None:

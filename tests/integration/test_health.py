@@ -301,3 +301,51 @@ async def test_a_busy_connection_pool_never_takes_a_healthy_model_out_of_service
         async with await task as resp:
             assert resp.status == 200
     assert all(status == 200 for status, _ in statuses), statuses
+
+
+async def test_readiness_recovers_after_probes_timed_out_in_the_middle_of_an_answer(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """A readiness answer whose body stalls past the probe timeout: the probe fails,
+    and its connection must be given up, or the prober runs out of connections and
+    the model stays 'not ready' after it recovered."""
+    state = {"stall": True}
+    never = asyncio.Event()
+
+    async def ready(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.content_length = 20
+        await response.prepare(request)
+        await response.write(b'{"ready": ')
+        if state["stall"]:
+            await never.wait()
+        await response.write(b"true     }")
+        return response
+
+    fake_model.on("/stalling/ready", ready)
+    config = base_config(fake_model.url)
+    config["upstreams"]["model"]["health"] = {
+        "path": "/stalling/ready",
+        "interval": "50ms",
+        "timeout": "200ms",
+    }
+    config["upstreams"]["model"]["max_connections"] = 2
+    sidecar = await start_sidecar(config)
+    try:
+        for _ in range(100):  # until several probes have timed out mid-answer
+            if len(fake_model.hits_for("/stalling/ready")) >= 5:
+                break
+            await asyncio.sleep(0.05)
+        assert len(fake_model.hits_for("/stalling/ready")) >= 5
+        state["stall"] = False
+        for _ in range(100):  # bounded: 5 s
+            async with sidecar.session.get(sidecar.admin_url + "/readyz") as resp:
+                status, text = resp.status, await resp.text()
+            if status == 200:
+                break
+            await asyncio.sleep(0.05)
+        assert status == 200, text
+        async with sidecar.session.post(sidecar.url + "/infer", data=b"{}") as resp:
+            assert resp.status == 200  # and requests still get a connection
+    finally:
+        never.set()
