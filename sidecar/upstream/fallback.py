@@ -68,12 +68,13 @@ def canonical_key(method: str, target: str, body: bytes, protocol: str = "plain"
     A V2 request's top-level ``id`` names the request, not its inputs: it is left out."""
     try:
         document = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        canonical = body
-    else:
         if protocol == "v2" and isinstance(document, dict):
             document.pop("id", None)
         canonical = orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
+    except (orjson.JSONDecodeError, orjson.JSONEncodeError):
+        # Not JSON, or nested deeper than orjson writes (254 levels; it reads 1024):
+        # the bytes as they came are the key.
+        canonical = body
     digest = hashlib.blake2b(digest_size=16)
     for part in (method.encode(), b" ", target.encode(), b"\n", canonical):
         digest.update(part)
@@ -95,16 +96,19 @@ def restamp_id(body: bytes, request_body: bytes, protocol: str, request_id: str)
         return body
     if protocol == "openai":
         answer["id"] = f"cached-{request_id}"
-        return orjson.dumps(answer)
-    try:
-        request = orjson.loads(request_body)
-    except orjson.JSONDecodeError:
-        request = None
-    if isinstance(request, dict) and "id" in request:
-        answer["id"] = request["id"]
     else:
-        del answer["id"]
-    return orjson.dumps(answer)
+        try:
+            request = orjson.loads(request_body)
+        except orjson.JSONDecodeError:
+            request = None
+        if isinstance(request, dict) and "id" in request:
+            answer["id"] = request["id"]
+        else:
+            del answer["id"]
+    try:
+        return orjson.dumps(answer)
+    except orjson.JSONEncodeError:  # nested deeper than orjson writes
+        return body
 
 
 class ResponseCache:

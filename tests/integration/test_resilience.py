@@ -489,6 +489,37 @@ async def test_cache_serves_the_earlier_good_answer_with_age(
         assert resp.headers["X-Sidecar-Fallback"] == "default-answer"
 
 
+async def test_a_deeply_nested_request_body_is_answered_where_the_fallback_caches(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    # orjson reads JSON nested up to 1024 levels but writes only up to 254: the cache
+    # key of such a body cannot be the canonical JSON, and must not fail the request.
+    state = {"up": True}
+
+    async def flaky(request: web.Request) -> web.Response:
+        await request.read()
+        if state["up"]:
+            return web.json_response({"label": 1})
+        return web.json_response({"error": "down"}, status=503)
+
+    fake_model.on("/infer", flaky)
+    config = config_with(
+        fake_model.url,
+        {"fallback": {"chain": [{"cache": {"ttl": "1h"}}, STATIC]}},
+        breaker={"enabled": False},
+    )
+    sidecar = await start_sidecar(config)
+    deep = b"[" * 300 + b"]" * 300
+    async with sidecar.session.post(sidecar.url + "/infer", data=deep) as resp:
+        assert resp.status == 200  # the model's answer, not a 500
+        assert await resp.json() == {"label": 1}
+    state["up"] = False
+    async with sidecar.session.post(sidecar.url + "/infer", data=deep) as resp:
+        assert resp.status == 200
+        assert resp.headers["X-Sidecar-Fallback"] == "cache"
+        assert await resp.json() == {"label": 1}
+
+
 async def test_cache_keeps_models_apart_and_answers_with_this_requests_id(
     fake_model: FakeModel, start_sidecar: StartSidecar
 ) -> None:
