@@ -95,6 +95,14 @@ class Comparer:
             if primary_body == shadow_body:
                 return Comparison("match")
             return Comparison("error", "an answer is not JSON")
+        try:
+            return self._documents(primary_doc, shadow_doc)
+        except RecursionError:
+            # orjson reads nesting up to 1024 levels; reading predictions out of (or
+            # comparing) something that deep runs out of Python's stack.
+            return Comparison("error", "an answer nests too deeply to read")
+
+    def _documents(self, primary_doc: Any, shadow_doc: Any) -> Comparison:
         kind = self.settings.kind
         if kind == "embedding" and self.settings.protocol == "openai":
             return self._vectors(embeddings(primary_doc), embeddings(shadow_doc))

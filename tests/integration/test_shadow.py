@@ -391,6 +391,37 @@ async def test_a_primary_stream_cut_short_is_not_counted_as_a_disagreement(
     assert metric_value(text, "sidecar_shadow_comparisons_total", route="all", result="error") == 1
 
 
+async def test_a_candidate_answer_nested_a_thousand_deep_is_an_error_not_a_crash(
+    make_fake_model: MakeFakeModel, start_sidecar: StartSidecar, tmp_path: Path, capfd: Any
+) -> None:
+    """orjson reads JSON nested up to 1024 levels; reading the predictions out of such
+    an answer must not fail the comparison task (an uncaught RecursionError: nothing
+    counted, nothing in the comparison log, a traceback in the sidecar's log)."""
+    primary, candidate = await make_fake_model(), await make_fake_model()
+    primary.on("/infer", answering(v2([0.9, 0.05, 0.05])))
+    deep = b"[" * 1000 + b"0.5" + b"]" * 1000
+
+    async def nested(request: web.Request) -> web.Response:
+        await request.read()
+        body = b'{"outputs": [{"name": "probabilities", "data": ' + deep + b"}]}"
+        return web.Response(body=body, content_type="application/json")
+
+    candidate.on("/infer", nested)
+    sidecar = await start_sidecar(shadow_config(primary.url, candidate.url, tmp_path))
+    async with sidecar.session.post(sidecar.url + "/infer", data=b"{}") as resp:
+        assert resp.status == 200
+    mirror = sidecar.running.runtime.paths["all"].shadow
+    assert mirror is not None
+    await asyncio.wait_for(mirror.wait_idle(), 10)
+    text = await metrics_text(sidecar)
+    compared = sum(
+        metric_value(text, "sidecar_shadow_comparisons_total", route="all", result=result)
+        for result in ("match", "mismatch", "error")
+    )
+    assert compared == 1
+    assert "background_task_failed" not in capfd.readouterr().out
+
+
 async def test_rejected_requests_are_not_mirrored(
     make_fake_model: MakeFakeModel, start_sidecar: StartSidecar, tmp_path: Path
 ) -> None:
