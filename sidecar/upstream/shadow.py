@@ -17,6 +17,7 @@ than before shadowing), and raises it again step by step once things are healthy
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -35,6 +36,10 @@ from sidecar.upstream.upstreams import UpstreamCall, UpstreamClient
 log = structlog.get_logger("sidecar.upstream.shadow")
 
 SHADOW_HEADER = "X-Sidecar-Shadow"
+
+# Answers (both together) up to this size are compared on the loop (well under a
+# millisecond); larger ones in a thread.
+_COMPARE_INLINE = 64 * 1024
 
 
 @dataclass(slots=True)
@@ -287,9 +292,21 @@ class ShadowMirror:
             reason = (primary.reason if primary else None) or f"shadow {outcome}"
             record.update(result="error", agreement=None, reason=reason)
         else:
-            comparison = self._comparer.compare(
-                primary.status, primary.body, status, body, streamed=primary.streamed
+            compare = functools.partial(
+                self._comparer.compare,
+                primary.status,
+                primary.body,
+                status,
+                body,
+                streamed=primary.streamed,
             )
+            if len(primary.body) + len(body) > _COMPARE_INLINE:
+                # Reading every prediction number is Python work (about 20 ms per MiB):
+                # on the loop it would hold up every primary request meanwhile; in a
+                # thread the loop gets the interpreter back every switch interval.
+                comparison = await asyncio.to_thread(compare)
+            else:
+                comparison = compare()
             self._comparisons.labels(self.route, comparison.result).inc()
             delta = latency - primary.latency
             self._delta.observe(delta)

@@ -422,6 +422,51 @@ async def test_a_candidate_answer_nested_a_thousand_deep_is_an_error_not_a_crash
     assert "background_task_failed" not in capfd.readouterr().out
 
 
+async def test_comparing_a_large_candidate_answer_never_stalls_the_event_loop(
+    make_fake_model: MakeFakeModel, start_sidecar: StartSidecar, tmp_path: Path
+) -> None:
+    """The comparison reads every prediction number in Python: run on the event loop,
+    one mirrored request with a large candidate answer (here 2.4 MB of numbers) held
+    up every primary request for 100-180 ms; in a thread 20-27 ms are left (what
+    orjson parses while holding the interpreter, the body read)."""
+    primary, candidate = await make_fake_model(), await make_fake_model()
+    primary.on("/infer", answering(v2([0.9, 0.05, 0.05])))
+    numbers = orjson.dumps(v2([0.25] * 300_000))  # about 4 MiB
+
+    async def large(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=numbers, content_type="application/json")
+
+    candidate.on("/infer", large)
+    config = shadow_config(primary.url, candidate.url, tmp_path)
+    config["routes"][0]["shadow"]["compare"]["max_body_size"] = "8MiB"
+    sidecar = await start_sidecar(config)
+    loop = asyncio.get_running_loop()
+    stalls: list[float] = []
+
+    async def tick() -> None:
+        while True:
+            before = loop.time()
+            await asyncio.sleep(0.001)
+            stalls.append(loop.time() - before - 0.001)
+
+    ticker = asyncio.create_task(tick())
+    try:
+        for _ in range(3):
+            async with sidecar.session.post(sidecar.url + "/infer", data=b"{}") as resp:
+                assert resp.status == 200
+            mirror = sidecar.running.runtime.paths["all"].shadow
+            assert mirror is not None
+            await asyncio.wait_for(mirror.wait_idle(), 30)
+    finally:
+        ticker.cancel()
+    text = await metrics_text(sidecar)
+    assert (
+        metric_value(text, "sidecar_shadow_comparisons_total", route="all", result="mismatch") == 3
+    )
+    assert max(stalls) < 0.06, f"the loop stalled {max(stalls) * 1000:.0f} ms"
+
+
 async def test_rejected_requests_are_not_mirrored(
     make_fake_model: MakeFakeModel, start_sidecar: StartSidecar, tmp_path: Path
 ) -> None:
