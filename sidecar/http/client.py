@@ -171,6 +171,25 @@ class ClientResponse:
                 if timer is not None:
                     timer.cancel()
 
+    async def wait_complete(self, idle: float) -> None:
+        """Until every byte of the body has arrived, kept for ``take_whole``.
+        ``BrokenAnswer`` when the upstream broke it off; ``TimeoutError`` after
+        ``idle`` seconds of silence. For bodies within the read-ahead limit (a larger
+        one would pause reading and never complete)."""
+        while not self.complete:
+            if self._error is not None:
+                raise self._error
+            self._conn.resume_reading()
+            loop = self._conn.pool.loop
+            waiter = loop.create_future()
+            self._waiter = waiter
+            timer = loop.call_later(idle, _expire, waiter)
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+                timer.cancel()
+
     def take_whole(self) -> bytes:
         """The whole body of a ``complete`` answer, at once (no await)."""
         assert self.complete

@@ -32,7 +32,7 @@ from sidecar.http.client import BrokenAnswer, ClientResponse
 from sidecar.http.messages import Answer, Response
 from sidecar.http.server import Request
 from sidecar.pipeline.context import RequestContext
-from sidecar.pipeline.relay import relay, upstream_request_headers
+from sidecar.pipeline.relay import BUFFER_RESPONSE_LIMIT, relay, upstream_request_headers
 from sidecar.telemetry.logwriter import LogWriter
 from sidecar.telemetry.metrics import Metrics
 from sidecar.upstream.breaker import BreakerFailure, UpstreamBreaker
@@ -225,6 +225,45 @@ async def _with_retries(
             budget.release()
 
 
+def _read_whole_first(request: Request, response: ClientResponse) -> bool:
+    """The answer is one relay reads whole before sending (a small one with a
+    Content-Length) and its body has not all arrived with its head."""
+    if response.complete:
+        return False
+    length = response.content_length
+    return (
+        length is not None
+        and length <= BUFFER_RESPONSE_LIMIT
+        and request.method != "HEAD"
+        and not response.event_stream
+    )
+
+
+async def _arrive_whole(path: RoutePath, response: ClientResponse) -> None:
+    """Wait for the rest of such an answer inside the breaker's block: a model that
+    breaks off or goes silent in a body nobody has seen yet is unavailable, as one
+    silent before its head is (``BreakerFailure``; the fallback may answer)."""
+    name = path.upstream.name
+    try:
+        await response.wait_complete(path.idle_timeout)
+    except TimeoutError:
+        response.close()
+        raise BreakerFailure(
+            errors.UpstreamTimeout(
+                f"upstream {name!r} went silent for {path.idle_timeout:g}s "
+                "in the middle of its answer"
+            )
+        ) from None
+    except BrokenAnswer:
+        response.close()
+        raise BreakerFailure(
+            errors.UpstreamError(f"upstream {name!r} broke off its answer")
+        ) from None
+    except BaseException:
+        response.close()  # cancelled: the client left
+        raise
+
+
 def _timed_out(path: RoutePath, attempts: int, waited: float) -> errors.UpstreamTimeout:
     """The client's 504 names the whole wait, and which limit ended it."""
     name, route = path.upstream.name, path.route
@@ -319,9 +358,13 @@ async def _answer(
             raise path.overloaded()
         if breaker is None:
             response = await _with_retries(path, ctx, call, False)
+            if _read_whole_first(request, response):
+                await _arrive_whole(path, response)
         else:
             with breaker.attempt() as probe:
                 response = await _with_retries(path, ctx, call, probe)
+                if _read_whole_first(request, response):
+                    await _arrive_whole(path, response)
     except BreakerFailure as failure:
         cause = failure.cause
     except (errors.CircuitOpen, errors.Overloaded) as exc:

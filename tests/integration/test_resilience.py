@@ -769,6 +769,42 @@ async def test_a_huge_answer_from_the_secondary_model_is_not_held_in_memory_whol
     assert peak < 16 * 1024 * 1024, f"peak {peak / 2**20:.0f} MiB"
 
 
+async def test_answers_that_stall_in_their_body_open_the_breaker(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    # A model that sends its head, then goes silent: each request waits idle_timeout
+    # (the upstream's read_timeout, 30 s by default) before its fallback. Like a model
+    # silent before its head, it is unavailable, and the circuit must open.
+    never = asyncio.Event()
+
+    async def stalled(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.content_length = 100
+        await response.prepare(request)
+        await response.write(b'{"outputs": ')
+        await never.wait()
+        return response
+
+    fake_model.on("/infer", stalled)
+    config = config_with(
+        fake_model.url,
+        {"idle_timeout": "200ms", "fallback": {"chain": [STATIC]}},
+        breaker={"failures": 2, "reset_timeout": "1h"},
+    )
+    sidecar = await start_sidecar(config)
+    try:
+        for _ in range(3):
+            async with sidecar.session.post(sidecar.url + "/infer", data=b"{}") as resp:
+                assert resp.status == 200
+                assert resp.headers["X-Sidecar-Fallback"] == "default-answer"
+        assert len(fake_model.hits_for("/infer")) == 2  # the third was not sent
+        breaker = sidecar.running.runtime.guards["model"].breaker
+        assert breaker is not None
+        assert breaker.state == OPEN
+    finally:
+        never.set()
+
+
 async def test_overload_is_refused_at_once_with_retry_after(
     fake_model: FakeModel, start_sidecar: StartSidecar
 ) -> None:
