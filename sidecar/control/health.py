@@ -140,10 +140,17 @@ def verdict(runtime: Any, logs: Logs, lag: LoopLagMonitor | None) -> Verdict:
             circuit_open.add(name)
     for path in runtime.paths.values():
         route, upstream = path.route.name, path.route.upstream
-        triggers = path.fallback.triggers if path.fallback is not None else frozenset()
+        fallback = path.fallback
+        triggers = fallback.triggers if fallback is not None else frozenset()
         problem = unhealthy.get(upstream)
         if problem is not None:
-            if triggers & {"circuit_open", "upstream_error", "timeout"}:
+            # A chain of secondary models only, every one of them failing its probes
+            # too, answers nothing.
+            covered = fallback is not None and (
+                fallback.answers_without_a_model
+                or any(name not in unhealthy for name in fallback.secondaries)
+            )
+            if covered and triggers & {"circuit_open", "upstream_error", "timeout"}:
                 degraded.append(f"{problem}; route {route} answers from its fallback")
             else:
                 failing.append(problem)

@@ -243,6 +243,10 @@ class FallbackChain:
     ) -> None:
         self.triggers = frozenset(policy.triggers)
         self.statuses = frozenset(policy.statuses)
+        # What readiness needs to know: the secondary models the chain asks, and
+        # whether a step answers without any model (cache, rules, static).
+        self.secondaries = tuple(s.upstream.name for s in policy.chain if s.upstream is not None)
+        self.answers_without_a_model = any(s.upstream is None for s in policy.chain)
         self.cache: ResponseCache | None = None
         steps: list[Step] = []
         for step in policy.chain:

@@ -349,3 +349,35 @@ async def test_readiness_recovers_after_probes_timed_out_in_the_middle_of_an_ans
             assert resp.status == 200  # and requests still get a connection
     finally:
         never.set()
+
+
+async def test_a_fallback_that_only_asks_a_secondary_model_that_is_down_covers_nothing(
+    make_fake_model: MakeFakeModel, start_sidecar: StartSidecar
+) -> None:
+    """Primary down, its route's only fallback a secondary model that is down too:
+    every request fails, so the pod is not ready; 'degraded' (ready) once the
+    secondary model is back."""
+    primary, simple = await make_fake_model(), await make_fake_model()
+    primary.health_status = simple.health_status = 503
+    config = base_config(primary.url)
+    config["upstreams"]["model"]["health"] = {"interval": "100ms", "timeout": "500ms"}
+    config["upstreams"]["simple"] = {
+        "url": simple.url,
+        "health": {"interval": "100ms", "timeout": "500ms"},
+    }
+    config["routes"][0]["fallback"] = {"chain": [{"upstream": {"name": "simple"}}]}
+    sidecar = await start_sidecar(config)
+    status, body = await readyz(sidecar)
+    assert status == 503, body
+    assert "upstream model: /v2/health/ready answered 503" in body["reasons"]
+    simple.health_status = 200
+    for _ in range(50):  # bounded: 2.5 s
+        await asyncio.sleep(0.05)
+        async with sidecar.session.get(sidecar.admin_url + "/readyz") as resp:
+            if resp.status == 200:
+                break
+    status, body = await readyz(sidecar)
+    assert status == 200
+    assert body["reasons"] == [
+        "upstream model: /v2/health/ready answered 503; route all answers from its fallback"
+    ]

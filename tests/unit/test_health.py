@@ -72,7 +72,11 @@ class Runtime:
                     route=SimpleNamespace(name=route, upstream=upstream),
                     fallback=None
                     if triggers is None
-                    else SimpleNamespace(triggers=frozenset(triggers)),
+                    else SimpleNamespace(
+                        triggers=frozenset(triggers),
+                        secondaries=(),
+                        answers_without_a_model=True,
+                    ),
                 )
                 for route, upstream, triggers in self.routes
             },
