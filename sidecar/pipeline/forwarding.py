@@ -432,8 +432,14 @@ def _record(
         return
     body = answer.body
     if 200 <= answer.status < 300:
-        if path.fallback is not None and path.fallback.cache is not None:
-            path.fallback.cache.store(
+        cache = path.fallback.cache if path.fallback is not None else None
+        # The cache keeps a body and its Content-Type only: an encoded (gzip, br)
+        # answer served from it would reach clients as bytes they cannot read.
+        if cache is not None and answer.headers.get_raw(b"content-encoding") in (
+            None,
+            b"identity",
+        ):
+            cache.store(
                 request.method,
                 request.target,
                 request_body,

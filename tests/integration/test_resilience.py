@@ -520,6 +520,48 @@ async def test_a_deeply_nested_request_body_is_answered_where_the_fallback_cache
         assert await resp.json() == {"label": 1}
 
 
+async def test_a_compressed_answer_is_never_served_from_the_cache_without_its_encoding(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    # The cache keeps a body and its Content-Type: a gzip-encoded answer served from
+    # it would reach a client as bytes it cannot read (and to clients that never
+    # asked for gzip). Such answers are not cached.
+    import gzip
+
+    state = {"up": True}
+
+    async def compressing(request: web.Request) -> web.Response:
+        await request.read()
+        if not state["up"]:
+            return web.json_response({"error": "down"}, status=503)
+        return web.Response(
+            body=gzip.compress(b'{"label": 1}'),
+            headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+        )
+
+    fake_model.on("/infer", compressing)
+    config = config_with(
+        fake_model.url,
+        {"fallback": {"chain": [{"cache": {"ttl": "1h"}}, STATIC]}},
+        breaker={"enabled": False},
+    )
+    sidecar = await start_sidecar(config)
+    headers = {"Accept-Encoding": "gzip"}
+    async with sidecar.session.post(sidecar.url + "/infer", data=b"{}", headers=headers) as resp:
+        assert resp.headers["Content-Encoding"] == "gzip"  # passed through as it came
+        assert gzip.decompress(await resp.read()) == b'{"label": 1}'
+    state["up"] = False
+    async with sidecar.session.post(sidecar.url + "/infer", data=b"{}", headers=headers) as resp:
+        assert resp.status == 200
+        if resp.headers["X-Sidecar-Fallback"] == "cache":
+            body = await resp.read()
+            if resp.headers.get("Content-Encoding") == "gzip":
+                body = gzip.decompress(body)
+            assert body == b'{"label": 1}'
+        else:
+            assert await resp.json() == {"label": -1}
+
+
 async def test_cache_keeps_models_apart_and_answers_with_this_requests_id(
     fake_model: FakeModel, start_sidecar: StartSidecar
 ) -> None:
