@@ -332,8 +332,9 @@ def _primary_outcome(ctx: RequestContext, answer: Answer | None) -> PrimaryOutco
     latency = ctx.upstream_seconds or 0.0
     if ctx.answered_by == "fallback":
         return PrimaryOutcome(answer.status, None, latency, reason="primary answered by fallback")
+    encoding = answer.headers.get_raw(b"content-encoding")
     if isinstance(answer, Response):
-        return PrimaryOutcome(answer.status, answer.body, latency)
+        return PrimaryOutcome(answer.status, answer.body, latency, encoding=encoding)
     if ctx.ending is not None:
         # The stream broke off (the model, or the client left): what was captured is a
         # fragment, and comparing it would count the cut as the candidate disagreeing.
@@ -342,7 +343,9 @@ def _primary_outcome(ctx: RequestContext, answer: Answer | None) -> PrimaryOutco
     if capture is None or capture.overflow:
         return PrimaryOutcome(answer.status, None, latency, reason="too_large")
     streamed = answer.content_type == "text/event-stream"
-    return PrimaryOutcome(answer.status, b"".join(capture.chunks), latency, streamed=streamed)
+    return PrimaryOutcome(
+        answer.status, b"".join(capture.chunks), latency, streamed=streamed, encoding=encoding
+    )
 
 
 async def _answer(

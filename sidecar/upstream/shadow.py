@@ -19,11 +19,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+import zlib
 from dataclasses import dataclass, field
 
 import structlog
 
-from sidecar.analytics.compare import Comparer
+from sidecar.analytics.compare import Comparer, Comparison
 from sidecar.analytics.sampling import sampled
 from sidecar.background import BackgroundTasks
 from sidecar.config.schema import ShadowGovernor, ShadowSettings
@@ -49,6 +50,7 @@ class PrimaryOutcome:
     latency: float  # the model's time (to headers), seconds
     streamed: bool = False
     reason: str | None = None  # why there is nothing to compare
+    encoding: bytes | None = None  # its Content-Encoding, as sent
 
 
 @dataclass(slots=True)
@@ -92,6 +94,24 @@ async def _read_capped(response: ClientResponse, limit: int) -> bytes | None:
             return None
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+_INFLATABLE = frozenset({b"gzip", b"x-gzip", b"deflate"})
+
+
+def decoded(body: bytes, encoding: bytes | None, limit: int) -> bytes | None:
+    """The body as the model meant it: gzip and deflate (zlib) undone, up to ``limit``
+    bytes (None past it, or when it does not inflate); other encodings as they are."""
+    if encoding is None or encoding.strip().lower() not in _INFLATABLE:
+        return body
+    inflater = zlib.decompressobj(zlib.MAX_WBITS | 32)  # a gzip or a zlib header
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error:
+        return None
+    if len(out) > limit or not inflater.eof:
+        return None
+    return out
 
 
 class Governor:
@@ -246,8 +266,8 @@ class ShadowMirror:
             if self.in_flight == 0:
                 self._idle.set()
 
-    async def _send(self, call: UpstreamCall) -> tuple[str, int, bytes | None, float]:
-        """(outcome, status, body or None when too large, seconds)."""
+    async def _send(self, call: UpstreamCall) -> tuple[str, int, bytes | None, float, bytes | None]:
+        """(outcome, status, body or None when too large, seconds, Content-Encoding)."""
         limit = self.settings.compare.max_body_size
         started = time.perf_counter()
         self._requests.labels(self.route, "sent").inc()
@@ -260,16 +280,36 @@ class ShadowMirror:
                 finally:
                     response.release()  # reused only when read to the end
                 latency = time.perf_counter() - started
+                encoding = response.headers.get_raw(b"content-encoding")
                 if body is None:
-                    return "skipped_too_large", response.status, None, latency
-                return "ok", response.status, body, latency
+                    return "skipped_too_large", response.status, None, latency, encoding
+                return "ok", response.status, body, latency, encoding
         except (TimeoutError, errors.UpstreamTimeout):
-            return "timeout", 0, None, time.perf_counter() - started
+            return "timeout", 0, None, time.perf_counter() - started, None
         except (errors.SidecarError, BrokenAnswer):
-            return "error", 0, None, time.perf_counter() - started
+            return "error", 0, None, time.perf_counter() - started, None
+
+    def _compare(
+        self,
+        primary: PrimaryOutcome,
+        status: int,
+        body: bytes,
+        encoding: bytes | None,
+        limit: int,
+    ) -> Comparison:
+        """Compare what the two answers hold: encoded ones (clients' Accept-Encoding
+        reaches both models) are decoded first."""
+        assert primary.body is not None
+        primary_body = decoded(primary.body, primary.encoding, limit)
+        shadow_body = decoded(body, encoding, limit)
+        if primary_body is None or shadow_body is None:
+            return Comparison("error", "an answer's content encoding could not be undone")
+        return self._comparer.compare(
+            primary.status, primary_body, status, shadow_body, streamed=primary.streamed
+        )
 
     async def _compare_when_both_in(self, call: UpstreamCall, ticket: ShadowTicket) -> None:
-        outcome, status, body, latency = await self._send(call)
+        outcome, status, body, latency, encoding = await self._send(call)
         self.governor.record_shadow(failed=outcome in ("error", "timeout") or status >= 500)
         primary = await ticket.outcome
         record: dict[str, object] = {
@@ -293,14 +333,13 @@ class ShadowMirror:
             record.update(result="error", agreement=None, reason=reason)
         else:
             compare = functools.partial(
-                self._comparer.compare,
-                primary.status,
-                primary.body,
-                status,
-                body,
-                streamed=primary.streamed,
+                self._compare, primary, status, body, encoding, self.settings.compare.max_body_size
             )
-            if len(primary.body) + len(body) > _COMPARE_INLINE:
+            if (
+                len(primary.body) + len(body) > _COMPARE_INLINE
+                or primary.encoding is not None
+                or encoding is not None
+            ):
                 # Reading every prediction number is Python work (about 20 ms per MiB):
                 # on the loop it would hold up every primary request meanwhile; in a
                 # thread the loop gets the interpreter back every switch interval.

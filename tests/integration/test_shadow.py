@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -465,6 +466,50 @@ async def test_comparing_a_large_candidate_answer_never_stalls_the_event_loop(
         metric_value(text, "sidecar_shadow_comparisons_total", route="all", result="mismatch") == 3
     )
     assert max(stalls) < 0.06, f"the loop stalled {max(stalls) * 1000:.0f} ms"
+
+
+async def test_compressed_answers_are_compared_by_what_they_hold(
+    make_fake_model: MakeFakeModel, start_sidecar: StartSidecar, tmp_path: Path
+) -> None:
+    """Clients such as requests and the openai package send Accept-Encoding: gzip, and
+    the copy carries it: both models may then answer gzip-encoded, each with bytes of
+    its own. The comparison reads what they hold, not the compressed bytes."""
+    import gzip
+
+    primary, candidate = await make_fake_model(), await make_fake_model()
+
+    def compressed(payload: dict[str, Any], level: int) -> Any:
+        async def answer(request: web.Request) -> web.Response:
+            await request.read()
+            return web.Response(
+                body=gzip.compress(orjson.dumps(payload), compresslevel=level),
+                headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+            )
+
+        return answer
+
+    primary.on("/infer", compressed(v2([0.9, 0.05, 0.05]), 9))
+    candidate.on("/infer", compressed(v2([0.9, 0.05, 0.05]), 1))
+    sidecar = await start_sidecar(shadow_config(primary.url, candidate.url, tmp_path))
+    headers = {"Accept-Encoding": "gzip"}
+    async with sidecar.session.post(sidecar.url + "/infer", data=b"{}", headers=headers) as resp:
+        assert resp.status == 200
+    mirror = sidecar.running.runtime.paths["all"].shadow
+    assert mirror is not None
+    await asyncio.wait_for(mirror.wait_idle(), 10)
+    text = await metrics_text(sidecar)
+    assert metric_value(text, "sidecar_shadow_comparisons_total", route="all", result="match") == 1
+    # Inflated only up to the comparison's size limit (no gzip bomb), and only codings
+    # zlib knows; others are compared as they are.
+    from sidecar.upstream.shadow import decoded
+
+    assert decoded(gzip.compress(b"x" * 10_000), b"GZIP", 10_000) == b"x" * 10_000
+    assert decoded(gzip.compress(b"x" * 10_000), b"gzip", 9_999) is None
+    assert decoded(zlib.compress(b"{}"), b"deflate", 100) == b"{}"
+    assert decoded(b"not gzip", b"gzip", 100) is None
+    assert decoded(gzip.compress(b"{}")[:-4], b"gzip", 100) is None  # cut short
+    assert decoded(b"\x00br", b"br", 100) == b"\x00br"
+    assert decoded(b"{}", None, 100) == b"{}"
 
 
 async def test_rejected_requests_are_not_mirrored(
