@@ -192,7 +192,7 @@ class Logs:
         for writer in self.writers:
             writer.start()
         if capture_events:
-            EVENT_STREAM.writer = self.events
+            EVENT_STREAM.attach(self.events)
 
     async def stop(self) -> None:
         for writer in self.writers:
@@ -200,5 +200,5 @@ class Logs:
                 continue
             await writer.stop()
         if EVENT_STREAM.writer is self.events:
-            EVENT_STREAM.writer = None
+            EVENT_STREAM.attach(None)
         await self.events.stop()

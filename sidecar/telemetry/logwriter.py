@@ -16,6 +16,7 @@ import contextlib
 import functools
 import math
 import os
+import select
 import sys
 import threading
 import time
@@ -438,6 +439,28 @@ class LogWriter:
                 self._dropped.inc(in_flight)
 
 
+# How long a line logged after the event writer stopped may wait for stdout.
+_LAST_LINES_WAIT: Final = 1.0
+
+
+def write_unless_stuck(fd: int, data: bytes, wait: float) -> bool:
+    """Write ``data`` to ``fd`` in pieces that never block once ``fd`` polls writable
+    (at most PIPE_BUF bytes: a pipe with room takes them whole), waiting at most
+    ``wait`` seconds in all for room; False when the rest had to be let go."""
+    deadline = time.monotonic() + wait
+    view = memoryview(data)
+    try:
+        while view:
+            left = deadline - time.monotonic()
+            if left < 0 or not select.select([], [fd], [], left)[1]:
+                return False
+            written = os.write(fd, view[: select.PIPE_BUF])
+            view = view[written:]
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 @mypyc_attr(native_class=False)  # structlog keeps a weak reference to its file
 class QueueFile:
     """A write-only binary 'file' for structlog's BytesLogger that feeds a LogWriter.
@@ -449,11 +472,22 @@ class QueueFile:
 
     def __init__(self) -> None:
         self.writer: LogWriter | None = None
+        self.served = False  # a writer was attached once: the sidecar has served
+
+    def attach(self, writer: LogWriter | None) -> None:
+        self.writer = writer
+        if writer is not None:
+            self.served = True
 
     def write(self, data: bytes) -> int:
         writer = self.writer
         if writer is not None and writer.alive:
             writer.submit(bytes(data))
+        elif self.served:
+            # Once the writer has stopped (the last lines of a shutdown), a stdout
+            # nobody reads must not keep the process from exiting: wait a little for
+            # room in it, then let the line go.
+            write_unless_stuck(sys.stdout.fileno(), bytes(data), _LAST_LINES_WAIT)
         else:
             sys.stdout.buffer.write(data)
             sys.stdout.buffer.flush()

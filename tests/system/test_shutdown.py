@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import sys
 from pathlib import Path
 
 import aiohttp
 import orjson
+import pytest
 import yaml
 from aiohttp import web
 
@@ -106,3 +109,45 @@ async def test_sigterm_turns_readyz_503_and_keeps_serving_for_the_drain_delay(
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+@pytest.mark.timeout(120)
+async def test_sigterm_exits_while_nobody_reads_stdout(
+    fake_model: FakeModel, tmp_path: Path
+) -> None:
+    """Access and event lines fill a stdout pipe nobody reads: requests go on (the
+    records are dropped and counted), and SIGTERM still ends the process. The line
+    logged after the log writers stopped (``sidecar_stopped``) went straight to the
+    full pipe and blocked the process for good."""
+    config_path = tmp_path / "sidecar.yaml"
+    config_path.write_text(yaml.safe_dump(base_config(fake_model.url)))
+    read_end, write_end = os.pipe()
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "sidecar", "run", "--config", str(config_path)),
+        stdout=write_end,  # a pipe of our own: asyncio's would be read for us
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    os.close(write_end)
+    try:
+        os.set_blocking(read_end, False)
+        head = b""
+        for _ in range(600):  # bounded: until the start-up line (then never read again)
+            with contextlib.suppress(BlockingIOError):
+                head += os.read(read_end, 65536)
+            if b"sidecar_started" in head:
+                break
+            await asyncio.sleep(0.05)
+        started = next(line for line in head.split(b"\n") if b"sidecar_started" in line)
+        port = int(orjson.loads(started)["listen"].rsplit(":", 1)[1])
+        async with aiohttp.ClientSession() as session:
+            for _ in range(600):  # ~400 bytes of access log each: past a 64 KiB pipe
+                async with session.get(f"http://{LOOPBACK}:{port}/x") as response:
+                    assert response.status == 200
+                    await response.read()
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 90) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        os.close(read_end)
