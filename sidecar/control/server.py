@@ -223,6 +223,9 @@ async def serve(
     except BaseException:
         await running.stop()
         raise
+    # A worker's supervisor starts it with SIGHUP blocked: one sent meanwhile is
+    # delivered now, to the handler above.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     config = plan.config
     log.info(
         "sidecar_started",

@@ -115,7 +115,14 @@ class Supervisor:
             str(os.getpid()),
         ]
         env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": self._metrics_dir}
-        return subprocess.Popen(argv, env=env)  # noqa: S603 - our own module, no shell
+        # The worker starts with SIGHUP blocked, not at its default (which ends the
+        # process): a reload passed on while it starts stays pending until it can
+        # reload (``serve`` unblocks it), instead of killing it and spending a restart.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            return subprocess.Popen(argv, env=env)  # noqa: S603 - our own module, no shell
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     def _forward(self, signum: int, frame: FrameType | None) -> None:
         if signum in (signal.SIGTERM, signal.SIGINT):

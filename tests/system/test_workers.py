@@ -167,3 +167,54 @@ async def test_workers_stop_when_their_supervisor_is_killed(
         else:
             os.kill(pid, signal.SIGKILL)
             raise AssertionError(f"worker {pid} kept running without its supervisor")
+
+
+def children(pid: int) -> set[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+async def test_a_reload_while_a_worker_restarts_does_not_kill_it(
+    fake_model: FakeModel, tmp_path: Path
+) -> None:
+    """SIGHUP is passed on to every worker, also one still starting (restarted after
+    a crash): it used to die of it (SIGHUP's default action, its handler not yet
+    installed), spending a restart; a few reloads then stopped every worker."""
+    config_path = tmp_path / "sidecar.yaml"
+    config_path.write_text(yaml.safe_dump(base_config(fake_model.url, admin={"enabled": False})))
+    process, _port = await start_workers(config_path)
+    assert process.stdout is not None
+    try:
+        first = children(process.pid)
+        os.kill(min(first), signal.SIGKILL)
+        for _ in range(100):  # bounded: until the supervisor has started a new worker
+            restarted = children(process.pid) - first
+            if restarted:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the killed worker was not restarted")
+        (worker,) = restarted
+        process.send_signal(signal.SIGHUP)  # while that worker is starting
+        while True:  # bounded by the timeout: until the restarted worker serves
+            record = orjson.loads(await asyncio.wait_for(process.stdout.readline(), 30))
+            if record["event"] == "sidecar_started" and record["pid"] == worker:
+                break
+        await asyncio.sleep(1)
+        os.kill(worker, 0)  # alive
+        assert children(process.pid) == (first - {min(first)}) | {worker}
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.communicate(), 30)
+        assert process.returncode == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
