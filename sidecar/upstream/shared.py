@@ -54,7 +54,11 @@ redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 60)
 return {allowed, tostring(tokens)}
 """
 
-_FAILURES = (redis.RedisError, TimeoutError, OSError)
+# What an exchange with Redis may raise is not only RedisError, TimeoutError and
+# OSError: a server that is not Redis (or answers in a shape the client does not
+# expect) makes redis-py raise AttributeError, TypeError or ValueError, from its
+# handshake or from reading the answer. Whatever an exchange raises means the shared
+# state is unusable: local state takes over, never a 500 or a dead sync task.
 
 
 class SharedState:
@@ -107,11 +111,12 @@ class SharedState:
         try:
             async with asyncio.timeout(self.settings.timeout):
                 allowed, tokens = await self._script(keys=[key], args=[rate, burst])
-        except _FAILURES as exc:
+            taken = bool(int(allowed)), float(tokens)
+        except Exception as exc:  # noqa: BLE001 - any failure: local state
             self.failed(exc)
             return None
         self.succeeded(started)
-        return bool(int(allowed)), float(tokens)
+        return taken
 
     async def close(self) -> None:
         await self._client.aclose()
@@ -154,7 +159,7 @@ class BreakerSync:
             started = time.monotonic()
             try:
                 shared = await asyncio.to_thread(self._exchange, local)
-            except _FAILURES as exc:
+            except Exception as exc:  # noqa: BLE001 - any failure: local state
                 self.shared.failed(exc)
                 return
             self.shared.succeeded(started)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import socket
 import subprocess
@@ -151,3 +152,42 @@ async def test_losing_redis_falls_back_to_local_state_and_says_so(
     async with sidecar.session.get(sidecar.admin_url + "/metrics") as resp:
         text = await resp.text()
     assert metric_value(text, "sidecar_shared_state_up") == 0
+
+
+async def test_a_server_that_is_not_redis_is_redis_lost_never_a_500(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """``redis_url`` pointing at something that answers, but not as Redis does (here
+    ``+OK`` to everything, which redis-py's handshake reads as a map): requests got
+    500 internal_error (AttributeError out of redis-py) and the breaker sync task
+    died of the same error, for good."""
+
+    async def not_redis(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.read(65536):
+            writer.write(b"+OK\r\n")
+        writer.close()
+
+    server = await asyncio.start_server(not_redis, LOOPBACK, 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        config = shared_config(
+            fake_model.url,
+            f"redis://{LOOPBACK}:{port}/0",
+            rate_limit={"enabled": True, "global": {"rate": "1000/s", "burst": 1000}},
+        )
+        sidecar = await start_sidecar(config)
+        for _ in range(5):
+            async with sidecar.session.get(sidecar.url + "/x") as resp:
+                assert resp.status == 200
+                assert "RateLimit-Remaining" in resp.headers  # the local bucket
+        sync = sidecar.running.runtime.breaker_syncs[0]
+        await sync.sync_once()  # raised AttributeError
+        async with sidecar.session.get(sidecar.admin_url + "/health") as resp:
+            health = await resp.json()
+        assert health["checks"]["internal:redis"]["status"] == "fail"
+        assert health["status"] == "degraded"
+        async with sidecar.session.get(sidecar.admin_url + "/metrics") as resp:
+            assert metric_value(await resp.text(), "sidecar_shared_state_up") == 0
+    finally:
+        server.close()
+        await server.wait_closed()
