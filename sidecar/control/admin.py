@@ -52,7 +52,8 @@ def reload_handler(current: CurrentRuntime, reload: Reload, *, open_to_all: bool
             )
             authenticator.require_admin(principal, "reload the config")
         result = await reload()
-        return _json(result, status=200 if result["result"] == "ok" else 400)
+        status = {"ok": 200, "ignored": 503}.get(result["result"], 400)  # 503: draining
+        return _json(result, status=status)
 
     return do_reload
 

@@ -105,6 +105,8 @@ class LiveRuntime:
     async def reload(self, path: Path | None = None) -> dict[str, Any]:
         """Re-read the config (or another file, for a rollback) and swap it in if valid."""
         async with self._reload_lock:
+            if self.current.draining:
+                return self._ignored()
             source = path or self.config_path
             try:
                 plan = await asyncio.to_thread(load_plan, source, env=self._env)
@@ -127,6 +129,9 @@ class LiveRuntime:
                 await fresh.stop()  # nothing of a reload that failed keeps running
                 raise
             old = self.current
+            if old.draining:  # shutting down began meanwhile: it must stay not ready
+                await fresh.stop()
+                return self._ignored()
             self.current, self._pipeline = fresh, build_pipeline(fresh)  # the swap
             self._publish(loaded)
             self._retiring.spawn(self._retire(old), name="retire-runtime")
@@ -138,6 +143,13 @@ class LiveRuntime:
                 previous_sha256=old.loaded.sha256,
             )
             return {"result": "ok", "sha256": loaded.sha256}
+
+    def _ignored(self) -> dict[str, Any]:
+        """A reload once the sidecar is draining: a fresh runtime would be ready again
+        (and nothing would stop it), so the config in service stays."""
+        log.warning("config_reload_ignored", reason="the sidecar is shutting down")
+        self._metrics.config_reloads.labels("ignored").inc()
+        return {"result": "ignored", "errors": ["the sidecar is shutting down"]}
 
     async def _retire(self, old: Runtime) -> None:
         # Its probes and monitors stop at once; its requests in flight get the drain

@@ -285,7 +285,7 @@ class Metrics:
 
         self.config_reloads = Counter(
             "sidecar_config_reloads_total",
-            "Config reloads by result (ok, invalid).",
+            "Config reloads by result (ok, invalid, ignored while draining).",
             ["result"],
             registry=r,
         )

@@ -151,3 +151,40 @@ async def test_sigterm_exits_while_nobody_reads_stdout(
             process.kill()
             await process.wait()
         os.close(read_end)
+
+
+async def test_a_reload_while_draining_keeps_readyz_503(
+    fake_model: FakeModel, tmp_path: Path
+) -> None:
+    """SIGHUP after SIGTERM (a config push racing a rollout): the reload swapped in a
+    fresh runtime that was not draining, so /readyz said 200 again while the pod was
+    on its way out, and load balancers sent it traffic again."""
+    config = base_config(fake_model.url, admin={"enabled": False})
+    config["server"]["drain_delay"] = "60s"  # ended by the test's second signal below
+    config_path = tmp_path / "sidecar.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    process, port, _ = await start_sidecar_process(config_path)
+    url = f"http://{LOOPBACK}:{port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            process.send_signal(signal.SIGTERM)
+            assert process.stdout is not None
+            while True:
+                record = orjson.loads(await asyncio.wait_for(process.stdout.readline(), 30))
+                if record["event"] == "sidecar_draining":
+                    break
+            config["routes"][0]["timeout"] = "7s"
+            config_path.write_text(yaml.safe_dump(config))
+            process.send_signal(signal.SIGHUP)
+            while True:  # bounded by the timeout: until the reload is done
+                record = orjson.loads(await asyncio.wait_for(process.stdout.readline(), 30))
+                if record["event"] in ("config_reloaded", "config_reload_ignored"):
+                    break
+            async with session.get(url + "/readyz") as resp:
+                assert resp.status == 503
+            process.send_signal(signal.SIGINT)  # a second signal ends the delay
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
