@@ -153,8 +153,11 @@ class FileSink:
             older = self.path.with_name(f"{self.path.name}.{index}")
             if older.exists():
                 os.replace(older, self.path.with_name(f"{self.path.name}.{index + 1}"))
-        if self._backups:
+        if self._backups and self.path.exists():  # it may have been deleted meanwhile
             os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+        # Its folder too, perhaps: made again, as at start. Until this works, every
+        # write comes back here (the size is still over the limit) and tries again.
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("wb")
         self._size = 0
 

@@ -6,6 +6,7 @@ import asyncio
 import contextvars
 import os
 import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -26,7 +27,7 @@ from sidecar.config.schema import ConfigError, DriftSettings, bundled_config_dir
 from sidecar.demo.traffic import demo_baseline, iris_row
 from sidecar.pipeline.context import RequestContext
 from sidecar.telemetry.logs import CURRENT_REQUEST, add_request_fields
-from sidecar.telemetry.logwriter import LogWriter
+from sidecar.telemetry.logwriter import FileSink, LogWriter
 from sidecar.telemetry.metrics import Metrics
 from sidecar.tools.labels import join, read_labels
 from tests.conftest import FakeModel, StartSidecar, base_config
@@ -689,6 +690,43 @@ async def test_a_failing_sink_costs_records_never_the_writer_and_every_loss_is_c
     text = metrics.render().decode()
     assert metric_value(text, "sidecar_log_dropped_total", log="test") == 5
     assert metric_value(text, "sidecar_log_written_total", log="test") == 1
+
+
+async def test_a_rotated_log_whose_file_was_deleted_is_written_again(tmp_path: Path) -> None:
+    """An operator deletes the access log (to free space), or its folder goes and comes
+    back: the next rotation found no file to move aside, failed, and so did every
+    rotation after it: every record was dropped until a restart."""
+    folder = tmp_path / "logs"
+    path = folder / "access.log"
+    metrics = Metrics()
+    sink = FileSink(path, max_bytes=300, backups=2)
+    writer = LogWriter("test", sink, metrics, linger=0.01, retry_delays=(0.01,))
+    writer.start()
+
+    async def written(count: int) -> None:
+        for _ in range(300):  # bounded: until the writer has dealt with them
+            if writer.depth == 0 and not writer.failing:
+                text = metrics.render().decode()
+                if metric_value(text, "sidecar_log_written_total", log="test") >= count:
+                    return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"not written: {writer.last_error}")
+
+    for index in range(10):
+        writer.submit({"n": index, "pad": "x" * 100})
+        await written(index + 1)
+    path.unlink()
+    for index in range(10, 20):
+        writer.submit({"n": index, "pad": "x" * 100})
+        await written(index + 1)
+    shutil.rmtree(folder)  # the folder too: made again, as at start
+    for index in range(20, 30):
+        writer.submit({"n": index, "pad": "x" * 100})
+        await written(index + 1)
+    await writer.stop()
+    assert orjson.loads(path.read_bytes().splitlines()[-1])["n"] == 29
+    text = metrics.render().decode()
+    assert metric_value(text, "sidecar_log_dropped_total", log="test") == 0
 
 
 async def test_the_queue_is_bounded_in_bytes_and_what_is_left_at_stop_is_counted() -> None:
