@@ -2,7 +2,7 @@
 
 With several worker processes (``PROMETHEUS_MULTIPROC_DIR`` set before start),
 prometheus-client keeps each process's values in files there, and ``render`` sums
-them; gauges say how they combine (live sum, min, max).
+them; gauges say how they combine (sum, min or max over live workers only).
 
 Label values come from config names (route and upstream names), HTTP status codes
 and a fixed set of outcomes, never from raw paths or request ids, so the number of
@@ -101,7 +101,7 @@ class Metrics:
             "1 when the upstream's last readiness probe passed, else 0.",
             ["upstream"],
             registry=r,
-            multiprocess_mode="min",
+            multiprocess_mode="livemin",
         )
 
         self.retries = Counter(
@@ -121,7 +121,7 @@ class Metrics:
             "Circuit breaker state per upstream: 0 closed, 1 half-open, 2 open.",
             ["upstream"],
             registry=r,
-            multiprocess_mode="max",
+            multiprocess_mode="livemax",
         )
         self.circuit_transitions = Counter(
             "sidecar_circuit_transitions_total",
@@ -161,14 +161,14 @@ class Metrics:
             "Population stability index of predictions against the baseline, by route.",
             ["route"],
             registry=r,
-            multiprocess_mode="max",
+            multiprocess_mode="livemax",
         )
         self.feature_psi = Gauge(
             "sidecar_feature_psi",
             "Population stability index of an input feature against the baseline.",
             ["route", "feature"],
             registry=r,
-            multiprocess_mode="max",
+            multiprocess_mode="livemax",
         )
 
         self.feature_quality = Counter(
@@ -251,7 +251,7 @@ class Metrics:
             "The share of requests mirrored right now (after the governor).",
             ["route"],
             registry=r,
-            multiprocess_mode="min",
+            multiprocess_mode="livemin",
         )
 
         self.dropped = Counter(
@@ -294,21 +294,21 @@ class Metrics:
             "The config in service: 1, labelled with its file's sha256 and path.",
             ["sha256", "path"],
             registry=r,
-            multiprocess_mode="max",
+            multiprocess_mode="livemax",
         )
 
         self.loop_lag = Gauge(
             "sidecar_event_loop_lag_seconds",
             "How late the event loop woke a timer, last measured.",
             registry=r,
-            multiprocess_mode="max",
+            multiprocess_mode="livemax",
         )
 
         self.shared_state_up = Gauge(
             "sidecar_shared_state_up",
             "1 while Redis-shared limits and breaker state work; 0: local fallback.",
             registry=r,
-            multiprocess_mode="min",
+            multiprocess_mode="livemin",
         )
 
         # The hot path's series (every request touches them) are tallied in plain ints

@@ -24,6 +24,7 @@ from sidecar.analytics.predictions import PredictionReader
 from sidecar.config.baselines import Baseline, Histogram, psi
 from sidecar.config.plan import load_plan
 from sidecar.config.schema import ConfigError, DriftSettings, bundled_config_dir, load_config
+from sidecar.control.workers import _mark_dead
 from sidecar.demo.traffic import demo_baseline, iris_row
 from sidecar.pipeline.context import RequestContext
 from sidecar.telemetry.logs import CURRENT_REQUEST, add_request_fields
@@ -619,6 +620,33 @@ def test_metrics_add_up_across_worker_processes(tmp_path: Path) -> None:
     text = outputs[1]
     assert metric_value(text, "sidecar_requests_total", route="infer", outcome="ok") == 7
     assert metric_value(text, "sidecar_circuit_state", upstream="model") == 2
+
+
+def test_a_dead_workers_last_states_leave_the_metrics(tmp_path: Path) -> None:
+    """A worker that died (and was restarted by the supervisor, which marks it dead)
+    kept its last gauges in every render for good: an upstream down or a circuit open
+    then, Redis lost then, or the config then in service, long after every live
+    worker said otherwise (min and max over dead processes too)."""
+    script = (
+        "import os, sys\n"
+        "from sidecar.telemetry.metrics import Metrics\n"
+        "m = Metrics()\n"
+        "up = int(sys.argv[1])\n"
+        "m.upstream_ready.labels('model').set(up)\n"
+        "m.circuit_state.labels('model').set(0 if up else 2)\n"
+        "m.shared_state_up.set(up)\n"
+        "m.config_info.labels(sys.argv[2], 'c.yaml').set(1)\n"
+        "m.config_info.labels(sys.argv[3], 'c.yaml').set(0)\n"
+        "print(os.getpid())\n"
+        "print(m.render().decode())\n"
+    )
+    (dead,) = in_worker_processes(tmp_path, script, ["0", "old", "new"])
+    _mark_dead(int(dead.split()[0]), str(tmp_path))  # as the supervisor does
+    (text,) = in_worker_processes(tmp_path, script, ["1", "new", "old"])
+    assert metric_value(text, "sidecar_upstream_ready", upstream="model") == 1
+    assert metric_value(text, "sidecar_circuit_state", upstream="model") == 0
+    assert metric_value(text, "sidecar_shared_state_up") == 1
+    assert metric_value(text, "sidecar_config_info", sha256="old", path="c.yaml") == 0
 
 
 def test_log_lines_name_the_current_request_and_its_principal() -> None:
