@@ -133,6 +133,7 @@ class LiveRuntime:
                 await fresh.stop()
                 return self._ignored()
             self.current, self._pipeline = fresh, build_pipeline(fresh)  # the swap
+            fresh.put_in_service(old)
             self._publish(loaded)
             self._retiring.spawn(self._retire(old), name="retire-runtime")
             self._metrics.config_reloads.labels("ok").inc()

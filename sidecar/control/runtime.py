@@ -170,6 +170,17 @@ class Runtime:
     def access_log(self) -> LogWriter | None:
         return self.logs.access
 
+    def put_in_service(self, previous: Runtime) -> None:
+        """The swap's bookkeeping: only the breakers now in service reach the metrics
+        (a straggler of ``previous`` that opens its breaker must not show the
+        circuit open while the one in service is closed)."""
+        for guard in previous.guards.values():
+            if guard.breaker is not None:
+                guard.breaker.retire()
+        for guard in self.guards.values():
+            if guard.breaker is not None:
+                guard.breaker.publish()
+
     async def start(self) -> None:
         await self.upstreams.start()
         for monitor in self.drift_monitors:

@@ -115,11 +115,22 @@ class UpstreamBreaker:
             name=upstream,
         )
         self._state = str(self._breaker.current_state)
+        # A breaker of a runtime retired by a reload still serves the requests that
+        # runtime finishes, but the metrics show the breaker in service.
+        self._retired = False
         metrics.circuit_state.labels(upstream).set(STATE_VALUES[CLOSED])
 
     @property
     def state(self) -> str:
         return self._state
+
+    def retire(self) -> None:
+        """Its runtime was replaced: its changes no longer reach the metrics or the log."""
+        self._retired = True
+
+    def publish(self) -> None:
+        """Show this breaker's state (it has just been put in service)."""
+        self._metrics.circuit_state.labels(self.upstream).set(STATE_VALUES[self._state])
 
     def _on_state_change(self, old: str, new: str) -> None:
         # Every transition comes here (pybreaker notifies each new state object),
@@ -127,6 +138,8 @@ class UpstreamBreaker:
         self._state = new
         if new == OPEN:
             self._opened_at = self._clock()
+        if self._retired:
+            return
         self._metrics.circuit_state.labels(self.upstream).set(STATE_VALUES[new])
         self._metrics.circuit_transitions.labels(self.upstream, old, new).inc()
         log.warning("circuit_state_changed", upstream=self.upstream, old=old, new=new)

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from tests.conftest import (
     LOOPBACK,
+    FakeModel,
     MakeFakeModel,
     StartSidecar,
     base_config,
@@ -284,3 +285,37 @@ async def test_a_retired_runtime_stops_once_the_clients_of_its_requests_have_lef
         never.set()
         for writer in clients:
             writer.close()
+
+
+async def test_a_retired_runtimes_breaker_does_not_show_the_circuit_open(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """A request from before a reload fails after it and opens the retired runtime's
+    breaker: sidecar_circuit_state said open (2) for good, while the breaker in
+    service was closed and the model answered."""
+    arrived, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_failure(request: web.Request) -> web.Response:
+        arrived.set()
+        await release.wait()
+        return web.json_response({}, status=503)
+
+    fake_model.on("/slow", slow_failure)
+    config = base_config(fake_model.url)
+    config["upstreams"]["model"]["breaker"] = {"failures": 1, "reset_timeout": "1h"}
+    sidecar = await start_sidecar(config)
+    pending = asyncio.create_task(sidecar.session.post(sidecar.url + "/slow", data=b"{}"))
+    await asyncio.wait_for(arrived.wait(), 10)
+    config["routes"][0]["timeout"] = "7s"
+    sidecar.running.live.config_path.write_text(yaml.safe_dump(config))
+    assert (await sidecar.running.reload())["result"] == "ok"
+    release.set()
+    response = await asyncio.wait_for(pending, 10)
+    assert response.status == 503  # the model's answer, after the swap
+    response.release()
+    breaker = sidecar.running.runtime.guards["model"].breaker
+    assert breaker is not None
+    assert breaker.state == "closed"
+    async with sidecar.session.get(sidecar.admin_url + "/metrics") as resp:
+        text = await resp.text()
+    assert metric_value(text, "sidecar_circuit_state", upstream="model") == 0
