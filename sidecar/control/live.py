@@ -57,12 +57,17 @@ class LiveRuntime:
         self._published: tuple[str, str] | None = None
         self.loop_lag = LoopLagMonitor(metrics)
         self.process = ProcessMonitor(metrics)
-        self.current = self._build(plan)
+        self.current = self._build(plan, None)
         self._pipeline = build_pipeline(self.current)
 
-    def _build(self, plan: Plan) -> Runtime:
+    def _build(self, plan: Plan, previous: Runtime | None) -> Runtime:
         runtime = Runtime(
-            plan, metrics=self._metrics, logs=self._logs, pools=self._pools, clock=self._clock
+            plan,
+            metrics=self._metrics,
+            logs=self._logs,
+            pools=self._pools,
+            clock=self._clock,
+            previous=previous,
         )
         runtime.loop_lag = self.loop_lag
         return runtime
@@ -121,7 +126,7 @@ class LiveRuntime:
                     "config_reload_logging_unchanged",
                     message="logging settings take effect at the next restart",
                 )
-            fresh = self._build(plan)
+            fresh = self._build(plan, self.current)
             try:
                 await fresh.start()
                 await fresh.upstreams.probe_all()  # readiness is known before it serves

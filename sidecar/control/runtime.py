@@ -43,7 +43,10 @@ class Runtime:
         logs: Logs,
         pools: ConnectionPools,
         clock: Callable[[], float] = time.monotonic,
+        previous: Runtime | None = None,
     ) -> None:
+        """``previous``: the runtime this one replaces (a reload), whose shadow
+        copies still out count against this one's limits."""
         self.plan = plan
         self.loaded = loaded = plan.loaded
         self.config = config = loaded.config
@@ -96,12 +99,14 @@ class Runtime:
                     baseline=plan.baselines[route.name],
                 )
             if route.shadow is not None:
+                before = previous.paths.get(route.name) if previous is not None else None
                 path.shadow = ShadowMirror(
                     route.name,
                     route.shadow,
                     self.upstreams[route.shadow.upstream],
                     self.metrics,
                     self.logs.shadow,
+                    before.shadow.copies_out if before and before.shadow else None,
                 )
         self.authenticator = (
             Authenticator(config.auth, plan.jwt_public_key, self.metrics)

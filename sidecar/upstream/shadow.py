@@ -173,6 +173,18 @@ class Governor:
         return self.fraction, reason
 
 
+class CopiesOut:
+    """Shadow copies out for one route, across reloads: a reload builds a fresh
+    mirror while the retired one's copies may still be out, and ``max_in_flight``
+    bounds them all (each mirror counting only its own let every reload add as
+    many again, up to the candidate pool's cap)."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
 class ShadowMirror:
     def __init__(
         self,
@@ -181,11 +193,13 @@ class ShadowMirror:
         upstream: UpstreamClient,
         metrics: Metrics,
         comparison_log: LogWriter | None,
+        copies_out: CopiesOut | None = None,
     ) -> None:
         self.route = route
         self.settings = settings
         self.upstream = upstream
-        self.in_flight = 0
+        self.in_flight = 0  # this mirror's own copies (what stop() waits for)
+        self.copies_out = copies_out if copies_out is not None else CopiesOut()
         self._idle = asyncio.Event()
         self._idle.set()
         self.governor = Governor(settings.fraction, settings.governor)
@@ -204,7 +218,7 @@ class ShadowMirror:
     def mirror(self, call: UpstreamCall) -> ShadowTicket | None:
         if not sampled(self.governor.fraction):
             return None
-        if self.in_flight >= self.settings.max_in_flight:
+        if self.copies_out.count >= self.settings.max_in_flight:
             self._requests.labels(self.route, "skipped_busy").inc()
             return None
         headers = call.headers.copy()
@@ -212,6 +226,7 @@ class ShadowMirror:
         copy = UpstreamCall(call.method, call.target, headers, call.body, call.request_id)
         ticket = ShadowTicket(asyncio.get_running_loop().create_future())
         self.in_flight += 1
+        self.copies_out.count += 1
         self._idle.clear()
         self._tasks.spawn(self._shadow(copy, ticket), name=f"shadow-{self.route}")
         return ticket
@@ -263,6 +278,7 @@ class ShadowMirror:
             await self._compare_when_both_in(call, ticket)
         finally:
             self.in_flight -= 1
+            self.copies_out.count -= 1
             if self.in_flight == 0:
                 self._idle.set()
 

@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+import yaml
 from aiohttp import web
 
 from sidecar.analytics.compare import Comparer
@@ -148,6 +149,40 @@ async def test_a_hung_shadow_never_holds_back_primaries_and_busy_copies_are_skip
     await asyncio.wait_for(mirror.wait_idle(), 10)
     text = await metrics_text(sidecar)
     assert metric_value(text, "sidecar_shadow_comparisons_total", route="all", result="match") == 2
+
+
+async def test_a_reload_does_not_let_more_copies_out_than_max_in_flight(
+    make_fake_model: MakeFakeModel, start_sidecar: StartSidecar, tmp_path: Path
+) -> None:
+    """Each runtime's mirror counted only its own copies: after a reload the fresh
+    one let max_in_flight more out while the retired one's still hung, so a few
+    quick reloads multiplied what the candidate got (up to its pool's cap)."""
+    primary, candidate = await make_fake_model(), await make_fake_model()
+    release = asyncio.Event()
+    primary.on("/infer", answering(v2([0.9, 0.05, 0.05])))
+
+    async def hung(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.json_response(v2([0.9, 0.05, 0.05]))
+
+    candidate.on("/infer", hung)
+    config = shadow_config(primary.url, candidate.url, tmp_path, max_in_flight=2, timeout="30s")
+    sidecar = await start_sidecar(config)
+    for index in range(4):
+        if index == 2:
+            config["routes"][0]["timeout"] = "7s"
+            sidecar.running.live.config_path.write_text(yaml.safe_dump(config))
+            assert (await sidecar.running.reload())["result"] == "ok"
+        async with sidecar.session.post(sidecar.url + "/infer", data=b"{}") as resp:
+            assert resp.status == 200
+    await asyncio.sleep(0.2)  # time for a copy let out to reach the candidate
+    assert len(candidate.hits_for("/infer")) == 2
+    text = await metrics_text(sidecar)
+    assert (
+        metric_value(text, "sidecar_shadow_requests_total", route="all", outcome="skipped_busy")
+        == 2
+    )
+    release.set()
 
 
 async def test_shadow_failures_and_timeouts_are_counted_not_felt(
