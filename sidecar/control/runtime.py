@@ -46,7 +46,8 @@ class Runtime:
         previous: Runtime | None = None,
     ) -> None:
         """``previous``: the runtime this one replaces (a reload), whose shadow
-        copies still out count against this one's limits."""
+        copies still out count against this one's limits and whose rate-limit
+        buckets carry on."""
         self.plan = plan
         self.loaded = loaded = plan.loaded
         self.config = config = loaded.config
@@ -143,6 +144,8 @@ class Runtime:
             if config.rate_limit.enabled
             else None
         )
+        if previous is not None and previous.limiter is not None and self.limiter is not None:
+            self.limiter.take_over(previous.limiter)
         self.validators = {
             route.name: RequestValidator(
                 route.name, route.validate_, plan.schemas.get(route.name), self.metrics

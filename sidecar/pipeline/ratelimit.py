@@ -96,6 +96,14 @@ class RateLimiter:
         )
         self._limited = metrics.ratelimited
 
+    def take_over(self, previous: RateLimiter) -> None:
+        """A reload: with the same limits, keep the buckets as they are (shared with
+        the retired limiter, which finishes its requests on them); fresh full buckets
+        at every reload handed every client its whole burst again."""
+        if previous._settings == self._settings and previous._per_key == self._per_key:
+            self._buckets = previous._buckets
+            self._global = previous._global
+
     async def _take_global(self, now: float) -> bool:
         assert self._global is not None
         if self._shared is not None:
