@@ -212,6 +212,9 @@ def _settle(done: asyncio.Future[None], error: BaseException | None) -> None:
         done.set_exception(error)
 
 
+# Seconds a stopping writer waits for its sink to close, after the flush.
+CLOSE_WITHIN: Final = 1.0
+
 # A sink that fails is retried after these many seconds (then the batch is dropped,
 # and counted): a full disk or a closed stdout costs records, never the writer.
 RETRY_DELAYS = (0.1, 0.5, 2.0)
@@ -410,8 +413,9 @@ class LogWriter:
         return False
 
     async def stop(self, flush_within: float = 10.0) -> None:
-        """Write everything accepted so far (for up to ``flush_within`` s), then close.
-        Whatever cannot be written is counted as dropped."""
+        """Write everything accepted so far (for up to ``flush_within`` s), then close
+        (for up to ``CLOSE_WITHIN`` more): a stuck sink must not hold a pod's shutdown
+        past its grace period. Whatever cannot be written is counted as dropped."""
         self._stopping = True
         self._woken = True
         self._wakeup.set()
@@ -428,8 +432,10 @@ class LogWriter:
         in_flight, self._writing = self._writing, 0
         thread = self._worker
         if thread is not None:
+            # The close has a moment of its own: a write still in the thread when the
+            # flush gave up may finish, and its batch then counts as written.
             with contextlib.suppress(TimeoutError, OSError, ValueError):
-                async with asyncio.timeout(flush_within):
+                async with asyncio.timeout(min(CLOSE_WITHIN, flush_within)):
                     await thread.run(self._sink.close)
             thread.close()
         if in_flight:
