@@ -10,7 +10,7 @@ from sidecar.analytics.drift import DriftMonitor
 from sidecar.config.plan import Plan
 from sidecar.control.health import LoopLagMonitor
 from sidecar.pipeline.auth import Authenticator
-from sidecar.pipeline.forwarding import RoutePath, UpstreamGuard
+from sidecar.pipeline.forwarding import InFlightCount, RoutePath, UpstreamGuard
 from sidecar.pipeline.ratelimit import RateLimiter
 from sidecar.pipeline.routing import RouteTable
 from sidecar.pipeline.stages import InFlight
@@ -88,8 +88,16 @@ class Runtime:
             )
             for route in config.routes
         }
+        # Caps on requests in flight count on across a reload (the previous runtime's
+        # requests may still be out).
+        self.in_flight: InFlightCount = (
+            previous.in_flight if previous is not None else InFlightCount()
+        )
         for route in config.routes:
             path = self.paths[route.name]
+            before_path = previous.paths.get(route.name) if previous is not None else None
+            if before_path is not None:
+                path.in_flight = before_path.in_flight
             path.payload_log = self.logs.payload if route.payload_sample > 0 else None
             if route.drift is not None:
                 path.drift = DriftMonitor(
@@ -100,14 +108,15 @@ class Runtime:
                     baseline=plan.baselines[route.name],
                 )
             if route.shadow is not None:
-                before = previous.paths.get(route.name) if previous is not None else None
                 path.shadow = ShadowMirror(
                     route.name,
                     route.shadow,
                     self.upstreams[route.shadow.upstream],
                     self.metrics,
                     self.logs.shadow,
-                    before.shadow.copies_out if before and before.shadow else None,
+                    before_path.shadow.copies_out
+                    if before_path is not None and before_path.shadow is not None
+                    else None,
                 )
         self.authenticator = (
             Authenticator(config.auth, plan.jwt_public_key, self.metrics)

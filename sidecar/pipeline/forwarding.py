@@ -54,6 +54,17 @@ class ModelFailed:
     response: ClientResponse
 
 
+class InFlightCount:
+    """Requests in flight under one cap (a route's, or the server's), across reloads:
+    a reload's fresh runtime counts on from the one it replaces, whose requests may
+    still be out (each runtime counting its own let a reload pass a cap twice)."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
 @dataclass(slots=True)
 class UpstreamGuard:
     """Per-upstream protection shared by every route that uses the upstream."""
@@ -73,7 +84,7 @@ class RoutePath:
     metrics: Metrics
     overload_retry_after: float
     rng: random.Random = field(default_factory=random.Random)
-    in_flight: int = 0
+    in_flight: InFlightCount = field(default_factory=InFlightCount)
     drift: DriftMonitor | None = None
     shadow: ShadowMirror | None = None
     payload_log: LogWriter | None = None

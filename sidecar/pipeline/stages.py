@@ -30,7 +30,7 @@ from sidecar.http.messages import Answer, Response
 from sidecar.http.server import ClientGone, Request, RequestRefused
 from sidecar.pipeline.auth import Authenticator
 from sidecar.pipeline.context import CURRENT_REQUEST, RequestContext, decide_outcome, microseconds
-from sidecar.pipeline.forwarding import RoutePath, forward
+from sidecar.pipeline.forwarding import InFlightCount, RoutePath, forward
 from sidecar.pipeline.guard import REFUSED_METHODS, check_framing, check_host, check_target
 from sidecar.pipeline.identity import (
     accept_request_id,
@@ -82,6 +82,8 @@ class Parts(Protocol):
     def validators(self) -> Mapping[str, RequestValidator]: ...
     @property
     def requests(self) -> InFlight: ...
+    @property
+    def in_flight(self) -> InFlightCount: ...
 
 
 class InFlight:
@@ -130,7 +132,7 @@ class Pipeline:
         self.body_limits = {
             route.name: parts.config.route_body_limit(route) for route in parts.config.routes
         }
-        self.in_flight = 0  # proxied requests in flight, all routes together
+        self.in_flight = parts.in_flight  # proxied requests in flight, all routes together
         # The loop the pipeline serves on, once known: asyncio.get_running_loop() makes
         # a getpid system call each time.
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -341,20 +343,21 @@ class Pipeline:
         path = self.paths[ctx.route.name]
         route_cap = path.route.max_in_flight
         server_cap = self.server_cap
-        if (server_cap is not None and self.in_flight >= server_cap) or (
-            route_cap is not None and path.in_flight >= route_cap
+        server, route = self.in_flight, path.in_flight
+        if (server_cap is not None and server.count >= server_cap) or (
+            route_cap is not None and route.count >= route_cap
         ):
             if not path.sheds_to_fallback:
                 raise path.overloaded()
             ctx.shed = True
             return await forward(request, ctx, path)
-        self.in_flight += 1
-        path.in_flight += 1
+        server.count += 1
+        route.count += 1
         try:
             return await forward(request, ctx, path)
         finally:
-            self.in_flight -= 1
-            path.in_flight -= 1
+            server.count -= 1
+            route.count -= 1
 
 
 def _log_access(

@@ -9,7 +9,6 @@ from typing import Any
 
 import aiohttp
 import orjson
-import pytest
 import yaml
 from aiohttp import web
 
@@ -322,11 +321,6 @@ async def test_a_retired_runtimes_breaker_does_not_show_the_circuit_open(
     assert metric_value(text, "sidecar_circuit_state", upstream="model") == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="in-flight caps are counted per runtime (Pipeline.in_flight, RoutePath.in_flight):"
-    " a reload starts the count at 0 while the retired runtime's requests are still out",
-)
 async def test_the_in_flight_cap_holds_across_a_reload(
     fake_model: FakeModel, start_sidecar: StartSidecar
 ) -> None:
