@@ -498,12 +498,12 @@ class PipelineRun:
             self.violations.append(f"tasks left: {left}")
         pipeline = self.live._pipeline
         counts = {
-            "pipeline.in_flight": pipeline.in_flight,
+            "pipeline.in_flight": pipeline.in_flight.count,
             "requests.count": pipeline.requests.count,
             "metrics.handling": self.metrics.handling,
         }
         for name, route_path in self.live.current.paths.items():
-            counts[f"{name}: in_flight"] = route_path.in_flight
+            counts[f"{name}: in_flight"] = route_path.in_flight.count
             counts[f"{name}: active in its budget"] = route_path.guard.budget.active_requests
         self.violations += [f"{name} = {count}" for name, count in counts.items() if count]
         for upstream in self.upstreams:
