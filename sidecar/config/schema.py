@@ -333,6 +333,8 @@ class CacheFallback(_Strict):
 class UpstreamFallback(_Strict):
     name: str
     timeout: PositiveDuration = 1.0
+    # Its answer is read whole before it is sent on: a larger one fails this step.
+    max_body_size: ByteSize = 16 * 1024 * 1024
 
 
 FallbackTrigger = Literal["circuit_open", "upstream_error", "timeout", "overloaded"]

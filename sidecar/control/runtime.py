@@ -79,6 +79,7 @@ class Runtime:
                         clock,
                         route.protocol,
                         metrics.dropped.labels("fallback_cache", route.name),
+                        metrics.dropped.labels("fallback_too_large", route.name),
                     )
                     if route.fallback
                     else None

@@ -25,7 +25,7 @@ import structlog
 from sidecar.config.rules import Predicate, compile_condition
 from sidecar.config.schema import Answer, CacheFallback, FallbackPolicy, UpstreamFallback
 from sidecar.http import errors
-from sidecar.http.client import BrokenAnswer
+from sidecar.http.client import BrokenAnswer, ClientResponse
 from sidecar.http.messages import Headers, Response
 from sidecar.upstream.upstreams import UpstreamCall, UpstreamClient
 
@@ -200,9 +200,17 @@ class RuleSet:
 
 
 class SecondaryUpstream:
-    def __init__(self, upstream: UpstreamClient, settings: UpstreamFallback) -> None:
+    """A second model that answers in the first one's place. Its answer is read whole,
+    up to ``max_body_size``: a larger one fails the step (counted in ``too_large``),
+    so one fallback cannot hold a model's largest answers in memory at once."""
+
+    def __init__(
+        self, upstream: UpstreamClient, settings: UpstreamFallback, too_large: Any = None
+    ) -> None:
         self.upstream = upstream
         self.timeout = settings.timeout
+        self.max_body_size = settings.max_body_size
+        self._too_large = too_large  # a counter child, or None
 
     async def answer(self, call: UpstreamCall) -> Response | None:
         upstream = self.upstream
@@ -211,12 +219,22 @@ class SecondaryUpstream:
                 # This upstream's own headers and deadline, never the primary's.
                 response = await upstream.send(call, within=self.timeout)
                 try:
-                    payload = await response.read()
+                    payload = await self._read_within_limit(response)
                 finally:
                     response.release()  # reused only when read to the end
         except (errors.SidecarError, BrokenAnswer, TimeoutError) as exc:
             reason = exc.type if isinstance(exc, errors.SidecarError) else "upstream_error"
             log.warning("fallback_upstream_failed", upstream=upstream.name, error=reason)
+            return None
+        if payload is None:
+            if self._too_large is not None:
+                self._too_large.inc()
+            log.warning(
+                "fallback_upstream_failed",
+                upstream=upstream.name,
+                error="answer_too_large",
+                max_body_size=self.max_body_size,
+            )
             return None
         if response.status >= 500:
             return None
@@ -226,6 +244,23 @@ class SecondaryUpstream:
             out.headers["Content-Type"] = content_type
         out.headers[FALLBACK_HEADER] = upstream.name
         return out
+
+    async def _read_within_limit(self, response: ClientResponse) -> bytes | None:
+        """The whole body, or None (the connection dropped) past ``max_body_size``."""
+        limit = self.max_body_size
+        length = response.content_length
+        if length is not None and length > limit:
+            response.close()
+            return None
+        parts: list[bytes] = []
+        size = 0
+        while chunk := await response.read_chunk():
+            size += len(chunk)
+            if size > limit:
+                response.close()
+                return None
+            parts.append(chunk)
+        return b"".join(parts)
 
 
 # A string: compiled classes do not make a union with | at run time.
@@ -240,7 +275,10 @@ class FallbackChain:
         clock: Callable[[], float] = time.monotonic,
         protocol: str = "plain",
         evicted: Any = None,
+        too_large: Any = None,
     ) -> None:
+        """``evicted``, ``too_large``: counters of cached answers evicted and of
+        secondary models' answers too large to take."""
         self.triggers = frozenset(policy.triggers)
         self.statuses = frozenset(policy.statuses)
         # What readiness needs to know: the secondary models the chain asks, and
@@ -269,7 +307,9 @@ class FallbackChain:
             elif step.static is not None:
                 steps.append(_Canned.from_answer(step.static.name, step.static))
             elif step.upstream is not None:
-                steps.append(SecondaryUpstream(upstreams[step.upstream.name], step.upstream))
+                steps.append(
+                    SecondaryUpstream(upstreams[step.upstream.name], step.upstream, too_large)
+                )
         self._steps = tuple(steps)
 
     async def answer(self, call: UpstreamCall, body: bytes) -> Response | None:
