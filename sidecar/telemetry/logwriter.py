@@ -130,7 +130,9 @@ class StreamSink:
 
 
 class FileSink:
-    """An append-only file, rotated to ``path.1`` .. ``path.N`` past ``max_bytes``."""
+    """An append-only file, rotated to ``path.1`` .. ``path.N`` past ``max_bytes``.
+    Opened again when ``path`` no longer names the open file (deleted, or moved away
+    by an outside logrotate): writes to a file nobody can see would be lost."""
 
     def __init__(self, path: Path, *, max_bytes: int = 0, backups: int = 3) -> None:
         self.path = path
@@ -141,11 +143,25 @@ class FileSink:
         self._size = self._file.tell()
 
     def write(self, data: bytes) -> None:
+        if not self._still_there():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file.close()
+            self._file = self.path.open("ab")
+            self._size = self._file.tell()
         if self._max_bytes and self._size and self._size + len(data) > self._max_bytes:
             self._rotate()
         self._file.write(data)
         self._file.flush()
         self._size += len(data)
+
+    def _still_there(self) -> bool:
+        """Whether ``path`` is the open file (two stats a batch, not a record)."""
+        try:
+            named = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        opened = os.fstat(self._file.fileno())
+        return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
 
     def _rotate(self) -> None:
         self._file.close()

@@ -757,6 +757,25 @@ async def test_a_rotated_log_whose_file_was_deleted_is_written_again(tmp_path: P
     assert metric_value(text, "sidecar_log_dropped_total", log="test") == 0
 
 
+def test_a_log_file_deleted_or_moved_away_is_opened_again(tmp_path: Path) -> None:
+    """Without rotation of its own (max_bytes 0), a log file an operator deletes, or
+    an outside logrotate moves away, was still written to: records counted written
+    that nobody could read."""
+    path = tmp_path / "logs" / "access.log"
+    sink = FileSink(path)
+    sink.write(b'{"n":1}\n')
+    path.unlink()
+    sink.write(b'{"n":2}\n')
+    assert path.read_bytes() == b'{"n":2}\n'
+    path.rename(tmp_path / "logs" / "access.log.1")  # logrotate's move, then no signal
+    sink.write(b'{"n":3}\n')
+    shutil.rmtree(tmp_path / "logs")
+    sink.write(b'{"n":4}\n')
+    sink.write(b'{"n":5}\n')
+    sink.close()
+    assert path.read_bytes() == b'{"n":4}\n{"n":5}\n'
+
+
 async def test_the_queue_is_bounded_in_bytes_and_what_is_left_at_stop_is_counted() -> None:
     sink = BlockingSink()
     metrics = Metrics()
