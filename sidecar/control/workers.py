@@ -150,8 +150,7 @@ class Supervisor:
                         continue
                     self._children[index] = self._spawn()
                 if all(child.poll() is not None for child in self._children):
-                    codes = [child.returncode for child in self._children]
-                    return 0 if self._stopping and all(c == 0 for c in codes) else 1
+                    return exit_code(self._stopping, [c.returncode for c in self._children])
                 time.sleep(0.2)
         finally:
             self._main.close()
@@ -167,6 +166,14 @@ class Supervisor:
             return False
         self._restarts.append(now)
         return True
+
+
+def exit_code(stopping: bool, codes: list[int]) -> int:
+    """The supervisor's: 0 when it was told to stop and every worker stopped cleanly.
+    A worker still starting when the SIGTERM came dies of it (its handler is not in
+    place yet): with nothing served yet, that is a clean stop too."""
+    clean = all(code in (0, -signal.SIGTERM) for code in codes)
+    return 0 if stopping and clean else 1
 
 
 def _mark_dead(pid: int, directory: str) -> None:
