@@ -146,11 +146,6 @@ class UpstreamClient:
         self._pool = pool
         self._probe_pool = probe_pool
 
-    def close_probe_pool(self) -> None:
-        if self._probe_pool is not None:
-            self._probe_pool.close()
-            self._probe_pool = None
-
     async def send(
         self,
         call: UpstreamCall,
@@ -303,19 +298,22 @@ class ConnectionPools:
             metrics.on_publish(self.publish)
 
     @staticmethod
-    def _key(name: str, config: Upstream) -> tuple[object, ...]:
+    def _key(name: str, config: Upstream, probes: bool) -> tuple[object, ...]:
         # Only what shapes the pool; headers and probes are applied per request.
-        return (name, config.url, config.max_connections, config.connect_timeout)
+        size = _PROBE_CONNECTIONS if probes else config.max_connections
+        return (name, config.url, size, config.connect_timeout, probes)
 
-    def acquire(self, name: str, config: Upstream) -> Pool:
-        key = self._key(name, config)
+    def acquire(self, name: str, config: Upstream, *, probes: bool = False) -> Pool:
+        """The upstream's pool for requests, or (``probes``) its readiness probes'
+        own small one."""
+        key = self._key(name, config, probes)
         pool = self._pools.get(key)
         if pool is None:
             parts = urlsplit(config.url)
             pool = Pool(
                 parts.hostname or "127.0.0.1",
                 parts.port or 80,
-                max_connections=config.max_connections,
+                max_connections=_PROBE_CONNECTIONS if probes else config.max_connections,
                 connect_timeout=config.connect_timeout,
             )
             self._pools[key] = pool
@@ -338,8 +336,8 @@ class ConnectionPools:
             metrics.upstream_replayed.labels(name).inc(pool.replayed - replayed)
         self._published[key] = (pool.stray, pool.replayed)
 
-    async def release(self, name: str, config: Upstream) -> None:
-        key = self._key(name, config)
+    async def release(self, name: str, config: Upstream, *, probes: bool = False) -> None:
+        key = self._key(name, config, probes)
         self._users[key] -= 1
         if self._users[key] == 0:
             del self._users[key]
@@ -379,13 +377,10 @@ class Upstreams:
 
     async def start(self) -> None:
         for client in self.clients.values():
-            probe_pool = Pool(
-                client.host,
-                client.port,
-                max_connections=_PROBE_CONNECTIONS,
-                connect_timeout=client.config.connect_timeout,
+            client.attach(
+                self._pools.acquire(client.name, client.config),
+                self._pools.acquire(client.name, client.config, probes=True),
             )
-            client.attach(self._pools.acquire(client.name, client.config), probe_pool)
         self._tasks.spawn(self._probe_forever(), name="upstream-prober")
 
     async def stop_probing(self) -> None:
@@ -401,8 +396,8 @@ class Upstreams:
             return
         self._released = True
         for client in self.clients.values():
-            client.close_probe_pool()
             await self._pools.release(client.name, client.config)
+            await self._pools.release(client.name, client.config, probes=True)
 
     async def probe_all(self) -> None:
         await asyncio.gather(*(self._probe_one(c) for c in self.clients.values()))

@@ -138,6 +138,25 @@ async def test_a_stray_answer_from_the_upstream_never_reaches_another_client(
         assert await metric(sidecar, "sidecar_upstream_stray_total", upstream="model") == 1
 
 
+async def test_a_stray_answer_to_a_readiness_probe_is_counted_too(
+    start_sidecar: StartSidecar,
+) -> None:
+    # Probes have a pool of their own; its strays are the upstream's all the same.
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: int) -> None:
+        while True:
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            writer.write(answer(b"ready") + answer(b"STRAY"))
+            await writer.drain()
+
+    async with raw_upstream(script) as (url, _):
+        sidecar = await start_sidecar(upstream_config(url), wait_ready=False)
+        for _ in range(500):  # until the first probe's stray has been read (5 s at most)
+            if await metric(sidecar, "sidecar_upstream_stray_total", upstream="model"):
+                break
+            await asyncio.sleep(0.01)
+        assert await metric(sidecar, "sidecar_upstream_stray_total", upstream="model") == 1
+
+
 @pytest.mark.parametrize(
     ("status_line", "why"),
     [
