@@ -157,19 +157,7 @@ class ClientResponse:
                 return chunk
             if self.complete:
                 return b""
-            if self._error is not None:
-                raise self._error
-            self._conn.resume_reading()
-            loop = self._conn.pool.loop
-            waiter = loop.create_future()
-            self._waiter = waiter
-            timer = None if idle is None else loop.call_later(idle, _expire, waiter)
-            try:
-                await waiter
-            finally:
-                self._waiter = None
-                if timer is not None:
-                    timer.cancel()
+            await self._more(idle)
 
     async def wait_complete(self, idle: float) -> None:
         """Until every byte of the body has arrived, kept for ``take_whole``.
@@ -177,17 +165,22 @@ class ClientResponse:
         ``idle`` seconds of silence. For bodies within the read-ahead limit (a larger
         one would pause reading and never complete)."""
         while not self.complete:
-            if self._error is not None:
-                raise self._error
-            self._conn.resume_reading()
-            loop = self._conn.pool.loop
-            waiter = loop.create_future()
-            self._waiter = waiter
-            timer = loop.call_later(idle, _expire, waiter)
-            try:
-                await waiter
-            finally:
-                self._waiter = None
+            await self._more(idle)
+
+    async def _more(self, idle: float | None) -> None:
+        """Until more of the answer arrives (or it ends, or breaks: raised)."""
+        if self._error is not None:
+            raise self._error
+        self._conn.resume_reading()
+        loop = self._conn.pool.loop
+        waiter = loop.create_future()
+        self._waiter = waiter
+        timer = None if idle is None else loop.call_later(idle, _expire, waiter)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
                 timer.cancel()
 
     def take_whole(self) -> bytes:

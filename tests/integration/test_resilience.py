@@ -71,6 +71,25 @@ def status_handler(status: int, headers: dict[str, str] | None = None) -> Any:
 STATIC = {"static": {"name": "default-answer", "status": 200, "body": {"label": -1}}}
 
 
+def stalling_answer(
+    never: asyncio.Event, *, status: int = 200, started: asyncio.Event | None = None
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """A handler that sends a head and the start of a 100-byte body, then goes silent
+    until ``never`` is set (``started``, when given, is set once it has)."""
+
+    async def stalling(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(status=status)
+        response.content_length = 100
+        await response.prepare(request)
+        await response.write(b'{"outputs": ')
+        if started is not None:
+            started.set()
+        await never.wait()
+        return response
+
+    return stalling
+
+
 async def test_refused_connections_are_retried_then_fall_back(
     start_sidecar: StartSidecar,
 ) -> None:
@@ -685,16 +704,7 @@ async def test_a_client_leaving_while_a_retried_answer_is_drained_frees_its_conn
     stalled = asyncio.Event()
     never = asyncio.Event()
 
-    async def stalling_503(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(status=503)
-        response.content_length = 100
-        await response.prepare(request)
-        await response.write(b"{")
-        stalled.set()
-        await never.wait()
-        return response
-
-    fake_model.on("/infer", stalling_503)
+    fake_model.on("/infer", stalling_answer(never, status=503, started=stalled))
     config = config_with(
         fake_model.url,
         {"timeout": "5s", "idle_timeout": "5s", "retryable": True, "retry": {"attempts": 2}},
@@ -733,17 +743,8 @@ async def test_an_answer_broken_off_before_it_reached_the_client_falls_back(
         return response
 
     never = asyncio.Event()
-
-    async def stalled(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse()
-        response.content_length = 100
-        await response.prepare(request)
-        await response.write(b'{"outputs": ')
-        await never.wait()
-        return response
-
     fake_model.on("/cut", cut)
-    fake_model.on("/stalled", stalled)
+    fake_model.on("/stalled", stalling_answer(never))
     config = config_with(fake_model.url, {"idle_timeout": "200ms", "fallback": {"chain": [STATIC]}})
     sidecar = await start_sidecar(config)
     for path in ("/cut", "/stalled"):
@@ -835,16 +836,7 @@ async def test_answers_that_stall_in_their_body_open_the_breaker(
     # (the upstream's read_timeout, 30 s by default) before its fallback. Like a model
     # silent before its head, it is unavailable, and the circuit must open.
     never = asyncio.Event()
-
-    async def stalled(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse()
-        response.content_length = 100
-        await response.prepare(request)
-        await response.write(b'{"outputs": ')
-        await never.wait()
-        return response
-
-    fake_model.on("/infer", stalled)
+    fake_model.on("/infer", stalling_answer(never))
     config = config_with(
         fake_model.url,
         {"idle_timeout": "200ms", "fallback": {"chain": [STATIC]}},

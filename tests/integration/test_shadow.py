@@ -22,6 +22,7 @@ from sidecar.tools.shadow_report import build_report, render_text, wilson_interv
 from sidecar.upstream.shadow import Governor
 from tests.conftest import (
     LOOPBACK,
+    FakeModel,
     MakeFakeModel,
     SidecarHandle,
     StartSidecar,
@@ -115,9 +116,11 @@ async def test_a_mirrored_request_reaches_the_shadow_with_the_same_body_and_id(
     assert record["shadow_ms"] > 0
 
 
-async def test_a_hung_shadow_never_holds_back_primaries_and_busy_copies_are_skipped(
+async def with_a_hung_candidate(
     make_fake_model: MakeFakeModel, start_sidecar: StartSidecar, tmp_path: Path
-) -> None:
+) -> tuple[SidecarHandle, FakeModel, asyncio.Event, dict[str, Any]]:
+    """A sidecar mirroring to a candidate that answers only once ``release`` is set
+    (two copies out at most); also its config, to reload."""
     primary, candidate = await make_fake_model(), await make_fake_model()
     release = asyncio.Event()
     primary.on("/infer", answering(v2([0.9, 0.05, 0.05])))
@@ -128,7 +131,15 @@ async def test_a_hung_shadow_never_holds_back_primaries_and_busy_copies_are_skip
 
     candidate.on("/infer", hung)
     config = shadow_config(primary.url, candidate.url, tmp_path, max_in_flight=2, timeout="30s")
-    sidecar = await start_sidecar(config)
+    return await start_sidecar(config), candidate, release, config
+
+
+async def test_a_hung_shadow_never_holds_back_primaries_and_busy_copies_are_skipped(
+    make_fake_model: MakeFakeModel, start_sidecar: StartSidecar, tmp_path: Path
+) -> None:
+    sidecar, candidate, release, _ = await with_a_hung_candidate(
+        make_fake_model, start_sidecar, tmp_path
+    )
     order = []
     for index in range(6):
         async with sidecar.session.post(sidecar.url + "/infer", data=b"{}") as resp:
@@ -157,17 +168,9 @@ async def test_a_reload_does_not_let_more_copies_out_than_max_in_flight(
     """Each runtime's mirror counted only its own copies: after a reload the fresh
     one let max_in_flight more out while the retired one's still hung, so a few
     quick reloads multiplied what the candidate got (up to its pool's cap)."""
-    primary, candidate = await make_fake_model(), await make_fake_model()
-    release = asyncio.Event()
-    primary.on("/infer", answering(v2([0.9, 0.05, 0.05])))
-
-    async def hung(request: web.Request) -> web.Response:
-        await release.wait()
-        return web.json_response(v2([0.9, 0.05, 0.05]))
-
-    candidate.on("/infer", hung)
-    config = shadow_config(primary.url, candidate.url, tmp_path, max_in_flight=2, timeout="30s")
-    sidecar = await start_sidecar(config)
+    sidecar, candidate, release, config = await with_a_hung_candidate(
+        make_fake_model, start_sidecar, tmp_path
+    )
     for index in range(4):
         if index == 2:
             config["routes"][0]["timeout"] = "7s"
@@ -175,7 +178,10 @@ async def test_a_reload_does_not_let_more_copies_out_than_max_in_flight(
             assert (await sidecar.running.reload())["result"] == "ok"
         async with sidecar.session.post(sidecar.url + "/infer", data=b"{}") as resp:
             assert resp.status == 200
-    await asyncio.sleep(0.2)  # time for a copy let out to reach the candidate
+    for _ in range(500):  # until the two copies let out reach the candidate (5 s at most)
+        if len(candidate.hits_for("/infer")) >= 2:
+            break
+        await asyncio.sleep(0.01)
     assert len(candidate.hits_for("/infer")) == 2
     text = await metrics_text(sidecar)
     assert (
