@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -74,15 +75,15 @@ async def test_sigterm_with_nothing_in_flight_exits_0(
 
 async def start_with_a_long_drain_delay(
     fake_model: FakeModel, tmp_path: Path
-) -> tuple[asyncio.subprocess.Process, str]:
+) -> tuple[asyncio.subprocess.Process, str, dict[str, Any], Path]:
     """A sidecar process whose drain delay (60 s) outlasts the test: a second SIGTERM
-    ends it. Returns it and its URL."""
+    ends it. Returns it, its URL, its config and the config's file."""
     config = base_config(fake_model.url, admin={"enabled": False})
     config["server"]["drain_delay"] = "60s"
     config_path = tmp_path / "sidecar.yaml"
     config_path.write_text(yaml.safe_dump(config))
     process, port, _ = await start_sidecar_process(config_path)
-    return process, f"http://{LOOPBACK}:{port}"
+    return process, f"http://{LOOPBACK}:{port}", config, config_path
 
 
 async def test_sigterm_turns_readyz_503_and_keeps_serving_for_the_drain_delay(
@@ -91,7 +92,7 @@ async def test_sigterm_turns_readyz_503_and_keeps_serving_for_the_drain_delay(
     """Endpoint propagation: after SIGTERM load balancers still send for a moment, so
     /readyz says 503 at once while new requests are still answered, until the delay
     ends; then the listener closes."""
-    process, url = await start_with_a_long_drain_delay(fake_model, tmp_path)
+    process, url, _, _ = await start_with_a_long_drain_delay(fake_model, tmp_path)
     try:
         async with aiohttp.ClientSession() as session:
             async with session.get(url + "/readyz") as resp:
@@ -169,7 +170,7 @@ async def test_a_reload_while_draining_keeps_readyz_503(
     """SIGHUP after SIGTERM (a config push racing a rollout): the reload swapped in a
     fresh runtime that was not draining, so /readyz said 200 again while the pod was
     on its way out, and load balancers sent it traffic again."""
-    process, url = await start_with_a_long_drain_delay(fake_model, tmp_path)
+    process, url, config, config_path = await start_with_a_long_drain_delay(fake_model, tmp_path)
     try:
         async with aiohttp.ClientSession() as session:
             process.send_signal(signal.SIGTERM)
