@@ -116,6 +116,14 @@ async def test_a_mirrored_request_reaches_the_shadow_with_the_same_body_and_id(
     assert record["shadow_ms"] > 0
 
 
+async def settled_metrics(sidecar: SidecarHandle) -> str:
+    """The metrics once every shadow copy out has come back and been compared."""
+    mirror = sidecar.running.runtime.paths["all"].shadow
+    assert mirror is not None
+    await asyncio.wait_for(mirror.wait_idle(), 10)
+    return await metrics_text(sidecar)
+
+
 async def with_a_hung_candidate(
     make_fake_model: MakeFakeModel, start_sidecar: StartSidecar, tmp_path: Path
 ) -> tuple[SidecarHandle, FakeModel, asyncio.Event, dict[str, Any]]:
@@ -155,10 +163,7 @@ async def test_a_hung_shadow_never_holds_back_primaries_and_busy_copies_are_skip
     )
     assert metric_value(text, "sidecar_shadow_requests_total", route="all", outcome="sent") == 2
     release.set()
-    mirror = sidecar.running.runtime.paths["all"].shadow
-    assert mirror is not None
-    await asyncio.wait_for(mirror.wait_idle(), 10)
-    text = await metrics_text(sidecar)
+    text = await settled_metrics(sidecar)
     assert metric_value(text, "sidecar_shadow_comparisons_total", route="all", result="match") == 2
 
 
@@ -201,10 +206,7 @@ async def test_shadow_failures_and_timeouts_are_counted_not_felt(
     for _ in range(3):
         async with sidecar.session.post(sidecar.url + "/infer", data=b"{}") as resp:
             assert resp.status == 200
-    mirror = sidecar.running.runtime.paths["all"].shadow
-    assert mirror is not None
-    await asyncio.wait_for(mirror.wait_idle(), 10)
-    text = await metrics_text(sidecar)
+    text = await settled_metrics(sidecar)
     assert metric_value(text, "sidecar_shadow_requests_total", route="all", outcome="error") == 3
     assert metric_value(text, "sidecar_shadow_comparisons_total", route="all", result="error") == 3
 
@@ -380,10 +382,7 @@ async def test_streams_are_compared_whole_and_big_ones_skipped(
         async with sidecar.session.post(sidecar.url + path, data=b"{}") as resp:
             assert resp.status == 200
             await resp.read()
-    mirror = sidecar.running.runtime.paths["all"].shadow
-    assert mirror is not None
-    await asyncio.wait_for(mirror.wait_idle(), 10)
-    text = await metrics_text(sidecar)
+    text = await settled_metrics(sidecar)
     assert metric_value(text, "sidecar_shadow_comparisons_total", route="all", result="match") == 1
     assert (
         metric_value(
@@ -423,10 +422,7 @@ async def test_a_primary_stream_cut_short_is_not_counted_as_a_disagreement(
         async with sidecar.session.post(sidecar.url + "/stream", data=b"{}") as resp:
             assert resp.status == 200
             await resp.read()
-    mirror = sidecar.running.runtime.paths["all"].shadow
-    assert mirror is not None
-    await asyncio.wait_for(mirror.wait_idle(), 10)
-    text = await metrics_text(sidecar)
+    text = await settled_metrics(sidecar)
     assert (
         metric_value(text, "sidecar_shadow_comparisons_total", route="all", result="mismatch") == 0
     )
@@ -452,10 +448,7 @@ async def test_a_candidate_answer_nested_a_thousand_deep_is_an_error_not_a_crash
     sidecar = await start_sidecar(shadow_config(primary.url, candidate.url, tmp_path))
     async with sidecar.session.post(sidecar.url + "/infer", data=b"{}") as resp:
         assert resp.status == 200
-    mirror = sidecar.running.runtime.paths["all"].shadow
-    assert mirror is not None
-    await asyncio.wait_for(mirror.wait_idle(), 10)
-    text = await metrics_text(sidecar)
+    text = await settled_metrics(sidecar)
     compared = sum(
         metric_value(text, "sidecar_shadow_comparisons_total", route="all", result=result)
         for result in ("match", "mismatch", "error")
@@ -535,10 +528,7 @@ async def test_compressed_answers_are_compared_by_what_they_hold(
     headers = {"Accept-Encoding": "gzip"}
     async with sidecar.session.post(sidecar.url + "/infer", data=b"{}", headers=headers) as resp:
         assert resp.status == 200
-    mirror = sidecar.running.runtime.paths["all"].shadow
-    assert mirror is not None
-    await asyncio.wait_for(mirror.wait_idle(), 10)
-    text = await metrics_text(sidecar)
+    text = await settled_metrics(sidecar)
     assert metric_value(text, "sidecar_shadow_comparisons_total", route="all", result="match") == 1
     # Inflated only up to the comparison's size limit (no gzip bomb), and only codings
     # zlib knows; others are compared as they are.
