@@ -10,7 +10,7 @@ from sidecar.analytics.drift import DriftMonitor
 from sidecar.config.plan import Plan
 from sidecar.control.health import LoopLagMonitor
 from sidecar.pipeline.auth import Authenticator
-from sidecar.pipeline.forwarding import InFlightCount, RoutePath, UpstreamGuard
+from sidecar.pipeline.forwarding import RoutePath, UpstreamGuard
 from sidecar.pipeline.ratelimit import RateLimiter
 from sidecar.pipeline.routing import RouteTable
 from sidecar.pipeline.stages import InFlight
@@ -22,7 +22,7 @@ from sidecar.upstream.breaker import UpstreamBreaker
 from sidecar.upstream.fallback import FallbackChain
 from sidecar.upstream.retry import RetryBudget
 from sidecar.upstream.shadow import ShadowMirror
-from sidecar.upstream.upstreams import ConnectionPools, Upstreams
+from sidecar.upstream.upstreams import ConnectionPools, InFlightCount, Upstreams
 
 if TYPE_CHECKING:
     from sidecar.upstream.shared import BreakerSync, SharedState

@@ -39,7 +39,7 @@ from sidecar.upstream.breaker import BreakerFailure, UpstreamBreaker
 from sidecar.upstream.fallback import FallbackChain
 from sidecar.upstream.retry import RetryBudget, backoff_delay, parse_retry_after
 from sidecar.upstream.shadow import PrimaryOutcome, ShadowMirror, StreamCapture
-from sidecar.upstream.upstreams import IDEMPOTENT, UpstreamCall, UpstreamClient
+from sidecar.upstream.upstreams import IDEMPOTENT, InFlightCount, UpstreamCall, UpstreamClient
 
 log: Final = structlog.get_logger("sidecar.pipeline.forwarding")
 
@@ -52,17 +52,6 @@ class ModelFailed:
     """The model answered, but with a 5xx: a failure for the breaker, still an answer."""
 
     response: ClientResponse
-
-
-class InFlightCount:
-    """Requests in flight under one cap (a route's, or the server's), across reloads:
-    a reload's fresh runtime counts on from the one it replaces, whose requests may
-    still be out (each runtime counting its own let a reload pass a cap twice)."""
-
-    __slots__ = ("count",)
-
-    def __init__(self) -> None:
-        self.count = 0
 
 
 @dataclass(slots=True)

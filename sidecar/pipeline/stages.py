@@ -30,7 +30,7 @@ from sidecar.http.messages import Answer, Response
 from sidecar.http.server import ClientGone, Request, RequestRefused
 from sidecar.pipeline.auth import Authenticator
 from sidecar.pipeline.context import CURRENT_REQUEST, RequestContext, decide_outcome, microseconds
-from sidecar.pipeline.forwarding import InFlightCount, RoutePath, forward
+from sidecar.pipeline.forwarding import RoutePath, forward
 from sidecar.pipeline.guard import REFUSED_METHODS, check_framing, check_host, check_target
 from sidecar.pipeline.identity import (
     accept_request_id,
@@ -44,6 +44,7 @@ from sidecar.pipeline.routing import RouteTable
 from sidecar.pipeline.validation import RequestValidator, SchemaFailed
 from sidecar.telemetry.logwriter import LogWriter
 from sidecar.telemetry.metrics import OUTCOME_CLIENT_CLOSED, OUTCOME_ERROR, Metrics
+from sidecar.upstream.upstreams import InFlightCount
 
 log: Final = structlog.get_logger("sidecar.pipeline.stages")
 

@@ -32,7 +32,7 @@ from sidecar.http import errors
 from sidecar.http.client import BrokenAnswer, ClientResponse
 from sidecar.telemetry.logwriter import LogWriter
 from sidecar.telemetry.metrics import Metrics
-from sidecar.upstream.upstreams import UpstreamCall, UpstreamClient
+from sidecar.upstream.upstreams import InFlightCount, UpstreamCall, UpstreamClient
 
 log = structlog.get_logger("sidecar.upstream.shadow")
 
@@ -173,18 +173,6 @@ class Governor:
         return self.fraction, reason
 
 
-class CopiesOut:
-    """Shadow copies out for one route, across reloads: a reload builds a fresh
-    mirror while the retired one's copies may still be out, and ``max_in_flight``
-    bounds them all (each mirror counting only its own let every reload add as
-    many again, up to the candidate pool's cap)."""
-
-    __slots__ = ("count",)
-
-    def __init__(self) -> None:
-        self.count = 0
-
-
 class ShadowMirror:
     def __init__(
         self,
@@ -193,13 +181,14 @@ class ShadowMirror:
         upstream: UpstreamClient,
         metrics: Metrics,
         comparison_log: LogWriter | None,
-        copies_out: CopiesOut | None = None,
+        copies_out: InFlightCount | None = None,
     ) -> None:
         self.route = route
         self.settings = settings
         self.upstream = upstream
         self.in_flight = 0  # this mirror's own copies (what stop() waits for)
-        self.copies_out = copies_out if copies_out is not None else CopiesOut()
+        # Copies out for the route across reloads: the retired mirror's count too.
+        self.copies_out = copies_out if copies_out is not None else InFlightCount()
         self._idle = asyncio.Event()
         self._idle.set()
         self.governor = Governor(settings.fraction, settings.governor)
@@ -358,7 +347,8 @@ class ShadowMirror:
             ):
                 # Reading every prediction number is Python work (about 20 ms per MiB):
                 # on the loop it would hold up every primary request meanwhile; in a
-                # thread the loop gets the interpreter back every switch interval.
+                # thread the loop gets the interpreter back every switch interval. An
+                # encoded answer may inflate to max_body_size, whatever its own size.
                 comparison = await asyncio.to_thread(compare)
             else:
                 comparison = compare()

@@ -44,6 +44,18 @@ IDEMPOTENT: Final = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 _PROBE_CONNECTIONS: Final = 2
 
 
+class InFlightCount:
+    """What is out under one cap (a route's or the server's requests, a route's shadow
+    copies), across reloads: a reload's fresh runtime counts on from the one it
+    replaces, whose requests may still be out (each runtime counting its own let a
+    reload pass a cap twice)."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
 class UpstreamCall:
     """What is sent upstream; kept whole so a retry, a shadow copy or a fallback can
     replay it to whichever upstream sends it. (One per request: a plain class, as a
@@ -298,10 +310,12 @@ class ConnectionPools:
             metrics.on_publish(self.publish)
 
     @staticmethod
-    def _key(name: str, config: Upstream, probes: bool) -> tuple[object, ...]:
+    def _size(config: Upstream, probes: bool) -> int:
+        return _PROBE_CONNECTIONS if probes else config.max_connections
+
+    def _key(self, name: str, config: Upstream, probes: bool) -> tuple[object, ...]:
         # Only what shapes the pool; headers and probes are applied per request.
-        size = _PROBE_CONNECTIONS if probes else config.max_connections
-        return (name, config.url, size, config.connect_timeout, probes)
+        return (name, config.url, self._size(config, probes), config.connect_timeout, probes)
 
     def acquire(self, name: str, config: Upstream, *, probes: bool = False) -> Pool:
         """The upstream's pool for requests, or (``probes``) its readiness probes'
@@ -313,7 +327,7 @@ class ConnectionPools:
             pool = Pool(
                 parts.hostname or "127.0.0.1",
                 parts.port or 80,
-                max_connections=_PROBE_CONNECTIONS if probes else config.max_connections,
+                max_connections=self._size(config, probes),
                 connect_timeout=config.connect_timeout,
             )
             self._pools[key] = pool
