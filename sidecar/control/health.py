@@ -122,7 +122,9 @@ def verdict(runtime: Any, logs: Logs, lag: LoopLagMonitor | None) -> Verdict:
                 "last_success": client.last_success,
             }
         health = client.config.health
-        stale_after = 3 * (health.interval + health.timeout)
+        # A pass is one check after another, each up to the timeout.
+        checks_a_pass = 1 + len(health.models) + (health.canary is not None)
+        stale_after = 3 * (health.interval + checks_a_pass * health.timeout)
         if probe is None or not probe.ready:
             error = probe.error if probe else "not probed yet"
             unhealthy[client.name] = f"upstream {client.name}: {error}"

@@ -129,7 +129,8 @@ class LiveRuntime:
             fresh = self._build(plan, self.current)
             try:
                 await fresh.start()
-                await fresh.upstreams.probe_all()  # readiness is known before it serves
+                # Readiness is known before it serves (unchanged upstreams' carries on).
+                await fresh.upstreams.first_pass_done.wait()
             except BaseException:
                 await fresh.stop()  # nothing of a reload that failed keeps running
                 raise

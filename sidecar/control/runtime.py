@@ -54,7 +54,12 @@ class Runtime:
         self.metrics = metrics
         self.logs = logs
         self.routes = RouteTable(config.routes)
-        self.upstreams = Upstreams(config.upstreams, self.metrics, pools)
+        self.upstreams: Upstreams = Upstreams(
+            config.upstreams,
+            self.metrics,
+            pools,
+            previous=previous.upstreams if previous is not None else None,
+        )
         self.guards = {
             name: UpstreamGuard(
                 breaker=(
@@ -89,6 +94,12 @@ class Runtime:
             )
             for route in config.routes
         }
+        # Readiness rests on the routes' upstreams and their secondary models only.
+        self.upstreams.needed = frozenset(
+            name
+            for path in self.paths.values()
+            for name in (path.route.upstream, *(path.fallback.secondaries if path.fallback else ()))
+        )
         # Caps on requests in flight count on across a reload (the previous runtime's
         # requests may still be out).
         self.in_flight: InFlightCount = (

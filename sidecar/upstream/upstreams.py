@@ -264,7 +264,9 @@ class UpstreamClient:
         health = self.config.health
         started = time.perf_counter()
         checks = [await self._check("ready", "GET", health.path)]
-        for model in health.models:
+        # A server that is not ready says enough: its model checks would each wait out
+        # the timeout too (a hung server would hold a pass for (1 + models) timeouts).
+        for model in health.models if checks[0].ok else ():
             path = health.model_ready_path.format(name=model)
             checks.append(await self._check(f"model:{model}", "GET", path))
         canary = health.canary
@@ -373,15 +375,33 @@ class Upstreams:
     """All upstreams of a config, started and stopped together."""
 
     def __init__(
-        self, configs: Mapping[str, Upstream], metrics: Metrics, pools: ConnectionPools
+        self,
+        configs: Mapping[str, Upstream],
+        metrics: Metrics,
+        pools: ConnectionPools,
+        *,
+        previous: Upstreams | None = None,
     ) -> None:
+        """``previous``: the upstreams of the config a reload replaces; the last probe
+        of each upstream whose settings are unchanged carries on, so its readiness is
+        known at once."""
         self.clients = {name: UpstreamClient(name, cfg) for name, cfg in configs.items()}
         self._metrics = metrics
         self._pools = pools
         self._tasks = BackgroundTasks()
         self._released = False
+        # Set once every upstream readiness rests on (``needed``) has a probe result.
         self.first_pass_done = asyncio.Event()
+        # The upstreams of routes and of their fallbacks; the runtime narrows it (a
+        # shadow candidate that hangs must not hold back start-up or a reload).
+        self.needed: frozenset[str] = frozenset(self.clients)
         self._was_ready: dict[str, bool] = {}
+        for name, client in self.clients.items():
+            before = previous.clients.get(name) if previous is not None else None
+            if before is not None and before.config == client.config:
+                client.last_probe, client.last_success = before.last_probe, before.last_success
+                if before.last_probe is not None:
+                    self._was_ready[name] = before.last_probe.ready
         # Called with an upstream's name when its probe passes (the runtime lets its
         # open breaker half-open).
         self.on_probe_passed: Callable[[str], None] | None = None
@@ -414,6 +434,7 @@ class Upstreams:
             await self._pools.release(client.name, client.config, probes=True)
 
     async def probe_all(self) -> None:
+        """One pass over every upstream now, all at once."""
         await asyncio.gather(*(self._probe_one(c) for c in self.clients.values()))
         self.first_pass_done.set()
 
@@ -434,13 +455,15 @@ class Upstreams:
         """Each upstream on its own schedule: one whose probes hang (a shadow candidate,
         a secondary model with a long probe timeout) must not hold back another's, whose
         last result would then go stale and take the pod out of service."""
-        clients = list(self.clients.values())
-        first = [asyncio.Event() for _ in clients]
-        for client, probed in zip(clients, first, strict=True):
+        awaited: list[asyncio.Event] = []
+        for client in self.clients.values():
+            probed = asyncio.Event()
+            if client.name in self.needed and client.last_probe is None:
+                awaited.append(probed)
             self._tasks.spawn(
                 self._probe_client_forever(client, probed), name=f"upstream-prober-{client.name}"
             )
-        for probed in first:
+        for probed in awaited:
             await probed.wait()
         self.first_pass_done.set()
 

@@ -267,6 +267,66 @@ async def test_a_hung_shadow_candidates_probe_never_makes_the_primary_stale(
     candidate.health_gate.set()
 
 
+async def test_a_hung_shadow_candidate_holds_back_neither_start_up_nor_a_reload(
+    make_fake_model: MakeFakeModel, start_sidecar: StartSidecar
+) -> None:
+    """Readiness rests on the routes' upstreams and their secondary models: a candidate
+    whose readiness path hangs for its 30 s probe timeout must not keep the pod
+    "starting", nor a reload waiting, that long."""
+    primary, candidate = await make_fake_model(), await make_fake_model()
+    candidate.health_gate = asyncio.Event()  # never set: its probes hang
+    config = base_config(primary.url)
+    config["upstreams"]["candidate"] = {
+        "url": candidate.url,
+        "health": {"interval": "1h", "timeout": "30s"},
+    }
+    config["routes"][0]["shadow"] = {"upstream": "candidate", "fraction": 0.0}
+    sidecar = await start_sidecar(config)  # waits at most 5 s for the first pass
+    assert (await readyz(sidecar))[0] == 200
+    assert (await asyncio.wait_for(sidecar.running.reload(), 5))["result"] == "ok"
+    assert (await readyz(sidecar))[0] == 200
+    candidate.health_gate.set()
+
+
+async def test_a_reload_carries_on_the_last_probe_of_an_unchanged_upstream(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """An upstream a reload leaves as it was keeps its last probe result: the reload
+    does not wait a probe pass for it (30 s here, its readiness path hanging), and its
+    next probe, on schedule, decides as before."""
+    config = base_config(fake_model.url)
+    config["upstreams"]["model"]["health"] = {"interval": "1h", "timeout": "30s"}
+    sidecar = await start_sidecar(config)
+    fake_model.health_gate = asyncio.Event()  # from now on its probes hang
+    assert (await asyncio.wait_for(sidecar.running.reload(), 5))["result"] == "ok"
+    status, body = await readyz(sidecar)
+    assert status == 200
+    assert body == {"status": "ready"}
+    fake_model.health_gate.set()
+
+
+async def test_a_server_not_ready_is_not_asked_about_its_models(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """Each model check would wait out its own timeout on a hung server: a pass stops
+    at the server's answer when that says not ready."""
+    model_state(fake_model)
+    fake_model.health_status = 503
+    sidecar = await start_sidecar(health_config(fake_model.url), wait_ready=False)
+    await sidecar.running.runtime.upstreams.probe_all()
+    status, body = await readyz(sidecar)
+    assert status == 503
+    assert body["reasons"] == ["upstream model: /v2/health/ready answered 503"]
+    async with sidecar.session.get(sidecar.admin_url + "/health") as resp:
+        checks = (await resp.json())["checks"]
+    assert [c for c in checks if c.startswith("upstream:")] == ["upstream:model:ready"]
+    assert fake_model.hits_for("/v2/models/iris/ready") == []
+    fake_model.health_status = 200
+    await sidecar.running.runtime.upstreams.probe_all()
+    assert (await readyz(sidecar))[0] == 503  # the model is not loaded: now it is asked
+    assert len(fake_model.hits_for("/v2/models/iris/ready")) == 1
+
+
 async def test_a_busy_connection_pool_never_takes_a_healthy_model_out_of_service(
     fake_model: FakeModel, start_sidecar: StartSidecar
 ) -> None:

@@ -43,6 +43,8 @@ class Runtime:
     shared: Any = None
     writers: list[Writer] = field(default_factory=lambda: [Writer()])
     lag: float | None = 0.0
+    models: tuple[str, ...] = ()  # each upstream's model checks
+    canary: object | None = None
 
     def verdict(self) -> Verdict:
         first_pass = asyncio.Event()
@@ -53,7 +55,11 @@ class Runtime:
                 name=name,
                 last_probe=probe,
                 last_success=self.last_success,
-                config=SimpleNamespace(health=SimpleNamespace(interval=1.0, timeout=1.0)),
+                config=SimpleNamespace(
+                    health=SimpleNamespace(
+                        interval=1.0, timeout=1.0, models=self.models, canary=self.canary
+                    )
+                ),
             )
             for name, probe in self.probes.items()
         }
@@ -203,6 +209,20 @@ def test_a_probe_that_stopped_running_does_not_keep_the_sidecar_ready() -> None:
     assert stale.reasons == ["upstream model: readiness probe stale (last ran 16s ago)"]
     assert Runtime(probes={"model": ready_probe(age=7.0)}).verdict().status == "fail"
     assert Runtime(probes={"model": ready_probe(age=5.0)}).verdict().status == "pass"
+
+
+def test_a_pass_of_many_slow_checks_is_not_taken_for_a_stopped_prober() -> None:
+    """A pass runs its checks one after another, each up to the timeout: with two
+    models and a canary it may take 4 s, so it is stale only after 3 * (1 s + 4 s)."""
+    models = ("a", "b")
+    slow = Runtime(probes={"model": ready_probe(age=14.0)}, models=models, canary=object())
+    assert slow.verdict().status == "pass"
+    assert Runtime(probes={"model": ready_probe(age=9.0)}, models=models).verdict().ready
+    assert Runtime(probes={"model": ready_probe(age=13.0)}, models=models).verdict().status == (
+        "fail"
+    )
+    late = Runtime(probes={"model": ready_probe(age=16.0)}, models=models, canary=object())
+    assert late.verdict().status == "fail"
 
 
 def test_routes_of_another_upstream_are_not_affected() -> None:
