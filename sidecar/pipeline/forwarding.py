@@ -239,21 +239,32 @@ def _read_whole_first(request: Request, response: ClientResponse) -> bool:
     )
 
 
-async def _arrive_whole(path: RoutePath, response: ClientResponse) -> None:
+async def _arrive_whole(path: RoutePath, ctx: RequestContext, response: ClientResponse) -> None:
     """Wait for the rest of such an answer inside the breaker's block: a model that
     breaks off or goes silent in a body nobody has seen yet is unavailable, as one
-    silent before its head is (``BreakerFailure``; the fallback may answer)."""
+    silent before its head is (``BreakerFailure``; the fallback may answer). The
+    attempt's time limit covers the whole of it: a model that trickles a few bytes
+    each ``idle_timeout`` must not hold the request (or a half-open breaker's one
+    probe) for as long as it likes."""
     name = path.upstream.name
+    started = ctx.upstream_started
+    spent = 0.0 if started is None else time.perf_counter() - started
+    silent = False
     try:
-        await response.wait_complete(path.idle_timeout)
+        async with asyncio.timeout(max(path.per_try_timeout - spent, 0.0)):
+            try:
+                await response.wait_complete(path.idle_timeout)
+            except TimeoutError:
+                silent = True
+                raise
     except TimeoutError:
         response.close()
-        raise BreakerFailure(
-            errors.UpstreamTimeout(
-                f"upstream {name!r} went silent for {path.idle_timeout:g}s "
-                "in the middle of its answer"
-            )
-        ) from None
+        problem = (
+            f"went silent for {path.idle_timeout:g}s in the middle of its answer"
+            if silent
+            else f"did not finish its answer within {path.per_try_timeout:g}s"
+        )
+        raise BreakerFailure(errors.UpstreamTimeout(f"upstream {name!r} {problem}")) from None
     except BrokenAnswer:
         response.close()
         raise BreakerFailure(
@@ -362,12 +373,12 @@ async def _answer(
         if breaker is None:
             response = await _with_retries(path, ctx, call, False)
             if _read_whole_first(request, response):
-                await _arrive_whole(path, response)
+                await _arrive_whole(path, ctx, response)
         else:
             with breaker.attempt() as probe:
                 response = await _with_retries(path, ctx, call, probe)
                 if _read_whole_first(request, response):
-                    await _arrive_whole(path, response)
+                    await _arrive_whole(path, ctx, response)
     except BreakerFailure as failure:
         cause = failure.cause
     except (errors.CircuitOpen, errors.Overloaded) as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -295,6 +296,54 @@ async def test_a_slow_first_byte_is_not_an_idle_timeout_and_silence_mid_answer_i
         error = (await resp.json())["error"]
     assert error["type"] == "upstream_timeout"
     assert error["message"] == ("upstream 'model' went silent for 0.3s in the middle of its answer")
+
+
+async def test_a_small_answer_trickled_under_the_idle_limit_ends_at_the_attempts_limit(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """A small answer is read whole before it is sent on; a model that sends one byte
+    of it every 0.1 s (under the 0.3 s idle limit) must not hold the request for as
+    long as it likes: the attempt's 1 s limit covers the whole answer, and the
+    fallback answers in its place."""
+    stop = asyncio.Event()
+
+    async def trickles(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.content_length = 200
+        await response.prepare(request)
+        for _ in range(200):  # 20 s, were it let
+            if stop.is_set():
+                break
+            await response.write(b" ")
+            await asyncio.sleep(0.1)
+        return response
+
+    fake_model.on("/trickle", trickles)
+    config = base_config(fake_model.url)
+    config["upstreams"]["model"]["read_timeout"] = "300ms"
+    config["upstreams"]["model"]["breaker"] = {"enabled": False}
+    config["routes"][0]["timeout"] = "1s"
+    sidecar = await start_sidecar(config)
+    started = time.monotonic()
+    async with sidecar.session.get(sidecar.url + "/trickle") as resp:
+        assert resp.status == 504
+        error = (await resp.json())["error"]
+    waited = time.monotonic() - started
+    stop.set()
+    assert error["type"] == "upstream_timeout"
+    assert error["message"] == "upstream 'model' did not finish its answer within 1s"
+    assert waited < 5, waited  # a hang bound, not a speed check: 20 s were it let
+    config["routes"][0]["fallback"] = {
+        "triggers": ["timeout"],
+        "chain": [{"static": {"name": "default", "status": 200, "body": {"label": -1}}}],
+    }
+    stop.clear()
+    sidecar.running.runtime.loaded.path.write_text(yaml.safe_dump(config))
+    assert (await sidecar.running.reload())["result"] == "ok"
+    async with sidecar.session.get(sidecar.url + "/trickle") as resp:
+        assert resp.status == 200
+        assert resp.headers["X-Sidecar-Fallback"] == "default"
+    stop.set()
 
 
 # -- 16: sampling is not the client's to steer -----------------------------------------
