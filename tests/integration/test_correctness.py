@@ -266,6 +266,15 @@ async def test_a_malformed_baseline_on_reload_is_an_invalid_reload(
 # -- 12: time to first byte and silence mid-answer are separate ------------------------
 
 
+def idle_limit_config(url: str, *, timeout: str) -> dict[str, Any]:
+    """A route with the given deadline to a model with a 0.3 s idle limit, no breaker."""
+    config = base_config(url)
+    config["upstreams"]["model"]["read_timeout"] = "300ms"
+    config["upstreams"]["model"]["breaker"] = {"enabled": False}
+    config["routes"][0]["timeout"] = timeout
+    return config
+
+
 async def test_a_slow_first_byte_is_not_an_idle_timeout_and_silence_mid_answer_is(
     fake_model: FakeModel, start_sidecar: StartSidecar
 ) -> None:
@@ -283,10 +292,7 @@ async def test_a_slow_first_byte_is_not_an_idle_timeout_and_silence_mid_answer_i
 
     fake_model.on("/think", thinks_then_answers)
     fake_model.on("/stall", stalls_mid_body)
-    config = base_config(fake_model.url)
-    config["upstreams"]["model"]["read_timeout"] = "300ms"
-    config["upstreams"]["model"]["breaker"] = {"enabled": False}
-    config["routes"][0]["timeout"] = "3s"
+    config = idle_limit_config(fake_model.url, timeout="3s")
     sidecar = await start_sidecar(config)
     async with sidecar.session.get(sidecar.url + "/think") as resp:
         assert resp.status == 200
@@ -319,10 +325,7 @@ async def test_a_small_answer_trickled_under_the_idle_limit_ends_at_the_attempts
         return response
 
     fake_model.on("/trickle", trickles)
-    config = base_config(fake_model.url)
-    config["upstreams"]["model"]["read_timeout"] = "300ms"
-    config["upstreams"]["model"]["breaker"] = {"enabled": False}
-    config["routes"][0]["timeout"] = "1s"
+    config = idle_limit_config(fake_model.url, timeout="1s")
     sidecar = await start_sidecar(config)
     started = time.monotonic()
     async with sidecar.session.get(sidecar.url + "/trickle") as resp:
