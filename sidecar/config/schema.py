@@ -333,8 +333,9 @@ class CacheFallback(_Strict):
 class UpstreamFallback(_Strict):
     name: str
     timeout: PositiveDuration = 1.0
-    # Its answer is read whole before it is sent on: a larger one fails this step.
-    max_body_size: ByteSize = 16 * 1024 * 1024
+    # An answer declaring a larger Content-Length fails this step (none: no limit;
+    # answers are relayed as they come, never held whole past 256 KiB).
+    max_body_size: ByteSize | None = None
 
 
 FallbackTrigger = Literal["circuit_open", "upstream_error", "timeout", "overloaded"]

@@ -28,7 +28,7 @@ import httptools
 from sidecar.http.messages import Headers, RawField, lower_key, media_type, parsed_version
 from sidecar.http.transport import FlowControlled, as_protocol
 
-_READ_AHEAD: Final = 256 * 1024  # answer bytes buffered before reading from the upstream pauses
+READ_AHEAD: Final = 256 * 1024  # answer bytes buffered before reading from the upstream pauses
 # An answer's head (its 1xx heads included) and its trailers, like Envoy's limits
 # (60 KiB, 100 fields) with room to spare: past them the answer is broken (502).
 MAX_HEAD: Final = 64 * 1024
@@ -129,7 +129,7 @@ class ClientResponse:
     def _feed(self, chunk: bytes) -> None:
         self._parts.append(chunk)
         self._buffered += len(chunk)
-        if self._buffered > _READ_AHEAD and self._waiter is None:
+        if self._buffered > READ_AHEAD and self._waiter is None:
             self._conn.pause_reading()
         self._wake()
 
@@ -405,7 +405,7 @@ class UpstreamConnection(FlowControlled):
 
     def reset(self) -> None:
         """Between answers, before the pool keeps or hands on the connection. It
-        reads again: an answer read ahead past ``_READ_AHEAD`` may have paused it,
+        reads again: an answer read ahead past ``READ_AHEAD`` may have paused it,
         and a paused connection would never see its next answer, nor an EOF or stray
         bytes while idle."""
         self._head = None

@@ -36,7 +36,7 @@ from sidecar.pipeline.relay import BUFFER_RESPONSE_LIMIT, relay, upstream_reques
 from sidecar.telemetry.logwriter import LogWriter
 from sidecar.telemetry.metrics import Metrics
 from sidecar.upstream.breaker import BreakerFailure, UpstreamBreaker
-from sidecar.upstream.fallback import FallbackChain
+from sidecar.upstream.fallback import FallbackChain, SecondaryAnswer
 from sidecar.upstream.retry import RetryBudget, backoff_delay, parse_retry_after
 from sidecar.upstream.shadow import PrimaryOutcome, ShadowMirror, StreamCapture
 from sidecar.upstream.upstreams import IDEMPOTENT, InFlightCount, UpstreamCall, UpstreamClient
@@ -417,17 +417,34 @@ async def _answer(
         if replacement is not None:
             if isinstance(cause, ModelFailed):
                 cause.response.release()
-            rule = replacement.headers.get("X-Sidecar-Fallback", "") or ""
-            ctx.answered_by, ctx.fallback_rule = "fallback", rule
-            ctx.bytes_out = len(replacement.body)
-            path.metrics.fallbacks.labels(path.route.name, rule).inc()
-            return replacement
+            return await _answer_from_fallback(request, ctx, path, replacement)
     if isinstance(cause, ModelFailed):
         try:
             return await relay(request, ctx, path.upstream, cause.response, path.idle_timeout)
         finally:
             cause.response.release()
     raise cause
+
+
+async def _answer_from_fallback(
+    request: Request, ctx: RequestContext, path: RoutePath, answer: Response | SecondaryAnswer
+) -> Answer:
+    """The fallback's answer to the client, counted. A secondary model's is relayed
+    as the primary's are: a stream goes on as it comes."""
+    if isinstance(answer, SecondaryAnswer):
+        rule = answer.upstream.name
+        path.metrics.fallbacks.labels(path.route.name, rule).inc()
+        try:
+            relayed = await relay(request, ctx, answer.upstream, answer.response, path.idle_timeout)
+        finally:
+            answer.response.release()
+            ctx.answered_by, ctx.fallback_rule = "fallback", rule
+        return relayed
+    rule = answer.headers.get("X-Sidecar-Fallback", "") or ""
+    ctx.answered_by, ctx.fallback_rule = "fallback", rule
+    ctx.bytes_out = len(answer.body)
+    path.metrics.fallbacks.labels(path.route.name, rule).inc()
+    return answer
 
 
 def _record(

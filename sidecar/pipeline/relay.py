@@ -14,7 +14,7 @@ from typing import Final
 import structlog
 
 from sidecar.http import errors
-from sidecar.http.client import BrokenAnswer, ClientResponse
+from sidecar.http.client import READ_AHEAD, BrokenAnswer, ClientResponse
 from sidecar.http.messages import HOP_BY_HOP, Answer, Headers, Response
 from sidecar.http.server import ClientGone, Request, RequestRefused
 from sidecar.pipeline.context import RequestContext
@@ -47,8 +47,9 @@ _OWN_PREFIX: Final = b"x-sidecar-"
 _DROP_FROM_REQUEST: Final = HOP_BY_HOP | _REPLACED_UPSTREAM | {b"x-forwarded-for"}
 
 # Answers up to this size with a Content-Length are read in one piece; larger ones,
-# chunked ones and event streams are relayed chunk by chunk as they arrive.
-BUFFER_RESPONSE_LIMIT: Final = 256 * 1024
+# chunked ones and event streams are relayed chunk by chunk as they arrive. (Up to
+# the client's read-ahead: a body that size arrives whole without pausing it.)
+BUFFER_RESPONSE_LIMIT: Final = READ_AHEAD
 
 
 # The value of nearly every kept-alive message's Connection field: it lists a field

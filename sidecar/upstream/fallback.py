@@ -25,7 +25,7 @@ import structlog
 from sidecar.config.rules import Predicate, compile_condition
 from sidecar.config.schema import Answer, CacheFallback, FallbackPolicy, UpstreamFallback
 from sidecar.http import errors
-from sidecar.http.client import BrokenAnswer, ClientResponse
+from sidecar.http.client import READ_AHEAD, BrokenAnswer, ClientResponse
 from sidecar.http.messages import Headers, Response
 from sidecar.upstream.upstreams import UpstreamCall, UpstreamClient
 
@@ -199,10 +199,23 @@ class RuleSet:
         return None
 
 
+@dataclass(slots=True)
+class SecondaryAnswer:
+    """A secondary model's answer that its step took: the pipeline relays it as it
+    relays the primary's (a stream as it comes, with the same flow control and idle
+    limit), then releases it."""
+
+    upstream: UpstreamClient
+    response: ClientResponse
+
+
 class SecondaryUpstream:
-    """A second model that answers in the first one's place. Its answer is read whole,
-    up to ``max_body_size``: a larger one fails the step (counted in ``too_large``),
-    so one fallback cannot hold a model's largest answers in memory at once."""
+    """A second model that answers in the first one's place. A small answer (a
+    Content-Length within the read-ahead) must arrive whole within the step's
+    ``timeout``, or the step fails and the next one answers; a larger one, or a
+    stream, is handed on once its head is in (an LLM fallback's tokens are not held
+    back), so no answer of it is held whole in memory. One declaring more than
+    ``max_body_size``, when set, fails the step (counted in ``too_large``)."""
 
     def __init__(
         self, upstream: UpstreamClient, settings: UpstreamFallback, too_large: Any = None
@@ -212,55 +225,51 @@ class SecondaryUpstream:
         self.max_body_size = settings.max_body_size
         self._too_large = too_large  # a counter child, or None
 
-    async def answer(self, call: UpstreamCall) -> Response | None:
+    async def answer(self, call: UpstreamCall) -> SecondaryAnswer | None:
         upstream = self.upstream
+        response: ClientResponse | None = None
         try:
             async with asyncio.timeout(self.timeout):
                 # This upstream's own headers and deadline, never the primary's.
                 response = await upstream.send(call, within=self.timeout)
-                try:
-                    payload = await self._read_within_limit(response)
-                finally:
-                    response.release()  # reused only when read to the end
+                problem = self._refusal(response)
+                if problem is None and _arrives_whole(response):
+                    await response.wait_complete(self.timeout)
         except (errors.SidecarError, BrokenAnswer, TimeoutError) as exc:
+            if response is not None:
+                response.close()
             reason = exc.type if isinstance(exc, errors.SidecarError) else "upstream_error"
             log.warning("fallback_upstream_failed", upstream=upstream.name, error=reason)
             return None
-        if payload is None:
-            if self._too_large is not None:
-                self._too_large.inc()
-            log.warning(
-                "fallback_upstream_failed",
-                upstream=upstream.name,
-                error="answer_too_large",
-                max_body_size=self.max_body_size,
-            )
+        except BaseException:
+            if response is not None:
+                response.close()  # cancelled (the client left): free its connection
+            raise
+        if problem is not None:
+            response.close()
+            log.warning("fallback_upstream_failed", upstream=upstream.name, error=problem)
             return None
-        if response.status >= 500:
-            return None
-        out = Response(response.status, payload)
-        content_type = response.headers.get("Content-Type")
-        if content_type:
-            out.headers["Content-Type"] = content_type
-        out.headers[FALLBACK_HEADER] = upstream.name
-        return out
+        response.headers[FALLBACK_HEADER] = upstream.name
+        return SecondaryAnswer(upstream, response)
 
-    async def _read_within_limit(self, response: ClientResponse) -> bytes | None:
-        """The whole body, or None (the connection dropped) past ``max_body_size``."""
+    def _refusal(self, response: ClientResponse) -> str | None:
+        """Why this step does not take the answer, or None when it does."""
+        if response.status >= 500:
+            return f"status_{response.status}"
         limit = self.max_body_size
         length = response.content_length
-        if length is not None and length > limit:
-            response.close()
-            return None
-        parts: list[bytes] = []
-        size = 0
-        while chunk := await response.read_chunk():
-            size += len(chunk)
-            if size > limit:
-                response.close()
-                return None
-            parts.append(chunk)
-        return b"".join(parts)
+        if limit is not None and length is not None and length > limit:
+            if self._too_large is not None:
+                self._too_large.inc()
+            return "answer_too_large"
+        return None
+
+
+def _arrives_whole(response: ClientResponse) -> bool:
+    """A body small enough to wait for whole before anything is sent on (as the relay
+    reads it), so that breaking off or going silent in it fails the step."""
+    length = response.content_length
+    return not response.complete and length is not None and length <= READ_AHEAD
 
 
 # A string: compiled classes do not make a union with | at run time.
@@ -312,7 +321,8 @@ class FallbackChain:
                 )
         self._steps = tuple(steps)
 
-    async def answer(self, call: UpstreamCall, body: bytes) -> Response | None:
+    async def answer(self, call: UpstreamCall, body: bytes) -> Response | SecondaryAnswer | None:
+        answer: Response | SecondaryAnswer | None
         for step in self._steps:
             if isinstance(step, _Canned):
                 return step.response()

@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
@@ -765,11 +766,12 @@ async def test_an_answer_broken_off_before_it_reached_the_client_falls_back(
     never.set()
 
 
-async def test_a_secondary_models_answer_past_its_limit_fails_the_step_unheld(
+async def test_a_secondary_models_large_answer_streams_through_unheld(
     make_fake_model: MakeFakeModel, start_sidecar: StartSidecar
 ) -> None:
-    # A secondary model's answer is read whole before it is sent on: past the step's
-    # max_body_size the step fails (counted), instead of holding 48 MiB in memory.
+    # A secondary model's answer is relayed as the primary's are: a 48 MiB one, with a
+    # Content-Length or chunked, reaches the client whole without being held whole.
+    # One declaring more than the step's max_body_size fails the step (counted).
     import tracemalloc
 
     primary, simple = await make_fake_model(), await make_fake_model()
@@ -777,8 +779,7 @@ async def test_a_secondary_models_answer_past_its_limit_fails_the_step_unheld(
     big = b"x" * (48 * 1024 * 1024)
 
     async def huge(request: web.Request) -> web.StreamResponse:
-        # Written in pieces, so the fake server holds no copy of its own; chunked when
-        # asked, so the limit is met while reading, not from a Content-Length.
+        # Written in pieces, so the fake server holds no copy of its own.
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
         if request.query.get("chunked"):
             response.enable_chunked_encoding()
@@ -793,14 +794,7 @@ async def test_a_secondary_models_answer_past_its_limit_fails_the_step_unheld(
     simple.on("/infer", huge)
     config = config_with(
         primary.url,
-        {
-            "fallback": {
-                "chain": [
-                    {"upstream": {"name": "simple", "timeout": "10s", "max_body_size": "4MiB"}},
-                    STATIC,
-                ]
-            }
-        },
+        {"fallback": {"chain": [{"upstream": {"name": "simple", "timeout": "10s"}}, STATIC]}},
         breaker={"enabled": False},
     )
     config["upstreams"]["simple"] = {"url": simple.url}
@@ -810,23 +804,61 @@ async def test_a_secondary_models_answer_past_its_limit_fails_the_step_unheld(
         for target in ("/infer", "/infer?chunked=1"):
             async with sidecar.session.post(sidecar.url + target, data=b"{}") as resp:
                 assert resp.status == 200
-                assert resp.headers["X-Sidecar-Fallback"] == "default-answer"  # the next
-                assert await resp.json() == {"label": -1}
+                assert resp.headers["X-Sidecar-Fallback"] == "simple"
+                received = 0
+                async for chunk in resp.content.iter_chunked(1 << 16):
+                    received += len(chunk)
+            assert received == len(big), target
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert peak < 16 * 1024 * 1024, f"peak {peak / 2**20:.0f} MiB"
-    text = await metrics_text(sidecar)
-    assert metric_value(text, "sidecar_dropped_total", buffer="fallback_too_large") == 2
 
-    # Within the limit, the secondary answers as before.
-    async def small(request: web.Request) -> web.Response:
-        return web.json_response({"label": "setosa"})
-
-    simple.on("/infer", small)
+    config["routes"][0]["fallback"]["chain"][0]["upstream"]["max_body_size"] = "4MiB"
+    sidecar.running.runtime.loaded.path.write_text(yaml.safe_dump(config))
+    assert (await sidecar.running.reload())["result"] == "ok"
     async with sidecar.session.post(sidecar.url + "/infer", data=b"{}") as resp:
+        assert resp.headers["X-Sidecar-Fallback"] == "default-answer"  # the next step
+        assert await resp.json() == {"label": -1}
+    text = await metrics_text(sidecar)
+    assert metric_value(text, "sidecar_dropped_total", buffer="fallback_too_large") == 1
+
+
+async def test_a_secondary_models_stream_is_relayed_as_it_comes(
+    make_fake_model: MakeFakeModel, start_sidecar: StartSidecar
+) -> None:
+    # An LLM fallback's tokens reach the client as the secondary model writes them,
+    # not once its whole answer is in.
+    primary, simple = await make_fake_model(), await make_fake_model()
+    primary.on("/infer", status_handler(503))
+    more = asyncio.Event()
+
+    async def tokens(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"token": "first"}\n\n')
+        await asyncio.wait_for(more.wait(), 10)
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    simple.on("/infer", tokens)
+    config = config_with(
+        primary.url,
+        {"fallback": {"chain": [{"upstream": {"name": "simple"}}, STATIC]}},
+        breaker={"enabled": False},
+    )
+    config["upstreams"]["simple"] = {"url": simple.url}
+    sidecar = await start_sidecar(config)
+    async with sidecar.session.post(sidecar.url + "/infer", data=b"{}") as resp:
+        assert resp.status == 200
         assert resp.headers["X-Sidecar-Fallback"] == "simple"
-        assert await resp.json() == {"label": "setosa"}
+        assert resp.headers["Content-Type"] == "text/event-stream"
+        first = await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 5)
+        assert first == b'data: {"token": "first"}\n\n'
+        more.set()
+        assert await resp.content.read() == b"data: [DONE]\n\n"
+    text = await metrics_text(sidecar)
+    assert metric_value(text, "sidecar_fallback_total", route="infer", rule="simple") == 1
 
 
 async def test_answers_that_stall_in_their_body_open_the_breaker(

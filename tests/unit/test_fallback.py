@@ -20,6 +20,7 @@ from sidecar.upstream.fallback import (
     FALLBACK_HEADER,
     FallbackChain,
     ResponseCache,
+    SecondaryAnswer,
     SecondaryUpstream,
     canonical_key,
     restamp_id,
@@ -326,6 +327,17 @@ def answering(status: int, body: bytes = b"", content_type: str | None = None) -
     return answer
 
 
+def taken(answer: object) -> tuple[int, bytes, Headers]:
+    """The status, whole body and header fields of a secondary model's answer its step
+    took (the pipeline relays it; here it is read and released)."""
+    assert isinstance(answer, SecondaryAnswer)
+    response = answer.response
+    assert response.complete  # a small answer arrived whole within the step's timeout
+    body = response.take_whole()
+    response.release()
+    return response.status, body, response.headers
+
+
 async def test_a_secondary_upstream_answers_with_its_own_status_body_and_name(
     make_fake_model: MakeFakeModel, pools: list[Pool]
 ) -> None:
@@ -335,11 +347,11 @@ async def test_a_secondary_upstream_answers_with_its_own_status_body_and_name(
         {"upstream": {"name": "simple"}},
         upstreams={"simple": secondary(model.url, pools).upstream},
     )
-    response = await fallback.answer(call(b'{"x": 1}', "/infer?v=1", "fb-1"), b'{"x": 1}')
-    assert response is not None
-    assert (response.status, response.body) == (499, b'{"label": 1}')
-    assert response.headers["Content-Type"] == "application/json"
-    assert response.headers[FALLBACK_HEADER] == "simple"
+    answer = await fallback.answer(call(b'{"x": 1}', "/infer?v=1", "fb-1"), b'{"x": 1}')
+    status, body, headers = taken(answer)
+    assert (status, body) == (499, b'{"label": 1}')
+    assert headers["Content-Type"] == "application/json"
+    assert headers[FALLBACK_HEADER] == "simple"
     [hit] = model.hits_for("/infer")
     assert (hit.method, hit.target, hit.body) == ("POST", "/infer?v=1", b'{"x": 1}')
     assert hit.headers["x-request-id"] == ["fb-1"]
@@ -351,10 +363,9 @@ async def test_a_secondary_answer_without_a_content_type_has_none(
 ) -> None:
     model = await make_fake_model()
     model.on("/infer", answering(200))
-    response = await secondary(model.url, pools).answer(call(None))
-    assert response is not None
-    assert response.status == 200
-    assert "Content-Type" not in response.headers
+    status, _, headers = taken(await secondary(model.url, pools).answer(call(None)))
+    assert status == 200
+    assert "Content-Type" not in headers
     assert model.hits_for("/infer")[0].body == b""
 
 
@@ -419,7 +430,6 @@ async def test_a_redirect_from_the_secondary_upstream_is_passed_on_not_followed(
         return web.Response(status=307, headers={"Location": "/elsewhere"})
 
     model.on("/infer", moved)
-    response = await secondary(model.url, pools).answer(call())
-    assert response is not None
-    assert response.status == 307
+    status, _, headers = taken(await secondary(model.url, pools).answer(call()))
+    assert (status, headers["Location"]) == (307, "/elsewhere")
     assert model.hits_for("/elsewhere") == []
