@@ -172,6 +172,8 @@ class Comparer:
                 [{"field": "data.length", "primary": len(primary), "shadow": len(shadow)}],
             )
         cosines = [_cosine(a, b) for a, b in zip(primary, shadow, strict=True)]
+        if any(math.isnan(c) for c in cosines):
+            return _not_finite()
         differences = [
             {"field": f"data[{i}].embedding.cosine", "primary": 1.0, "shadow": round(c, 6)}
             for i, c in enumerate(cosines)
@@ -186,6 +188,8 @@ class Comparer:
 
     def _embedding(self, primary: list[float], shadow: list[float]) -> Comparison:
         cosine = _cosine(primary, shadow)
+        if math.isnan(cosine):
+            return _not_finite()
         ok = cosine >= self.settings.min_cosine
         return Comparison(
             "match" if ok else "mismatch",
@@ -197,12 +201,33 @@ class Comparer:
         )
 
 
+def _not_finite() -> Comparison:
+    # Neither a match nor a mismatch: no angle can be measured to a vector holding NaN
+    # or infinity, so the comparison is an error (agreement unknown).
+    return Comparison("error", "an embedding holds a number that is not finite")
+
+
 def _cosine(a: list[float], b: list[float]) -> float:
+    """The cosine of the angle between two vectors, or NaN when either holds a number
+    that is not finite (a base64 embedding may hold NaN or infinity).
+
+    Each vector is first divided by its largest magnitude: the products of numbers near
+    1e200 overflow to infinity (and a sum of +inf and -inf is NaN, which compares false
+    with everything, so a threshold check took it for a match), and those of numbers
+    near 1e-200 underflow to zero. Scaled, every product lies in [-1, 1]."""
     if len(a) != len(b):
         return 0.0
+    if not (all(map(math.isfinite, a)) and all(map(math.isfinite, b))):
+        return math.nan
+    scale_a = max(map(abs, a), default=0.0)
+    scale_b = max(map(abs, b), default=0.0)
+    if not scale_a or not scale_b:
+        return 1.0 if scale_a == scale_b else 0.0  # zero vectors agree only with each other
+    a = [x / scale_a for x in a]
+    b = [y / scale_b for y in b]
     dot = sum(x * y for x, y in zip(a, b, strict=True))
     norms = math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
-    return dot / norms if norms else (1.0 if a == b else 0.0)
+    return max(-1.0, min(1.0, dot / norms))  # rounding may land just outside
 
 
 # Fields two answers of the same model never share: a completion's id and its time.

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import array
+import base64
+import math
 from typing import Any
 
 import orjson
@@ -353,3 +356,32 @@ def test_rows_of_a_thousand_classes_agree_on_a_high_class_index() -> None:
     row[500] = 1.0
     comparison = comparer(classes=1000, abs_tol=1.0).compare(200, v2(*row), 200, v2(*row))
     assert comparison.label_agreement == 1.0
+
+
+def test_vectors_of_huge_numbers_are_compared_not_taken_for_a_match() -> None:
+    # Products of numbers near 1e200 overflow to infinity, and +inf + -inf is NaN;
+    # NaN is below no threshold, so the opposite vectors here were counted as a match.
+    huge = 1e200
+    vectors = comparer(protocol="openai", kind="embedding", min_cosine=0.9)
+    opposite = vectors.compare(200, openai([huge, huge]), 200, openai([-huge, -huge]))
+    assert (opposite.result, opposite.reason) == ("mismatch", "cosine")
+    assert opposite.cosine == pytest.approx(-1.0)
+    same = vectors.compare(200, openai([huge, huge]), 200, openai([huge, huge]))
+    assert (same.result, same.cosine) == ("match", pytest.approx(1.0))
+    single = comparer(kind="embedding", min_cosine=0.9)
+    assert single.compare(200, v2(huge, huge), 200, v2(-huge, -huge)).cosine == pytest.approx(-1)
+    tiny = single.compare(200, v2(1e-200, 0.0), 200, v2(0.0, 1e-200))  # underflow: not zero
+    assert (tiny.result, tiny.cosine) == ("mismatch", 0.0)
+
+
+def test_an_embedding_holding_nan_or_infinity_is_a_comparison_error() -> None:
+    def encoded(*values: float) -> str:
+        return base64.b64encode(array.array("f", values).tobytes()).decode()
+
+    vectors = comparer(protocol="openai", kind="embedding", min_cosine=0.9)
+    for bad in (math.nan, math.inf):
+        comparison = vectors.compare(
+            200, openai([1.0, 1.0]), 200, orjson.dumps({"data": [{"embedding": encoded(bad, 1.0)}]})
+        )
+        assert (comparison.result, comparison.agreement) == ("error", None)
+        assert comparison.reason == "an embedding holds a number that is not finite"
