@@ -199,6 +199,12 @@ class RuleSet:
         return None
 
 
+# A secondary model's 4xx that are about the request itself: the primary would have
+# said the same, and a later step (rules, static) must not make up a prediction for
+# input a model rejected. Any other status fails the step (see SecondaryUpstream).
+_REQUESTS_FAULT: Final = frozenset({400, 422})
+
+
 @dataclass(slots=True)
 class SecondaryAnswer:
     """A secondary model's answer that its step took: the pipeline relays it as it
@@ -215,7 +221,12 @@ class SecondaryUpstream:
     ``timeout``, or the step fails and the next one answers; a larger one, or a
     stream, is handed on once its head is in (an LLM fallback's tokens are not held
     back), so no answer of it is held whole in memory. One declaring more than
-    ``max_body_size``, when set, fails the step (counted in ``too_large``)."""
+    ``max_body_size``, when set, fails the step (counted in ``too_large``).
+
+    Only a 2xx, or a 400 or 422 (the request's fault), is its answer. Anything else
+    says it cannot answer either: a 5xx, a 404 (it does not serve this path or model),
+    a 429 (it is overloaded), a 401 or 403 (its credentials are wrong), a redirect
+    (never followed), and so on; the step fails and the next one answers."""
 
     def __init__(
         self, upstream: UpstreamClient, settings: UpstreamFallback, too_large: Any = None
@@ -247,15 +258,21 @@ class SecondaryUpstream:
             raise
         if problem is not None:
             response.close()
-            log.warning("fallback_upstream_failed", upstream=upstream.name, error=problem)
+            log.warning(
+                "fallback_upstream_failed",
+                upstream=upstream.name,
+                error=problem,
+                status=response.status,
+            )
             return None
         response.headers[FALLBACK_HEADER] = upstream.name
         return SecondaryAnswer(upstream, response)
 
     def _refusal(self, response: ClientResponse) -> str | None:
         """Why this step does not take the answer, or None when it does."""
-        if response.status >= 500:
-            return f"status_{response.status}"
+        status = response.status
+        if not (200 <= status < 300 or status in _REQUESTS_FAULT):
+            return "status"
         limit = self.max_body_size
         length = response.content_length
         if limit is not None and length is not None and length > limit:

@@ -653,6 +653,37 @@ async def test_secondary_upstream_answers_when_the_primary_fails(
     assert hit.body == b'{"x": 1}'
 
 
+async def test_a_secondary_models_non_2xx_fails_the_step_but_its_verdict_on_the_input_stands(
+    make_fake_model: MakeFakeModel, start_sidecar: StartSidecar
+) -> None:
+    # The primary is down; the secondary model cannot answer either (it does not serve
+    # the path, it is overloaded, it is down): its 404, 429 or 503 is no answer, the
+    # next step is. Its 400 or 422 is about the input, which the primary would have
+    # refused too: passed on, never replaced by a made-up prediction.
+    primary, simple = await make_fake_model(), await make_fake_model()
+    primary.on("/infer", status_handler(503))
+    config = config_with(
+        primary.url,
+        {"fallback": {"chain": [{"upstream": {"name": "simple", "timeout": "1s"}}, STATIC]}},
+        breaker={"enabled": False},
+    )
+    config["upstreams"]["simple"] = {"url": simple.url}
+    sidecar = await start_sidecar(config)
+    for status in (404, 429, 401, 503, 500):
+        simple.on("/infer", status_handler(status))
+        async with sidecar.session.post(sidecar.url + "/infer", json={"x": 1}) as resp:
+            assert (resp.status, resp.headers["X-Sidecar-Fallback"]) == (200, "default-answer")
+            assert await resp.json() == {"label": -1}
+    for status in (400, 422):
+        simple.on("/infer", status_handler(status))
+        async with sidecar.session.post(sidecar.url + "/infer", json={"x": 1}) as resp:
+            assert (resp.status, resp.headers["X-Sidecar-Fallback"]) == (status, "simple")
+            assert await resp.json() == {"status": status}
+    text = await metrics_text(sidecar)
+    assert metric_value(text, "sidecar_fallback_total", route="infer", rule="default-answer") == 5
+    assert metric_value(text, "sidecar_fallback_total", route="infer", rule="simple") == 2
+
+
 async def test_a_client_leaving_during_the_secondary_fallback_frees_the_primarys_connection(
     make_fake_model: MakeFakeModel, start_sidecar: StartSidecar
 ) -> None:

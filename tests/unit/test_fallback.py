@@ -342,14 +342,14 @@ async def test_a_secondary_upstream_answers_with_its_own_status_body_and_name(
     make_fake_model: MakeFakeModel, pools: list[Pool]
 ) -> None:
     model = await make_fake_model()
-    model.on("/infer", answering(499, b'{"label": 1}', "application/json"))
+    model.on("/infer", answering(203, b'{"label": 1}', "application/json"))
     fallback = chain(
         {"upstream": {"name": "simple"}},
         upstreams={"simple": secondary(model.url, pools).upstream},
     )
     answer = await fallback.answer(call(b'{"x": 1}', "/infer?v=1", "fb-1"), b'{"x": 1}')
     status, body, headers = taken(answer)
-    assert (status, body) == (499, b'{"label": 1}')
+    assert (status, body) == (203, b'{"label": 1}')
     assert headers["Content-Type"] == "application/json"
     assert headers[FALLBACK_HEADER] == "simple"
     [hit] = model.hits_for("/infer")
@@ -420,7 +420,7 @@ async def test_a_secondary_upstream_that_is_unavailable_gives_way(
     assert await secondary(model.url, pools).answer(call()) is None
 
 
-async def test_a_redirect_from_the_secondary_upstream_is_passed_on_not_followed(
+async def test_a_redirect_from_the_secondary_upstream_fails_the_step_and_is_not_followed(
     make_fake_model: MakeFakeModel, pools: list[Pool]
 ) -> None:
     model = await make_fake_model()
@@ -430,6 +430,19 @@ async def test_a_redirect_from_the_secondary_upstream_is_passed_on_not_followed(
         return web.Response(status=307, headers={"Location": "/elsewhere"})
 
     model.on("/infer", moved)
-    status, _, headers = taken(await secondary(model.url, pools).answer(call()))
-    assert (status, headers["Location"]) == (307, "/elsewhere")
+    assert await secondary(model.url, pools).answer(call()) is None  # no answer: next step
     assert model.hits_for("/elsewhere") == []
+
+
+async def test_a_secondary_answers_only_with_a_2xx_or_its_verdict_on_the_input(
+    make_fake_model: MakeFakeModel, pools: list[Pool]
+) -> None:
+    model = await make_fake_model()
+    step = secondary(model.url, pools)
+    for status in (200, 201, 204, 400, 422):
+        model.on("/infer", answering(status))
+        assert taken(await step.answer(call()))[0] == status
+    for status in (401, 403, 404, 405, 409, 413, 429, 499, 500, 502, 503, 504):
+        model.on("/infer", answering(status, b"no"))
+        assert await step.answer(call()) is None, status
+    assert len(model.hits_for("/infer")) == 17  # one request each, none retried
