@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from sidecar.analytics.drift import DriftMonitor
 from sidecar.config.plan import Plan
+from sidecar.config.schema import Upstream
 from sidecar.control.health import LoopLagMonitor
 from sidecar.pipeline.auth import Authenticator
 from sidecar.pipeline.forwarding import RoutePath, UpstreamGuard
@@ -46,8 +47,9 @@ class Runtime:
         previous: Runtime | None = None,
     ) -> None:
         """``previous``: the runtime this one replaces (a reload), whose shadow
-        copies still out count against this one's limits and whose rate-limit
-        buckets carry on."""
+        copies still out count against this one's limits, whose rate-limit
+        buckets carry on, and whose breakers carry on where the upstream's URL and
+        breaker settings are unchanged (an open circuit stays open)."""
         self.plan = plan
         self.loaded = loaded = plan.loaded
         self.config = config = loaded.config
@@ -63,7 +65,8 @@ class Runtime:
         self.guards = {
             name: UpstreamGuard(
                 breaker=(
-                    UpstreamBreaker(name, upstream.breaker, self.metrics, clock)
+                    _kept_breaker(previous, name, upstream)
+                    or UpstreamBreaker(name, upstream.breaker, self.metrics, clock)
                     if upstream.breaker.enabled
                     else None
                 ),
@@ -149,8 +152,14 @@ class Runtime:
 
             self.shared = SharedState(shared_settings, metrics)
             if shared_settings.breakers:
+                # A breaker carried on keeps what its sync last agreed with Redis, so
+                # a change not yet published is published, not overwritten.
+                before = {
+                    id(sync.breaker): sync.published
+                    for sync in (previous.breaker_syncs if previous is not None else ())
+                }
                 self.breaker_syncs = [
-                    BreakerSync(guard.breaker, self.shared)
+                    BreakerSync(guard.breaker, self.shared, before.get(id(guard.breaker)))
                     for guard in self.guards.values()
                     if guard.breaker is not None
                 ]
@@ -202,9 +211,11 @@ class Runtime:
     def put_in_service(self, previous: Runtime) -> None:
         """The swap's bookkeeping: only the breakers now in service reach the metrics
         (a straggler of ``previous`` that opens its breaker must not show the
-        circuit open while the one in service is closed)."""
+        circuit open while the one in service is closed). A breaker carried on
+        from ``previous`` is in service still."""
+        kept = {id(guard.breaker) for guard in self.guards.values()}
         for guard in previous.guards.values():
-            if guard.breaker is not None:
+            if guard.breaker is not None and id(guard.breaker) not in kept:
                 guard.breaker.retire()
         for guard in self.guards.values():
             if guard.breaker is not None:
@@ -237,3 +248,22 @@ class Runtime:
         for mirror in self.mirrors:
             await mirror.stop()
         await self.upstreams.stop()
+
+
+def _kept_breaker(
+    previous: Runtime | None, name: str, upstream: Upstream
+) -> UpstreamBreaker | None:
+    """The breaker of ``previous`` for this upstream, when a reload changed neither the
+    upstream's URL nor its breaker settings: its state and counts carry on, so a model
+    that is down is not sent traffic again because a config was reloaded. (Requests
+    the old runtime still finishes report to it too: the same model, the same
+    breaker.) None: a fresh breaker, closed."""
+    if previous is None:
+        return None
+    guard = previous.guards.get(name)
+    before = previous.config.upstreams.get(name)
+    if guard is None or guard.breaker is None or before is None:
+        return None
+    if before.url != upstream.url or before.breaker != upstream.breaker:
+        return None
+    return guard.breaker

@@ -125,7 +125,11 @@ class SharedState:
 class BreakerSync:
     """Mirrors one upstream's breaker state with the other replicas, in the background."""
 
-    def __init__(self, breaker: UpstreamBreaker, shared: SharedState) -> None:
+    def __init__(
+        self, breaker: UpstreamBreaker, shared: SharedState, published: str | None = None
+    ) -> None:
+        """``published``: the state last agreed with Redis for this breaker, when it is
+        carried on from a runtime a reload replaced (that runtime's sync knew it)."""
         self.breaker = breaker
         self.shared = shared
         settings = shared.settings
@@ -136,9 +140,14 @@ class BreakerSync:
         )
         self._namespace = f"{settings.key_prefix}:breaker:{breaker.upstream}"
         self._storage: pybreaker.CircuitRedisStorage | None = None
-        self._published = breaker.state
+        # A fresh breaker is closed, and so is a circuit nobody published yet.
+        self._published = published if published is not None else pybreaker.STATE_CLOSED
         self._lock = asyncio.Lock()
         self._tasks = BackgroundTasks()
+
+    @property
+    def published(self) -> str:
+        return self._published
 
     def start(self) -> None:
         self._tasks.spawn(self._run(), name=f"breaker-sync-{self.breaker.upstream}")

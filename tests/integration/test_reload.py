@@ -292,7 +292,8 @@ async def test_a_retired_runtimes_breaker_does_not_show_the_circuit_open(
 ) -> None:
     """A request from before a reload fails after it and opens the retired runtime's
     breaker: sidecar_circuit_state said open (2) for good, while the breaker in
-    service was closed and the model answered."""
+    service was closed and the model answered. (The reload changes the breaker's
+    settings, so the breaker in service is a new one, not the old one carried on.)"""
     arrived, release = asyncio.Event(), asyncio.Event()
 
     async def slow_failure(request: web.Request) -> web.Response:
@@ -306,7 +307,8 @@ async def test_a_retired_runtimes_breaker_does_not_show_the_circuit_open(
     sidecar = await start_sidecar(config)
     pending = asyncio.create_task(sidecar.session.post(sidecar.url + "/slow", data=b"{}"))
     await asyncio.wait_for(arrived.wait(), 10)
-    config["routes"][0]["timeout"] = "7s"
+    retired = sidecar.running.runtime.guards["model"].breaker
+    config["upstreams"]["model"]["breaker"]["reset_timeout"] = "2h"
     sidecar.running.live.config_path.write_text(yaml.safe_dump(config))
     assert (await sidecar.running.reload())["result"] == "ok"
     release.set()
@@ -315,10 +317,73 @@ async def test_a_retired_runtimes_breaker_does_not_show_the_circuit_open(
     response.release()
     breaker = sidecar.running.runtime.guards["model"].breaker
     assert breaker is not None
+    assert breaker is not retired
+    assert retired is not None
+    assert retired.state == "open"  # the straggler opened it
     assert breaker.state == "closed"
     async with sidecar.session.get(sidecar.admin_url + "/metrics") as resp:
         text = await resp.text()
     assert metric_value(text, "sidecar_circuit_state", upstream="model") == 0
+
+
+async def test_an_open_circuit_stays_open_across_a_reload_that_leaves_its_breaker_alone(
+    make_fake_model: MakeFakeModel, start_sidecar: StartSidecar
+) -> None:
+    """Each reload made fresh, closed breakers: a model that was down got traffic
+    again after any reload. Unchanged URL and breaker settings: the breaker (its state
+    and its counts) carries on; a changed URL or breaker: a fresh one, closed."""
+    first, second = await make_fake_model(), await make_fake_model()
+    answers = {"status": 503}
+
+    async def model(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({}, status=answers["status"])
+
+    first.on("/infer", model)
+    second.on("/infer", model)
+    config = base_config(first.url)
+    config["upstreams"]["model"]["breaker"] = {"failures": 2, "reset_timeout": "1h"}
+    sidecar = await start_sidecar(config)
+    reloads = iter(range(10, 20))
+
+    async def reload(**upstream: Any) -> None:
+        config["routes"][0]["timeout"] = f"{next(reloads)}s"  # a change elsewhere
+        config["upstreams"]["model"].update(upstream)
+        sidecar.running.live.config_path.write_text(yaml.safe_dump(config))
+        assert (await sidecar.running.reload())["result"] == "ok"
+
+    async def error_type() -> str | None:
+        async with sidecar.session.post(sidecar.url + "/infer", data=b"{}") as resp:
+            body = await resp.json()
+            return body["error"]["type"] if "error" in body else None
+
+    async def circuit_state() -> float | None:
+        async with sidecar.session.get(sidecar.admin_url + "/metrics") as resp:
+            return metric_value(await resp.text(), "sidecar_circuit_state", upstream="model")
+
+    async def open_the_circuit() -> None:
+        assert await error_type() is None  # the model's own 503: one failure of two
+        await reload()
+        assert await error_type() is None  # the second failure, counted on: open
+        await reload()
+        hits = len(first.hits_for("/infer")) + len(second.hits_for("/infer"))
+        assert await error_type() == "circuit_open"
+        assert len(first.hits_for("/infer")) + len(second.hits_for("/infer")) == hits
+        assert await circuit_state() == 2
+
+    await open_the_circuit()
+    await reload(breaker={"failures": 2, "reset_timeout": "2h"})  # a fresh breaker
+    assert await circuit_state() == 0
+    answers["status"] = 200
+    assert await error_type() is None  # the model is called again
+    assert len(first.hits_for("/infer")) == 3
+    answers["status"] = 503
+    await open_the_circuit()
+    await reload(url=second.url)  # another model server: a fresh breaker
+    assert await circuit_state() == 0
+    answers["status"] = 200
+    assert await error_type() is None
+    assert len(second.hits_for("/infer")) == 1
 
 
 async def test_the_in_flight_cap_holds_across_a_reload(

@@ -191,3 +191,35 @@ async def test_a_server_that_is_not_redis_is_redis_lost_never_a_500(
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_a_circuit_opened_just_before_a_reload_stays_open_and_is_published(
+    fake_model: FakeModel, redis_server: tuple[Any, str], start_sidecar: StartSidecar
+) -> None:
+    """A reload that leaves the breaker alone carries it on, open; its new sync must
+    publish the open circuit, not take Redis's older "closed" for another replica's
+    verdict and close it."""
+
+    async def down(request: web.Request) -> web.Response:
+        return web.json_response({}, status=503)
+
+    fake_model.on("/infer", down)
+    config = shared_config(fake_model.url, redis_url=redis_server[1])
+    config["upstreams"]["model"]["breaker"] = {"failures": 1, "reset_timeout": "1h"}
+    sidecar = await start_sidecar(config)
+    await sidecar.running.runtime.breaker_syncs[0].sync_once()  # Redis holds "closed"
+    async with sidecar.session.post(sidecar.url + "/infer", data=b"{}") as resp:
+        assert resp.status == 503  # the model's answer; this opens the circuit
+    config["routes"][0]["timeout"] = "7s"
+    sidecar.running.live.config_path.write_text(yaml.safe_dump(config))
+    assert (await sidecar.running.reload())["result"] == "ok"
+    runtime = sidecar.running.runtime
+    await runtime.breaker_syncs[0].sync_once()
+    breaker = runtime.guards["model"].breaker
+    assert breaker is not None
+    assert breaker.state == "open"
+    other = await start_sidecar(config)  # another replica follows what was published
+    await other.running.runtime.breaker_syncs[0].sync_once()
+    other_breaker = other.running.runtime.guards["model"].breaker
+    assert other_breaker is not None
+    assert other_breaker.state == "open"
