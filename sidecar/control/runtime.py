@@ -151,6 +151,8 @@ class Runtime:
             from sidecar.upstream.shared import BreakerSync, SharedState
 
             self.shared = SharedState(shared_settings, metrics)
+            if previous is not None and previous.shared is not None:
+                self.shared.take_over(previous.shared)
             if shared_settings.breakers:
                 # A breaker carried on keeps what its sync last agreed with Redis, so
                 # a change not yet published is published, not overwritten.
@@ -222,6 +224,10 @@ class Runtime:
                 guard.breaker.publish()
 
     async def start(self) -> None:
+        if self.shared is not None:
+            # Redis's real state from the start (a reload's too), not "up" until a
+            # request or the breaker sync next calls it.
+            await self.shared.check()
         await self.upstreams.start()
         for monitor in self.drift_monitors:
             monitor.start()

@@ -70,11 +70,38 @@ class SharedState:
         )
         self._script = self._client.register_script(_BUCKET_SCRIPT)
         self._gauge = metrics.shared_state_up
+        # Not yet asked: start() checks (or take_over() knows) before anything reports it.
         self.up = True
         self.last_error: str | None = None
         self._down_until = 0.0
         self._failed_at = float("-inf")
-        self._gauge.set(1)
+
+    def take_over(self, previous: SharedState) -> None:
+        """What ``previous`` (of the runtime a reload replaces) knows of the same Redis:
+        a Redis lost stays lost (and is not retried before its ``retry_after``), where a
+        new SharedState said "up" until its first call found out otherwise."""
+        if (
+            previous.settings.redis_url.get_secret_value()
+            != self.settings.redis_url.get_secret_value()
+        ):
+            return  # another Redis: start() checks it
+        self.up, self.last_error = previous.up, previous.last_error
+        self._down_until, self._failed_at = previous._down_until, previous._failed_at
+
+    async def check(self) -> None:
+        """Ask Redis once (PING) and report what it says. Within a failure's
+        ``retry_after`` nothing is asked: what is known stands."""
+        if not self.usable():
+            self._gauge.set(0)
+            return
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self.settings.timeout):
+                await self._client.ping()
+        except Exception as exc:  # noqa: BLE001 - any failure: local state
+            self.failed(exc)
+            return
+        self.succeeded(started)
 
     def usable(self) -> bool:
         return time.monotonic() >= self._down_until

@@ -18,8 +18,10 @@ from aiohttp import web
 from tests.conftest import (
     LOOPBACK,
     FakeModel,
+    SidecarHandle,
     StartSidecar,
     base_config,
+    closed_port,
     start_sidecar_process,
 )
 from tests.integration.test_endpoints import metric_value
@@ -223,3 +225,43 @@ async def test_a_circuit_opened_just_before_a_reload_stays_open_and_is_published
     other_breaker = other.running.runtime.guards["model"].breaker
     assert other_breaker is not None
     assert other_breaker.state == "open"
+
+
+async def redis_health(sidecar: SidecarHandle) -> tuple[str, float | None]:
+    """The internal:redis check's status and sidecar_shared_state_up."""
+    async with sidecar.session.get(sidecar.admin_url + "/health") as resp:
+        status = (await resp.json())["checks"]["internal:redis"]["status"]
+    async with sidecar.session.get(sidecar.admin_url + "/metrics") as resp:
+        return status, metric_value(await resp.text(), "sidecar_shared_state_up")
+
+
+async def test_a_reload_reports_the_redis_state_it_knows_not_up(
+    fake_model: FakeModel, redis_server: tuple[Any, str], start_sidecar: StartSidecar
+) -> None:
+    """A reload's new runtime said Redis was up (check and gauge) until its next call
+    to Redis found out it was not. Breaker sharing is off here: its sync would also
+    call Redis as soon as it starts, and the test would race it."""
+    process, redis_url = redis_server
+    config = shared_config(
+        fake_model.url,
+        redis_url,
+        rate_limit={"enabled": True, "global": {"rate": "1000/s", "burst": 1000}},
+    )
+    config["shared_state"]["breakers"] = False
+    sidecar = await start_sidecar(config)
+    assert await redis_health(sidecar) == ("pass", 1)
+    process.kill()
+    process.wait(timeout=10)
+    async with sidecar.session.get(sidecar.url + "/x") as resp:
+        assert resp.status == 200  # the call to Redis fails: the local bucket answers
+    assert await redis_health(sidecar) == ("fail", 0)
+    config["routes"][0]["timeout"] = "7s"  # the same Redis: what is known carries on
+    sidecar.running.live.config_path.write_text(yaml.safe_dump(config))
+    assert (await sidecar.running.reload())["result"] == "ok"
+    assert await redis_health(sidecar) == ("fail", 0)
+    # Another Redis, which nothing serves: asked when the new runtime starts.
+    config["shared_state"]["redis_url"] = f"redis://{LOOPBACK}:{closed_port()}/0"
+    config["shared_state"]["retry_after"] = "1s"
+    sidecar.running.live.config_path.write_text(yaml.safe_dump(config))
+    assert (await sidecar.running.reload())["result"] == "ok"
+    assert await redis_health(sidecar) == ("fail", 0)
