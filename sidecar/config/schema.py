@@ -584,6 +584,9 @@ class SharedStateSettings(_Strict):
     key_prefix: str = "sidecar"
     timeout: PositiveDuration = 0.1
     retry_after: PositiveDuration = 5.0
+    # Connections to Redis a runtime's request path may hold at once; a request that
+    # finds them all busy uses the local bucket at once.
+    max_connections: int = Field(default=32, ge=1, le=10_000)
     rate_limits: bool = True
     breakers: bool = True
     sync_interval: PositiveDuration = 1.0

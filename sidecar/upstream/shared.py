@@ -65,9 +65,18 @@ class SharedState:
     def __init__(self, settings: SharedStateSettings, metrics: Metrics) -> None:
         self.settings = settings
         url = settings.redis_url.get_secret_value()
-        self._client = aioredis.Redis.from_url(
-            url, socket_timeout=settings.timeout, socket_connect_timeout=settings.timeout
+        # A bounded pool: redis-py's default allows 2**31 connections, so a burst of
+        # requests while Redis was slow opened one connection each. Calls in progress
+        # are capped at the pool's size (``_calls``), so the pool is never asked for
+        # more than it has (its own "Too many connections" is only a backstop).
+        pool = aioredis.ConnectionPool.from_url(
+            url,
+            max_connections=settings.max_connections,
+            socket_timeout=settings.timeout,
+            socket_connect_timeout=settings.timeout,
         )
+        self._client = aioredis.Redis.from_pool(pool)  # closing the client closes the pool
+        self._calls = 0
         self._script = self._client.register_script(_BUCKET_SCRIPT)
         self._gauge = metrics.shared_state_up
         # Not yet asked: start() checks (or take_over() knows) before anything reports it.
@@ -95,12 +104,15 @@ class SharedState:
             self._gauge.set(0)
             return
         started = time.monotonic()
+        self._calls += 1
         try:
             async with asyncio.timeout(self.settings.timeout):
                 await self._client.ping()
         except Exception as exc:  # noqa: BLE001 - any failure: local state
             self.failed(exc)
             return
+        finally:
+            self._calls -= 1
         self.succeeded(started)
 
     def usable(self) -> bool:
@@ -130,11 +142,17 @@ class SharedState:
         self._gauge.set(1)
 
     async def take_global(self, rate: float, burst: int) -> tuple[bool, float] | None:
-        """One token from the shared global bucket; None means: use the local one."""
-        if not self.usable():
+        """One token from the shared global bucket; None means: use the local one.
+
+        With every connection busy (``max_connections`` calls in progress) the answer
+        is None at once, without waiting: this request takes the local bucket, as when
+        Redis is lost. Redis is not marked lost for it (a burst is not a failure); if
+        Redis is failing, the calls holding the connections time out and say so."""
+        if not self.usable() or self._calls >= self.settings.max_connections:
             return None
         key = f"{self.settings.key_prefix}:ratelimit:global"
         started = time.monotonic()
+        self._calls += 1
         try:
             async with asyncio.timeout(self.settings.timeout):
                 allowed, tokens = await self._script(keys=[key], args=[rate, burst])
@@ -142,6 +160,8 @@ class SharedState:
         except Exception as exc:  # noqa: BLE001 - any failure: local state
             self.failed(exc)
             return None
+        finally:
+            self._calls -= 1
         self.succeeded(started)
         return taken
 

@@ -265,3 +265,52 @@ async def test_a_reload_reports_the_redis_state_it_knows_not_up(
     sidecar.running.live.config_path.write_text(yaml.safe_dump(config))
     assert (await sidecar.running.reload())["result"] == "ok"
     assert await redis_health(sidecar) == ("fail", 0)
+
+
+async def test_calls_to_redis_are_capped_and_a_request_finding_none_free_does_not_wait(
+    fake_model: FakeModel, redis_server: tuple[Any, str], start_sidecar: StartSidecar
+) -> None:
+    """The async client's pool had no cap: with Redis stalled (here paused), a burst
+    of requests opened a connection each and every one waited on Redis. Capped at
+    ``max_connections``, the requests past the cap take the local bucket at once."""
+    import redis.asyncio as aioredis
+
+    _, redis_url = redis_server
+    config = shared_config(
+        fake_model.url,
+        redis_url,
+        rate_limit={"enabled": True, "global": {"rate": "1000/s", "burst": 1000}},
+    )
+    config["shared_state"].update({"timeout": "10s", "max_connections": 4, "breakers": False})
+    sidecar = await start_sidecar(config)
+    admin = aioredis.Redis.from_url(redis_url)
+    try:
+        before = (await admin.info("stats"))["total_connections_received"]
+        # Every client's commands wait for 2 s (CLIENT UNPAUSE would wait too).
+        await admin.client_pause(2000, all=True)
+        requests = [
+            asyncio.ensure_future(sidecar.session.get(sidecar.url + "/x")) for _ in range(40)
+        ]
+        try:
+            answered = []
+            async with asyncio.timeout(1.5):  # well before the pause ends
+                for next_done in asyncio.as_completed(requests):
+                    answered.append(await next_done)
+                    if len(answered) == 36:
+                        break
+            assert sum(not r.done() for r in requests) == 4  # these hold the 4 connections
+            for resp in answered:
+                assert resp.status == 200
+                assert "RateLimit-Remaining" in resp.headers  # the local bucket answered
+            for resp in await asyncio.wait_for(asyncio.gather(*requests), 10):
+                assert resp.status == 200  # Redis answered once the pause ended
+        finally:
+            for request in requests:
+                if request.done() and not request.cancelled():
+                    request.result().release()
+                else:
+                    request.cancel()
+        after = (await admin.info("stats"))["total_connections_received"]
+        assert after - before <= 4
+    finally:
+        await admin.aclose()
