@@ -67,6 +67,11 @@ class Disconnected(Exception):
     """The upstream closed the connection before its answer began."""
 
 
+class PoolClosed(Disconnected):
+    """The pool was closed (the config that used it was retired) before this request
+    had a connection: nothing of it was sent."""
+
+
 class BrokenAnswer(Exception):
     """The answer is not valid HTTP, or ended before it was complete."""
 
@@ -589,7 +594,7 @@ class Pool:
         order they came: a request arriving later never takes a connection from one
         that waits (under load, one that lost every race ran into its deadline)."""
         if self._closed:
-            raise Disconnected("the pool is closed")
+            raise PoolClosed("the pool is closed")
         loop = self.loop
         first_in_line = not self._waiters
         while True:
@@ -694,4 +699,4 @@ class Pool:
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_exception(Disconnected("the pool is closed"))
+                waiter.set_exception(PoolClosed("the pool is closed"))

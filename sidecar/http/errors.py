@@ -17,6 +17,7 @@
      ├── UpstreamError         502 upstream_error
      ├── Overloaded            503 overloaded
      ├── CircuitOpen           503 circuit_open
+     ├── Reloaded              503 reloaded
      ├── UpstreamTimeout       504 upstream_timeout
      └── VersionNotSupported   505 http_version_not_supported
 
@@ -142,6 +143,16 @@ class Overloaded(SidecarError):
 
 class CircuitOpen(SidecarError):
     status, type = 503, "circuit_open"
+    outcome = OUTCOME_OVERLOADED
+
+
+class Reloaded(SidecarError):
+    """The config the request arrived under was retired by a reload, and the request
+    outlasted its drain time before it could be sent on (a slow upload): the
+    upstream connections of that config are closed. Not the model's failure: it
+    neither counts against the breaker nor calls on the fallback."""
+
+    status, type = 503, "reloaded"
     outcome = OUTCOME_OVERLOADED
 
 

@@ -186,6 +186,8 @@ async def _with_retries(
                     replayable=replayable,
                 )
             except errors.SidecarError as exc:
+                if isinstance(exc, errors.Reloaded):
+                    raise  # not the model failing: no breaker failure, no fallback
                 failure = exc
                 retryable = exc.retryable
             else:

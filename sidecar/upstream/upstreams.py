@@ -26,7 +26,14 @@ from sidecar.analytics.compare import Comparer
 from sidecar.background import BackgroundTasks
 from sidecar.config.schema import Upstream
 from sidecar.http import errors
-from sidecar.http.client import BrokenAnswer, ClientResponse, ConnectFailed, Disconnected, Pool
+from sidecar.http.client import (
+    BrokenAnswer,
+    ClientResponse,
+    ConnectFailed,
+    Disconnected,
+    Pool,
+    PoolClosed,
+)
 from sidecar.http.messages import Headers, field_key
 from sidecar.telemetry.metrics import Metrics
 
@@ -193,6 +200,14 @@ class UpstreamClient:
         except ConnectFailed as exc:
             raise errors.UpstreamError(
                 f"cannot connect to upstream {self.name!r}: {exc.reason}", retryable=True
+            ) from None
+        except PoolClosed:
+            # Not the model: a reload retired the config this request arrived under,
+            # and the request outlasted that config's drain time.
+            raise errors.Reloaded(
+                "the sidecar's config was reloaded during this request, which outlasted "
+                "the old config's drain time (server.drain_timeout): it was not sent on "
+                f"to upstream {self.name!r}; send it again"
             ) from None
         except Disconnected:
             raise errors.UpstreamError(

@@ -287,6 +287,71 @@ async def test_a_retired_runtime_stops_once_the_clients_of_its_requests_have_lef
             writer.close()
 
 
+async def test_an_upload_that_outlasts_a_reloads_drain_time_gets_a_clear_error_of_ours(
+    make_fake_model: MakeFakeModel, start_sidecar: StartSidecar
+) -> None:
+    """A slow upload arrives under one config; a reload points the route elsewhere
+    and the old config's drain time runs out before the body is complete, so its
+    upstream connections are closed. The client got 502 upstream_error "upstream
+    'model' closed the connection before answering" (the model had closed nothing),
+    the failure counted against the breaker, and a fallback made up an answer. Now:
+    503 ``reloaded`` in the route's protocol shape, saying what happened."""
+    old_model, new_model = await make_fake_model(), await make_fake_model()
+    old_model.on("/v2/models/m/infer", named("v1"))
+    new_model.on("/v2/models/m/infer", named("v2"))
+    config = base_config(old_model.url)
+    config["server"]["drain_timeout"] = "0s"
+    config["routes"][0].update(
+        protocol="v2",
+        fallback={"chain": [{"static": {"name": "made-up", "status": 200, "body": {}}}]},
+    )
+    sidecar = await start_sidecar(config)
+    reader, writer = await asyncio.open_connection(LOOPBACK, sidecar.running.main_port)
+    body = b'{"inputs": []}'
+    try:
+        writer.write(
+            b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nX-Request-ID: slow-1\r\n"
+            b"Content-Type: application/json\r\nExpect: 100-continue\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body)
+        )
+        await writer.drain()
+        # The sidecar asks for the body once the request is in its pipeline, at the
+        # body stage: the request belongs to the runtime in service now.
+        assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10) == (
+            b"HTTP/1.1 100 Continue\r\n\r\n"
+        )
+        writer.write(body[:5])
+        await writer.drain()
+        config["upstreams"]["model"]["url"] = new_model.url
+        sidecar.running.live.config_path.write_text(yaml.safe_dump(config))
+        assert (await sidecar.running.reload())["result"] == "ok"
+        [retiring] = [t for t in asyncio.all_tasks() if t.get_name() == "retire-runtime"]
+        await asyncio.wait_for(retiring, 10)  # drain time over: the old config stopped
+        writer.write(body[5:])
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 503 ")
+        assert b"\r\nX-Request-ID: slow-1\r\n" in head
+        assert b"X-Sidecar-Fallback" not in head
+        length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+        error = orjson.loads(await asyncio.wait_for(reader.readexactly(length), 10))
+    finally:
+        writer.close()
+    assert error == {
+        "error": "the sidecar's config was reloaded during this request, which outlasted "
+        "the old config's drain time (server.drain_timeout): it was not sent on to "
+        "upstream 'model'; send it again",
+        "type": "reloaded",
+        "request_id": "slow-1",
+    }
+    assert old_model.hits_for("/v2/models/m/infer") == []
+    assert new_model.hits_for("/v2/models/m/infer") == []
+    async with sidecar.session.post(
+        sidecar.url + "/v2/models/m/infer", data=body, headers={"Content-Type": "application/json"}
+    ) as resp:
+        assert await resp.json() == {"model": "v2"}  # sent again, it is answered
+
+
 async def test_a_retired_runtimes_breaker_does_not_show_the_circuit_open(
     fake_model: FakeModel, start_sidecar: StartSidecar
 ) -> None:
