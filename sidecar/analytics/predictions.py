@@ -83,7 +83,10 @@ class PredictionReader:
             if isinstance(data, list) and self.raw_embeddings:
                 return [v for vector in embeddings(document) for v in vector]
             if isinstance(data, list):
-                return [math.sqrt(sum(v * v for v in vector)) for vector in embeddings(document)]
+                # hypot scales as it goes: a vector of values near 1e200 has a finite
+                # norm (a sum of squares overflows); one holding inf or NaN has none.
+                norms = (math.hypot(*vector) for vector in embeddings(document))
+                return [norm for norm in norms if math.isfinite(norm)]
             choices = document.get("choices")
             if isinstance(choices, list):
                 return [float(len(_choice_text(choice))) for choice in choices]

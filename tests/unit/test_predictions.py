@@ -58,6 +58,18 @@ def test_openai_embeddings_are_each_vectors_norm_or_every_number_when_raw() -> N
     assert raw.values(answer) == [3.0, 4.0, 0.0, 2.0]
 
 
+def test_an_embeddings_norm_does_not_overflow_and_a_vector_without_one_is_skipped() -> None:
+    answer = {
+        "data": [
+            {"embedding": [3e200, 4e200]},  # squares overflow: the norm does not
+            {"embedding": b64(float("inf"), 1.0)},  # base64 may carry inf and NaN
+            {"embedding": b64(float("nan"), 1.0)},
+            {"embedding": [3e-200, 4e-200]},  # squares underflow to zero
+        ]
+    }
+    assert PredictionReader.build("openai").values(answer) == pytest.approx([5e200, 5e-200])
+
+
 def test_openai_completions_are_each_choices_text_length() -> None:
     reader = PredictionReader.build("openai")
     answer = {
