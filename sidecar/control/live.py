@@ -91,6 +91,7 @@ class LiveRuntime:
         # Each second, so that with workers every process's counts reach a render.
         self._publisher.spawn(self._metrics.publish_every(1.0), name="metrics-publisher")
         await self.current.start()
+        self.current.put_in_service(None)
         self._publish(self.current.loaded)
 
     async def stop(self) -> None:

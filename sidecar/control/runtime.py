@@ -210,13 +210,13 @@ class Runtime:
     def access_log(self) -> LogWriter | None:
         return self.logs.access
 
-    def put_in_service(self, previous: Runtime) -> None:
+    def put_in_service(self, previous: Runtime | None) -> None:
         """The swap's bookkeeping: only the breakers now in service reach the metrics
         (a straggler of ``previous`` that opens its breaker must not show the
         circuit open while the one in service is closed). A breaker carried on
         from ``previous`` is in service still."""
         kept = {id(guard.breaker) for guard in self.guards.values()}
-        for guard in previous.guards.values():
+        for guard in previous.guards.values() if previous is not None else ():
             if guard.breaker is not None and id(guard.breaker) not in kept:
                 guard.breaker.retire()
         for guard in self.guards.values():

@@ -117,8 +117,9 @@ class UpstreamBreaker:
         self._state = str(self._breaker.current_state)
         # A breaker of a runtime retired by a reload still serves the requests that
         # runtime finishes, but the metrics show the breaker in service.
+        # It reaches the gauge once put in service (``publish``): a reload's breaker,
+        # built and probed before the swap, must not show closed over an open one.
         self._retired = False
-        metrics.circuit_state.labels(upstream).set(STATE_VALUES[CLOSED])
 
     @property
     def state(self) -> str:

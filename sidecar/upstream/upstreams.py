@@ -369,6 +369,8 @@ class ConnectionPools:
 
     async def release(self, name: str, config: Upstream, *, probes: bool = False) -> None:
         key = self._key(name, config, probes)
+        if key not in self._users:
+            return  # closed with every other pool (the sidecar stopped mid-reload)
         self._users[key] -= 1
         if self._users[key] == 0:
             del self._users[key]

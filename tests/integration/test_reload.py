@@ -22,6 +22,7 @@ from tests.conftest import (
     start_sidecar_process,
 )
 from tests.integration.test_endpoints import metric_value
+from tests.integration.test_resilience import metrics_text, status_handler
 
 
 def named(name: str) -> Any:
@@ -389,6 +390,38 @@ async def test_a_retired_runtimes_breaker_does_not_show_the_circuit_open(
     async with sidecar.session.get(sidecar.admin_url + "/metrics") as resp:
         text = await resp.text()
     assert metric_value(text, "sidecar_circuit_state", upstream="model") == 0
+
+
+async def test_a_reloads_new_breaker_shows_only_once_in_service(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """A reload builds its runtime, then waits for its probes before the swap: its new
+    breaker (the settings changed) set the gauge to closed at once, while the breaker
+    in service, open, still decided every request."""
+    probed, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_health(request: web.Request) -> web.Response:
+        probed.set()
+        await release.wait()
+        return web.json_response({})
+
+    fake_model.on("/infer", status_handler(503))
+    fake_model.on("/slow-health", slow_health)
+    config = base_config(fake_model.url)
+    config["upstreams"]["model"]["breaker"] = {"failures": 1, "reset_timeout": "1h"}
+    sidecar = await start_sidecar(config)
+    async with sidecar.session.post(sidecar.url + "/infer", data=b"{}") as resp:
+        assert resp.status == 503
+    assert metric_value(await metrics_text(sidecar), "sidecar_circuit_state", upstream="model") == 2
+    config["upstreams"]["model"]["breaker"]["reset_timeout"] = "2h"
+    config["upstreams"]["model"]["health"] = {"path": "/slow-health", "interval": "1h"}
+    sidecar.running.live.config_path.write_text(yaml.safe_dump(config))
+    reload = asyncio.create_task(sidecar.running.reload())
+    await asyncio.wait_for(probed.wait(), 10)  # built, and waiting for its probe
+    assert metric_value(await metrics_text(sidecar), "sidecar_circuit_state", upstream="model") == 2
+    release.set()
+    assert (await asyncio.wait_for(reload, 10))["result"] == "ok"
+    assert metric_value(await metrics_text(sidecar), "sidecar_circuit_state", upstream="model") == 0
 
 
 async def test_an_open_circuit_stays_open_across_a_reload_that_leaves_its_breaker_alone(

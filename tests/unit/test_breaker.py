@@ -58,6 +58,8 @@ async def trip(b: UpstreamBreaker, clock: FakeClock) -> None:
 
 async def test_a_new_circuit_is_closed_and_lets_requests_through() -> None:
     b = breaker(FakeClock())
+    assert (b.state, state_metric(b)) == ("closed", None)  # not in service yet
+    b.publish()  # put in service
     assert (b.state, state_metric(b)) == ("closed", 0.0)
     assert await b.call(ok) == "plain"
 

@@ -10,7 +10,10 @@ from typing import Any
 
 import pytest
 
+from sidecar.config.schema import Upstream
 from sidecar.http.client import ConnectFailed, Pool, UpstreamConnection
+from sidecar.upstream.upstreams import ConnectionPools
+from tests.conftest import LOOPBACK
 from tests.fake_transport import FakeTransport
 
 READ_AHEAD_PLUS = 300_000  # body bytes: past the client's 256 KiB read-ahead
@@ -126,3 +129,15 @@ def test_no_connect_is_started_once_the_deadline_has_passed() -> None:
     raised, loop = failed_connect(None, connect_timeout=10.0, within=-1.0)
     assert type(raised) is TimeoutError
     assert loop.connects == 0
+
+
+async def test_a_pool_released_after_the_sidecar_closed_them_all_is_no_error() -> None:
+    """SIGTERM while a reload waits for its probes: the sidecar closes every pool,
+    then the reload stops the runtime it built, which releases its pools again."""
+    pools = ConnectionPools()
+    config = Upstream(url=f"http://{LOOPBACK}:1")
+    pools.acquire("model", config)
+    await pools.close()
+    await pools.release("model", config)
+    assert pools.acquire("model", config) is not None  # a pool again, counted anew
+    await pools.release("model", config)
