@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -62,7 +63,10 @@ def parse_duration(value: object) -> float:
     match = _DURATION_RE.match(value)
     if match is None:
         raise ValueError(f"{value!r} is not a duration such as '250ms', '10s' or '5m'")
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if not math.isfinite(seconds):  # enough digits read as a float are infinity
+        raise ValueError(f"{value!r} is too large a duration")
+    return seconds
 
 
 def format_duration(seconds: float) -> str:
@@ -102,7 +106,10 @@ def parse_rate(value: object) -> float:
     match = _RATE_RE.match(value)
     if match is None:
         raise ValueError(f"{value!r} is not a rate such as '100/s' or '6000/m'")
-    return float(match.group(1)) / {"s": 1.0, "m": 60.0, "h": 3600.0}[match.group(2)]
+    per_second = float(match.group(1)) / {"s": 1.0, "m": 60.0, "h": 3600.0}[match.group(2)]
+    if not math.isfinite(per_second):
+        raise ValueError(f"{value!r} is too large a rate")
+    return per_second
 
 
 def format_rate(per_second: float) -> str:

@@ -272,6 +272,26 @@ def test_check_config_lists_every_error_and_exits_1(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_a_duration_or_rate_too_large_to_be_a_number_is_refused_at_its_key(
+    tmp_path: Path,
+) -> None:
+    # 400 digits read as a float are infinity: it passed as a duration, then every
+    # proxied request failed with 500 (the deadline header), and check-config printed a
+    # traceback rendering it back.
+    digits = "9" * 400
+    assert issues_of(MINIMAL + f"    timeout: {digits}s\n") == [
+        f"routes[0].timeout: '{digits}s' is too large a duration"
+    ]
+    rate = issues_of(MINIMAL + f"rate_limit:\n  per_principal: {{rate: {digits}/s, burst: 1}}\n")
+    assert rate == [f"rate_limit.per_principal.rate: '{digits}/s' is too large a rate"]
+    path = tmp_path / "huge.yaml"
+    path.write_text(MINIMAL + f"server:\n  keepalive_timeout: {digits}h\n")
+    result = _cli("check-config", str(path))
+    assert result.returncode == 1, result.stdout
+    assert "Traceback" not in result.stderr
+    assert "server.keepalive_timeout: " in result.stderr
+
+
 def test_run_with_a_broken_config_exits_2_without_serving(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text("routes: []\n")
