@@ -40,6 +40,16 @@ def new_key() -> str:
     return "sk_" + secrets.token_urlsafe(32)
 
 
+def _as_sent(credential: str) -> bytes:
+    """The credential's bytes as the client sent them. Header fields arrive decoded
+    latin-1, byte for byte, so a key of UTF-8 characters comes back as the bytes
+    ``hash_key`` hashed (encoding the text as UTF-8 again gave another digest)."""
+    try:
+        return credential.encode("latin-1")
+    except UnicodeEncodeError:  # not from a header field: as UTF-8
+        return credential.encode("utf-8", "surrogatepass")
+
+
 @dataclass(frozen=True, slots=True)
 class Principal:
     name: str
@@ -168,7 +178,7 @@ class Authenticator:
                 self._failures.labels("invalid_token").inc()
                 exc.headers["WWW-Authenticate"] = f'{self._challenge}, error="invalid_token"'
                 raise
-        presented = _SHA256(credential.encode("utf-8", "surrogatepass")).digest()
+        presented = _SHA256(_as_sent(credential)).digest()
         match: Principal | None = None
         for digest, principal in self._keys:  # every digest is compared: constant time
             if _SAME_DIGEST(presented, digest):

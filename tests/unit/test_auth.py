@@ -166,6 +166,17 @@ def test_a_key_with_characters_utf8_cannot_encode_is_refused_not_crashed() -> No
     assert Auth().refused(None, "sk_\udcff").message == "invalid credentials"
 
 
+def test_a_key_with_non_ascii_characters_matches_its_digest_as_it_travels() -> None:
+    # `sidecar hash-key` hashes the key's UTF-8 bytes; the HTTP layer hands header
+    # fields over decoded latin-1, byte for byte. Hashing that text as UTF-8 again
+    # gave another digest: such a key could never authenticate.
+    key = "clé-secrète"
+    a = Auth(api_keys=[{"name": "carol", "digest": hash_key(key)}])
+    as_received = key.encode("utf-8").decode("latin-1")
+    assert a.auth.authenticate(f"Bearer {as_received}", None).name == "carol"
+    assert a.auth.authenticate(None, as_received).name == "carol"
+
+
 def test_credential_headers_are_authorization_and_the_key_header() -> None:
     assert Auth().auth.credential_headers == frozenset({b"authorization", b"x-api-key"})
     assert Auth(header=None).auth.credential_headers == frozenset({b"authorization"})
