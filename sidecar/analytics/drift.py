@@ -49,6 +49,11 @@ DIGEST_EVERY: Final = 1.0
 # lock from the loop for as long as the scheduler lets it (bench features at c=1:
 # p99 0.66 ms with drift on against 0.41 without).
 DIGEST_SLICE: Final = 0.0001
+# Values of one signal kept to freeze a baseline from, each of the first
+# ``freeze_after`` answers giving an equal share: an answer's number of predictions
+# is the client's choice (its batch), and keeping them all took hundreds of MB, then
+# a sort of them all on the event loop.
+FREEZE_VALUES: Final = 100_000
 
 
 class SignalExtractor:
@@ -136,6 +141,7 @@ class DriftMonitor:
         }
         self._freezing: dict[str, list[float]] = {s: [] for s in self._extractor.signals}
         self._frozen_from = 0  # responses taken in for a baseline to be frozen
+        self._freeze_share = max(1, FREEZE_VALUES // (settings.freeze_after or 1))
         # None: frozen from the first freeze_after responses, then written to the path.
         self.baseline = baseline
         self.drifting: dict[str, bool] = dict.fromkeys(self._extractor.signals, False)
@@ -250,8 +256,9 @@ class DriftMonitor:
                     problems.append((name, "out_of_range"))
             if freezing and self._frozen_from < (self.settings.freeze_after or 0):
                 self._frozen_from += 1
+                share = self._freeze_share
                 for signal, values in signals.items():
-                    self._freezing[signal].extend(values)
+                    self._freezing[signal].extend(values[:share])
         if not freezing:
             taken.reverse()  # the windows take values oldest first
         for signals in taken:

@@ -435,6 +435,27 @@ def test_a_large_freeze_after_freezes_exactly_that_many_answers(tmp_path: Path) 
     assert baseline.samples == 300
 
 
+def test_freezing_a_baseline_holds_a_bounded_share_of_each_answers_values(
+    tmp_path: Path,
+) -> None:
+    # A client chooses how many predictions an answer carries (a batch of 40,000
+    # rows is 40,000 of them in well under a MiB). Every value of the first
+    # freeze_after answers was kept until the baseline froze: 60 answers of 125,000
+    # values took 300 MB, and sorting them held the event loop up for a second.
+    m = Monitor(tmp_path, None, freeze_after=10, window=10, bins=10)
+    for i in range(10):
+        answer = orjson.dumps({"predictions": [float(i)] * 40_000})
+        m.monitor.observe(b"", answer)
+        m.monitor.evaluate()
+        held = sum(len(values) for values in m.monitor._freezing.values())
+        assert held <= 100_000  # per signal, whatever freeze_after
+    baseline = m.monitor.baseline
+    assert baseline is not None
+    assert baseline.samples == 10
+    # Every answer is in the baseline, in equal parts.
+    assert baseline.histograms["prediction"].proportions == (0.1,) * 10 + (0.0,)
+
+
 def test_a_baseline_is_frozen_into_a_directory_that_exists(tmp_path: Path) -> None:
     m = Monitor(tmp_path, None, freeze_after=10, window=10)
     m.path.parent.mkdir(parents=True)
