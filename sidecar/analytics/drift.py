@@ -70,11 +70,16 @@ class SignalExtractor:
         return [PREDICTION, *(name for name, _ in self.features)]
 
     def extract(
-        self, request: Any, response: Any, problems: list[tuple[str, str]] | None = None
+        self,
+        request: Any,
+        response: Any,
+        problems: list[tuple[str, str]] | None = None,
+        limit: int | None = None,
     ) -> dict[str, list[float]]:
-        """Values per signal; a feature that is missing, null or not a number gets no
-        value, and (when ``problems`` is given) says which."""
-        out = {PREDICTION: self.reader.values(response)}
+        """Values per signal (at most ``limit`` predictions); a feature that is
+        missing, null or not a number gets no value, and (when ``problems`` is given)
+        says which."""
+        out = {PREDICTION: self.reader.values(response, limit)}
         for name, path in self.features:
             value = lookup(request, path)
             if (isinstance(value, float) or isinstance(value, int)) and not isinstance(value, bool):  # noqa: SIM101
@@ -230,6 +235,8 @@ class DriftMonitor:
         taken: list[dict[str, list[float]]] = []
         wanted = dict.fromkeys(self._windows, self._window)  # values each window lacks
         lacking = len(wanted)
+        # What one answer can give: its values past this are never kept, so not read.
+        limit = max(self._window, self._freeze_share) if freezing else self._window
         for parsed, (request_body, response_body) in enumerate(
             iter(pending) if freezing else reversed(pending)
         ):
@@ -242,7 +249,7 @@ class DriftMonitor:
                 request = orjson.loads(request_body) if self._extractor.features else None
             except orjson.JSONDecodeError:
                 continue
-            signals = self._extractor.extract(request, response, problems)
+            signals = self._extractor.extract(request, response, problems, limit)
             taken.append(signals)
             for signal, values in signals.items():
                 if values and wanted[signal] > 0:

@@ -18,6 +18,7 @@ import math
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any, Literal
 
 from sidecar.config.rules import MISSING, FieldPath, lookup, parse_field_path
@@ -61,39 +62,42 @@ class PredictionReader:
             return cls(protocol, None, parse_field_path(json_path), raw_embeddings)
         return cls(protocol, output, None, raw_embeddings)
 
-    def values(self, document: Any) -> list[float]:
-        """The prediction numbers of one response (empty when there are none)."""
+    def values(self, document: Any, limit: int | None = None) -> list[float]:
+        """The prediction numbers of one response (empty when there are none); only
+        the first ``limit`` when given, the rest not even read (an answer may hold
+        hundreds of thousands, read one by one)."""
         if not isinstance(document, dict):
             return []
         if self.protocol == "v2":
             outputs = document.get("outputs")
             if not isinstance(outputs, list):
                 return []
-            return [
+            found = (
                 value
                 for tensor in outputs
                 if isinstance(tensor, dict)
                 and (self.output is None or tensor.get("name") == self.output)
                 for value in _numbers(tensor.get("data"))
-            ]
+            )
+            return list(islice(found, limit))
         if self.protocol == "v1":
-            return list(_numbers(document.get("predictions")))
+            return list(islice(_numbers(document.get("predictions")), limit))
         if self.protocol == "openai":
             data = document.get("data")
             if isinstance(data, list) and self.raw_embeddings:
-                return [v for vector in embeddings(document) for v in vector]
+                return [v for vector in embeddings(document) for v in vector][:limit]
             if isinstance(data, list):
                 # hypot scales as it goes: a vector of values near 1e200 has a finite
                 # norm (a sum of squares overflows); one holding inf or NaN has none.
                 norms = (math.hypot(*vector) for vector in embeddings(document))
-                return [norm for norm in norms if math.isfinite(norm)]
+                return list(islice((norm for norm in norms if math.isfinite(norm)), limit))
             choices = document.get("choices")
             if isinstance(choices, list):
-                return [float(len(_choice_text(choice))) for choice in choices]
+                return [float(len(_choice_text(choice))) for choice in choices[:limit]]
             return []
         assert self.path is not None
         found = lookup(document, self.path)
-        return [] if found is MISSING else list(_numbers(found))
+        return [] if found is MISSING else list(islice(_numbers(found), limit))
 
     def label(self, document: Any) -> float | None:
         """One prediction per response: the value itself, or the argmax of several."""
