@@ -27,17 +27,25 @@ PredictionProtocol = Literal["v2", "v1", "openai", "json_path"]
 
 
 def _numbers(node: Any) -> Iterator[float]:
-    """Every number in a nested structure, in document order (booleans excluded)."""
-    if isinstance(node, bool):
-        return
-    if isinstance(node, float) or isinstance(node, int):  # noqa: SIM101 - compiled: two type checks
-        yield float(node)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _numbers(item)
-    elif isinstance(node, dict):
-        for item in node.values():
-            yield from _numbers(item)
+    """Every number in a nested structure, in document order (booleans excluded).
+
+    A stack, not recursion: an answer may nest as deep as the JSON parser allows
+    (1,024 levels), past the interpreter's recursion limit."""
+    stack: list[Iterator[Any]] = [iter((node,))]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, bool):
+                continue
+            if isinstance(item, float) or isinstance(item, int):  # noqa: SIM101 - compiled: two type checks
+                yield float(item)
+            elif isinstance(item, list):
+                stack.append(iter(item))
+                break
+            elif isinstance(item, dict):
+                stack.append(iter(item.values()))
+                break
+        else:
+            stack.pop()
 
 
 @dataclass(frozen=True, slots=True)

@@ -598,14 +598,28 @@ def test_an_answer_is_read_only_for_the_values_the_windows_keep(
 
     def counting(node: Any) -> Iterator[float]:
         nonlocal visited
-        visited += 1  # each list and number read (the reader recurses through here)
-        yield from real(node)
+        for value in real(node):
+            visited += 1
+            yield value
 
     monkeypatch.setattr(predictions, "_numbers", counting)
     m = Monitor(tmp_path, BASELINE, window=10)
     m.monitor.observe(b"", orjson.dumps({"predictions": [0.0, 1.0] * 100_000}))
     assert m.monitor.evaluate()["prediction"] == pytest.approx(0.0)
     assert visited <= 100
+
+
+def test_an_answer_nested_as_deep_as_json_allows_is_read_not_fatal(tmp_path: Path) -> None:
+    # The reader walked nested lists by recursion: an answer nested 1,000 deep (the
+    # parser takes 1,024) raised RecursionError, which ended the route's drift task
+    # for good while /health still said pass.
+    m = Monitor(tmp_path, BASELINE, window=10)
+    deep = b'{"predictions":' + b"[" * 1000 + b"1" + b"]" * 1000 + b"}"
+    m.monitor.observe(b"", deep)
+    for i in range(9):
+        m.monitor.observe(*pair(float(i % 2)))
+    # Ten values, the deep answer's 1.0 among them: min_samples is met.
+    assert m.monitor.evaluate()["prediction"] == pytest.approx(0.0)
 
 
 def test_a_pair_too_large_to_parse_in_one_step_is_counted_not_kept(tmp_path: Path) -> None:
