@@ -211,7 +211,7 @@ def _shadow_report(args: argparse.Namespace) -> int:
     except OSError as exc:
         return _fail("shadow-report", f"{exc.filename}: {exc.strerror}")
     except ValueError as exc:
-        return _fail("shadow-report", str(exc))
+        return _fail("shadow-report", f"{args.file}: {exc}")
     if args.json:
         print(orjson.dumps(report.summary()).decode())
     else:

@@ -89,25 +89,36 @@ class Report:
 
 
 def build_report(lines: Iterable[bytes], max_examples: int = 5) -> Report:
+    """The report of a comparison log; ValueError names a line that is not a JSON
+    object. Differences that are not a list of objects are left out."""
     report = Report()
-    for line in lines:
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        record = orjson.loads(line)
+        try:
+            record = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            raise ValueError(f"line {number}: not JSON ({exc})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"line {number}: not a JSON object")
         report.records += 1
         result = record.get("result")
         if result == "match":
             report.matches += 1
         elif result == "mismatch":
             report.mismatches += 1
-            for difference in record.get("differences") or []:
+            listed = record.get("differences")
+            differences = (
+                [d for d in listed if isinstance(d, dict)] if isinstance(listed, list) else []
+            )
+            for difference in differences:
                 report.differing_fields[_INDEX.sub("[*]", str(difference.get("field")))] += 1
             if len(report.examples) < max_examples:
                 report.examples.append(
                     {
                         "request_id": record.get("request_id"),
                         "reason": record.get("reason"),
-                        "differences": (record.get("differences") or [])[:3],
+                        "differences": differences[:3],
                     }
                 )
         elif result == "error":
@@ -153,7 +164,8 @@ def render_text(report: Report) -> str:
         lines.append("mismatch examples:")
         for example in s["examples"]:
             diffs = "; ".join(
-                f"{d['field']}: {d['primary']} -> {d['shadow']}" for d in example["differences"]
+                f"{d.get('field')}: {d.get('primary')} -> {d.get('shadow')}"
+                for d in example["differences"]
             )
             lines.append(f"  {example['request_id']}  {diffs}")
     return "\n".join(lines) + "\n"

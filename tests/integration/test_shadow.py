@@ -29,6 +29,7 @@ from tests.conftest import (
     StartSidecar,
     base_config,
     closed_port,
+    run_cli,
 )
 from tests.integration.test_endpoints import metric_value
 
@@ -611,6 +612,33 @@ def test_report_on_a_fixed_log(tmp_path: Path) -> None:
     page = out.read_text()
     assert page.count("<svg") == 2
     assert "http" not in page.replace("http://", "")  # nothing fetched from elsewhere
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        (b"[1, 2]", "line 2: not a JSON object"),
+        (b'{"result": "mismatch", "differences": 5}', None),
+        (b'{"result": "mismatch", "differences": [1, {"field": "x"}]}', None),
+        (b"{bad", "line 2: not JSON"),
+    ],
+)
+def test_a_shadow_log_line_of_another_shape_is_named_not_a_traceback(
+    tmp_path: Path, line: bytes, problem: str | None
+) -> None:
+    # A record that is not an object, or differences that are not a list of
+    # objects, ended the command with a Python traceback.
+    log = tmp_path / "shadow.jsonl"
+    log.write_bytes(_log_line("match") + b"\n" + line + b"\n")
+    result = run_cli("shadow-report", str(log))
+    assert "Traceback" not in result.stderr
+    if problem is None:  # the parts it can read are reported
+        assert result.returncode == 0, result.stderr
+        assert "2 records, 2 compared" in result.stdout
+    else:
+        assert result.returncode == 1
+        assert result.stderr.startswith(f"sidecar shadow-report: {log}: {problem}")
+        assert len(result.stderr.splitlines()) == 1
 
 
 def test_wilson_interval_bounds() -> None:
