@@ -175,10 +175,11 @@ def _histogram_svg(values: Sequence[float], title: str, unit: str, bins: int = 2
     if not values:
         return f"<p>{html.escape(title)}: no data</p>"
     low, high = min(values), max(values)
-    width = (high - low) / bins or 1.0
+    # Each term divided first: high - low of two large floats overflows to infinity.
+    width = high / bins - low / bins or 1.0
     counts = [0] * bins
     for v in values:
-        counts[min(bins - 1, int((v - low) / width))] += 1
+        counts[min(bins - 1, int(v / width - low / width))] += 1
     top = max(counts)
     bars = []
     for i, count in enumerate(counts):

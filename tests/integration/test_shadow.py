@@ -641,6 +641,19 @@ def test_a_shadow_log_line_of_another_shape_is_named_not_a_traceback(
         assert len(result.stderr.splitlines()) == 1
 
 
+def test_the_html_report_takes_deltas_whose_range_overflows_a_float(tmp_path: Path) -> None:
+    # max - min of 1e308 and -1e308 is infinity: the histogram's bin width was
+    # infinite and the page's rendering ended in a traceback.
+    log = tmp_path / "shadow.jsonl"
+    log.write_bytes(
+        b"\n".join(_log_line("match", d, max_abs_diff=abs(d)) for d in (-1e308, 0.0, 1e308))
+    )
+    out = tmp_path / "report.html"
+    result = run_cli("shadow-report", str(log), "--html", str(out))
+    assert result.returncode == 0, result.stderr
+    assert out.read_text().count("<svg") == 2
+
+
 def test_wilson_interval_bounds() -> None:
     assert wilson_interval(0, 0) == (0.0, 1.0)
     low, high = wilson_interval(50, 100)
