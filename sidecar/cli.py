@@ -231,7 +231,7 @@ def _join_labels(args: argparse.Namespace) -> int:
         reader = PredictionReader.build(args.protocol, args.output, args.json_path)
         labels = read_labels(Path(args.labels))
         with Path(args.payloads).open("rb") as lines:
-            report = join(lines, labels, reader)
+            report = join(lines, labels, reader, args.payloads)
     except OSError as exc:
         return _fail("join-labels", f"{exc.filename}: {exc.strerror}")
     except (ValueError, KeyError) as exc:

@@ -22,21 +22,39 @@ from sidecar.analytics.predictions import PredictionReader
 
 
 def read_labels(path: Path) -> dict[str, Any]:
+    """Labels by request id; ValueError names the file and line of a record it cannot
+    read."""
     text = path.read_text(encoding="utf-8")
     labels: dict[str, Any] = {}
     first = text.lstrip()[:1]
     if first == "{":
-        for line in text.splitlines():
+        for number, line in enumerate(text.splitlines(), 1):
             if line.strip():
-                record = orjson.loads(line)
+                record = json_object(line.encode("utf-8", "surrogatepass"), number, str(path))
+                if "request_id" not in record or "label" not in record:
+                    raise ValueError(f"{path} line {number}: needs request_id and label")
                 labels[str(record["request_id"])] = record["label"]
         return labels
     reader = csv.DictReader(io.StringIO(text))
     if reader.fieldnames is None or not {"request_id", "label"} <= set(reader.fieldnames):
         raise ValueError(f"{path}: a CSV of labels needs the columns request_id and label")
     for row in reader:
+        if row["request_id"] is None or row["label"] is None:  # a row cut short
+            raise ValueError(f"{path} line {reader.line_num}: no label")
         labels[row["request_id"]] = _number_or_text(row["label"])
     return labels
+
+
+def json_object(line: bytes, number: int, source: str = "") -> dict[str, Any]:
+    """One JSON-lines record, or ValueError naming its line (and file)."""
+    where = f"{source} line {number}" if source else f"line {number}"
+    try:
+        record = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"{where}: not JSON ({exc})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: not a JSON object")
+    return record
 
 
 def _number_or_text(value: str) -> Any:
@@ -88,15 +106,18 @@ def _is_regression(labels: Iterable[Any]) -> bool:
 
 
 def join(
-    payload_lines: Iterable[bytes], labels: dict[str, Any], reader: PredictionReader
+    payload_lines: Iterable[bytes],
+    labels: dict[str, Any],
+    reader: PredictionReader,
+    source: str = "",
 ) -> JoinReport:
     report = JoinReport(regression=_is_regression(labels.values()))
-    for line in payload_lines:
+    for number, line in enumerate(payload_lines, 1):
         if not line.strip():
             continue
-        record = orjson.loads(line)
+        record = json_object(line, number, source)
         request_id = record.get("request_id")
-        if request_id not in labels:
+        if not isinstance(request_id, str) or request_id not in labels:
             report.unlabelled += 1
             continue
         key = (str(record.get("timestamp", ""))[:10], str(record.get("route", "-")))

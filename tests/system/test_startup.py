@@ -197,3 +197,34 @@ def test_join_labels_with_a_wrong_output_says_so_and_fails(tmp_path: Path) -> No
     assert right.returncode == 0, right.stderr
     assert "infer" in right.stdout
     assert "1.0" in right.stdout
+
+
+@pytest.mark.parametrize(
+    ("payloads", "labels", "problem"),
+    [
+        (
+            b'{"request_id": "r1"}\n[1]\n',
+            "request_id,label\nr1,1\n",
+            "p.jsonl line 2: not a JSON object",
+        ),
+        (b'{"request_id": ["r1"]}\n', "request_id,label\nr1,1\n", None),
+        (b"", '{"request_id": "r1", "label": 1}\n[1]\n', "l.jsonl line 2: not a JSON object"),
+        (b"", '{"request_id": "r1", "label": 1}\n{"label": 2}\n', "l.jsonl line 2: needs"),
+        (b"", "request_id,label\nr1,1\nr2\n", "l.jsonl line 3: no label"),
+    ],
+)
+def test_join_labels_names_a_record_of_another_shape_in_one_line(
+    tmp_path: Path, payloads: bytes, labels: str, problem: str | None
+) -> None:
+    # Records that were not JSON objects, a CSV row without its label, or a request id
+    # that was not a string ended the command with a Python traceback; a label line
+    # without its request id was reported as "'request_id'".
+    (tmp_path / "p.jsonl").write_bytes(payloads)
+    (tmp_path / "l.jsonl").write_text(labels)
+    result = cli("join-labels", "--payloads", "p.jsonl", "--labels", "l.jsonl", cwd=tmp_path)
+    if problem is None:
+        assert result.returncode == 0, result.stderr
+        assert "payload records without a label: 1" in result.stdout
+    else:
+        assert result.returncode == 1
+        assert_one_line_each(result, f"sidecar join-labels: {problem}")
