@@ -189,7 +189,8 @@ def _baseline(args: argparse.Namespace) -> int:
         return _fail("baseline", f"{out} exists; pass --out FILE, or --force to replace it")
     try:
         with Path(args.payloads).open("rb") as lines:
-            baseline = build_baseline(route.drift, payload_pairs(lines, route.name))
+            pairs = payload_pairs(lines, route.name, args.payloads)
+            baseline = build_baseline(route.drift, pairs)
         out.write_bytes(baseline.to_json(route.name))
     except OSError as exc:
         return _fail("baseline", f"{exc.filename}: {exc.strerror}")

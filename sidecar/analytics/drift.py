@@ -334,12 +334,23 @@ class DriftMonitor:
             )
 
 
-def payload_pairs(lines: Iterable[bytes], route: str) -> Iterable[tuple[Any, Any]]:
-    """(request, response) JSON pairs of one route from payload-log lines."""
-    for line in lines:
+def payload_pairs(
+    lines: Iterable[bytes], route: str, source: str = ""
+) -> Iterable[tuple[Any, Any]]:
+    """(request, response) JSON pairs of one route from payload-log lines; ValueError
+    names a line (of ``source``) that is not such a record."""
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        record = orjson.loads(line)
+        where = f"{source} line {number}" if source else f"line {number}"
+        try:
+            record = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            raise ValueError(f"{where}: not JSON ({exc})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: not a JSON object")
         if record.get("route") != route or record.get("status") != 200:
             continue
+        if "request" not in record or "response" not in record:
+            raise ValueError(f"{where}: no request or response")
         yield record["request"], record["response"]

@@ -164,6 +164,32 @@ def test_baseline_without_its_payload_file_is_one_line(tmp_path: Path) -> None:
     assert_one_line_each(result, "sidecar baseline: absent.jsonl: No such file or directory")
 
 
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        (b"[1]", "p.jsonl line 2: not a JSON object"),
+        (b'{"route": "all", "status": 200}', "p.jsonl line 2: no request or response"),
+        (b"{bad", "p.jsonl line 2: not JSON"),
+    ],
+)
+def test_baseline_names_a_payload_record_of_another_shape_in_one_line(
+    tmp_path: Path, line: bytes, problem: str
+) -> None:
+    # A line that was not a JSON object, or a record without its bodies, ended the
+    # command with a Python traceback; a line that was not JSON was not named.
+    config = base_config("http://127.0.0.1:1")
+    config["routes"][0]["drift"] = {"protocol": "v1", "baseline": "b.json"}
+    good = {"route": "all", "status": 200, "request": {}, "response": {"predictions": [1]}}
+    (tmp_path / "p.jsonl").write_bytes(orjson.dumps(good) + b"\n" + line + b"\n")
+    path = write_config(tmp_path, config)
+    result = cli(
+        "baseline", "--config", str(path), "--route", "all", "--payloads", "p.jsonl", cwd=tmp_path
+    )
+    assert result.returncode == 1
+    assert_one_line_each(result, f"sidecar baseline: {problem}")
+    assert not (tmp_path / "b.json").exists()
+
+
 def test_baseline_never_overwrites_a_file_unasked(tmp_path: Path) -> None:
     config = base_config("http://127.0.0.1:1")
     config["routes"][0]["drift"] = {"baseline": "b.json"}
