@@ -72,8 +72,12 @@ class TokenBucket:
         return {name.decode(): value.decode() for _, name, value in self.fields()}
 
 
-# The bucket of requests whose credentials failed: no key's own limit applies.
+# The bucket of requests whose credentials failed: no key's own limit applies. Its
+# name in metrics, and its key in the table: one no principal can have (a key's name
+# starts with a letter or digit, a token's subject with "jwt:"), so an API key named
+# "unauthenticated" keeps a bucket of its own.
 UNAUTHENTICATED: Final = "unauthenticated"
+_FAILED_AUTH_BUCKET: Final = "(unauthenticated)"
 
 
 class RateLimiter:
@@ -132,7 +136,7 @@ class RateLimiter:
         """A request that failed authentication still costs a token: of the global
         bucket, and of one shared by everyone unauthenticated (per_principal's size),
         so a flood of bad keys is answered 429 instead of checked forever."""
-        await self.check(UNAUTHENTICATED, UNAUTHENTICATED)
+        await self.check(_FAILED_AUTH_BUCKET, UNAUTHENTICATED)
 
     async def check(self, principal: str, label: str) -> tuple[RawField, ...]:
         """Take a token for ``principal``; the header fields to send, or RateLimited (429).

@@ -247,6 +247,16 @@ async def test_failed_authentication_shares_one_bucket_of_the_per_principal_size
     assert lim.counted("principal", UNAUTHENTICATED) == 1.0
 
 
+async def test_a_key_named_unauthenticated_keeps_its_bucket_from_failed_attempts() -> None:
+    # Failed attempts took their tokens from the bucket named "unauthenticated",
+    # which is also the bucket of an API key of that name (a valid key name): a
+    # flood of bad keys from anyone left that key's client with 429s.
+    lim = Limiter(per_principal={"rate": "1/s", "burst": 2})
+    for _ in range(2):
+        await lim.limiter.check_failed_auth()
+    assert (await lim.check("unauthenticated"))["RateLimit-Remaining"] == "1"
+
+
 async def test_the_shared_global_bucket_decides_and_its_tokens_are_shown() -> None:
     shared = FakeShared((True, 4.0), (False, 0.25))
     lim = Limiter(shared=shared, **{"global": {"rate": "2/s", "burst": 5}})
