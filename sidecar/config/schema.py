@@ -135,6 +135,10 @@ Rate = Annotated[
     float, BeforeValidator(parse_rate), AfterValidator(_positive), PlainSerializer(format_rate)
 ]
 ByteSize = Annotated[int, BeforeValidator(parse_size), PlainSerializer(format_size)]
+# Sizes where zero would refuse every request or drop every log line.
+PositiveByteSize = Annotated[
+    int, BeforeValidator(parse_size), AfterValidator(_positive), PlainSerializer(format_size)
+]
 
 
 def _check_field_path(path: str) -> str:
@@ -194,8 +198,8 @@ class ServerSettings(_Strict):
     max_body_size: ByteSize = 10 * 1024 * 1024
     max_in_flight: int | None = Field(default=None, ge=1)
     overload_retry_after: Duration = 1.0
-    max_header_size: ByteSize = 8 * 1024  # the request line, and each header field
-    max_head_size: ByteSize = 32 * 1024  # the request line and all fields together
+    max_header_size: PositiveByteSize = 8 * 1024  # the request line, and each header field
+    max_head_size: PositiveByteSize = 32 * 1024  # the request line and all fields together
     max_headers: int = Field(default=100, ge=1, le=10_000)
     head_timeout: PositiveDuration = 10.0  # from a request head's first byte to its end
     body_timeout: PositiveDuration = 30.0  # silence in the middle of a request body
@@ -618,7 +622,7 @@ class HealthSettings(_Strict):
 class LoggingSettings(_Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
     queue_size: int = Field(default=10_000, ge=1)
-    queue_bytes: ByteSize = 64 * 1024 * 1024  # per log: what its queued records may hold
+    queue_bytes: PositiveByteSize = 64 * 1024 * 1024  # per log: what its queued records may hold
     access_log: AccessLogSettings = AccessLogSettings()
     payload_log: PayloadLogSettings | None = None
     shadow_log: PayloadLogSettings | None = None

@@ -292,6 +292,18 @@ def test_a_duration_or_rate_too_large_to_be_a_number_is_refused_at_its_key(
     assert "server.keepalive_timeout: " in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [("server", "max_header_size"), ("server", "max_head_size"), ("logging", "queue_bytes")],
+)
+def test_a_zero_size_that_would_refuse_everything_is_refused(section: str, key: str) -> None:
+    # Accepted before: a zero header size answered every request (and every scrape)
+    # 431, and a zero log queue dropped every log line, the start-up line among them.
+    assert issues_of(MINIMAL + f"{section}:\n  {key}: 0B\n") == [
+        f"{section}.{key}: must be more than zero"
+    ]
+
+
 def test_run_with_a_broken_config_exits_2_without_serving(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text("routes: []\n")
