@@ -141,6 +141,16 @@ PositiveByteSize = Annotated[
 ]
 
 
+def known_methods(methods: tuple[str, ...]) -> tuple[str, ...]:
+    """Methods in upper case; an unknown one (a typo) is an error, never a method
+    that silently matches no request."""
+    upper = tuple(m.upper() for m in methods)
+    unknown = sorted(set(upper) - _HTTP_METHODS)
+    if unknown:
+        raise ValueError(f"unknown HTTP method(s): {', '.join(unknown)}")
+    return upper
+
+
 def _check_field_path(path: str) -> str:
     parse_field_path(path)
     return path
@@ -495,11 +505,7 @@ class Route(_Strict):
     @field_validator("methods")
     @classmethod
     def _known_methods(cls, methods: tuple[str, ...]) -> tuple[str, ...]:
-        upper = tuple(m.upper() for m in methods)
-        unknown = sorted(set(upper) - _HTTP_METHODS)
-        if unknown:
-            raise ValueError(f"unknown HTTP method(s): {', '.join(unknown)}")
-        return upper
+        return known_methods(methods)
 
 
 class AccessLogSettings(_Strict):
@@ -543,6 +549,11 @@ class ApiKey(_Strict):
     # listener is off) and reload the config where reloading needs a credential.
     scopes: tuple[Literal["admin"], ...] = ()
 
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, methods: tuple[str, ...]) -> tuple[str, ...]:
+        return known_methods(methods)
+
 
 class JwtSettings(_Strict):
     algorithms: tuple[Literal["HS256", "RS256"], ...] = ("RS256",)
@@ -556,6 +567,11 @@ class JwtSettings(_Strict):
     leeway: Duration = 30.0
     routes: tuple[str, ...] = ()
     methods: tuple[str, ...] = ()
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, methods: tuple[str, ...]) -> tuple[str, ...]:
+        return known_methods(methods)
 
     @model_validator(mode="after")
     def _keys_for_algorithms(self) -> JwtSettings:

@@ -304,6 +304,21 @@ def test_a_zero_size_that_would_refuse_everything_is_refused(section: str, key: 
     ]
 
 
+def test_a_credentials_methods_are_checked_like_a_routes() -> None:
+    # A route's unknown method was an error, a key's or a token's was not: a typo
+    # (PSOT) left a principal silently refused on the method it was meant for.
+    digest = "sha256:" + "ab" * 32
+    text = MINIMAL + (
+        "auth:\n  enabled: true\n"
+        f"  api_keys:\n    - {{name: k, digest: '{digest}', methods: [PSOT]}}\n"
+        "  jwt: {algorithms: [HS256], secret: s, methods: [get, FETCH]}\n"
+    )
+    assert issues_of(text) == [
+        "auth.api_keys[0].methods: unknown HTTP method(s): PSOT",
+        "auth.jwt.methods: unknown HTTP method(s): FETCH",
+    ]
+
+
 def test_run_with_a_broken_config_exits_2_without_serving(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text("routes: []\n")
