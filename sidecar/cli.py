@@ -41,6 +41,17 @@ def _workers(value: str) -> int:
     return count
 
 
+def _seconds(value: str) -> float:
+    """``--timeout``: a finite number of seconds above zero (the socket refuses others)."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError("a number of seconds") from None
+    if not 0 < seconds < 1e9:  # NaN fails too
+        raise argparse.ArgumentTypeError("more than 0 seconds, and finite")
+    return seconds
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sidecar",
@@ -107,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
         "HEALTHCHECK); the port comes from the config",
     )
     health.add_argument("--config", metavar="PATH", help="as for run")
-    health.add_argument("--timeout", type=float, default=2.0, help="seconds (2)")
+    health.add_argument("--timeout", type=_seconds, default=2.0, help="seconds (2)")
 
     hash_key = commands.add_parser(
         "hash-key", help="print the digest of an API key, to store in the config"

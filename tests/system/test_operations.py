@@ -88,6 +88,21 @@ def test_healthcheck_follows_the_configured_port(tmp_path: Path) -> None:
     assert f"http://127.0.0.1:{config['listen']['port']}/livez" in result.stderr
 
 
+@pytest.mark.parametrize("timeout", ["-1", "0", "nan", "1e400"])
+def test_healthcheck_refuses_a_timeout_that_is_not_a_time_in_one_line(
+    tmp_path: Path, timeout: str
+) -> None:
+    # A negative or infinite --timeout ended in a Python traceback from the socket.
+    config = base_config(f"http://{LOOPBACK}:{closed_port()}")
+    config["listen"] = {"host": LOOPBACK, "port": closed_port()}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = cli("healthcheck", "--config", str(path), "--timeout", timeout)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "--timeout" in result.stderr.strip().splitlines()[-1]
+
+
 async def test_healthcheck_passes_against_a_running_sidecar(
     fake_model: FakeModel, start_sidecar: StartSidecar, tmp_path: Path
 ) -> None:
