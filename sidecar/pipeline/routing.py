@@ -23,17 +23,19 @@ class RouteTable:
             for r in routes
         )
 
-    def match(self, path: str, method: str) -> tuple[Route | None, bool]:
-        """Return ``(route, path_matched)``.
+    def match(self, path: str, method: str) -> tuple[Route | None, Route | None]:
+        """Return ``(route, path_route)``: the route, and the first route whose path
+        matched whatever the method.
 
-        ``path_matched`` tells a 405 (some route has this path, none this method)
-        from a 404. ``/v1/models`` matches ``/v1/models`` and ``/v1/models/x`` but
-        not ``/v1/modelsX``.
+        ``path_route`` tells a 405 (some route has this path, none this method) from
+        a 404, and whose clients read the 405. ``/v1/models`` matches ``/v1/models``
+        and ``/v1/models/x`` but not ``/v1/modelsX``.
         """
-        path_matched = False
+        path_route: Route | None = None
         for entry in self._entries:
             if path == entry.prefix or path.startswith(entry.prefix_dir) or entry.prefix == "/":
                 if not entry.methods or method in entry.methods:
-                    return entry.route, True
-                path_matched = True
-        return None, path_matched
+                    return entry.route, entry.route
+                if path_route is None:
+                    path_route = entry.route
+        return None, path_route

@@ -259,9 +259,12 @@ class Pipeline:
             ctx.route_name = "_" + ctx.own_name
             ctx.answered_by = "own"
             return handler
-        route, path_matched = self.routes.match(path, method)
+        route, path_route = self.routes.match(path, method)
         if route is None:
-            if path_matched:
+            if path_route is not None:
+                # Answered in the error shape of the route whose path this is (its
+                # clients read it); still counted under no route.
+                ctx.route = path_route
                 raise errors.MethodNotAllowed(f"method {method} is not allowed here")
             raise errors.NoRoute(f"no route for {method} {path}")
         ctx.route = route

@@ -88,6 +88,28 @@ async def test_tritonclient_infers_and_reads_the_sidecars_errors(
     assert caught.value.status() == "504"
 
 
+async def test_a_method_the_v2_route_does_not_take_is_refused_in_v2s_shape(
+    iris: Iris, start_sidecar: StartSidecar
+) -> None:
+    # The path is the v2 route's, the method is not: the 405 came in the plain shape,
+    # and tritonclient printed a dict where V2 clients read a string.
+    config = v2_config(f"http://{LOOPBACK}:{iris.port}")
+    config["routes"][0]["methods"] = ["POST"]
+    sidecar = await start_sidecar(config)
+
+    def metadata() -> Any:
+        client = triton.InferenceServerClient(f"{LOOPBACK}:{sidecar.running.main_port}")
+        try:
+            return client.get_model_metadata("iris")
+        finally:
+            client.close()
+
+    with pytest.raises(InferenceServerException) as caught:
+        await asyncio.to_thread(metadata)
+    assert caught.value.status() == "405"
+    assert caught.value.message() == "method GET is not allowed here"
+
+
 CHUNKS = [
     {"choices": [{"index": 0, "delta": {"content": word}}], "object": "chat.completion.chunk"}
     for word in ("iris", " is", " setosa")
