@@ -151,6 +151,32 @@ def known_methods(methods: tuple[str, ...]) -> tuple[str, ...]:
     return upper
 
 
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _header_name(name: str) -> str:
+    if _HEADER_NAME.fullmatch(name) is None:
+        raise ValueError("not a header name")
+    return name
+
+
+def _header_value(value: Any) -> Any:
+    """A value written into a header field as it is: CR or LF would end the field
+    (and add one of the value's choosing), NUL is refused by every parser. The
+    message never shows the value: it may be a secret."""
+    text = value.get_secret_value() if isinstance(value, SecretStr) else value
+    if any(c in text for c in "\r\n\0"):
+        raise ValueError(
+            "a header value may not hold CR, LF or NUL (a secret read with its line ending?)"
+        )
+    return value
+
+
+HeaderName = Annotated[str, AfterValidator(_header_name)]
+HeaderValue = Annotated[str, AfterValidator(_header_value)]
+SecretHeaderValue = Annotated[SecretStr, AfterValidator(_header_value)]
+
+
 def _check_field_path(path: str) -> str:
     parse_field_path(path)
     return path
@@ -238,7 +264,7 @@ class CanarySettings(_Strict):
     path: str
     method: Literal["GET", "POST"] = "POST"
     body: Any = None  # sent as JSON, with Content-Type: application/json
-    headers: dict[str, str] = Field(default_factory=dict)  # besides the upstream's own
+    headers: dict[HeaderName, HeaderValue] = Field(default_factory=dict)  # and the upstream's
     expect: Any
     compare: ShadowCompare = ShadowCompare()
 
@@ -283,7 +309,7 @@ class RequestIdForwarding(_Strict):
     # The header that carries the request id to this upstream (null: none is sent),
     # and its form: the id the client sees, or a UUID (some servers, llama.cpp among
     # them, refuse anything else). The client's id stays in logs and in the answer.
-    header: str | None = "X-Request-ID"
+    header: HeaderName | None = "X-Request-ID"
     format: Literal["as_received", "uuid"] = "as_received"
 
 
@@ -293,7 +319,7 @@ class Upstream(_Strict):
     max_connections: int = Field(default=100, ge=1, le=100_000)
     connect_timeout: PositiveDuration = 1.0
     read_timeout: PositiveDuration = 30.0
-    headers: dict[str, SecretStr] = Field(default_factory=dict)
+    headers: dict[HeaderName, SecretHeaderValue] = Field(default_factory=dict)
     health: UpstreamHealth = UpstreamHealth()
     breaker: BreakerSettings = BreakerSettings()
     retry_budget: RetryBudgetSettings = RetryBudgetSettings()
@@ -331,7 +357,7 @@ Condition = Annotated[dict[str, Any], AfterValidator(_check_condition)]
 class Answer(_Strict):
     status: int = Field(default=200, ge=200, le=599)
     body: Any = None
-    headers: dict[str, str] = Field(default_factory=dict)
+    headers: dict[HeaderName, HeaderValue] = Field(default_factory=dict)
 
 
 class Rule(_Strict):
@@ -584,8 +610,8 @@ class JwtSettings(_Strict):
 
 class AuthSettings(_Strict):
     enabled: bool = False
-    header: str | None = "X-API-Key"
-    realm: str = "sidecar"
+    header: HeaderName | None = "X-API-Key"
+    realm: HeaderValue = "sidecar"  # in WWW-Authenticate
     api_keys: tuple[ApiKey, ...] = ()
     jwt: JwtSettings | None = None
 
@@ -784,7 +810,10 @@ def _pydantic_issues(exc: ValidationError) -> Iterator[ConfigIssue]:
     for error in exc.errors(include_url=False):
         message = _MESSAGES.get(error["type"], error["msg"])
         message = message.removeprefix("Value error, ")
-        yield ConfigIssue(format_path(tuple(error["loc"])), message)
+        loc = tuple(error["loc"])
+        if loc[-1:] == ("[key]",):  # a mapping's key failed: the path ends at the key
+            loc = loc[:-1]
+        yield ConfigIssue(format_path(loc), message)
 
 
 def _cross_reference_issues(config: Config) -> Iterator[ConfigIssue]:

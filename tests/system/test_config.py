@@ -319,6 +319,40 @@ def test_a_credentials_methods_are_checked_like_a_routes() -> None:
     ]
 
 
+def test_header_fields_that_would_break_the_wire_form_are_refused_at_their_key() -> None:
+    # Accepted before and written as they were: a token read from the environment
+    # with its line ending broke every request to the model (its 400 passed on), one
+    # with "\r\nX-Other: 1" added a header to every request, and a fallback's headers
+    # could split the answer to the client.
+    text = (
+        MINIMAL.replace(
+            "    url: http://127.0.0.1:8081\n",
+            "    url: http://127.0.0.1:8081\n"
+            "    headers: {Authorization: 'Bearer ${TOKEN}', 'Bad Name': x}\n"
+            "    request_id: {header: 'X-Id:'}\n",
+        )
+        + "    fallback:\n      chain:\n"
+        + '        - static: {body: 1, headers: {X-Why: "a\\r\\nSet-Cookie: s=1"}}\n'
+    )
+    issues = issues_of(text, env={"TOKEN": "s3cret\n"})
+    assert sorted(issues) == sorted(
+        [
+            "upstreams.model.request_id.header: not a header name",
+            "upstreams.model.headers.Bad Name: not a header name",
+            "upstreams.model.headers.Authorization: a header value may not hold CR, LF or NUL "
+            "(a secret read with its line ending?)",
+            "routes[0].fallback.chain[0].static.headers.X-Why: a header value may not hold CR, "
+            "LF or NUL (a secret read with its line ending?)",
+        ]
+    )
+    assert "s3cret" not in " ".join(issues)
+    realm = issues_of(MINIMAL + 'auth: {realm: "a\\r\\nSet-Cookie: s=1"}\n')
+    assert realm == [
+        "auth.realm: a header value may not hold CR, LF or NUL (a secret read with its line "
+        "ending?)"
+    ]
+
+
 def test_run_with_a_broken_config_exits_2_without_serving(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text("routes: []\n")
