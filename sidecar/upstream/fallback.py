@@ -203,6 +203,7 @@ class RuleSet:
 # said the same, and a later step (rules, static) must not make up a prediction for
 # input a model rejected. Any other status fails the step (see SecondaryUpstream).
 _REQUESTS_FAULT: Final = frozenset({400, 422})
+_TOO_LARGE: Final = "answer_too_large"
 
 
 @dataclass(slots=True)
@@ -244,7 +245,9 @@ class SecondaryUpstream:
                 # This upstream's own headers and deadline, never the primary's.
                 response = await upstream.send(call, within=self.timeout)
                 problem = self._refusal(response)
-                if problem is None and _arrives_whole(response):
+                # A small answer is awaited whole even when refused for its status:
+                # read to the end, its connection is kept for the next.
+                if problem != _TOO_LARGE and _arrives_whole(response):
                     await response.wait_complete(self.timeout)
         except (errors.SidecarError, BrokenAnswer, TimeoutError) as exc:
             if response is not None:
@@ -257,7 +260,9 @@ class SecondaryUpstream:
                 response.close()  # cancelled (the client left): free its connection
             raise
         if problem is not None:
-            response.close()
+            if response.complete:
+                response.take_whole()  # dropped: its connection is kept for the next
+            response.release()  # else closed
             log.warning(
                 "fallback_upstream_failed",
                 upstream=upstream.name,
@@ -278,7 +283,7 @@ class SecondaryUpstream:
         if limit is not None and length is not None and length > limit:
             if self._too_large is not None:
                 self._too_large.inc()
-            return "answer_too_large"
+            return _TOO_LARGE
         return None
 
 

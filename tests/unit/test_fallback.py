@@ -446,3 +446,5 @@ async def test_a_secondary_answers_only_with_a_2xx_or_its_verdict_on_the_input(
         model.on("/infer", answering(status, b"no"))
         assert await step.answer(call()) is None, status
     assert len(model.hits_for("/infer")) == 17  # one request each, none retried
+    # A refused small answer is read to its end: its connection is kept for the next.
+    assert step.upstream.pool.open == 1
