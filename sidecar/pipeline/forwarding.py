@@ -436,6 +436,9 @@ async def _answer_from_fallback(
     if isinstance(answer, SecondaryAnswer):
         rule = answer.upstream.name
         path.metrics.fallbacks.labels(path.route.name, rule).inc()
+        # Its upstream time is the secondary's own (the primary's failed wait, or
+        # none with the circuit open, is not what answered).
+        ctx.upstream_started = answer.started
         try:
             relayed = await relay(request, ctx, answer.upstream, answer.response, path.idle_timeout)
         finally:

@@ -214,6 +214,7 @@ class SecondaryAnswer:
 
     upstream: UpstreamClient
     response: ClientResponse
+    started: float  # time.perf_counter() when it was asked: its own upstream time
 
 
 class SecondaryUpstream:
@@ -240,6 +241,7 @@ class SecondaryUpstream:
     async def answer(self, call: UpstreamCall) -> SecondaryAnswer | None:
         upstream = self.upstream
         response: ClientResponse | None = None
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(self.timeout):
                 # This upstream's own headers and deadline, never the primary's.
@@ -271,7 +273,7 @@ class SecondaryUpstream:
             )
             return None
         response.headers[FALLBACK_HEADER] = upstream.name
-        return SecondaryAnswer(upstream, response)
+        return SecondaryAnswer(upstream, response, started)
 
     def _refusal(self, response: ClientResponse) -> str | None:
         """Why this step does not take the answer, or None when it does."""

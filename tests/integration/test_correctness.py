@@ -154,6 +154,48 @@ async def test_fallback_answers_are_logged_with_their_size_and_timeouts_name_the
     assert by_route["down"]["bytes_out"] == len(fallback_body) > 0
 
 
+async def test_a_secondary_models_answer_is_timed_as_its_own(
+    make_fake_model: MakeFakeModel, start_sidecar: StartSidecar
+) -> None:
+    """A secondary model's relayed answer took its upstream time from the primary's
+    attempt: 1 s of the primary hanging counted as the secondary's (upstream_ms,
+    Server-Timing), and with the circuit open (the primary not asked) there was none
+    at all. It is the secondary's own, from when it was asked."""
+    primary, simple = await make_fake_model(), await make_fake_model()
+    release = asyncio.Event()
+
+    async def hang(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.json_response({})
+
+    async def quick(request: web.Request) -> web.Response:
+        return web.json_response({"label": 1})
+
+    primary.on("/infer", hang)
+    simple.on("/infer", quick)
+    sink = ListSink()
+    config = base_config(primary.url)
+    config["upstreams"]["model"]["breaker"] = {"failures": 1, "reset_timeout": "1h"}
+    config["upstreams"]["simple"] = {"url": simple.url}
+    config["routes"][0]["timeout"] = "1s"
+    config["routes"][0]["fallback"] = {"chain": [{"upstream": {"name": "simple", "timeout": "5s"}}]}
+    sidecar = await start_sidecar(config, log_sinks={"access": sink})
+    timings = []
+    for _ in range(2):  # the primary times out (and opens the circuit), then it is open
+        async with sidecar.session.post(sidecar.url + "/infer", data=b"{}") as resp:
+            assert resp.headers["X-Sidecar-Fallback"] == "simple"
+            timings.append(resp.headers["Server-Timing"])
+    release.set()
+    records = await flushed(sidecar, sink, 2)
+    assert [r["breaker"] for r in records] == ["closed", "open"]
+    assert records[0]["duration_ms"] >= 1000  # the primary's wait, then the secondary
+    for record, timing in zip(records, timings, strict=True):
+        assert record["upstream_ms"] is not None, record
+        assert record["upstream_ms"] < 500, record  # the primary's 1 s is not in it
+        assert timing.startswith("upstream;dur="), timing
+        assert float(timing.split("=")[1].split(",")[0]) < 500, timing
+
+
 async def test_a_client_leaving_mid_stream_is_not_an_upstream_failure(
     fake_model: FakeModel, start_sidecar: StartSidecar
 ) -> None:
