@@ -187,7 +187,17 @@ async def _with_retries(
                 )
             except errors.SidecarError as exc:
                 if isinstance(exc, errors.Reloaded):
-                    raise  # not the model failing: no breaker failure, no fallback
+                    # Not the model failing: no breaker failure, no fallback. A retry's
+                    # request did reach the model before: the message must not say
+                    # it never did.
+                    if attempt > 1:
+                        raise errors.Reloaded(
+                            "the sidecar's config was reloaded during this request, which "
+                            "outlasted the old config's drain time (server.drain_timeout): "
+                            f"upstream {upstream.name!r} was asked {attempt - 1} time(s) "
+                            "and failed, and the retry was not sent; send it again"
+                        ) from None
+                    raise
                 failure = exc
                 retryable = exc.retryable
             else:

@@ -353,6 +353,51 @@ async def test_an_upload_that_outlasts_a_reloads_drain_time_gets_a_clear_error_o
         assert await resp.json() == {"model": "v2"}  # sent again, it is answered
 
 
+async def test_a_retry_that_outlasts_a_reloads_drain_time_does_not_say_it_was_never_sent(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """The model answers 503 with Retry-After; while the sidecar waits to retry, a
+    reload retires the config and its drain time runs out, so the retry finds the
+    old config's pool closed. The 503 ``reloaded`` said "it was not sent on to
+    upstream 'model'", which the model had answered: it says the retry was not."""
+    first = asyncio.Event()
+
+    async def busy_once(request: web.Request) -> web.Response:
+        if first.is_set():
+            return web.json_response({"ok": True})
+        first.set()
+        return web.json_response({}, status=503, headers={"Retry-After": "1"})
+
+    fake_model.on("/infer", busy_once)
+    config = base_config(fake_model.url)
+    config["server"]["drain_timeout"] = "0s"
+    config["upstreams"]["model"]["breaker"] = {"enabled": False}
+    config["routes"][0].update(timeout="10s", retryable=True, retry={"attempts": 2})
+    sidecar = await start_sidecar(config)
+    request = asyncio.ensure_future(sidecar.session.post(sidecar.url + "/infer", data=b"{}"))
+    try:
+        await asyncio.wait_for(first.wait(), 10)
+        config["upstreams"]["model"]["max_connections"] = 7  # another pool: the old one closes
+        sidecar.running.live.config_path.write_text(yaml.safe_dump(config))
+        assert (await sidecar.running.reload())["result"] == "ok"
+        [retiring] = [t for t in asyncio.all_tasks() if t.get_name() == "retire-runtime"]
+        await asyncio.wait_for(retiring, 10)
+        resp = await asyncio.wait_for(request, 10)
+        async with resp:
+            assert resp.status == 503
+            error = (await resp.json())["error"]
+    finally:
+        request.cancel()
+    assert error["type"] == "reloaded"
+    assert "not sent on" not in error["message"]
+    assert error["message"] == (
+        "the sidecar's config was reloaded during this request, which outlasted the old "
+        "config's drain time (server.drain_timeout): upstream 'model' was asked 1 time(s) "
+        "and failed, and the retry was not sent; send it again"
+    )
+    assert len(fake_model.hits_for("/infer")) == 1
+
+
 async def test_a_retired_runtimes_breaker_does_not_show_the_circuit_open(
     fake_model: FakeModel, start_sidecar: StartSidecar
 ) -> None:
