@@ -432,6 +432,13 @@ async def _answer(
             return await _answer_from_fallback(request, ctx, path, replacement)
     if isinstance(cause, ModelFailed):
         try:
+            if _read_whole_first(request, cause.response):
+                # The model's own 502/503/504, small, is read whole like any small
+                # answer: within the attempt's limit, however slowly it trickles.
+                try:
+                    await _arrive_whole(path, ctx, cause.response)
+                except BreakerFailure as failure:
+                    raise failure.cause from None
             return await relay(request, ctx, path.upstream, cause.response, path.idle_timeout)
         finally:
             cause.response.release()

@@ -391,6 +391,43 @@ async def test_a_small_answer_trickled_under_the_idle_limit_ends_at_the_attempts
     stop.set()
 
 
+async def test_a_small_5xx_trickled_under_the_idle_limit_ends_at_the_attempts_limit(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """The model's own 503 (a status the breaker counts), passed on with no fallback
+    to answer, was read whole bounded only by the idle limit: trickled a byte every
+    0.1 s it held the request 10 s on a route whose attempts have 1 s. Like any small
+    answer it must arrive whole within the attempt's limit."""
+    stop = asyncio.Event()
+
+    async def trickles(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(status=503, headers={"Content-Type": "application/json"})
+        response.content_length = 100
+        await response.prepare(request)
+        for _ in range(100):  # 10 s, were it let
+            if stop.is_set():
+                break
+            await response.write(b" ")
+            await asyncio.sleep(0.1)
+        return response
+
+    fake_model.on("/trickle", trickles)
+    sidecar = await start_sidecar(idle_limit_config(fake_model.url, timeout="1s"))
+    started = time.monotonic()
+    try:
+        async with sidecar.session.get(sidecar.url + "/trickle") as resp:
+            status = resp.status
+            body = await resp.read()
+    finally:
+        stop.set()
+    waited = time.monotonic() - started
+    assert waited < 5, waited  # a hang bound, not a speed check: 10 s were it let
+    assert status == 504, body
+    assert orjson.loads(body)["error"]["message"] == (
+        "upstream 'model' did not finish its answer within 1s"
+    )
+
+
 # -- 16: sampling is not the client's to steer -----------------------------------------
 
 
