@@ -32,16 +32,23 @@ from sidecar.http.client import BrokenAnswer, ClientResponse
 from sidecar.http.messages import Answer, Response
 from sidecar.http.server import Request
 from sidecar.pipeline.context import RequestContext
-from sidecar.pipeline.relay import BUFFER_RESPONSE_LIMIT, relay, upstream_request_headers
+from sidecar.pipeline.relay import (
+    BUFFER_RESPONSE_LIMIT,
+    client_response_headers,
+    relay,
+    upstream_request_headers,
+)
 from sidecar.telemetry.logwriter import LogWriter
 from sidecar.telemetry.metrics import Metrics
 from sidecar.upstream.breaker import BreakerFailure, UpstreamBreaker
-from sidecar.upstream.fallback import FallbackChain, SecondaryAnswer
+from sidecar.upstream.fallback import FALLBACK_HEADER, FallbackChain, SecondaryAnswer
 from sidecar.upstream.retry import RetryBudget, backoff_delay, parse_retry_after
 from sidecar.upstream.shadow import PrimaryOutcome, ShadowMirror, StreamCapture
 from sidecar.upstream.upstreams import IDEMPOTENT, InFlightCount, UpstreamCall, UpstreamClient
 
 log: Final = structlog.get_logger("sidecar.pipeline.forwarding")
+
+_CONNECTION: Final = frozenset({b"connection"})
 
 # Error bodies up to this size are read before a retry so the connection is reused.
 _DRAIN_LIMIT: Final = 64 * 1024
@@ -456,6 +463,12 @@ async def _answer_from_fallback(
         # Its upstream time is the secondary's own (the primary's failed wait, or
         # none with the circuit open, is not what answered).
         ctx.upstream_started = answer.started
+        response = answer.response
+        if response.headers.get_raw(b"connection") is not None:
+            # What the secondary's Connection lists is dropped (by the relay), and it
+            # may list X-Sidecar-Fallback: dropped here instead, the stamp put back.
+            response.headers = client_response_headers(response.headers).without(_CONNECTION)
+            response.headers[FALLBACK_HEADER] = rule
         try:
             relayed = await relay(request, ctx, answer.upstream, answer.response, path.idle_timeout)
         finally:

@@ -684,6 +684,34 @@ async def test_a_secondary_models_non_2xx_fails_the_step_but_its_verdict_on_the_
     assert metric_value(text, "sidecar_fallback_total", route="infer", rule="simple") == 2
 
 
+async def test_a_secondary_model_cannot_drop_the_fallback_header(
+    make_fake_model: MakeFakeModel, start_sidecar: StartSidecar
+) -> None:
+    # The secondary's Connection field lists X-Sidecar-Fallback: the relay drops the
+    # fields a Connection lists, and the stamp went with them, so the client could not
+    # tell a fallback answered.
+    primary, simple = await make_fake_model(), await make_fake_model()
+    primary.on("/infer", status_handler(503))
+
+    async def listing(request: web.Request) -> web.Response:
+        headers = {"Connection": "X-Sidecar-Fallback, X-Hop", "X-Hop": "1"}
+        return web.json_response({"label": 1}, headers=headers)
+
+    simple.on("/infer", listing)
+    config = config_with(
+        primary.url,
+        {"fallback": {"chain": [{"upstream": {"name": "simple"}}, STATIC]}},
+        breaker={"enabled": False},
+    )
+    config["upstreams"]["simple"] = {"url": simple.url}
+    sidecar = await start_sidecar(config)
+    async with sidecar.session.post(sidecar.url + "/infer", data=b"{}") as resp:
+        assert resp.status == 200
+        assert resp.headers.get("X-Sidecar-Fallback") == "simple"
+        assert "X-Hop" not in resp.headers
+        assert await resp.json() == {"label": 1}
+
+
 async def test_a_client_leaving_during_the_secondary_fallback_frees_the_primarys_connection(
     make_fake_model: MakeFakeModel, start_sidecar: StartSidecar
 ) -> None:
