@@ -54,7 +54,6 @@ class LiveRuntime:
         self._retiring = BackgroundTasks()
         self._publisher = BackgroundTasks()
         self._reload_lock = asyncio.Lock()
-        self._published: tuple[str, str] | None = None
         self.loop_lag = LoopLagMonitor(metrics)
         self.process = ProcessMonitor(metrics)
         self.current = self._build(plan, None)
@@ -103,10 +102,7 @@ class LiveRuntime:
         self._metrics.publish()
 
     def _publish(self, loaded: LoadedConfig) -> None:
-        if self._published is not None:
-            self._metrics.config_info.labels(*self._published).set(0)
-        self._published = (loaded.sha256, str(loaded.path))
-        self._metrics.config_info.labels(*self._published).set(1)
+        self._metrics.set_config_in_service(loaded.sha256, str(loaded.path))
 
     async def reload(self, path: Path | None = None) -> dict[str, Any]:
         """Re-read the config (or another file, for a rollback) and swap it in if valid."""

@@ -179,4 +179,7 @@ def exit_code(stopping: bool, codes: list[int]) -> int:
 def _mark_dead(pid: int, directory: str) -> None:
     from prometheus_client import multiprocess
 
+    from sidecar.telemetry.metrics import forget_worker
+
     multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+    forget_worker(directory, pid)

@@ -2,7 +2,10 @@
 
 With several worker processes (``PROMETHEUS_MULTIPROC_DIR`` set before start),
 prometheus-client keeps each process's values in files there, and ``render`` sums
-them; gauges say how they combine (sum, min or max over live workers only).
+them; gauges say how they combine (sum, min or max over live workers only). Those
+files cannot forget a series, so ``sidecar_config_info`` (whose labels change with
+every reload) is kept apart: one small file per worker naming its config in service,
+rewritten at each reload and removed with the worker (``forget_worker``).
 
 Label values come from config names (route and upstream names), HTTP status codes
 and a fixed set of outcomes, never from raw paths or request ids, so the number of
@@ -12,7 +15,11 @@ series stays bounded whatever the traffic.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import glob
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, Final
 
 from prometheus_client import (
@@ -25,6 +32,7 @@ from prometheus_client import (
     multiprocess,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from sidecar.config.schema import multiprocess_directory
 
@@ -291,11 +299,12 @@ class Metrics:
         )
         self.config_info = Gauge(
             "sidecar_config_info",
-            "The config in service: 1, labelled with its file's sha256 and path.",
+            CONFIG_INFO_HELP,
             ["sha256", "path"],
             registry=r,
             multiprocess_mode="livemax",
         )
+        self._config_in_service: tuple[str, str] | None = None
 
         self.loop_lag = Gauge(
             "sidecar_event_loop_lag_seconds",
@@ -362,6 +371,25 @@ class Metrics:
             await asyncio.sleep(interval)
             self.publish()
 
+    def set_config_in_service(self, sha256: str, path: str) -> None:
+        """``sidecar_config_info`` names this config alone: the previous one's series is
+        removed, not set to 0, or reloads of a changing config would add a series each."""
+        labels = (sha256, path)
+        directory = multiprocess_directory()
+        if directory is not None:
+            # prometheus-client's files keep a removed series (it only warns), at the
+            # value it last had: this worker's own file says which config it serves.
+            own = _config_info_file(directory, os.getpid())
+            scratch = os.path.join(directory, f".config_info_{os.getpid()}.tmp")
+            with open(scratch, "w", encoding="utf-8") as file:
+                json.dump(labels, file)
+            os.replace(scratch, own)  # a render reads the old file or the new, whole
+        else:
+            if self._config_in_service is not None and self._config_in_service != labels:
+                self.config_info.remove(*self._config_in_service)
+            self.config_info.labels(*labels).set(1)
+        self._config_in_service = labels
+
     def render(self) -> bytes:
         """Prometheus text; with several worker processes, the sum over all of them."""
         self.publish()
@@ -370,7 +398,46 @@ class Metrics:
             return generate_latest(self.registry)
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+        registry.register(ConfigsInService(directory))
         return generate_latest(registry)
+
+
+CONFIG_INFO_HELP: Final = "The config in service: 1, labelled with its file's sha256 and path."
+
+
+def _config_info_file(directory: str, pid: int) -> str:
+    return os.path.join(directory, f"config_info_{pid}.json")
+
+
+def forget_worker(directory: str, pid: int) -> None:
+    """Drop a dead worker's config in service (its gauges go with ``mark_process_dead``)."""
+    Path(_config_info_file(directory, pid)).unlink(missing_ok=True)
+
+
+class ConfigsInService:
+    """``sidecar_config_info`` with workers: the configs live workers serve, 1 each."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "sidecar_config_info", CONFIG_INFO_HELP, labels=["sha256", "path"]
+        )
+        seen: set[tuple[str, str]] = set()
+        for name in sorted(
+            glob.glob(os.path.join(glob.escape(self.directory), "config_info_*.json"))
+        ):
+            try:
+                with open(name, encoding="utf-8") as file:
+                    sha256, path = json.load(file)
+            except FileNotFoundError:  # its worker was marked dead meanwhile
+                continue
+            labels = (str(sha256), str(path))
+            if labels not in seen:
+                seen.add(labels)
+                family.add_metric(list(labels), 1)
+        yield family
 
 
 class Tally:

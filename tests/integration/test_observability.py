@@ -635,8 +635,8 @@ def test_a_dead_workers_last_states_leave_the_metrics(tmp_path: Path) -> None:
         "m.upstream_ready.labels('model').set(up)\n"
         "m.circuit_state.labels('model').set(0 if up else 2)\n"
         "m.shared_state_up.set(up)\n"
-        "m.config_info.labels(sys.argv[2], 'c.yaml').set(1)\n"
-        "m.config_info.labels(sys.argv[3], 'c.yaml').set(0)\n"
+        "m.set_config_in_service(sys.argv[3], 'c.yaml')\n"
+        "m.set_config_in_service(sys.argv[2], 'c.yaml')\n"
         "print(os.getpid())\n"
         "print(m.render().decode())\n"
     )
@@ -647,6 +647,37 @@ def test_a_dead_workers_last_states_leave_the_metrics(tmp_path: Path) -> None:
     assert metric_value(text, "sidecar_circuit_state", upstream="model") == 0
     assert metric_value(text, "sidecar_shared_state_up") == 1
     assert metric_value(text, "sidecar_config_info", sha256="old", path="c.yaml") == 0
+    assert 'sha256="old"' not in text
+    assert metric_value(text, "sidecar_config_info", sha256="new", path="c.yaml") == 1
+
+
+def test_only_the_configs_in_service_have_a_config_info_series(tmp_path: Path) -> None:
+    """Each config ever loaded kept its series (set to 0): reloads of a changing config
+    grew the scrape without bound. With workers, a removed series stayed in
+    prometheus-client's files at 1, as if still in service."""
+    single = Metrics()
+    for sha256 in ("a", "b", "c"):
+        single.set_config_in_service(sha256, "c.yaml")
+    text = single.render().decode()
+    assert [line for line in text.splitlines() if line.startswith("sidecar_config_info")] == [
+        'sidecar_config_info{path="c.yaml",sha256="c"} 1.0'
+    ]
+
+    script = (
+        "import sys\n"
+        "from sidecar.telemetry.metrics import Metrics\n"
+        "m = Metrics()\n"
+        "for sha256 in sys.argv[1:]:\n"
+        "    m.set_config_in_service(sha256, 'c.yaml')\n"
+        "print(m.render().decode())\n"
+    )
+    outputs = in_worker_processes(tmp_path, script, ["a", "b", "c"], ["d", "c"])
+    for text in outputs:
+        assert 'sha256="a"' not in text
+        assert 'sha256="b"' not in text
+        assert 'sha256="d"' not in text
+        assert metric_value(text, "sidecar_config_info", sha256="c", path="c.yaml") == 1
+        assert text.count("sidecar_config_info{") == 1
 
 
 def test_log_lines_name_the_current_request_and_its_principal() -> None:

@@ -42,6 +42,7 @@ async def test_reload_under_load_switches_models_without_a_failed_request(
     new_model.on("/infer", named("v2"))
     sidecar = await start_sidecar(base_config(old_model.url))
     config_path = sidecar.running.live.config_path
+    old_sha256 = sidecar.running.live.current.loaded.sha256
     seen: list[str] = []
     failures: list[str] = []
     stop = asyncio.Event()
@@ -84,6 +85,7 @@ async def test_reload_under_load_switches_models_without_a_failed_request(
         text = await resp.text()
     assert metric_value(text, "sidecar_config_reloads_total", result="ok") == 1
     assert metric_value(text, "sidecar_config_info", sha256=result["sha256"]) == 1
+    assert f'sha256="{old_sha256}"' not in text  # removed, not kept at 0 for good
 
 
 async def test_a_broken_config_on_reload_keeps_the_old_one_serving(

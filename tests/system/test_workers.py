@@ -120,6 +120,16 @@ async def test_two_workers_serve_drain_and_reload_together(
                 await asyncio.sleep(0.05)
             else:
                 raise AssertionError(f"worker {pid} did not reload")
+        # The scrape (summed over workers) names the config in service, not the old one.
+        after = {str((await c.health())["config_sha256"]) for c in connections.values()}
+        for connection in connections.values():
+            await connection.send("GET", "/metrics")
+            text = (await connection.answer())[1].decode()
+            assert [
+                line.split('sha256="')[1].split('"')[0]
+                for line in text.splitlines()
+                if line.startswith("sidecar_config_info{")
+            ] == sorted(after)
 
         # A slow request in flight on each worker, then SIGTERM: both finish.
         for connection in connections.values():
