@@ -968,7 +968,13 @@ def suite_lograte(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             await asyncio.sleep(0.001)
         await writer.stop()
         cpu = time.process_time() - cpu_before
-        dropped = registry.get_sample_value("sidecar_log_dropped_total", {"log": "access"}) or 0
+        dropped = sum(
+            registry.get_sample_value(
+                "sidecar_log_dropped_total", {"log": "access", "reason": reason}
+            )
+            or 0
+            for reason in ("queue_full", "stopped", "unrenderable", "unwritten")
+        )
         written = registry.get_sample_value("sidecar_log_written_total", {"log": "access"}) or 0
         row = Row(
             f"log writer @ {rate:g}/s",

@@ -119,12 +119,62 @@ def payload_renderer(settings: PayloadLogSettings, redactor: Redactor) -> Any:
             return {"non_json": True, "size": len(body)}
 
     def render_payload(record: Record) -> bytes:
-        if isinstance(record, dict):
-            record["request"] = decode(record["request"])
-            record["response"] = decode(record["response"])
-        return render(record)
+        if not isinstance(record, dict):
+            return render(record)
+        sizes = {side: len(record[side]) for side in _SIDES}
+        for side in _SIDES:
+            record[side] = decode(record[side])
+        try:
+            return render(record)
+        except orjson.JSONEncodeError:
+            # orjson reads 1024 levels but writes 254: a body nested deeper than that
+            # cost the whole record, and with it the request's join to its label. Such
+            # a body is written as its (redacted) JSON text instead.
+            for side in _SIDES:
+                try:
+                    orjson.dumps(record[side])
+                except orjson.JSONEncodeError:
+                    record[side] = {
+                        "too_deep": True,
+                        "size": sizes[side],
+                        "json": deep_json_text(record[side]),
+                    }
+            return render(record)
 
     return render_payload
+
+
+_SIDES: Final = ("request", "response")
+
+
+def deep_json_text(document: Any) -> str:
+    """JSON text of a decoded document however deep, without recursion (its leaves
+    are what ``orjson.loads`` gives: strings, numbers, booleans and null)."""
+    out: list[str] = []
+    # Containers still to write, and (tuples) text to write as it is.
+    stack: list[Any] = [document]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, tuple):
+            out.append(item[0])
+        elif isinstance(item, dict):
+            parts: list[Any] = [("{",)]
+            for index, (key, value) in enumerate(item.items()):
+                parts.append((("," if index else "") + orjson.dumps(key).decode() + ":",))
+                parts.append(value)
+            parts.append(("}",))
+            stack.extend(reversed(parts))
+        elif isinstance(item, list):
+            parts = [("[",)]
+            for index, value in enumerate(item):
+                if index:
+                    parts.append((",",))
+                parts.append(value)
+            parts.append(("]",))
+            stack.extend(reversed(parts))
+        else:
+            out.append(orjson.dumps(item, default=repr).decode())
+    return "".join(out)
 
 
 class Logs:

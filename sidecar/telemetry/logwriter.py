@@ -2,8 +2,8 @@
 
 A request only calls ``submit()``: an append to a bounded deque, never I/O and never
 an await. When the queue is full the record is dropped and counted
-(``sidecar_log_dropped_total{log}``); the request is not delayed. The writer task
-wakes, lingers ``linger`` seconds so records gather (one thread hand-off per batch,
+(``sidecar_log_dropped_total{log,reason="queue_full"}``); the request is not delayed.
+The writer task wakes, lingers ``linger`` seconds so records gather (one thread hand-off per batch,
 not per request), renders them to JSON lines (orjson) and writes each batch from a
 worker thread, so even a stalled disk or a blocked stdout pipe cannot stall the
 event loop. ``stop()`` flushes what was accepted.
@@ -281,7 +281,12 @@ class LogWriter:
         self._render_failed = False  # a record failed to render (said once)
         self.failing = False  # the last write failed
         self.last_error: str | None = None
-        self._dropped = metrics.log_dropped.labels(name)
+        # Why a record was lost: refused at submit (the queue full, or the writer
+        # stopped), failed to render, or its batch never reached the sink.
+        self._dropped = metrics.log_dropped.labels(name, "queue_full")
+        self._dropped_stopped = metrics.log_dropped.labels(name, "stopped")
+        self._unrenderable = metrics.log_dropped.labels(name, "unrenderable")
+        self._unwritten = metrics.log_dropped.labels(name, "unwritten")
         self._written = metrics.log_written.labels(name)
         self._depth = metrics.log_queue_depth.labels(name)
 
@@ -290,12 +295,11 @@ class LogWriter:
     def submit(self, record: Record, size: int = 512) -> bool:
         """Queue a record of about ``size`` bytes held; False (and counted) when the
         queue is full, in records or in bytes. Never blocks."""
-        if (
-            len(self._queue) >= self._queue_size
-            or self._bytes + size > self._queue_bytes
-            or self._closed
-        ):
+        if len(self._queue) >= self._queue_size or self._bytes + size > self._queue_bytes:
             self._dropped.inc()
+            return False
+        if self._closed:
+            self._dropped_stopped.inc()
             return False
         self._queue.append((record, size))
         self._bytes += size
@@ -365,7 +369,7 @@ class LogWriter:
             if await self._write(data):
                 self._written.inc(self._writing)
             else:
-                self._dropped.inc(self._writing)
+                self._unwritten.inc(self._writing)
             self._writing = 0
         self._depth.set(0)
 
@@ -389,7 +393,7 @@ class LogWriter:
             try:
                 lines += render(record)
             except Exception as exc:  # noqa: BLE001 - one record lost, not the batch
-                self._dropped.inc()
+                self._unrenderable.inc()
                 self._writing -= 1
                 if not self._render_failed:
                     self._render_failed = True
@@ -442,7 +446,7 @@ class LogWriter:
             except TimeoutError:
                 await self._tasks.stop()  # the sink is stuck
         self._closed = True
-        self._dropped.inc(len(self._queue))
+        self._unwritten.inc(len(self._queue))
         self._queue.clear()
         self._bytes = 0
         in_flight, self._writing = self._writing, 0
@@ -461,7 +465,7 @@ class LogWriter:
             if job is not None and job.done() and not job.cancelled() and job.exception() is None:
                 self._written.inc(in_flight)
             else:
-                self._dropped.inc(in_flight)
+                self._unwritten.inc(in_flight)
 
 
 # How long a line logged after the event writer stopped may wait for stdout.

@@ -146,8 +146,10 @@ class Metrics:
 
         self.log_dropped = Counter(
             "sidecar_log_dropped_total",
-            "Log records dropped because the log's queue was full (or its sink stuck).",
-            ["log"],
+            "Log records lost, by log and reason: queue_full (refused at once), stopped "
+            "(submitted after the log closed), unrenderable (not writable as JSON), "
+            "unwritten (the sink failed or was stuck).",
+            ["log", "reason"],
             registry=r,
         )
         self.log_written = Counter(

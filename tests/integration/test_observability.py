@@ -74,7 +74,7 @@ async def test_a_stalled_access_log_never_stalls_requests(
         assert sink.lines == []
         async with sidecar.session.get(sidecar.admin_url + "/metrics") as resp:
             text = await resp.text()
-        dropped = metric_value(text, "sidecar_log_dropped_total", log="access")
+        dropped = metric_value(text, "sidecar_log_dropped_total", log="access", reason="queue_full")
         assert dropped > 0
     finally:
         sink.release.set()
@@ -135,7 +135,7 @@ async def test_log_writer_counts_drops_and_flushes_on_stop() -> None:
     await writer.stop()
     assert [orjson.loads(line)["n"] for line in sink.lines] == list(range(11))
     text = metrics.render().decode()
-    assert metric_value(text, "sidecar_log_dropped_total", log="test") == 20
+    assert metric_value(text, "sidecar_log_dropped_total", log="test", reason="queue_full") == 20
     assert metric_value(text, "sidecar_log_written_total", log="test") == 11
     assert not writer.submit({"late": True})  # closed: refused, and counted
 
@@ -163,7 +163,7 @@ async def test_a_record_that_fails_to_render_is_counted_and_its_batch_written() 
     await writer.stop()
     assert [orjson.loads(line)["n"] for line in sink.lines] == [0, 1, 3, 4, 5]
     text = metrics.render().decode()
-    assert metric_value(text, "sidecar_log_dropped_total", log="test") == 1
+    assert metric_value(text, "sidecar_log_dropped_total", log="test", reason="unrenderable") == 1
     assert metric_value(text, "sidecar_log_written_total", log="test") == 5
 
 
@@ -195,7 +195,7 @@ async def test_a_batch_the_sink_writes_after_the_flush_timeout_is_counted_writte
     assert [orjson.loads(line)["n"] for line in sink.lines] == list(range(5))
     text = metrics.render().decode()
     assert metric_value(text, "sidecar_log_written_total", log="test") == 5
-    assert metric_value(text, "sidecar_log_dropped_total", log="test") == 0
+    assert log_dropped(text, "test") == 0
 
 
 async def test_a_batch_a_stuck_sink_never_writes_is_counted_dropped() -> None:
@@ -203,7 +203,7 @@ async def test_a_batch_a_stuck_sink_never_writes_is_counted_dropped() -> None:
     writer, sink = await in_a_blocked_write(metrics)
     await writer.stop(flush_within=0.05)  # neither the write nor the close finishes
     text = metrics.render().decode()
-    assert metric_value(text, "sidecar_log_dropped_total", log="test") == 5
+    assert metric_value(text, "sidecar_log_dropped_total", log="test", reason="unwritten") == 5
     assert (metric_value(text, "sidecar_log_written_total", log="test") or 0) == 0
     sink.release.set()
 
@@ -320,6 +320,45 @@ async def test_payload_log_samples_and_redacts(
     assert record["route"] == "all"
     assert record["request"]["parameters"] == {"customer_id": "[REDACTED]", "keep": 1}
     assert record["response"]["method"] == "POST"
+
+
+async def test_a_body_nested_deeper_than_orjson_writes_is_logged_as_text(
+    fake_model: FakeModel, start_sidecar: StartSidecar, tmp_path: Path
+) -> None:
+    """orjson reads 1024 levels but writes 254: such a record was dropped (counted as
+    if the queue were full), and its request could never be joined to its label."""
+    payloads = tmp_path / "payloads.jsonl"
+    config = base_config(fake_model.url)
+    config["logging"] = {
+        "payload_log": {"path": str(payloads)},
+        "redact_fields": ["parameters.customer_id"],
+    }
+    config["routes"][0]["payload_sample"] = 1.0
+    sidecar = await start_sidecar(config)
+    deep = b"[" * 300 + b"1" + b"]" * 300
+    body = b'{"parameters":{"customer_id":"C-998877"},"deep":' + deep + b"}"
+    async with sidecar.session.post(
+        sidecar.url + "/infer",
+        data=body,
+        headers={"X-Request-ID": "deep-1", "Content-Type": "application/json"},
+    ) as resp:
+        assert resp.status == 200
+    await sidecar.running.stop()
+    text = payloads.read_text()
+    assert "C-998877" not in text  # the text is of the redacted body
+    (record,) = [orjson.loads(line) for line in text.splitlines()]
+    assert record["request_id"] == "deep-1"
+    request = record["request"]
+    assert request["too_deep"] is True
+    assert request["size"] == len(body)
+    assert orjson.loads(request["json"]) == {
+        "parameters": {"customer_id": "[REDACTED]"},
+        "deep": orjson.loads(deep),
+    }
+    assert record["response"]["method"] == "POST"  # the shallow side as it was
+    metrics = sidecar.running.live.current.metrics.render().decode()
+    assert log_dropped(metrics, "payload") == 0
+    assert metric_value(metrics, "sidecar_log_written_total", log="payload") == 1
 
 
 def drift_settings(**overrides: Any) -> DriftSettings:
@@ -588,6 +627,15 @@ def test_missing_baseline_without_freezing_is_a_config_error(tmp_path: Path) -> 
     assert caught.value.issues[0].path == "routes[0].drift.baseline"
 
 
+def log_dropped(text: str, log: str) -> float:
+    """Records of one log lost, for every reason."""
+    reasons = ("queue_full", "stopped", "unrenderable", "unwritten")
+    return sum(
+        metric_value(text, "sidecar_log_dropped_total", log=log, reason=reason)
+        for reason in reasons
+    )
+
+
 def in_worker_processes(tmp_path: Path, script: str, *argvs: list[str]) -> list[str]:
     """What ``script`` prints, run once per argv as worker processes sharing one
     prometheus-client multiprocess folder (one after the other)."""
@@ -747,7 +795,7 @@ async def test_a_failing_sink_costs_records_never_the_writer_and_every_loss_is_c
     assert not writer.failing
     await writer.stop()
     text = metrics.render().decode()
-    assert metric_value(text, "sidecar_log_dropped_total", log="test") == 5
+    assert metric_value(text, "sidecar_log_dropped_total", log="test", reason="unwritten") == 5
     assert metric_value(text, "sidecar_log_written_total", log="test") == 1
 
 
@@ -785,7 +833,7 @@ async def test_a_rotated_log_whose_file_was_deleted_is_written_again(tmp_path: P
     await writer.stop()
     assert orjson.loads(path.read_bytes().splitlines()[-1])["n"] == 29
     text = metrics.render().decode()
-    assert metric_value(text, "sidecar_log_dropped_total", log="test") == 0
+    assert log_dropped(text, "test") == 0
 
 
 def test_a_log_file_deleted_or_moved_away_is_opened_again(tmp_path: Path) -> None:
@@ -817,7 +865,8 @@ async def test_the_queue_is_bounded_in_bytes_and_what_is_left_at_stop_is_counted
     await writer.stop(flush_within=0.2)  # the sink never answers
     sink.release.set()
     text = metrics.render().decode()
-    assert metric_value(text, "sidecar_log_dropped_total", log="test") == 5  # 2 + 3 unwritten
+    assert metric_value(text, "sidecar_log_dropped_total", log="test", reason="queue_full") == 2
+    assert metric_value(text, "sidecar_log_dropped_total", log="test", reason="unwritten") == 3
 
 
 def test_the_drift_queue_is_bounded_in_bytes_and_keeps_only_numbers(tmp_path: Path) -> None:
