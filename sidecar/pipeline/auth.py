@@ -2,8 +2,9 @@
 
 A key arrives as ``Authorization: Bearer <key>`` or in the configured header. The
 config holds only ``sha256:<hex>`` digests (``sidecar hash-key``); a presented key
-is hashed and compared with every digest in constant time. A bearer token shaped
-like a JWT (three dot-separated parts) is verified instead when JWT is configured.
+is hashed and compared with every digest in constant time. When JWT is configured,
+a credential shaped like a JWT (three dot-separated parts) that matches no key is
+verified as a token: an API key may hold two dots (``hash-key`` takes any key).
 
 The principal's name (the key's name, or the JWT claim) is logged and labels
 metrics; the credential itself is never logged, never echoed and never forwarded.
@@ -171,18 +172,21 @@ class Authenticator:
             raise errors.Unauthorized(
                 "credentials required", headers={"WWW-Authenticate": self._challenge}
             )
-        if self._jwt is not None and credential.count(".") == 2:
+        presented = _SHA256(_as_sent(credential)).digest()
+        match: Principal | None = None
+        for digest, principal in self._keys:  # every digest is compared: constant time
+            if _SAME_DIGEST(presented, digest):
+                match = principal
+        if match is None and self._jwt is not None and credential.count(".") == 2:
+            # Keys first: a key with two dots was taken for a JWT and never matched.
+            # Only a client holding a configured key can match one (its digest), and
+            # every key is compared whatever the shape, so no timing tells them apart.
             try:
                 return self._jwt.verify(credential)
             except errors.Unauthorized as exc:
                 self._failures.labels("invalid_token").inc()
                 exc.headers["WWW-Authenticate"] = f'{self._challenge}, error="invalid_token"'
                 raise
-        presented = _SHA256(_as_sent(credential)).digest()
-        match: Principal | None = None
-        for digest, principal in self._keys:  # every digest is compared: constant time
-            if _SAME_DIGEST(presented, digest):
-                match = principal
         if match is None:
             self._failures.labels("invalid_key").inc()
             raise errors.Unauthorized(

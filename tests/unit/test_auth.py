@@ -256,6 +256,22 @@ def test_only_three_part_tokens_are_taken_for_jwts() -> None:
     assert Auth().refused(f"Bearer {hs()}").message == "invalid credentials"  # no JWT configured
 
 
+def test_a_key_with_two_dots_matches_its_digest_when_jwt_is_configured() -> None:
+    """``hash-key`` takes any key; one with exactly two dots was always taken for a
+    JWT (refused "token malformed") and never matched, once JWT was configured."""
+    dotted = "team.prod.Zk3q9"
+    a = Auth(
+        jwt=jwt_settings(),
+        api_keys=[{"name": "dotted", "digest": hash_key(dotted), "scopes": ["admin"]}],
+    )
+    assert a.auth.authenticate(f"Bearer {dotted}", None).name == "dotted"
+    assert a.auth.authenticate(None, dotted).kind == "key"
+    assert a.auth.authenticate(f"Bearer {hs()}", None).name == "jwt:svc-ranker"  # still
+    refused = a.refused("Bearer team.prod.other")  # no key: verified as a token, refused
+    assert refused.message == "token malformed or not verifiable"
+    assert a.failures("invalid_token") == 1
+
+
 def test_admin_actions_need_an_admin_principal() -> None:
     a = Auth()
     a.auth.require_admin(Principal("root", frozenset(), frozenset(), "key", admin=True), "reload")
