@@ -172,6 +172,20 @@ def _header_value(value: Any) -> Any:
     return value
 
 
+_QUOTED_STRING_TEXT = re.compile(r"[\t\x20\x21\x23-\x5b\x5d-\x7e]*")
+
+
+def _realm(realm: str) -> str:
+    """Written between the quotes of ``realm="..."`` (RFC 9110 quoted-string): a quote
+    would end it early, a backslash escape what follows, a control byte break it."""
+    if _QUOTED_STRING_TEXT.fullmatch(realm) is None:
+        raise ValueError(
+            'may hold only printable ASCII characters and spaces, not " or \\ '
+            "(it is quoted in WWW-Authenticate)"
+        )
+    return realm
+
+
 HeaderName = Annotated[str, AfterValidator(_header_name)]
 HeaderValue = Annotated[str, AfterValidator(_header_value)]
 SecretHeaderValue = Annotated[SecretStr, AfterValidator(_header_value)]
@@ -611,7 +625,7 @@ class JwtSettings(_Strict):
 class AuthSettings(_Strict):
     enabled: bool = False
     header: HeaderName | None = "X-API-Key"
-    realm: HeaderValue = "sidecar"  # in WWW-Authenticate
+    realm: Annotated[HeaderValue, AfterValidator(_realm)] = "sidecar"  # in WWW-Authenticate
     api_keys: tuple[ApiKey, ...] = ()
     jwt: JwtSettings | None = None
 

@@ -353,6 +353,20 @@ def test_header_fields_that_would_break_the_wire_form_are_refused_at_their_key()
     ]
 
 
+def test_a_realm_that_would_break_its_quoted_string_is_refused() -> None:
+    """The realm is written as realm="..." in WWW-Authenticate: a quote ended the
+    quoted string early (and what followed became parameters of its own), a backslash
+    escaped the closing quote, a control byte broke the header."""
+    message = (
+        'auth.realm: may hold only printable ASCII characters and spaces, not " or \\ '
+        "(it is quoted in WWW-Authenticate)"
+    )
+    for realm in ('a\\", error=\\"x', "ends in \\\\", "bell\\a", "tab\\x7f"):
+        assert issues_of(MINIMAL + f'auth: {{realm: "{realm}"}}\n') == [message], realm
+    config = parse_config(MINIMAL + 'auth: {realm: "Model API (v2) \\t #1"}\n', source="t", env={})
+    assert config.auth.realm == "Model API (v2) \t #1"
+
+
 def test_run_with_a_broken_config_exits_2_without_serving(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text("routes: []\n")
