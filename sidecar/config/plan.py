@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import socket
+import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,19 +119,40 @@ def _read_public_key(value: str, loaded: LoadedConfig) -> str:
 
 def _writable(where: str, path: Path) -> Iterator[ConfigIssue]:
     """A file the sidecar will create or append to: it, or the nearest folder that
-    exists on its way, must be writable."""
+    exists on its way, must be writable. Permission bits are not enough (root passes
+    every ``os.access`` check, yet cannot write under /proc or /sys): a file is
+    opened for appending, as the log does, else a scratch entry is made and removed
+    where the file or its first missing folder would go."""
     if path.is_dir():
         yield ConfigIssue(where, f"{path} is a directory, not a file")
         return
     if path.exists():
         if not os.access(path, os.W_OK):
             yield ConfigIssue(where, f"{path} is not writable by this user")
+            return
+        if not path.is_file():
+            return  # a pipe or a device: opened, it could wait for a reader
+        try:
+            with path.open("ab") as file:  # appends nothing, changes nothing
+                file.tell()
+        except OSError as exc:
+            yield ConfigIssue(where, f"cannot open {path}: {exc.strerror}")
         return
     folder = path.parent
     while not folder.exists():
         folder = folder.parent
     if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
         yield ConfigIssue(where, f"cannot create {path}: {folder} is not writable by this user")
+        return
+    try:
+        if folder == path.parent:
+            handle, scratch = tempfile.mkstemp(prefix=".sidecar-check-", dir=folder)
+            os.close(handle)
+            os.unlink(scratch)
+        else:
+            os.rmdir(tempfile.mkdtemp(prefix=".sidecar-check-", dir=folder))
+    except OSError as exc:
+        yield ConfigIssue(where, f"cannot create {path}: {exc.strerror} (in {folder})")
 
 
 def _log_issues(loaded: LoadedConfig) -> Iterator[ConfigIssue]:

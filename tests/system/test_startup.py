@@ -107,6 +107,14 @@ def broken_file_configs(tmp_path: Path) -> dict[str, tuple[dict[str, Any], str]]
     payload["logging"] = {"payload_log": {"path": str(tmp_path)}}  # a folder, not a file
     host = base_config(upstream)
     host["listen"]["host"] = "no-such-host.invalid"
+    # Root passes every permission check, yet cannot write there: check-config
+    # passed and run failed.
+    under_proc = base_config(upstream)
+    under_proc["logging"] = {"access_log": {"path": "/proc/sidecar-logs/access.jsonl"}}
+    proc_file = base_config(upstream)
+    proc_file["logging"] = {"payload_log": {"path": "/proc/version"}}
+    under_sys = base_config(upstream)
+    under_sys["routes"][0]["drift"] = {"baseline": "/sys/baseline.json", "freeze_after": 100}
     return {
         "missing jwt key": (jwt, "auth.jwt.public_key: cannot read"),
         "not a key": (bad_key, "auth.jwt.public_key:"),
@@ -114,6 +122,9 @@ def broken_file_configs(tmp_path: Path) -> dict[str, tuple[dict[str, Any], str]]
         "log under a file": (access, "logging.access_log.path: cannot create"),
         "log is a folder": (payload, "logging.payload_log.path:"),
         "unknown host": (host, "listen.host: 'no-such-host.invalid' is not an address"),
+        "log under /proc": (under_proc, "logging.access_log.path: cannot"),
+        "log is a /proc file": (proc_file, "logging.payload_log.path: "),
+        "baseline to freeze under /sys": (under_sys, "routes[0].drift.baseline: cannot"),
     }
 
 
@@ -126,6 +137,9 @@ def broken_file_configs(tmp_path: Path) -> dict[str, tuple[dict[str, Any], str]]
         "log under a file",
         "log is a folder",
         "unknown host",
+        "log under /proc",
+        "log is a /proc file",
+        "baseline to freeze under /sys",
     ],
 )
 def test_check_config_finds_what_would_stop_run(tmp_path: Path, case: str) -> None:
