@@ -141,6 +141,10 @@ class DriftMonitor:
         self._said_too_large = False
         # Pairs let go unparsed: newer ones had filled every window.
         self._superseded = metrics.dropped.labels("drift_superseded", route)
+        # Pairs whose reading failed (a bug, or an answer no reader foresaw).
+        self._unreadable = metrics.dropped.labels("drift_unreadable", route)
+        self.last_error: str | None = None  # the latest failure, reading or evaluating
+        self._task: asyncio.Task[None] | None = None
         self._windows: dict[str, deque[float]] = {
             s: deque(maxlen=settings.window) for s in self._extractor.signals
         }
@@ -181,7 +185,18 @@ class DriftMonitor:
     # -- the background -----------------------------------------------------------
 
     def start(self) -> None:
-        self._tasks.spawn(self._run(), name=f"drift-{self.route}")
+        self._task = self._tasks.spawn(self._run(), name=f"drift-{self.route}")
+
+    @property
+    def stopped(self) -> str | None:
+        """Why the started monitor's task ended, if it did (None while it runs)."""
+        task = self._task
+        if task is None or not task.done():
+            return None
+        if task.cancelled():
+            return "cancelled"
+        error = task.exception()
+        return "ended" if error is None else f"{type(error).__name__}: {error}"[:200]
 
     async def stop(self) -> None:
         await self._tasks.stop()
@@ -195,10 +210,14 @@ class DriftMonitor:
         due = loop.time() + interval
         while True:
             await asyncio.sleep(step)
-            await self._digest_in_slices(self._take_pending())
-            if loop.time() >= due:
-                due += interval
-                self._compute()
+            try:
+                await self._digest_in_slices(self._take_pending())
+                if loop.time() >= due:
+                    due += interval
+                    self._compute()
+            except Exception as exc:  # one pass lost, never the monitor
+                self.last_error = f"{type(exc).__name__}: {exc}"[:200]
+                log.exception("drift_evaluation_failed", route=self.route)
 
     def _take_pending(self) -> deque[tuple[bytes, bytes]]:
         pending, self._pending, self._pending_bytes = self._pending, deque(), 0
@@ -237,6 +256,9 @@ class DriftMonitor:
         lacking = len(wanted)
         # What one answer can give: its values past this are never kept, so not read.
         limit = max(self._window, self._freeze_share) if freezing else self._window
+        failures = 0
+        first_failure: Exception | None = None
+        freeze_after = self.settings.freeze_after or 0
         for parsed, (request_body, response_body) in enumerate(
             iter(pending) if freezing else reversed(pending)
         ):
@@ -244,12 +266,18 @@ class DriftMonitor:
                 self._superseded.inc(len(pending) - parsed)
                 break
             yield
+            into_baseline = freezing and self._frozen_from < freeze_after
             try:
                 response = orjson.loads(response_body)
                 request = orjson.loads(request_body) if self._extractor.features else None
             except orjson.JSONDecodeError:
                 continue
-            signals = self._extractor.extract(request, response, problems, limit)
+            try:
+                signals = self._extractor.extract(request, response, problems, limit)
+            except Exception as exc:  # noqa: BLE001 - one answer lost, never the monitor
+                failures += 1
+                first_failure = first_failure or exc
+                continue
             taken.append(signals)
             for signal, values in signals.items():
                 if values and wanted[signal] > 0:
@@ -261,7 +289,7 @@ class DriftMonitor:
                 values = signals[name]
                 if histogram is not None and values and not histogram.contains(values[0]):
                     problems.append((name, "out_of_range"))
-            if freezing and self._frozen_from < (self.settings.freeze_after or 0):
+            if into_baseline:
                 self._frozen_from += 1
                 share = self._freeze_share
                 for signal, values in signals.items():
@@ -273,6 +301,17 @@ class DriftMonitor:
                 self._windows[signal].extend(values)
         for name, kind in problems:
             self._metrics.feature_quality.labels(self.route, name, kind).inc()
+        if failures:
+            self._unreadable.inc(failures)
+            self.last_error = f"{type(first_failure).__name__}: {first_failure}"[:200]
+            log.error(
+                "drift_answers_unreadable",
+                route=self.route,
+                answers=failures,
+                error=self.last_error,
+                message="not taken in for drift (counted in "
+                'sidecar_dropped_total{buffer="drift_unreadable"})',
+            )
 
     def evaluate(self) -> dict[str, float]:
         """Take in what arrived, then compute PSI per signal (when there is enough)."""
@@ -298,7 +337,17 @@ class DriftMonitor:
         assert self.settings.freeze_after is not None
         if self._frozen_from < self.settings.freeze_after:
             return
-        self.baseline = baseline_from_signals(self.settings, self._freezing, self._frozen_from)
+        try:
+            baseline = baseline_from_signals(self.settings, self._freezing, self._frozen_from)
+        except ValueError as exc:
+            # None of those answers held a prediction: start again with the next ones
+            # (the settings may be wrong, or the model was answering something else).
+            self._frozen_from = 0
+            self._freezing = {s: [] for s in self._extractor.signals}
+            self.last_error = f"cannot freeze a baseline: {exc}"
+            log.error("drift_baseline_not_frozen", route=self.route, error=str(exc))
+            return
+        self.baseline = baseline
         self._freezing = {}
         self.baseline_path.parent.mkdir(parents=True, exist_ok=True)
         self.baseline_path.write_bytes(self.baseline.to_json(self.route))

@@ -8,7 +8,8 @@ breakers          shown, never deciding: readiness follows the model's own probe
                   closes it); a pod taken out of service for an open circuit would
                   get no request to close it with
 internals         every log writer alive and its queue not nearly full; the event
-                  loop's lag under health.max_loop_lag
+                  loop's lag under health.max_loop_lag; each drift monitor running
+                  (one that stopped is degraded: answers do not depend on it)
 """
 
 from __future__ import annotations
@@ -196,6 +197,19 @@ def verdict(runtime: Any, logs: Logs, lag: LoopLagMonitor | None) -> Verdict:
             # operator says a sidecar that cannot log must not serve.
             reasons = failing if settings.log_failure == "not_ready" else degraded
             reasons.append(f"log writer {writer.name}: {problem}")
+    for path in runtime.paths.values():
+        monitor = path.drift
+        if monitor is None:
+            continue
+        # Answers are not touched by drift: a monitor that stopped is degraded, said
+        # here rather than left to a PSI that silently stops moving.
+        stopped = monitor.stopped
+        checks[f"internal:drift:{path.route.name}"] = {
+            "status": "fail" if stopped else "pass",
+            "last_error": monitor.last_error,
+        }
+        if stopped:
+            degraded.append(f"drift monitor of route {path.route.name}: stopped ({stopped})")
     if lag is not None:
         ok = lag.lag < settings.max_loop_lag
         checks["internal:event_loop_lag"] = {

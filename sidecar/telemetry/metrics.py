@@ -266,8 +266,8 @@ class Metrics:
 
         self.dropped = Counter(
             "sidecar_dropped_total",
-            "Items a bounded buffer let go to stay in its byte budget: fallback cache "
-            "answers evicted, drift bodies not taken in.",
+            "Items a bounded buffer let go: fallback cache answers evicted, drift bodies "
+            "not taken in (over the budget, too large, superseded or unreadable).",
             ["buffer", "route"],
             registry=r,
         )

@@ -423,6 +423,85 @@ def test_a_drift_exactly_at_clear_below_is_not_cleared(tmp_path: Path) -> None:
     assert m.monitor.drifting["prediction"]
 
 
+class FailingOn:
+    """A SignalExtractor that fails on answers holding ``marker``: a stand-in for an
+    answer no reader foresaw (no real one is known to fail; the monitor must
+    survive the next)."""
+
+    def __init__(self, extractor: SignalExtractor, marker: float) -> None:
+        self.extractor, self.marker = extractor, marker
+        self.features = extractor.features
+
+    def extract(self, request: Any, response: Any, *args: Any) -> dict[str, list[float]]:
+        if response == {"predictions": [self.marker]}:
+            raise TypeError("an answer no reader foresaw")
+        return self.extractor.extract(request, response, *args)
+
+
+async def test_an_answer_that_fails_to_read_is_counted_and_logged_and_the_monitor_runs_on(
+    tmp_path: Path,
+) -> None:
+    """Any exception but a JSON error ended the route's drift task for good."""
+    m = Monitor(tmp_path, BASELINE, interval="10ms", min_samples=10, window=10)
+    m.monitor._extractor = FailingOn(m.monitor._extractor, 7.0)  # type: ignore[assignment]
+    with capture_logs() as logs:
+        m.monitor.start()
+        try:
+            for round_ in range(2):  # the monitor lives on after a failure
+                m.monitor.last_psi = {}
+                for i in range(10):
+                    m.monitor.observe(*pair(i % 2))
+                m.monitor.observe(*pair(7.0))  # newest: read first
+                for _ in range(500):  # bounded: until this round is evaluated
+                    if m.monitor.last_psi:
+                        break
+                    await asyncio.sleep(0.01)
+                assert m.monitor.last_psi == {"prediction": pytest.approx(0.0)}, round_
+                assert m.monitor.stopped is None
+        finally:
+            await m.monitor.stop()
+    assert m.sample("sidecar_dropped_total", buffer="drift_unreadable") == 2
+    failed = [e for e in logs if e["event"] == "drift_answers_unreadable"]
+    assert [(e["answers"], e["error"]) for e in failed] == [
+        (1, "TypeError: an answer no reader foresaw")
+    ] * 2
+    assert m.monitor.last_error == "TypeError: an answer no reader foresaw"
+
+
+async def test_a_baseline_that_cannot_be_frozen_is_tried_again_not_the_end(
+    tmp_path: Path,
+) -> None:
+    """freeze_after answers without a prediction (a wrong output setting, or a model
+    answering something else for a while) raised out of the task: no drift for the
+    route from then on, and /health said pass."""
+    m = Monitor(tmp_path, None, interval="10ms", freeze_after=10, window=10)
+    with capture_logs() as logs:
+        m.monitor.start()
+        try:
+            for _ in range(10):
+                m.monitor.observe(b"", orjson.dumps({"other": 1}))
+            for _ in range(500):  # bounded: until the freeze was tried
+                if m.monitor.last_error:
+                    break
+                await asyncio.sleep(0.01)
+            assert m.monitor.last_error == (
+                "cannot freeze a baseline: no predictions found: check the protocol and "
+                "output settings"
+            )
+            assert m.monitor.stopped is None
+            for i in range(10):
+                m.monitor.observe(*pair(i % 2))
+            for _ in range(500):  # bounded: until the next answers froze one
+                if m.monitor.baseline is not None:
+                    break
+                await asyncio.sleep(0.01)
+            assert m.monitor.baseline is not None
+            assert m.monitor.baseline.samples == 10
+        finally:
+            await m.monitor.stop()
+    assert "drift_baseline_not_frozen" in [e["event"] for e in logs]
+
+
 def test_a_large_freeze_after_freezes_exactly_that_many_answers(tmp_path: Path) -> None:
     m = Monitor(tmp_path, None, freeze_after=300, window=10)
     for i in range(299):

@@ -40,6 +40,7 @@ class Runtime:
     routes: list[tuple[str, str, tuple[str, ...] | None]] = field(
         default_factory=lambda: [("infer", "model", None)]
     )
+    drift: dict[str, Any] = field(default_factory=dict)  # route -> its drift monitor
     shared: Any = None
     writers: list[Writer] = field(default_factory=lambda: [Writer()])
     lag: float | None = 0.0
@@ -76,6 +77,7 @@ class Runtime:
             paths={
                 route: SimpleNamespace(
                     route=SimpleNamespace(name=route, upstream=upstream),
+                    drift=self.drift.get(route),
                     fallback=None
                     if triggers is None
                     else SimpleNamespace(
@@ -155,6 +157,23 @@ def test_everything_healthy_passes_and_shows_every_check() -> None:
         },
         "internal:event_loop_lag": {"status": "pass", "lag_ms": 1.234},
     }
+
+
+def test_a_drift_monitor_that_stopped_is_degraded_and_says_why() -> None:
+    """A drift task that ended (an exception it did not catch) left /health at pass
+    while the route's PSI silently stopped moving."""
+    running = SimpleNamespace(stopped=None, last_error="ValueError: one answer")
+    result = Runtime(drift={"infer": running}).verdict()
+    assert (result.status, result.ready) == ("pass", True)
+    assert result.checks["internal:drift:infer"] == {
+        "status": "pass",
+        "last_error": "ValueError: one answer",
+    }
+    ended = SimpleNamespace(stopped="MemoryError: ", last_error=None)
+    result = Runtime(drift={"infer": ended}).verdict()
+    assert (result.status, result.ready) == ("degraded", True)
+    assert result.reasons == ["drift monitor of route infer: stopped (MemoryError: )"]
+    assert result.checks["internal:drift:infer"]["status"] == "fail"
 
 
 def test_a_failing_upstream_without_a_fallback_fails_readiness() -> None:
