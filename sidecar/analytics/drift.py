@@ -242,7 +242,9 @@ class DriftMonitor:
 
     def _digesting(self, pending: deque[tuple[bytes, bytes]]) -> Iterator[None]:
         """Parse bodies into the numbers each signal needs; the bodies are let go.
-        Yields after each pair; the windows take the values once all are parsed.
+        Yields after each pair. A baseline being frozen reads oldest first, so each
+        answer's values go into the windows as it is read; otherwise the windows take
+        them once all are parsed (newest first, few: see below).
 
         Newest first: once every signal's window would be full, older pairs could only
         be pushed out of the windows, so they are let go unparsed (and counted). Under
@@ -254,8 +256,6 @@ class DriftMonitor:
         taken: list[dict[str, list[float]]] = []
         wanted = dict.fromkeys(self._windows, self._window)  # values each window lacks
         lacking = len(wanted)
-        # What one answer can give: its values past this are never kept, so not read.
-        limit = max(self._window, self._freeze_share) if freezing else self._window
         failures = 0
         first_failure: Exception | None = None
         freeze_after = self.settings.freeze_after or 0
@@ -266,7 +266,9 @@ class DriftMonitor:
                 self._superseded.inc(len(pending) - parsed)
                 break
             yield
+            # What one answer can give: its values past this are never kept, so not read.
             into_baseline = freezing and self._frozen_from < freeze_after
+            limit = max(self._window, self._freeze_share) if into_baseline else self._window
             try:
                 response = orjson.loads(response_body)
                 request = orjson.loads(request_body) if self._extractor.features else None
@@ -278,7 +280,13 @@ class DriftMonitor:
                 failures += 1
                 first_failure = first_failure or exc
                 continue
-            taken.append(signals)
+            if freezing:
+                # Oldest first: straight into the windows (bounded), not held until the
+                # whole digest is parsed (16 MiB of answers held as floats at once).
+                for signal, values in signals.items():
+                    self._windows[signal].extend(values)
+            else:
+                taken.append(signals)
             for signal, values in signals.items():
                 if values and wanted[signal] > 0:
                     wanted[signal] -= len(values)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -535,6 +536,33 @@ def test_freezing_a_baseline_holds_a_bounded_share_of_each_answers_values(
     assert baseline.samples == 10
     # Every answer is in the baseline, in equal parts.
     assert baseline.histograms["prediction"].proportions == (0.1,) * 10 + (0.0,)
+
+
+def test_a_digest_while_freezing_holds_one_answers_values_at_a_time(tmp_path: Path) -> None:
+    """While a baseline was being frozen, a digest kept the values of every pending
+    answer (up to the freeze share each) until all were parsed: up to 16 MiB of
+    JSON as Python floats at once, a few hundred MB. Now the windows take each
+    answer's values as it is read."""
+    m = Monitor(tmp_path, None, freeze_after=10, window=10, max_pending_bytes="8MiB")
+    answer = orjson.dumps({"predictions": [0.25] * 10_000})  # 10,000 values, 60 KB
+    answers = 0
+    while True:
+        before = m.sample("sidecar_dropped_total", buffer="drift_pending") or 0
+        m.monitor.observe(b"", answer)
+        if (m.sample("sidecar_dropped_total", buffer="drift_pending") or 0) > before:
+            break
+        answers += 1
+    assert answers >= 100
+    tracemalloc.start()
+    try:
+        m.monitor.evaluate()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert m.monitor.baseline is not None
+    # One answer parsed at a time, and 10 answers' share for the baseline (100,000
+    # floats, about 4 MB); the whole digest held each answer's 10,000: 56 MB.
+    assert peak < 16 * 1024 * 1024, peak
 
 
 def test_a_baseline_is_frozen_into_a_directory_that_exists(tmp_path: Path) -> None:
