@@ -102,7 +102,9 @@ class LiveRuntime:
         self._metrics.publish()
 
     def _publish(self, loaded: LoadedConfig) -> None:
-        self._metrics.set_config_in_service(loaded.sha256, str(loaded.path))
+        self._metrics.set_config_in_service(
+            loaded.sha256, str(loaded.path), frozenset(loaded.config.upstreams)
+        )
 
     async def reload(self, path: Path | None = None) -> dict[str, Any]:
         """Re-read the config (or another file, for a rollback) and swap it in if valid."""

@@ -307,6 +307,7 @@ class Metrics:
             multiprocess_mode="livemax",
         )
         self._config_in_service: tuple[str, str] | None = None
+        self._upstreams_in_service: frozenset[str] | None = None
 
         self.loop_lag = Gauge(
             "sidecar_event_loop_lag_seconds",
@@ -373,9 +374,14 @@ class Metrics:
             await asyncio.sleep(interval)
             self.publish()
 
-    def set_config_in_service(self, sha256: str, path: str) -> None:
+    def set_config_in_service(
+        self, sha256: str, path: str, upstreams: frozenset[str] | None = None
+    ) -> None:
         """``sidecar_config_info`` names this config alone: the previous one's series is
-        removed, not set to 0, or reloads of a changing config would add a series each."""
+        removed, not set to 0, or reloads of a changing config would add a series each.
+        ``upstreams``: the upstreams it names; a scrape leaves out the series of any
+        other (a removed upstream's last circuit state or readiness must not stand)."""
+        self._upstreams_in_service = upstreams
         labels = (sha256, path)
         directory = multiprocess_directory()
         if directory is not None:
@@ -396,12 +402,15 @@ class Metrics:
         """Prometheus text; with several worker processes, the sum over all of them."""
         self.publish()
         directory = multiprocess_directory()
-        if directory is None:
-            return generate_latest(self.registry)
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
-        registry.register(ConfigsInService(directory))
-        return generate_latest(registry)
+        registry = self.registry
+        if directory is not None:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+            registry.register(ConfigsInService(directory))
+        upstreams = self._upstreams_in_service
+        if upstreams is None:
+            return generate_latest(registry)
+        return generate_latest(UpstreamsInService(registry, upstreams))
 
 
 CONFIG_INFO_HELP: Final = "The config in service: 1, labelled with its file's sha256 and path."
@@ -414,6 +423,26 @@ def _config_info_file(directory: str, pid: int) -> str:
 def forget_worker(directory: str, pid: int) -> None:
     """Drop a dead worker's config in service (its gauges go with ``mark_process_dead``)."""
     Path(_config_info_file(directory, pid)).unlink(missing_ok=True)
+
+
+class UpstreamsInService:
+    """A registry's metrics without the series of upstreams the config in service does
+    not name. Prometheus-client cannot forget a series in its multiprocess files, and
+    a removed upstream's open circuit would otherwise fire its alert for good."""
+
+    def __init__(self, registry: CollectorRegistry, upstreams: frozenset[str]) -> None:
+        self.registry = registry
+        self.upstreams = upstreams
+
+    def collect(self) -> Iterator[Metric]:
+        upstreams = self.upstreams
+        for metric in self.registry.collect():
+            metric.samples = [
+                sample
+                for sample in metric.samples
+                if sample.labels.get("upstream", "") in upstreams or "upstream" not in sample.labels
+            ]
+            yield metric
 
 
 class ConfigsInService:

@@ -9,7 +9,6 @@ from typing import Any
 
 import aiohttp
 import orjson
-import pytest
 import yaml
 from aiohttp import web
 
@@ -586,17 +585,6 @@ async def test_a_reload_does_not_refill_the_rate_limit_buckets(
     assert statuses == [200, 200, 200, 429, 429, 429]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "A reload that removes an upstream leaves its sidecar_circuit_state and "
-        "sidecar_upstream_ready series at their last values for good: an alert on an "
-        "open circuit fires forever for a model no config names. Removing the series "
-        "works in one process, not with workers (prometheus-client's multiprocess "
-        "files keep a child's value), and setting a neutral value (closed, ready) "
-        "would state something of a model nobody probes: a design decision"
-    ),
-)
 async def test_a_reload_that_removes_an_upstream_drops_its_circuit_and_readiness(
     make_fake_model: MakeFakeModel, start_sidecar: StartSidecar
 ) -> None:
