@@ -30,7 +30,7 @@ from typing import Any, Final
 import orjson
 import structlog
 
-from sidecar.analytics.predictions import PredictionReader
+from sidecar.analytics.predictions import PredictionReader, json_object
 from sidecar.background import BackgroundTasks
 from sidecar.config.baselines import Baseline, Histogram, psi
 from sidecar.config.rules import MISSING, FieldPath, lookup, parse_field_path
@@ -399,15 +399,10 @@ def payload_pairs(
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        where = f"{source} line {number}" if source else f"line {number}"
-        try:
-            record = orjson.loads(line)
-        except orjson.JSONDecodeError as exc:
-            raise ValueError(f"{where}: not JSON ({exc})") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{where}: not a JSON object")
+        record = json_object(line, number, source)
         if record.get("route") != route or record.get("status") != 200:
             continue
         if "request" not in record or "response" not in record:
+            where = f"{source} line {number}" if source else f"line {number}"
             raise ValueError(f"{where}: no request or response")
         yield record["request"], record["response"]

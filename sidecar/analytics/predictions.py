@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Any, Literal
 
+import orjson
+
 from sidecar.config.rules import MISSING, FieldPath, lookup, parse_field_path
 
 PredictionProtocol = Literal["v2", "v1", "openai", "json_path"]
@@ -152,3 +154,15 @@ def _choice_text(choice: Any) -> str:
         return str(message["content"])
     text = choice.get("text")
     return text if isinstance(text, str) else ""
+
+
+def json_object(line: bytes, number: int, source: str = "") -> dict[str, Any]:
+    """One JSON-lines record, or ValueError naming its line (and file)."""
+    where = f"{source} line {number}" if source else f"line {number}"
+    try:
+        record = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"{where}: not JSON ({exc})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: not a JSON object")
+    return record

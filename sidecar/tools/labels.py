@@ -16,9 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
-
-from sidecar.analytics.predictions import PredictionReader
+from sidecar.analytics.predictions import PredictionReader, json_object
 
 
 def read_labels(path: Path) -> dict[str, Any]:
@@ -43,18 +41,6 @@ def read_labels(path: Path) -> dict[str, Any]:
             raise ValueError(f"{path} line {reader.line_num}: no label")
         labels[row["request_id"]] = _number_or_text(row["label"])
     return labels
-
-
-def json_object(line: bytes, number: int, source: str = "") -> dict[str, Any]:
-    """One JSON-lines record, or ValueError naming its line (and file)."""
-    where = f"{source} line {number}" if source else f"line {number}"
-    try:
-        record = orjson.loads(line)
-    except orjson.JSONDecodeError as exc:
-        raise ValueError(f"{where}: not JSON ({exc})") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"{where}: not a JSON object")
-    return record
 
 
 def _number_or_text(value: str) -> Any:

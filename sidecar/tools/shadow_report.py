@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
+from sidecar.analytics.predictions import json_object
 
 _INDEX = re.compile(r"\[\d+\]")
 
@@ -95,12 +95,7 @@ def build_report(lines: Iterable[bytes], max_examples: int = 5) -> Report:
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        try:
-            record = orjson.loads(line)
-        except orjson.JSONDecodeError as exc:
-            raise ValueError(f"line {number}: not JSON ({exc})") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"line {number}: not a JSON object")
+        record = json_object(line, number)
         report.records += 1
         result = record.get("result")
         if result == "match":

@@ -308,6 +308,24 @@ async def test_a_malformed_baseline_on_reload_is_an_invalid_reload(
 # -- 12: time to first byte and silence mid-answer are separate ------------------------
 
 
+def trickling_answer(stop: asyncio.Event, *, length: int, status: int = 200) -> Any:
+    """A handler that sends a head with a Content-Length of ``length``, then one byte
+    of the body every 0.1 s, until the body is whole or ``stop`` is set."""
+
+    async def trickles(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(status=status, headers={"Content-Type": "application/json"})
+        response.content_length = length
+        await response.prepare(request)
+        for _ in range(length):
+            if stop.is_set():
+                break
+            await response.write(b" ")
+            await asyncio.sleep(0.1)
+        return response
+
+    return trickles
+
+
 def idle_limit_config(url: str, *, timeout: str) -> dict[str, Any]:
     """A route with the given deadline to a model with a 0.3 s idle limit, no breaker."""
     config = base_config(url)
@@ -354,19 +372,7 @@ async def test_a_small_answer_trickled_under_the_idle_limit_ends_at_the_attempts
     long as it likes: the attempt's 1 s limit covers the whole answer, and the
     fallback answers in its place."""
     stop = asyncio.Event()
-
-    async def trickles(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "application/json"})
-        response.content_length = 200
-        await response.prepare(request)
-        for _ in range(200):  # 20 s, were it let
-            if stop.is_set():
-                break
-            await response.write(b" ")
-            await asyncio.sleep(0.1)
-        return response
-
-    fake_model.on("/trickle", trickles)
+    fake_model.on("/trickle", trickling_answer(stop, length=200))  # 20 s, were it let
     config = idle_limit_config(fake_model.url, timeout="1s")
     sidecar = await start_sidecar(config)
     started = time.monotonic()
@@ -399,19 +405,7 @@ async def test_a_small_5xx_trickled_under_the_idle_limit_ends_at_the_attempts_li
     0.1 s it held the request 10 s on a route whose attempts have 1 s. Like any small
     answer it must arrive whole within the attempt's limit."""
     stop = asyncio.Event()
-
-    async def trickles(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(status=503, headers={"Content-Type": "application/json"})
-        response.content_length = 100
-        await response.prepare(request)
-        for _ in range(100):  # 10 s, were it let
-            if stop.is_set():
-                break
-            await response.write(b" ")
-            await asyncio.sleep(0.1)
-        return response
-
-    fake_model.on("/trickle", trickles)
+    fake_model.on("/trickle", trickling_answer(stop, status=503, length=100))  # 10 s
     sidecar = await start_sidecar(idle_limit_config(fake_model.url, timeout="1s"))
     started = time.monotonic()
     try:

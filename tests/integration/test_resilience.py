@@ -624,23 +624,35 @@ async def test_cache_keeps_models_apart_and_answers_with_this_requests_id(
         assert resp.headers["X-Sidecar-Fallback"] == "default-answer"
 
 
+async def secondary_fallback(
+    make_fake_model: MakeFakeModel, start_sidecar: StartSidecar, step_timeout: str | None = None
+) -> tuple[SidecarHandle, FakeModel, dict[str, Any]]:
+    """A sidecar whose model answers 503, with a fallback chain of the secondary model
+    ``simple`` (its step's timeout, when given), then the static answer: the sidecar,
+    the secondary's fake (each test sets its answers) and the config."""
+    primary, simple = await make_fake_model(), await make_fake_model()
+    primary.on("/infer", status_handler(503))
+    step: dict[str, Any] = {"name": "simple"}
+    if step_timeout is not None:
+        step["timeout"] = step_timeout
+    config = config_with(
+        primary.url,
+        {"fallback": {"chain": [{"upstream": step}, STATIC]}},
+        breaker={"enabled": False},
+    )
+    config["upstreams"]["simple"] = {"url": simple.url}
+    return await start_sidecar(config), simple, config
+
+
 async def test_secondary_upstream_answers_when_the_primary_fails(
     make_fake_model: MakeFakeModel, start_sidecar: StartSidecar
 ) -> None:
-    primary, simple = await make_fake_model(), await make_fake_model()
-    primary.on("/infer", status_handler(503))
+    sidecar, simple, _ = await secondary_fallback(make_fake_model, start_sidecar, step_timeout="1s")
 
     async def simple_answer(request: web.Request) -> web.Response:
         return web.json_response({"label": 1, "model": "simple"})
 
     simple.on("/infer", simple_answer)
-    config = config_with(
-        primary.url,
-        {"fallback": {"chain": [{"upstream": {"name": "simple", "timeout": "1s"}}, STATIC]}},
-        breaker={"enabled": False},
-    )
-    config["upstreams"]["simple"] = {"url": simple.url}
-    sidecar = await start_sidecar(config)
     async with sidecar.session.post(
         sidecar.url + "/infer?v=1", json={"x": 1}, headers={"X-Request-ID": "fb-1"}
     ) as resp:
@@ -660,15 +672,7 @@ async def test_a_secondary_models_non_2xx_fails_the_step_but_its_verdict_on_the_
     # the path, it is overloaded, it is down): its 404, 429 or 503 is no answer, the
     # next step is. Its 400 or 422 is about the input, which the primary would have
     # refused too: passed on, never replaced by a made-up prediction.
-    primary, simple = await make_fake_model(), await make_fake_model()
-    primary.on("/infer", status_handler(503))
-    config = config_with(
-        primary.url,
-        {"fallback": {"chain": [{"upstream": {"name": "simple", "timeout": "1s"}}, STATIC]}},
-        breaker={"enabled": False},
-    )
-    config["upstreams"]["simple"] = {"url": simple.url}
-    sidecar = await start_sidecar(config)
+    sidecar, simple, _ = await secondary_fallback(make_fake_model, start_sidecar, step_timeout="1s")
     for status in (404, 429, 401, 503, 500):
         simple.on("/infer", status_handler(status))
         async with sidecar.session.post(sidecar.url + "/infer", json={"x": 1}) as resp:
@@ -690,21 +694,13 @@ async def test_a_secondary_model_cannot_drop_the_fallback_header(
     # The secondary's Connection field lists X-Sidecar-Fallback: the relay drops the
     # fields a Connection lists, and the stamp went with them, so the client could not
     # tell a fallback answered.
-    primary, simple = await make_fake_model(), await make_fake_model()
-    primary.on("/infer", status_handler(503))
+    sidecar, simple, _ = await secondary_fallback(make_fake_model, start_sidecar)
 
     async def listing(request: web.Request) -> web.Response:
         headers = {"Connection": "X-Sidecar-Fallback, X-Hop", "X-Hop": "1"}
         return web.json_response({"label": 1}, headers=headers)
 
     simple.on("/infer", listing)
-    config = config_with(
-        primary.url,
-        {"fallback": {"chain": [{"upstream": {"name": "simple"}}, STATIC]}},
-        breaker={"enabled": False},
-    )
-    config["upstreams"]["simple"] = {"url": simple.url}
-    sidecar = await start_sidecar(config)
     async with sidecar.session.post(sidecar.url + "/infer", data=b"{}") as resp:
         assert resp.status == 200
         assert resp.headers.get("X-Sidecar-Fallback") == "simple"
@@ -833,8 +829,9 @@ async def test_a_secondary_models_large_answer_streams_through_unheld(
     # One declaring more than the step's max_body_size fails the step (counted).
     import tracemalloc
 
-    primary, simple = await make_fake_model(), await make_fake_model()
-    primary.on("/infer", status_handler(503))
+    sidecar, simple, config = await secondary_fallback(
+        make_fake_model, start_sidecar, step_timeout="10s"
+    )
     big = b"x" * (48 * 1024 * 1024)
 
     async def huge(request: web.Request) -> web.StreamResponse:
@@ -851,13 +848,6 @@ async def test_a_secondary_models_large_answer_streams_through_unheld(
         return response
 
     simple.on("/infer", huge)
-    config = config_with(
-        primary.url,
-        {"fallback": {"chain": [{"upstream": {"name": "simple", "timeout": "10s"}}, STATIC]}},
-        breaker={"enabled": False},
-    )
-    config["upstreams"]["simple"] = {"url": simple.url}
-    sidecar = await start_sidecar(config)
     tracemalloc.start()
     try:
         for target in ("/infer", "/infer?chunked=1"):
@@ -888,8 +878,7 @@ async def test_a_secondary_models_stream_is_relayed_as_it_comes(
 ) -> None:
     # An LLM fallback's tokens reach the client as the secondary model writes them,
     # not once its whole answer is in.
-    primary, simple = await make_fake_model(), await make_fake_model()
-    primary.on("/infer", status_handler(503))
+    sidecar, simple, _ = await secondary_fallback(make_fake_model, start_sidecar)
     more = asyncio.Event()
 
     async def tokens(request: web.Request) -> web.StreamResponse:
@@ -901,13 +890,6 @@ async def test_a_secondary_models_stream_is_relayed_as_it_comes(
         return response
 
     simple.on("/infer", tokens)
-    config = config_with(
-        primary.url,
-        {"fallback": {"chain": [{"upstream": {"name": "simple"}}, STATIC]}},
-        breaker={"enabled": False},
-    )
-    config["upstreams"]["simple"] = {"url": simple.url}
-    sidecar = await start_sidecar(config)
     async with sidecar.session.post(sidecar.url + "/infer", data=b"{}") as resp:
         assert resp.status == 200
         assert resp.headers["X-Sidecar-Fallback"] == "simple"
