@@ -357,8 +357,19 @@ class DriftMonitor:
             return
         self.baseline = baseline
         self._freezing = {}
-        self.baseline_path.parent.mkdir(parents=True, exist_ok=True)
-        self.baseline_path.write_bytes(self.baseline.to_json(self.route))
+        try:
+            self.baseline_path.parent.mkdir(parents=True, exist_ok=True)
+            self.baseline_path.write_bytes(self.baseline.to_json(self.route))
+        except OSError as exc:
+            # The alarms run on it from memory; a restart would freeze a new one.
+            self.last_error = f"baseline frozen but not written: {exc}"[:200]
+            log.error(
+                "drift_baseline_not_written",
+                route=self.route,
+                path=str(self.baseline_path),
+                error=str(exc),
+            )
+            return
         log.info(
             "drift_baseline_frozen",
             route=self.route,

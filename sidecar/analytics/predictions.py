@@ -95,7 +95,11 @@ class PredictionReader:
         if self.protocol == "openai":
             data = document.get("data")
             if isinstance(data, list) and self.raw_embeddings:
-                return [v for vector in embeddings(document) for v in vector][:limit]
+                # A vector holding inf or NaN (base64 can) would poison the windows.
+                finite = (
+                    vector for vector in embeddings(document) if all(map(math.isfinite, vector))
+                )
+                return list(islice((v for vector in finite for v in vector), limit))
             if isinstance(data, list):
                 # hypot scales as it goes: a vector of values near 1e200 has a finite
                 # norm (a sum of squares overflows); one holding inf or NaN has none.

@@ -33,6 +33,9 @@ class RequestContext:
     outcome: str = OUTCOME_OK  # decided once, when the request ends
     attempts: int = 0
     upstream_started: float | None = None
+    attempt_limit: float = (
+        0.0  # the last attempt's time limit, seconds (its whole answer's when small)
+    )
     upstream_seconds: float | None = None
     bytes_in: int = 0
     bytes_out: int = 0

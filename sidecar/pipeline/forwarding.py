@@ -183,6 +183,7 @@ async def _with_retries(
             ctx.attempts += 1
             started = time.perf_counter()
             ctx.upstream_started = started
+            ctx.attempt_limit = timeout
             failure: errors.SidecarError | ModelFailed
             retry_after: float | None = None
             try:
@@ -201,8 +202,8 @@ async def _with_retries(
                         raise errors.Reloaded(
                             "the sidecar's config was reloaded during this request, which "
                             "outlasted the old config's drain time (server.drain_timeout): "
-                            f"upstream {upstream.name!r} was asked {attempt - 1} time(s) "
-                            "and failed, and the retry was not sent; send it again"
+                            f"upstream {upstream.name!r} was tried {attempt - 1} time(s) "
+                            "without an answer, and the retry was not sent; send it again"
                         ) from None
                     raise
                 failure = exc
@@ -262,15 +263,17 @@ async def _arrive_whole(path: RoutePath, ctx: RequestContext, response: ClientRe
     """Wait for the rest of such an answer inside the breaker's block: a model that
     breaks off or goes silent in a body nobody has seen yet is unavailable, as one
     silent before its head is (``BreakerFailure``; the fallback may answer). The
-    attempt's time limit covers the whole of it: a model that trickles a few bytes
+    attempt's time limit (``per_try_timeout``, or what was left of the route's
+    ``timeout`` when less) covers the whole of it: a model that trickles a few bytes
     each ``idle_timeout`` must not hold the request (or a half-open breaker's one
     probe) for as long as it likes."""
     name = path.upstream.name
     started = ctx.upstream_started
+    limit = ctx.attempt_limit or path.per_try_timeout
     spent = 0.0 if started is None else time.perf_counter() - started
     silent = False
     try:
-        async with asyncio.timeout(max(path.per_try_timeout - spent, 0.0)):
+        async with asyncio.timeout(max(limit - spent, 0.0)):
             try:
                 await response.wait_complete(path.idle_timeout)
             except TimeoutError:
@@ -281,7 +284,7 @@ async def _arrive_whole(path: RoutePath, ctx: RequestContext, response: ClientRe
         problem = (
             f"went silent for {path.idle_timeout:g}s in the middle of its answer"
             if silent
-            else f"did not finish its answer within {path.per_try_timeout:g}s"
+            else f"did not finish its answer within {limit:g}s"
         )
         raise BreakerFailure(errors.UpstreamTimeout(f"upstream {name!r} {problem}")) from None
     except BrokenAnswer:
@@ -458,6 +461,7 @@ async def _answer_from_fallback(
     """The fallback's answer to the client, counted. A secondary model's is relayed
     as the primary's are: a stream goes on as it comes."""
     if isinstance(answer, SecondaryAnswer):
+        ctx.capture = None  # no shadow comparison: the primary did not answer
         rule = answer.upstream.name
         path.metrics.fallbacks.labels(path.route.name, rule).inc()
         # Its upstream time is the secondary's own (the primary's failed wait, or

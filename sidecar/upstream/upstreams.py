@@ -451,7 +451,9 @@ class Upstreams:
             await self._pools.release(client.name, client.config, probes=True)
 
     async def probe_all(self) -> None:
-        """One pass over every upstream now, all at once."""
+        """One pass over every upstream now, all at once, whatever readiness rests on
+        (for tests and tools; the sidecar's own probes run on each upstream's schedule
+        and a reload waits on ``first_pass_done``)."""
         await asyncio.gather(*(self._probe_one(c) for c in self.clients.values()))
         self.first_pass_done.set()
 

@@ -397,6 +397,36 @@ async def test_a_small_answer_trickled_under_the_idle_limit_ends_at_the_attempts
     stop.set()
 
 
+async def test_a_retrys_small_answer_ends_within_what_is_left_of_the_routes_deadline(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """The first attempt hangs its 1.5 s; the retry has what is left of the route's 2 s
+    (about 0.5 s), for its whole small answer too, not another 1.5 s past the deadline."""
+    stop = asyncio.Event()
+    trickles = trickling_answer(stop, length=100)
+
+    async def hangs_then_trickles(request: web.Request) -> web.StreamResponse:
+        if len(fake_model.hits_for("/infer")) == 1:
+            await asyncio.wait_for(stop.wait(), 10)
+        return await trickles(request)
+
+    fake_model.on("/infer", hangs_then_trickles)
+    config = idle_limit_config(fake_model.url, timeout="2s")
+    config["routes"][0].update(
+        {"retryable": True, "per_try_timeout": "1500ms", "retry": {"attempts": 2}}
+    )
+    config["routes"][0]["retry"].update({"backoff_base": "1ms", "backoff_max": "1ms"})
+    sidecar = await start_sidecar(config)
+    async with sidecar.session.post(sidecar.url + "/infer", data=b"{}") as resp:
+        assert resp.status == 504
+        message = (await resp.json())["error"]["message"]
+    stop.set()
+    assert len(fake_model.hits_for("/infer")) == 2
+    found = re.fullmatch(r"upstream 'model' did not finish its answer within ([0-9.]+)s", message)
+    assert found is not None, message
+    assert float(found.group(1)) < 1.0  # what was left of 2 s after 1.5 s, not 1.5 s
+
+
 async def test_a_small_5xx_trickled_under_the_idle_limit_ends_at_the_attempts_limit(
     fake_model: FakeModel, start_sidecar: StartSidecar
 ) -> None:

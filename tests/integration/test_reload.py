@@ -394,8 +394,8 @@ async def test_a_retry_that_outlasts_a_reloads_drain_time_does_not_say_it_was_ne
     assert "not sent on" not in error["message"]
     assert error["message"] == (
         "the sidecar's config was reloaded during this request, which outlasted the old "
-        "config's drain time (server.drain_timeout): upstream 'model' was asked 1 time(s) "
-        "and failed, and the retry was not sent; send it again"
+        "config's drain time (server.drain_timeout): upstream 'model' was tried 1 time(s) "
+        "without an answer, and the retry was not sent; send it again"
     )
     assert len(fake_model.hits_for("/infer")) == 1
 

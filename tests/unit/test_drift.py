@@ -359,6 +359,19 @@ def test_without_a_baseline_one_is_frozen_from_the_first_answers_and_written(
     assert m.monitor.evaluate()["prediction"] > 0.2
 
 
+def test_a_frozen_baseline_that_cannot_be_written_is_used_and_said(tmp_path: Path) -> None:
+    m = Monitor(tmp_path, None, freeze_after=10, window=10, bins=3)
+    (tmp_path / "state").write_text("a file where the baseline's folder would go")
+    for i in range(10):
+        m.monitor.observe(*pair(i % 2))
+    with capture_logs() as logs:
+        assert m.monitor.evaluate() == {}  # no exception: the next passes run
+    assert m.monitor.baseline is not None
+    assert m.monitor.baseline.samples == 10
+    assert [e["event"] for e in logs] == ["drift_baseline_not_written"]
+    assert (m.monitor.last_error or "").startswith("baseline frozen but not written")
+
+
 async def test_a_started_monitor_evaluates_every_interval(tmp_path: Path) -> None:
     m = Monitor(tmp_path, BASELINE, interval="10ms", min_samples=10)
     for i in range(10):

@@ -70,6 +70,20 @@ def test_an_embeddings_norm_does_not_overflow_and_a_vector_without_one_is_skippe
     assert PredictionReader.build("openai").values(answer) == pytest.approx([5e200, 5e-200])
 
 
+def test_raw_embeddings_leave_out_a_vector_holding_inf_or_nan() -> None:
+    answer = {
+        "data": [
+            {"embedding": [1.0, 2.0]},
+            {"embedding": b64(float("inf"), 1.0)},
+            {"embedding": b64(float("nan"), 1.0)},
+            {"embedding": [3.0]},
+        ]
+    }
+    reader = PredictionReader.build("openai", raw_embeddings=True)
+    assert reader.values(answer) == [1.0, 2.0, 3.0]
+    assert reader.values(answer, limit=2) == [1.0, 2.0]
+
+
 def test_openai_completions_are_each_choices_text_length() -> None:
     reader = PredictionReader.build("openai")
     answer = {
