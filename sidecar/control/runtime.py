@@ -145,6 +145,7 @@ class Runtime:
         shared_settings = config.shared_state
         self.shared: SharedState | None = None
         self.breaker_syncs: list[BreakerSync] = []
+        self._carried_syncs: dict[int, BreakerSync] = {}  # id of ours -> the one it follows
         if shared_settings is not None:
             # Imported only here: Redis is an extra (sidecar[redis]), which the plan
             # checked is installed.
@@ -154,17 +155,23 @@ class Runtime:
             if previous is not None and previous.shared is not None:
                 self.shared.take_over(previous.shared)
             if shared_settings.breakers:
-                # A breaker carried on keeps what its sync last agreed with Redis, so
-                # a change not yet published is published, not overwritten.
-                before = {
-                    id(sync.breaker): sync.published
-                    for sync in (previous.breaker_syncs if previous is not None else ())
-                }
                 self.breaker_syncs = [
-                    BreakerSync(guard.breaker, self.shared, before.get(id(guard.breaker)))
+                    BreakerSync(guard.breaker, self.shared)
                     for guard in self.guards.values()
                     if guard.breaker is not None
                 ]
+                # The syncs of breakers carried on from ``previous``: each starts at
+                # the swap, taking over from the one in service until then (two at
+                # once would each publish from their own view).
+                before = {
+                    id(sync.breaker): sync
+                    for sync in (previous.breaker_syncs if previous is not None else ())
+                }
+                self._carried_syncs = {
+                    id(sync): before[id(sync.breaker)]
+                    for sync in self.breaker_syncs
+                    if id(sync.breaker) in before
+                }
         self.limiter = (
             RateLimiter(
                 config.rate_limit,
@@ -222,6 +229,11 @@ class Runtime:
         for guard in self.guards.values():
             if guard.breaker is not None:
                 guard.breaker.publish()
+        for sync in self.breaker_syncs:
+            predecessor = self._carried_syncs.get(id(sync))
+            if predecessor is not None:
+                predecessor.hand_over(sync)
+                sync.start()
 
     async def start(self) -> None:
         if self.shared is not None:
@@ -234,7 +246,8 @@ class Runtime:
         for mirror in self.mirrors:
             mirror.start()
         for sync in self.breaker_syncs:
-            sync.start()
+            if id(sync) not in self._carried_syncs:  # those start at the swap
+                sync.start()
 
     async def stop_background(self) -> None:
         """Stop what runs on its own (probes, drift, shadow governing, breaker sync):

@@ -172,11 +172,7 @@ class SharedState:
 class BreakerSync:
     """Mirrors one upstream's breaker state with the other replicas, in the background."""
 
-    def __init__(
-        self, breaker: UpstreamBreaker, shared: SharedState, published: str | None = None
-    ) -> None:
-        """``published``: the state last agreed with Redis for this breaker, when it is
-        carried on from a runtime a reload replaced (that runtime's sync knew it)."""
+    def __init__(self, breaker: UpstreamBreaker, shared: SharedState) -> None:
         self.breaker = breaker
         self.shared = shared
         settings = shared.settings
@@ -188,9 +184,13 @@ class BreakerSync:
         self._namespace = f"{settings.key_prefix}:breaker:{breaker.upstream}"
         self._storage: pybreaker.CircuitRedisStorage | None = None
         # A fresh breaker is closed, and so is a circuit nobody published yet.
-        self._published = published if published is not None else pybreaker.STATE_CLOSED
+        self._published = pybreaker.STATE_CLOSED
         self._lock = asyncio.Lock()
         self._tasks = BackgroundTasks()
+        # Set when a reload carries the breaker on: the sync of the runtime in service
+        # takes over, and this one exchanges no more.
+        self._handed_over = False
+        self._predecessor: BreakerSync | None = None
 
     @property
     def published(self) -> str:
@@ -199,11 +199,25 @@ class BreakerSync:
     def start(self) -> None:
         self._tasks.spawn(self._run(), name=f"breaker-sync-{self.breaker.upstream}")
 
+    def hand_over(self, successor: BreakerSync) -> None:
+        """A reload carried this sync's breaker on: from now ``successor`` (the new
+        runtime's, started at the swap) alone exchanges with Redis, starting from
+        what this one last agreed with it, so a change not yet published is published,
+        not taken for another replica's and overwritten."""
+        self._handed_over = True
+        successor._published = self._published
+        successor._predecessor = self  # an exchange of ours in progress may change it
+
     async def stop(self) -> None:
         await self._tasks.stop()
         await asyncio.to_thread(self._redis.close)
 
     async def _run(self) -> None:
+        predecessor = self._predecessor
+        if predecessor is not None:
+            async with predecessor._lock:  # its exchange in progress, if any, ends first
+                self._published = predecessor._published
+            self._predecessor = None
         while True:
             if self.shared.usable():
                 await self.sync_once()
@@ -211,6 +225,8 @@ class BreakerSync:
 
     async def sync_once(self) -> None:
         async with self._lock:  # one exchange at a time: the background loop or a caller
+            if self._handed_over:
+                return
             local = self.breaker.state
             started = time.monotonic()
             try:

@@ -227,6 +227,45 @@ async def test_a_circuit_opened_just_before_a_reload_stays_open_and_is_published
     assert other_breaker.state == "open"
 
 
+def breaker_sync_tasks() -> int:
+    return sum(1 for t in asyncio.all_tasks() if t.get_name() == "breaker-sync-model")
+
+
+async def test_a_carried_breaker_is_synced_by_one_runtime_at_a_time(
+    fake_model: FakeModel, redis_server: tuple[Any, str], start_sidecar: StartSidecar
+) -> None:
+    """While a reload waits for its probes, the breaker it carries on is still synced
+    by the runtime in service alone; the new runtime's sync starts at the swap, from
+    what the old one last agreed with Redis, and the old one exchanges no more. (Two at
+    once would each publish from their own view of Redis.)"""
+    probed, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_health(request: web.Request) -> web.Response:
+        probed.set()
+        await release.wait()
+        return web.json_response({})
+
+    fake_model.on("/slow-health", slow_health)
+    config = shared_config(fake_model.url, redis_url=redis_server[1])
+    sidecar = await start_sidecar(config)
+    old = sidecar.running.runtime.breaker_syncs[0]
+    assert breaker_sync_tasks() == 1
+    config["upstreams"]["model"]["health"] = {"path": "/slow-health", "interval": "1h"}
+    sidecar.running.live.config_path.write_text(yaml.safe_dump(config))
+    reload = asyncio.create_task(sidecar.running.reload())
+    await asyncio.wait_for(probed.wait(), 10)  # built, and waiting for its probe
+    assert breaker_sync_tasks() == 1  # the old runtime's only
+    release.set()
+    assert (await asyncio.wait_for(reload, 10))["result"] == "ok"
+    new = sidecar.running.runtime.breaker_syncs[0]
+    assert new is not old
+    assert new.breaker is old.breaker  # carried on (its URL and settings unchanged)
+    assert new.published == old.published
+    assert old._handed_over
+    [retiring] = [t for t in asyncio.all_tasks() if t.get_name() == "retire-runtime"]
+    await asyncio.wait_for(retiring, 10)  # the old runtime's Redis clients closed
+
+
 async def redis_health(sidecar: SidecarHandle) -> tuple[str, float | None]:
     """The internal:redis check's status and sidecar_shared_state_up."""
     async with sidecar.session.get(sidecar.admin_url + "/health") as resp:
