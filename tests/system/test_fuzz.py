@@ -273,6 +273,15 @@ def _parse_or_config_error(text: str) -> None:
     assert all(isinstance(issue.message, str) and issue.message for issue in issues)
 
 
+def test_a_mapping_or_list_as_a_key_is_a_config_error() -> None:
+    """YAML's complex keys (``? {a: 1}``) made a dict key: TypeError, unhashable."""
+    for text in ("? {a: 1}\n: 2\n", "server:\n  ? [1, 2]\n  : 3\n"):
+        with pytest.raises(ConfigError) as refused:
+            parse_config(text, source="fuzz.yaml", env={})
+        [issue] = refused.value.issues
+        assert "a key must be a plain value" in issue.message
+
+
 @settings(max_examples=EXAMPLES, deadline=None)
 @given(st.text(max_size=400))
 def test_any_text_is_a_config_or_a_config_error(text: str) -> None:
