@@ -229,6 +229,10 @@ class Runtime:
         for guard in self.guards.values():
             if guard.breaker is not None:
                 guard.breaker.publish()
+        if previous is not None and previous.shared is not None:
+            previous.shared.retire()
+        if self.shared is not None:
+            self.shared.put_in_service()
         for sync in self.breaker_syncs:
             predecessor = self._carried_syncs.get(id(sync))
             if predecessor is not None:

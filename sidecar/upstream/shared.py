@@ -84,6 +84,21 @@ class SharedState:
         self.last_error: str | None = None
         self._down_until = 0.0
         self._failed_at = float("-inf")
+        # Only the runtime in service reaches sidecar_shared_state_up: a reload's,
+        # checking another Redis before the swap, or a retired one's stragglers, must
+        # not show that Redis's state for the one in service.
+        self._in_service = False
+
+    def put_in_service(self) -> None:
+        self._in_service = True
+        self._publish()
+
+    def retire(self) -> None:
+        self._in_service = False
+
+    def _publish(self) -> None:
+        if self._in_service:
+            self._gauge.set(1 if self.up else 0)
 
     def take_over(self, previous: SharedState) -> None:
         """What ``previous`` (of the runtime a reload replaces) knows of the same Redis:
@@ -101,7 +116,7 @@ class SharedState:
         """Ask Redis once (PING) and report what it says. Within a failure's
         ``retry_after`` nothing is asked: what is known stands."""
         if not self.usable():
-            self._gauge.set(0)
+            self._publish()
             return
         started = time.monotonic()
         self._calls += 1
@@ -129,7 +144,7 @@ class SharedState:
         self.last_error = f"{type(exc).__name__}: {exc}"[:200]
         self._failed_at = time.monotonic()
         self._down_until = self._failed_at + self.settings.retry_after
-        self._gauge.set(0)
+        self._publish()
 
     def succeeded(self, started: float) -> None:
         """A call that began at ``started`` worked; older news never hides a newer failure."""
@@ -139,7 +154,7 @@ class SharedState:
             log.info("shared_state_restored")
         self.up = True
         self.last_error = None
-        self._gauge.set(1)
+        self._publish()
 
     async def take_global(self, rate: float, burst: int) -> tuple[bool, float] | None:
         """One token from the shared global bucket; None means: use the local one.

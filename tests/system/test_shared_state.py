@@ -266,6 +266,36 @@ async def test_a_carried_breaker_is_synced_by_one_runtime_at_a_time(
     await asyncio.wait_for(retiring, 10)  # the old runtime's Redis clients closed
 
 
+async def test_a_reloads_redis_check_shows_only_once_in_service(
+    fake_model: FakeModel, redis_server: tuple[Any, str], start_sidecar: StartSidecar
+) -> None:
+    """A reload to another Redis, one that is down, checks it before the swap: the
+    gauge went 0 while the Redis in service was up (and stayed 0 had the reload
+    failed). It shows the new Redis's state once that runtime is in service."""
+    probed, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_health(request: web.Request) -> web.Response:
+        probed.set()
+        await release.wait()
+        return web.json_response({})
+
+    fake_model.on("/slow-health", slow_health)
+    config = shared_config(fake_model.url, redis_url=redis_server[1])
+    sidecar = await start_sidecar(config)
+    assert (await redis_health(sidecar))[1] == 1
+    config["shared_state"]["redis_url"] = f"redis://{LOOPBACK}:{closed_port()}/0"
+    config["upstreams"]["model"]["health"] = {"path": "/slow-health", "interval": "1h"}
+    sidecar.running.live.config_path.write_text(yaml.safe_dump(config))
+    reload = asyncio.create_task(sidecar.running.reload())
+    await asyncio.wait_for(probed.wait(), 10)  # built, checked its Redis, probing
+    assert (await redis_health(sidecar))[1] == 1  # the Redis in service is up
+    release.set()
+    assert (await asyncio.wait_for(reload, 10))["result"] == "ok"
+    assert (await redis_health(sidecar))[1] == 0  # now the one in service is down
+    [retiring] = [t for t in asyncio.all_tasks() if t.get_name() == "retire-runtime"]
+    await asyncio.wait_for(retiring, 10)  # the old runtime's Redis clients closed
+
+
 async def redis_health(sidecar: SidecarHandle) -> tuple[str, float | None]:
     """The internal:redis check's status and sidecar_shared_state_up."""
     async with sidecar.session.get(sidecar.admin_url + "/health") as resp:
