@@ -227,6 +227,27 @@ async def test_a_circuit_opened_just_before_a_reload_stays_open_and_is_published
     assert other_breaker.state == "open"
 
 
+async def reload_held_in_its_probe(
+    sidecar: SidecarHandle, fake_model: FakeModel, config: dict[str, Any]
+) -> tuple[asyncio.Task[dict[str, Any]], asyncio.Event]:
+    """Reload to ``config`` with the model's readiness path changed to one that holds
+    its answer: the reload is built and waits for that probe (before the swap) until
+    the returned event is set; the reload's task."""
+    probed, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_health(request: web.Request) -> web.Response:
+        probed.set()
+        await release.wait()
+        return web.json_response({})
+
+    fake_model.on("/slow-health", slow_health)
+    config["upstreams"]["model"]["health"] = {"path": "/slow-health", "interval": "1h"}
+    sidecar.running.live.config_path.write_text(yaml.safe_dump(config))
+    reload = asyncio.create_task(sidecar.running.reload())
+    await asyncio.wait_for(probed.wait(), 10)
+    return reload, release
+
+
 def breaker_sync_tasks() -> int:
     return sum(1 for t in asyncio.all_tasks() if t.get_name() == "breaker-sync-model")
 
@@ -238,22 +259,11 @@ async def test_a_carried_breaker_is_synced_by_one_runtime_at_a_time(
     by the runtime in service alone; the new runtime's sync starts at the swap, from
     what the old one last agreed with Redis, and the old one exchanges no more. (Two at
     once would each publish from their own view of Redis.)"""
-    probed, release = asyncio.Event(), asyncio.Event()
-
-    async def slow_health(request: web.Request) -> web.Response:
-        probed.set()
-        await release.wait()
-        return web.json_response({})
-
-    fake_model.on("/slow-health", slow_health)
     config = shared_config(fake_model.url, redis_url=redis_server[1])
     sidecar = await start_sidecar(config)
     old = sidecar.running.runtime.breaker_syncs[0]
     assert breaker_sync_tasks() == 1
-    config["upstreams"]["model"]["health"] = {"path": "/slow-health", "interval": "1h"}
-    sidecar.running.live.config_path.write_text(yaml.safe_dump(config))
-    reload = asyncio.create_task(sidecar.running.reload())
-    await asyncio.wait_for(probed.wait(), 10)  # built, and waiting for its probe
+    reload, release = await reload_held_in_its_probe(sidecar, fake_model, config)
     assert breaker_sync_tasks() == 1  # the old runtime's only
     release.set()
     assert (await asyncio.wait_for(reload, 10))["result"] == "ok"
@@ -272,22 +282,11 @@ async def test_a_reloads_redis_check_shows_only_once_in_service(
     """A reload to another Redis, one that is down, checks it before the swap: the
     gauge went 0 while the Redis in service was up (and stayed 0 had the reload
     failed). It shows the new Redis's state once that runtime is in service."""
-    probed, release = asyncio.Event(), asyncio.Event()
-
-    async def slow_health(request: web.Request) -> web.Response:
-        probed.set()
-        await release.wait()
-        return web.json_response({})
-
-    fake_model.on("/slow-health", slow_health)
     config = shared_config(fake_model.url, redis_url=redis_server[1])
     sidecar = await start_sidecar(config)
     assert (await redis_health(sidecar))[1] == 1
     config["shared_state"]["redis_url"] = f"redis://{LOOPBACK}:{closed_port()}/0"
-    config["upstreams"]["model"]["health"] = {"path": "/slow-health", "interval": "1h"}
-    sidecar.running.live.config_path.write_text(yaml.safe_dump(config))
-    reload = asyncio.create_task(sidecar.running.reload())
-    await asyncio.wait_for(probed.wait(), 10)  # built, checked its Redis, probing
+    reload, release = await reload_held_in_its_probe(sidecar, fake_model, config)
     assert (await redis_health(sidecar))[1] == 1  # the Redis in service is up
     release.set()
     assert (await asyncio.wait_for(reload, 10))["result"] == "ok"
