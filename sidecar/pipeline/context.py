@@ -33,9 +33,8 @@ class RequestContext:
     outcome: str = OUTCOME_OK  # decided once, when the request ends
     attempts: int = 0
     upstream_started: float | None = None
-    attempt_limit: float = (
-        0.0  # the last attempt's time limit, seconds (its whole answer's when small)
-    )
+    # The last attempt's time limit, in seconds (a small answer's whole body's too).
+    attempt_limit: float = 0.0
     upstream_seconds: float | None = None
     bytes_in: int = 0
     bytes_out: int = 0

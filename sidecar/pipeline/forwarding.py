@@ -468,11 +468,10 @@ async def _answer_from_fallback(
         # none with the circuit open, is not what answered).
         ctx.upstream_started = answer.started
         response = answer.response
-        if response.headers.get_raw(b"connection") is not None:
-            # What the secondary's Connection lists is dropped (by the relay), and it
-            # may list X-Sidecar-Fallback: dropped here instead, the stamp put back.
-            response.headers = client_response_headers(response.headers).without(_CONNECTION)
-            response.headers[FALLBACK_HEADER] = rule
+        # The client's header fields now (what Connection lists, and Connection, left
+        # out), then the stamp: a secondary listing X-Sidecar-Fallback cannot drop it.
+        response.headers = client_response_headers(response.headers).without(_CONNECTION)
+        response.headers[FALLBACK_HEADER] = rule
         try:
             relayed = await relay(request, ctx, answer.upstream, answer.response, path.idle_timeout)
         finally:

@@ -272,7 +272,6 @@ class SecondaryUpstream:
                 status=response.status,
             )
             return None
-        response.headers[FALLBACK_HEADER] = upstream.name
         return SecondaryAnswer(upstream, response, started)
 
     def _refusal(self, response: ClientResponse) -> str | None:

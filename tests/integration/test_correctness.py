@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -375,15 +374,12 @@ async def test_a_small_answer_trickled_under_the_idle_limit_ends_at_the_attempts
     fake_model.on("/trickle", trickling_answer(stop, length=200))  # 20 s, were it let
     config = idle_limit_config(fake_model.url, timeout="1s")
     sidecar = await start_sidecar(config)
-    started = time.monotonic()
     async with sidecar.session.get(sidecar.url + "/trickle") as resp:
         assert resp.status == 504
         error = (await resp.json())["error"]
-    waited = time.monotonic() - started
     stop.set()
     assert error["type"] == "upstream_timeout"
     assert error["message"] == "upstream 'model' did not finish its answer within 1s"
-    assert waited < 5, waited  # a hang bound, not a speed check: 20 s were it let
     config["routes"][0]["fallback"] = {
         "triggers": ["timeout"],
         "chain": [{"static": {"name": "default", "status": 200, "body": {"label": -1}}}],
@@ -437,15 +433,12 @@ async def test_a_small_5xx_trickled_under_the_idle_limit_ends_at_the_attempts_li
     stop = asyncio.Event()
     fake_model.on("/trickle", trickling_answer(stop, status=503, length=100))  # 10 s
     sidecar = await start_sidecar(idle_limit_config(fake_model.url, timeout="1s"))
-    started = time.monotonic()
     try:
         async with sidecar.session.get(sidecar.url + "/trickle") as resp:
             status = resp.status
             body = await resp.read()
     finally:
         stop.set()
-    waited = time.monotonic() - started
-    assert waited < 5, waited  # a hang bound, not a speed check: 10 s were it let
     assert status == 504, body
     assert orjson.loads(body)["error"]["message"] == (
         "upstream 'model' did not finish its answer within 1s"
