@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import os
 import queue
 import re
@@ -421,15 +422,16 @@ def measure(target: Running, concurrency: int, duration: float, workdir: Path) -
 
 
 def alternate(
-    contenders: list[Running], concurrency: int, duration: float, rounds: int, workdir: Path
+    contenders: list[Running], concurrency: int, args: argparse.Namespace, workdir: Path
 ) -> dict[str, Row]:
-    """Median row per contender over rounds in which they take turns."""
+    """Median row per contender over ``args.rounds`` in which they take turns."""
     per: dict[str, list[Row]] = {c.name: [] for c in contenders}
-    for contender in contenders:  # warm the pools and the caches
-        load(contender.url, concurrency, 1.0, workdir)
-    for _ in range(rounds):
+    if not args.quick:  # whose numbers mean little: wrk's shortest run is a second
+        for contender in contenders:  # warm the pools and the caches
+            load(contender.url, concurrency, 1.0, workdir)
+    for _ in range(args.rounds):
         for contender in contenders:
-            per[contender.name].append(measure(contender, concurrency, duration, workdir))
+            per[contender.name].append(measure(contender, concurrency, args.duration, workdir))
     medians = {}
     for name, rows in per.items():
         rows.sort(key=lambda r: r.rps)
@@ -453,7 +455,7 @@ def suite_accesslog(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         )
     isolate(*targets)
     with running(upstream, *targets):
-        rows = alternate(targets, args.concurrency, args.duration, args.rounds, workdir)
+        rows = alternate(targets, args.concurrency, args, workdir)
 
     def mean_rps(prefix: str) -> float:
         return statistics.fmean(r.rps for name, r in rows.items() if name.startswith(prefix))
@@ -760,7 +762,7 @@ def suite_compare(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         _pin_single_process(targets)
         with running(*[t for t in targets if t.name != "direct"]):
             for concurrency in (1, 16, 64):
-                medians = alternate(targets, concurrency, args.duration, args.rounds, workdir)
+                medians = alternate(targets, concurrency, args, workdir)
                 rows += medians.values()
                 _ratios(ratios, medians, f"c={concurrency}")
     slow = fast_upstream(20.0, workdir)
@@ -768,7 +770,7 @@ def suite_compare(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         targets = contenders(slow, workdir, include)
         _pin_single_process(targets)
         with running(*[t for t in targets if t.name != "direct"]):
-            medians = alternate(targets, 256, args.duration, args.rounds, workdir)
+            medians = alternate(targets, 256, args, workdir)
             for row in medians.values():
                 row.contender += " (20ms model)"
             rows += medians.values()
@@ -919,7 +921,7 @@ def suite_features(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     targets = [start_sidecar(name, config, workdir) for name, config in variants.items()]
     isolate(*targets)
     with running(upstream, *targets):
-        medians = alternate(targets, args.concurrency, args.duration, args.rounds, workdir)
+        medians = alternate(targets, args.concurrency, args, workdir)
     base_cpu = medians["pass-through"].cpu_us_per_request
     return {
         "rows": [asdict(r) for r in medians.values()],
@@ -1027,6 +1029,28 @@ def _access_record(n: int) -> dict[str, Any]:
     }
 
 
+def _build_baseline(path: Path) -> None:
+    """Compile the checkout at ``path``. This tree's current build is handed over first
+    and kept when the checkout's sources are the same (``--ensure`` compares digests):
+    against HEAD in a clean tree, the same modules are not compiled twice."""
+    spec = importlib.util.spec_from_file_location("build_native", ROOT / "build_native.py")
+    assert spec is not None
+    assert spec.loader is not None
+    build_native = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_native)
+    built = build_native.built_in_place()
+    if built and build_native.stale() is None:
+        for file in [*built, build_native.STAMP]:
+            copy = path / file.relative_to(ROOT)
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(file, copy)
+    ensured = subprocess.run([sys.executable, "build_native.py", "--ensure"], cwd=path, check=False)
+    if ensured.returncode == 2:  # a commit from before --ensure: it builds in place
+        subprocess.run([sys.executable, "build_native.py", "--inplace"], cwd=path, check=True)
+    elif ensured.returncode != 0:
+        raise SystemExit(f"build_native.py failed in the checkout of {path.name}")
+
+
 @contextmanager
 def worktree(ref: str, workdir: Path) -> Iterator[Path]:
     """A detached checkout of ``ref`` (a commit, tag or branch) for the length of a run."""
@@ -1035,7 +1059,7 @@ def worktree(ref: str, workdir: Path) -> Iterator[Path]:
         ["git", "worktree", "add", "--detach", "--quiet", str(path), ref], cwd=ROOT, check=True
     )
     if (path / "build_native.py").exists():  # a commit that ships compiled runs compiled
-        subprocess.run([sys.executable, "build_native.py", "--inplace"], cwd=path, check=True)
+        _build_baseline(path)
     try:
         yield path
     finally:
@@ -1072,9 +1096,7 @@ def suite_versus(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 isolate(*targets)
                 with running(*targets):
                     for concurrency in levels:
-                        medians = alternate(
-                            targets, concurrency, args.duration, args.rounds, workdir
-                        )
+                        medians = alternate(targets, concurrency, args, workdir)
                         label = f"c={concurrency}" + (f" {latency:g}ms" if latency else "")
                         for row in medians.values():
                             row.contender += f" ({label})"
@@ -1158,7 +1180,8 @@ def main() -> int:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a smoke run of the same suites (0.5 s measurements, one round, a 2 s soak): "
+        help="a smoke run of the same suites (one round of the shortest measurements, "
+        "no warm-up, a 2 s soak): "
         "checks that every contender starts and answers; its numbers mean little",
     )
     args = parser.parse_args()
