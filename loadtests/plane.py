@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
+import shutil
 import sys
 import tempfile
 import time
@@ -135,6 +137,7 @@ async def sidecar_handler(contender: str) -> Callable[[Request], Awaitable[Any]]
     from sidecar.upstream.upstreams import ConnectionPools
 
     workdir = Path(tempfile.mkdtemp(prefix="sidecar-plane-"))
+    atexit.register(shutil.rmtree, workdir, ignore_errors=True)  # its config and logs
     url = "http://127.0.0.1:9"
     config = bench.full_config(url, workdir) if contender == "full" else bench.sidecar_config(url)
     config["upstreams"]["model"]["health"] = {"interval": "600s"}
