@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from sidecar.analytics.drift import DriftMonitor
 from sidecar.config.plan import Plan
-from sidecar.config.schema import Upstream
+from sidecar.config.schema import CacheFallback, FallbackPolicy, Route, Upstream
 from sidecar.control.health import LoopLagMonitor
 from sidecar.pipeline.auth import Authenticator
 from sidecar.pipeline.forwarding import RoutePath, UpstreamGuard
@@ -20,7 +20,7 @@ from sidecar.telemetry.logs import Logs
 from sidecar.telemetry.logwriter import LogWriter
 from sidecar.telemetry.metrics import Metrics
 from sidecar.upstream.breaker import UpstreamBreaker
-from sidecar.upstream.fallback import FallbackChain
+from sidecar.upstream.fallback import FallbackChain, ResponseCache
 from sidecar.upstream.retry import RetryBudget
 from sidecar.upstream.shadow import ShadowMirror
 from sidecar.upstream.upstreams import ConnectionPools, InFlightCount, Upstreams
@@ -48,8 +48,10 @@ class Runtime:
     ) -> None:
         """``previous``: the runtime this one replaces (a reload), whose shadow
         copies still out count against this one's limits, whose rate-limit
-        buckets carry on, and whose breakers carry on where the upstream's URL and
-        breaker settings are unchanged (an open circuit stays open)."""
+        buckets carry on, whose breakers carry on where the upstream's URL and
+        breaker settings are unchanged (an open circuit stays open), and whose
+        routes' fallback caches carry on where what a cached answer means is
+        unchanged (``_kept_cache``)."""
         self.plan = plan
         self.loaded = loaded = plan.loaded
         self.config = config = loaded.config
@@ -88,6 +90,7 @@ class Runtime:
                         route.protocol,
                         metrics.dropped.labels("fallback_cache", route.name),
                         metrics.dropped.labels("fallback_too_large", route.name),
+                        _kept_cache(previous, route, config.upstreams[route.upstream]),
                     )
                     if route.fallback
                     else None
@@ -290,3 +293,44 @@ def _kept_breaker(
     if before.url != upstream.url or before.breaker != upstream.breaker:
         return None
     return guard.breaker
+
+
+def _cache_settings(policy: FallbackPolicy | None) -> CacheFallback | None:
+    """The settings of the cache step a chain stores into (its last, as FallbackChain
+    builds it)."""
+    settings = None
+    for step in policy.chain if policy is not None else ():
+        if step.cache is not None:
+            settings = step.cache
+    return settings
+
+
+def _kept_cache(previous: Runtime | None, route: Route, upstream: Upstream) -> ResponseCache | None:
+    """The fallback cache of ``previous`` for this route, when a reload changed nothing
+    that decides what a cached answer is: the cache's settings, the route's protocol
+    (its key, and the ``id`` a cached answer is given) and the model that gave the
+    answers (the route's upstream: where it is, the URL, and the headers it is sent).
+    A model that is down during a reload can still be stood in for by its last good
+    answers. The cache is shared with the retired chain, whose stragglers store into
+    it too (the same model's answers): one set of entries, counted once in its
+    budget. None: an empty cache (another model's answer must never be served)."""
+    if previous is None or route.fallback is None:
+        return None
+    before_path = previous.paths.get(route.name)
+    if before_path is None or before_path.fallback is None:
+        return None
+    cache = before_path.fallback.cache
+    before = before_path.route
+    before_upstream = previous.config.upstreams.get(before.upstream)
+    settings = _cache_settings(route.fallback)
+    if (
+        cache is None
+        or settings is None
+        or settings != _cache_settings(before.fallback)
+        or before.protocol != route.protocol
+        or before_upstream is None
+        or before_upstream.url != upstream.url
+        or before_upstream.headers != upstream.headers
+    ):
+        return None
+    return cache

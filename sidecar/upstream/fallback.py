@@ -308,9 +308,13 @@ class FallbackChain:
         protocol: str = "plain",
         evicted: Any = None,
         too_large: Any = None,
+        cache: ResponseCache | None = None,
     ) -> None:
         """``evicted``, ``too_large``: counters of cached answers evicted and of
-        secondary models' answers too large to take."""
+        secondary models' answers too large to take. ``cache``: the cache of the
+        chain a reload replaces, carried on for the cache step (the caller checked
+        that its answers mean the same here); it goes on holding, and counting in its
+        budget, what both chains store."""
         self.triggers = frozenset(policy.triggers)
         self.statuses = frozenset(policy.statuses)
         # What readiness needs to know: the secondary models the chain asks, and
@@ -321,7 +325,12 @@ class FallbackChain:
         steps: list[Step] = []
         for step in policy.chain:
             if step.cache is not None:
-                self.cache = ResponseCache(step.cache, protocol, clock, evicted)
+                # Not ``cache or ...``: an empty cache is falsy (it has a length).
+                self.cache = (
+                    cache
+                    if cache is not None
+                    else ResponseCache(step.cache, protocol, clock, evicted)
+                )
                 steps.append(self.cache)
             elif step.rules is not None:
                 steps.append(

@@ -9,6 +9,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 import yaml
 from aiohttp import web
 
@@ -611,3 +612,91 @@ async def test_a_reload_that_removes_an_upstream_drops_its_circuit_and_readiness
         for line in text.splitlines()
         if line.startswith(("sidecar_circuit_state", "sidecar_upstream_ready"))
     )
+
+
+def _cached_route_config(url: str) -> dict[str, Any]:
+    """A route whose fallback asks its cache (room for two of the answers below), then
+    answers a static default; no breaker, so a 503 of the model is a fallback each time."""
+    config = base_config(url)
+    config["upstreams"]["model"]["breaker"] = {"enabled": False}
+    config["routes"][0]["fallback"] = {
+        "chain": [
+            {"cache": {"ttl": "1h", "max_bytes": "40B"}},
+            {"static": {"name": "default-answer", "body": {"label": -1}}},
+        ]
+    }
+    return config
+
+
+def _echo_unless_down(state: dict[str, bool]) -> Any:
+    async def answer(request: web.Request) -> web.Response:
+        payload = await request.json()
+        if state["up"]:
+            return web.json_response({"echo": payload})  # 18 bytes for {"n": 0}
+        return web.json_response({"error": "down"}, status=503)
+
+    return answer
+
+
+async def test_a_reload_that_leaves_a_route_alone_keeps_its_fallback_cache(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """Each reload built each route a new fallback chain, and with it an empty cache:
+    a model down at a reload had lost every answer the cache could have given. With
+    the route's protocol, its cache settings and its model unchanged, the cache
+    carries on, with the bytes it holds counted in its budget: the answer stored
+    after the reload evicts the oldest, as it would have without the reload."""
+    state = {"up": True}
+    fake_model.on("/infer", _echo_unless_down(state))
+    config = _cached_route_config(fake_model.url)
+    sidecar = await start_sidecar(config)
+
+    async def ask(n: int) -> tuple[str | None, Any]:
+        async with sidecar.session.post(sidecar.url + "/infer", json={"n": n}) as resp:
+            assert resp.status == 200
+            return resp.headers.get("X-Sidecar-Fallback"), await resp.json()
+
+    assert await ask(0) == (None, {"echo": {"n": 0}})
+    assert await ask(1) == (None, {"echo": {"n": 1}})
+    config["routes"][0]["timeout"] = "7s"  # a change elsewhere in the route
+    sidecar.running.live.config_path.write_text(yaml.safe_dump(config))
+    assert (await sidecar.running.reload())["result"] == "ok"
+    assert await ask(2) == (None, {"echo": {"n": 2}})  # 54 bytes in 40: n=0 goes
+    state["up"] = False
+    assert await ask(1) == ("cache", {"echo": {"n": 1}})
+    assert await ask(2) == ("cache", {"echo": {"n": 2}})
+    assert await ask(0) == ("default-answer", {"label": -1})
+    text = await metrics_text(sidecar)
+    assert metric_value(text, "sidecar_dropped_total", buffer="fallback_cache", route="all") == 1
+
+
+@pytest.mark.parametrize("change", ["cache ttl", "model url", "model headers", "protocol"])
+async def test_a_reload_that_changes_what_a_cached_answer_means_empties_the_cache(
+    make_fake_model: MakeFakeModel, start_sidecar: StartSidecar, change: str
+) -> None:
+    """A cached answer is carried over a reload only when it would still be the
+    answer: other cache settings start a new cache, and so does another model (another
+    URL, or other headers the sidecar sends it) or another protocol (another key)."""
+    state = {"up": True}
+    first, second = await make_fake_model(), await make_fake_model()
+    first.on("/infer", _echo_unless_down(state))
+    second.on("/infer", _echo_unless_down(state))
+    config = _cached_route_config(first.url)
+    sidecar = await start_sidecar(config)
+    async with sidecar.session.post(sidecar.url + "/infer", json={"n": 0}) as resp:
+        assert await resp.json() == {"echo": {"n": 0}}
+    if change == "cache ttl":
+        config["routes"][0]["fallback"]["chain"][0]["cache"]["ttl"] = "2h"
+    elif change == "model url":
+        config["upstreams"]["model"]["url"] = second.url
+    elif change == "model headers":
+        config["upstreams"]["model"]["headers"] = {"X-Model-Version": "2"}
+    else:
+        config["routes"][0]["protocol"] = "v2"
+    sidecar.running.live.config_path.write_text(yaml.safe_dump(config))
+    assert (await sidecar.running.reload())["result"] == "ok"
+    state["up"] = False
+    async with sidecar.session.post(sidecar.url + "/infer", json={"n": 0}) as resp:
+        assert resp.status == 200
+        assert resp.headers["X-Sidecar-Fallback"] == "default-answer"
+        assert await resp.json() == {"label": -1}
