@@ -346,17 +346,37 @@ async def _mirrored(
     if ticket is not None:
         ctx.capture = StreamCapture(mirror.settings.compare.max_body_size)
     answer: Answer | None = None
+    failed = False  # the primary was asked, and neither it nor the fallback answered
     try:
         answer = await _answer(request, ctx, path, call)
         return answer
+    except (errors.UpstreamError, errors.UpstreamTimeout):
+        failed = True  # not a reload's refusal, nor an open circuit, nor a shed request
+        raise
     finally:
         if ticket is not None:
             ticket.resolve(_primary_outcome(ctx, answer))
+        _report_primary(mirror, ctx, answer, failed, mirrored=ticket is not None)
+
+
+def _report_primary(
+    mirror: ShadowMirror, ctx: RequestContext, answer: Answer | None, failed: bool, mirrored: bool
+) -> None:
+    """What the request tells the governor of the primary model: its time to answer
+    and whether that was a 5xx, when it answered. When the fallback answered for it,
+    a failure without a latency: the time then was a secondary model's (or none, for
+    the cache, rules and static steps), and a fallback's 200 does not make the
+    primary's failure a success. Nothing when the primary was never asked (an open
+    circuit, a shed request) or the request ended otherwise (the client left, a
+    reload refused it)."""
+    if ctx.attempts == 0:
+        return
+    if answer is not None and ctx.answered_by == "model":
         mirror.governor.record_primary(
-            ctx.upstream_seconds or 0.0,
-            error=answer is None or answer.status >= 500,
-            mirrored=ticket is not None,
+            ctx.upstream_seconds, error=answer.status >= 500, mirrored=mirrored
         )
+    elif failed or (answer is not None and ctx.answered_by == "fallback"):
+        mirror.governor.record_primary(None, error=True, mirrored=mirrored)
 
 
 def _primary_outcome(ctx: RequestContext, answer: Answer | None) -> PrimaryOutcome:

@@ -128,41 +128,53 @@ class Governor:
     def _reset(self) -> None:
         self.shadow_sent = 0
         self.shadow_failed = 0
-        self.mirrored = [0, 0.0, 0]  # count, latency sum, 5xx count
-        self.plain = [0, 0.0, 0]
+        # count, latency sum, failures, latencies summed (answers of the primary's own)
+        self.mirrored = [0, 0.0, 0, 0]
+        self.plain = [0, 0.0, 0, 0]
 
     def record_shadow(self, failed: bool) -> None:
         self.shadow_sent += 1
         self.shadow_failed += failed
 
-    def record_primary(self, latency: float, error: bool, mirrored: bool) -> None:
+    def record_primary(self, latency: float | None, error: bool, mirrored: bool) -> None:
+        """One request the primary model was asked: ``latency`` is its time to answer,
+        None when it gave no answer (a failure another step answered for, or none
+        did): such a request counts in the failure rate, not in the mean latency."""
         bucket = self.mirrored if mirrored else self.plain
         bucket[0] += 1
-        bucket[1] += latency
         bucket[2] += error
+        if latency is not None:
+            bucket[1] += latency
+            bucket[3] += 1
 
     def evaluate(self) -> tuple[float, str]:
         """Once per interval: the new fraction and why."""
         s = self.settings
-        if self.plain[0] >= s.min_samples:  # unmirrored traffic is the reference
-            self.reference_latency = self.plain[1] / self.plain[0]
-            self.reference_error_rate = self.plain[2] / self.plain[0]
+        plain, mirrored = self.plain, self.mirrored
+        # Unmirrored traffic is the reference.
+        if plain[0] >= s.min_samples:
+            self.reference_error_rate = plain[2] / plain[0]
+        if plain[3] >= s.min_samples:
+            self.reference_latency = plain[1] / plain[3]
         reason = "healthy"
         if self.shadow_sent >= s.min_samples and (
             self.shadow_failed / self.shadow_sent > s.max_shadow_failure_rate
         ):
             reason = "shadow failing"
-        elif self.mirrored[0] >= s.min_samples and self.reference_latency is not None:
-            latency = self.mirrored[1] / self.mirrored[0]
-            error_rate = self.mirrored[2] / self.mirrored[0]
-            slower = latency - self.reference_latency
-            if (
-                latency > (1 + s.max_latency_increase) * self.reference_latency
-                and slower > s.min_latency_increase  # no flapping on sub-ms noise
-            ):
-                reason = "primary slower while shadowing"
-            elif error_rate > (self.reference_error_rate or 0.0) + s.max_error_rate_increase:
-                reason = "primary failing more while shadowing"
+        elif (
+            mirrored[3] >= s.min_samples
+            and self.reference_latency is not None
+            and mirrored[1] / mirrored[3] > (1 + s.max_latency_increase) * self.reference_latency
+            # no flapping on sub-ms noise
+            and mirrored[1] / mirrored[3] - self.reference_latency > s.min_latency_increase
+        ):
+            reason = "primary slower while shadowing"
+        elif (
+            mirrored[0] >= s.min_samples
+            and self.reference_error_rate is not None
+            and mirrored[2] / mirrored[0] > self.reference_error_rate + s.max_error_rate_increase
+        ):
+            reason = "primary failing more while shadowing"
         if reason == "healthy":
             self.fraction = min(self.configured, self.fraction + s.recover_step * self.configured)
         else:

@@ -692,3 +692,66 @@ def test_embedding_shadows_compare_vectors_not_encodings() -> None:
     )
     assert differs.result == "mismatch"
     assert [d["field"] for d in differs.differences] == ["data[1].embedding.cosine"]
+
+
+async def test_the_governor_judges_the_primary_model_not_the_fallback_that_answered(
+    make_fake_model: MakeFakeModel, start_sidecar: StartSidecar, tmp_path: Path
+) -> None:
+    """A request the fallback answered reached the governor as the primary's: with the
+    secondary model's time as the primary's latency, and the fallback's 200 as the
+    primary's success. One slow fallback answer among ten mirrored requests made the
+    primary "slower while shadowing" and backed the fraction off for nothing; a
+    primary failing half of them, stood in for by a quick fallback, looked healthy."""
+    primary, candidate, secondary = [await make_fake_model() for _ in range(3)]
+
+    async def primary_model(request: web.Request) -> web.Response:
+        if (await request.json()).get("fail"):
+            return web.json_response({"error": "down"}, status=503)
+        return web.json_response(v2([1.0, 0.0, 0.0]))
+
+    async def secondary_model(request: web.Request) -> web.Response:
+        if (await request.json()).get("slow"):
+            await asyncio.sleep(1.0)
+        return web.json_response(v2([1.0, 0.0, 0.0]))
+
+    primary.on("/infer", primary_model)
+    candidate.on("/infer", answering(v2([1.0, 0.0, 0.0])))
+    secondary.on("/infer", secondary_model)
+    config = shadow_config(
+        primary.url,
+        candidate.url,
+        tmp_path,
+        governor={
+            "enabled": True,
+            "interval": "1h",
+            "min_samples": 5,
+            "min_latency_increase": "50ms",
+            "max_error_rate_increase": 0.2,
+            "recover_step": 1.0,
+        },
+    )
+    config["upstreams"]["model"]["breaker"] = {"enabled": False}
+    config["upstreams"]["secondary"] = {"url": secondary.url, "breaker": {"enabled": False}}
+    config["routes"][0]["fallback"] = {
+        "chain": [{"upstream": {"name": "secondary", "timeout": "5s"}}]
+    }
+    sidecar = await start_sidecar(config)
+    mirror = sidecar.running.runtime.paths["all"].shadow
+    assert mirror is not None
+
+    async def traffic(*payloads: dict[str, bool]) -> None:
+        for payload in payloads:
+            async with sidecar.session.post(sidecar.url + "/infer", json=payload) as resp:
+                assert resp.status == 200
+                assert ("X-Sidecar-Fallback" in resp.headers) == bool(payload)
+        await asyncio.wait_for(mirror.wait_idle(), 10)
+
+    mirror.governor.fraction = 0.0  # unmirrored first: the primary's reference
+    await traffic(*[{}] * 10)
+    assert mirror.govern() == 1.0  # healthy: back to the whole configured fraction
+    await traffic(*[{}] * 9, {"fail": True, "slow": True})  # 10% failed, within 20
+    assert mirror.govern() == 1.0
+    await traffic(*[{}] * 5, *[{"fail": True}] * 5)  # 50% failed
+    assert mirror.govern() == 0.5
+    text = await metrics_text(sidecar)
+    assert metric_value(text, "sidecar_shadow_fraction", route="all") == 0.5

@@ -75,7 +75,12 @@ def test_counts_start_again_every_interval() -> None:
     g.evaluate()
     g.record_shadow(failed=True)
     assert g.evaluate()[1] == "healthy"  # 1 of 1, not 4 of 4
-    assert (g.shadow_sent, g.shadow_failed, g.mirrored, g.plain) == (0, 0, [0, 0.0, 0], [0, 0.0, 0])
+    assert (g.shadow_sent, g.shadow_failed, g.mirrored, g.plain) == (
+        0,
+        0,
+        [0, 0.0, 0, 0],
+        [0, 0.0, 0, 0],
+    )
 
 
 def test_records_add_up_per_kind_of_primary() -> None:
@@ -83,14 +88,29 @@ def test_records_add_up_per_kind_of_primary() -> None:
     g.record_primary(0.5, error=True, mirrored=True)
     g.record_primary(0.25, error=False, mirrored=True)
     g.record_primary(0.125, error=True, mirrored=False)
+    g.record_primary(None, error=True, mirrored=False)  # failed, without a latency
     g.record_shadow(failed=False)
     g.record_shadow(failed=True)
     assert (g.mirrored, g.plain, g.shadow_sent, g.shadow_failed) == (
-        [2, 0.75, 1],
-        [1, 0.125, 1],
+        [2, 0.75, 1, 2],  # count, latency sum, failures, latencies
+        [2, 0.125, 2, 1],
         2,
         1,
     )
+
+
+def test_a_primary_failure_without_a_latency_counts_in_the_failure_rate_only() -> None:
+    """A request the fallback answered for is the primary's failure, and its time was
+    not the primary's: the mean latency is over the answers the primary gave."""
+    g = governor(max_latency_increase=0.25, max_error_rate_increase=0.5)
+    feed(g, 4, 0.020, mirrored=False)
+    feed(g, 4, 0.020, mirrored=True)
+    g.record_primary(None, error=True, mirrored=True)  # 20% failed: within 50 points
+    assert g.evaluate() == (1.0, "healthy")
+    feed(g, 3, 0.500, mirrored=True)  # slower, but three latencies are too few to judge
+    for _ in range(4):
+        g.record_primary(None, error=True, mirrored=True)
+    assert g.evaluate() == (0.5, "primary failing more while shadowing")  # 4 of 7
 
 
 def test_unmirrored_traffic_sets_the_reference_and_it_is_kept() -> None:
