@@ -381,10 +381,12 @@ def _report_primary(
 
 def _primary_outcome(ctx: RequestContext, answer: Answer | None) -> PrimaryOutcome:
     if answer is None:
-        return PrimaryOutcome(0, None, 0.0, reason="primary failed")
-    latency = ctx.upstream_seconds or 0.0
+        return PrimaryOutcome(0, None, None, reason="primary failed")
     if ctx.answered_by == "fallback":
-        return PrimaryOutcome(answer.status, None, latency, reason="primary answered by fallback")
+        # No latency of the primary's: the time was the fallback's (a secondary
+        # model's, or none).
+        return PrimaryOutcome(answer.status, None, None, reason="primary answered by fallback")
+    latency = ctx.upstream_seconds
     encoding = answer.headers.get_raw(b"content-encoding")
     if isinstance(answer, Response):
         return PrimaryOutcome(answer.status, answer.body, latency, encoding=encoding)

@@ -47,7 +47,7 @@ _COMPARE_INLINE = 64 * 1024
 class PrimaryOutcome:
     status: int
     body: bytes | None  # None: too large to compare, or never held (fallback, error)
-    latency: float  # the model's time (to headers), seconds
+    latency: float | None  # the model's time (to headers), seconds; None: it gave no answer
     streamed: bool = False
     reason: str | None = None  # why there is nothing to compare
     encoding: bytes | None = None  # its Content-Encoding, as sent
@@ -333,9 +333,13 @@ class ShadowMirror:
             "timestamp": time.time(),
             "request_id": call.request_id,
             "route": self.route,
-            "primary_status": primary.status if primary else None,
+            "primary_status": (primary.status or None) if primary else None,  # 0: none
             "shadow_status": status or None,
-            "primary_ms": round(primary.latency * 1000, 3) if primary else None,
+            "primary_ms": (
+                round(primary.latency * 1000, 3)
+                if primary is not None and primary.latency is not None
+                else None
+            ),
             "shadow_ms": round(latency * 1000, 3),
         }
         if primary is not None and primary.body is None and primary.reason == "too_large":
@@ -365,13 +369,15 @@ class ShadowMirror:
             else:
                 comparison = compare()
             self._comparisons.labels(self.route, comparison.result).inc()
-            delta = latency - primary.latency
-            self._delta.observe(delta)
+            # A body to compare is the model's answer, which has its latency.
+            delta = None if primary.latency is None else latency - primary.latency
+            if delta is not None:
+                self._delta.observe(delta)
             record.update(
                 result=comparison.result,
                 agreement=comparison.agreement,
                 reason=comparison.reason,
-                latency_delta_ms=round(delta * 1000, 3),
+                latency_delta_ms=None if delta is None else round(delta * 1000, 3),
                 max_abs_diff=comparison.max_abs_diff,
                 cosine=comparison.cosine,
                 label_agreement=comparison.label_agreement,

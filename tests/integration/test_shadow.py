@@ -755,3 +755,69 @@ async def test_the_governor_judges_the_primary_model_not_the_fallback_that_answe
     assert mirror.govern() == 0.5
     text = await metrics_text(sidecar)
     assert metric_value(text, "sidecar_shadow_fraction", route="all") == 0.5
+
+
+async def test_the_comparison_log_gives_no_primary_time_when_the_primary_gave_no_answer(
+    make_fake_model: MakeFakeModel, start_sidecar: StartSidecar, tmp_path: Path
+) -> None:
+    """The comparison log's primary_ms was the secondary model's time when the
+    fallback answered for the primary (and 0 when nothing answered): a primary that
+    failed at once showed as taking the secondary's 300 ms. The model's own answer, a
+    503 too, keeps its time."""
+    primary, candidate, secondary = [await make_fake_model() for _ in range(3)]
+
+    async def secondary_model(request: web.Request) -> web.Response:
+        await request.read()
+        await asyncio.sleep(0.3)
+        return web.json_response(v2([1.0, 0.0, 0.0]))
+
+    primary.on("/infer", status_handler_503)
+    candidate.on("/infer", answering(v2([1.0, 0.0, 0.0])))
+    secondary.on("/infer", secondary_model)
+    config = shadow_config(primary.url, candidate.url, tmp_path)
+    config["upstreams"]["model"]["breaker"] = {"enabled": False}
+    config["upstreams"]["secondary"] = {"url": secondary.url, "breaker": {"enabled": False}}
+    config["routes"][0]["fallback"] = {
+        "chain": [{"upstream": {"name": "secondary", "timeout": "5s"}}]
+    }
+    sidecar = await start_sidecar(config)
+    async with sidecar.session.post(
+        sidecar.url + "/infer", data=b"{}", headers={"X-Request-ID": "by-fallback"}
+    ) as resp:
+        assert resp.headers["X-Sidecar-Fallback"] == "secondary"
+    secondary.on("/infer", status_handler_503)  # now nothing answers: the model's 503
+    async with sidecar.session.post(
+        sidecar.url + "/infer", data=b"{}", headers={"X-Request-ID": "unanswered"}
+    ) as resp:
+        assert resp.status == 503
+    await primary.server.close()  # and now no model answers at all: our 502
+    async with sidecar.session.post(
+        sidecar.url + "/infer", data=b"{}", headers={"X-Request-ID": "no-model"}
+    ) as resp:
+        assert (resp.status, (await resp.json())["error"]["type"]) == (502, "upstream_error")
+    await settled_metrics(sidecar)
+    await sidecar.running.stop()
+    records = {
+        record["request_id"]: record
+        for record in map(orjson.loads, (tmp_path / "shadow.jsonl").read_bytes().splitlines())
+    }
+    fallback, unanswered, no_model = (
+        records["by-fallback"],
+        records["unanswered"],
+        records["no-model"],
+    )
+    assert (fallback["primary_status"], fallback["reason"]) == (
+        200,
+        "primary answered by fallback",
+    )
+    assert fallback["primary_ms"] is None
+    assert fallback["shadow_ms"] > 0
+    assert unanswered["primary_status"] == 503  # the model's own 503, relayed
+    assert unanswered["primary_ms"] > 0
+    assert (no_model["primary_status"], no_model["reason"]) == (None, "primary failed")
+    assert no_model["primary_ms"] is None  # was 0
+
+
+async def status_handler_503(request: web.Request) -> web.Response:
+    await request.read()
+    return web.json_response({"error": "down"}, status=503)
