@@ -147,18 +147,19 @@ class ResponseCache:
         content_type: str | None,
         body: bytes,
     ) -> None:
-        if len(body) > self._settings.max_body_size:
-            return
+        settings = self._settings
         key = canonical_key(method, target, request_body, self._protocol)
         old = self._entries.pop(key, None)
         if old is not None:
             self._bytes -= len(old.body)
+        if len(body) > settings.max_body_size or len(body) > settings.max_bytes:
+            # Not kept, and the older answer went with it (it is not the last one any
+            # more). One over max_bytes is not stored either: to make room, every
+            # other answer was evicted before it was itself.
+            return
         self._entries[key] = _CacheEntry(self._clock(), status, content_type, body)
         self._bytes += len(body)
-        while (
-            len(self._entries) > self._settings.max_entries
-            or self._bytes > self._settings.max_bytes
-        ):
+        while len(self._entries) > settings.max_entries or self._bytes > settings.max_bytes:
             _, evicted = self._entries.popitem(last=False)
             self._bytes -= len(evicted.body)
             if self._evicted is not None:

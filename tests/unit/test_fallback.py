@@ -213,6 +213,31 @@ def test_answers_are_evicted_to_stay_within_max_bytes() -> None:
     assert c.answer("POST", "/c", b"{}", "r") is not None
 
 
+def test_an_answer_larger_than_max_bytes_is_not_kept_and_evicts_nothing() -> None:
+    """An answer within max_body_size but over max_bytes (a config may set them so)
+    was stored, then everything was evicted to make room for it, itself last: one
+    large answer emptied the cache, and counted every answer it threw out."""
+    evicted = Evictions()
+    c = cache(FakeClock(), evicted=evicted, max_bytes="10B", max_body_size="1KiB")
+    c.store("POST", "/a", b"{}", 200, None, b"aaaa")
+    c.store("POST", "/b", b"{}", 200, None, b"bbbb")
+    c.store("POST", "/c", b"{}", 200, None, b"c" * 11)
+    assert (len(c), c.size_bytes, evicted.count) == (2, 8, 0)
+    assert c.answer("POST", "/a", b"{}", "r") is not None
+    assert c.answer("POST", "/b", b"{}", "r") is not None
+
+
+def test_a_newer_answer_too_large_to_keep_drops_the_older_one() -> None:
+    """The cache gives the last good answer to a request: when the model's newest
+    answer is too large to keep, an older one is no longer that answer."""
+    c = cache(FakeClock(), max_body_size="4B")
+    c.store("POST", "/a", b"{}", 200, None, b"old")
+    c.store("POST", "/b", b"{}", 200, None, b"bb")
+    c.store("POST", "/a", b"{}", 200, None, b"newer")
+    assert c.answer("POST", "/a", b"{}", "r") is None
+    assert (len(c), c.size_bytes) == (1, 2)
+
+
 def test_eviction_without_a_counter_still_evicts() -> None:
     c = cache(FakeClock(), max_entries=1)
     c.store("POST", "/a", b"{}", 200, None, b"a")
