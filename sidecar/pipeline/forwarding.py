@@ -535,7 +535,9 @@ def _record(
                 request.target,
                 request_body,
                 answer.status,
-                answer.content_type,
+                # The whole field, not ``answer.content_type`` (the media type alone):
+                # a charset is part of what the bytes mean.
+                answer.headers.get("Content-Type"),
                 body,
             )
         if path.drift is not None:

@@ -509,6 +509,39 @@ async def test_cache_serves_the_earlier_good_answer_with_age(
         assert resp.headers["X-Sidecar-Fallback"] == "default-answer"
 
 
+async def test_a_cached_answer_keeps_its_content_type_whole(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """The cache kept the answer's media type only: a Latin-1 text answer came back
+    as ``text/plain``, its charset gone, and a client read its bytes as UTF-8."""
+    state = {"up": True}
+    content_type = "text/plain; charset=iso-8859-1"
+
+    async def latin1(request: web.Request) -> web.Response:
+        await request.read()
+        if state["up"]:
+            return web.Response(
+                body="café".encode("latin-1"), headers={"Content-Type": content_type}
+            )
+        return web.json_response({"error": "down"}, status=503)
+
+    fake_model.on("/infer", latin1)
+    config = config_with(
+        fake_model.url,
+        {"fallback": {"chain": [{"cache": {"ttl": "1h"}}, STATIC]}},
+        breaker={"enabled": False},
+    )
+    sidecar = await start_sidecar(config)
+    async with sidecar.session.post(sidecar.url + "/infer", data=b"{}") as resp:
+        assert resp.headers["Content-Type"] == content_type
+        assert await resp.text() == "café"
+    state["up"] = False
+    async with sidecar.session.post(sidecar.url + "/infer", data=b"{}") as resp:
+        assert resp.headers["X-Sidecar-Fallback"] == "cache"
+        assert resp.headers["Content-Type"] == content_type
+        assert await resp.text() == "café"
+
+
 async def test_a_deeply_nested_request_body_is_answered_where_the_fallback_caches(
     fake_model: FakeModel, start_sidecar: StartSidecar
 ) -> None:
