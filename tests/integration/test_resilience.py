@@ -721,6 +721,37 @@ async def test_a_secondary_models_non_2xx_fails_the_step_but_its_verdict_on_the_
     assert metric_value(text, "sidecar_fallback_total", route="infer", rule="simple") == 2
 
 
+async def test_the_models_own_answer_relayed_after_the_fallback_failed_has_its_own_time(
+    make_fake_model: MakeFakeModel, start_sidecar: StartSidecar
+) -> None:
+    """The model's 503 came at once; the secondary model was asked, went silent for
+    its step's 1 s, and the model's 503 went to the client after all. Its
+    Server-Timing (and access log) upstream time was counted from the model's
+    attempt to the relay: the secondary's second was reported as the model's."""
+    primary, simple = await make_fake_model(), await make_fake_model()
+    release = asyncio.Event()
+    primary.on("/infer", status_handler(503))
+    simple.on("/infer", hanging_until(release))
+    config = config_with(
+        primary.url,
+        {"fallback": {"chain": [{"upstream": {"name": "simple", "timeout": "1s"}}]}},
+        breaker={"enabled": False},
+    )
+    config["upstreams"]["simple"] = {"url": simple.url}
+    sidecar = await start_sidecar(config)
+    try:
+        async with sidecar.session.post(sidecar.url + "/infer", data=b"{}") as resp:
+            assert resp.status == 503
+            assert await resp.json() == {"status": 503}  # the model's own answer
+            timing = dict(
+                part.strip().split(";dur=") for part in resp.headers["Server-Timing"].split(",")
+            )
+    finally:
+        release.set()
+    assert float(timing["total"]) >= 1000  # the secondary's step was waited for
+    assert float(timing["upstream"]) < 500  # but it was not the model's time
+
+
 async def test_a_secondary_model_cannot_drop_the_fallback_header(
     make_fake_model: MakeFakeModel, start_sidecar: StartSidecar
 ) -> None:
