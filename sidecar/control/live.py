@@ -52,6 +52,9 @@ class LiveRuntime:
         self._pools = pools
         self._clock = clock
         self._retiring = BackgroundTasks()
+        # Runtimes a reload retired and that are not stopped yet: the sidecar's own stop
+        # cuts their drain short and stops each, whatever stage its retirement reached.
+        self._retired: list[Runtime] = []
         self._publisher = BackgroundTasks()
         self._reload_lock = asyncio.Lock()
         self.loop_lag = LoopLagMonitor(metrics)
@@ -95,6 +98,13 @@ class LiveRuntime:
 
     async def stop(self) -> None:
         await self._retiring.stop()
+        # A retirement cancelled before it started, while it waited for the drain, or
+        # part way through stopping leaves its runtime's Redis clients, shadow copies
+        # and breaker syncs to the garbage collector: stop them here (stop() may be
+        # called again, each part once stopped stays stopped).
+        retired, self._retired = self._retired, []
+        for old in retired:
+            await old.stop()
         await self.current.stop()
         await self.loop_lag.stop()
         await self.process.stop()
@@ -140,6 +150,7 @@ class LiveRuntime:
             self.current, self._pipeline = fresh, build_pipeline(fresh)  # the swap
             fresh.put_in_service(old)
             self._publish(loaded)
+            self._retired.append(old)
             self._retiring.spawn(self._retire(old), name="retire-runtime")
             self._metrics.config_reloads.labels("ok").inc()
             log.info(
@@ -167,3 +178,4 @@ class LiveRuntime:
         except TimeoutError:
             log.warning("retired_runtime_stopped_busy", requests_in_flight=old.active)
         await old.stop()
+        self._retired.remove(old)

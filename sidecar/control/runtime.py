@@ -268,6 +268,8 @@ class Runtime:
         await self.upstreams.stop_probing()
 
     async def stop(self) -> None:
+        """Stop everything the runtime holds. Safe to call again after a stop that was
+        cut short (a retirement cancelled part way): every part's stop can be repeated."""
         await self.stop_background()
         if self.shared is not None:
             await self.shared.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import socket
 import subprocess
@@ -416,3 +417,56 @@ async def test_redis_connections_are_the_cap_plus_one_per_shared_breaker(
     # Requests share the capped pool; each shared breaker keeps one connection of its
     # own (its exchanges run in a thread, one at a time), as the README says.
     assert clients <= 2 + len(syncs), f"{clients} connections to Redis, max_connections 2"
+
+
+async def redis_clients(redis_url: str) -> int:
+    """Connections open on the redis-server, other than the one asking."""
+    import redis.asyncio as aioredis
+
+    admin = aioredis.Redis.from_url(redis_url)
+    try:
+        return len(await admin.client_list()) - 1
+    finally:
+        await admin.aclose()
+
+
+async def test_stopping_during_a_reloads_drain_closes_the_retired_runtimes_redis_clients(
+    fake_model: FakeModel, redis_server: tuple[Any, str], start_sidecar: StartSidecar
+) -> None:
+    """SIGTERM (``stop()``) while a retired runtime waits for its request in flight:
+    the sidecar's stop cancelled the retirement, and the retired runtime's Redis
+    client (the rate limit's pool) was left open, to the garbage collector."""
+    arrived, never = asyncio.Event(), asyncio.Event()
+
+    async def held(request: web.Request) -> web.Response:
+        arrived.set()
+        await never.wait()
+        return web.json_response({})
+
+    fake_model.on("/held", held)
+    _, redis_url = redis_server
+    config = shared_config(
+        fake_model.url,
+        redis_url,
+        rate_limit={"enabled": True, "global": {"rate": "1000/s", "burst": 1000}},
+    )
+    config["server"]["drain_timeout"] = "60s"  # the retired runtime's: it waits
+    sidecar = await start_sidecar(config)
+    first = sidecar.running.runtime  # kept: nothing of it is collected meanwhile
+    in_flight = asyncio.ensure_future(sidecar.session.post(sidecar.url + "/held", data=b"{}"))
+    try:
+        await asyncio.wait_for(arrived.wait(), 10)  # its global token came from Redis
+        assert first.active == 1
+        config["server"]["drain_timeout"] = "100ms"  # the sidecar's own stop: short
+        sidecar.running.live.config_path.write_text(yaml.safe_dump(config))
+        assert (await sidecar.running.reload())["result"] == "ok"
+        await asyncio.sleep(0.1)  # the retirement waits for the request
+        assert sidecar.running.runtime is not first
+        assert first.active == 1
+        assert await redis_clients(redis_url) >= 1
+        await sidecar.running.stop()
+        assert await redis_clients(redis_url) == 0
+    finally:
+        never.set()
+        with contextlib.suppress(aiohttp.ClientError):
+            (await in_flight).release()
