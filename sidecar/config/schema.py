@@ -651,9 +651,18 @@ class SharedStateSettings(_Strict):
     key_prefix: str = "sidecar"
     timeout: PositiveDuration = 0.1
     retry_after: PositiveDuration = 5.0
-    # Connections to Redis a runtime's request path may hold at once; a request that
-    # finds them all busy uses the local bucket at once.
+    # Connections to Redis a runtime's request path may hold at once. A request that
+    # finds them all busy waits its turn (first come, first served) for up to ``timeout``, with at
+    # most ``max_waiting`` requests waiting at once (0: none waits); one that still gets
+    # no connection is decided by the local copy of the global bucket (Redis's last
+    # answer, refilled locally), counted in sidecar_ratelimit_local_fallback_total.
+    # Redis is busy, not lost, so what that copy lets through is owed: the process's
+    # next call to Redis charges it to the shared bucket (which may go below empty, and
+    # the fleet then refuses until it is paid back), so a slow Redis delays when a
+    # request counts against the fleet-wide limit, not whether. While Redis is lost
+    # nothing is owed: each replica keeps the whole limit to itself until Redis is back.
     max_connections: int = Field(default=32, ge=1, le=10_000)
+    max_waiting: int = Field(default=256, ge=0, le=100_000)
     rate_limits: bool = True
     breakers: bool = True
     sync_interval: PositiveDuration = 1.0

@@ -6,6 +6,11 @@ a token is back). Every answer on a limited route carries ``RateLimit-Limit`` (t
 burst), ``RateLimit-Remaining`` and ``RateLimit-Reset`` (seconds until the bucket is
 full again). In report-only mode nothing is refused: would-be refusals are only
 counted in ``sidecar_ratelimited_total``. The clock is injectable for tests.
+
+With shared state, Redis holds the global bucket and the local one is its copy (for
+the headers) and fallback. Each request the fallback decides is counted, by reason, in
+``sidecar_ratelimit_local_fallback_total``; what it lets through while Redis is only
+busy is owed, and charged to Redis with the next call.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import TYPE_CHECKING, Final
 from sidecar.config.schema import RateLimitSettings, RateSettings
 from sidecar.http import errors
 from sidecar.http.messages import RawField
-from sidecar.telemetry.metrics import Metrics
+from sidecar.telemetry.metrics import LOCAL_REASONS, LOCAL_REDIS_DOWN, Metrics
 
 if TYPE_CHECKING:
     from sidecar.upstream.shared import SharedState
@@ -99,6 +104,12 @@ class RateLimiter:
             TokenBucket.full(settings.global_limit, clock()) if settings.global_limit else None
         )
         self._limited = metrics.ratelimited
+        # Every reason's series from the start (at 0), so a rate() over it has a base.
+        self._local_fallback = (
+            {reason: metrics.ratelimit_local_fallback.labels(reason) for reason in LOCAL_REASONS}
+            if shared is not None and self._global is not None
+            else {}
+        )
 
     def take_over(self, previous: RateLimiter) -> None:
         """A reload: with the same limits, keep the buckets as they are (shared with
@@ -108,15 +119,22 @@ class RateLimiter:
             self._buckets = previous._buckets
             self._global = previous._global
 
-    async def _take_global(self, now: float) -> bool:
-        assert self._global is not None
-        if self._shared is not None:
-            taken = await self._shared.take_global(self._global.rate, self._global.burst)
-            if taken is not None:
-                allowed, tokens = taken
-                self._global.tokens, self._global.updated = tokens, now  # for the headers
-                return allowed
-        return self._global.take(now)
+    async def _take_global(self) -> bool:
+        bucket, shared = self._global, self._shared
+        assert bucket is not None
+        assert shared is not None
+        taken = await shared.take_global(bucket.rate, bucket.burst)
+        now = self._clock()  # the call may have waited
+        if not isinstance(taken, str):
+            allowed, tokens = taken
+            bucket.tokens, bucket.updated = tokens, now  # for the headers
+            return allowed
+        self._local_fallback[taken].inc()
+        if not bucket.take(now):
+            return False
+        if taken != LOCAL_REDIS_DOWN:
+            shared.owe()  # Redis is only busy: the token is the fleet's, charged later
+        return True
 
     def _bucket(self, principal: str, now: float) -> TokenBucket | None:
         bucket = self._buckets.get(principal)
@@ -150,7 +168,7 @@ class RateLimiter:
         if bucket is not None and not bucket.take(now):
             scope = "principal"
         elif self._global is not None and not (
-            self._global.take(now) if self._shared is None else await self._take_global(now)
+            self._global.take(now) if self._shared is None else await self._take_global()
         ):
             scope = "global"
             if bucket is not None:

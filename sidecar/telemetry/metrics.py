@@ -67,6 +67,13 @@ OUTCOME_FALLBACK: Final = "fallback"  # answered by a fallback rule instead of t
 OUTCOME_ERROR: Final = "error"  # a bug in the sidecar (500)
 OUTCOME_OWN: Final = "own"  # the sidecar's own endpoints (/livez, /readyz, ...)
 
+# Why the global rate limit was decided by the local bucket instead of Redis, as used in
+# sidecar_ratelimit_local_fallback_total.
+LOCAL_BUSY: Final = "busy"  # every connection to Redis stayed in use for the whole wait
+LOCAL_QUEUE_FULL: Final = "queue_full"  # max_waiting requests already waited: none more
+LOCAL_REDIS_DOWN: Final = "redis_down"  # Redis lost (within retry_after), or this call failed
+LOCAL_REASONS: Final = (LOCAL_BUSY, LOCAL_QUEUE_FULL, LOCAL_REDIS_DOWN)
+
 CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
 
 
@@ -321,6 +328,15 @@ class Metrics:
             "1 while Redis-shared limits and breaker state work; 0: local fallback.",
             registry=r,
             multiprocess_mode="livemin",
+        )
+        self.ratelimit_local_fallback = Counter(
+            "sidecar_ratelimit_local_fallback_total",
+            "Requests whose global rate limit the local bucket decided instead of Redis, by "
+            "reason: busy (every connection to Redis stayed in use for shared_state.timeout), "
+            "queue_full (shared_state.max_waiting requests were already waiting), "
+            "redis_down (Redis lost, or the call to it failed).",
+            ["reason"],
+            registry=r,
         )
 
         # The hot path's series (every request touches them) are tallied in plain ints

@@ -10,12 +10,18 @@ If Redis cannot be reached (or answers too slowly), every replica falls back to 
 local bucket and local breaker state, keeps serving, retries Redis after
 ``retry_after``, and says so: ``sidecar_shared_state_up`` is 0 and /health shows the
 failing ``internal:redis`` check.
+
+A burst can find every connection to Redis busy (``max_connections`` calls in
+progress) while Redis works: such a request waits its turn, briefly, and if it still
+gets none the local bucket decides; the rate limiter owes Redis what it let through
+then, and the next call charges it (see ``SharedStateSettings.max_connections``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 
 import pybreaker
 import redis
@@ -24,14 +30,17 @@ import structlog
 
 from sidecar.background import BackgroundTasks
 from sidecar.config.schema import SharedStateSettings
-from sidecar.telemetry.metrics import Metrics
+from sidecar.telemetry.metrics import LOCAL_BUSY, LOCAL_QUEUE_FULL, LOCAL_REDIS_DOWN, Metrics
 from sidecar.upstream.breaker import UpstreamBreaker
 
 log = structlog.get_logger("sidecar.upstream.shared")
 
+# ARGV[3]: tokens owed, spent by the local bucket while every connection was busy;
+# charged before the take, the bucket may go below empty (refusing until it is paid).
 _BUCKET_SCRIPT = """
 local rate = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
+local owed = tonumber(ARGV[3]) or 0
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local data = redis.call('HMGET', KEYS[1], 'tokens', 'updated')
@@ -44,13 +53,14 @@ end
 if now > updated then
   tokens = math.min(burst, tokens + (now - updated) * rate)
 end
+tokens = tokens - owed
 local allowed = 0
 if tokens >= 1 then
   tokens = tokens - 1
   allowed = 1
 end
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'updated', tostring(now))
-redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 60)
+redis.call('EXPIRE', KEYS[1], math.ceil((burst - tokens) / rate) + 60)
 return {allowed, tostring(tokens)}
 """
 
@@ -61,13 +71,67 @@ return {allowed, tostring(tokens)}
 # state is unusable: local state takes over, never a 500 or a dead sync task.
 
 
+class _Slots:
+    """Calls to Redis in progress, at most ``size``. A call that finds none free waits
+    its turn, first come first served (a freed slot goes to the longest waiting, never
+    to a newcomer), with at most ``max_waiting`` waiting at once."""
+
+    def __init__(self, size: int, max_waiting: int, wait: float) -> None:
+        self._free = size
+        self._max_waiting = max_waiting
+        self._wait = wait
+        self._waiting: deque[asyncio.Future[None]] = deque()
+
+    async def take(self) -> str | None:
+        """None: a slot is ours (give it back with ``release``); else why not:
+        LOCAL_QUEUE_FULL at once, or LOCAL_BUSY after ``wait`` seconds."""
+        if self._free > 0:  # then nobody waits: a freed slot is handed to a waiter
+            self._free -= 1
+            return None
+        if len(self._waiting) >= self._max_waiting:
+            return LOCAL_QUEUE_FULL
+        turn = asyncio.get_running_loop().create_future()
+        self._waiting.append(turn)
+        try:
+            async with asyncio.timeout(self._wait):
+                await turn
+        except BaseException as exc:
+            if turn.done() and not turn.cancelled():  # handed over as the wait ended
+                if isinstance(exc, TimeoutError):
+                    return None  # ours all the same
+                self.release()
+                raise
+            if turn in self._waiting:
+                self._waiting.remove(turn)
+            if isinstance(exc, TimeoutError):
+                return LOCAL_BUSY
+            raise
+        return None
+
+    def release(self) -> None:
+        while self._waiting:
+            turn = self._waiting.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                return
+        self._free += 1
+
+
+class _Owed:
+    """Tokens of the global bucket that the local copy let through while every
+    connection to Redis was busy, not yet charged to Redis."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+
+
 class SharedState:
     def __init__(self, settings: SharedStateSettings, metrics: Metrics) -> None:
         self.settings = settings
         url = settings.redis_url.get_secret_value()
         # A bounded pool: redis-py's default allows 2**31 connections, so a burst of
         # requests while Redis was slow opened one connection each. Calls in progress
-        # are capped at the pool's size (``_calls``), so the pool is never asked for
+        # are capped at the pool's size (``_slots``), so the pool is never asked for
         # more than it has (its own "Too many connections" is only a backstop).
         pool = aioredis.ConnectionPool.from_url(
             url,
@@ -76,7 +140,9 @@ class SharedState:
             socket_connect_timeout=settings.timeout,
         )
         self._client = aioredis.Redis.from_pool(pool)  # closing the client closes the pool
-        self._calls = 0
+        self._slots = _Slots(settings.max_connections, settings.max_waiting, settings.timeout)
+        self._key = f"{settings.key_prefix}:ratelimit:global"
+        self._owed = _Owed()
         self._script = self._client.register_script(_BUCKET_SCRIPT)
         self._gauge = metrics.shared_state_up
         # Not yet asked: start() checks (or take_over() knows) before anything reports it.
@@ -111,6 +177,8 @@ class SharedState:
             return  # another Redis: start() checks it
         self.up, self.last_error = previous.up, previous.last_error
         self._down_until, self._failed_at = previous._down_until, previous._failed_at
+        if previous._key == self._key:  # the same bucket: whichever reaches it charges
+            self._owed = previous._owed
 
     async def check(self) -> None:
         """Ask Redis once (PING) and report what it says. Within a failure's
@@ -118,8 +186,9 @@ class SharedState:
         if not self.usable():
             self._publish()
             return
+        if await self._slots.take() is not None:
+            return  # every connection stayed busy: Redis answers, what is known stands
         started = time.monotonic()
-        self._calls += 1
         try:
             async with asyncio.timeout(self.settings.timeout):
                 await self._client.ping()
@@ -127,7 +196,7 @@ class SharedState:
             self.failed(exc)
             return
         finally:
-            self._calls -= 1
+            self._slots.release()
         self.succeeded(started)
 
     def usable(self) -> bool:
@@ -156,29 +225,46 @@ class SharedState:
         self.last_error = None
         self._publish()
 
-    async def take_global(self, rate: float, burst: int) -> tuple[bool, float] | None:
-        """One token from the shared global bucket; None means: use the local one.
+    async def take_global(self, rate: float, burst: int) -> tuple[bool, float] | str:
+        """One token from the shared global bucket: (allowed, tokens left). Or why
+        Redis did not decide (LOCAL_*): the local bucket decides.
 
-        With every connection busy (``max_connections`` calls in progress) the answer
-        is None at once, without waiting: this request takes the local bucket, as when
-        Redis is lost. Redis is not marked lost for it (a burst is not a failure); if
-        Redis is failing, the calls holding the connections time out and say so."""
-        if not self.usable() or self._calls >= self.settings.max_connections:
-            return None
-        key = f"{self.settings.key_prefix}:ratelimit:global"
+        With every connection busy (``max_connections`` calls in progress) the call
+        waits its turn for up to ``timeout``; ``max_waiting`` calls wait at most, any
+        more are LOCAL_QUEUE_FULL at once. Redis is not marked lost for either (a burst
+        is not a failure); if Redis is failing, the calls holding the connections time
+        out and say so, and the waiters then see it lost. Tokens owed (``owe``) are
+        charged to the bucket first."""
+        if not self.usable():
+            return LOCAL_REDIS_DOWN
+        busy = await self._slots.take()
+        if busy is not None:
+            return busy
+        if not self.usable():  # lost while this call waited: do not wait on it again
+            self._slots.release()
+            return LOCAL_REDIS_DOWN
+        owed, self._owed.tokens = self._owed.tokens, 0  # others in progress charge none
         started = time.monotonic()
-        self._calls += 1
+        taken: tuple[bool, float] | None = None
         try:
             async with asyncio.timeout(self.settings.timeout):
-                allowed, tokens = await self._script(keys=[key], args=[rate, burst])
+                allowed, tokens = await self._script(keys=[self._key], args=[rate, burst, owed])
             taken = bool(int(allowed)), float(tokens)
         except Exception as exc:  # noqa: BLE001 - any failure: local state
             self.failed(exc)
-            return None
+            return LOCAL_REDIS_DOWN
         finally:
-            self._calls -= 1
+            if taken is None:  # no answer (or cancelled): still owed, charged twice at worst
+                self._owed.tokens += owed
+            self._slots.release()
         self.succeeded(started)
         return taken
+
+    def owe(self) -> None:
+        """The local bucket let a request through while Redis was busy, not lost: the
+        token is charged to the shared bucket with the next call, so a slow Redis
+        delays when a request counts against the fleet-wide limit, not whether."""
+        self._owed.tokens += 1
 
     async def close(self) -> None:
         await self._client.aclose()

@@ -336,12 +336,14 @@ async def test_a_reload_reports_the_redis_state_it_knows_not_up(
     assert await redis_health(sidecar) == ("fail", 0)
 
 
-async def test_calls_to_redis_are_capped_and_a_request_finding_none_free_does_not_wait(
+async def test_calls_to_redis_are_capped_and_requests_past_the_cap_wait_their_turn_bounded(
     fake_model: FakeModel, redis_server: tuple[Any, str], start_sidecar: StartSidecar
 ) -> None:
     """The async client's pool had no cap: with Redis stalled (here paused), a burst
     of requests opened a connection each and every one waited on Redis. Capped at
-    ``max_connections``, the requests past the cap take the local bucket at once."""
+    ``max_connections``, requests past the cap wait for a connection, ``max_waiting``
+    of them at most: the others take the local bucket at once (queue_full), and only
+    ``max_connections`` connections are ever opened."""
     import redis.asyncio as aioredis
 
     _, redis_url = redis_server
@@ -350,7 +352,9 @@ async def test_calls_to_redis_are_capped_and_a_request_finding_none_free_does_no
         redis_url,
         rate_limit={"enabled": True, "global": {"rate": "1000/s", "burst": 1000}},
     )
-    config["shared_state"].update({"timeout": "10s", "max_connections": 4, "breakers": False})
+    config["shared_state"].update(
+        {"timeout": "10s", "max_connections": 4, "max_waiting": 8, "breakers": False}
+    )
     sidecar = await start_sidecar(config)
     admin = aioredis.Redis.from_url(redis_url)
     try:
@@ -365,9 +369,10 @@ async def test_calls_to_redis_are_capped_and_a_request_finding_none_free_does_no
             async with asyncio.timeout(1.5):  # well before the pause ends
                 for next_done in asyncio.as_completed(requests):
                     answered.append(await next_done)
-                    if len(answered) == 36:
+                    if len(answered) == 28:
                         break
-            assert sum(not r.done() for r in requests) == 4  # these hold the 4 connections
+            # 4 hold the connections, 8 wait their turn (the wait is 10 s)
+            assert sum(not r.done() for r in requests) == 12
             for resp in answered:
                 assert resp.status == 200
                 assert "RateLimit-Remaining" in resp.headers  # the local bucket answered
@@ -381,8 +386,119 @@ async def test_calls_to_redis_are_capped_and_a_request_finding_none_free_does_no
                     request.cancel()
         after = (await admin.info("stats"))["total_connections_received"]
         assert after - before <= 4
+        assert await local_fallbacks(sidecar) == {"busy": 0, "queue_full": 28, "redis_down": 0}
+        assert (await redis_health(sidecar))[1] == 1  # busy is not lost
     finally:
         await admin.aclose()
+
+
+async def local_fallbacks(sidecar: SidecarHandle) -> dict[str, float]:
+    async with sidecar.session.get(sidecar.admin_url + "/metrics") as resp:
+        text = await resp.text()
+    return {
+        reason: metric_value(text, "sidecar_ratelimit_local_fallback_total", reason=reason)
+        for reason in ("busy", "queue_full", "redis_down")
+    }
+
+
+class SlowRedis:
+    """A TCP relay in front of a redis-server that holds each command it passes on for
+    ``delay`` seconds (per connection, in order): a Redis that answers, slowly."""
+
+    def __init__(self, redis_url: str) -> None:
+        host_port = redis_url.split("//", 1)[1].split("/", 1)[0]
+        self.host, port = host_port.rsplit(":", 1)
+        self.port = int(port)
+        self.delay = 0.0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._relay, LOOPBACK, 0)
+        return f"redis://{LOOPBACK}:{self._server.sockets[0].getsockname()[1]}/0"
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, slow: bool) -> None:
+            try:
+                while chunk := await src.read(65536):
+                    if slow and self.delay:
+                        await asyncio.sleep(self.delay)
+                    dst.write(chunk)
+                    await dst.drain()
+            except OSError:
+                pass
+            finally:
+                dst.close()
+
+        task = asyncio.ensure_future(pipe(up_reader, writer, False))
+        self._tasks.add(task)
+        try:
+            await pipe(reader, up_writer, True)
+        finally:
+            await task
+            self._tasks.discard(task)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def test_a_request_finding_every_connection_busy_waits_its_turn_then_owes_redis(
+    fake_model: FakeModel, redis_server: tuple[Any, str], start_sidecar: StartSidecar
+) -> None:
+    """In a burst against a slow Redis (each call 0.6 s, one connection), requests
+    past the connection cap took the local copy of the global bucket at once and
+    spent the tokens Redis had last shown, which every replica spends alike: the
+    fleet could let through N times its limit. Now a request waits its turn (first
+    come, first served) for up to ``timeout``, ``max_waiting`` of them at most; one
+    that still gets no connection is decided by the local copy, counted by reason,
+    and what it lets through is charged to Redis with the next call."""
+    slow = SlowRedis(redis_server[1])
+    config = shared_config(
+        fake_model.url,
+        await slow.start(),
+        rate_limit={"enabled": True, "global": {"rate": "1/h", "burst": 20}},
+    )
+    config["shared_state"].update(
+        {"timeout": "1500ms", "max_connections": 1, "max_waiting": 3, "breakers": False}
+    )
+    sidecar = await start_sidecar(config)
+    try:
+        async with sidecar.session.get(sidecar.url + "/x") as resp:  # connected, script loaded
+            assert resp.headers["RateLimit-Remaining"] == "19"
+        slow.delay = 0.6
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+
+        async def timed() -> tuple[int, float]:
+            async with sidecar.session.get(sidecar.url + "/x") as resp:
+                return resp.status, loop.time() - began
+
+        # One holds the connection (0.6 s), three wait: their turns come at 0.6 s and
+        # 1.2 s, and the third's wait ends (busy) at 1.5 s, before its turn at 1.8 s;
+        # the other two find the waiting line full and are answered at once.
+        answers = await asyncio.wait_for(asyncio.gather(*(timed() for _ in range(6))), 10)
+        assert [status for status, _ in answers] == [200] * 6
+        times = sorted(elapsed for _, elapsed in answers)
+        assert times[1] < 0.5  # queue_full: at once, while the first call is held
+        assert times[2] >= 0.6  # by Redis, the first call
+        assert times[3] >= 1.2  # by Redis in turn, after waiting 0.6 s
+        assert 1.5 <= times[4] < 1.8  # by Redis after waiting 1.2 s, or busy at 1.5 s
+        assert times[5] >= 1.8  # by Redis after waiting 1.2 s
+        assert await local_fallbacks(sidecar) == {"busy": 1, "queue_full": 2, "redis_down": 0}
+        assert (await redis_health(sidecar))[1] == 1  # busy is not lost
+        slow.delay = 0.0
+        # 8 let through so far (1 + 6 + this one): the 3 the local copy let through
+        # were charged to Redis, whose bucket shows it to every replica.
+        async with sidecar.session.get(sidecar.url + "/x") as resp:
+            assert resp.headers["RateLimit-Remaining"] == "12"
+    finally:
+        await slow.close()
 
 
 async def test_redis_connections_are_the_cap_plus_one_per_shared_breaker(

@@ -18,15 +18,20 @@ def rate(text: str, burst: int) -> RateSettings:
 
 
 class FakeShared:
-    """The shared global bucket's answers: (allowed, tokens left), or None (Redis down)."""
+    """The shared global bucket's answers: (allowed, tokens left), or why Redis did not
+    decide ("busy", "queue_full", "redis_down"); the tokens the limiter owes it."""
 
-    def __init__(self, *answers: tuple[bool, float] | None) -> None:
+    def __init__(self, *answers: tuple[bool, float] | str) -> None:
         self.answers = list(answers)
         self.asked: list[tuple[float, int]] = []
+        self.owed = 0
 
-    async def take_global(self, rate: float, burst: int) -> tuple[bool, float] | None:
+    async def take_global(self, rate: float, burst: int) -> tuple[bool, float] | str:
         self.asked.append((rate, burst))
         return self.answers.pop(0)
+
+    def owe(self) -> None:
+        self.owed += 1
 
 
 class Limiter:
@@ -64,6 +69,12 @@ class Limiter:
             "sidecar_ratelimited_total", {"scope": scope, "principal": principal, "mode": mode}
         )
         return value or 0.0
+
+    def local(self, reason: str) -> float | None:
+        """sidecar_ratelimit_local_fallback_total for ``reason``; None: no such series."""
+        return self.metrics.registry.get_sample_value(
+            "sidecar_ratelimit_local_fallback_total", {"reason": reason}
+        )
 
 
 # the bucket
@@ -268,12 +279,28 @@ async def test_the_shared_global_bucket_decides_and_its_tokens_are_shown() -> No
 
 
 async def test_without_redis_the_local_global_bucket_decides() -> None:
-    shared = FakeShared(None, None, None)
+    shared = FakeShared("redis_down", "redis_down", "redis_down")
     lim = Limiter(shared=shared, **{"global": {"rate": "1/s", "burst": 2}})
     assert (await lim.check("a"))["RateLimit-Remaining"] == "1"
     assert (await lim.check("a"))["RateLimit-Remaining"] == "0"
     await lim.refused("a")
     assert len(shared.asked) == 3
+    assert shared.owed == 0  # Redis lost: each replica keeps the limit to itself
+    assert lim.local("redis_down") == 3
+
+
+async def test_while_redis_is_busy_the_local_copy_decides_and_owes_what_it_let_through() -> None:
+    """Every connection busy (after the wait, or with the waiting line full): the
+    local copy of Redis's last answer decides, counted by reason, and each token it
+    lets through is owed to the shared bucket; a refusal owes nothing."""
+    shared = FakeShared((True, 2.0), "busy", "queue_full", "busy")
+    lim = Limiter(shared=shared, **{"global": {"rate": "1/h", "burst": 5}})
+    assert (await lim.check("a"))["RateLimit-Remaining"] == "2"  # Redis's answer
+    assert (await lim.check("a"))["RateLimit-Remaining"] == "1"  # its copy, locally
+    assert (await lim.check("a"))["RateLimit-Remaining"] == "0"
+    await lim.refused("a")
+    assert shared.owed == 2
+    assert (lim.local("busy"), lim.local("queue_full"), lim.local("redis_down")) == (2, 1, 0)
 
 
 def test_the_refill_counts_the_time_since_the_last_take_on_any_clock_reading() -> None:
