@@ -651,8 +651,10 @@ class SharedStateSettings(_Strict):
     key_prefix: str = "sidecar"
     timeout: PositiveDuration = 0.1
     retry_after: PositiveDuration = 5.0
-    # Connections to Redis a runtime's request path may hold at once. A request that
-    # finds them all busy waits its turn (first come, first served) for up to ``timeout``, with at
+    # Connections to Redis a process's request path may hold at once (during a
+    # reload's drain too, when the reload keeps redis_url, timeout, max_connections and
+    # max_waiting: the new runtime shares the old one's). A request that finds them all
+    # busy waits its turn (first come, first served) for up to ``timeout``, with at
     # most ``max_waiting`` requests waiting at once (0: none waits); one that still gets
     # no connection is decided by the local copy of the global bucket (Redis's last
     # answer, refilled locally), counted in sidecar_ratelimit_local_fallback_total.

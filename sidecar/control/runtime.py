@@ -154,9 +154,9 @@ class Runtime:
             # checked is installed.
             from sidecar.upstream.shared import BreakerSync, SharedState
 
-            self.shared = SharedState(shared_settings, metrics)
-            if previous is not None and previous.shared is not None:
-                self.shared.take_over(previous.shared)
+            self.shared = SharedState(
+                shared_settings, metrics, previous.shared if previous is not None else None
+            )
             if shared_settings.breakers:
                 self.breaker_syncs = [
                     BreakerSync(guard.breaker, self.shared)

@@ -125,25 +125,66 @@ class _Owed:
         self.tokens = 0
 
 
-class SharedState:
-    def __init__(self, settings: SharedStateSettings, metrics: Metrics) -> None:
-        self.settings = settings
-        url = settings.redis_url.get_secret_value()
+class _Link:
+    """The request path's connections to one Redis, and the turns for them; shared by
+    the runtimes a reload leaves on the same Redis with the same connection settings,
+    and closed with the last of them."""
+
+    def __init__(self, settings: SharedStateSettings) -> None:
+        self.settings = _link_settings(settings)
         # A bounded pool: redis-py's default allows 2**31 connections, so a burst of
         # requests while Redis was slow opened one connection each. Calls in progress
-        # are capped at the pool's size (``_slots``), so the pool is never asked for
+        # are capped at the pool's size (``slots``), so the pool is never asked for
         # more than it has (its own "Too many connections" is only a backstop).
         pool = aioredis.ConnectionPool.from_url(
-            url,
+            settings.redis_url.get_secret_value(),
             max_connections=settings.max_connections,
             socket_timeout=settings.timeout,
             socket_connect_timeout=settings.timeout,
         )
-        self._client = aioredis.Redis.from_pool(pool)  # closing the client closes the pool
-        self._slots = _Slots(settings.max_connections, settings.max_waiting, settings.timeout)
+        self.client = aioredis.Redis.from_pool(pool)  # closing the client closes the pool
+        self.script = self.client.register_script(_BUCKET_SCRIPT)
+        self.slots = _Slots(settings.max_connections, settings.max_waiting, settings.timeout)
+        self.users = 1
+
+
+def _link_settings(settings: SharedStateSettings) -> tuple[str, float, int, int]:
+    return (
+        settings.redis_url.get_secret_value(),
+        settings.timeout,
+        settings.max_connections,
+        settings.max_waiting,
+    )
+
+
+class SharedState:
+    def __init__(
+        self,
+        settings: SharedStateSettings,
+        metrics: Metrics,
+        previous: SharedState | None = None,
+    ) -> None:
+        """``previous``: the shared state of the runtime a reload replaces. With the
+        same Redis URL, what it knows of Redis carries on (``take_over``); with the
+        same connection settings too, so do its connections: during the reload's
+        drain both runtimes' requests hold at most ``max_connections`` between them."""
+        self.settings = settings
+        self._closed = False
+        self._link: _Link
+        if (
+            previous is not None
+            and not previous._closed
+            and previous._link.settings == _link_settings(settings)
+        ):
+            self._link = previous._link
+            self._link.users += 1
+        else:
+            self._link = _Link(settings)
+        self._client = self._link.client
+        self._script = self._link.script
+        self._slots = self._link.slots
         self._key = f"{settings.key_prefix}:ratelimit:global"
         self._owed = _Owed()
-        self._script = self._client.register_script(_BUCKET_SCRIPT)
         self._gauge = metrics.shared_state_up
         # Not yet asked: start() checks (or take_over() knows) before anything reports it.
         self.up = True
@@ -154,6 +195,8 @@ class SharedState:
         # checking another Redis before the swap, or a retired one's stragglers, must
         # not show that Redis's state for the one in service.
         self._in_service = False
+        if previous is not None:
+            self.take_over(previous)
 
     def put_in_service(self) -> None:
         self._in_service = True
@@ -267,7 +310,11 @@ class SharedState:
         self._owed.tokens += 1
 
     async def close(self) -> None:
-        await self._client.aclose()
+        if not self._closed:  # once: the connections may be another runtime's too
+            self._closed = True
+            self._link.users -= 1
+        if self._link.users == 0:  # again if a stop cut short left them open
+            await self._client.aclose()
 
 
 class BreakerSync:

@@ -586,3 +586,71 @@ async def test_stopping_during_a_reloads_drain_closes_the_retired_runtimes_redis
         never.set()
         with contextlib.suppress(aiohttp.ClientError):
             (await in_flight).release()
+
+
+async def test_a_reloads_drain_holds_no_more_redis_connections_than_the_cap(
+    fake_model: FakeModel, redis_server: tuple[Any, str], start_sidecar: StartSidecar
+) -> None:
+    """While a retired runtime drained, it and the new one each had a pool of
+    ``max_connections``: twice the cap, open to the same Redis. A reload that keeps
+    the Redis settings now shares the connections; the old runtime's stop leaves
+    them to the new one."""
+    import redis.asyncio as aioredis
+
+    arrived, release = asyncio.Event(), asyncio.Event()
+
+    async def held(request: web.Request) -> web.Response:
+        arrived.set()
+        await release.wait()
+        return web.json_response({})
+
+    fake_model.on("/held", held)
+    _, redis_url = redis_server
+    config = shared_config(
+        fake_model.url,
+        redis_url,
+        rate_limit={"enabled": True, "global": {"rate": "1/h", "burst": 100}},
+    )
+    config["shared_state"].update({"timeout": "5s", "max_connections": 2, "breakers": False})
+    config["server"]["drain_timeout"] = "60s"
+    sidecar = await start_sidecar(config)
+    admin = aioredis.Redis.from_url(redis_url)
+
+    async def burst() -> list[str]:
+        """Four requests at once while Redis holds every command: the pool opens all
+        the connections it may."""
+        await admin.client_pause(300, all=True)
+        resps = await asyncio.wait_for(
+            asyncio.gather(*(sidecar.session.get(sidecar.url + "/x") for _ in range(4))), 10
+        )
+        for resp in resps:
+            resp.release()
+        return [resp.headers["RateLimit-Remaining"] for resp in resps]
+
+    first = sidecar.running.runtime
+    in_flight = asyncio.ensure_future(sidecar.session.post(sidecar.url + "/held", data=b"{}"))
+    try:
+        await asyncio.wait_for(arrived.wait(), 10)
+        await burst()
+        assert await redis_clients(redis_url) - 1 == 2  # not the admin's own
+        config["routes"][0]["timeout"] = "7s"  # Redis's settings as they were
+        sidecar.running.live.config_path.write_text(yaml.safe_dump(config))
+        assert (await sidecar.running.reload())["result"] == "ok"
+        assert first.active == 1  # the old runtime drains
+        await burst()
+        assert await redis_clients(redis_url) - 1 == 2  # 4 before
+        release.set()
+        (await asyncio.wait_for(in_flight, 10)).release()
+        for _ in range(500):  # bounded: the old runtime stops once its request ended
+            if first.upstreams._released:
+                break
+            await asyncio.sleep(0.01)
+        assert first.upstreams._released
+        # The new runtime's requests still reach Redis (100 tokens, 9 taken before).
+        assert sorted(await burst()) == ["87", "88", "89", "90"]
+        assert await local_fallbacks(sidecar) == {"busy": 0, "queue_full": 0, "redis_down": 0}
+    finally:
+        release.set()
+        if not in_flight.done():
+            in_flight.cancel()
+        await admin.aclose()
