@@ -145,6 +145,7 @@ class _Link:
         self.client = aioredis.Redis.from_pool(pool)  # closing the client closes the pool
         self.script = self.client.register_script(_BUCKET_SCRIPT)
         self.slots = _Slots(settings.max_connections, settings.max_waiting, settings.timeout)
+        self.calls: set[asyncio.Task[tuple[bool, float] | str]] = set()  # in progress
         self.users = 1
 
 
@@ -286,6 +287,18 @@ class SharedState:
         if not self.usable():  # lost while this call waited: do not wait on it again
             self._slots.release()
             return LOCAL_REDIS_DOWN
+        # Once begun, the call runs to its end (``timeout`` at most), its slot held,
+        # even if the request is cancelled (its client left): cut short, redis-py
+        # drops the connection while Redis still runs the command it was sent, so the
+        # slot went to a new connection beside that one, and the tokens owed the call
+        # carried, charged by Redis, were owed again and charged twice.
+        call = asyncio.ensure_future(self._take_global(rate, burst))
+        self._link.calls.add(call)
+        call.add_done_callback(self._link.calls.discard)
+        return await asyncio.shield(call)
+
+    async def _take_global(self, rate: float, burst: int) -> tuple[bool, float] | str:
+        """The call itself, a slot taken: its slot is released at its end."""
         owed, self._owed.tokens = self._owed.tokens, 0  # others in progress charge none
         started = time.monotonic()
         taken: tuple[bool, float] | None = None
@@ -297,7 +310,7 @@ class SharedState:
             self.failed(exc)
             return LOCAL_REDIS_DOWN
         finally:
-            if taken is None:  # no answer (or cancelled): still owed, charged twice at worst
+            if taken is None:  # no answer (or cut short at close): still owed
                 self._owed.tokens += owed
             self._slots.release()
         self.succeeded(started)
@@ -314,6 +327,9 @@ class SharedState:
             self._closed = True
             self._link.users -= 1
         if self._link.users == 0:  # again if a stop cut short left them open
+            # Calls whose requests were cancelled may still be in progress: they end
+            # within ``timeout``, before the connections they use are closed.
+            await asyncio.gather(*self._link.calls, return_exceptions=True)
             await self._client.aclose()
 
 

@@ -654,3 +654,52 @@ async def test_a_reloads_drain_holds_no_more_redis_connections_than_the_cap(
         if not in_flight.done():
             in_flight.cancel()
         await admin.aclose()
+
+
+async def test_a_client_leaving_mid_call_neither_charges_owed_twice_nor_reconnects(
+    fake_model: FakeModel, redis_server: tuple[Any, str], start_sidecar: StartSidecar
+) -> None:
+    """A request whose client leaves while its call to Redis is in progress is
+    cancelled. The call was cut short with it: redis-py drops the connection (Redis
+    still runs the command it was sent), so the slot went to a new connection beside
+    it, and the tokens owed the call carried, which Redis had charged, were owed
+    again and charged a second time by the next call."""
+    import redis.asyncio as aioredis
+
+    slow = SlowRedis(redis_server[1])
+    config = shared_config(
+        fake_model.url,
+        await slow.start(),
+        rate_limit={"enabled": True, "global": {"rate": "1/h", "burst": 100}},
+    )
+    config["shared_state"].update(
+        {"timeout": "3s", "max_connections": 1, "max_waiting": 0, "breakers": False}
+    )
+    sidecar = await start_sidecar(config)
+    admin = aioredis.Redis.from_url(redis_server[1])
+    try:
+        async with sidecar.session.get(sidecar.url + "/x") as resp:  # connected
+            assert resp.headers["RateLimit-Remaining"] == "99"
+        connections = (await admin.info("stats"))["total_connections_received"]
+        slow.delay = 0.4
+        holding = asyncio.ensure_future(sidecar.session.get(sidecar.url + "/x"))
+        await asyncio.sleep(0.1)
+        for _ in range(3):  # the connection is busy, none may wait: owed
+            async with sidecar.session.get(sidecar.url + "/x") as resp:
+                assert resp.status == 200
+        (await asyncio.wait_for(holding, 10)).release()
+        assert await local_fallbacks(sidecar) == {"busy": 0, "queue_full": 3, "redis_down": 0}
+        for _ in range(3):  # each carries what is owed to Redis; its client leaves
+            async with aiohttp.ClientSession() as leaving:
+                with pytest.raises(asyncio.TimeoutError):
+                    await leaving.get(sidecar.url + "/x", timeout=aiohttp.ClientTimeout(total=0.1))
+            await asyncio.sleep(0.5)  # Redis has run the command it was sent
+        slow.delay = 0.0
+        # 1 + 1 + 3 owed + 3 whose clients left + this one: 9 taken, each once.
+        async with sidecar.session.get(sidecar.url + "/x") as resp:
+            assert resp.headers["RateLimit-Remaining"] == "91"
+        new = (await admin.info("stats"))["total_connections_received"] - connections
+        assert new == 0  # the capped connection was kept: no second one opened
+    finally:
+        await admin.aclose()
+        await slow.close()
