@@ -703,3 +703,65 @@ async def test_a_client_leaving_mid_call_neither_charges_owed_twice_nor_reconnec
     finally:
         await admin.aclose()
         await slow.close()
+
+
+async def test_requests_waiting_when_redis_is_lost_do_not_call_it_again(
+    fake_model: FakeModel, redis_server: tuple[Any, str], start_sidecar: StartSidecar
+) -> None:
+    """Redis stalls (paused) with one connection held and five requests waiting their
+    turn. The call holding it times out and marks Redis lost; each waiter then gets
+    its turn, sees Redis lost and is decided by the local bucket at once (nothing
+    owed), instead of calling the stalled Redis in turn (five more timeouts, one
+    after the other, each on a new connection). The slot comes back: once Redis
+    answers again, so does the next request."""
+    import redis.asyncio as aioredis
+
+    _, redis_url = redis_server
+    config = shared_config(
+        fake_model.url,
+        redis_url,
+        rate_limit={"enabled": True, "global": {"rate": "1/h", "burst": 100}},
+    )
+    config["shared_state"].update(
+        {
+            "timeout": "300ms",
+            "retry_after": "1s",
+            "max_connections": 1,
+            "max_waiting": 5,
+            "breakers": False,
+        }
+    )
+    sidecar = await start_sidecar(config)
+    admin = aioredis.Redis.from_url(redis_url)
+    try:
+        async with sidecar.session.get(sidecar.url + "/x") as resp:  # connected
+            assert resp.headers["RateLimit-Remaining"] == "99"
+        connections = (await admin.info("stats"))["total_connections_received"]
+        await admin.client_pause(1500, all=True)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+
+        async def timed() -> float:
+            async with sidecar.session.get(sidecar.url + "/x") as resp:
+                assert resp.status == 200
+                return loop.time() - began
+
+        holding = asyncio.ensure_future(timed())
+        await asyncio.sleep(0.1)  # its call is in progress; their waits end after it
+        waiting = [asyncio.ensure_future(timed()) for _ in range(5)]
+        times = await asyncio.wait_for(asyncio.gather(holding, *waiting), 10)
+        assert max(times) < 0.39, times  # all at the holder's timeout (0.3 s)
+        assert await local_fallbacks(sidecar) == {"busy": 0, "queue_full": 0, "redis_down": 6}
+        assert (await redis_health(sidecar))[1] == 0
+        await asyncio.sleep(max(0.0, 1.6 - (loop.time() - began)))  # unpaused, retry due
+        async with sidecar.session.get(sidecar.url + "/x") as resp:
+            # Redis's: the first and this one (the held call's connection was gone
+            # before the pause ended: Redis dropped its command).
+            assert resp.headers["RateLimit-Remaining"] == "98"
+        assert (await redis_health(sidecar))[1] == 1
+        # The held call's connection, dropped at its timeout, and this one's: none
+        # for the waiters.
+        new = (await admin.info("stats"))["total_connections_received"] - connections
+        assert new == 1
+    finally:
+        await admin.aclose()
