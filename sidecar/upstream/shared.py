@@ -254,6 +254,9 @@ class SharedState:
                 fallback="local rate limits and breaker state",
             )
         self.up = False
+        # What was owed goes with Redis: an outage's traffic is not charged when it is
+        # back (the fleet would refuse for owed / rate seconds as it recovers).
+        self._owed.tokens = 0
         self.last_error = f"{type(exc).__name__}: {exc}"[:200]
         self._failed_at = time.monotonic()
         self._down_until = self._failed_at + self.settings.retry_after
@@ -282,8 +285,8 @@ class SharedState:
         if not self.usable():
             return LOCAL_REDIS_DOWN
         busy = await self._slots.take()
-        if busy is not None:
-            return busy
+        if busy is not None:  # no connection: lost meanwhile, or only busy (then owed)
+            return busy if self.usable() else LOCAL_REDIS_DOWN
         if not self.usable():  # lost while this call waited: do not wait on it again
             self._slots.release()
             return LOCAL_REDIS_DOWN
@@ -310,7 +313,7 @@ class SharedState:
             self.failed(exc)
             return LOCAL_REDIS_DOWN
         finally:
-            if taken is None:  # no answer (or cut short at close): still owed
+            if taken is None and self.up:  # cut short at close: still owed
                 self._owed.tokens += owed
             self._slots.release()
         self.succeeded(started)

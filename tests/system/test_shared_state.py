@@ -501,6 +501,61 @@ async def test_a_request_finding_every_connection_busy_waits_its_turn_then_owes_
         await slow.close()
 
 
+async def test_what_was_owed_when_redis_was_lost_is_not_charged_when_it_is_back(
+    fake_model: FakeModel, redis_server: tuple[Any, str], start_sidecar: StartSidecar
+) -> None:
+    """Tokens owed while Redis was busy, just before it was lost, stayed owed through
+    the outage and were charged when it came back, so the fleet refused for owed /
+    rate seconds as it recovered, where an outage's traffic is not charged."""
+    import redis.asyncio as aioredis
+
+    slow = SlowRedis(redis_server[1])
+    config = shared_config(
+        fake_model.url,
+        await slow.start(),
+        rate_limit={"enabled": True, "global": {"rate": "1/h", "burst": 20}},
+    )
+    config["shared_state"].update(
+        {
+            "timeout": "400ms",
+            "retry_after": "300ms",
+            "max_connections": 1,
+            "max_waiting": 0,
+            "breakers": False,
+        }
+    )
+    sidecar = await start_sidecar(config)
+    admin = aioredis.Redis.from_url(redis_server[1])
+    try:
+        async with sidecar.session.get(sidecar.url + "/x") as resp:  # connected, script loaded
+            assert resp.headers["RateLimit-Remaining"] == "19"
+        slow.delay = 1.0
+
+        # One call holds the connection and times out (Redis lost); three find no
+        # connection and no place to wait: the local copy lets them through, owed.
+        async def status() -> int:
+            async with sidecar.session.get(sidecar.url + "/x") as resp:
+                return resp.status
+
+        statuses = await asyncio.wait_for(asyncio.gather(*(status() for _ in range(4))), 10)
+        assert statuses == [200] * 4
+        assert await local_fallbacks(sidecar) == {"busy": 0, "queue_full": 3, "redis_down": 1}
+        # The held command still reaches Redis (the relay passes it on late): one token.
+        for _ in range(100):  # bounded: 5 s
+            tokens = await admin.hget("test:ratelimit:global", "tokens")
+            if tokens is not None and float(tokens) < 19:
+                break
+            await asyncio.sleep(0.05)
+        slow.delay = 0.0  # and retry_after (from 0.4 s) has passed: Redis is asked again
+        async with sidecar.session.get(sidecar.url + "/x") as resp:
+            # 20 - the first - the held one - this one; the 3 owed went with the outage.
+            assert resp.headers["RateLimit-Remaining"] == "17"
+        assert (await redis_health(sidecar))[1] == 1
+    finally:
+        await admin.aclose()
+        await slow.close()
+
+
 async def test_redis_connections_are_the_cap_plus_one_per_shared_breaker(
     fake_model: FakeModel, redis_server: tuple[Any, str], start_sidecar: StartSidecar
 ) -> None:
