@@ -77,6 +77,7 @@ class Runtime:
             for name, upstream in config.upstreams.items()
         }
         self.upstreams.on_probe_passed = self._probe_passed
+        breakers = {name: guard.breaker for name, guard in self.guards.items()}
         self.paths = {
             route.name: RoutePath(
                 route=route,
@@ -91,6 +92,7 @@ class Runtime:
                         metrics.dropped.labels("fallback_cache", route.name),
                         metrics.dropped.labels("fallback_too_large", route.name),
                         _kept_cache(previous, route, config.upstreams[route.upstream]),
+                        breakers,
                     )
                     if route.fallback
                     else None

@@ -27,6 +27,7 @@ from sidecar.config.schema import Answer, CacheFallback, FallbackPolicy, Upstrea
 from sidecar.http import errors
 from sidecar.http.client import READ_AHEAD, BrokenAnswer, ClientResponse
 from sidecar.http.messages import Headers, Response
+from sidecar.upstream.breaker import BreakerFailure, UpstreamBreaker
 from sidecar.upstream.upstreams import UpstreamCall, UpstreamClient
 
 log: Final = structlog.get_logger("sidecar.upstream.fallback")
@@ -229,17 +230,45 @@ class SecondaryUpstream:
     Only a 2xx, or a 400 or 422 (the request's fault), is its answer. Anything else
     says it cannot answer either: a 5xx, a 404 (it does not serve this path or model),
     a 429 (it is overloaded), a 401 or 403 (its credentials are wrong), a redirect
-    (never followed), and so on; the step fails and the next one answers."""
+    (never followed), and so on; the step fails and the next one answers.
+
+    ``breaker``: the secondary upstream's own (the one its routes, if any, use). Its
+    connect errors, timeouts, broken answers and ``failure_statuses`` count on it as
+    the primary's count on the primary's; while it is open the step is skipped at
+    once, so a secondary that hangs does not cost every fallback the step's timeout."""
 
     def __init__(
-        self, upstream: UpstreamClient, settings: UpstreamFallback, too_large: Any = None
+        self,
+        upstream: UpstreamClient,
+        settings: UpstreamFallback,
+        too_large: Any = None,
+        breaker: UpstreamBreaker | None = None,
     ) -> None:
         self.upstream = upstream
         self.timeout = settings.timeout
         self.max_body_size = settings.max_body_size
         self._too_large = too_large  # a counter child, or None
+        self.breaker = breaker
+        self._unavailable = frozenset(upstream.config.breaker.failure_statuses)
 
     async def answer(self, call: UpstreamCall) -> SecondaryAnswer | None:
+        breaker = self.breaker
+        try:
+            if breaker is None:
+                return await self._ask(call)
+            with breaker.attempt():
+                return await self._ask(call)
+        except errors.CircuitOpen:
+            log.warning(
+                "fallback_upstream_failed", upstream=self.upstream.name, error="circuit_open"
+            )
+            return None
+        except BreakerFailure:
+            return None  # logged where it failed
+
+    async def _ask(self, call: UpstreamCall) -> SecondaryAnswer | None:
+        """Its answer, or None when it gave one the step does not take; raises
+        ``BreakerFailure`` when it was unavailable (its breaker counts that)."""
         upstream = self.upstream
         response: ClientResponse | None = None
         started = time.perf_counter()
@@ -255,9 +284,14 @@ class SecondaryUpstream:
         except (errors.SidecarError, BrokenAnswer, TimeoutError) as exc:
             if response is not None:
                 response.close()
-            reason = exc.type if isinstance(exc, errors.SidecarError) else "upstream_error"
+            if isinstance(exc, errors.SidecarError):
+                reason = exc.type
+            else:
+                reason = "upstream_timeout" if isinstance(exc, TimeoutError) else "upstream_error"
             log.warning("fallback_upstream_failed", upstream=upstream.name, error=reason)
-            return None
+            if isinstance(exc, errors.Reloaded):
+                return None  # the sidecar's doing, not the secondary failing
+            raise BreakerFailure(exc) from None
         except BaseException:
             if response is not None:
                 response.close()  # cancelled (the client left): free its connection
@@ -272,6 +306,8 @@ class SecondaryUpstream:
                 error=problem,
                 status=response.status,
             )
+            if response.status in self._unavailable:
+                raise BreakerFailure(problem)
             return None
         return SecondaryAnswer(upstream, response, started)
 
@@ -310,9 +346,12 @@ class FallbackChain:
         evicted: Any = None,
         too_large: Any = None,
         cache: ResponseCache | None = None,
+        breakers: Mapping[str, UpstreamBreaker | None] | None = None,
     ) -> None:
         """``evicted``, ``too_large``: counters of cached answers evicted and of
-        secondary models' answers too large to take. ``cache``: the cache of the
+        secondary models' answers too large to take. ``breakers``: the upstreams'
+        breakers by name (None where one is switched off), which the secondary
+        models' steps go through. ``cache``: the cache of the
         chain a reload replaces, carried on for the cache step (the caller checked
         that its answers mean the same here); it goes on holding, and counting in its
         budget, what both chains store."""
@@ -349,8 +388,14 @@ class FallbackChain:
             elif step.static is not None:
                 steps.append(_Canned.from_answer(step.static.name, step.static))
             elif step.upstream is not None:
+                name = step.upstream.name
                 steps.append(
-                    SecondaryUpstream(upstreams[step.upstream.name], step.upstream, too_large)
+                    SecondaryUpstream(
+                        upstreams[name],
+                        step.upstream,
+                        too_large,
+                        breakers.get(name) if breakers is not None else None,
+                    )
                 )
         self._steps = tuple(steps)
 

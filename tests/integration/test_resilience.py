@@ -658,11 +658,15 @@ async def test_cache_keeps_models_apart_and_answers_with_this_requests_id(
 
 
 async def secondary_fallback(
-    make_fake_model: MakeFakeModel, start_sidecar: StartSidecar, step_timeout: str | None = None
+    make_fake_model: MakeFakeModel,
+    start_sidecar: StartSidecar,
+    step_timeout: str | None = None,
+    **secondary: Any,
 ) -> tuple[SidecarHandle, FakeModel, dict[str, Any]]:
     """A sidecar whose model answers 503, with a fallback chain of the secondary model
-    ``simple`` (its step's timeout, when given), then the static answer: the sidecar,
-    the secondary's fake (each test sets its answers) and the config."""
+    ``simple`` (its step's timeout, when given; ``secondary``: more of its upstream's
+    settings), then the static answer: the sidecar, the secondary's fake (each test
+    sets its answers) and the config."""
     primary, simple = await make_fake_model(), await make_fake_model()
     primary.on("/infer", status_handler(503))
     step: dict[str, Any] = {"name": "simple"}
@@ -673,7 +677,7 @@ async def secondary_fallback(
         {"fallback": {"chain": [{"upstream": step}, STATIC]}},
         breaker={"enabled": False},
     )
-    config["upstreams"]["simple"] = {"url": simple.url}
+    config["upstreams"]["simple"] = {"url": simple.url, **secondary}
     return await start_sidecar(config), simple, config
 
 
@@ -719,6 +723,33 @@ async def test_a_secondary_models_non_2xx_fails_the_step_but_its_verdict_on_the_
     text = await metrics_text(sidecar)
     assert metric_value(text, "sidecar_fallback_total", route="infer", rule="default-answer") == 5
     assert metric_value(text, "sidecar_fallback_total", route="infer", rule="simple") == 2
+
+
+async def test_a_failing_secondary_model_opens_its_own_breaker_and_its_step_is_skipped(
+    make_fake_model: MakeFakeModel, start_sidecar: StartSidecar
+) -> None:
+    """The secondary step called its model whatever that model's breaker said: one
+    that hung cost every fallback the step's whole timeout, and its failures were
+    counted nowhere. Now its timeouts count on its own breaker; once that is open
+    the step is skipped at once and the next step answers."""
+    sidecar, simple, _ = await secondary_fallback(
+        make_fake_model,
+        start_sidecar,
+        step_timeout="300ms",
+        breaker={"failures": 2, "reset_timeout": "1h"},
+    )
+    release = asyncio.Event()
+    simple.on("/infer", hanging_until(release))
+    try:
+        for asked in (1, 2, 2, 2):
+            async with sidecar.session.post(sidecar.url + "/infer", json={"x": 1}) as resp:
+                assert (resp.status, resp.headers["X-Sidecar-Fallback"]) == (200, "default-answer")
+            assert len(simple.hits_for("/infer")) == asked
+    finally:
+        release.set()
+    text = await metrics_text(sidecar)
+    assert metric_value(text, "sidecar_circuit_state", upstream="simple") == 2
+    assert metric_value(text, "sidecar_fallback_total", route="infer", rule="default-answer") == 4
 
 
 async def test_the_models_own_answer_relayed_after_the_fallback_failed_has_its_own_time(

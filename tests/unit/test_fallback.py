@@ -12,10 +12,19 @@ from urllib.parse import urlsplit
 import orjson
 import pytest
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
-from sidecar.config.schema import CacheFallback, FallbackPolicy, Upstream, UpstreamFallback
+from sidecar.config.schema import (
+    BreakerSettings,
+    CacheFallback,
+    FallbackPolicy,
+    Upstream,
+    UpstreamFallback,
+)
 from sidecar.http.client import Pool
 from sidecar.http.messages import Headers
+from sidecar.telemetry.metrics import Metrics
+from sidecar.upstream.breaker import CLOSED, OPEN, UpstreamBreaker
 from sidecar.upstream.fallback import (
     FALLBACK_HEADER,
     FallbackChain,
@@ -474,3 +483,27 @@ async def test_a_secondary_answers_only_with_a_2xx_or_its_verdict_on_the_input(
     assert len(model.hits_for("/infer")) == 17  # one request each, none retried
     # A refused small answer is read to its end: its connection is kept for the next.
     assert step.upstream.pool.open == 1
+
+
+async def test_a_secondary_models_unavailability_counts_on_its_own_breaker(
+    make_fake_model: MakeFakeModel, pools: list[Pool]
+) -> None:
+    """Its breaker's failure statuses (503 here) count against it, and an answer the
+    step does not take but that is the model's own (a 404) resets the run, as the
+    primary's breaker does; once open, the step asks nothing and gives way at once."""
+    model = await make_fake_model()
+    step = secondary(model.url, pools)
+    breaker = UpstreamBreaker(
+        "simple",
+        BreakerSettings(failures=2, reset_timeout="60s"),
+        Metrics(CollectorRegistry()),
+        clock=FakeClock(),
+    )
+    step.breaker = breaker
+    for status, state in ((503, CLOSED), (404, CLOSED), (503, CLOSED), (503, OPEN)):
+        model.on("/infer", answering(status, b"no"))
+        assert await step.answer(call()) is None
+        assert breaker.state == state, status
+    model.on("/infer", answering(200, b"{}"))
+    assert await step.answer(call()) is None  # the circuit is open: not asked
+    assert len(model.hits_for("/infer")) == 4
