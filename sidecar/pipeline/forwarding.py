@@ -530,19 +530,24 @@ def _record(
     if not isinstance(answer, Response):
         return
     body = answer.body
-    if 200 <= answer.status < 300:
+    status = answer.status
+    if 200 <= status < 300:
         cache = path.fallback.cache if path.fallback is not None else None
-        # The cache keeps a body and its Content-Type only: an encoded (gzip, br)
-        # answer served from it would reach clients as bytes they cannot read.
-        if cache is not None and answer.headers.get_raw(b"content-encoding") in (
-            None,
-            b"identity",
+        # The cache keeps a body and its Content-Type only, to answer any request
+        # with the same key: so only a whole answer, a 200 (a 206 to a Range request
+        # is a part, its Content-Range dropped; a 201, 202 or 204 speaks of that one
+        # request). An encoded (gzip, br) answer served from it would reach clients
+        # as bytes they cannot read.
+        if (
+            cache is not None
+            and status == 200
+            and answer.headers.get_raw(b"content-encoding") in (None, b"identity")
         ):
             cache.store(
                 request.method,
                 request.target,
                 request_body,
-                answer.status,
+                status,
                 # The whole field, not ``answer.content_type`` (the media type alone):
                 # a charset is part of what the bytes mean.
                 answer.headers.get("Content-Type"),

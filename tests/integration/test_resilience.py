@@ -542,6 +542,56 @@ async def test_a_cached_answer_keeps_its_content_type_whole(
         assert await resp.text() == "café"
 
 
+async def test_only_a_whole_200_is_cached_never_a_range_requests_part(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """A Range request's 206 went into the cache under the same key as the whole
+    answer (method, target, body), without its Content-Range: once the model was
+    down, a plain request got four bytes of ten as a 206 that said nothing of which
+    part it was. Only a 200 is kept; it stands in for any request with that key (a
+    server may answer a Range request with the whole representation)."""
+    whole = b"0123456789"
+    state = {"up": True}
+
+    async def document(request: web.Request) -> web.Response:
+        if not state["up"]:
+            return web.json_response({"error": "down"}, status=503)
+        if "Range" in request.headers:
+            return web.Response(
+                status=206,
+                body=whole[:4],
+                headers={"Content-Range": "bytes 0-3/10", "Content-Type": "text/plain"},
+            )
+        return web.Response(body=whole, content_type="text/plain")
+
+    fake_model.on("/doc", document)
+    config = config_with(
+        fake_model.url,
+        {"fallback": {"chain": [{"cache": {"ttl": "1h"}}, STATIC]}},
+        breaker={"enabled": False},
+    )
+    sidecar = await start_sidecar(config)
+    ranged = {"Range": "bytes=0-3"}
+    async with sidecar.session.get(sidecar.url + "/doc") as resp:
+        assert (resp.status, await resp.read()) == (200, whole)
+    async with sidecar.session.get(sidecar.url + "/doc", headers=ranged) as resp:
+        assert (resp.status, resp.headers["Content-Range"]) == (206, "bytes 0-3/10")
+        assert await resp.read() == whole[:4]
+    state["up"] = False
+    for headers in ({}, ranged):
+        async with sidecar.session.get(sidecar.url + "/doc", headers=headers) as resp:
+            assert resp.headers["X-Sidecar-Fallback"] == "cache"
+            assert (resp.status, await resp.read()) == (200, whole)
+            assert "Content-Range" not in resp.headers
+    # A part alone is never kept: with no whole answer in, the next step answers.
+    state["up"] = True
+    async with sidecar.session.get(sidecar.url + "/doc?v=2", headers=ranged) as resp:
+        assert resp.status == 206
+    state["up"] = False
+    async with sidecar.session.get(sidecar.url + "/doc?v=2") as resp:
+        assert resp.headers["X-Sidecar-Fallback"] == "default-answer"
+
+
 async def test_a_deeply_nested_request_body_is_answered_where_the_fallback_caches(
     fake_model: FakeModel, start_sidecar: StartSidecar
 ) -> None:
