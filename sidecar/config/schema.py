@@ -875,7 +875,18 @@ def _cross_reference_issues(config: Config) -> Iterator[ConfigIssue]:
             elif route.shadow.upstream == route.upstream:
                 yield ConfigIssue(where, "the shadow upstream must differ from the route's")
         if route.fallback is not None:
+            cache_at: int | None = None
             for step_index, step in enumerate(route.fallback.chain):
+                if step.cache is not None:
+                    if cache_at is not None:
+                        # One cache is filled (the last); a second would answer from
+                        # an empty one, or hold what the first should.
+                        yield ConfigIssue(
+                            f"routes[{index}].fallback.chain[{step_index}].cache",
+                            f"a chain has one cache step at most (chain[{cache_at}] is one)",
+                        )
+                    else:
+                        cache_at = step_index
                 if step.upstream is None:
                     continue
                 where = f"routes[{index}].fallback.chain[{step_index}].upstream.name"

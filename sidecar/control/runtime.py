@@ -300,8 +300,7 @@ def _kept_breaker(
 
 
 def _cache_settings(policy: FallbackPolicy | None) -> CacheFallback | None:
-    """The settings of the cache step a chain stores into (its last, as FallbackChain
-    builds it)."""
+    """The settings of a chain's cache step (one at most: the config refuses two)."""
     settings = None
     for step in policy.chain if policy is not None else ():
         if step.cache is not None:

@@ -216,6 +216,29 @@ def test_cross_references_are_checked() -> None:
     assert any(i.startswith("routes[1].upstream: no upstream named 'nowhere'") for i in issues)
 
 
+def test_a_fallback_chain_with_two_cache_steps_is_refused_at_the_second(
+    tmp_path: Path,
+) -> None:
+    """Two cache steps passed validation, and only the last was ever filled: the
+    first answered from an empty cache for good."""
+    text = MINIMAL + (
+        "    fallback:\n      chain:\n"
+        "        - cache: {ttl: 1m}\n"
+        "        - static: {body: 0}\n"
+        "        - cache: {ttl: 1h}\n"
+    )
+    assert issues_of(text) == [
+        "routes[0].fallback.chain[2].cache: a chain has one cache step at most (chain[0] is one)"
+    ]
+    path = tmp_path / "two-caches.yaml"
+    path.write_text(text)
+    result = run_cli("check-config", str(path))
+    assert result.returncode == 1
+    assert "routes[0].fallback.chain[2].cache: a chain has one cache step at most" in (
+        result.stderr
+    )
+
+
 @pytest.mark.parametrize(
     ("url", "message"),
     [
