@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from sidecar.analytics.drift import DriftMonitor
@@ -22,7 +22,7 @@ from sidecar.telemetry.metrics import Metrics
 from sidecar.upstream.breaker import UpstreamBreaker
 from sidecar.upstream.fallback import FallbackChain, ResponseCache
 from sidecar.upstream.retry import RetryBudget
-from sidecar.upstream.shadow import ShadowMirror
+from sidecar.upstream.shadow import Governor, ShadowMirror
 from sidecar.upstream.upstreams import ConnectionPools, InFlightCount, Upstreams
 
 if TYPE_CHECKING:
@@ -49,9 +49,10 @@ class Runtime:
         """``previous``: the runtime this one replaces (a reload), whose shadow
         copies still out count against this one's limits, whose rate-limit
         buckets carry on, whose breakers carry on where the upstream's URL and
-        breaker settings are unchanged (an open circuit stays open), and whose
+        breaker settings are unchanged (an open circuit stays open), whose
         routes' fallback caches carry on where what a cached answer means is
-        unchanged (``_kept_cache``)."""
+        unchanged (``_kept_cache``), and whose shadow governors carry on where the
+        shadow settings and candidate are unchanged (``_kept_governor``)."""
         self.plan = plan
         self.loaded = loaded = plan.loaded
         self.config = config = loaded.config
@@ -137,6 +138,7 @@ class Runtime:
                     before_path.shadow.copies_out
                     if before_path is not None and before_path.shadow is not None
                     else None,
+                    _kept_governor(previous, route, config.upstreams),
                 )
         self.authenticator = (
             Authenticator(config.auth, plan.jwt_public_key, self.metrics)
@@ -243,6 +245,9 @@ class Runtime:
             if predecessor is not None:
                 predecessor.hand_over(sync)
                 sync.start()
+        for mirror in self.mirrors:
+            if mirror.governor_carried:  # the retired mirror stops governing it
+                mirror.start_governing()
 
     async def start(self) -> None:
         if self.shared is not None:
@@ -337,3 +342,37 @@ def _kept_cache(previous: Runtime | None, route: Route, upstream: Upstream) -> R
     ):
         return None
     return cache
+
+
+def _same_model(before: Upstream | None, after: Upstream) -> bool:
+    """The same model server, asked the same way (its URL and the headers sent)."""
+    return before is not None and before.url == after.url and before.headers == after.headers
+
+
+def _kept_governor(
+    previous: Runtime | None, route: Route, upstreams: Mapping[str, Upstream]
+) -> Governor | None:
+    """The shadow governor of ``previous`` for this route, when a reload changed
+    neither the route's shadow settings nor its candidate model: a candidate backed
+    off for failing (or for slowing the primary) is not given its whole fraction
+    again because a config was reloaded. With the primary model unchanged too, the
+    governor itself carries on (its references, and the samples of this interval,
+    which the retired runtime's requests still add to); with another primary, a
+    fresh one at the same fraction (the old references were another model's).
+    None: a fresh governor, at the configured fraction."""
+    shadow = route.shadow
+    if previous is None or shadow is None:
+        return None
+    before_path = previous.paths.get(route.name)
+    if before_path is None or before_path.shadow is None:
+        return None
+    before = before_path.route
+    before_upstreams = previous.config.upstreams
+    if before.shadow != shadow or not _same_model(
+        before_upstreams.get(shadow.upstream), upstreams[shadow.upstream]
+    ):
+        return None
+    governor = before_path.shadow.governor
+    if _same_model(before_upstreams.get(before.upstream), upstreams[route.upstream]):
+        return governor
+    return Governor.with_fraction_of(governor)

@@ -117,6 +117,15 @@ def decoded(body: bytes, encoding: bytes | None, limit: int) -> bytes | None:
 class Governor:
     """Backs the effective fraction off on trouble and lets it recover when healthy."""
 
+    @classmethod
+    def with_fraction_of(cls, previous: Governor) -> Governor:
+        """A fresh governor (no references, no samples) that starts at ``previous``'s
+        fraction: for a primary model that changed under the same candidate, whose
+        backing off still holds while the primary's references are measured anew."""
+        governor = cls(previous.configured, previous.settings)
+        governor.fraction = previous.fraction
+        return governor
+
     def __init__(self, configured: float, settings: ShadowGovernor) -> None:
         self.configured = configured
         self.fraction = configured
@@ -194,7 +203,12 @@ class ShadowMirror:
         metrics: Metrics,
         comparison_log: LogWriter | None,
         copies_out: InFlightCount | None = None,
+        governor: Governor | None = None,
     ) -> None:
+        """``governor``: the one of the mirror a reload replaces, carried on (the
+        caller checked that it judges the same candidate by the same settings): its
+        fraction and references go on, and it is governed from this mirror once in
+        service (``start_governing``), not from ``start``."""
         self.route = route
         self.settings = settings
         self.upstream = upstream
@@ -203,7 +217,10 @@ class ShadowMirror:
         self.copies_out = copies_out if copies_out is not None else InFlightCount()
         self._idle = asyncio.Event()
         self._idle.set()
-        self.governor = Governor(settings.fraction, settings.governor)
+        self.governor_carried = governor is not None
+        self.governor = (
+            governor if governor is not None else Governor(settings.fraction, settings.governor)
+        )
         self._comparer = Comparer(settings.compare)
         self._log = comparison_log
         self._tasks = BackgroundTasks()  # the copies in flight
@@ -235,6 +252,13 @@ class ShadowMirror:
     # -- the background -----------------------------------------------------------
 
     def start(self) -> None:
+        if not self.governor_carried:
+            self.start_governing()
+
+    def start_governing(self) -> None:
+        """Evaluate the governor each interval. A carried governor starts at the swap:
+        until then the retired mirror governs it (two at once would each evaluate a
+        share of the interval's samples)."""
         if self.settings.governor.enabled:
             self._governing.spawn(self._govern(), name=f"shadow-governor-{self.route}")
 

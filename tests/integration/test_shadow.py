@@ -266,6 +266,93 @@ async def test_the_governor_backs_off_on_failures_and_recovers(
     assert metric_value(text, "sidecar_shadow_fraction", route="all") == 1.0
 
 
+@pytest.mark.parametrize(
+    ("change", "fraction", "references_kept"),
+    [
+        ("elsewhere", 0.5, True),
+        ("primary url", 0.5, False),
+        ("shadow timeout", 1.0, False),
+        ("candidate url", 1.0, False),
+        ("candidate headers", 1.0, False),
+    ],
+)
+async def test_a_reload_keeps_the_governors_backing_off_unless_the_shadow_changed(
+    make_fake_model: MakeFakeModel,
+    start_sidecar: StartSidecar,
+    tmp_path: Path,
+    change: str,
+    fraction: float,
+    references_kept: bool,
+) -> None:
+    """Each reload built a fresh governor: a candidate backed off to half for failing
+    got its whole fraction again, and the primary's reference latency was measured
+    anew, because of a reload that changed something else. The governor carries on
+    unless the shadow block or the candidate changed; after another primary, its
+    fraction does, not its references (they were the other model's)."""
+    primary, other_primary, candidate, other_candidate = [await make_fake_model() for _ in range(4)]
+    for model in (primary, other_primary):
+        model.on("/infer", answering(v2([1.0, 0.0, 0.0])))
+
+    async def crashing(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"error": "candidate crashed"}, status=500)
+
+    for model in (candidate, other_candidate):
+        model.on("/infer", crashing)
+    config = shadow_config(
+        primary.url,
+        candidate.url,
+        tmp_path,
+        governor={
+            "enabled": True,
+            "interval": "1h",
+            "min_samples": 5,
+            "recover_step": 1.0,
+            "min_latency_increase": "60s",  # only the candidate's failures count here
+        },
+    )
+    sidecar = await start_sidecar(config)
+    before = sidecar.running.runtime.paths["all"].shadow
+    assert before is not None
+
+    async def traffic(count: int) -> None:
+        for _ in range(count):
+            async with sidecar.session.post(sidecar.url + "/infer", data=b"{}") as resp:
+                assert resp.status == 200
+        mirror = sidecar.running.runtime.paths["all"].shadow
+        assert mirror is not None
+        await asyncio.wait_for(mirror.wait_idle(), 10)
+
+    before.governor.fraction = 0.0  # unmirrored first: the primary's reference
+    await traffic(5)
+    assert before.govern() == 1.0
+    assert before.governor.reference_latency is not None
+    await traffic(5)  # all mirrored, and the candidate fails them all
+    assert before.govern() == 0.5
+
+    config["routes"][0]["timeout"] = "7s"  # a change elsewhere in the route
+    if change == "primary url":
+        config["upstreams"]["model"]["url"] = other_primary.url
+    elif change == "shadow timeout":
+        config["routes"][0]["shadow"]["timeout"] = "4s"
+    elif change == "candidate url":
+        config["upstreams"]["candidate"]["url"] = other_candidate.url
+    elif change == "candidate headers":
+        config["upstreams"]["candidate"]["headers"] = {"X-Model-Version": "2"}
+    sidecar.running.live.config_path.write_text(yaml.safe_dump(config))
+    assert (await sidecar.running.reload())["result"] == "ok"
+    after = sidecar.running.runtime.paths["all"].shadow
+    assert after is not None
+    assert after is not before
+    assert after.governor.fraction == fraction
+    assert (after.governor.reference_latency is not None) == references_kept
+    # Governed from the mirror in service (a carried governor from the swap on): a
+    # backed-off fraction that nothing evaluated would never recover.
+    assert len(after._governing) == 1
+    text = await metrics_text(sidecar)
+    assert metric_value(text, "sidecar_shadow_fraction", route="all") == fraction
+
+
 def test_the_governor_backs_off_when_mirrored_primaries_get_slower() -> None:
     governor = Governor(
         1.0, ShadowGovernor(min_samples=5, max_latency_increase=0.25, min_latency_increase="5ms")
