@@ -236,7 +236,9 @@ class Metrics:
         )
         self.shadow_comparisons = Counter(
             "sidecar_shadow_comparisons_total",
-            "Comparisons of shadow and primary answers: match, mismatch or error.",
+            "Comparisons of shadow and primary answers: match, mismatch, error (the "
+            "shadow failed, or an answer could not be read) or skipped (nothing to "
+            "compare: the primary gave no answer of its own, or one was too large).",
             ["route", "result"],
             registry=r,
         )

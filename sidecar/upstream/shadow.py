@@ -371,11 +371,19 @@ class ShadowMirror:
         if outcome != "ok":
             self._requests.labels(self.route, outcome).inc()
         if outcome == "skipped_too_large":
+            self._comparisons.labels(self.route, "skipped").inc()
             record.update(result="skipped", reason="too large to compare")
-        elif primary is None or primary.body is None or body is None:
+        elif primary is None or primary.body is None:
+            # Nothing of the primary's to compare with (the fallback answered for it,
+            # it failed, its stream was cut): not the candidate's doing, so not an
+            # error of the comparison. The candidate's own failure, if any, is
+            # counted in sidecar_shadow_requests_total and by the governor.
+            self._comparisons.labels(self.route, "skipped").inc()
+            reason = (primary.reason if primary else None) or "no primary answer"
+            record.update(result="skipped", agreement=None, reason=reason)
+        elif body is None:
             self._comparisons.labels(self.route, "error").inc()
-            reason = (primary.reason if primary else None) or f"shadow {outcome}"
-            record.update(result="error", agreement=None, reason=reason)
+            record.update(result="error", agreement=None, reason=f"shadow {outcome}")
         else:
             compare = functools.partial(
                 self._compare, primary, status, body, encoding, self.settings.compare.max_body_size

@@ -515,7 +515,11 @@ async def test_a_primary_stream_cut_short_is_not_counted_as_a_disagreement(
     assert (
         metric_value(text, "sidecar_shadow_comparisons_total", route="all", result="mismatch") == 0
     )
-    assert metric_value(text, "sidecar_shadow_comparisons_total", route="all", result="error") == 1
+    # Not the candidate's failure either: nothing whole of the primary's to compare.
+    assert metric_value(text, "sidecar_shadow_comparisons_total", route="all", result="error") == 0
+    assert (
+        metric_value(text, "sidecar_shadow_comparisons_total", route="all", result="skipped") == 1
+    )
 
 
 async def test_a_candidate_answer_nested_a_thousand_deep_is_an_error_not_a_crash(
@@ -903,6 +907,38 @@ async def test_the_comparison_log_gives_no_primary_time_when_the_primary_gave_no
     assert unanswered["primary_ms"] > 0
     assert (no_model["primary_status"], no_model["reason"]) == (None, "primary failed")
     assert no_model["primary_ms"] is None  # was 0
+
+
+async def test_a_primary_the_fallback_answered_for_is_a_skipped_comparison_not_an_error(
+    make_fake_model: MakeFakeModel, start_sidecar: StartSidecar, tmp_path: Path
+) -> None:
+    """With the primary down and the fallback answering, every mirrored request was
+    counted as a comparison ``error``: read on the dashboard (the agreement share) as
+    the candidate failing, while the candidate answered every one. It is ``skipped``,
+    with the reason in the comparison log, and left out of the agreement share."""
+    primary, candidate = await make_fake_model(), await make_fake_model()
+    primary.on("/infer", status_handler_503)
+    candidate.on("/infer", answering(v2([1.0, 0.0, 0.0])))
+    config = shadow_config(primary.url, candidate.url, tmp_path)
+    config["upstreams"]["model"]["breaker"] = {"enabled": False}
+    config["routes"][0]["fallback"] = {
+        "chain": [{"static": {"name": "default-answer", "body": v2([0.0, 1.0, 0.0])}}]
+    }
+    sidecar = await start_sidecar(config)
+    for _ in range(3):
+        async with sidecar.session.post(sidecar.url + "/infer", data=b"{}") as resp:
+            assert resp.headers["X-Sidecar-Fallback"] == "default-answer"
+    text = await settled_metrics(sidecar)
+    assert metric_value(text, "sidecar_shadow_comparisons_total", route="all", result="error") == 0
+    assert (
+        metric_value(text, "sidecar_shadow_comparisons_total", route="all", result="skipped") == 3
+    )
+    await sidecar.running.stop()
+    records = [orjson.loads(line) for line in (tmp_path / "shadow.jsonl").read_bytes().splitlines()]
+    assert [(r["result"], r["reason"]) for r in records] == [
+        ("skipped", "primary answered by fallback")
+    ] * 3
+    assert build_report(orjson.dumps(r) for r in records).errors == 0
 
 
 async def status_handler_503(request: web.Request) -> web.Response:

@@ -424,6 +424,7 @@ async def test_answers_too_large_to_compare_are_skipped(
     assert (record["result"], record["reason"]) == ("skipped", "too large to compare")
     assert m2.count("sidecar_shadow_requests_total", outcome="skipped_too_large") == 1.0
     assert m2.count("sidecar_shadow_comparisons_total", result="error") == 0.0
+    assert m2.count("sidecar_shadow_comparisons_total", result="skipped") == 1.0
 
 
 async def test_an_answer_exactly_at_the_size_limit_is_compared(
@@ -446,14 +447,16 @@ async def test_without_a_primary_answer_there_is_nothing_to_compare(
     m = Mirror(model.url, pools)
     none = await m.run(None)
     assert (none["result"], none["reason"], none["primary_status"], none["primary_ms"]) == (
-        "error",
-        "shadow ok",
+        "skipped",
+        "no primary answer",
         None,
         None,
     )
     fallback = await m.run(PrimaryOutcome(503, None, 0.001, reason="fallback answered"))
-    assert (fallback["result"], fallback["reason"]) == ("error", "fallback answered")
-    assert m.count("sidecar_shadow_comparisons_total", result="error") == 2.0
+    assert (fallback["result"], fallback["reason"]) == ("skipped", "fallback answered")
+    # Not the candidate's error: it answered both.
+    assert m.count("sidecar_shadow_comparisons_total", result="error") == 0.0
+    assert m.count("sidecar_shadow_comparisons_total", result="skipped") == 2.0
     assert m.count("sidecar_shadow_requests_total", outcome="ok") == 0.0
 
 
