@@ -41,7 +41,12 @@ from sidecar.pipeline.relay import (
 from sidecar.telemetry.logwriter import LogWriter
 from sidecar.telemetry.metrics import Metrics
 from sidecar.upstream.breaker import BreakerFailure, UpstreamBreaker
-from sidecar.upstream.fallback import FALLBACK_HEADER, FallbackChain, SecondaryAnswer
+from sidecar.upstream.fallback import (
+    FALLBACK_HEADER,
+    FallbackChain,
+    SecondaryAnswer,
+    may_share,
+)
 from sidecar.upstream.retry import RetryBudget, backoff_delay, parse_retry_after
 from sidecar.upstream.shadow import PrimaryOutcome, ShadowMirror, StreamCapture
 from sidecar.upstream.upstreams import IDEMPOTENT, InFlightCount, UpstreamCall, UpstreamClient
@@ -537,11 +542,12 @@ def _record(
         # with the same key: so only a whole answer, a 200 (a 206 to a Range request
         # is a part, its Content-Range dropped; a 201, 202 or 204 speaks of that one
         # request). An encoded (gzip, br) answer served from it would reach clients
-        # as bytes they cannot read.
+        # as bytes they cannot read. Nor one the model marks as one client's.
         if (
             cache is not None
             and status == 200
             and answer.headers.get_raw(b"content-encoding") in (None, b"identity")
+            and may_share(answer.headers)
         ):
             cache.store(
                 request.method,

@@ -112,6 +112,21 @@ def restamp_id(body: bytes, request_body: bytes, protocol: str, request_id: str)
         return body
 
 
+def may_share(headers: Headers) -> bool:
+    """Whether a model's answer may stand in for the same request from anyone: not
+    when it says it is one client's (``Cache-Control: private``, ``no-store``) or
+    that it depends on request fields the cache key leaves out (``Vary``, but for
+    Accept-Encoding: only an unencoded answer is kept, which every client reads)."""
+    for value in headers.getall("Cache-Control"):
+        directives = {d.strip().split("=", 1)[0].lower() for d in value.split(",")}
+        if "no-store" in directives or "private" in directives:
+            return False
+    for value in headers.getall("Vary"):
+        if {name.strip().lower() for name in value.split(",")} - {"", "accept-encoding"}:
+            return False
+    return True
+
+
 class ResponseCache:
     """An LRU of good answers with a time to live, bounded in entries and in bytes;
     what it evicts to stay in budget is counted."""

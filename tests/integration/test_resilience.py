@@ -592,6 +592,52 @@ async def test_only_a_whole_200_is_cached_never_a_range_requests_part(
         assert resp.headers["X-Sidecar-Fallback"] == "default-answer"
 
 
+async def test_an_answer_the_model_marks_as_one_clients_is_never_cached(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """The cache key is method, target and body: an answer that depends on who asked
+    (``Cache-Control: private``, ``no-store``, ``Vary`` on a request field) went in
+    all the same, and once the model was down another client got the first one's
+    answer. Such answers are not kept; ``Vary: Accept-Encoding`` on an unencoded
+    answer (every client reads it) does not stop one."""
+    state = {"up": True}
+    marks = {
+        "/private": {"Cache-Control": "max-age=60, Private"},
+        "/no-store": {"Cache-Control": "no-store"},
+        "/vary": {"Vary": "Accept-Encoding, Authorization"},
+        "/shared": {"Vary": "accept-encoding", "Cache-Control": "max-age=60"},
+    }
+
+    async def personal(request: web.Request) -> web.Response:
+        if not state["up"]:
+            return web.json_response({"error": "down"}, status=503)
+        headers = marks[request.path]
+        return web.json_response({"for": request.headers.get("X-User")}, headers=headers)
+
+    for path in marks:
+        fake_model.on(path, personal)
+    config = config_with(
+        fake_model.url,
+        {"fallback": {"chain": [{"cache": {"ttl": "1h"}}, STATIC]}},
+        breaker={"enabled": False},
+    )
+    sidecar = await start_sidecar(config)
+    for path in marks:
+        async with sidecar.session.get(sidecar.url + path, headers={"X-User": "ann"}) as resp:
+            assert await resp.json() == {"for": "ann"}
+    state["up"] = False
+    answered = {}
+    for path in marks:
+        async with sidecar.session.get(sidecar.url + path, headers={"X-User": "bob"}) as resp:
+            answered[path] = resp.headers["X-Sidecar-Fallback"]
+    assert answered == {
+        "/private": "default-answer",
+        "/no-store": "default-answer",
+        "/vary": "default-answer",
+        "/shared": "cache",
+    }
+
+
 async def test_a_deeply_nested_request_body_is_answered_where_the_fallback_caches(
     fake_model: FakeModel, start_sidecar: StartSidecar
 ) -> None:
