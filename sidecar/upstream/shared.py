@@ -226,12 +226,11 @@ class SharedState:
 
     async def check(self) -> None:
         """Ask Redis once (PING) and report what it says. Within a failure's
-        ``retry_after`` nothing is asked: what is known stands."""
-        if not self.usable():
+        ``retry_after``, or with every connection busy, nothing is asked: what is
+        known stands."""
+        if await self._turn() is not None:
             self._publish()
             return
-        if await self._slots.take() is not None:
-            return  # every connection stayed busy: Redis answers, what is known stands
         started = time.monotonic()
         try:
             async with asyncio.timeout(self.settings.timeout):
@@ -242,6 +241,20 @@ class SharedState:
         finally:
             self._slots.release()
         self.succeeded(started)
+
+    async def _turn(self) -> str | None:
+        """None: a connection is this call's (give it back with ``_slots.release``).
+        Else why not: LOCAL_REDIS_DOWN (lost, also while it waited: it is not asked
+        again within ``retry_after``), LOCAL_QUEUE_FULL or LOCAL_BUSY."""
+        if not self.usable():
+            return LOCAL_REDIS_DOWN
+        busy = await self._slots.take()
+        if busy is not None:  # no connection: lost meanwhile, or only busy (then owed)
+            return busy if self.usable() else LOCAL_REDIS_DOWN
+        if not self.usable():  # lost while this call waited: do not wait on it again
+            self._slots.release()
+            return LOCAL_REDIS_DOWN
+        return None
 
     def usable(self) -> bool:
         return time.monotonic() >= self._down_until
@@ -282,14 +295,9 @@ class SharedState:
         is not a failure); if Redis is failing, the calls holding the connections time
         out and say so, and the waiters then see it lost. Tokens owed (``owe``) are
         charged to the bucket first."""
-        if not self.usable():
-            return LOCAL_REDIS_DOWN
-        busy = await self._slots.take()
-        if busy is not None:  # no connection: lost meanwhile, or only busy (then owed)
-            return busy if self.usable() else LOCAL_REDIS_DOWN
-        if not self.usable():  # lost while this call waited: do not wait on it again
-            self._slots.release()
-            return LOCAL_REDIS_DOWN
+        no_turn = await self._turn()
+        if no_turn is not None:
+            return no_turn
         # Once begun, the call runs to its end (``timeout`` at most), its slot held,
         # even if the request is cancelled (its client left): cut short, redis-py
         # drops the connection while Redis still runs the command it was sent, so the

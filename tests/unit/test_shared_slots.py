@@ -8,7 +8,9 @@ import pytest
 
 pytest.importorskip("redis")
 
-from sidecar.upstream.shared import _Slots
+from sidecar.config.schema import SharedStateSettings
+from sidecar.telemetry.metrics import Metrics
+from sidecar.upstream.shared import SharedState, _Slots
 
 
 async def test_a_freed_slot_goes_to_the_longest_waiting_never_to_a_newcomer() -> None:
@@ -58,3 +60,40 @@ async def test_a_waiter_that_leaves_gives_up_its_place_and_no_slot_is_lost() -> 
     slots.release()
     assert await slots.take() is None  # one slot, back
     assert await slots.take() == "busy", "a second slot appeared"
+
+
+async def test_a_check_that_waited_its_turn_while_redis_was_lost_does_not_ask_it() -> None:
+    """A reload's first check (PING) waited for the one connection, held by a call to
+    a Redis that went silent. That call timed out and marked Redis lost; the check,
+    given its turn, asked the lost Redis all the same (within ``retry_after``), and
+    its own timeout held the reload back once more and pushed the retry further out."""
+    connections: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)  # reads nothing, answers nothing
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = SharedStateSettings.model_validate(
+        {
+            "redis_url": f"redis://127.0.0.1:{port}/0",
+            "timeout": "200ms",
+            "retry_after": "60s",
+            "max_connections": 1,
+        }
+    )
+    shared = SharedState(settings, Metrics())
+    try:
+        holding = asyncio.ensure_future(shared.take_global(1.0, 1))
+        await asyncio.sleep(0.05)  # its call holds the connection
+        checked = asyncio.ensure_future(shared.check())
+        assert await asyncio.wait_for(holding, 1) == "redis_down"
+        await asyncio.wait_for(checked, 1)
+        assert not shared.up
+        assert len(connections) == 1, "the check asked a Redis known to be lost"
+    finally:
+        await shared.close()
+        for writer in connections:
+            writer.close()
+        server.close()
+        await server.wait_closed()
