@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -60,6 +61,36 @@ async def test_a_waiter_that_leaves_gives_up_its_place_and_no_slot_is_lost() -> 
     slots.release()
     assert await slots.take() is None  # one slot, back
     assert await slots.take() == "busy", "a second slot appeared"
+
+
+async def test_a_waiter_handed_a_slot_as_its_client_leaves_passes_it_on() -> None:
+    """Handed the slot, then cancelled before it ran again: it must give the slot to
+    the next in line, or the slot is lost for good."""
+    slots = _Slots(1, max_waiting=5, wait=10.0)
+    assert await slots.take() is None
+    leaving = asyncio.ensure_future(slots.take())
+    staying = asyncio.ensure_future(slots.take())
+    await asyncio.sleep(0)
+    slots.release()  # handed to ``leaving`` ...
+    leaving.cancel()  # ... whose client goes before it resumes
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
+    assert await asyncio.wait_for(staying, 1) is None
+
+
+async def test_a_slot_handed_over_as_the_wait_ends_is_kept_not_lost() -> None:
+    """Handed the slot just before its wait ended, and run again only after (a busy
+    loop): the slot is its own, not "busy" with the slot left handed to nobody."""
+    slots = _Slots(1, max_waiting=5, wait=0.05)
+    assert await slots.take() is None
+    waiting = asyncio.ensure_future(slots.take())
+    await asyncio.sleep(0)  # it waits, for 0.05 s from now
+    asyncio.get_running_loop().call_later(0.01, slots.release)  # handed over first ...
+    time.sleep(0.1)  # noqa: ASYNC251 - a busy loop: the wait ends before it runs again
+    assert await waiting is None
+    assert await slots.take() == "busy"  # one slot, held
+    slots.release()
+    assert await slots.take() is None
 
 
 async def test_a_check_that_waited_its_turn_while_redis_was_lost_does_not_ask_it() -> None:
