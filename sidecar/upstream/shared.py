@@ -339,8 +339,11 @@ class SharedState:
             self._link.users -= 1
         if self._link.users == 0:  # again if a stop cut short left them open
             # Calls whose requests were cancelled may still be in progress: they end
-            # within ``timeout``, before the connections they use are closed.
-            await asyncio.gather(*self._link.calls, return_exceptions=True)
+            # within ``timeout``, before the connections they use are closed. Waited
+            # for, never cancelled (as gather would, were this stop cut short): one cut
+            # short would owe again tokens Redis may have charged.
+            if self._link.calls:
+                await asyncio.wait(set(self._link.calls))
             await self._client.aclose()
 
 

@@ -128,3 +128,34 @@ async def test_a_check_that_waited_its_turn_while_redis_was_lost_does_not_ask_it
             writer.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_a_stop_cut_short_leaves_the_calls_in_progress_to_end() -> None:
+    """Closing waits for the calls in progress; a close that was itself cancelled (a
+    stop cut short) cancelled them too, and a call cut short owes again the tokens it
+    carried, which Redis may already have charged."""
+    connections: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)  # reads nothing, answers nothing
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = SharedStateSettings.model_validate(
+        {"redis_url": f"redis://127.0.0.1:{port}/0", "timeout": "300ms", "max_connections": 1}
+    )
+    shared = SharedState(settings, Metrics())
+    try:
+        call = asyncio.ensure_future(shared.take_global(1.0, 1))
+        await asyncio.sleep(0.05)  # its call is in progress
+        closing = asyncio.ensure_future(shared.close())
+        await asyncio.sleep(0.05)
+        closing.cancel()
+        # The call ends as it would have: Redis did not answer within its timeout.
+        assert await asyncio.wait_for(call, 1) == "redis_down"
+    finally:
+        await shared.close()
+        for writer in connections:
+            writer.close()
+        server.close()
+        await server.wait_closed()
