@@ -278,12 +278,14 @@ class SecondaryUpstream:
                 "fallback_upstream_failed", upstream=self.upstream.name, error="circuit_open"
             )
             return None
-        except BreakerFailure:
+        except (BreakerFailure, errors.Reloaded):
             return None  # logged where it failed
 
     async def _ask(self, call: UpstreamCall) -> SecondaryAnswer | None:
         """Its answer, or None when it gave one the step does not take; raises
-        ``BreakerFailure`` when it was unavailable (its breaker counts that)."""
+        ``BreakerFailure`` when it was unavailable (its breaker counts that), and
+        ``Reloaded`` when a reload's refusal kept it from being asked (leaving the
+        breaker's block as neither a failure nor an answer)."""
         upstream = self.upstream
         response: ClientResponse | None = None
         started = time.perf_counter()
@@ -305,7 +307,9 @@ class SecondaryUpstream:
                 reason = "upstream_timeout" if isinstance(exc, TimeoutError) else "upstream_error"
             log.warning("fallback_upstream_failed", upstream=upstream.name, error=reason)
             if isinstance(exc, errors.Reloaded):
-                return None  # the sidecar's doing, not the secondary failing
+                # The sidecar's doing: the secondary neither failed nor answered (a
+                # return here would be a success, closing a half-open circuit).
+                raise
             raise BreakerFailure(exc) from None
         except BaseException:
             if response is not None:

@@ -13,8 +13,10 @@ import pytest
 import yaml
 from aiohttp import web
 
+from sidecar.upstream.breaker import CLOSED, OPEN
 from tests.conftest import (
     LOOPBACK,
+    FakeClock,
     FakeModel,
     MakeFakeModel,
     StartSidecar,
@@ -700,3 +702,68 @@ async def test_a_reload_that_changes_what_a_cached_answer_means_empties_the_cach
         assert resp.status == 200
         assert resp.headers["X-Sidecar-Fallback"] == "default-answer"
         assert await resp.json() == {"label": -1}
+
+
+async def test_a_secondary_step_refused_by_a_reload_does_not_close_the_secondarys_circuit(
+    make_fake_model: MakeFakeModel, start_sidecar: StartSidecar
+) -> None:
+    """The secondary model's circuit is open and its reset timeout over; a request from
+    before a reload that changed the secondary's pool (not its breaker, which carries
+    on) falls back after the old config's drain time, so the secondary step finds its
+    pool closed: a reload's refusal, which must count for neither side. It was taken
+    for the secondary answering: its half-open circuit closed, with the model never
+    asked."""
+    clock = FakeClock()
+    primary, simple = await make_fake_model(), await make_fake_model()
+    arrived, release = asyncio.Event(), asyncio.Event()
+    slow = {"on": False}
+
+    async def failing(request: web.Request) -> web.Response:
+        if slow["on"]:
+            arrived.set()
+            await release.wait()
+        return web.json_response({}, status=503)
+
+    primary.on("/infer", failing)
+    simple.on("/infer", status_handler(503))
+    config = base_config(primary.url)
+    config["server"]["drain_timeout"] = "0s"
+    config["upstreams"]["model"]["breaker"] = {"enabled": False}
+    config["upstreams"]["simple"] = {
+        "url": simple.url,
+        "breaker": {"failures": 1, "reset_timeout": "10s"},
+    }
+    config["routes"][0]["fallback"] = {
+        "chain": [
+            {"upstream": {"name": "simple"}},
+            {"static": {"name": "default-answer", "status": 200, "body": {}}},
+        ]
+    }
+    sidecar = await start_sidecar(config, clock=clock)
+    async with sidecar.session.post(sidecar.url + "/infer", json={"x": 1}) as resp:
+        assert resp.headers["X-Sidecar-Fallback"] == "default-answer"
+    breaker = sidecar.running.runtime.guards["simple"].breaker
+    assert breaker is not None
+    assert breaker.state == OPEN
+    clock.advance(11)  # the next call to the secondary probes it
+    slow["on"] = True
+    request = asyncio.ensure_future(sidecar.session.post(sidecar.url + "/infer", json={"x": 1}))
+    try:
+        await asyncio.wait_for(arrived.wait(), 10)
+        config["upstreams"]["simple"]["max_connections"] = 7  # another pool; same breaker
+        sidecar.running.live.config_path.write_text(yaml.safe_dump(config))
+        assert (await sidecar.running.reload())["result"] == "ok"
+        assert sidecar.running.runtime.guards["simple"].breaker is breaker
+        [retiring] = [t for t in asyncio.all_tasks() if t.get_name() == "retire-runtime"]
+        await asyncio.wait_for(retiring, 10)  # the old config's pools are closed
+        release.set()
+        resp = await asyncio.wait_for(request, 10)
+        async with resp:
+            assert resp.headers["X-Sidecar-Fallback"] == "default-answer"
+    finally:
+        release.set()
+        request.cancel()
+    assert len(simple.hits_for("/infer")) == 1  # not asked since it failed
+    assert breaker.state != CLOSED
+    text = await metrics_text(sidecar)
+    assert metric_value(text, "sidecar_circuit_state", upstream="simple") != 0
