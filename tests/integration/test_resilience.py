@@ -848,6 +848,68 @@ async def test_a_failing_secondary_model_opens_its_own_breaker_and_its_step_is_s
     assert metric_value(text, "sidecar_fallback_total", route="infer", rule="default-answer") == 4
 
 
+async def test_a_client_leaving_mid_probe_of_a_secondary_frees_the_probe_for_its_own_route(
+    make_fake_model: MakeFakeModel, start_sidecar: StartSidecar
+) -> None:
+    """The secondary model is also a route's own upstream, so both share its breaker.
+    With the circuit's reset timeout over, a fallback call takes its one half-open
+    probe and hangs; the client leaves. The probe must be given back: the route that
+    the secondary serves directly probes it next (and closes the circuit), rather
+    than answering 503 circuit_open for as long as the sidecar runs."""
+    clock = FakeClock()
+    primary, simple = await make_fake_model(), await make_fake_model()
+    primary.on("/infer", status_handler(503))
+    simple.on("/infer", status_handler(503))
+    simple.on("/direct/infer", status_handler(200))
+    config = config_with(
+        primary.url,
+        {"fallback": {"chain": [{"upstream": {"name": "simple"}}, STATIC]}},
+        breaker={"enabled": False},
+    )
+    config["upstreams"]["simple"] = {
+        "url": simple.url,
+        "breaker": {"failures": 1, "reset_timeout": "10s", "half_open_probes": 1},
+    }
+    config["routes"].insert(0, {"name": "direct", "path_prefix": "/direct/", "upstream": "simple"})
+    sidecar = await start_sidecar(config, clock=clock)
+    async with sidecar.session.post(sidecar.url + "/infer", json={"x": 1}) as resp:
+        assert resp.headers["X-Sidecar-Fallback"] == "default-answer"
+    breaker = sidecar.running.runtime.guards["simple"].breaker
+    assert breaker is not None
+    assert breaker.state == OPEN
+    clock.advance(11)
+    release = asyncio.Event()
+    simple.on("/infer", hanging_until(release))
+    _, writer = await asyncio.open_connection(LOOPBACK, sidecar.running.main_port)
+    try:
+        writer.write(
+            b"POST /infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 2\r\n\r\n{}"
+        )
+        await writer.drain()
+        for _ in range(200):  # the fallback call is at the secondary, holding the probe
+            if len(simple.hits_for("/infer")) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert len(simple.hits_for("/infer")) == 2
+    finally:
+        writer.close()  # the client leaves mid-call
+    for _ in range(200):
+        if sidecar.running.runtime.active == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert sidecar.running.runtime.active == 0
+    try:
+        async with sidecar.session.post(sidecar.url + "/direct/infer", json={"x": 1}) as resp:
+            assert resp.status == 200  # the probe, answered by the model
+            assert "X-Sidecar-Fallback" not in resp.headers
+    finally:
+        release.set()
+    assert breaker.state == CLOSED
+    text = await metrics_text(sidecar)
+    assert metric_value(text, "sidecar_circuit_state", upstream="simple") == 0
+
+
 async def test_the_models_own_answer_relayed_after_the_fallback_failed_has_its_own_time(
     make_fake_model: MakeFakeModel, start_sidecar: StartSidecar
 ) -> None:
