@@ -54,6 +54,7 @@ from sidecar.upstream.upstreams import IDEMPOTENT, InFlightCount, UpstreamCall, 
 log: Final = structlog.get_logger("sidecar.pipeline.forwarding")
 
 _CONNECTION: Final = frozenset({b"connection"})
+_AUTHORIZATION: Final = b"authorization"
 
 # Error bodies up to this size are read before a retry so the connection is reused.
 _DRAIN_LIMIT: Final = 64 * 1024
@@ -542,12 +543,18 @@ def _record(
         # with the same key: so only a whole answer, a 200 (a 206 to a Range request
         # is a part, its Content-Range dropped; a 201, 202 or 204 speaks of that one
         # request). An encoded (gzip, br) answer served from it would reach clients
-        # as bytes they cannot read. Nor one the model marks as one client's.
+        # as bytes they cannot read. Nor one the model marks as one client's, nor
+        # (unless it says it may be shared) one to a client whose own Authorization
+        # the model was sent (the sidecar's credential is never sent on).
         if (
             cache is not None
             and status == 200
             and answer.headers.get_raw(b"content-encoding") in (None, b"identity")
-            and may_share(answer.headers)
+            and may_share(
+                answer.headers,
+                authorized=_AUTHORIZATION not in path.credentials
+                and request.headers.has(_AUTHORIZATION),
+            )
         ):
             cache.store(
                 request.method,

@@ -112,15 +112,29 @@ def restamp_id(body: bytes, request_body: bytes, protocol: str, request_id: str)
         return body
 
 
-def may_share(headers: Headers) -> bool:
+# Directives by which a model says an answer to an authorized request may be shared
+# (RFC 9111, section 3.5).
+_SHAREABLE: Final = frozenset({"public", "s-maxage", "must-revalidate"})
+
+
+def may_share(headers: Headers, authorized: bool = False) -> bool:
     """Whether a model's answer may stand in for the same request from anyone: not
     when it says it is one client's (``Cache-Control: private``, ``no-store``) or
     that it depends on request fields the cache key leaves out (``Vary``, but for
-    Accept-Encoding: only an unencoded answer is kept, which every client reads)."""
+    Accept-Encoding: only an unencoded answer is kept, which every client reads).
+    ``authorized``: the model was sent the client's Authorization field, so the
+    answer is that client's unless the model says otherwise (``public``,
+    ``s-maxage``, ``must-revalidate``), as for a shared HTTP cache: the key leaves
+    the credential out, and a client the model would refuse must not get it."""
+    shared = not authorized
     for value in headers.getall("Cache-Control"):
         directives = {d.strip().split("=", 1)[0].lower() for d in value.split(",")}
         if "no-store" in directives or "private" in directives:
             return False
+        if not directives.isdisjoint(_SHAREABLE):
+            shared = True
+    if not shared:
+        return False
     for value in headers.getall("Vary"):
         if {name.strip().lower() for name in value.split(",")} - {"", "accept-encoding"}:
             return False

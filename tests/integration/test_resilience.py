@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from sidecar.config.schema import BreakerSettings
 from sidecar.http import errors
+from sidecar.pipeline.auth import hash_key
 from sidecar.telemetry.metrics import Metrics
 from sidecar.upstream.breaker import CLOSED, OPEN, BreakerFailure, UpstreamBreaker
 from tests.conftest import (
@@ -636,6 +637,65 @@ async def test_an_answer_the_model_marks_as_one_clients_is_never_cached(
         "/vary": "default-answer",
         "/shared": "cache",
     }
+
+
+async def test_an_answer_to_a_request_the_model_authorized_is_not_cached_for_anyone(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """A model server that checks the client's own Authorization (the sidecar's auth
+    off, the field passed on): its answer to one authorized client was cached under
+    method, target and body alone, so once the model was down a client without any
+    credential got it, where the model would have said 401. As in a shared HTTP
+    cache (RFC 9111, section 3.5), such an answer is kept only when the model says it
+    may be shared (``public``, ``s-maxage``, ``must-revalidate``). Where the sidecar's
+    own auth takes the Authorization field, the model never sees it: cached."""
+    state = {"up": True}
+
+    async def guarded(request: web.Request) -> web.Response:
+        if not state["up"]:
+            return web.json_response({"error": "down"}, status=503)
+        if request.headers.get("Authorization") != "Bearer ann-token":
+            return web.json_response({"error": "who?"}, status=401)
+        headers = {"Cache-Control": "public"} if request.path == "/public" else None
+        return web.json_response({"label": 7}, headers=headers)
+
+    for path in ("/infer", "/public"):
+        fake_model.on(path, guarded)
+    config = config_with(
+        fake_model.url,
+        {"fallback": {"chain": [{"cache": {"ttl": "1h"}}, STATIC]}},
+        breaker={"enabled": False},
+    )
+    sidecar = await start_sidecar(config)
+    ann = {"Authorization": "Bearer ann-token"}
+    for path in ("/infer", "/public"):
+        async with sidecar.session.post(sidecar.url + path, json={"x": 1}, headers=ann) as resp:
+            assert (resp.status, await resp.json()) == (200, {"label": 7})
+        async with sidecar.session.post(sidecar.url + path, json={"x": 1}) as resp:
+            assert resp.status == 401  # the model's verdict on a client without one
+    state["up"] = False
+    answered = {}
+    for path in ("/infer", "/public"):
+        async with sidecar.session.post(sidecar.url + path, json={"x": 1}) as resp:
+            answered[path] = resp.headers["X-Sidecar-Fallback"]
+    assert answered == {"/infer": "default-answer", "/public": "cache"}
+
+    # The sidecar's own credential in Authorization is not passed on: kept.
+    state["up"] = True
+    config["auth"] = {
+        "enabled": True,
+        "header": None,
+        "api_keys": [{"name": "ann", "digest": hash_key("ann-token")}],
+    }
+    own_auth = await start_sidecar(config)
+    fake_model.on("/infer", status_handler(200))
+    async with own_auth.session.post(own_auth.url + "/infer", json={"x": 1}, headers=ann) as resp:
+        assert resp.status == 200
+        assert "authorization" not in {name.lower() for name in fake_model.hits[-1].headers}
+    state["up"] = False
+    fake_model.on("/infer", guarded)
+    async with own_auth.session.post(own_auth.url + "/infer", json={"x": 1}, headers=ann) as resp:
+        assert resp.headers["X-Sidecar-Fallback"] == "cache"
 
 
 async def test_a_deeply_nested_request_body_is_answered_where_the_fallback_caches(
