@@ -360,7 +360,10 @@ def _init(args: argparse.Namespace) -> int:
         return EXIT_INPUT
     except OSError as exc:
         return _fail("init", f"{exc.filename}: {exc.strerror}")
-    routes = [line.split(":", 1)[1].strip() for line in text.splitlines() if "- name:" in line]
+    import yaml
+
+    # Read the names as YAML reads them: a line's own comment is no part of its name.
+    routes = [str(route["name"]) for route in yaml.safe_load(text)["routes"]]
     print(f"wrote {out} (valid; routes: {', '.join(routes)})")
     print(f"next: sidecar run --config {out}")
     return 0

@@ -34,7 +34,7 @@ def test_init_writes_a_config_that_loads(
         "init", "--upstream", "http://127.0.0.1:8000", "--protocol", protocol, cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr
-    assert "wrote sidecar.yaml (valid" in result.stdout
+    assert f"wrote sidecar.yaml (valid; routes: {', '.join(routes)})\n" in result.stdout
     plan = load_plan(tmp_path / "sidecar.yaml", env={})
     assert plan.config.upstreams["model"].url == "http://127.0.0.1:8000"
     assert plan.config.upstreams["model"].health.path == health
