@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -398,4 +400,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "shadow-report": lambda: _shadow_report(args),
         "join-labels": lambda: _join_labels(args),
     }
-    return handlers[args.command]()
+    try:
+        return handlers[args.command]()
+    except BrokenPipeError:
+        # The reader left early (`sidecar check-config FILE | head`): what it wanted
+        # was printed. Quietly, as a tool killed by SIGPIPE would be, not a traceback;
+        # stdout goes to /dev/null so the interpreter's last flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE

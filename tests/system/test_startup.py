@@ -3,8 +3,10 @@ turns every start-up failure into one line naming the problem and its key, exit 
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -152,6 +154,28 @@ def test_check_config_finds_what_would_stop_run(tmp_path: Path, case: str) -> No
     ran = cli("run", "--config", str(path))
     assert ran.returncode == 2
     assert_one_line_each(ran, expected)
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path: Path) -> None:
+    """`sidecar check-config FILE | head`: a reader gone before the effective config
+    is printed ended the command in a BrokenPipeError traceback. It now ends quietly,
+    with the status of a tool that SIGPIPE stopped (128 + 13)."""
+    path = write_config(tmp_path, base_config(f"http://{LOOPBACK}:{closed_port()}"))
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has left before a byte is written
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "sidecar", "check-config", str(path)],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert done.stderr == ""
+    assert done.returncode == 141
 
 
 def test_hash_key_ignores_the_line_ending_of_a_piped_key() -> None:
