@@ -942,7 +942,11 @@ def parse_config(text: str, *, source: str, env: Mapping[str, str]) -> Config:
     try:
         config = Config.model_validate(substituted)
     except ValidationError as exc:
-        raise ConfigError(source, issues + list(_pydantic_issues(exc))) from None
+        # A key whose variable is unset was given "": that it is then not a valid
+        # value is the same problem, said once.
+        unset = {issue.path for issue in issues}
+        found = [issue for issue in _pydantic_issues(exc) if issue.path not in unset]
+        raise ConfigError(source, issues + found) from None
     issues += _cross_reference_issues(config)
     if issues:
         raise ConfigError(source, issues)

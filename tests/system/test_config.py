@@ -177,6 +177,10 @@ def test_missing_env_var_is_named_with_the_key() -> None:
     text = MINIMAL + "    max_body_size: ${BODY_LIMIT}\n"
     issues = issues_of(text)
     assert "routes[0].max_body_size: environment variable BODY_LIMIT is not set" in issues
+    # Said once: that the "" it stood in for is not a size is the same problem.
+    assert [issue for issue in issues if issue.startswith("routes[0].max_body_size")] == [
+        "routes[0].max_body_size: environment variable BODY_LIMIT is not set"
+    ]
 
 
 def test_secrets_are_redacted_in_the_effective_config() -> None:
