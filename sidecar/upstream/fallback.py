@@ -46,8 +46,12 @@ class _Canned:
 
     @classmethod
     def from_answer(cls, name: str, answer: Answer) -> _Canned:
-        headers = {"Content-Type": "application/json", **answer.headers}
-        return cls(name, answer.status, orjson.dumps(answer.body), tuple(headers.items()))
+        headers = tuple(answer.headers.items())
+        # The body is JSON unless the answer names its type: in any case, as field
+        # names are (a second Content-Type field would make the message invalid).
+        if not any(field.lower() == "content-type" for field, _ in headers):
+            headers = (("Content-Type", "application/json"), *headers)
+        return cls(name, answer.status, orjson.dumps(answer.body), headers)
 
     def response(self) -> Response:
         response = Response(self.status, self.body, Headers(self.headers))

@@ -31,6 +31,7 @@ from tests.conftest import (
     StartSidecar,
     base_config,
     closed_port,
+    raw_request,
 )
 from tests.integration.test_endpoints import metric_value
 
@@ -466,6 +467,29 @@ async def test_rules_answer_by_the_request_fields_else_the_next_step(
     assert resp.headers["X-Rule"] == "gold"
     rule, body, _ = await ask({"inputs": [{"data": [5, 3, 1, 0.2]}]})
     assert (rule, body) == ("default-answer", {"label": -1})
+
+
+async def test_a_configured_answer_names_its_own_content_type_in_any_case(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """A static answer whose headers give ``content-type`` (lower-case) went out with
+    two Content-Type fields, the default application/json first: clients read the
+    first and took a text answer for JSON."""
+    fake_model.on("/infer", status_handler(503))
+    static = {
+        "static": {"name": "plain", "body": "down", "headers": {"content-type": "text/plain"}}
+    }
+    config = config_with(
+        fake_model.url, {"fallback": {"chain": [static]}}, breaker={"enabled": False}
+    )
+    sidecar = await start_sidecar(config)
+    raw = await raw_request(
+        sidecar.running.main_port, b"GET /infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    head = raw.partition(b"\r\n\r\n")[0].lower()
+    assert head.startswith(b"http/1.1 200 ")
+    assert head.count(b"\r\ncontent-type:") == 1, head
+    assert b"\r\ncontent-type: text/plain\r\n" in head
 
 
 async def test_cache_serves_the_earlier_good_answer_with_age(
