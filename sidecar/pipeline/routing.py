@@ -15,6 +15,9 @@ class _Entry:
     methods: frozenset[str]
     route: Route
 
+    def takes(self, path: str) -> bool:
+        return path == self.prefix or path.startswith(self.prefix_dir) or self.prefix == "/"
+
 
 class RouteTable:
     def __init__(self, routes: Sequence[Route]) -> None:
@@ -33,9 +36,19 @@ class RouteTable:
         """
         path_route: Route | None = None
         for entry in self._entries:
-            if path == entry.prefix or path.startswith(entry.prefix_dir) or entry.prefix == "/":
+            if entry.takes(path):
                 if not entry.methods or method in entry.methods:
                     return entry.route, entry.route
                 if path_route is None:
                     path_route = entry.route
         return None, path_route
+
+    def allowed(self, path: str) -> str:
+        """The methods the routes of this path take, for a 405's Allow field (RFC 9110
+        section 15.5.6): asked only when none took the request's method, so each route
+        of the path lists its methods."""
+        methods: set[str] = set()
+        for entry in self._entries:
+            if entry.takes(path):
+                methods |= entry.methods
+        return ", ".join(sorted(methods))

@@ -254,7 +254,9 @@ class Pipeline:
         endpoint = self.own.get(path)
         if endpoint is not None:
             if method not in ("GET", "HEAD"):
-                raise errors.MethodNotAllowed(f"{path} answers GET only")
+                raise errors.MethodNotAllowed(
+                    f"{path} answers GET only", headers={"Allow": "GET, HEAD"}
+                )
             ctx.own_name, handler = endpoint
             ctx.route_name = "_" + ctx.own_name
             ctx.answered_by = "own"
@@ -265,7 +267,10 @@ class Pipeline:
                 # Answered in the error shape of the route whose path this is (its
                 # clients read it); still counted under no route.
                 ctx.route = path_route
-                raise errors.MethodNotAllowed(f"method {method} is not allowed here")
+                raise errors.MethodNotAllowed(
+                    f"method {method} is not allowed here",
+                    headers={"Allow": self.routes.allowed(path)},
+                )
             raise errors.NoRoute(f"no route for {method} {path}")
         ctx.route = route
         ctx.route_name = name = route.name

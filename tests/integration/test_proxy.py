@@ -432,6 +432,29 @@ async def test_absolute_form_target_is_refused(
     assert fake_model.hits == []
 
 
+async def test_a_405_lists_the_methods_allowed(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """RFC 9110 section 15.5.6: a 405 MUST carry Allow. The admin listener's had it;
+    the main listener's, for a route's method or an own endpoint, did not."""
+    config = base_config(fake_model.url)
+    config["admin"]["enabled"] = False  # the own endpoints on the main listener
+    config["routes"] = [
+        {"name": "infer", "path_prefix": "/infer", "methods": ["POST"], "upstream": "model"},
+        {"name": "meta", "path_prefix": "/infer", "methods": ["GET"], "upstream": "model"},
+    ]
+    sidecar = await start_sidecar(config)
+    port = sidecar.running.main_port
+    for target, allowed in ((b"/infer/x", b"GET, POST"), (b"/livez", b"GET, HEAD")):
+        raw = await raw_request(
+            port, b"DELETE %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % target
+        )
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 405 "), head
+        assert b"\r\nAllow: %s\r\n" % allowed in head + b"\r\n", head
+        assert orjson.loads(body)["error"]["type"] == "method_not_allowed"
+
+
 async def test_unknown_route_and_method(fake_model: FakeModel, start_sidecar: StartSidecar) -> None:
     config = base_config(fake_model.url)
     config["routes"] = [
