@@ -202,7 +202,11 @@ class ResponseCache:
     def answer(
         self, method: str, target: str, request_body: bytes, request_id: str
     ) -> Response | None:
-        key = canonical_key(method, target, request_body, self._protocol)
+        # A HEAD is answered with the head of the GET (RFC 9110 section 9.3.2): its
+        # Content-Length and fields are the GET's; the server sends no body.
+        key = canonical_key(
+            "GET" if method == "HEAD" else method, target, request_body, self._protocol
+        )
         entry = self._entries.get(key)
         if entry is None:
             return None

@@ -492,6 +492,45 @@ async def test_a_configured_answer_names_its_own_content_type_in_any_case(
     assert b"\r\ncontent-type: text/plain\r\n" in head
 
 
+async def test_a_head_request_is_answered_from_the_cached_get(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """With the model down, a GET was answered from the cache but a HEAD of the same
+    target by the next step: another status, other fields and another Content-Length
+    than the GET's (RFC 9110 section 9.3.2: a HEAD's head is the GET's)."""
+    state = {"up": True}
+
+    async def flaky(request: web.Request) -> web.Response:
+        if state["up"]:
+            return web.json_response({"labels": [1, 2, 3]})
+        return web.json_response({"error": "down"}, status=503)
+
+    fake_model.on("/infer", flaky)
+    config = config_with(
+        fake_model.url,
+        {"fallback": {"chain": [{"cache": {"ttl": "1h"}}, STATIC]}},
+        breaker={"enabled": False},
+    )
+    sidecar = await start_sidecar(config)
+    port = sidecar.running.main_port
+    await raw_request(port, b"GET /infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    state["up"] = False
+    raw = await raw_request(
+        port,
+        b"GET /infer HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"HEAD /infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    get, _, rest = raw.partition(b"\r\n\r\n")
+    assert b"\r\nX-Sidecar-Fallback: cache\r\n" in get
+    body = b'{"labels": [1, 2, 3]}'  # aiohttp's json.dumps
+    assert rest.startswith(body)
+    head = rest[len(body) :]
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    assert head.endswith(b"\r\n\r\n")  # a head only
+    assert b"\r\nX-Sidecar-Fallback: cache\r\n" in head
+    assert b"\r\nContent-Length: %d\r\n" % len(body) in head
+
+
 async def test_cache_serves_the_earlier_good_answer_with_age(
     fake_model: FakeModel, start_sidecar: StartSidecar
 ) -> None:
