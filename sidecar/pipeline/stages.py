@@ -245,12 +245,19 @@ class Pipeline:
     def route(self, request: Request, ctx: RequestContext) -> OwnHandler | None:
         """Refuse tricky targets (any path); an own endpoint's handler, or the route."""
         method = request.method
-        if method in REFUSED_METHODS:
-            raise errors.MethodNotAllowed(f"{method} is not accepted by this proxy")
-        check_target(request.target)
-        check_framing(request.headers.get("Transfer-Encoding"))
-        check_host(request.headers.count(b"host"), request.version)
         path = request.path
+        try:
+            if method in REFUSED_METHODS:
+                raise errors.MethodNotAllowed(f"{method} is not accepted by this proxy")
+            check_target(request.target)
+            check_framing(request.headers.get("Transfer-Encoding"))
+            check_host(request.headers.count(b"host"), request.version)
+        except errors.SidecarError:
+            # Answered in the error shape of the route whose path this is (its clients
+            # read it); still counted under no route.
+            route, path_route = self.routes.match(path, method)
+            ctx.route = route or path_route
+            raise
         endpoint = self.own.get(path)
         if endpoint is not None:
             if method not in ("GET", "HEAD"):

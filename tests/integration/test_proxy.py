@@ -455,6 +455,39 @@ async def test_a_405_lists_the_methods_allowed(
         assert orjson.loads(body)["error"]["type"] == "method_not_allowed"
 
 
+async def test_a_request_refused_before_routing_is_answered_in_its_routes_shape(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """TRACE, a transfer coding other than chunked, two Host fields: refused before
+    the route was matched, they came in the plain shape on a V2 or OpenAI route too,
+    where V2 clients read a string error and OpenAI clients an error object."""
+    config = base_config(fake_model.url)
+    config["routes"] = [
+        {"name": "v2", "path_prefix": "/v2/", "protocol": "v2", "upstream": "model"},
+        {"name": "chat", "path_prefix": "/v1/", "protocol": "openai", "upstream": "model"},
+    ]
+    sidecar = await start_sidecar(config)
+    port = sidecar.running.main_port
+    refusals = {
+        "TRACE": b"TRACE %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "coding": b"POST %s HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n"
+        b"Connection: close\r\n\r\n0\r\n\r\n",
+        "hosts": b"GET %s HTTP/1.1\r\nHost: x\r\nHost: y\r\nConnection: close\r\n\r\n",
+    }
+    for name, request in refusals.items():
+        for target, protocol in ((b"/v2/models/iris/infer", "v2"), (b"/v1/chat", "openai")):
+            raw = await raw_request(port, request % target)
+            head, _, body = raw.partition(b"\r\n\r\n")
+            assert head.split(b" ")[1] in (b"400", b"405", b"501"), (name, head)
+            error = orjson.loads(body)
+            if protocol == "v2":
+                assert isinstance(error["error"], str), (name, error)
+                assert error["request_id"], (name, error)
+            else:
+                assert error["error"]["code"] == error["error"]["type"], (name, error)
+    assert fake_model.hits == []
+
+
 async def test_unknown_route_and_method(fake_model: FakeModel, start_sidecar: StartSidecar) -> None:
     config = base_config(fake_model.url)
     config["routes"] = [
