@@ -13,7 +13,7 @@ import pytest
 import yaml
 from aiohttp import web
 
-from sidecar.upstream.breaker import CLOSED, OPEN
+from sidecar.upstream.breaker import CLOSED
 from tests.conftest import (
     LOOPBACK,
     FakeClock,
@@ -25,7 +25,11 @@ from tests.conftest import (
     start_sidecar_process,
 )
 from tests.integration.test_endpoints import metric_value
-from tests.integration.test_resilience import metrics_text, status_handler
+from tests.integration.test_resilience import (
+    metrics_text,
+    open_the_secondarys_circuit,
+    status_handler,
+)
 
 
 def named(name: str) -> Any:
@@ -740,11 +744,7 @@ async def test_a_secondary_step_refused_by_a_reload_does_not_close_the_secondary
         ]
     }
     sidecar = await start_sidecar(config, clock=clock)
-    async with sidecar.session.post(sidecar.url + "/infer", json={"x": 1}) as resp:
-        assert resp.headers["X-Sidecar-Fallback"] == "default-answer"
-    breaker = sidecar.running.runtime.guards["simple"].breaker
-    assert breaker is not None
-    assert breaker.state == OPEN
+    breaker = await open_the_secondarys_circuit(sidecar)
     clock.advance(11)  # the next call to the secondary probes it
     slow["on"] = True
     request = asyncio.ensure_future(sidecar.session.post(sidecar.url + "/infer", json={"x": 1}))

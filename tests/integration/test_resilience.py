@@ -30,6 +30,7 @@ from tests.conftest import (
     SidecarHandle,
     StartSidecar,
     base_config,
+    clients_that_sent,
     closed_port,
     raw_request,
 )
@@ -72,6 +73,15 @@ def status_handler(status: int, headers: dict[str, str] | None = None) -> Any:
 
 
 STATIC = {"static": {"name": "default-answer", "status": 200, "body": {"label": -1}}}
+
+
+def cache_then_static(upstream_url: str, **route_settings: Any) -> dict[str, Any]:
+    """A route whose fallback is the cache (1 h), then the static answer; the model's
+    breaker off, so that every request reaches the model."""
+    chain = [{"cache": {"ttl": "1h"}}, STATIC]
+    return config_with(
+        upstream_url, {**route_settings, "fallback": {"chain": chain}}, breaker={"enabled": False}
+    )
 
 
 def stalling_answer(
@@ -506,11 +516,7 @@ async def test_a_head_request_is_answered_from_the_cached_get(
         return web.json_response({"error": "down"}, status=503)
 
     fake_model.on("/infer", flaky)
-    config = config_with(
-        fake_model.url,
-        {"fallback": {"chain": [{"cache": {"ttl": "1h"}}, STATIC]}},
-        breaker={"enabled": False},
-    )
+    config = cache_then_static(fake_model.url)
     sidecar = await start_sidecar(config)
     port = sidecar.running.main_port
     await raw_request(port, b"GET /infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -543,11 +549,7 @@ async def test_cache_serves_the_earlier_good_answer_with_age(
         return web.json_response({"error": "down"}, status=503)
 
     fake_model.on("/infer", flaky)
-    config = config_with(
-        fake_model.url,
-        {"fallback": {"chain": [{"cache": {"ttl": "1h"}}, STATIC]}},
-        breaker={"enabled": False},
-    )
+    config = cache_then_static(fake_model.url)
     clock = FakeClock()
     sidecar = await start_sidecar(config, clock=clock)
     async with sidecar.session.post(
@@ -590,11 +592,7 @@ async def test_a_cached_answer_keeps_its_content_type_whole(
         return web.json_response({"error": "down"}, status=503)
 
     fake_model.on("/infer", latin1)
-    config = config_with(
-        fake_model.url,
-        {"fallback": {"chain": [{"cache": {"ttl": "1h"}}, STATIC]}},
-        breaker={"enabled": False},
-    )
+    config = cache_then_static(fake_model.url)
     sidecar = await start_sidecar(config)
     async with sidecar.session.post(sidecar.url + "/infer", data=b"{}") as resp:
         assert resp.headers["Content-Type"] == content_type
@@ -629,11 +627,7 @@ async def test_only_a_whole_200_is_cached_never_a_range_requests_part(
         return web.Response(body=whole, content_type="text/plain")
 
     fake_model.on("/doc", document)
-    config = config_with(
-        fake_model.url,
-        {"fallback": {"chain": [{"cache": {"ttl": "1h"}}, STATIC]}},
-        breaker={"enabled": False},
-    )
+    config = cache_then_static(fake_model.url)
     sidecar = await start_sidecar(config)
     ranged = {"Range": "bytes=0-3"}
     async with sidecar.session.get(sidecar.url + "/doc") as resp:
@@ -680,11 +674,7 @@ async def test_an_answer_the_model_marks_as_one_clients_is_never_cached(
 
     for path in marks:
         fake_model.on(path, personal)
-    config = config_with(
-        fake_model.url,
-        {"fallback": {"chain": [{"cache": {"ttl": "1h"}}, STATIC]}},
-        breaker={"enabled": False},
-    )
+    config = cache_then_static(fake_model.url)
     sidecar = await start_sidecar(config)
     for path in marks:
         async with sidecar.session.get(sidecar.url + path, headers={"X-User": "ann"}) as resp:
@@ -724,11 +714,7 @@ async def test_an_answer_to_a_request_the_model_authorized_is_not_cached_for_any
 
     for path in ("/infer", "/public"):
         fake_model.on(path, guarded)
-    config = config_with(
-        fake_model.url,
-        {"fallback": {"chain": [{"cache": {"ttl": "1h"}}, STATIC]}},
-        breaker={"enabled": False},
-    )
+    config = cache_then_static(fake_model.url)
     sidecar = await start_sidecar(config)
     ann = {"Authorization": "Bearer ann-token"}
     for path in ("/infer", "/public"):
@@ -775,11 +761,7 @@ async def test_a_deeply_nested_request_body_is_answered_where_the_fallback_cache
         return web.json_response({"error": "down"}, status=503)
 
     fake_model.on("/infer", flaky)
-    config = config_with(
-        fake_model.url,
-        {"fallback": {"chain": [{"cache": {"ttl": "1h"}}, STATIC]}},
-        breaker={"enabled": False},
-    )
+    config = cache_then_static(fake_model.url)
     sidecar = await start_sidecar(config)
     deep = b"[" * 300 + b"]" * 300
     async with sidecar.session.post(sidecar.url + "/infer", data=deep) as resp:
@@ -812,11 +794,7 @@ async def test_a_compressed_answer_is_never_served_from_the_cache_without_its_en
         )
 
     fake_model.on("/infer", compressing)
-    config = config_with(
-        fake_model.url,
-        {"fallback": {"chain": [{"cache": {"ttl": "1h"}}, STATIC]}},
-        breaker={"enabled": False},
-    )
+    config = cache_then_static(fake_model.url)
     sidecar = await start_sidecar(config)
     headers = {"Accept-Encoding": "gzip"}
     async with sidecar.session.post(sidecar.url + "/infer", data=b"{}", headers=headers) as resp:
@@ -850,11 +828,7 @@ async def test_cache_keeps_models_apart_and_answers_with_this_requests_id(
 
     for name in ("a", "b"):
         fake_model.on(f"/v2/models/{name}/infer", v2_model)
-    config = config_with(
-        fake_model.url,
-        {"protocol": "v2", "fallback": {"chain": [{"cache": {"ttl": "1h"}}, STATIC]}},
-        breaker={"enabled": False},
-    )
+    config = cache_then_static(fake_model.url, protocol="v2")
     sidecar = await start_sidecar(config)
     body = {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}
     async with sidecar.session.post(
@@ -971,6 +945,17 @@ async def test_a_failing_secondary_model_opens_its_own_breaker_and_its_step_is_s
     assert metric_value(text, "sidecar_fallback_total", route="infer", rule="default-answer") == 4
 
 
+async def open_the_secondarys_circuit(sidecar: SidecarHandle) -> UpstreamBreaker:
+    """Send one request that the secondary model ``simple`` fails (its breaker opens
+    at one failure) and the static answer answers; that breaker, now open."""
+    async with sidecar.session.post(sidecar.url + "/infer", json={"x": 1}) as resp:
+        assert resp.headers["X-Sidecar-Fallback"] == "default-answer"
+    breaker = sidecar.running.runtime.guards["simple"].breaker
+    assert breaker is not None
+    assert breaker.state == OPEN
+    return breaker
+
+
 async def test_a_client_leaving_mid_probe_of_a_secondary_frees_the_probe_for_its_own_route(
     make_fake_model: MakeFakeModel, start_sidecar: StartSidecar
 ) -> None:
@@ -995,21 +980,16 @@ async def test_a_client_leaving_mid_probe_of_a_secondary_frees_the_probe_for_its
     }
     config["routes"].insert(0, {"name": "direct", "path_prefix": "/direct/", "upstream": "simple"})
     sidecar = await start_sidecar(config, clock=clock)
-    async with sidecar.session.post(sidecar.url + "/infer", json={"x": 1}) as resp:
-        assert resp.headers["X-Sidecar-Fallback"] == "default-answer"
-    breaker = sidecar.running.runtime.guards["simple"].breaker
-    assert breaker is not None
-    assert breaker.state == OPEN
+    breaker = await open_the_secondarys_circuit(sidecar)
     clock.advance(11)
     release = asyncio.Event()
     simple.on("/infer", hanging_until(release))
-    _, writer = await asyncio.open_connection(LOOPBACK, sidecar.running.main_port)
+    request = (
+        b"POST /infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 2\r\n\r\n{}"
+    )
+    [(_, writer)] = await clients_that_sent(sidecar.running.main_port, request, 1)
     try:
-        writer.write(
-            b"POST /infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 2\r\n\r\n{}"
-        )
-        await writer.drain()
         for _ in range(200):  # the fallback call is at the secondary, holding the probe
             if len(simple.hits_for("/infer")) == 2:
                 break

@@ -78,6 +78,23 @@ def shadow_config(primary: str, shadow: str, tmp_path: Path, **shadow_settings: 
     return config
 
 
+def governed_config(primary: str, shadow: str, tmp_path: Path, **governor: Any) -> dict:
+    """``shadow_config`` with the governor on, evaluated only when a test calls
+    ``govern()`` (every 5 samples at the least); ``governor``: its other settings."""
+    settings = {"enabled": True, "interval": "1h", "min_samples": 5, **governor}
+    return shadow_config(primary, shadow, tmp_path, governor=settings)
+
+
+def fall_back_to_a_secondary(config: dict[str, Any], secondary_url: str) -> None:
+    """Give ``config``'s route one fallback step, the model at ``secondary_url`` (5 s),
+    with the primary's breaker and its own off."""
+    config["upstreams"]["model"]["breaker"] = {"enabled": False}
+    config["upstreams"]["secondary"] = {"url": secondary_url, "breaker": {"enabled": False}}
+    config["routes"][0]["fallback"] = {
+        "chain": [{"upstream": {"name": "secondary", "timeout": "5s"}}]
+    }
+
+
 async def metrics_text(sidecar: SidecarHandle) -> str:
     async with sidecar.session.get(sidecar.admin_url + "/metrics") as resp:
         return await resp.text()
@@ -226,21 +243,16 @@ async def test_the_governor_backs_off_on_failures_and_recovers(
         return web.json_response(v2([1.0, 0.0, 0.0]))
 
     candidate.on("/infer", flaky)
-    config = shadow_config(
+    config = governed_config(
         primary.url,
         candidate.url,
         tmp_path,
-        governor={
-            "enabled": True,
-            "interval": "1h",
-            "min_samples": 5,
-            "backoff_factor": 0.5,
-            "recover_step": 0.25,
-            # Only the candidate's failures may move the fraction here: real requests'
-            # latencies on a busy machine differ by more than the default 5 ms, and a
-            # "primary slower while shadowing" window backed off once in a test run.
-            "min_latency_increase": "60s",
-        },
+        backoff_factor=0.5,
+        recover_step=0.25,
+        # Only the candidate's failures may move the fraction here: real requests'
+        # latencies on a busy machine differ by more than the default 5 ms, and a
+        # "primary slower while shadowing" window backed off once in a test run.
+        min_latency_increase="60s",
     )
     sidecar = await start_sidecar(config)
     mirror = sidecar.running.runtime.paths["all"].shadow
@@ -299,17 +311,12 @@ async def test_a_reload_keeps_the_governors_backing_off_unless_the_shadow_change
 
     for model in (candidate, other_candidate):
         model.on("/infer", crashing)
-    config = shadow_config(
+    config = governed_config(
         primary.url,
         candidate.url,
         tmp_path,
-        governor={
-            "enabled": True,
-            "interval": "1h",
-            "min_samples": 5,
-            "recover_step": 1.0,
-            "min_latency_increase": "60s",  # only the candidate's failures count here
-        },
+        recover_step=1.0,
+        min_latency_increase="60s",  # only the candidate's failures count here
     )
     sidecar = await start_sidecar(config)
     before = sidecar.running.runtime.paths["all"].shadow
@@ -808,24 +815,15 @@ async def test_the_governor_judges_the_primary_model_not_the_fallback_that_answe
     primary.on("/infer", primary_model)
     candidate.on("/infer", answering(v2([1.0, 0.0, 0.0])))
     secondary.on("/infer", secondary_model)
-    config = shadow_config(
+    config = governed_config(
         primary.url,
         candidate.url,
         tmp_path,
-        governor={
-            "enabled": True,
-            "interval": "1h",
-            "min_samples": 5,
-            "min_latency_increase": "50ms",
-            "max_error_rate_increase": 0.2,
-            "recover_step": 1.0,
-        },
+        min_latency_increase="50ms",
+        max_error_rate_increase=0.2,
+        recover_step=1.0,
     )
-    config["upstreams"]["model"]["breaker"] = {"enabled": False}
-    config["upstreams"]["secondary"] = {"url": secondary.url, "breaker": {"enabled": False}}
-    config["routes"][0]["fallback"] = {
-        "chain": [{"upstream": {"name": "secondary", "timeout": "5s"}}]
-    }
+    fall_back_to_a_secondary(config, secondary.url)
     sidecar = await start_sidecar(config)
     mirror = sidecar.running.runtime.paths["all"].shadow
     assert mirror is not None
@@ -866,11 +864,7 @@ async def test_the_comparison_log_gives_no_primary_time_when_the_primary_gave_no
     candidate.on("/infer", answering(v2([1.0, 0.0, 0.0])))
     secondary.on("/infer", secondary_model)
     config = shadow_config(primary.url, candidate.url, tmp_path)
-    config["upstreams"]["model"]["breaker"] = {"enabled": False}
-    config["upstreams"]["secondary"] = {"url": secondary.url, "breaker": {"enabled": False}}
-    config["routes"][0]["fallback"] = {
-        "chain": [{"upstream": {"name": "secondary", "timeout": "5s"}}]
-    }
+    fall_back_to_a_secondary(config, secondary.url)
     sidecar = await start_sidecar(config)
     async with sidecar.session.post(
         sidecar.url + "/infer", data=b"{}", headers={"X-Request-ID": "by-fallback"}

@@ -336,6 +336,43 @@ async def test_a_reload_reports_the_redis_state_it_knows_not_up(
     assert await redis_health(sidecar) == ("fail", 0)
 
 
+async def remaining(sidecar: SidecarHandle) -> str:
+    """RateLimit-Remaining of a request's answer: the global bucket's tokens left."""
+    async with sidecar.session.get(sidecar.url + "/x") as resp:
+        return resp.headers["RateLimit-Remaining"]
+
+
+async def connections_received(admin: Any) -> int:
+    """How many connections the redis-server has taken since it started."""
+    received: int = (await admin.info("stats"))["total_connections_received"]
+    return received
+
+
+def global_limit_config(
+    upstream: str, redis_url: str, rate: str, burst: int, **shared_state: Any
+) -> dict[str, Any]:
+    """``shared_config`` with a global rate limit of ``burst`` tokens refilled at
+    ``rate``; ``shared_state``: the Redis client's settings that differ."""
+    limit = {"enabled": True, "global": {"rate": rate, "burst": burst}}
+    config = shared_config(upstream, redis_url, rate_limit=limit)
+    config["shared_state"].update(shared_state)
+    return config
+
+
+def holding_answers(fake_model: FakeModel, path: str) -> tuple[asyncio.Event, asyncio.Event]:
+    """Make the model hold its answers at ``path``: the event set once a request has
+    arrived there, and the one that lets them go."""
+    arrived, release = asyncio.Event(), asyncio.Event()
+
+    async def held(request: web.Request) -> web.Response:
+        arrived.set()
+        await release.wait()
+        return web.json_response({})
+
+    fake_model.on(path, held)
+    return arrived, release
+
+
 async def test_calls_to_redis_are_capped_and_requests_past_the_cap_wait_their_turn_bounded(
     fake_model: FakeModel, redis_server: tuple[Any, str], start_sidecar: StartSidecar
 ) -> None:
@@ -347,18 +384,20 @@ async def test_calls_to_redis_are_capped_and_requests_past_the_cap_wait_their_tu
     import redis.asyncio as aioredis
 
     _, redis_url = redis_server
-    config = shared_config(
+    config = global_limit_config(
         fake_model.url,
         redis_url,
-        rate_limit={"enabled": True, "global": {"rate": "1000/s", "burst": 1000}},
-    )
-    config["shared_state"].update(
-        {"timeout": "10s", "max_connections": 4, "max_waiting": 8, "breakers": False}
+        "1000/s",
+        1000,
+        timeout="10s",
+        max_connections=4,
+        max_waiting=8,
+        breakers=False,
     )
     sidecar = await start_sidecar(config)
     admin = aioredis.Redis.from_url(redis_url)
     try:
-        before = (await admin.info("stats"))["total_connections_received"]
+        before = await connections_received(admin)
         # Every client's commands wait for 2 s (CLIENT UNPAUSE would wait too).
         await admin.client_pause(2000, all=True)
         requests = [
@@ -384,7 +423,7 @@ async def test_calls_to_redis_are_capped_and_requests_past_the_cap_wait_their_tu
                     request.result().release()
                 else:
                     request.cancel()
-        after = (await admin.info("stats"))["total_connections_received"]
+        after = await connections_received(admin)
         assert after - before <= 4
         assert await local_fallbacks(sidecar) == {"busy": 0, "queue_full": 28, "redis_down": 0}
         assert (await redis_health(sidecar))[1] == 1  # busy is not lost
@@ -459,18 +498,19 @@ async def test_a_request_finding_every_connection_busy_waits_its_turn_then_owes_
     that still gets no connection is decided by the local copy, counted by reason,
     and what it lets through is charged to Redis with the next call."""
     slow = SlowRedis(redis_server[1])
-    config = shared_config(
+    config = global_limit_config(
         fake_model.url,
         await slow.start(),
-        rate_limit={"enabled": True, "global": {"rate": "1/h", "burst": 20}},
-    )
-    config["shared_state"].update(
-        {"timeout": "1500ms", "max_connections": 1, "max_waiting": 3, "breakers": False}
+        "1/h",
+        20,
+        timeout="1500ms",
+        max_connections=1,
+        max_waiting=3,
+        breakers=False,
     )
     sidecar = await start_sidecar(config)
     try:
-        async with sidecar.session.get(sidecar.url + "/x") as resp:  # connected, script loaded
-            assert resp.headers["RateLimit-Remaining"] == "19"
+        assert await remaining(sidecar) == "19"  # connected, script loaded
         slow.delay = 0.6
         loop = asyncio.get_running_loop()
         began = loop.time()
@@ -495,8 +535,7 @@ async def test_a_request_finding_every_connection_busy_waits_its_turn_then_owes_
         slow.delay = 0.0
         # 8 let through so far (1 + 6 + this one): the 3 the local copy let through
         # were charged to Redis, whose bucket shows it to every replica.
-        async with sidecar.session.get(sidecar.url + "/x") as resp:
-            assert resp.headers["RateLimit-Remaining"] == "12"
+        assert await remaining(sidecar) == "12"
     finally:
         await slow.close()
 
@@ -510,25 +549,21 @@ async def test_what_was_owed_when_redis_was_lost_is_not_charged_when_it_is_back(
     import redis.asyncio as aioredis
 
     slow = SlowRedis(redis_server[1])
-    config = shared_config(
+    config = global_limit_config(
         fake_model.url,
         await slow.start(),
-        rate_limit={"enabled": True, "global": {"rate": "1/h", "burst": 20}},
-    )
-    config["shared_state"].update(
-        {
-            "timeout": "400ms",
-            "retry_after": "300ms",
-            "max_connections": 1,
-            "max_waiting": 0,
-            "breakers": False,
-        }
+        "1/h",
+        20,
+        timeout="400ms",
+        retry_after="300ms",
+        max_connections=1,
+        max_waiting=0,
+        breakers=False,
     )
     sidecar = await start_sidecar(config)
     admin = aioredis.Redis.from_url(redis_server[1])
     try:
-        async with sidecar.session.get(sidecar.url + "/x") as resp:  # connected, script loaded
-            assert resp.headers["RateLimit-Remaining"] == "19"
+        assert await remaining(sidecar) == "19"  # connected, script loaded
         slow.delay = 1.0
 
         # One call holds the connection and times out (Redis lost); three find no
@@ -547,9 +582,8 @@ async def test_what_was_owed_when_redis_was_lost_is_not_charged_when_it_is_back(
                 break
             await asyncio.sleep(0.05)
         slow.delay = 0.0  # and retry_after (from 0.4 s) has passed: Redis is asked again
-        async with sidecar.session.get(sidecar.url + "/x") as resp:
-            # 20 - the first - the held one - this one; the 3 owed went with the outage.
-            assert resp.headers["RateLimit-Remaining"] == "17"
+        # 20 - the first - the held one - this one; the 3 owed went with the outage.
+        assert await remaining(sidecar) == "17"
         assert (await redis_health(sidecar))[1] == 1
     finally:
         await admin.aclose()
@@ -562,12 +596,9 @@ async def test_redis_connections_are_the_cap_plus_one_per_shared_breaker(
     import redis.asyncio as aioredis
 
     _, redis_url = redis_server
-    config = shared_config(
-        fake_model.url,
-        redis_url,
-        rate_limit={"enabled": True, "global": {"rate": "1000/s", "burst": 1000}},
+    config = global_limit_config(
+        fake_model.url, redis_url, "1000/s", 1000, max_connections=2, breakers=True
     )
-    config["shared_state"].update({"max_connections": 2, "breakers": True})
     for name in ("a", "b", "c"):
         config["upstreams"][name] = {"url": fake_model.url}
     sidecar = await start_sidecar(config)
@@ -607,20 +638,9 @@ async def test_stopping_during_a_reloads_drain_closes_the_retired_runtimes_redis
     """SIGTERM (``stop()``) while a retired runtime waits for its request in flight:
     the sidecar's stop cancelled the retirement, and the retired runtime's Redis
     client (the rate limit's pool) was left open, to the garbage collector."""
-    arrived, never = asyncio.Event(), asyncio.Event()
-
-    async def held(request: web.Request) -> web.Response:
-        arrived.set()
-        await never.wait()
-        return web.json_response({})
-
-    fake_model.on("/held", held)
+    arrived, never = holding_answers(fake_model, "/held")
     _, redis_url = redis_server
-    config = shared_config(
-        fake_model.url,
-        redis_url,
-        rate_limit={"enabled": True, "global": {"rate": "1000/s", "burst": 1000}},
-    )
+    config = global_limit_config(fake_model.url, redis_url, "1000/s", 1000)
     config["server"]["drain_timeout"] = "60s"  # the retired runtime's: it waits
     sidecar = await start_sidecar(config)
     first = sidecar.running.runtime  # kept: nothing of it is collected meanwhile
@@ -652,21 +672,11 @@ async def test_a_reloads_drain_holds_no_more_redis_connections_than_the_cap(
     them to the new one."""
     import redis.asyncio as aioredis
 
-    arrived, release = asyncio.Event(), asyncio.Event()
-
-    async def held(request: web.Request) -> web.Response:
-        arrived.set()
-        await release.wait()
-        return web.json_response({})
-
-    fake_model.on("/held", held)
+    arrived, release = holding_answers(fake_model, "/held")
     _, redis_url = redis_server
-    config = shared_config(
-        fake_model.url,
-        redis_url,
-        rate_limit={"enabled": True, "global": {"rate": "1/h", "burst": 100}},
+    config = global_limit_config(
+        fake_model.url, redis_url, "1/h", 100, timeout="5s", max_connections=2, breakers=False
     )
-    config["shared_state"].update({"timeout": "5s", "max_connections": 2, "breakers": False})
     config["server"]["drain_timeout"] = "60s"
     sidecar = await start_sidecar(config)
     admin = aioredis.Redis.from_url(redis_url)
@@ -722,20 +732,21 @@ async def test_a_client_leaving_mid_call_neither_charges_owed_twice_nor_reconnec
     import redis.asyncio as aioredis
 
     slow = SlowRedis(redis_server[1])
-    config = shared_config(
+    config = global_limit_config(
         fake_model.url,
         await slow.start(),
-        rate_limit={"enabled": True, "global": {"rate": "1/h", "burst": 100}},
-    )
-    config["shared_state"].update(
-        {"timeout": "3s", "max_connections": 1, "max_waiting": 0, "breakers": False}
+        "1/h",
+        100,
+        timeout="3s",
+        max_connections=1,
+        max_waiting=0,
+        breakers=False,
     )
     sidecar = await start_sidecar(config)
     admin = aioredis.Redis.from_url(redis_server[1])
     try:
-        async with sidecar.session.get(sidecar.url + "/x") as resp:  # connected
-            assert resp.headers["RateLimit-Remaining"] == "99"
-        connections = (await admin.info("stats"))["total_connections_received"]
+        assert await remaining(sidecar) == "99"  # connected
+        connections = await connections_received(admin)
         slow.delay = 0.4
         holding = asyncio.ensure_future(sidecar.session.get(sidecar.url + "/x"))
         await asyncio.sleep(0.1)
@@ -751,9 +762,8 @@ async def test_a_client_leaving_mid_call_neither_charges_owed_twice_nor_reconnec
             await asyncio.sleep(0.5)  # Redis has run the command it was sent
         slow.delay = 0.0
         # 1 + 1 + 3 owed + 3 whose clients left + this one: 9 taken, each once.
-        async with sidecar.session.get(sidecar.url + "/x") as resp:
-            assert resp.headers["RateLimit-Remaining"] == "91"
-        new = (await admin.info("stats"))["total_connections_received"] - connections
+        assert await remaining(sidecar) == "91"
+        new = await connections_received(admin) - connections
         assert new == 0  # the capped connection was kept: no second one opened
     finally:
         await admin.aclose()
@@ -772,26 +782,22 @@ async def test_requests_waiting_when_redis_is_lost_do_not_call_it_again(
     import redis.asyncio as aioredis
 
     _, redis_url = redis_server
-    config = shared_config(
+    config = global_limit_config(
         fake_model.url,
         redis_url,
-        rate_limit={"enabled": True, "global": {"rate": "1/h", "burst": 100}},
-    )
-    config["shared_state"].update(
-        {
-            "timeout": "300ms",
-            "retry_after": "1s",
-            "max_connections": 1,
-            "max_waiting": 5,
-            "breakers": False,
-        }
+        "1/h",
+        100,
+        timeout="300ms",
+        retry_after="1s",
+        max_connections=1,
+        max_waiting=5,
+        breakers=False,
     )
     sidecar = await start_sidecar(config)
     admin = aioredis.Redis.from_url(redis_url)
     try:
-        async with sidecar.session.get(sidecar.url + "/x") as resp:  # connected
-            assert resp.headers["RateLimit-Remaining"] == "99"
-        connections = (await admin.info("stats"))["total_connections_received"]
+        assert await remaining(sidecar) == "99"  # connected
+        connections = await connections_received(admin)
         await admin.client_pause(1500, all=True)
         loop = asyncio.get_running_loop()
         began = loop.time()
@@ -809,14 +815,13 @@ async def test_requests_waiting_when_redis_is_lost_do_not_call_it_again(
         assert await local_fallbacks(sidecar) == {"busy": 0, "queue_full": 0, "redis_down": 6}
         assert (await redis_health(sidecar))[1] == 0
         await asyncio.sleep(max(0.0, 1.6 - (loop.time() - began)))  # unpaused, retry due
-        async with sidecar.session.get(sidecar.url + "/x") as resp:
-            # Redis's: the first and this one (the held call's connection was gone
-            # before the pause ended: Redis dropped its command).
-            assert resp.headers["RateLimit-Remaining"] == "98"
+        # Redis's: the first and this one (the held call's connection was gone
+        # before the pause ended: Redis dropped its command).
+        assert await remaining(sidecar) == "98"
         assert (await redis_health(sidecar))[1] == 1
         # The held call's connection, dropped at its timeout, and this one's: none
         # for the waiters.
-        new = (await admin.info("stats"))["total_connections_received"] - connections
+        new = await connections_received(admin) - connections
         assert new == 1
     finally:
         await admin.aclose()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -93,69 +95,69 @@ async def test_a_slot_handed_over_as_the_wait_ends_is_kept_not_lost() -> None:
     assert await slots.take() is None
 
 
+@contextlib.asynccontextmanager
+async def silent_redis() -> AsyncIterator[tuple[str, list[asyncio.StreamWriter]]]:
+    """A Redis gone silent: a server that takes connections, then reads nothing and
+    answers nothing. Its URL and the connections it took, closed on the way out."""
+    connections: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"redis://127.0.0.1:{port}/0", connections
+    finally:
+        for writer in connections:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
 async def test_a_check_that_waited_its_turn_while_redis_was_lost_does_not_ask_it() -> None:
     """A reload's first check (PING) waited for the one connection, held by a call to
     a Redis that went silent. That call timed out and marked Redis lost; the check,
     given its turn, asked the lost Redis all the same (within ``retry_after``), and
     its own timeout held the reload back once more and pushed the retry further out."""
-    connections: list[asyncio.StreamWriter] = []
-
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        connections.append(writer)  # reads nothing, answers nothing
-
-    server = await asyncio.start_server(silent, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    settings = SharedStateSettings.model_validate(
-        {
-            "redis_url": f"redis://127.0.0.1:{port}/0",
-            "timeout": "200ms",
-            "retry_after": "60s",
-            "max_connections": 1,
-        }
-    )
-    shared = SharedState(settings, Metrics())
-    try:
-        holding = asyncio.ensure_future(shared.take_global(1.0, 1))
-        await asyncio.sleep(0.05)  # its call holds the connection
-        checked = asyncio.ensure_future(shared.check())
-        assert await asyncio.wait_for(holding, 1) == "redis_down"
-        await asyncio.wait_for(checked, 1)
-        assert not shared.up
-        assert len(connections) == 1, "the check asked a Redis known to be lost"
-    finally:
-        await shared.close()
-        for writer in connections:
-            writer.close()
-        server.close()
-        await server.wait_closed()
+    async with silent_redis() as (redis_url, connections):
+        settings = SharedStateSettings.model_validate(
+            {
+                "redis_url": redis_url,
+                "timeout": "200ms",
+                "retry_after": "60s",
+                "max_connections": 1,
+            }
+        )
+        shared = SharedState(settings, Metrics())
+        try:
+            holding = asyncio.ensure_future(shared.take_global(1.0, 1))
+            await asyncio.sleep(0.05)  # its call holds the connection
+            checked = asyncio.ensure_future(shared.check())
+            assert await asyncio.wait_for(holding, 1) == "redis_down"
+            await asyncio.wait_for(checked, 1)
+            assert not shared.up
+            assert len(connections) == 1, "the check asked a Redis known to be lost"
+        finally:
+            await shared.close()
 
 
 async def test_a_stop_cut_short_leaves_the_calls_in_progress_to_end() -> None:
     """Closing waits for the calls in progress; a close that was itself cancelled (a
     stop cut short) cancelled them too, and a call cut short owes again the tokens it
     carried, which Redis may already have charged."""
-    connections: list[asyncio.StreamWriter] = []
-
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        connections.append(writer)  # reads nothing, answers nothing
-
-    server = await asyncio.start_server(silent, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    settings = SharedStateSettings.model_validate(
-        {"redis_url": f"redis://127.0.0.1:{port}/0", "timeout": "300ms", "max_connections": 1}
-    )
-    shared = SharedState(settings, Metrics())
-    try:
-        call = asyncio.ensure_future(shared.take_global(1.0, 1))
-        await asyncio.sleep(0.05)  # its call is in progress
-        closing = asyncio.ensure_future(shared.close())
-        await asyncio.sleep(0.05)
-        closing.cancel()
-        # The call ends as it would have: Redis did not answer within its timeout.
-        assert await asyncio.wait_for(call, 1) == "redis_down"
-    finally:
-        await shared.close()
-        for writer in connections:
-            writer.close()
-        server.close()
-        await server.wait_closed()
+    async with silent_redis() as (redis_url, _):
+        settings = SharedStateSettings.model_validate(
+            {"redis_url": redis_url, "timeout": "300ms", "max_connections": 1}
+        )
+        shared = SharedState(settings, Metrics())
+        try:
+            call = asyncio.ensure_future(shared.take_global(1.0, 1))
+            await asyncio.sleep(0.05)  # its call is in progress
+            closing = asyncio.ensure_future(shared.close())
+            await asyncio.sleep(0.05)
+            closing.cancel()
+            # The call ends as it would have: Redis did not answer within its timeout.
+            assert await asyncio.wait_for(call, 1) == "redis_down"
+        finally:
+            await shared.close()
