@@ -451,14 +451,21 @@ def refusal_answer(
     and the access log like every other refusal."""
     error = errors.from_refusal(refusal)
     request_id = new_request_id()
-    response = errors.error_response(error, request_id)
+    path = target.split("?", 1)[0]
+    # In the error shape of the route whose path the target names, when the head got
+    # that far (its clients read it); still counted under no route.
+    route, path_route = parts.routes.match(path, method)
+    shape = route or path_route
+    response = errors.error_response(
+        error, request_id, shape.protocol if shape is not None else "plain"
+    )
     ctx = RequestContext(request_id=request_id, sidecar_id=request_id, traceparent="", trace_id="")
     ctx.outcome = error.outcome
     ctx.bytes_out = len(response.body)
     parts.metrics.count_request(ctx.route_name, error.status, error.outcome, 0.0)
     access_log = parts.access_log
     if access_log is not None:
-        record = access_record(ctx, method, target.split("?", 1)[0][:200], error.status, 0.0)
+        record = access_record(ctx, method, path[:200], error.status, 0.0)
         record["error"] = error.type
         access_log.submit(record)
     return response

@@ -488,6 +488,37 @@ async def test_a_request_refused_before_routing_is_answered_in_its_routes_shape(
     assert fake_model.hits == []
 
 
+async def test_a_head_the_http_layer_refuses_is_answered_in_its_routes_shape(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """A header field over the limit (431), or a body that is not valid chunked
+    framing (400): the HTTP layer refuses them before the pipeline, and answered in
+    the plain shape whatever the route; the request line names the route's path."""
+    config = base_config(fake_model.url)
+    config["routes"] = [
+        {"name": "v2", "path_prefix": "/v2/", "protocol": "v2", "upstream": "model"},
+        {"name": "chat", "path_prefix": "/v1/", "protocol": "openai", "upstream": "model"},
+    ]
+    sidecar = await start_sidecar(config)
+    port = sidecar.running.main_port
+    refusals = {
+        "431": b"GET %s HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n",
+        "400": b"POST %s HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    }
+    for status, request in refusals.items():
+        for target, protocol in ((b"/v2/models/iris/infer", "v2"), (b"/v1/chat", "openai")):
+            raw = await raw_request(port, request % target)
+            head, _, body = raw.partition(b"\r\n\r\n")
+            assert head.split(b" ")[1] == status.encode(), (status, head)
+            error = orjson.loads(body)
+            if protocol == "v2":
+                assert isinstance(error["error"], str), (status, error)
+                assert error["request_id"], (status, error)
+            else:
+                assert error["error"]["code"] == error["error"]["type"], (status, error)
+    assert fake_model.hits == []
+
+
 async def test_unknown_route_and_method(fake_model: FakeModel, start_sidecar: StartSidecar) -> None:
     config = base_config(fake_model.url)
     config["routes"] = [
