@@ -829,7 +829,10 @@ class HttpConnection(FlowControlled):
         method = self._parser.get_method().decode("ascii", "replace") if self._url else "-"
         target = self._url[:200].decode("latin-1") if self._url else "-"
         answer = self.server.refuse(refusal, method, target, self.peer)
-        request = Request(self, method, target, "1.1", Headers(), self.peer, False)
+        # Answered as 1.0 to a 1.0 client whose request line got that far ("0.0" when
+        # it did not: then 1.1, which any client reads).
+        version = "1.0" if self._parser.get_http_version() == "1.0" else "1.1"
+        request = Request(self, method, target, version, Headers(), self.peer, False)
         self._write_whole(request, answer)
         self.close(linger=True)  # the client may still be sending
 

@@ -516,6 +516,9 @@ async def test_a_head_the_http_layer_refuses_is_answered_in_its_routes_shape(
                 assert error["request_id"], (status, error)
             else:
                 assert error["error"]["code"] == error["error"]["type"], (status, error)
+    # An HTTP/1.0 client's refusal is answered as HTTP/1.0 (and the connection closed).
+    raw = await raw_request(port, b"GET /v2/x HTTP/1.0\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.0 431 "), raw[:100]
     assert fake_model.hits == []
 
 
