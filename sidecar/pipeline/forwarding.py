@@ -45,7 +45,7 @@ from sidecar.upstream.fallback import (
     FALLBACK_HEADER,
     FallbackChain,
     SecondaryAnswer,
-    may_share,
+    keeps,
 )
 from sidecar.upstream.retry import RetryBudget, backoff_delay, parse_retry_after
 from sidecar.upstream.shadow import PrimaryOutcome, ShadowMirror, StreamCapture
@@ -539,22 +539,13 @@ def _record(
     status = answer.status
     if 200 <= status < 300:
         cache = path.fallback.cache if path.fallback is not None else None
-        # The cache keeps a body and its Content-Type only, to answer any request
-        # with the same key: so only a whole answer, a 200 (a 206 to a Range request
-        # is a part, its Content-Range dropped; a 201, 202 or 204 speaks of that one
-        # request). An encoded (gzip, br) answer served from it would reach clients
-        # as bytes they cannot read. Nor one the model marks as one client's, nor
-        # (unless it says it may be shared) one to a client whose own Authorization
-        # the model was sent (the sidecar's credential is never sent on).
-        if (
-            cache is not None
-            and status == 200
-            and answer.headers.get_raw(b"content-encoding") in (None, b"identity")
-            and may_share(
-                answer.headers,
-                authorized=_AUTHORIZATION not in path.credentials
-                and request.headers.has(_AUTHORIZATION),
-            )
+        # The sidecar's own credential is never sent on: a client's Authorization
+        # reached the model only when the sidecar does not take that field itself.
+        if cache is not None and keeps(
+            status,
+            answer.headers,
+            authorized=_AUTHORIZATION not in path.credentials
+            and request.headers.has(_AUTHORIZATION),
         ):
             cache.store(
                 request.method,

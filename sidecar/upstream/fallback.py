@@ -121,7 +121,20 @@ def restamp_id(body: bytes, request_body: bytes, protocol: str, request_id: str)
 _SHAREABLE: Final = frozenset({"public", "s-maxage", "must-revalidate"})
 
 
-def may_share(headers: Headers, authorized: bool = False) -> bool:
+def keeps(status: int, headers: Headers, authorized: bool = False) -> bool:
+    """Whether the cache may keep a model's answer, to answer any request with the
+    same key: only a whole answer, a 200 (a 206 to a Range request is a part, its
+    Content-Range dropped; a 201, 202 or 204 speaks of that one request); not an
+    encoded one (gzip, br: the cache keeps a body and its Content-Type only, and
+    clients would get bytes they cannot read); and only one it may share."""
+    return (
+        status == 200
+        and headers.get_raw(b"content-encoding") in (None, b"identity")
+        and _may_share(headers, authorized)
+    )
+
+
+def _may_share(headers: Headers, authorized: bool) -> bool:
     """Whether a model's answer may stand in for the same request from anyone: not
     when it says it is one client's (``Cache-Control: private``, ``no-store``) or
     that it depends on request fields the cache key leaves out (``Vary``, but for
