@@ -811,7 +811,9 @@ async def test_requests_waiting_when_redis_is_lost_do_not_call_it_again(
         await asyncio.sleep(0.1)  # its call is in progress; their waits end after it
         waiting = [asyncio.ensure_future(timed()) for _ in range(5)]
         times = await asyncio.wait_for(asyncio.gather(holding, *waiting), 10)
-        assert max(times) < 0.39, times  # all at the holder's timeout (0.3 s)
+        # All at the holder's timeout (0.3 s): none calls the lost Redis again, whose
+        # timeout would end at 0.6 s at the earliest (the margin is for a busy host).
+        assert max(times) < 0.55, times
         assert await local_fallbacks(sidecar) == {"busy": 0, "queue_full": 0, "redis_down": 6}
         assert (await redis_health(sidecar))[1] == 0
         await asyncio.sleep(max(0.0, 1.6 - (loop.time() - began)))  # unpaused, retry due
