@@ -7,7 +7,7 @@ import contextlib
 import shutil
 import socket
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -449,6 +449,10 @@ class SlowRedis:
         self.host, port = host_port.rsplit(":", 1)
         self.port = int(port)
         self.delay = 0.0
+        # When set, each command instead waits here until the test lets it pass
+        # (``gate.release()``); ``held`` counts those waiting.
+        self.gate: asyncio.Semaphore | None = None
+        self.held = 0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -462,7 +466,13 @@ class SlowRedis:
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, slow: bool) -> None:
             try:
                 while chunk := await src.read(65536):
-                    if slow and self.delay:
+                    if slow and self.gate is not None:
+                        self.held += 1
+                        try:
+                            await self.gate.acquire()
+                        finally:
+                            self.held -= 1
+                    elif slow and self.delay:
                         await asyncio.sleep(self.delay)
                     dst.write(chunk)
                     await dst.drain()
@@ -487,23 +497,37 @@ class SlowRedis:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """Wait, 5 s at most, until ``condition()`` holds; ``what`` it says, if it never does."""
+    for _ in range(500):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"not so after 5 s: {what}")
+
+
 async def test_a_request_finding_every_connection_busy_waits_its_turn_then_owes_redis(
     fake_model: FakeModel, redis_server: tuple[Any, str], start_sidecar: StartSidecar
 ) -> None:
-    """In a burst against a slow Redis (each call 0.6 s, one connection), requests
-    past the connection cap took the local copy of the global bucket at once and
-    spent the tokens Redis had last shown, which every replica spends alike: the
-    fleet could let through N times its limit. Now a request waits its turn (first
-    come, first served) for up to ``timeout``, ``max_waiting`` of them at most; one
-    that still gets no connection is decided by the local copy, counted by reason,
-    and what it lets through is charged to Redis with the next call."""
+    """In a burst against a slow Redis (one connection), requests past the connection
+    cap took the local copy of the global bucket at once and spent the tokens Redis
+    had last shown, which every replica spends alike: the fleet could let through N
+    times its limit. Now a request waits its turn (first come, first served) for up
+    to ``timeout``, ``max_waiting`` of them at most; one that still gets no
+    connection is decided by the local copy, counted by reason, and what it lets
+    through is charged to Redis with the next call.
+
+    The relay holds each command until the test lets it pass, so which request is
+    answered by whom, and in what order, does not depend on how busy the host is.
+    Each answer's RateLimit-Remaining says who decided it: Redis's bucket (20 tokens)
+    or the local copy of what Redis last showed."""
     slow = SlowRedis(redis_server[1])
     config = global_limit_config(
         fake_model.url,
         await slow.start(),
         "1/h",
         20,
-        timeout="1500ms",
+        timeout="2s",
         max_connections=1,
         max_waiting=3,
         breakers=False,
@@ -511,30 +535,63 @@ async def test_a_request_finding_every_connection_busy_waits_its_turn_then_owes_
     sidecar = await start_sidecar(config)
     try:
         assert await remaining(sidecar) == "19"  # connected, script loaded
-        slow.delay = 0.6
+        shared = sidecar.running.runtime.shared
+        assert shared is not None
+        slots = shared._link.slots
         loop = asyncio.get_running_loop()
-        began = loop.time()
 
-        async def timed() -> tuple[int, float]:
+        async def answer() -> tuple[str, float]:
+            """RateLimit-Remaining of a request's answer, and how long it took."""
+            sent = loop.time()
             async with sidecar.session.get(sidecar.url + "/x") as resp:
-                return resp.status, loop.time() - began
+                assert resp.status == 200
+                return resp.headers["RateLimit-Remaining"], loop.time() - sent
 
-        # One holds the connection (0.6 s), three wait: their turns come at 0.6 s and
-        # 1.2 s, and the third's wait ends (busy) at 1.5 s, before its turn at 1.8 s;
-        # the other two find the waiting line full and are answered at once.
-        answers = await asyncio.wait_for(asyncio.gather(*(timed() for _ in range(6))), 10)
-        assert [status for status, _ in answers] == [200] * 6
-        times = sorted(elapsed for _, elapsed in answers)
-        assert times[1] < 0.5  # queue_full: at once, while the first call is held
-        assert times[2] >= 0.6  # by Redis, the first call
-        assert times[3] >= 1.2  # by Redis in turn, after waiting 0.6 s
-        assert 1.5 <= times[4] < 1.8  # by Redis after waiting 1.2 s, or busy at 1.5 s
-        assert times[5] >= 1.8  # by Redis after waiting 1.2 s
+        async def line_up() -> asyncio.Task[tuple[str, float]]:
+            """A request sent once the one before it waits its turn; it waits too."""
+            ahead = len(slots._waiting)
+            request = asyncio.ensure_future(answer())
+            await until(lambda: len(slots._waiting) == ahead + 1, "the request waits its turn")
+            return request
+
+        slow.gate = asyncio.Semaphore(0)
+        holder = asyncio.ensure_future(answer())
+        await until(lambda: slow.held == 1, "the first call is at Redis")
+        waiters = [await line_up() for _ in range(3)]
+        # The line is full: these two are decided by the local copy at once (19 shown
+        # by Redis), owed, while the first call is still held.
+        assert [await remaining(sidecar) for _ in range(2)] == ["18", "17"]
+        assert await local_fallbacks(sidecar) == {"busy": 0, "queue_full": 2, "redis_down": 0}
+        assert not holder.done()
+        assert not any(waiter.done() for waiter in waiters)
+        # Each waiter's call will run under its own timeout (2 s, as the wait): the
+        # second's, which is held while the third waits out its turn, must end later
+        # than that wait, so the calls begin a second after the waits did.
+        await asyncio.sleep(1)
+        slow.gate.release()
+        assert (await holder)[0] == "18"  # Redis's: 20 - the first - this one
+        # The connection went to the first in line, not to a newcomer or the last.
+        await until(lambda: slow.held == 1, "the first waiter's call is at Redis")
+        assert not any(waiter.done() for waiter in waiters)
+        slow.gate.release()
+        assert (await waiters[0])[0] == "15"  # Redis's, charged the 2 owed
+        await until(lambda: slow.held == 1, "the second waiter's call is at Redis")
+        # The third's turn comes when the second's call ends: its wait ends first
+        # (busy), and the local copy (15, as Redis last showed) decides, owed.
+        third, waited = await asyncio.wait_for(waiters[2], 10)
+        assert (third, waiters[1].done()) == ("14", False)
+        assert waited >= 2.0  # it waited its whole timeout
+        assert await local_fallbacks(sidecar) == {"busy": 1, "queue_full": 2, "redis_down": 0}
+        slow.gate.release()
+        # Redis's: its call began before the third was let through, and carried
+        # nothing owed.
+        assert (await waiters[1])[0] == "14"
+        slow.gate = None
         assert await local_fallbacks(sidecar) == {"busy": 1, "queue_full": 2, "redis_down": 0}
         assert (await redis_health(sidecar))[1] == 1  # busy is not lost
-        slow.delay = 0.0
         # 8 let through so far (1 + 6 + this one): the 3 the local copy let through
-        # were charged to Redis, whose bucket shows it to every replica.
+        # were charged to Redis (the last with this call), whose bucket shows it to
+        # every replica.
         assert await remaining(sidecar) == "12"
     finally:
         await slow.close()
