@@ -7,7 +7,7 @@ import contextlib
 import shutil
 import socket
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -453,12 +453,13 @@ class SlowRedis:
         # (``gate.release()``); ``held`` counts those waiting.
         self.gate: asyncio.Semaphore | None = None
         self.held = 0
+        self.url = ""  # the relay's, once started
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def start(self) -> str:
+    async def start(self) -> None:
         self._server = await asyncio.start_server(self._relay, LOOPBACK, 0)
-        return f"redis://{LOOPBACK}:{self._server.sockets[0].getsockname()[1]}/0"
+        self.url = f"redis://{LOOPBACK}:{self._server.sockets[0].getsockname()[1]}/0"
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
@@ -497,6 +498,16 @@ class SlowRedis:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
+@pytest.fixture
+async def slow_redis(redis_server: tuple[Any, str]) -> AsyncIterator[SlowRedis]:
+    """A SlowRedis in front of the test's redis-server (not holding commands yet):
+    stopped after the test, whether it passed or not."""
+    slow = SlowRedis(redis_server[1])
+    await slow.start()
+    yield slow
+    await slow.close()
+
+
 async def until(condition: Callable[[], bool], what: str) -> None:
     """Wait, 5 s at most, until ``condition()`` holds; ``what`` it says, if it never does."""
     for _ in range(500):
@@ -507,7 +518,7 @@ async def until(condition: Callable[[], bool], what: str) -> None:
 
 
 async def test_a_request_finding_every_connection_busy_waits_its_turn_then_owes_redis(
-    fake_model: FakeModel, redis_server: tuple[Any, str], start_sidecar: StartSidecar
+    fake_model: FakeModel, start_sidecar: StartSidecar, slow_redis: SlowRedis
 ) -> None:
     """In a burst against a slow Redis (one connection), requests past the connection
     cap took the local copy of the global bucket at once and spent the tokens Redis
@@ -521,10 +532,9 @@ async def test_a_request_finding_every_connection_busy_waits_its_turn_then_owes_
     answered by whom, and in what order, does not depend on how busy the host is.
     Each answer's RateLimit-Remaining says who decided it: Redis's bucket (20 tokens)
     or the local copy of what Redis last showed."""
-    slow = SlowRedis(redis_server[1])
     config = global_limit_config(
         fake_model.url,
-        await slow.start(),
+        slow_redis.url,
         "1/h",
         20,
         timeout="2s",
@@ -533,82 +543,81 @@ async def test_a_request_finding_every_connection_busy_waits_its_turn_then_owes_
         breakers=False,
     )
     sidecar = await start_sidecar(config)
-    try:
-        assert await remaining(sidecar) == "19"  # connected, script loaded
-        shared = sidecar.running.runtime.shared
-        assert shared is not None
-        slots = shared._link.slots
-        loop = asyncio.get_running_loop()
+    assert await remaining(sidecar) == "19"  # connected, script loaded
+    shared = sidecar.running.runtime.shared
+    assert shared is not None
+    slots = shared._link.slots
+    loop = asyncio.get_running_loop()
 
-        async def answer() -> tuple[str, float]:
-            """RateLimit-Remaining of a request's answer, and how long it took."""
-            sent = loop.time()
-            async with sidecar.session.get(sidecar.url + "/x") as resp:
-                assert resp.status == 200
-                return resp.headers["RateLimit-Remaining"], loop.time() - sent
+    async def answer() -> tuple[str, float]:
+        """RateLimit-Remaining of a request's answer, and how long it took."""
+        sent = loop.time()
+        async with sidecar.session.get(sidecar.url + "/x") as resp:
+            assert resp.status == 200
+            return resp.headers["RateLimit-Remaining"], loop.time() - sent
 
-        async def line_up() -> asyncio.Task[tuple[str, float]]:
-            """A request sent once the one before it waits its turn; it waits too."""
-            ahead = len(slots._waiting)
-            request = asyncio.ensure_future(answer())
-            await until(lambda: len(slots._waiting) == ahead + 1, "the request waits its turn")
-            return request
+    async def line_up() -> asyncio.Task[tuple[str, float]]:
+        """A request sent once the one before it waits its turn; it waits too."""
+        ahead = len(slots._waiting)
+        request = asyncio.ensure_future(answer())
+        await until(lambda: len(slots._waiting) == ahead + 1, "the request waits its turn")
+        return request
 
-        slow.gate = asyncio.Semaphore(0)
-        holder = asyncio.ensure_future(answer())
-        await until(lambda: slow.held == 1, "the first call is at Redis")
-        waiters = [await line_up() for _ in range(3)]
-        # The line is full: these two are decided by the local copy at once (19 shown
-        # by Redis), owed, while the first call is still held.
-        assert [await remaining(sidecar) for _ in range(2)] == ["18", "17"]
-        assert await local_fallbacks(sidecar) == {"busy": 0, "queue_full": 2, "redis_down": 0}
-        assert not holder.done()
-        assert not any(waiter.done() for waiter in waiters)
-        # Each waiter's call will run under its own timeout (2 s, as the wait): the
-        # second's, which is held while the third waits out its turn, must end later
-        # than that wait, so the calls begin a second after the waits did.
-        await asyncio.sleep(1)
-        slow.gate.release()
-        assert (await holder)[0] == "18"  # Redis's: 20 - the first - this one
-        # The connection went to the first in line, not to a newcomer or the last.
-        await until(lambda: slow.held == 1, "the first waiter's call is at Redis")
-        assert not any(waiter.done() for waiter in waiters)
-        slow.gate.release()
-        assert (await waiters[0])[0] == "15"  # Redis's, charged the 2 owed
-        await until(lambda: slow.held == 1, "the second waiter's call is at Redis")
-        # The third's turn comes when the second's call ends: its wait ends first
-        # (busy), and the local copy (15, as Redis last showed) decides, owed.
-        third, waited = await asyncio.wait_for(waiters[2], 10)
-        assert (third, waiters[1].done()) == ("14", False)
-        assert waited >= 2.0  # it waited its whole timeout
-        assert await local_fallbacks(sidecar) == {"busy": 1, "queue_full": 2, "redis_down": 0}
-        slow.gate.release()
-        # Redis's: its call began before the third was let through, and carried
-        # nothing owed.
-        assert (await waiters[1])[0] == "14"
-        slow.gate = None
-        assert await local_fallbacks(sidecar) == {"busy": 1, "queue_full": 2, "redis_down": 0}
-        assert (await redis_health(sidecar))[1] == 1  # busy is not lost
-        # 8 let through so far (1 + 6 + this one): the 3 the local copy let through
-        # were charged to Redis (the last with this call), whose bucket shows it to
-        # every replica.
-        assert await remaining(sidecar) == "12"
-    finally:
-        await slow.close()
+    slow_redis.gate = asyncio.Semaphore(0)
+    holder = asyncio.ensure_future(answer())
+    await until(lambda: slow_redis.held == 1, "the first call is at Redis")
+    waiters = [await line_up() for _ in range(3)]
+    # The line is full: these two are decided by the local copy at once (19 shown
+    # by Redis), owed, while the first call is still held.
+    assert [await remaining(sidecar) for _ in range(2)] == ["18", "17"]
+    assert await local_fallbacks(sidecar) == {"busy": 0, "queue_full": 2, "redis_down": 0}
+    assert not holder.done()
+    assert not any(waiter.done() for waiter in waiters)
+    # Each waiter's call will run under its own timeout (2 s, as the wait): the
+    # second's, which is held while the third waits out its turn, must end later
+    # than that wait, so the calls begin a second after the waits did.
+    await asyncio.sleep(1)
+    slow_redis.gate.release()
+    assert (await holder)[0] == "18"  # Redis's: 20 - the first - this one
+    # The connection went to the first in line, not to a newcomer or the last.
+    await until(lambda: slow_redis.held == 1, "the first waiter's call is at Redis")
+    assert not any(waiter.done() for waiter in waiters)
+    slow_redis.gate.release()
+    assert (await waiters[0])[0] == "15"  # Redis's, charged the 2 owed
+    await until(lambda: slow_redis.held == 1, "the second waiter's call is at Redis")
+    # The third's turn comes when the second's call ends: its wait ends first
+    # (busy), and the local copy (15, as Redis last showed) decides, owed.
+    third, waited = await asyncio.wait_for(waiters[2], 10)
+    assert (third, waiters[1].done()) == ("14", False)
+    assert waited >= 2.0  # it waited its whole timeout
+    assert await local_fallbacks(sidecar) == {"busy": 1, "queue_full": 2, "redis_down": 0}
+    slow_redis.gate.release()
+    # Redis's: its call began before the third was let through, and carried
+    # nothing owed.
+    assert (await waiters[1])[0] == "14"
+    slow_redis.gate = None
+    assert await local_fallbacks(sidecar) == {"busy": 1, "queue_full": 2, "redis_down": 0}
+    assert (await redis_health(sidecar))[1] == 1  # busy is not lost
+    # 8 let through so far (1 + 6 + this one): the 3 the local copy let through
+    # were charged to Redis (the last with this call), whose bucket shows it to
+    # every replica.
+    assert await remaining(sidecar) == "12"
 
 
 async def test_what_was_owed_when_redis_was_lost_is_not_charged_when_it_is_back(
-    fake_model: FakeModel, redis_server: tuple[Any, str], start_sidecar: StartSidecar
+    fake_model: FakeModel,
+    redis_server: tuple[Any, str],
+    start_sidecar: StartSidecar,
+    slow_redis: SlowRedis,
 ) -> None:
     """Tokens owed while Redis was busy, just before it was lost, stayed owed through
     the outage and were charged when it came back, so the fleet refused for owed /
     rate seconds as it recovered, where an outage's traffic is not charged."""
     import redis.asyncio as aioredis
 
-    slow = SlowRedis(redis_server[1])
     config = global_limit_config(
         fake_model.url,
-        await slow.start(),
+        slow_redis.url,
         "1/h",
         20,
         timeout="400ms",
@@ -621,7 +630,7 @@ async def test_what_was_owed_when_redis_was_lost_is_not_charged_when_it_is_back(
     admin = aioredis.Redis.from_url(redis_server[1])
     try:
         assert await remaining(sidecar) == "19"  # connected, script loaded
-        slow.delay = 1.0
+        slow_redis.delay = 1.0
 
         # One call holds the connection and times out (Redis lost); three find no
         # connection and no place to wait: the local copy lets them through, owed.
@@ -638,13 +647,12 @@ async def test_what_was_owed_when_redis_was_lost_is_not_charged_when_it_is_back(
             if tokens is not None and float(tokens) < 19:
                 break
             await asyncio.sleep(0.05)
-        slow.delay = 0.0  # and retry_after (from 0.4 s) has passed: Redis is asked again
+        slow_redis.delay = 0.0  # and retry_after (from 0.4 s) has passed: Redis is asked again
         # 20 - the first - the held one - this one; the 3 owed went with the outage.
         assert await remaining(sidecar) == "17"
         assert (await redis_health(sidecar))[1] == 1
     finally:
         await admin.aclose()
-        await slow.close()
 
 
 async def test_redis_connections_are_the_cap_plus_one_per_shared_breaker(
@@ -779,7 +787,10 @@ async def test_a_reloads_drain_holds_no_more_redis_connections_than_the_cap(
 
 
 async def test_a_client_leaving_mid_call_neither_charges_owed_twice_nor_reconnects(
-    fake_model: FakeModel, redis_server: tuple[Any, str], start_sidecar: StartSidecar
+    fake_model: FakeModel,
+    redis_server: tuple[Any, str],
+    start_sidecar: StartSidecar,
+    slow_redis: SlowRedis,
 ) -> None:
     """A request whose client leaves while its call to Redis is in progress is
     cancelled. The call was cut short with it: redis-py drops the connection (Redis
@@ -788,10 +799,9 @@ async def test_a_client_leaving_mid_call_neither_charges_owed_twice_nor_reconnec
     again and charged a second time by the next call."""
     import redis.asyncio as aioredis
 
-    slow = SlowRedis(redis_server[1])
     config = global_limit_config(
         fake_model.url,
-        await slow.start(),
+        slow_redis.url,
         "1/h",
         100,
         timeout="3s",
@@ -804,7 +814,7 @@ async def test_a_client_leaving_mid_call_neither_charges_owed_twice_nor_reconnec
     try:
         assert await remaining(sidecar) == "99"  # connected
         connections = await connections_received(admin)
-        slow.delay = 0.4
+        slow_redis.delay = 0.4
         holding = asyncio.ensure_future(sidecar.session.get(sidecar.url + "/x"))
         await asyncio.sleep(0.1)
         for _ in range(3):  # the connection is busy, none may wait: owed
@@ -817,14 +827,13 @@ async def test_a_client_leaving_mid_call_neither_charges_owed_twice_nor_reconnec
                 with pytest.raises(asyncio.TimeoutError):
                     await leaving.get(sidecar.url + "/x", timeout=aiohttp.ClientTimeout(total=0.1))
             await asyncio.sleep(0.5)  # Redis has run the command it was sent
-        slow.delay = 0.0
+        slow_redis.delay = 0.0
         # 1 + 1 + 3 owed + 3 whose clients left + this one: 9 taken, each once.
         assert await remaining(sidecar) == "91"
         new = await connections_received(admin) - connections
         assert new == 0  # the capped connection was kept: no second one opened
     finally:
         await admin.aclose()
-        await slow.close()
 
 
 async def test_requests_waiting_when_redis_is_lost_do_not_call_it_again(
