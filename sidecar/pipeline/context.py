@@ -33,6 +33,9 @@ class RequestContext:
     outcome: str = OUTCOME_OK  # decided once, when the request ends
     attempts: int = 0
     upstream_started: float | None = None
+    # Seconds after ``upstream_started`` that were not the model's: a fallback asked
+    # while the model's answer waited, which found no answer (the model's is relayed).
+    fallback_seconds: float = 0.0
     # The last attempt's time limit, in seconds (a small answer's whole body's too).
     attempt_limit: float = 0.0
     upstream_seconds: float | None = None
@@ -56,8 +59,12 @@ class RequestContext:
         self.started = time.perf_counter()
 
     def finish_upstream(self) -> None:
+        """The upstream time (Server-Timing, the access log, the shadow governor):
+        from the answering attempt's start to now, less the fallback's time."""
         if self.upstream_started is not None:
-            self.upstream_seconds = time.perf_counter() - self.upstream_started
+            self.upstream_seconds = (
+                time.perf_counter() - self.upstream_started - self.fallback_seconds
+            )
 
     def stamp(self, headers: Headers) -> None:
         """Add the identity and timing headers every answer carries."""

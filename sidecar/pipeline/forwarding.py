@@ -451,7 +451,6 @@ async def _answer(
                 response.release()
 
     fallback = path.fallback
-    asked_fallback = 0.0  # seconds the fallback took, to find no answer
     if (
         fallback is not None
         and _trigger(cause) in fallback.triggers
@@ -470,7 +469,10 @@ async def _answer(
             if isinstance(cause, ModelFailed):
                 cause.response.release()
             return await _answer_from_fallback(request, ctx, path, replacement)
-        asked_fallback = time.perf_counter() - asked_at
+        # The model's answer may still be relayed: its upstream time (Server-Timing,
+        # the access log, the shadow governor) is the model's, not the time the
+        # fallback took to find no answer meanwhile.
+        ctx.fallback_seconds = time.perf_counter() - asked_at
     if isinstance(cause, ModelFailed):
         try:
             if _read_whole_first(request, cause.response):
@@ -480,11 +482,6 @@ async def _answer(
                     await _arrive_whole(path, ctx, cause.response)
                 except BreakerFailure as failure:
                     raise failure.cause from None
-            if ctx.upstream_started is not None:
-                # Its upstream time (Server-Timing, the access log, the shadow
-                # governor) is the model's: not the time a secondary model took to
-                # fail meanwhile.
-                ctx.upstream_started += asked_fallback
             return await relay(request, ctx, path.upstream, cause.response, path.idle_timeout)
         finally:
             cause.response.release()
