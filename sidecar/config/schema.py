@@ -145,7 +145,7 @@ def known_methods(methods: tuple[str, ...]) -> tuple[str, ...]:
     """Methods in upper case; an unknown one (a typo) is an error, never a method
     that silently matches no request."""
     upper = tuple(m.upper() for m in methods)
-    unknown = sorted(set(upper) - _HTTP_METHODS)
+    unknown = sorted(set(upper) - HTTP_METHODS)
     if unknown:
         raise ValueError(f"unknown HTTP method(s): {', '.join(unknown)}")
     return upper
@@ -202,7 +202,8 @@ FieldPathText = Annotated[str, AfterValidator(_check_field_path)]
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 # Binding one of these takes the port on every address, so nothing else may share it.
 _WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
-_HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# The methods a route's ``methods`` may name (TRACE and CONNECT are refused on any path).
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 # --- the config tree -------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sidecar.config.schema import Route
+from sidecar.config.schema import HTTP_METHODS, Route
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,10 +45,11 @@ class RouteTable:
 
     def allowed(self, path: str) -> str:
         """The methods the routes of this path take, for a 405's Allow field (RFC 9110
-        section 15.5.6): asked only when none took the request's method, so each route
-        of the path lists its methods."""
+        section 15.5.6); empty when no route takes the path. A route that lists none
+        takes any method: it adds every method a route may name (a refused TRACE or
+        CONNECT is the one 405 such a route can give)."""
         methods: set[str] = set()
         for entry in self._entries:
             if entry.takes(path):
-                methods |= entry.methods
+                methods |= entry.methods or HTTP_METHODS
         return ", ".join(sorted(methods))

@@ -57,6 +57,7 @@ CLIENT_CLOSED_STATUS: Final = 499
 # Methods whose requests usually have no body: without one, a validated route takes
 # them unchecked (a POST without a body is still not JSON).
 _BODILESS_METHODS: Final = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
+_OWN_ALLOW: Final = "GET, HEAD"  # what the own endpoints (/livez, ...) answer
 
 
 class Parts(Protocol):
@@ -248,7 +249,7 @@ class Pipeline:
         path = request.path
         try:
             if method in REFUSED_METHODS:
-                raise errors.MethodNotAllowed(f"{method} is not accepted by this proxy")
+                self.refuse_method(method, path)
             check_target(request.target)
             check_framing(request.headers.get("Transfer-Encoding"))
             check_host(request.headers.count(b"host"), request.version)
@@ -262,7 +263,7 @@ class Pipeline:
         if endpoint is not None:
             if method not in ("GET", "HEAD"):
                 raise errors.MethodNotAllowed(
-                    f"{path} answers GET only", headers={"Allow": "GET, HEAD"}
+                    f"{path} answers GET only", headers={"Allow": _OWN_ALLOW}
                 )
             ctx.own_name, handler = endpoint
             ctx.route_name = "_" + ctx.own_name
@@ -283,6 +284,17 @@ class Pipeline:
         ctx.route_name = name = route.name
         ctx.body_limit = self.body_limits[name]
         return None
+
+    def refuse_method(self, method: str, path: str) -> None:
+        """TRACE or CONNECT: a 405 whose Allow (RFC 9110 section 15.5.6) lists what
+        the path's own endpoint or routes take. On a path nothing serves (no own
+        endpoint, no route: nothing can take the request), it goes on to the answer
+        any method gets there: 400 for a target that is not a plain path, else 404."""
+        allowed = _OWN_ALLOW if path in self.own else self.routes.allowed(path)
+        if allowed:
+            raise errors.MethodNotAllowed(
+                f"{method} is not accepted by this proxy", headers={"Allow": allowed}
+            )
 
     async def authenticate(self, request: Request, ctx: RequestContext) -> None:
         """401 without valid credentials, 403 for a route the principal may not use (or

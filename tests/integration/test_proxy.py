@@ -455,6 +455,57 @@ async def test_a_405_lists_the_methods_allowed(
         assert orjson.loads(body)["error"]["type"] == "method_not_allowed"
 
 
+async def test_a_refused_trace_or_connect_lists_the_methods_allowed(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """TRACE and CONNECT are refused on every path with a 405, which carried no Allow
+    (RFC 9110 section 15.5.6: a 405 MUST). It lists what the path's routes take (a
+    route that names no methods takes any a route may name) or its own endpoint's. A
+    target nothing serves gets what any other method gets there: 404, or 400 for one
+    that is not a plain path."""
+    config = base_config(fake_model.url)
+    config["admin"]["enabled"] = False  # the own endpoints on the main listener
+    config["routes"] = [
+        {"name": "infer", "path_prefix": "/infer", "methods": ["POST"], "upstream": "model"},
+        {"name": "meta", "path_prefix": "/infer", "methods": ["GET"], "upstream": "model"},
+        {"name": "v2", "path_prefix": "/v2/", "upstream": "model"},
+    ]
+    sidecar = await start_sidecar(config)
+    port = sidecar.running.main_port
+    any_method = b"DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT"
+    for method in (b"TRACE", b"CONNECT"):
+        for target, allowed in (
+            (b"/infer/x", b"GET, POST"),
+            (b"/livez", b"GET, HEAD"),
+            (b"/v2/models/iris/infer", any_method),
+        ):
+            raw = await raw_request(
+                port, b"%s %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % (method, target)
+            )
+            head, _, body = raw.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 405 "), (method, head)
+            assert b"\r\nAllow: %s\r\n" % allowed in head + b"\r\n", (method, head)
+            assert orjson.loads(body)["error"]["type"] == "method_not_allowed"
+        # Nothing serves these targets: the answer any method gets there (a target
+        # that is not a plain path is refused before any route is looked for).
+        for target, expected in (
+            (b"/nothing", (b"404", "no_route")),
+            (b"http://evil.example/x", (b"400", "bad_request")),
+        ):
+            answers = []
+            for request_method in (method, b"GET"):
+                raw = await raw_request(
+                    port,
+                    b"%s %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                    % (request_method, target),
+                )
+                head, _, body = raw.partition(b"\r\n\r\n")
+                assert b"\r\nallow:" not in head.lower(), (request_method, head)
+                answers.append((head.split(b" ")[1], orjson.loads(body)["error"]["type"]))
+            assert answers == [expected] * 2, (method, target)
+    assert fake_model.hits == []
+
+
 async def test_a_refused_request_is_answered_in_its_routes_shape(
     fake_model: FakeModel, start_sidecar: StartSidecar
 ) -> None:
