@@ -121,14 +121,9 @@ class LiveRuntime:
         async with self._reload_lock:
             if self.current.draining:
                 return self._ignored()
-            source = path or self.config_path
-            try:
-                plan = await asyncio.to_thread(load_plan, source, env=self._env)
-            except ConfigError as exc:
-                for issue in exc.issues:
-                    log.error("config_reload_error", path=issue.path, message=issue.message)
-                self._metrics.config_reloads.labels("invalid").inc()
-                return {"result": "invalid", "errors": [str(i) for i in exc.issues]}
+            plan = await self._load(path or self.config_path)
+            if not isinstance(plan, Plan):
+                return plan
             loaded = plan.loaded
             if loaded.config.logging != self.current.config.logging:
                 log.warning(
@@ -160,6 +155,29 @@ class LiveRuntime:
                 previous_sha256=old.loaded.sha256,
             )
             return {"result": "ok", "sha256": loaded.sha256}
+
+    async def check(self) -> dict[str, Any]:
+        """What a reload would answer before anything is built, for a worker asked to
+        reload over HTTP (the supervisor then has every worker reload): ``ignored``
+        while draining, ``invalid`` with the errors (logged and counted, as a reload
+        logs and counts them), else ``ok`` with the file's hash."""
+        if self.current.draining:
+            return self._ignored()
+        plan = await self._load(self.config_path)
+        if not isinstance(plan, Plan):
+            return plan
+        return {"result": "ok", "sha256": plan.loaded.sha256}
+
+    async def _load(self, source: Path) -> Plan | dict[str, Any]:
+        """The plan of ``source``, or the answer to a reload that finds it invalid
+        (every error logged, the reload counted as invalid)."""
+        try:
+            return await asyncio.to_thread(load_plan, source, env=self._env)
+        except ConfigError as exc:
+            for issue in exc.issues:
+                log.error("config_reload_error", path=issue.path, message=issue.message)
+            self._metrics.config_reloads.labels("invalid").inc()
+            return {"result": "invalid", "errors": [str(i) for i in exc.issues]}
 
     def _ignored(self) -> dict[str, Any]:
         """A reload once the sidecar is draining: a fresh runtime would be ready again

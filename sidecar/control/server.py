@@ -9,14 +9,13 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from pathlib import Path
 from typing import Any
 
 import structlog
 
 import sidecar
-from sidecar.config.plan import Plan, load_plan
-from sidecar.config.schema import ConfigError, cannot_listen
+from sidecar.config.plan import Plan
+from sidecar.config.schema import cannot_listen
 from sidecar.control import interpreter
 from sidecar.control.app import AdminEndpoints
 from sidecar.control.live import LiveRuntime
@@ -134,22 +133,21 @@ class RunningSidecar:
         await self.logs.stop()  # last, so everything logged while stopping is written
 
 
-async def _reload_every_worker(
-    path: Path, env: Mapping[str, str] | None, supervisor: int
-) -> dict[str, Any]:
-    """A worker asked to reload checks the file, then has the supervisor tell everyone.
+async def _reload_every_worker(live: LiveRuntime, supervisor: int) -> dict[str, Any]:
+    """A worker asked to reload checks the file (while draining it refuses, and an
+    invalid file is logged and counted, as its own reload would), then has the
+    supervisor tell everyone.
 
     Only the supervisor that started it: an orphan's parent is PID 1 or a subreaper,
     which must never get our SIGHUP.
     """
-    try:
-        plan = await asyncio.to_thread(load_plan, path, env=env)
-    except ConfigError as exc:
-        return {"result": "invalid", "errors": [str(i) for i in exc.issues]}
+    result = await live.check()
+    if result["result"] != "ok":
+        return result
     if os.getppid() != supervisor:
         return {"result": "invalid", "errors": ["the supervisor is gone; this worker is stopping"]}
     os.kill(supervisor, signal.SIGHUP)
-    return {"result": "ok", "sha256": plan.loaded.sha256, "workers": "signalled"}
+    return {**result, "workers": "signalled"}
 
 
 def _die_with(supervisor: int) -> bool:
@@ -198,7 +196,7 @@ async def serve(
         plan,
         reuse_port=reuse_port,
         reload=(
-            (lambda: _reload_every_worker(plan.loaded.path, env, supervisor))
+            (lambda: _reload_every_worker(running.live, supervisor))
             if supervisor is not None
             else None
         ),

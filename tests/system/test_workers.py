@@ -49,6 +49,14 @@ class Connection:
 
 
 async def start_workers(config_path: Path) -> tuple[asyncio.subprocess.Process, int]:
+    process, port, _admin = await start_workers_with_admin(config_path)
+    return process, port
+
+
+async def start_workers_with_admin(
+    config_path: Path,
+) -> tuple[asyncio.subprocess.Process, int, int]:
+    """Two workers; the supervisor, the main port and the admin port (0: none)."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -62,13 +70,14 @@ async def start_workers(config_path: Path) -> tuple[asyncio.subprocess.Process, 
     )
     assert process.stdout is not None
     started = 0
-    port = 0
+    port = admin = 0
     while started < 2:
         record = orjson.loads(await asyncio.wait_for(process.stdout.readline(), 30))
         if record["event"] == "sidecar_started":
             started += 1
             port = int(record["listen"].rsplit(":", 1)[1])
-    return process, port
+            admin = int(record["admin"].rsplit(":", 1)[1]) if record["admin"] else 0
+    return process, port, admin
 
 
 async def one_connection_per_worker(port: int) -> dict[int, Connection]:
@@ -225,6 +234,56 @@ async def test_a_reload_while_a_worker_restarts_does_not_kill_it(
         await asyncio.wait_for(process.communicate(), 30)
         assert process.returncode == 0
     finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def next_event(process: asyncio.subprocess.Process, event: str) -> dict[str, object]:
+    """The next log line of ``event`` the workers write (bounded by the timeout)."""
+    assert process.stdout is not None
+    while True:
+        record = orjson.loads(await asyncio.wait_for(process.stdout.readline(), 30))
+        if record["event"] == event:
+            return record  # type: ignore[no-any-return]
+
+
+async def test_a_reload_over_http_with_workers_is_logged_counted_and_refused_while_draining(
+    fake_model: FakeModel, tmp_path: Path
+) -> None:
+    """With workers, POST /-/reload is checked by the worker that gets it before the
+    supervisor tells all to reload. That check used to return an invalid config's
+    errors without logging or counting them (sidecar_config_reloads_total had no
+    invalid sample), and to answer 200 "ok" while the sidecar drained (every worker
+    then ignored the reload): README says 503."""
+    config = base_config(fake_model.url, server={"drain_timeout": "5s", "drain_delay": "30s"})
+    config_path = tmp_path / "sidecar.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    process, _port, admin = await start_workers_with_admin(config_path)
+    connection = await Connection.open(admin)
+    try:
+        config_path.write_text(yaml.safe_dump({**config, "bogus": 1}))
+        await connection.send("POST", "/-/reload")
+        status, body = await connection.answer()
+        assert (status, orjson.loads(body)["result"]) == (400, "invalid")
+        await connection.send("GET", "/metrics")
+        text = (await connection.answer())[1].decode()
+        assert 'sidecar_config_reloads_total{result="invalid"} 1.0' in text.splitlines()
+        error = await next_event(process, "config_reload_error")
+        assert error["path"] == "bogus"
+
+        config_path.write_text(yaml.safe_dump(config))
+        process.send_signal(signal.SIGTERM)  # the admin listener serves on while draining
+        for _ in range(2):
+            await next_event(process, "sidecar_draining")
+        await connection.send("POST", "/-/reload")
+        status, body = await connection.answer()
+        assert (status, orjson.loads(body)["result"]) == (503, "ignored")
+        process.send_signal(signal.SIGTERM)  # a second one cuts the drain delay short
+        await asyncio.wait_for(process.communicate(), 30)
+        assert process.returncode == 0
+    finally:
+        connection.close()
         if process.returncode is None:
             process.kill()
             await process.wait()
