@@ -81,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--worker-port", type=int, help=argparse.SUPPRESS)
     run.add_argument("--worker-admin-port", type=int, help=argparse.SUPPRESS)
     run.add_argument("--supervisor-pid", type=int, help=argparse.SUPPRESS)
+    # The supervisor's copy of the config in service, read instead of the file (which
+    # may have changed since, and is read again on reload).
+    run.add_argument("--config-in-service", type=Path, help=argparse.SUPPRESS)
 
     check = commands.add_parser(
         "check-config",
@@ -293,7 +296,12 @@ def _run(args: argparse.Namespace) -> int:
 
     path = args.config or default_config_path()
     try:
-        plan = load_plan(path)
+        data = args.config_in_service.read_bytes() if args.config_in_service else None
+    except OSError as exc:  # the supervisor's folder is gone: it is stopping
+        print(f"sidecar run: cannot start: the config in service: {exc.strerror}", file=sys.stderr)
+        return EXIT_CANNOT_START
+    try:
+        plan = load_plan(path, data=data)
     except ConfigError as exc:
         return _cannot_start("run", exc)
     if args.workers > 1 and args.worker_port is None:

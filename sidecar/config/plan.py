@@ -37,10 +37,13 @@ class Plan:
         return self.loaded.config
 
 
-def load_plan(path: str | Path, *, env: Mapping[str, str] | None = None) -> Plan:
-    """Read, validate and compile a config file. Raises ``ConfigError`` listing every
-    problem found (the file's own, then those of the files and places it names)."""
-    return compile_plan(load_config(path, env=env))
+def load_plan(
+    path: str | Path, *, env: Mapping[str, str] | None = None, data: bytes | None = None
+) -> Plan:
+    """Read, validate and compile a config file (``data``: its bytes, read before).
+    Raises ``ConfigError`` listing every problem found (the file's own, then those of
+    the files and places it names)."""
+    return compile_plan(load_config(path, env=env, data=data))
 
 
 def compile_plan(loaded: LoadedConfig) -> Plan:

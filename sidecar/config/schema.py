@@ -756,11 +756,14 @@ def cannot_listen(source: str, key: str, host: str, port: int, exc: OSError) -> 
 
 @dataclass(frozen=True, slots=True)
 class LoadedConfig:
-    """A validated config plus where it came from (for reloads and relative paths)."""
+    """A validated config plus where it came from (for reloads and relative paths) and
+    the bytes it was read from (a worker supervisor starts a replacement worker with
+    those: the config in service, not what the file says now)."""
 
     config: Config
     path: Path
     sha256: str
+    data: bytes = b""
 
     def resolve(self, file: str) -> Path:
         """A path from the config: relative ones are relative to the config's folder."""
@@ -954,14 +957,18 @@ def parse_config(text: str, *, source: str, env: Mapping[str, str]) -> Config:
     return config
 
 
-def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> LoadedConfig:
+def load_config(
+    path: str | Path, *, env: Mapping[str, str] | None = None, data: bytes | None = None
+) -> LoadedConfig:
     """Read and validate a config file; ``env`` defaults to the process environment.
+    ``data``: the file's bytes as read before (relative paths still resolve beside
+    ``path``, and a reload reads ``path`` again).
 
     The files and places the config names are checked by ``sidecar.config.plan.load_plan``.
     """
     path = Path(path)
     try:
-        data = path.read_bytes()
+        data = path.read_bytes() if data is None else data
     except OSError as exc:
         raise ConfigError(str(path), [ConfigIssue("", f"cannot read: {exc.strerror}")]) from None
     try:
@@ -969,7 +976,9 @@ def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> Lo
     except UnicodeDecodeError:
         raise ConfigError(str(path), [ConfigIssue("", "not valid UTF-8")]) from None
     config = parse_config(text, source=str(path), env=os.environ if env is None else env)
-    return LoadedConfig(config=config, path=path.resolve(), sha256=hashlib.sha256(data).hexdigest())
+    return LoadedConfig(
+        config=config, path=path.resolve(), sha256=hashlib.sha256(data).hexdigest(), data=data
+    )
 
 
 def render_effective(config: Config) -> str:

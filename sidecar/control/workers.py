@@ -8,7 +8,11 @@ SO_REUSEPORT: the kernel spreads connections across them.
 
 SIGTERM or SIGINT is passed to every worker, each drains its own requests, and the
 supervisor exits 0 when all have. SIGHUP is passed on too, so every worker reloads.
-A worker that dies unexpectedly is restarted (at most 5 times a minute). A worker
+A worker that dies unexpectedly is restarted (at most 5 times a minute) with the
+config in service: the supervisor keeps a copy of the one it started with, replaced
+at a SIGHUP when the file then loads, so a file edited but not reloaded (or broken:
+a replacement that cannot start used to stop every worker) is not what a lone
+replacement serves. A worker
 whose supervisor is gone (killed, OOM) drains and exits by itself, and signals only
 the supervisor it was started by.
 """
@@ -28,6 +32,7 @@ from collections import deque
 from pathlib import Path
 from types import FrameType
 
+from sidecar.config.plan import load_plan
 from sidecar.config.schema import ConfigError, LoadedConfig, cannot_listen
 
 _RESTARTS_PER_MINUTE = 5
@@ -95,6 +100,9 @@ class Supervisor:
             raise
         self.admin_port = self._admin.getsockname()[1] if self._admin else 0
         self._metrics_dir = tempfile.mkdtemp(prefix="sidecar-metrics-")
+        # In the supervisor's own folder (mode 0700: the file may hold key digests).
+        self._config_copy = Path(self._metrics_dir) / "config-in-service.yaml"
+        self._keep(loaded.data)
         self._children: list[subprocess.Popen[bytes]] = []
         self._stopping = False
         self._restarts: deque[float] = deque()
@@ -113,6 +121,8 @@ class Supervisor:
             str(self.admin_port),
             "--supervisor-pid",
             str(os.getpid()),
+            "--config-in-service",
+            str(self._config_copy),
         ]
         env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": self._metrics_dir}
         # The worker starts with SIGHUP blocked, not at its default (which ends the
@@ -131,6 +141,24 @@ class Supervisor:
         for child in self._children:
             if child.poll() is None:
                 child.send_signal(signum)
+        if signum == signal.SIGHUP:
+            self._adopt()
+
+    def _adopt(self) -> None:
+        """At a reload: the file, when it loads, is the config in service (each worker
+        reloads it itself, and logs why when it does not load)."""
+        try:
+            loaded = load_plan(self.loaded.path).loaded
+        except ConfigError:
+            return
+        self.loaded = loaded
+        self._keep(loaded.data)
+
+    def _keep(self, data: bytes) -> None:
+        """The copy replacement workers start from (whole, never half written)."""
+        partial = self._config_copy.with_suffix(".partial")
+        partial.write_bytes(data)
+        partial.replace(self._config_copy)
 
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

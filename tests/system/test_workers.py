@@ -243,7 +243,9 @@ async def next_event(process: asyncio.subprocess.Process, event: str) -> dict[st
     """The next log line of ``event`` the workers write (bounded by the timeout)."""
     assert process.stdout is not None
     while True:
-        record = orjson.loads(await asyncio.wait_for(process.stdout.readline(), 30))
+        line = await asyncio.wait_for(process.stdout.readline(), 30)
+        assert line, f"the sidecar exited before it logged {event}"
+        record = orjson.loads(line)
         if record["event"] == event:
             return record  # type: ignore[no-any-return]
 
@@ -284,6 +286,68 @@ async def test_a_reload_over_http_with_workers_is_logged_counted_and_refused_whi
         assert process.returncode == 0
     finally:
         connection.close()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def health_of(port: int, pid: int) -> dict[str, object]:
+    """/health as answered by the worker ``pid`` (the kernel picks a worker per
+    connection: 200 tries cannot all miss one of two)."""
+    for _ in range(200):
+        connection = await Connection.open(port)
+        try:
+            health = await connection.health()
+        finally:
+            connection.close()
+        if health["pid"] == pid:
+            return health
+    raise AssertionError(f"worker {pid} never answered")
+
+
+async def test_a_restarted_worker_serves_the_config_in_service_not_the_file(
+    fake_model: FakeModel, tmp_path: Path
+) -> None:
+    """A worker that dies is replaced with the config the others serve. The
+    replacement used to read the file as it was then: one edited but not reloaded
+    put two configs in service side by side, and one a reload had refused (every
+    worker kept the old) could not start at all, so after five tries the supervisor
+    stopped every worker: a broken file on disk and one crash took the port down."""
+    config = base_config(fake_model.url, admin={"enabled": False})
+    config_path = tmp_path / "sidecar.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    process, port = await start_workers(config_path)
+    try:
+        workers = sorted(children(process.pid))
+        config["routes"][0]["timeout"] = "7s"
+        config_path.write_text(yaml.safe_dump(config))
+        process.send_signal(signal.SIGHUP)
+        for _ in range(2):
+            reloaded = await next_event(process, "config_reloaded")
+        in_service = reloaded["sha256"]
+
+        # Edited, not reloaded: the replacement serves what the other worker serves.
+        config["routes"][0]["timeout"] = "9s"
+        config_path.write_text(yaml.safe_dump(config))
+        os.kill(workers[0], signal.SIGKILL)
+        started = await next_event(process, "sidecar_started")
+        assert started["config_sha256"] == in_service
+        assert (await health_of(port, int(started["pid"])))["config_sha256"] == in_service  # type: ignore[call-overload]
+
+        # A broken file a reload refused: the next replacement starts all the same.
+        config_path.write_text(yaml.safe_dump({**config, "bogus": 1}))
+        process.send_signal(signal.SIGHUP)
+        for _ in range(2):
+            await next_event(process, "config_reload_error")
+        os.kill(workers[1], signal.SIGKILL)
+        started = await next_event(process, "sidecar_started")
+        assert started["config_sha256"] == in_service
+        assert (await health_of(port, int(started["pid"])))["config_sha256"] == in_service  # type: ignore[call-overload]
+        assert process.returncode is None
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.communicate(), 30)
+        assert process.returncode == 0
+    finally:
         if process.returncode is None:
             process.kill()
             await process.wait()
