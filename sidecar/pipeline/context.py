@@ -6,6 +6,7 @@ import time
 from typing import Any, Final
 
 from sidecar.config.schema import Route
+from sidecar.http.errors import Overloaded
 from sidecar.http.messages import Headers, RawField
 from sidecar.telemetry.logs import CURRENT_REQUEST
 from sidecar.telemetry.metrics import (
@@ -41,7 +42,8 @@ class RequestContext:
     upstream_seconds: float | None = None
     bytes_in: int = 0
     bytes_out: int = 0
-    shed: bool = False  # over an in-flight cap: answer from the fallback or refuse
+    # Over an in-flight cap: the refusal (naming the cap), unless the fallback answers.
+    shed: Overloaded | None = None
     fallback_rule: str | None = None
     breaker_state: str | None = None
     principal: str | None = None

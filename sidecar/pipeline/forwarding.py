@@ -126,10 +126,17 @@ class RoutePath:
     def sheds_to_fallback(self) -> bool:
         return self.fallback is not None and "overloaded" in self.fallback.triggers
 
-    def overloaded(self) -> errors.Overloaded:
+    def overloaded(self, server_wide: bool) -> errors.Overloaded:
+        """The refusal past an in-flight cap, naming the cap: the server's
+        (``server.max_in_flight``, all routes together) or this route's own."""
+        if server_wide:
+            message = "too many requests in flight on this server (server.max_in_flight)"
+        else:
+            message = (
+                f"too many requests in flight for route {self.route.name!r} (its max_in_flight)"
+            )
         return errors.Overloaded(
-            f"too many requests in flight for route {self.route.name!r}",
-            headers={"Retry-After": str(max(1, round(self.overload_retry_after)))},
+            message, headers={"Retry-After": str(max(1, round(self.overload_retry_after)))}
         )
 
 
@@ -348,7 +355,7 @@ async def _mirrored(
     request: Request, ctx: RequestContext, path: RoutePath, call: UpstreamCall, mirror: ShadowMirror
 ) -> Answer:
     """``_answer``, with a copy of the call to the shadow when it is sampled."""
-    ticket = None if ctx.shed else mirror.mirror(call)
+    ticket = None if ctx.shed is not None else mirror.mirror(call)
     if ticket is not None:
         ctx.capture = StreamCapture(mirror.settings.compare.max_body_size)
     answer: Answer | None = None
@@ -418,8 +425,8 @@ async def _answer(
         ctx.breaker_state = breaker.state
     cause: errors.SidecarError | ModelFailed
     try:
-        if ctx.shed:
-            raise path.overloaded()
+        if ctx.shed is not None:
+            raise ctx.shed  # the fallback did not answer
         if breaker is None:
             response = await _with_retries(path, ctx, call, False)
             if _read_whole_first(request, response):

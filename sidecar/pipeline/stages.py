@@ -372,12 +372,12 @@ class Pipeline:
         route_cap = path.route.max_in_flight
         server_cap = self.server_cap
         server, route = self.in_flight, path.in_flight
-        if (server_cap is not None and server.count >= server_cap) or (
-            route_cap is not None and route.count >= route_cap
-        ):
+        server_full = server_cap is not None and server.count >= server_cap
+        if server_full or (route_cap is not None and route.count >= route_cap):
+            refusal = path.overloaded(server_full)
             if not path.sheds_to_fallback:
-                raise path.overloaded()
-            ctx.shed = True
+                raise refusal
+            ctx.shed = refusal
             return await forward(request, ctx, path)
         server.count += 1
         route.count += 1

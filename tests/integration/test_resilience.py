@@ -1341,6 +1341,103 @@ async def test_overload_is_refused_at_once_with_retry_after(
             assert resp.status == 200
 
 
+async def test_an_overload_refusal_names_the_cap_that_refused_it(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """The server-wide cap's 503 named a route ("for route 'all'", the route the
+    request happened to take); it names the server's cap, and a route's own cap
+    names the route, in the route's protocol shape. A shed request whose fallback
+    finds nothing is refused with the same message."""
+    gate = asyncio.Event()
+    held_count = 0
+    both_held = asyncio.Event()
+
+    async def held(request: web.Request) -> web.Response:
+        nonlocal held_count
+        held_count += 1
+        if held_count == 2:
+            both_held.set()
+        await gate.wait()
+        return web.json_response({"ok": True})
+
+    fake_model.on("/hold", held)
+    config = base_config(fake_model.url, server={"max_in_flight": 2})
+    config["routes"] = [
+        {"name": "hold", "path_prefix": "/hold", "upstream": "model"},
+        {"name": "chat", "path_prefix": "/chat", "upstream": "model", "protocol": "openai"},
+        {"name": "v2", "path_prefix": "/v2", "upstream": "model", "protocol": "v2"},
+        {
+            "name": "cached",
+            "path_prefix": "/cached",
+            "upstream": "model",
+            "fallback": {"triggers": ["overloaded"], "chain": [{"cache": {"ttl": "1h"}}]},
+        },
+        {"name": "all", "path_prefix": "/", "upstream": "model", "max_in_flight": 1},
+    ]
+    sidecar = await start_sidecar(config)
+    server_message = "too many requests in flight on this server (server.max_in_flight)"
+    held_requests = [
+        asyncio.create_task(sidecar.session.post(sidecar.url + "/hold", data=b"{}"))
+        for _ in range(2)
+    ]
+    try:
+        await asyncio.wait_for(both_held.wait(), 10)
+        headers = {"X-Request-ID": "req-chat"}
+        async with sidecar.session.post(sidecar.url + "/chat", data=b"{}", headers=headers) as r:
+            assert r.status == 503
+            assert r.headers["Retry-After"] == "1"
+            assert (await r.json())["error"] == {
+                "message": server_message,
+                "type": "overloaded",
+                "param": None,
+                "code": "overloaded",
+                "request_id": "req-chat",
+            }
+        headers = {"X-Request-ID": "req-v2"}
+        async with sidecar.session.post(sidecar.url + "/v2", data=b"{}", headers=headers) as r:
+            assert r.status == 503
+            assert await r.json() == {
+                "error": server_message,
+                "type": "overloaded",
+                "request_id": "req-v2",
+            }
+        headers = {"X-Request-ID": "req-cached"}
+        async with sidecar.session.post(sidecar.url + "/cached", data=b"{}", headers=headers) as r:
+            assert r.status == 503  # shed; the empty cache has no answer
+            assert (await r.json())["error"] == {
+                "type": "overloaded",
+                "message": server_message,
+                "request_id": "req-cached",
+            }
+    finally:
+        gate.set()
+        for response in await asyncio.gather(*held_requests):
+            assert response.status == 200
+            response.release()
+    assert len(fake_model.hits_for("/chat")) == len(fake_model.hits_for("/cached")) == 0
+
+    # The server has room; the route "all" (max_in_flight 1) has one request out.
+    gate.clear()
+    held_count = 1
+    both_held.clear()
+    fake_model.on("/all/hold", held)
+    first = asyncio.create_task(sidecar.session.post(sidecar.url + "/all/hold", data=b"{}"))
+    try:
+        await asyncio.wait_for(both_held.wait(), 10)
+        headers = {"X-Request-ID": "req-all"}
+        async with sidecar.session.post(sidecar.url + "/all/x", data=b"{}", headers=headers) as r:
+            assert r.status == 503
+            assert (await r.json())["error"] == {
+                "type": "overloaded",
+                "message": "too many requests in flight for route 'all' (its max_in_flight)",
+                "request_id": "req-all",
+            }
+    finally:
+        gate.set()
+        async with await first as response:
+            assert response.status == 200
+
+
 async def test_a_stream_that_sent_bytes_is_never_retried(
     fake_model: FakeModel, start_sidecar: StartSidecar
 ) -> None:
