@@ -123,11 +123,13 @@ class RunningSidecar:
         if self._stopped:
             return
         self._stopped = True
-        self.runtime.draining = True
+        runtime = self.runtime
+        runtime.draining = True  # no reload swaps the config in service from now on
         # Stops listening, then waits up to drain_timeout for requests in flight.
-        await self._main.stop(self.runtime.config.server.drain_timeout)
+        drain_timeout = runtime.config.server.drain_timeout
+        await self._main.stop(drain_timeout)
         if self._admin is not None:
-            await self._admin.stop(self.runtime.config.server.drain_timeout)
+            await self._admin.stop(drain_timeout)
         await self.live.stop()
         await self.pools.close()
         await self.logs.stop()  # last, so everything logged while stopping is written
@@ -187,6 +189,7 @@ async def serve(
     On SIGTERM /readyz turns 503 at once while requests are still served for
     ``server.drain_delay`` (load balancers need that long to stop sending), then the
     listener closes and requests in flight get ``server.drain_timeout`` to finish.
+    Both are read from the config in service when the signal arrives (a reload's).
     SIGINT (Ctrl-C) skips the delay. Raises ``ConfigError`` when it cannot start.
     """
     interpreter.settle()
@@ -251,10 +254,11 @@ async def serve(
         for task in reloads:
             task.cancel()
         running.runtime.draining = True  # /readyz says 503 from now on
-        delay = config.server.drain_delay if signum == signal.SIGTERM else 0.0
-        log.info(
-            "sidecar_draining", drain_delay_s=delay, drain_timeout_s=config.server.drain_timeout
-        )
+        # The config in service now (the last reload's, not the one started with):
+        # draining refuses reloads, so it is also the one stop() drains with.
+        settings = running.runtime.config.server
+        delay = settings.drain_delay if signum == signal.SIGTERM else 0.0
+        log.info("sidecar_draining", drain_delay_s=delay, drain_timeout_s=settings.drain_timeout)
         if delay > 0:
             # Still serving while endpoints are updated; a second signal cuts it short.
             again = asyncio.Event()

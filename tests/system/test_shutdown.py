@@ -194,3 +194,79 @@ async def test_a_reload_while_draining_keeps_readyz_503(
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def reload_by_sighup(process: asyncio.subprocess.Process) -> None:
+    """SIGHUP ``process``; returns once the reload is logged."""
+    process.send_signal(signal.SIGHUP)
+    assert process.stdout is not None
+    while True:  # bounded by the timeout: until the reload is logged
+        record = orjson.loads(await asyncio.wait_for(process.stdout.readline(), 30))
+        if record["event"] == "config_reloaded":
+            return
+        assert record["event"] != "config_reload_error", record
+
+
+async def draining_record(process: asyncio.subprocess.Process) -> dict[str, Any]:
+    assert process.stdout is not None
+    while True:
+        record = orjson.loads(await asyncio.wait_for(process.stdout.readline(), 30))
+        if record["event"] == "sidecar_draining":
+            return record  # type: ignore[no-any-return]
+
+
+async def test_a_reloaded_drain_delay_holds_for_the_next_sigterm(
+    fake_model: FakeModel, tmp_path: Path
+) -> None:
+    """serve() read drain_delay (and logged drain_timeout) from the config the process
+    started with: after a reload from 0 s to 60 s, SIGTERM still exited at once,
+    with no time for load balancers to see /readyz 503."""
+    config = base_config(fake_model.url, admin={"enabled": False})
+    config["server"]["drain_delay"] = "0s"
+    config_path = tmp_path / "sidecar.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    process, port, _ = await start_sidecar_process(config_path)
+    url = f"http://{LOOPBACK}:{port}"
+    try:
+        config["server"]["drain_delay"] = "60s"
+        config["server"]["drain_timeout"] = "12s"
+        config_path.write_text(yaml.safe_dump(config))
+        await reload_by_sighup(process)
+        process.send_signal(signal.SIGTERM)
+        record = await draining_record(process)
+        assert (record["drain_delay_s"], record["drain_timeout_s"]) == (60.0, 12.0)
+        for _ in range(3):  # a new connection each time: the listener is still open
+            async with aiohttp.ClientSession() as fresh:
+                async with fresh.get(url + "/readyz") as resp:
+                    assert resp.status == 503
+                async with fresh.get(url + "/anything") as resp:
+                    assert resp.status == 200
+        assert process.returncode is None
+        process.send_signal(signal.SIGINT)  # a second signal ends the delay
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_a_reload_that_shortens_the_drain_delay_shortens_the_next_stop(
+    fake_model: FakeModel, tmp_path: Path
+) -> None:
+    """Started with a 60 s delay, reloaded to 2 s: SIGTERM waits 2 s (not less, and
+    not the 60 s of the config it started with), then exits by itself."""
+    process, _, config, config_path = await start_with_a_long_drain_delay(fake_model, tmp_path)
+    try:
+        config["server"]["drain_delay"] = "2s"
+        config_path.write_text(yaml.safe_dump(config))
+        await reload_by_sighup(process)
+        loop = asyncio.get_running_loop()
+        signalled = loop.time()
+        process.send_signal(signal.SIGTERM)
+        assert (await draining_record(process))["drain_delay_s"] == 2.0
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+        assert loop.time() - signalled >= 2.0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
