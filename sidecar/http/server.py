@@ -932,12 +932,17 @@ class HttpServer:
 
     async def stop(self, drain_timeout: float) -> None:
         """Stop accepting; close idle connections; give requests in flight up to
-        ``drain_timeout`` to finish (each answered with Connection: close); then cut."""
+        ``drain_timeout`` to finish (each answered with Connection: close); then cut.
+
+        A request is in flight from its first byte: one whose head is still
+        arriving may finish arriving (within ``head_timeout``) and is answered, as
+        the client cannot tell whether a request cut off mid-head was processed.
+        Only connections idle between requests are closed at once."""
         self.draining = True
         for server in self._servers:
             server.close()
         for conn in list(self.connections):
-            if conn._current is None:
+            if conn._current is None and not conn._in_head:
                 conn.close()  # idle (its task, if waiting, ends with the connection)
         if self.connections:
             with contextlib.suppress(TimeoutError):

@@ -513,6 +513,85 @@ async def test_a_kept_alive_connection_reuses_its_task_and_an_idle_one_holds_non
         writer.close()
 
 
+async def test_a_request_begun_before_the_stop_is_answered_and_an_idle_connection_closed(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """At shutdown a connection whose request head had partly arrived was closed as
+    if idle: the client saw EOF mid-request and could not tell whether its POST was
+    processed. Such a connection is in flight: the rest of the request arrives, is
+    answered (Connection: close), then the connection closes. One idle between
+    requests is closed at once."""
+    sidecar = await start_sidecar(base_config(fake_model.url))
+    server = sidecar.running._main
+    port = sidecar.running.main_port
+    idle_reader, idle_writer = await asyncio.open_connection(LOOPBACK, port)
+    fresh_reader, fresh_writer = await asyncio.open_connection(LOOPBACK, port)
+    kept_reader, kept_writer = await asyncio.open_connection(LOOPBACK, port)
+    writers = (idle_writer, fresh_writer, kept_writer)
+    stopping = None
+    try:
+        request = b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n"
+        for reader, writer in ((idle_reader, idle_writer), (kept_reader, kept_writer)):
+            writer.write(request)
+            assert (await _one_answer(reader)).startswith(b"HTTP/1.1 200 OK")
+        # A first request on a fresh connection, and the next one on a kept-alive
+        # connection: half a head each.
+        fresh_writer.write(b"POST /fresh HTTP/1.1\r\nHost: x\r\nContent-Le")
+        kept_writer.write(b"POST /kept HTTP/1.1\r\nHo")
+        for _ in range(500):  # bounded: until both half heads are being parsed
+            if sum(conn._in_head for conn in server.connections) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert sum(conn._in_head for conn in server.connections) == 2
+
+        stopping = asyncio.create_task(sidecar.running.stop())
+        assert await asyncio.wait_for(idle_reader.read(), 10) == b""  # closed at once
+        assert not stopping.done()  # the two begun requests hold the drain
+        fresh_writer.write(b"ngth: 4\r\n\r\nbody")
+        kept_writer.write(b"st: x\r\nContent-Length: 2\r\n\r\nok")
+        for reader, path, size in ((fresh_reader, "/fresh", 4), (kept_reader, "/kept", 2)):
+            answer = await asyncio.wait_for(reader.read(), 10)  # to the connection's end
+            head, body = answer.split(b"\r\n\r\n", 1)
+            assert head.startswith(b"HTTP/1.1 200 OK"), answer
+            assert b"\r\nconnection: close" in head.lower()
+            assert orjson.loads(body) == {"method": "POST", "path": path, "size": size}
+        await asyncio.wait_for(stopping, 10)
+        assert not server.connections
+        assert [hit.path for hit in fake_model.hits] == ["/first", "/first", "/fresh", "/kept"]
+    finally:
+        for writer in writers:
+            writer.close()
+        if stopping is not None and not stopping.done():
+            stopping.cancel()
+
+
+async def test_a_head_begun_before_the_stop_that_never_ends_is_timed_out_not_waited_for(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """A half head held open through the stop is still bounded by the head timeout:
+    the client gets the 408, and the drain ends without waiting for drain_timeout."""
+    config = base_config(fake_model.url)
+    config["server"].update(head_timeout="500ms", drain_timeout="60s")
+    sidecar = await start_sidecar(config)
+    server = sidecar.running._main
+    reader, writer = await asyncio.open_connection(LOOPBACK, sidecar.running.main_port)
+    try:
+        writer.write(b"POST /never HTTP/1.1\r\nHost: x\r\n")
+        for _ in range(500):  # bounded: until the half head is being parsed
+            if any(conn._in_head for conn in server.connections):
+                break
+            await asyncio.sleep(0.01)
+        stopping = asyncio.create_task(sidecar.running.stop())
+        answer = await asyncio.wait_for(reader.read(), 20)
+        assert answer.startswith(b"HTTP/1.1 408 Request Timeout"), answer
+        assert b"\r\nconnection: close" in answer.lower()
+        writer.close()
+        await asyncio.wait_for(stopping, 20)  # well before the 60 s drain timeout
+        assert fake_model.hits_for("/never") == []
+    finally:
+        writer.close()
+
+
 async def test_at_most_256_tasks_wait_for_a_next_request(
     fake_model: FakeModel, start_sidecar: StartSidecar
 ) -> None:
