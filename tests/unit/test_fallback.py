@@ -13,6 +13,7 @@ import orjson
 import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
 
 from sidecar.config.schema import (
     BreakerSettings,
@@ -21,7 +22,7 @@ from sidecar.config.schema import (
     Upstream,
     UpstreamFallback,
 )
-from sidecar.http.client import Pool
+from sidecar.http.client import READ_AHEAD, Pool
 from sidecar.http.messages import Headers
 from sidecar.telemetry.metrics import Metrics
 from sidecar.upstream.breaker import CLOSED, OPEN, UpstreamBreaker
@@ -32,6 +33,7 @@ from sidecar.upstream.fallback import (
     SecondaryAnswer,
     SecondaryUpstream,
     canonical_key,
+    keeps,
     restamp_id,
 )
 from sidecar.upstream.upstreams import UpstreamCall, UpstreamClient
@@ -474,13 +476,13 @@ async def test_a_secondary_answers_only_with_a_2xx_or_its_verdict_on_the_input(
 ) -> None:
     model = await make_fake_model()
     step = secondary(model.url, pools)
-    for status in (200, 201, 204, 400, 422):
+    for status in (200, 201, 204, 299, 400, 422):
         model.on("/infer", answering(status))
         assert taken(await step.answer(call()))[0] == status
-    for status in (401, 403, 404, 405, 409, 413, 429, 499, 500, 502, 503, 504):
+    for status in (300, 401, 403, 404, 405, 409, 413, 429, 499, 500, 502, 503, 504):
         model.on("/infer", answering(status, b"no"))
         assert await step.answer(call()) is None, status
-    assert len(model.hits_for("/infer")) == 17  # one request each, none retried
+    assert len(model.hits_for("/infer")) == 19  # one request each, none retried
     # A refused small answer is read to its end: its connection is kept for the next.
     assert step.upstream.pool.open == 1
 
@@ -507,3 +509,249 @@ async def test_a_secondary_models_unavailability_counts_on_its_own_breaker(
     model.on("/infer", answering(200, b"{}"))
     assert await step.answer(call()) is None  # the circuit is open: not asked
     assert len(model.hits_for("/infer")) == 4
+
+
+# keeps: which of the model's answers the cache may keep for any client
+
+
+@pytest.mark.parametrize(
+    ("status", "fields", "authorized", "kept"),
+    [
+        (200, [], False, True),
+        (101, [], False, False),
+        (200, [("Content-Type", "application/json")], False, True),
+        (201, [], False, False),  # speaks of that one request
+        (204, [], False, False),
+        (206, [], False, False),  # a part of the answer
+        (299, [], False, False),
+        (200, [("Content-Encoding", "gzip")], False, False),  # the cache keeps no encoding
+        (200, [("Content-Encoding", "identity")], False, True),
+        (200, [("Cache-Control", "private")], False, False),
+        (200, [("Cache-Control", "no-store")], False, False),
+        (200, [("Cache-Control", "max-age=60, Private")], False, False),
+        (200, [("Cache-Control", " NO-STORE ")], False, False),
+        (200, [("Cache-Control", "max-age=60"), ("Cache-Control", "private")], False, False),
+        (200, [("Cache-Control", "private=x-user")], False, False),  # a field-list form
+        (200, [("Cache-Control", "max-age=60")], False, True),
+        (200, [("Cache-Control", "public, no-store")], True, False),
+        # Sent the client's credential, the answer is that client's unless the model
+        # says anyone may have it.
+        (200, [], True, False),
+        (200, [("Cache-Control", "max-age=60")], True, False),
+        (200, [("Cache-Control", "public")], True, True),
+        (200, [("Cache-Control", "s-maxage=30")], True, True),
+        (200, [("Cache-Control", "max-age=5, Must-Revalidate")], True, True),
+        (200, [("Cache-Control", "max-age=5"), ("Cache-Control", "public")], True, True),
+        # Vary on a request field the key leaves out: not for every client.
+        (200, [("Vary", "Accept-Encoding")], False, True),
+        (200, [("Vary", "accept-encoding, ")], False, True),
+        (200, [("Vary", "Origin")], False, False),
+        (200, [("Vary", "*")], False, False),
+        (200, [("Vary", "Accept-Encoding, Authorization")], False, False),
+        (200, [("Vary", "Accept-Encoding"), ("Vary", "Accept-Language")], False, False),
+        (200, [("Cache-Control", "public"), ("Vary", "Cookie")], True, False),
+    ],
+)
+def test_the_cache_keeps_only_a_whole_unencoded_answer_the_model_lets_anyone_have(
+    status: int, fields: list[tuple[str, str]], authorized: bool, kept: bool
+) -> None:
+    assert keeps(status, Headers(fields), authorized) is kept
+
+
+def test_an_answer_is_taken_as_not_authorized_unless_said() -> None:
+    assert keeps(200, Headers()) is True
+
+
+def test_a_body_of_exactly_max_bytes_is_kept() -> None:
+    c = cache(FakeClock(), max_bytes="10B", max_body_size="10B")
+    c.store("POST", "/a", b"{}", 200, None, b"0123456789")
+    assert c.answer("POST", "/a", b"{}", "r") is not None
+    c.store("POST", "/b", b"{}", 200, None, b"0123456789X")
+    assert c.answer("POST", "/b", b"{}", "r") is None
+
+
+def test_a_head_is_answered_from_the_get_and_no_other_method_is() -> None:
+    c = cache(FakeClock())
+    c.store("GET", "/a", b"", 200, None, b"x")
+    head = c.answer("HEAD", "/a", b"", "r")
+    assert head is not None
+    assert head.body == b"x"  # its Content-Length is the GET's; the server sends no body
+    for method in ("DELETE", "POST", "PUT", "OPTIONS"):
+        assert c.answer(method, "/a", b"", "r") is None, method
+
+
+def test_an_answer_nested_deeper_than_orjson_writes_keeps_its_id() -> None:
+    deep = b'{"id": "a", "x": ' + b"[" * 300 + b"]" * 300 + b"}"
+    assert restamp_id(deep, b'{"id": "b"}', "v2", "r") == deep  # read, but not written again
+    assert restamp_id(deep, b"{}", "openai", "r") == deep
+
+
+async def test_a_static_answer_with_other_fields_is_still_json() -> None:
+    # Field names that sort before and after Content-Type are not taken for it.
+    fallback = chain({"static": {"body": 0, "headers": {"Accept-Ranges": "none", "X-A": "1"}}})
+    response = await fallback.answer(call(), b"{}")
+    assert response is not None
+    assert response.headers.getall("Content-Type") == ["application/json"]
+
+
+def test_a_chain_says_whether_a_step_answers_without_any_model() -> None:
+    client = UpstreamClient("simple", Upstream(url="http://127.0.0.1:9"))
+    only_models = chain({"upstream": {"name": "simple"}}, upstreams={"simple": client})
+    assert only_models.secondaries == ("simple",)
+    assert only_models.answers_without_a_model is False
+    with_static = chain(
+        {"upstream": {"name": "simple"}}, {"static": {"body": 0}}, upstreams={"simple": client}
+    )
+    assert with_static.answers_without_a_model is True
+
+
+# A secondary model whose answers the test writes byte by byte.
+
+
+class RawModel:
+    """A model server on a raw socket: each request (read to the end of its
+    Content-Length) is answered with the next of ``answers``, a list of byte pieces
+    written ``pause`` seconds apart; ``None`` as a piece closes the connection."""
+
+    def __init__(self, *answers: list[bytes | None], pause: float = 0.0) -> None:
+        self.answers = list(answers)
+        self.pause = pause
+        self.connections = 0
+        self.requests = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, LOOPBACK, 0)
+        return f"http://{LOOPBACK}:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while self.answers:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                await reader.readexactly(length)
+                self.requests += 1
+                for piece in self.answers.pop(0):
+                    if piece is None:
+                        writer.close()
+                        return
+                    writer.write(piece)
+                    await writer.drain()
+                    await asyncio.sleep(self.pause)
+            await reader.read()  # hold the connection until the client lets it go
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+@pytest.fixture
+async def raw_models() -> AsyncIterator[list[RawModel]]:
+    made: list[RawModel] = []
+    yield made
+    for model in made:
+        model.close()
+
+
+def head(status: int, length: int) -> bytes:
+    return b"HTTP/1.1 %d X\r\nContent-Length: %d\r\n\r\n" % (status, length)
+
+
+async def test_a_secondary_answer_larger_than_its_step_takes_fails_the_step_and_is_counted(
+    make_fake_model: MakeFakeModel, pools: list[Pool]
+) -> None:
+    model = await make_fake_model()
+    client = secondary(model.url, pools).upstream
+    too_large = Evictions()
+    step = SecondaryUpstream(
+        client, UpstreamFallback(name="simple", max_body_size="10B"), too_large=too_large
+    )
+    model.on("/infer", answering(200, b"012345678"))
+    assert taken(await step.answer(call()))[1] == b"012345678"
+    model.on("/infer", answering(200, b"0123456789"))
+    assert taken(await step.answer(call()))[1] == b"0123456789"  # at the limit: taken
+    model.on("/infer", answering(200, b"0123456789X"))
+    assert await step.answer(call()) is None
+    assert too_large.count == 1
+    uncounted = SecondaryUpstream(client, UpstreamFallback(name="simple", max_body_size="10B"))
+    assert await uncounted.answer(call()) is None
+
+
+@pytest.mark.parametrize("length", [100, READ_AHEAD])
+async def test_a_small_secondary_answer_that_breaks_off_fails_the_step(
+    length: int, raw_models: list[RawModel], pools: list[Pool]
+) -> None:
+    """Within the read-ahead the answer is awaited whole, so a broken one fails the
+    step (the next one answers) instead of reaching the client cut short."""
+    model = RawModel([head(200, length), b"x" * 10, None])
+    raw_models.append(model)
+    with capture_logs() as logs:
+        assert await secondary(await model.start(), pools).answer(call()) is None
+    failures = [e for e in logs if e["event"] == "fallback_upstream_failed"]
+    assert [e["error"] for e in failures] == ["upstream_error"]
+
+
+async def test_a_small_secondary_answer_that_stalls_fails_the_step_as_a_timeout(
+    raw_models: list[RawModel], pools: list[Pool]
+) -> None:
+    model = RawModel([head(200, 100), b"x" * 10])
+    raw_models.append(model)
+    url = await model.start()
+    with capture_logs() as logs:
+        assert await secondary(url, pools, timeout="100ms").answer(call()) is None
+    failures = [e for e in logs if e["event"] == "fallback_upstream_failed"]
+    assert [e["error"] for e in failures] == ["upstream_timeout"]
+
+
+async def test_a_large_secondary_answer_is_taken_as_it_starts(
+    raw_models: list[RawModel], pools: list[Pool]
+) -> None:
+    """Past the read-ahead the answer is relayed as it comes: the step takes it at
+    its head (the body may take longer than the step's timeout)."""
+    model = RawModel([head(200, READ_AHEAD + 1), b"x" * 10])
+    raw_models.append(model)
+    step = secondary(await model.start(), pools, timeout="5s")
+    answer = await asyncio.wait_for(step.answer(call()), 2)
+    assert isinstance(answer, SecondaryAnswer)
+    assert answer.response.status == 200
+    assert not answer.response.complete
+    answer.response.close()
+
+
+async def test_a_refused_small_answer_is_read_to_its_end_and_its_connection_kept(
+    raw_models: list[RawModel], pools: list[Pool]
+) -> None:
+    model = RawModel(
+        [head(404, 2), b"n", b"o"], [head(200, 2), b"o", b"k"], pause=0.05
+    )  # each answer's body after its head
+    raw_models.append(model)
+    step = secondary(await model.start(), pools)
+    assert await step.answer(call()) is None
+    assert taken(await step.answer(call()))[1] == b"ok"
+    assert (model.connections, model.requests) == (1, 2)
+
+
+async def test_a_secondary_step_cancelled_while_its_answer_arrives_frees_the_connection(
+    raw_models: list[RawModel], pools: list[Pool]
+) -> None:
+    model = RawModel([head(200, 100), b"x" * 10])
+    raw_models.append(model)
+    step = secondary(await model.start(), pools)
+    asking = asyncio.ensure_future(step.answer(call()))
+    for _ in range(200):  # until its head has come (bounded: 2 s)
+        if model.requests:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
+    asking.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asking
+    assert step.upstream.pool.open == 0  # closed, not left in use
