@@ -247,6 +247,10 @@ class ServerSettings(_Strict):
     drain_timeout: Duration = 10.0
     keepalive_timeout: PositiveDuration = 75.0
     max_body_size: ByteSize = 10 * 1024 * 1024
+    # Request bodies held in memory by all requests together (each is read whole
+    # before it is sent on): past it a request is refused 503, not the process killed
+    # for its memory. At least the largest body limit (checked).
+    max_buffered_bodies: PositiveByteSize = 64 * 1024 * 1024
     max_in_flight: int | None = Field(default=None, ge=1)
     overload_retry_after: Duration = 1.0
     max_header_size: PositiveByteSize = 8 * 1024  # the request line, and each header field
@@ -853,6 +857,14 @@ def _pydantic_issues(exc: ValidationError) -> Iterator[ConfigIssue]:
 
 
 def _cross_reference_issues(config: Config) -> Iterator[ConfigIssue]:
+    budget = config.server.max_buffered_bodies
+    largest = max(config.route_body_limit(route) for route in config.routes)
+    if largest > budget:
+        yield ConfigIssue(
+            "server.max_buffered_bodies",
+            f"is smaller than the largest request body limit ({largest} bytes):"
+            " such a body could never be read",
+        )
     seen: set[str] = set()
     for index, route in enumerate(config.routes):
         if route.upstream not in config.upstreams:

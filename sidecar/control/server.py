@@ -67,10 +67,14 @@ class RunningSidecar:
             body_timeout=settings.body_timeout,
             idle_timeout=settings.keepalive_timeout,
             send_timeout=settings.send_timeout,
+            buffered_bodies=settings.max_buffered_bodies,
         )
         self._main = HttpServer(self.live.dispatch, self.live.refuse, limits)
         self._slow_clients_published = 0
-        self.metrics.on_publish(self._publish_slow_clients)
+        self._bodies_refused_published = 0
+        # Server-wide (the HTTP layer refuses before it knows a route): no route label.
+        self._bodies_refused = self.metrics.dropped.labels("request_bodies", "")
+        self.metrics.on_publish(self._publish_server_counts)
         self._admin: HttpServer | None = None
         if config.admin.enabled:
             endpoints = AdminEndpoints(
@@ -88,11 +92,16 @@ class RunningSidecar:
         """The runtime in service now."""
         return self.live.current
 
-    def _publish_slow_clients(self) -> None:
+    def _publish_server_counts(self) -> None:
+        """The HTTP server's own counts, kept as plain numbers, into their series."""
         count = self._main.slow_readers
         if count > self._slow_clients_published:
             self.metrics.slow_clients.inc(count - self._slow_clients_published)
             self._slow_clients_published = count
+        count = self._main.bodies_refused
+        if count > self._bodies_refused_published:
+            self._bodies_refused.inc(count - self._bodies_refused_published)
+            self._bodies_refused_published = count
 
     async def start(self) -> None:
         config = self.runtime.config

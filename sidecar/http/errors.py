@@ -175,6 +175,7 @@ _REFUSALS: dict[str, type[SidecarError]] = {
         RequestTimeout,
         VersionNotSupported,
         InternalError,
+        Overloaded,
     )
 }
 

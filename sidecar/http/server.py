@@ -65,6 +65,7 @@ class Limits:
     idle_timeout: float = 75.0  # keep-alive: a connection waiting for its next request
     send_timeout: float = 30.0  # a write waiting for a client that stopped reading
     read_ahead: int = 256 * 1024  # body bytes buffered before the handler reads them
+    buffered_bodies: int = 64 * 1024 * 1024  # body bytes held by all requests together
     write_buffer: int = 64 * 1024  # bytes queued to a client before writes wait
     max_pipelined: int = 32  # parsed requests waiting behind the one being handled
     linger: float = 5.0  # reading on after an answer that left the client's bytes unread
@@ -95,6 +96,7 @@ class Request:
     """One request: its head parsed once, its body read on demand (``read_body``)."""
 
     __slots__ = (
+        "_charged",
         "_conn",
         "_continue_sent",
         "_error",
@@ -144,6 +146,7 @@ class Request:
         self._conn = conn
         self._parts: list[bytes] = []
         self._size = 0
+        self._charged = 0  # of its body's bytes, counted in the server's body_bytes
         self._waiter: asyncio.Future[None] | None = None
         self._error: BaseException | None = None  # the body can no longer arrive
         self._continue_sent = False
@@ -166,9 +169,44 @@ class Request:
     # -- the body ------------------------------------------------------------------
 
     def _feed(self, chunk: bytes) -> None:
+        if self._error is not None:
+            return  # refused, or the client left: its bytes are not kept
+        size = len(chunk)
+        server = self._conn.server
+        if server.body_bytes + size > server.limits.buffered_bodies:
+            self._refuse_for_memory()
+            return
+        server.body_bytes += size
+        self._charged += size
         self._parts.append(chunk)
-        self._size += len(chunk)
+        self._size += size
         self._wake()
+
+    def _refuse_for_memory(self) -> None:
+        """The bodies held by all requests would pass the server's budget: this one
+        is refused (503) and what it holds let go, so that many clients sending
+        large bodies at once get an answer instead of the process being killed for
+        its memory (each body is read whole before it is sent on)."""
+        server = self._conn.server
+        server.bodies_refused += 1
+        self._parts = []
+        self._release()
+        self._fail(
+            RequestRefused(
+                503,
+                "overloaded",
+                "the request bodies this server holds are at their limit"
+                " (server.max_buffered_bodies); retry later",
+            )
+        )
+
+    def _release(self) -> None:
+        """Its body's bytes no longer count in the server's budget (the request has
+        ended, or was refused)."""
+        charged = self._charged
+        if charged:
+            self._conn.server.body_bytes -= charged
+            self._charged = 0
 
     def _finish(self) -> None:
         self.complete = True
@@ -181,6 +219,13 @@ class Request:
         if waiter is not None and not waiter.done():
             waiter.set_exception(exc)
 
+    def _raise_if_failed(self) -> None:
+        # A call, not an inline test: mypyc would take the attribute as narrowed to
+        # None by an earlier test across the calls that set it.
+        error = self._error
+        if error is not None:
+            raise error
+
     def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -189,7 +234,7 @@ class Request:
     def arrived_body(self, limit: int) -> bytes | None:
         """The whole body when all of it has come and is within ``limit``, without a
         wait (a small body comes with its head); else None, and ``read_body`` it."""
-        if not self.complete or self._size > limit:
+        if not self.complete or self._size > limit or self._error is not None:
             return None
         parts = self._parts
         self._parts = []
@@ -206,6 +251,12 @@ class Request:
                 f"request body of {declared} bytes exceeds the limit of {limit} bytes",
             )
         conn = self._conn
+        if not self.complete and declared is not None:
+            server = conn.server
+            # Refused before the body is sent when it could not be held anyway.
+            if server.body_bytes - self._charged + declared > server.limits.buffered_bodies:
+                self._refuse_for_memory()
+        self._raise_if_failed()
         if not self.complete:
             if (
                 not self._continue_sent
@@ -220,8 +271,7 @@ class Request:
         while not self.complete:
             if self._size > limit:
                 break
-            if self._error is not None:
-                raise self._error
+            self._raise_if_failed()
             waiter = loop.create_future()
             self._waiter = waiter
             timer = loop.call_later(timeout, _time_out, waiter)
@@ -238,6 +288,7 @@ class Request:
             raise RequestRefused(
                 413, "body_too_large", f"request body exceeds the limit of {limit} bytes"
             )
+        self._raise_if_failed()  # it came to its end, but was refused on the way
         parts = self._parts
         self._parts = []
         return parts[0] if len(parts) == 1 else b"".join(parts)
@@ -403,6 +454,7 @@ class HttpConnection(FlowControlled):
         for request in (self._current, self._parsing, *(self._queue or ())):
             if request is not None:
                 request._fail(gone)
+                request._release()
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(gone)
@@ -575,7 +627,10 @@ class HttpConnection(FlowControlled):
         request: Request | None = first
         try:
             while request is not None:
-                await self._handle(request)
+                try:
+                    await self._handle(request)
+                finally:
+                    request._release()
                 if self.closed or not self._reusable(request):
                     # Bytes of the client's may be left unread: its body, or what it
                     # sent after it.
@@ -885,6 +940,8 @@ class HttpServer:
         self.connections: set[HttpConnection] = set()
         self.draining = False
         self.slow_readers = 0  # clients cut off for not reading
+        self.body_bytes = 0  # request body bytes held (Limits.buffered_bodies)
+        self.bodies_refused = 0  # requests refused for want of room for their body
         self._drained = asyncio.Event()  # set when draining and the last connection closed
         self._servers: list[asyncio.Server] = []
         self._loop: asyncio.AbstractEventLoop | None = None

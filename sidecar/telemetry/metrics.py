@@ -276,7 +276,8 @@ class Metrics:
         self.dropped = Counter(
             "sidecar_dropped_total",
             "Items a bounded buffer let go: fallback cache answers evicted, drift bodies "
-            "not taken in (over the budget, too large, superseded or unreadable).",
+            "not taken in (over the budget, too large, superseded or unreadable), "
+            "requests refused for want of room for their body (request_bodies).",
             ["buffer", "route"],
             registry=r,
         )

@@ -332,6 +332,83 @@ async def test_a_fat_head_is_refused_431_without_being_kept(
     assert fake_model.hits_for("/x") == []
 
 
+async def test_bodies_held_by_all_requests_together_are_bounded_and_refusals_answered(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """Each request body is read whole before it is sent on: clients that send large
+    bodies slowly (or never end them) must not hold more than
+    server.max_buffered_bodies between them (twenty 10 MiB bodies held 272 MB of a
+    192 Mi pod). Past it a request is refused 503 at once, in the route's shape;
+    small requests still pass, and what a request held is let go when it ends."""
+    config = base_config(fake_model.url)
+    config["server"].update(max_buffered_bodies="1MiB", max_body_size="512KiB")
+    sidecar = await start_sidecar(config)
+    port = sidecar.running.main_port
+    server = sidecar.running._main
+    kib = 1024
+
+    async def begin(length: int, sent: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection(LOOPBACK, port)
+        writer.write(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % length)
+        writer.write(b"a" * sent)
+        await writer.drain()
+        return reader, writer
+
+    async def until_held(count: int) -> None:
+        for _ in range(500):  # bounded: 5 s
+            if server.body_bytes >= count:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"held {server.body_bytes}, expected {count}")
+
+    first = await begin(400 * kib, 300 * kib)
+    second = await begin(400 * kib, 300 * kib)
+    await until_held(600 * kib)
+    # Declared larger than what is left: refused before its body is sent.
+    status, body = status_and_body(
+        await raw_request(
+            port, b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (500 * kib)
+        )
+    )
+    assert status == 503
+    error = orjson.loads(body)["error"]
+    assert error["type"] == "overloaded"
+    assert "server.max_buffered_bodies" in error["message"]
+    assert error["request_id"]
+    # A chunked body (no length declared) is refused when it passes the budget.
+    chunk = b"b" * (100 * kib)
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(5))
+    raw = await raw_request(
+        port,
+        b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked"
+        b"\r\n\r\n" + chunked + b"0\r\n\r\n",
+    )
+    assert status_and_body(raw)[0] == 503
+    # A small request still passes.
+    async with sidecar.session.post(sidecar.url + "/x", data=b'{"a": 1}') as resp:
+        assert resp.status == 200
+    assert await metric(sidecar, "sidecar_dropped_total", buffer="request_bodies") == 2
+    # The held bodies end and are answered; what they held is let go.
+    for reader, writer in (first, second):
+        writer.write(b"a" * (100 * kib))
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        writer.close()
+    assert [hit.body and len(hit.body) for hit in fake_model.hits_for("/x")][-2:] == [400 * kib] * 2
+    for _ in range(500):
+        if server.body_bytes == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert server.body_bytes == 0
+    raw = await raw_request(
+        port,
+        b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+        b"Connection: close\r\n\r\n" % (500 * kib) + b"c" * (500 * kib),
+    )
+    assert status_and_body(raw)[0] == 200
+
+
 async def test_heads_and_bodies_that_trickle_are_cut_off_with_408(
     fake_model: FakeModel, start_sidecar: StartSidecar
 ) -> None:

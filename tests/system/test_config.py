@@ -220,6 +220,24 @@ def test_cross_references_are_checked() -> None:
     assert any(i.startswith("routes[1].upstream: no upstream named 'nowhere'") for i in issues)
 
 
+def test_the_bodies_budget_must_hold_the_largest_body_a_route_takes() -> None:
+    # The server's limit (10 MiB by default) and a route's own, each against it.
+    assert issues_of("server: {max_buffered_bodies: 8MiB}\n" + MINIMAL) == [
+        "server.max_buffered_bodies: is smaller than the largest request body limit"
+        " (10485760 bytes): such a body could never be read"
+    ]
+    route = MINIMAL + "    max_body_size: 2MiB\n"
+    assert issues_of("server: {max_buffered_bodies: 1MiB, max_body_size: 1MiB}\n" + route) == [
+        "server.max_buffered_bodies: is smaller than the largest request body limit"
+        " (2097152 bytes): such a body could never be read"
+    ]
+    parse_config(
+        "server: {max_buffered_bodies: 2MiB, max_body_size: 1MiB}\n" + route,
+        source="test.yaml",
+        env={},
+    )
+
+
 def test_a_fallback_chain_with_two_cache_steps_is_refused_at_the_second(
     tmp_path: Path,
 ) -> None:
