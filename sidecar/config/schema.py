@@ -251,6 +251,10 @@ class ServerSettings(_Strict):
     # before it is sent on): past it a request is refused 503, not the process killed
     # for its memory. At least the largest body limit (checked).
     max_buffered_bodies: PositiveByteSize = 64 * 1024 * 1024
+    # Bytes of request heads still arriving, all connections together (each may hold
+    # max_head_size for head_timeout): past it a head is refused 503. At least
+    # max_head_size (checked).
+    max_buffered_heads: PositiveByteSize = 8 * 1024 * 1024
     max_in_flight: int | None = Field(default=None, ge=1)
     overload_retry_after: Duration = 1.0
     max_header_size: PositiveByteSize = 8 * 1024  # the request line, and each header field
@@ -864,6 +868,13 @@ def _cross_reference_issues(config: Config) -> Iterator[ConfigIssue]:
             "server.max_buffered_bodies",
             f"is smaller than the largest request body limit ({largest} bytes):"
             " such a body could never be read",
+        )
+    server = config.server
+    if server.max_buffered_heads < max(server.max_head_size, server.max_header_size):
+        yield ConfigIssue(
+            "server.max_buffered_heads",
+            f"is smaller than server.max_head_size ({server.max_head_size} bytes):"
+            " such a head could never be read",
         )
     seen: set[str] = set()
     for index, route in enumerate(config.routes):

@@ -68,12 +68,15 @@ class RunningSidecar:
             idle_timeout=settings.keepalive_timeout,
             send_timeout=settings.send_timeout,
             buffered_bodies=settings.max_buffered_bodies,
+            buffered_heads=settings.max_buffered_heads,
         )
         self._main = HttpServer(self.live.dispatch, self.live.refuse, limits)
         self._slow_clients_published = 0
         self._bodies_refused_published = 0
         # Server-wide (the HTTP layer refuses before it knows a route): no route label.
         self._bodies_refused = self.metrics.dropped.labels("request_bodies", "")
+        self._heads_refused_published = 0
+        self._heads_refused = self.metrics.dropped.labels("request_heads", "")
         self.metrics.on_publish(self._publish_server_counts)
         self._admin: HttpServer | None = None
         if config.admin.enabled:
@@ -102,6 +105,10 @@ class RunningSidecar:
         if count > self._bodies_refused_published:
             self._bodies_refused.inc(count - self._bodies_refused_published)
             self._bodies_refused_published = count
+        count = self._main.heads_refused
+        if count > self._heads_refused_published:
+            self._heads_refused.inc(count - self._heads_refused_published)
+            self._heads_refused_published = count
 
     async def start(self) -> None:
         config = self.runtime.config

@@ -66,6 +66,7 @@ class Limits:
     send_timeout: float = 30.0  # a write waiting for a client that stopped reading
     read_ahead: int = 256 * 1024  # body bytes buffered before the handler reads them
     buffered_bodies: int = 64 * 1024 * 1024  # body bytes held by all requests together
+    buffered_heads: int = 8 * 1024 * 1024  # bytes of unfinished heads, all connections
     write_buffer: int = 64 * 1024  # bytes queued to a client before writes wait
     max_pipelined: int = 32  # parsed requests waiting behind the one being handled
     linger: float = 5.0  # reading on after an answer that left the client's bytes unread
@@ -376,6 +377,7 @@ class HttpConnection(FlowControlled):
         "_drain_waiter",
         "_head_began",
         "_head_bytes",
+        "_head_held",
         "_in_head",
         "_lingering",
         "_next",
@@ -419,6 +421,7 @@ class HttpConnection(FlowControlled):
         self._url = b""
         self._raw_headers: list[RawField] = []
         self._head_bytes = 0  # the request line and the complete fields of a head
+        self._head_held = 0  # of an unfinished head's bytes, counted in the server's
         self._partial = 0  # at most this many bytes of an unfinished line are held
         self._head_began = False  # a head began in the read being parsed
         self._body_fed = False  # body bytes came in the read being parsed
@@ -446,6 +449,8 @@ class HttpConnection(FlowControlled):
     def connection_lost(self, exc: BaseException | None) -> None:
         self.closed = True
         server = self.server
+        server.head_bytes -= self._head_held
+        self._head_held = 0
         server.connections.discard(self)
         if server.draining and not server.connections:
             server._drained.set()
@@ -511,6 +516,37 @@ class HttpConnection(FlowControlled):
                         self._partial += len(data)
                 if self._partial > self.limits.max_line:
                     self._refuse(_head_too_large("a header field"))
+                    return
+            if self._in_head:
+                # Every byte read since the head began (the parser holds its last
+                # field until the next begins; the read it began in may hold the end
+                # of the request before it), at most what a head may hold.
+                held = len(data) if self._head_began else self._head_held + len(data)
+                limits = self.limits
+                self._hold_head(min(held, limits.max_head + limits.max_line))
+            elif self._head_held:
+                self._hold_head(0)
+
+    def _hold_head(self, held: int) -> None:
+        """Count what this connection's unfinished head holds in the server's total:
+        heads may take ``max_head`` each for ``head_timeout``, and thousands of
+        connections sending fat heads slowly would otherwise hold more memory than
+        the process has. Past the server's budget the head is refused (503)."""
+        server = self.server
+        server.head_bytes += held - self._head_held
+        self._head_held = held
+        if held and server.head_bytes > self.limits.buffered_heads:
+            server.head_bytes -= held  # dropped with the connection
+            self._head_held = 0
+            server.heads_refused += 1
+            self._refuse(
+                RequestRefused(
+                    503,
+                    "overloaded",
+                    "the unfinished request heads this server holds are at their limit"
+                    " (server.max_buffered_heads); retry later",
+                )
+            )
 
     # -- parser callbacks ----------------------------------------------------------
 
@@ -871,6 +907,9 @@ class HttpConnection(FlowControlled):
 
     def _refuse(self, refusal: RequestRefused) -> None:
         self.pause_reading()
+        # The refused head's fields are let go now, not when the lingering close ends
+        # (a request's own fields were handed to it whole).
+        self._raw_headers = []
         if self._parsing is not None:
             # A malformed body: the handler waiting for it is told now, not after
             # body_timeout (its answer closes the connection, the body being unread).
@@ -941,6 +980,8 @@ class HttpServer:
         self.draining = False
         self.slow_readers = 0  # clients cut off for not reading
         self.body_bytes = 0  # request body bytes held (Limits.buffered_bodies)
+        self.head_bytes = 0  # bytes of unfinished heads held (Limits.buffered_heads)
+        self.heads_refused = 0  # heads refused for want of room
         self.bodies_refused = 0  # requests refused for want of room for their body
         self._drained = asyncio.Event()  # set when draining and the last connection closed
         self._servers: list[asyncio.Server] = []

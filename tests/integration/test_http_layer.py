@@ -409,6 +409,55 @@ async def test_bodies_held_by_all_requests_together_are_bounded_and_refusals_ans
     assert status_and_body(raw)[0] == 200
 
 
+async def test_unfinished_heads_held_by_all_connections_are_bounded(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """Each connection may hold a head of max_head_size for head_timeout: 3,000
+    connections sending 31 KB heads slowly took the process from 66 to 168 MB. Past
+    server.max_buffered_heads a head is refused 503, and its bytes let go at once
+    (92 MB for the same 3,000)."""
+    config = base_config(fake_model.url)
+    config["server"].update(max_buffered_heads="64KiB", max_head_size="32KiB")
+    sidecar = await start_sidecar(config)
+    port = sidecar.running.main_port
+    server = sidecar.running._main
+    fields = b"".join(b"X-F%d: %s\r\n" % (k, b"v" * 7000) for k in range(3))
+
+    async def begin() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection(LOOPBACK, port)
+        writer.write(b"GET /x HTTP/1.1\r\nHost: x\r\n" + fields)
+        await writer.drain()
+        return reader, writer
+
+    held = []
+    for count in range(1, 4):
+        held.append(await begin())
+        for _ in range(500):  # bounded: 5 s
+            if server.head_bytes >= count * len(fields):
+                break
+            await asyncio.sleep(0.01)
+        assert server.head_bytes >= count * len(fields)
+    refused = await begin()
+    raw = await asyncio.wait_for(refused[0].read(), 10)
+    status, body = status_and_body(raw)
+    assert status == 503
+    error = orjson.loads(body)["error"]
+    assert (error["type"], "server.max_buffered_heads" in error["message"]) == ("overloaded", True)
+    refused[1].close()
+    assert await metric(sidecar, "sidecar_dropped_total", buffer="request_heads") == 1
+    for reader, writer in held:  # the held heads end, and are answered
+        writer.write(b"\r\n")
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        writer.close()
+    assert server.head_bytes == 0
+    reader, writer = await begin()
+    writer.write(b"Connection: close\r\n\r\n")
+    assert (await asyncio.wait_for(reader.read(), 10)).startswith(b"HTTP/1.1 200 ")
+    writer.close()
+
+
 async def test_heads_and_bodies_that_trickle_are_cut_off_with_408(
     fake_model: FakeModel, start_sidecar: StartSidecar
 ) -> None:
@@ -689,10 +738,14 @@ async def test_at_most_256_tasks_wait_for_a_next_request(
         assert sum(conn._task is not None for conn in server.connections) == 256
         for writer in writers:
             writer.close()
-        for _ in range(300):  # bounded: until the server has seen every client leave
-            if not server.connections:
+        # Bounded: until the server has seen every client leave and each waiting
+        # task has run its cancellation (a turn of the loop after its connection's
+        # end: checking the connections alone raced with it).
+        for _ in range(1000):
+            if not server.connections and server.waiting == 0:
                 break
             await asyncio.sleep(0.01)
+        assert not server.connections
         assert server.waiting == 0  # each wait ended with its connection
     finally:
         for writer in writers:

@@ -238,6 +238,13 @@ def test_the_bodies_budget_must_hold_the_largest_body_a_route_takes() -> None:
     )
 
 
+def test_the_heads_budget_must_hold_one_whole_head() -> None:
+    assert issues_of("server: {max_buffered_heads: 16KiB}\n" + MINIMAL) == [
+        "server.max_buffered_heads: is smaller than server.max_head_size (32768 bytes):"
+        " such a head could never be read"
+    ]
+
+
 def test_a_fallback_chain_with_two_cache_steps_is_refused_at_the_second(
     tmp_path: Path,
 ) -> None:
