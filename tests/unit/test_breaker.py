@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from structlog.testing import capture_logs
 
 from sidecar.config.schema import BreakerSettings
 from sidecar.http import errors
@@ -390,3 +391,24 @@ async def test_a_probe_failing_after_another_probe_closed_the_circuit_changes_no
     with pytest.raises(BreakerFailure):
         await late
     assert b.state == "closed"
+
+
+async def test_a_retired_breaker_decides_its_requests_but_shows_nothing() -> None:
+    """A reload replaced its runtime: the requests that runtime finishes still go
+    through this breaker, but the gauge, the transitions and the log are the breaker
+    in service's."""
+    clock = FakeClock()
+    b = breaker(clock, failures=1, reset=10.0)
+    b.publish()
+    b.retire()
+    with capture_logs() as logs:
+        await trip(b, clock)
+    assert (b.state, state_metric(b)) == ("open", 0.0)
+    assert transitions(b, "closed", "open") is None
+    assert logs == []
+    clock.advance(9.0)
+    with pytest.raises(errors.CircuitOpen):  # its open period still counts
+        await b.call(ok)
+    clock.advance(1.0)
+    assert await b.call(ok) == "probe"
+    assert (b.state, state_metric(b)) == ("closed", 0.0)
