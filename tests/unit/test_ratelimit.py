@@ -318,3 +318,58 @@ async def test_a_global_refusal_gives_back_exactly_the_one_token_it_took() -> No
     assert (await lim.check("alice"))["RateLimit-Remaining"] == "2"
     refused = await lim.refused("alice")
     assert refused.headers["RateLimit-Remaining"] == "2"
+
+
+async def test_a_reload_with_the_same_limits_keeps_the_buckets_as_they_are() -> None:
+    """Fresh full buckets at every reload handed every client its whole burst again."""
+    clock = FakeClock()
+    settings = {"per_principal": {"rate": "1/h", "burst": 1}, "global": {"rate": "1/h", "burst": 2}}
+    before = Limiter(clock, per_key={"batch": rate("1/h", 1)}, **settings)
+    await before.check("alice")
+    await before.check("batch")
+    same = Limiter(clock, per_key={"batch": rate("1/h", 1)}, **settings)
+    same.limiter.take_over(before.limiter)
+    await same.refused("alice")  # alice's bucket is still spent
+    refused = await same.refused("carol")  # and so is the global one
+    assert str(refused) == "rate limit reached (global)"
+
+
+async def test_a_reload_that_changes_the_limits_starts_with_full_buckets() -> None:
+    clock = FakeClock()
+    settings = {"per_principal": {"rate": "1/h", "burst": 1}, "global": {"rate": "1/h", "burst": 2}}
+    before = Limiter(clock, per_key={"batch": rate("1/h", 1)}, **settings)
+    await before.check("alice")
+    await before.check("batch")
+    other_key = Limiter(clock, per_key={"batch": rate("1/h", 2)}, **settings)
+    other_key.limiter.take_over(before.limiter)
+    assert (await other_key.check("alice"))["RateLimit-Remaining"] == "0"  # a fresh bucket
+    other_limits = Limiter(
+        clock,
+        per_key={"batch": rate("1/h", 1)},
+        per_principal={"rate": "1/h", "burst": 1},
+        **{"global": {"rate": "1/h", "burst": 3}},
+    )
+    other_limits.limiter.take_over(before.limiter)
+    assert (await other_limits.check("alice"))["RateLimit-Remaining"] == "0"
+    assert (await other_limits.check("bob"))["RateLimit-Remaining"] == "0"
+
+
+async def test_a_shared_bucket_below_empty_shows_none_remaining() -> None:
+    """Tokens the replicas owed are charged to the shared bucket first, so Redis may
+    answer with fewer than none left: RateLimit-Remaining says 0, never a negative."""
+    shared = FakeShared((False, -1.5))
+    lim = Limiter(shared=shared, **{"global": {"rate": "1/s", "burst": 5}})
+    refused = await lim.refused("alice")
+    assert refused.headers["RateLimit-Remaining"] == "0"
+    assert refused.headers["Retry-After"] == "3"  # 2.5 tokens to wait for, at 1/s
+
+
+async def test_only_a_shared_global_bucket_has_local_fallback_series() -> None:
+    """sidecar_ratelimit_local_fallback_total is there (at 0 for every reason) when a
+    global limit is shared, and absent when nothing can fall back to a local bucket."""
+    shared = Limiter(shared=FakeShared(), **{"global": {"rate": "1/s", "burst": 1}})
+    assert [shared.local(r) for r in ("busy", "queue_full", "redis_down")] == [0, 0, 0]
+    local_only = Limiter(**{"global": {"rate": "1/s", "burst": 1}})
+    no_global = Limiter(shared=FakeShared(), per_principal={"rate": "1/s", "burst": 1})
+    for lim in (local_only, no_global):
+        assert [lim.local(r) for r in ("busy", "queue_full", "redis_down")] == [None] * 3
