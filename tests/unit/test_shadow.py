@@ -4,6 +4,9 @@ in-process fake candidate model (loopback, no subprocess)."""
 from __future__ import annotations
 
 import asyncio
+import gzip
+import threading
+import zlib
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -13,6 +16,7 @@ import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
+from sidecar.analytics.compare import Comparison
 from sidecar.config.schema import ShadowGovernor, ShadowSettings, Upstream
 from sidecar.http.client import Pool
 from sidecar.http.messages import Headers
@@ -23,6 +27,7 @@ from sidecar.upstream.shadow import (
     ShadowMirror,
     ShadowTicket,
     StreamCapture,
+    decoded,
 )
 from sidecar.upstream.upstreams import UpstreamCall, UpstreamClient
 from tests.conftest import LOOPBACK, FakeModel, MakeFakeModel, closed_port
@@ -596,3 +601,318 @@ async def test_an_answer_one_byte_over_the_size_limit_is_skipped(
     m = Mirror(model.url, pools, compare={"max_body_size": "1KiB"})
     record = await m.run(PrimaryOutcome(200, b"{}", 0.001))
     assert (record["result"], record["reason"]) == ("skipped", "too large to compare")
+
+
+# what the answers hold (Content-Encoding), and where they are compared
+
+
+def test_gzip_and_deflate_answers_are_inflated_up_to_the_limit() -> None:
+    text = b"x" * 10_001  # an odd limit: exactly the limit inflates, one byte past does not
+    assert decoded(gzip.compress(text), b"gzip", 10_001) == text
+    assert decoded(gzip.compress(text), b" X-GZIP ", 10_001) == text
+    assert decoded(gzip.compress(text), b"gzip", 10_000) is None
+    assert decoded(zlib.compress(b"{}"), b"deflate", 2) == b"{}"
+    assert decoded(b"not gzip", b"gzip", 100) is None
+    assert decoded(gzip.compress(b"{}")[:-4], b"gzip", 100) is None  # cut short
+    assert decoded(b"\x00br", b"br", 1) == b"\x00br"  # a coding zlib does not know: as is
+    assert decoded(b"{}" * 100, None, 1) == b"{}" * 100  # not encoded: as is
+
+
+def gzip_answering(payload: bytes) -> Any:
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(
+            body=payload,
+            headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+        )
+
+    return answer
+
+
+async def test_encoded_answers_are_compared_by_what_they_hold(
+    make_fake_model: MakeFakeModel, pools: list[Pool]
+) -> None:
+    model = await make_fake_model()
+    model.on("/infer", gzip_answering(gzip.compress(orjson.dumps(V2), compresslevel=1)))
+    m = Mirror(model.url, pools)
+    primary = gzip.compress(orjson.dumps(V2), compresslevel=9)
+    record = await m.run(PrimaryOutcome(200, primary, 0.001, encoding=b"gzip"))
+    assert (record["result"], record["agreement"]) == ("match", True)
+    plain = await m.run(PrimaryOutcome(200, orjson.dumps(V2), 0.001))  # one side encoded
+    assert plain["result"] == "match"
+    broken = await candidate(make_fake_model, V2)
+    m2 = Mirror(broken.url, pools)
+    record = await m2.run(PrimaryOutcome(200, b"not gzip", 0.001, encoding=b"gzip"))
+    assert (record["result"], record["agreement"], record["reason"]) == (
+        "error",
+        None,
+        "an answer's content encoding could not be undone",
+    )
+    assert m2.count("sidecar_shadow_comparisons_total", result="error") == 1.0
+
+
+async def test_answers_over_64_kib_together_or_encoded_are_compared_off_the_loop(
+    make_fake_model: MakeFakeModel, pools: list[Pool]
+) -> None:
+    """Reading every number is Python work that would hold up every primary request:
+    answers over 64 KiB together, and encoded ones (they may inflate to max_body_size),
+    are compared in a thread; smaller plain ones on the loop, where it costs less."""
+    shadow_body = orjson.dumps(V2)
+    model = await make_fake_model()
+    model.on("/infer", answering(V2))
+    model.on("/gzip", gzip_answering(gzip.compress(shadow_body)))
+    m = Mirror(model.url, pools, compare={"max_body_size": "1MiB"})
+    compared_on: list[bool] = []  # on the loop's thread
+    compare = m.mirror._comparer.compare
+    loop_thread = threading.get_ident()
+
+    def recording(*args: Any, **kwargs: Any) -> Comparison:
+        compared_on.append(threading.get_ident() == loop_thread)
+        return compare(*args, **kwargs)
+
+    m.mirror._comparer.compare = recording  # type: ignore[method-assign]
+    inline = 64 * 1024 - len(shadow_body)  # the primary's size that makes 64 KiB together
+    for size in (inline - 1, inline, inline + 1, 32 * 1024):
+        primary = shadow_body + b" " * (size - len(shadow_body))  # the same numbers
+        await m.run(PrimaryOutcome(200, primary, 0.001))
+    ticket = m.mirror.mirror(UpstreamCall("POST", "/gzip", Headers([]), b"{}", "r-2"))
+    assert ticket is not None
+    ticket.resolve(PrimaryOutcome(200, shadow_body, 0.001))
+    await asyncio.wait_for(m.mirror.wait_idle(), 5)
+    await m.run(PrimaryOutcome(200, gzip.compress(shadow_body), 0.001, encoding=b"gzip"))
+    assert compared_on == [True, True, False, True, False, False]
+    assert [r["result"] for r in m.log.records] == ["match"] * 6
+
+
+def test_the_reference_is_set_from_more_than_min_samples_too() -> None:
+    g = governor(max_latency_increase=0.25)
+    feed(g, 6, 0.020, mirrored=False, errors=3)
+    feed(g, 6, 0.030, mirrored=True)
+    assert g.evaluate() == (0.5, "primary slower while shadowing")
+    assert (g.reference_latency, g.reference_error_rate) == (0.020, 0.5)
+
+
+def test_the_reference_failure_rate_counts_failures_without_a_latency() -> None:
+    """Four unmirrored requests, one of which the fallback answered for: enough for a
+    failure rate (1 in 4), not for a mean latency (three answers)."""
+    g = governor()
+    feed(g, 3, 0.020, mirrored=False)
+    g.record_primary(None, error=True, mirrored=False)
+    g.evaluate()
+    assert (g.reference_latency, g.reference_error_rate) == (None, 0.25)
+
+
+def test_the_cap_holds_for_copies_a_reloaded_mirror_left_out(
+    pools: list[Pool],
+) -> None:
+    """A reload that lowers max_in_flight: the new mirror counts the retired one's copies
+    still out, and skips while they are more than its cap."""
+    m = Mirror(f"http://{LOOPBACK}:{closed_port()}", pools, max_in_flight=3)
+    m.mirror.copies_out.count = 3  # the retired mirror's copies, still out
+    lowered = ShadowMirror(
+        "infer",
+        ShadowSettings.model_validate(
+            {"upstream": "candidate", "fraction": 1.0, "max_in_flight": 2}
+        ),
+        m.mirror.upstream,
+        m.metrics,
+        None,
+        copies_out=m.mirror.copies_out,
+    )
+    assert lowered.mirror(m.call()) is None
+    assert m.count("sidecar_shadow_requests_total", outcome="skipped_busy") == 1.0
+
+
+def test_a_governor_for_another_primary_keeps_the_fraction_not_the_references() -> None:
+    g = governor(0.5, max_shadow_failure_rate=0.5, recover_step=1.0)
+    feed(g, 4, 0.020, mirrored=False, errors=1)
+    for _ in range(4):
+        g.record_shadow(failed=True)
+    assert g.evaluate() == (0.25, "shadow failing")
+    g.record_shadow(failed=True)
+    fresh = Governor.with_fraction_of(g)
+    assert (fresh.configured, fresh.fraction, fresh.settings) == (0.5, 0.25, g.settings)
+    assert (fresh.reference_latency, fresh.reference_error_rate) == (None, None)
+    assert (fresh.shadow_sent, fresh.mirrored, fresh.plain) == (0, [0, 0.0, 0, 0], [0, 0.0, 0, 0])
+    assert fresh.evaluate() == (0.5, "healthy")  # recovers up to the configured 0.5
+
+
+async def test_a_carried_governor_is_governed_from_the_swap_not_from_start(
+    pools: list[Pool],
+) -> None:
+    """A reload that leaves the shadow alone carries its governor on: the new mirror
+    shows its fraction, and governs it once in service (the retired mirror governs it
+    until then: two at once would each judge a share of the interval's samples)."""
+    m = Mirror(f"http://{LOOPBACK}:{closed_port()}", pools, governor={"interval": "10ms"})
+    m.mirror.governor.fraction = 0.25
+    metrics = Metrics()
+    carried = ShadowMirror(
+        "infer",
+        m.mirror.settings,
+        m.mirror.upstream,
+        metrics,
+        None,
+        governor=m.mirror.governor,
+    )
+    assert carried.governor is m.mirror.governor
+    assert metrics.registry.get_sample_value("sidecar_shadow_fraction", {"route": "infer"}) == 0.25
+    carried.start()
+    assert len(carried._governing) == 0
+    carried.start_governing()
+    assert len(carried._governing) == 1
+    await carried.stop_governing()
+    assert len(carried._governing) == 0
+    m.mirror.start()  # a mirror of its own governor governs from the start
+    assert len(m.mirror._governing) == 1
+    await m.mirror.stop()
+    assert len(m.mirror._governing) == 0
+
+
+async def test_the_log_names_no_primary_status_or_time_the_primary_did_not_have(
+    make_fake_model: MakeFakeModel, pools: list[Pool]
+) -> None:
+    model = await candidate(make_fake_model, V2)
+    m = Mirror(model.url, pools)
+    failed = await m.run(PrimaryOutcome(0, None, None, reason="primary failed"))
+    assert (failed["primary_status"], failed["primary_ms"], failed["result"]) == (
+        None,
+        None,
+        "skipped",
+    )
+    assert failed["reason"] == "primary failed"
+    # A body without the model's time (none measured): compared, without a delta.
+    untimed = await m.run(PrimaryOutcome(200, orjson.dumps(V2), None))
+    assert (untimed["result"], untimed["primary_ms"], untimed["latency_delta_ms"]) == (
+        "match",
+        None,
+        None,
+    )
+    assert m.count("sidecar_shadow_latency_delta_seconds_count") == 0.0
+
+
+@pytest.mark.parametrize("answer", ["answered", "down", "too slow"])
+async def test_the_shadows_time_is_logged_to_the_microsecond_on_any_clock_reading(
+    make_fake_model: MakeFakeModel,
+    pools: list[Pool],
+    monkeypatch: pytest.MonkeyPatch,
+    answer: str,
+) -> None:
+    """A monotonic clock may start anywhere: the copy's time is what passed between
+    sending it and its answer (or its failure), whatever the clock read when sent."""
+    import time
+    from types import SimpleNamespace
+
+    from sidecar.upstream import shadow
+
+    gate = asyncio.Event()
+
+    async def stuck(request: web.Request) -> web.Response:
+        await gate.wait()
+        return web.Response()
+
+    model = await candidate(make_fake_model, V2)
+    if answer == "too slow":
+        model.on("/infer", stuck)
+    url = f"http://{LOOPBACK}:{closed_port()}" if answer == "down" else model.url
+    readings = iter([0.5, 1.7012345])  # sent, answered (or gave up): 1.2012345 s
+    clock = SimpleNamespace(perf_counter=lambda: next(readings), time=time.time)
+    monkeypatch.setattr(shadow, "time", clock)
+    m = Mirror(url, pools, timeout="50ms")
+    try:
+        record = await m.run(PrimaryOutcome(200, orjson.dumps(V2), 1.0))
+    finally:
+        gate.set()
+    assert record["shadow_ms"] == round(1201.2345, 3)
+    if answer == "answered":
+        assert record["latency_delta_ms"] == round(201.2345, 3)
+    else:
+        assert record["reason"] == {"down": "shadow error", "too slow": "shadow timeout"}[answer]
+
+
+def test_a_gzip_bomb_is_not_inflated_past_the_limit() -> None:
+    """An answer of a few KiB that inflates to 16 MiB: decoding stops at the comparison's
+    limit, so the copy never holds more than that (here under 1 MiB at the peak)."""
+    import tracemalloc
+
+    bomb = gzip.compress(bytes(16 * 1024 * 1024))
+    tracemalloc.start()
+    try:
+        assert decoded(bomb, b"gzip", 64 * 1024) is None
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1024 * 1024
+
+
+async def test_a_recovering_fraction_is_logged_too(pools: list[Pool]) -> None:
+    m = Mirror(
+        f"http://{LOOPBACK}:{closed_port()}",
+        pools,
+        fraction=0.5,
+        governor={"min_samples": 1, "recover_step": 1.0},
+    )
+    m.mirror.governor.record_shadow(failed=True)
+    with capture_logs() as logs:
+        assert m.mirror.govern() == 0.25
+        assert m.mirror.govern() == 0.5
+        assert m.mirror.govern() == 0.5  # unchanged: nothing to say
+    assert [(e["fraction"], e["previous"], e["reason"]) for e in logs] == [
+        (0.25, 0.5, "shadow failing"),
+        (0.5, 0.25, "healthy"),
+    ]
+    assert m.count("sidecar_shadow_fraction") == 0.5
+
+
+def test_slower_by_exactly_the_allowed_increase_is_healthy() -> None:
+    # Exact binary fractions: 0.3125 is exactly 1.25 times 0.25.
+    g = governor(max_latency_increase=0.25, min_latency_increase="5ms")
+    feed(g, 4, 0.25, mirrored=False)
+    feed(g, 4, 0.3125, mirrored=True)
+    assert g.evaluate() == (1.0, "healthy")
+
+
+def test_the_mirrored_failure_rate_is_over_every_mirrored_request() -> None:
+    """Two of eight mirrored requests failed without an answer (the fallback answered):
+    25%, within the 30 points allowed, not two of the six that had a latency."""
+    g = governor(max_error_rate_increase=0.3)
+    feed(g, 8, 0.020, mirrored=False)
+    feed(g, 6, 0.020, mirrored=True)
+    for _ in range(2):
+        g.record_primary(None, error=True, mirrored=True)
+    assert g.evaluate() == (1.0, "healthy")
+
+
+async def test_a_finished_copy_frees_exactly_its_place_under_the_cap(
+    make_fake_model: MakeFakeModel, pools: list[Pool]
+) -> None:
+    model = await candidate(make_fake_model, V2)
+    m = Mirror(model.url, pools, max_in_flight=1)
+    for _ in range(3):  # each copy, once compared, leaves room for one more, not two
+        ticket = m.mirror.mirror(m.call())
+        assert ticket is not None
+        assert m.mirror.mirror(m.call()) is None
+        ticket.resolve(None)
+        await asyncio.wait_for(m.mirror.wait_idle(), 5)
+        assert m.mirror.copies_out.count == 0
+    assert m.count("sidecar_shadow_requests_total", outcome="skipped_busy") == 3.0
+
+
+async def test_the_mirror_is_idle_only_once_every_copy_is_done(
+    make_fake_model: MakeFakeModel, pools: list[Pool]
+) -> None:
+    model = await candidate(make_fake_model, V2)
+    m = Mirror(model.url, pools)
+    first, second = m.mirror.mirror(m.call()), m.mirror.mirror(m.call())
+    assert first is not None
+    assert second is not None
+    first.resolve(None)
+    for _ in range(500):  # until the first copy is compared and done
+        if m.log.records:
+            break
+        await asyncio.sleep(0.01)
+    assert (len(m.log.records), m.mirror.in_flight) == (1, 1)
+    with pytest.raises(TimeoutError):  # the second still waits for its primary
+        await asyncio.wait_for(m.mirror.wait_idle(), 0.05)
+    second.resolve(None)
+    await asyncio.wait_for(m.mirror.wait_idle(), 5)
+    assert len(m.log.records) == 2
