@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
-from sidecar.analytics.predictions import PredictionReader, embeddings
+from sidecar.analytics.predictions import PredictionReader, embeddings, json_object
 
 
 def b64(*values: float) -> str:
@@ -178,3 +178,28 @@ def test_a_base64_embedding_with_stray_characters_is_skipped_not_guessed_at() ->
 
 def test_a_reader_gives_vector_norms_unless_asked_for_raw_numbers() -> None:
     assert PredictionReader("openai").values({"data": [{"embedding": [3.0, 4.0]}]}) == [5.0]
+
+
+def test_a_big_endian_host_reads_base64_embeddings_as_the_little_endian_floats_they_are(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The bytes are little-endian float32 whatever the host: on a big-endian one
+    # (s390x) they are swapped before use. Here the host only says it is big-endian,
+    # so the values come out swapped from what this host reads natively.
+    encoded = b64(1.0, 2.0)
+    swapped = array.array("f", base64.b64decode(encoded))
+    swapped.byteswap()
+    monkeypatch.setattr(sys, "byteorder", "big")
+    assert embeddings({"data": [{"embedding": encoded}]}) == [list(swapped)]
+
+
+def test_a_json_lines_record_is_an_object_or_an_error_naming_its_line() -> None:
+    assert json_object(b'{"a": 1}', 3) == {"a": 1}
+    with pytest.raises(ValueError, match=r"^payloads.jsonl line 3: not JSON \("):
+        json_object(b"{nope", 3, "payloads.jsonl")
+    with pytest.raises(ValueError, match=r"^line 4: not JSON \("):
+        json_object(b"", 4)
+    with pytest.raises(ValueError, match=r"^line 5: not a JSON object$"):
+        json_object(b"[1, 2]", 5)
+    with pytest.raises(ValueError, match=r"^log line 6: not a JSON object$"):
+        json_object(b'"text"', 6, "log")
