@@ -12,7 +12,7 @@ import orjson
 import pytest
 from structlog.testing import capture_logs
 
-from sidecar.analytics import predictions
+from sidecar.analytics import drift, predictions
 from sidecar.analytics.drift import (
     Baseline,
     DriftMonitor,
@@ -442,13 +442,19 @@ class FailingOn:
     answer no reader foresaw (no real one is known to fail; the monitor must
     survive the next)."""
 
-    def __init__(self, extractor: SignalExtractor, marker: float) -> None:
+    def __init__(
+        self,
+        extractor: SignalExtractor,
+        marker: float,
+        error: BaseException | None = None,
+    ) -> None:
         self.extractor, self.marker = extractor, marker
+        self.error = error or TypeError("an answer no reader foresaw")
         self.features = extractor.features
 
     def extract(self, request: Any, response: Any, *args: Any) -> dict[str, list[float]]:
         if response == {"predictions": [self.marker]}:
-            raise TypeError("an answer no reader foresaw")
+            raise self.error
         return self.extractor.extract(request, response, *args)
 
 
@@ -762,3 +768,299 @@ def test_large_pairs_are_said_once_and_the_default_limit_is_a_mebibyte(tmp_path:
     assert len(warned) == 1
     assert warned[0]["route"] == "infer"
     assert m.sample("sidecar_dropped_total", buffer="drift_too_large") == 3.0
+
+
+async def test_a_digest_passes_the_loop_after_each_slice_of_parsing_not_after_each_pair(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Other requests get a turn every DIGEST_SLICE of parsing; a turn after every
+    pair would make a busy second's digest as long as the loop's queue allows. The
+    clock here moves 10 microseconds each time it is read, once a pair: a slice of
+    100 microseconds is about ten pairs."""
+
+    class Clock:
+        now = 1000.0
+
+        def perf_counter(self) -> float:
+            self.now += 0.00001
+            return self.now
+
+    monkeypatch.setattr(drift, "time", Clock())
+    m = Monitor(tmp_path, BASELINE, window=1000)
+    for n in range(100):
+        m.monitor.observe(*pair(float(n % 2)))
+    turns = 0
+
+    async def other_requests() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    ticker = asyncio.create_task(other_requests())
+    await asyncio.sleep(0)
+    turns = 0
+    await m.monitor._digest_in_slices(m.monitor._take_pending())
+    ticker.cancel()
+    assert 5 <= turns <= 20, turns  # about one every ten pairs, not one per pair
+    assert m.monitor._compute() == {"prediction": pytest.approx(0.0)}
+
+
+async def test_answers_are_taken_in_each_second_but_psi_waits_for_the_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """interval is how often PSI is computed (and drift said); answers are taken in
+    more often. The first PSI comes an interval after the start: not at once, and
+    not never (an interval of seconds, as configs have, not the tests' 10 ms)."""
+    monkeypatch.setattr(drift, "DIGEST_EVERY", 0.01)
+    m = Monitor(tmp_path, BASELINE, interval="2s", min_samples=10, features=AGE)
+    for i in range(10):
+        m.monitor.observe(*pair(i % 2))  # no age: counted as missing once taken in
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    m.monitor.start()
+    try:
+        for _ in range(500):  # bounded: until the answers were taken in
+            if m.quality("age", "missing") == 10:
+                break
+            await asyncio.sleep(0.01)
+        assert m.quality("age", "missing") == 10
+        await asyncio.sleep(0.05)  # a few more passes
+        if loop.time() - started < 1.5:  # (a stalled machine may have reached it)
+            assert m.monitor.last_psi == {}
+            assert m.sample("sidecar_prediction_psi") is None
+        for _ in range(1000):  # bounded: until the interval has passed
+            if m.monitor.last_psi:
+                break
+            await asyncio.sleep(0.01)
+        assert m.monitor.last_psi == {"prediction": pytest.approx(0.0)}
+        assert loop.time() - started >= 2.0
+    finally:
+        await m.monitor.stop()
+
+
+def test_answers_of_several_predictions_fill_the_window_and_the_rest_is_let_go(
+    tmp_path: Path,
+) -> None:
+    """Answers of three predictions each, a window of ten and one feature value a
+    pair: the prediction's window is full after four answers (one more value than
+    it keeps), the feature's after ten; older pairs are let go, and the PSI is what
+    parsing every pair gives."""
+    pairs = [
+        (orjson.dumps({"age": 20.0 + n}), orjson.dumps({"predictions": [0.0, 1.0, n % 2]}))
+        for n in range(30)
+    ]
+    kept = Monitor(tmp_path, BASELINE, window=10, features=AGE)
+    for request, response in pairs:
+        kept.monitor.observe(request, response)
+    every = Monitor(tmp_path / "every", BASELINE, window=10, features=AGE)
+    assert kept.monitor.evaluate() == digest_each(every, pairs)
+    assert set(kept.monitor.last_psi) == {"prediction", "age"}
+    assert superseded(kept) == 20  # the feature needed ten pairs
+
+
+class Fatal(BaseException):
+    """Not an Exception: nothing in the monitor catches it."""
+
+
+async def test_why_a_monitor_stopped_is_said_once_it_has(tmp_path: Path) -> None:
+    m = Monitor(tmp_path, BASELINE, interval="10ms")
+    assert m.monitor.stopped is None  # never started
+    m.monitor.start()
+    await asyncio.sleep(0.02)
+    assert m.monitor.stopped is None  # running
+    await m.monitor.stop()
+    assert m.monitor.stopped == "cancelled"
+
+    ended = Monitor(tmp_path / "ended", BASELINE, interval="10ms")
+    reason = "x" * 300
+    ended.monitor._extractor = FailingOn(  # type: ignore[assignment]
+        ended.monitor._extractor, 7.0, Fatal(reason)
+    )
+    ended.monitor.observe(*pair(7.0))
+    with capture_logs():
+        ended.monitor.start()
+        try:
+            for _ in range(500):  # bounded: until the task ended
+                if ended.monitor.stopped is not None:
+                    break
+                await asyncio.sleep(0.01)
+        finally:
+            await ended.monitor.stop()
+    assert ended.monitor.stopped == ("Fatal: " + reason)[:200]  # /health shows it whole
+
+
+def test_the_error_of_an_unreadable_answer_is_cut_to_two_hundred_characters(
+    tmp_path: Path,
+) -> None:
+    m = Monitor(tmp_path, BASELINE)
+    m.monitor._extractor = FailingOn(  # type: ignore[assignment]
+        m.monitor._extractor, 7.0, TypeError("y" * 300)
+    )
+    m.monitor.observe(*pair(7.0))
+    with capture_logs():
+        m.monitor.evaluate()
+    assert m.monitor.last_error == ("TypeError: " + "y" * 300)[:200]
+
+
+def test_the_error_of_a_baseline_not_written_is_cut_to_two_hundred_characters(
+    tmp_path: Path,
+) -> None:
+    m = Monitor(tmp_path / ("d" * 200), None, freeze_after=10, window=10)
+    (tmp_path / ("d" * 200)).mkdir()
+    (tmp_path / ("d" * 200) / "state").write_text("a file where the baseline's folder would go")
+    for i in range(10):
+        m.monitor.observe(*pair(i % 2))
+    with capture_logs():
+        m.monitor.evaluate()
+    error = m.monitor.last_error or ""
+    assert error.startswith("baseline frozen but not written: ")
+    assert len(error) == 200  # the message names the path: longer than that
+
+
+def test_a_frozen_baseline_holds_each_answers_equal_share_of_100_000_values(
+    tmp_path: Path,
+) -> None:
+    """The README's bound: at most 100,000 values a signal, an equal share of each of
+    the first freeze_after answers (10,000 each of ten): the 10,000th value of an
+    answer is in the baseline, the 10,001st is not."""
+    m = Monitor(tmp_path, None, freeze_after=10, window=10, bins=10)
+    answer = orjson.dumps({"predictions": [0.0] * 9_999 + [1.0] + [2.0] * 100})
+    for _ in range(10):
+        m.monitor.observe(b"", answer)
+    m.monitor.evaluate()
+    baseline = m.monitor.baseline
+    assert baseline is not None
+    histogram = baseline.histograms["prediction"]
+    assert histogram.points == (0.0, 1.0)
+    assert histogram.proportions == (0.9999, 0.0001, 0.0)
+    # Eleven answers: 9,090 values each (99,990 in all), never one more.
+    eleven = Monitor(tmp_path / "eleven", None, freeze_after=11, window=10, bins=10)
+    answer = orjson.dumps({"predictions": [0.0] * 9_090 + [1.0]})
+    for _ in range(11):
+        eleven.monitor.observe(b"", answer)
+    eleven.monitor.evaluate()
+    assert eleven.monitor.baseline is not None
+    assert eleven.monitor.baseline.histograms["prediction"].points == (0.0,)
+
+
+def test_a_payload_line_that_is_not_a_pair_is_named_by_its_number() -> None:
+    good = orjson.dumps({"route": "infer", "status": 200, "request": {}, "response": {}})
+    cut = orjson.dumps({"route": "infer", "status": 200, "request": {}})
+    with pytest.raises(ValueError, match=r"^payloads.jsonl line 3: not JSON"):
+        list(payload_pairs([good, b"", b"{nope"], "infer", "payloads.jsonl"))
+    with pytest.raises(ValueError, match=r"^line 2: not a JSON object$"):
+        list(payload_pairs([good, b"[1]"], "infer"))
+    with pytest.raises(ValueError, match=r"^payloads.jsonl line 2: no request or response$"):
+        list(payload_pairs([good, cut], "infer", "payloads.jsonl"))
+    with pytest.raises(ValueError, match=r"^line 1: no request or response$"):
+        list(payload_pairs([cut], "infer"))
+
+
+def test_the_window_keeps_the_latest_values_when_the_last_answer_read_overfills_it(
+    tmp_path: Path,
+) -> None:
+    """Newest first, answers of three predictions fill a window of ten after four:
+    the two values over are the oldest answer's, not the newest's."""
+    pairs = [pair(0.0)] * 5 + [
+        (b"", orjson.dumps({"predictions": values}))
+        for values in ([1.0, 1.0, 1.0], [0.0] * 3, [0.0] * 3, [0.0] * 3)
+    ]
+    kept = Monitor(tmp_path, BASELINE, window=10)
+    for request, response in pairs:
+        kept.monitor.observe(request, response)
+    every = Monitor(tmp_path / "every", BASELINE, window=10)
+    expected = psi((0.5, 0.5, 0.0), (0.9, 0.1, 0.0))  # nine zeros, the oldest answer's last one
+    assert kept.monitor.evaluate() == {"prediction": pytest.approx(expected)}
+    assert digest_each(every, pairs) == {"prediction": pytest.approx(expected)}
+
+
+def test_the_answers_a_baseline_was_frozen_from_are_the_first_window(tmp_path: Path) -> None:
+    """Frozen from the first answers, the baseline is compared with them at once:
+    PSI from the next evaluation, not only once a window of newer answers came."""
+    m = Monitor(tmp_path, None, freeze_after=10, window=10, min_samples=10)
+    for i in range(10):
+        m.monitor.observe(*pair(i % 2))
+    with capture_logs():
+        assert m.monitor.evaluate() == {}  # frozen
+    assert m.monitor.evaluate() == {"prediction": pytest.approx(0.0)}
+
+
+async def test_a_pass_that_fails_is_logged_and_the_next_one_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    m = Monitor(tmp_path, BASELINE, interval="10ms", min_samples=10)
+    compute = m.monitor._compute
+    failures = [ZeroDivisionError("a pass no one foresaw" + "." * 300)]
+
+    def failing_once() -> dict[str, float]:
+        if failures:
+            raise failures.pop()
+        return compute()
+
+    monkeypatch.setattr(m.monitor, "_compute", failing_once)
+    for i in range(10):
+        m.monitor.observe(*pair(i % 2))
+    with capture_logs() as logs:
+        m.monitor.start()
+        try:
+            for _ in range(500):  # bounded: until a pass after the failed one computed
+                if m.monitor.last_psi:
+                    break
+                await asyncio.sleep(0.01)
+            assert m.monitor.last_psi == {"prediction": pytest.approx(0.0)}
+            assert m.monitor.stopped is None
+        finally:
+            await m.monitor.stop()
+    # Cut, as /health shows it.
+    assert m.monitor.last_error == ("ZeroDivisionError: a pass no one foresaw" + "." * 300)[:200]
+    assert "drift_evaluation_failed" in [e["event"] for e in logs]
+
+
+async def test_a_monitor_with_a_long_interval_wakes_each_second_not_continuously(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Answers are taken in each second whatever the interval (the pending ones stay
+    few), and the monitor sleeps in between: it does not spin on the event loop."""
+    m = Monitor(tmp_path, BASELINE, interval="60s")
+    take = m.monitor._take_pending
+    loop = asyncio.get_running_loop()
+    passes: list[float] = []
+
+    def counted() -> Any:
+        passes.append(loop.time())
+        return take()
+
+    monkeypatch.setattr(m.monitor, "_take_pending", counted)
+    started = loop.time()
+    m.monitor.start()
+    try:
+        for _ in range(500):  # bounded: until the first pass
+            if passes:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await m.monitor.stop()
+    assert len(passes) == 1
+    assert 1.0 <= passes[0] - started < 1.9
+
+
+def test_after_a_freeze_that_failed_the_next_freeze_after_answers_make_the_baseline(
+    tmp_path: Path,
+) -> None:
+    m = Monitor(tmp_path, None, freeze_after=10, window=10, bins=3)
+    for _ in range(10):
+        m.monitor.observe(b"", orjson.dumps({"other": 1}))
+    with capture_logs():
+        m.monitor.evaluate()  # no predictions: not frozen, started over
+    for i in range(9):
+        m.monitor.observe(*pair(i % 2))
+    m.monitor.evaluate()
+    assert m.monitor.baseline is None  # nine answers are not ten
+    m.monitor.observe(*pair(1.0))
+    m.monitor.observe(*pair(0.0))  # the eleventh: not part of it
+    with capture_logs():
+        m.monitor.evaluate()
+    assert m.monitor.baseline is not None
+    assert m.monitor.baseline.samples == 10
+    assert m.monitor.baseline.histograms["prediction"].proportions == (0.5, 0.5, 0.0)
