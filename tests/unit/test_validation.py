@@ -387,3 +387,23 @@ def test_a_property_named_like_a_keyword_is_a_name() -> None:
 
 def test_a_pattern_keyword_at_the_end_names_any_key() -> None:
     assert schema_field(["properties", "p", "patternProperties", "minProperties"]) == "p.{*}"
+
+
+def test_hundreds_of_distinct_keys_with_a_colon_in_a_string_are_not_a_repeat() -> None:
+    # A colon in a string sends the check to counting the text's keys: 301 there and
+    # 301 in the document, compared as numbers (not as objects: past 256, equal
+    # counts are distinct int objects).
+    document: dict[str, Any] = {f"k{i}": i for i in range(300)}
+    document["time"] = "12:30"
+    body = orjson.dumps(document)
+    assert not repeats(body)
+    assert Validator(json=True).validator.check_body(body) == document
+    assert repeats(body[:-1] + b',"k7":7}')
+
+
+def test_objects_alone_nested_past_the_limit_are_too_deep() -> None:
+    body = b'{"a": {"a": {"a": {"a": 1}}}}'  # four levels, no array
+    assert not nesting_exceeds(body, 4)
+    assert nesting_exceeds(body, 3)
+    assert Validator(json=True, max_depth=3).invalid(body) == "JSON nests deeper than 3 levels"
+    assert nesting_exceeds(b"[[[[1]]]]", 3)  # arrays alone too
