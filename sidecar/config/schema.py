@@ -861,19 +861,20 @@ def _pydantic_issues(exc: ValidationError) -> Iterator[ConfigIssue]:
 
 
 def _cross_reference_issues(config: Config) -> Iterator[ConfigIssue]:
-    budget = config.server.max_buffered_bodies
+    server = config.server
     largest = max(config.route_body_limit(route) for route in config.routes)
-    if largest > budget:
+    if largest > server.max_buffered_bodies:
         yield ConfigIssue(
             "server.max_buffered_bodies",
             f"is smaller than the largest request body limit ({largest} bytes):"
             " such a body could never be read",
         )
-    server = config.server
-    if server.max_buffered_heads < max(server.max_head_size, server.max_header_size):
+    # A head may hold max_head_size, or one field of max_header_size when larger.
+    largest = max(server.max_head_size, server.max_header_size)
+    if largest > server.max_buffered_heads:
         yield ConfigIssue(
             "server.max_buffered_heads",
-            f"is smaller than server.max_head_size ({server.max_head_size} bytes):"
+            f"is smaller than the largest request head ({largest} bytes):"
             " such a head could never be read",
         )
     seen: set[str] = set()

@@ -71,13 +71,20 @@ class RunningSidecar:
             buffered_heads=settings.max_buffered_heads,
         )
         self._main = HttpServer(self.live.dispatch, self.live.refuse, limits)
-        self._slow_clients_published = 0
-        self._bodies_refused_published = 0
-        # Server-wide (the HTTP layer refuses before it knows a route): no route label.
-        self._bodies_refused = self.metrics.dropped.labels("request_bodies", "")
-        self._heads_refused_published = 0
-        self._heads_refused = self.metrics.dropped.labels("request_heads", "")
-        self.metrics.on_publish(self._publish_server_counts)
+        main = self._main
+        # Server-wide refusals have no route label: the HTTP layer refuses before it
+        # knows a route.
+        counts = (
+            _Published(lambda: main.slow_readers, self.metrics.slow_clients),
+            _Published(
+                lambda: main.bodies_refused, self.metrics.dropped.labels("request_bodies", "")
+            ),
+            _Published(
+                lambda: main.heads_refused, self.metrics.dropped.labels("request_heads", "")
+            ),
+        )
+        for count in counts:
+            self.metrics.on_publish(count.publish)
         self._admin: HttpServer | None = None
         if config.admin.enabled:
             endpoints = AdminEndpoints(
@@ -94,21 +101,6 @@ class RunningSidecar:
     def runtime(self) -> Runtime:
         """The runtime in service now."""
         return self.live.current
-
-    def _publish_server_counts(self) -> None:
-        """The HTTP server's own counts, kept as plain numbers, into their series."""
-        count = self._main.slow_readers
-        if count > self._slow_clients_published:
-            self.metrics.slow_clients.inc(count - self._slow_clients_published)
-            self._slow_clients_published = count
-        count = self._main.bodies_refused
-        if count > self._bodies_refused_published:
-            self._bodies_refused.inc(count - self._bodies_refused_published)
-            self._bodies_refused_published = count
-        count = self._main.heads_refused
-        if count > self._heads_refused_published:
-            self._heads_refused.inc(count - self._heads_refused_published)
-            self._heads_refused_published = count
 
     async def start(self) -> None:
         config = self.runtime.config
@@ -149,6 +141,22 @@ class RunningSidecar:
         await self.live.stop()
         await self.pools.close()
         await self.logs.stop()  # last, so everything logged while stopping is written
+
+
+class _Published:
+    """A count the HTTP server keeps as a plain number (no series on its hot path),
+    added to its counter at each publish."""
+
+    def __init__(self, read: Callable[[], int], counter: Any) -> None:
+        self._read = read
+        self._counter = counter
+        self._published = 0
+
+    def publish(self) -> None:
+        count = self._read()
+        if count > self._published:
+            self._counter.inc(count - self._published)
+            self._published = count
 
 
 async def _reload_every_worker(live: LiveRuntime, supervisor: int) -> dict[str, Any]:

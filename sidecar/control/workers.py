@@ -12,9 +12,8 @@ A worker that dies unexpectedly is restarted (at most 5 times a minute) with the
 config in service: the supervisor keeps a copy of the one it started with, replaced
 at a SIGHUP when the file then loads, so a file edited but not reloaded (or broken:
 a replacement that cannot start used to stop every worker) is not what a lone
-replacement serves. A worker
-whose supervisor is gone (killed, OOM) drains and exits by itself, and signals only
-the supervisor it was started by.
+replacement serves. A worker whose supervisor is gone (killed, OOM) drains and exits
+by itself, and signals only the supervisor it was started by.
 """
 
 from __future__ import annotations

@@ -277,7 +277,8 @@ class Metrics:
             "sidecar_dropped_total",
             "Items a bounded buffer let go: fallback cache answers evicted, drift bodies "
             "not taken in (over the budget, too large, superseded or unreadable), "
-            "requests refused for want of room for their body (request_bodies).",
+            "requests refused for want of room for their body or head (request_bodies, "
+            "request_heads).",
             ["buffer", "route"],
             registry=r,
         )

@@ -240,7 +240,7 @@ def test_the_bodies_budget_must_hold_the_largest_body_a_route_takes() -> None:
 
 def test_the_heads_budget_must_hold_one_whole_head() -> None:
     assert issues_of("server: {max_buffered_heads: 16KiB}\n" + MINIMAL) == [
-        "server.max_buffered_heads: is smaller than server.max_head_size (32768 bytes):"
+        "server.max_buffered_heads: is smaller than the largest request head (32768 bytes):"
         " such a head could never be read"
     ]
 
