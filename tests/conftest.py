@@ -280,6 +280,13 @@ async def raw_request(port: int, data: bytes, *, read_until_close: bool = True) 
         writer.close()
 
 
+async def end_with_the_test(process: asyncio.subprocess.Process) -> None:
+    """A child process the test started ends with it, whatever happened in it."""
+    if process.returncode is None:
+        process.kill()
+        await process.wait()
+
+
 async def start_sidecar_process(
     config_path: Path,
 ) -> tuple[asyncio.subprocess.Process, int, int | None]:

@@ -16,7 +16,13 @@ import pytest
 import yaml
 from aiohttp import web
 
-from tests.conftest import LOOPBACK, FakeModel, base_config, start_sidecar_process
+from tests.conftest import (
+    LOOPBACK,
+    FakeModel,
+    base_config,
+    end_with_the_test,
+    start_sidecar_process,
+)
 
 
 async def test_sigterm_lets_the_request_in_flight_finish(
@@ -53,9 +59,7 @@ async def test_sigterm_lets_the_request_in_flight_finish(
         assert process.stderr is not None
         assert b"Traceback" not in await process.stderr.read()
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        await end_with_the_test(process)
 
 
 async def test_sigterm_with_nothing_in_flight_exits_0(
@@ -68,9 +72,7 @@ async def test_sigterm_with_nothing_in_flight_exits_0(
         os.kill(process.pid, signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 30) == 0
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        await end_with_the_test(process)
 
 
 async def start_with_a_long_drain_delay(
@@ -115,9 +117,7 @@ async def test_sigterm_turns_readyz_503_and_keeps_serving_for_the_drain_delay(
             process.send_signal(signal.SIGINT)  # a second signal ends the delay
         assert await asyncio.wait_for(process.wait(), 30) == 0
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        await end_with_the_test(process)
 
 
 @pytest.mark.timeout(120)
@@ -158,9 +158,7 @@ async def test_sigterm_exits_while_nobody_reads_stdout(
         # share one flush budget (10 s), where each once took 20 s in turn.
         assert await asyncio.wait_for(process.wait(), 30) == 0
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        await end_with_the_test(process)
         os.close(read_end)
 
 
@@ -191,9 +189,7 @@ async def test_a_reload_while_draining_keeps_readyz_503(
             process.send_signal(signal.SIGINT)  # a second signal ends the delay
         assert await asyncio.wait_for(process.wait(), 30) == 0
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        await end_with_the_test(process)
 
 
 async def reload_by_sighup(process: asyncio.subprocess.Process) -> None:
@@ -245,9 +241,7 @@ async def test_a_reloaded_drain_delay_holds_for_the_next_sigterm(
         process.send_signal(signal.SIGINT)  # a second signal ends the delay
         assert await asyncio.wait_for(process.wait(), 30) == 0
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        await end_with_the_test(process)
 
 
 async def test_a_reload_that_shortens_the_drain_delay_shortens_the_next_stop(
@@ -267,6 +261,4 @@ async def test_a_reload_that_shortens_the_drain_delay_shortens_the_next_stop(
         assert await asyncio.wait_for(process.wait(), 30) == 0
         assert loop.time() - signalled >= 2.0
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        await end_with_the_test(process)

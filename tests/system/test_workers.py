@@ -12,7 +12,7 @@ import orjson
 import yaml
 from aiohttp import web
 
-from tests.conftest import LOOPBACK, FakeModel, base_config
+from tests.conftest import LOOPBACK, FakeModel, base_config, end_with_the_test
 
 
 class Connection:
@@ -159,9 +159,7 @@ async def test_two_workers_serve_drain_and_reload_together(
     finally:
         for connection in connections.values():
             connection.close()
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        await end_with_the_test(process)
 
 
 async def test_workers_stop_when_their_supervisor_is_killed(
@@ -234,9 +232,7 @@ async def test_a_reload_while_a_worker_restarts_does_not_kill_it(
         await asyncio.wait_for(process.communicate(), 30)
         assert process.returncode == 0
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        await end_with_the_test(process)
 
 
 async def next_event(process: asyncio.subprocess.Process, event: str) -> dict[str, object]:
@@ -286,9 +282,7 @@ async def test_a_reload_over_http_with_workers_is_logged_counted_and_refused_whi
         assert process.returncode == 0
     finally:
         connection.close()
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        await end_with_the_test(process)
 
 
 async def health_of(port: int, pid: int) -> dict[str, object]:
@@ -348,6 +342,4 @@ async def test_a_restarted_worker_serves_the_config_in_service_not_the_file(
         await asyncio.wait_for(process.communicate(), 30)
         assert process.returncode == 0
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        await end_with_the_test(process)
