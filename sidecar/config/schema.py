@@ -116,6 +116,19 @@ def format_rate(per_second: float) -> str:
     return f"{per_second:g}/s"
 
 
+def parse_byte_rate(value: object) -> int:
+    """``"1KiB/s"`` -> 1024 bytes a second (``"0B/s"``: none asked)."""
+    text = value.strip() if isinstance(value, str) else ""
+    size, per, unit = text.rpartition("/")
+    if not per or unit.strip() != "s":
+        raise ValueError("a byte rate is written like '500B/s' or '1KiB/s'")
+    return parse_size(size.strip())
+
+
+def format_byte_rate(per_second: int) -> str:
+    return f"{format_size(per_second)}/s"
+
+
 def _positive(value: float) -> float:
     if value <= 0:
         raise ValueError("must be more than zero")
@@ -135,6 +148,7 @@ Rate = Annotated[
     float, BeforeValidator(parse_rate), AfterValidator(_positive), PlainSerializer(format_rate)
 ]
 ByteSize = Annotated[int, BeforeValidator(parse_size), PlainSerializer(format_size)]
+ByteRate = Annotated[int, BeforeValidator(parse_byte_rate), PlainSerializer(format_byte_rate)]
 # Sizes where zero would refuse every request or drop every log line.
 PositiveByteSize = Annotated[
     int, BeforeValidator(parse_size), AfterValidator(_positive), PlainSerializer(format_size)
@@ -262,6 +276,9 @@ class ServerSettings(_Strict):
     max_headers: int = Field(default=100, ge=1, le=10_000)
     head_timeout: PositiveDuration = 10.0  # from a request head's first byte to its end
     body_timeout: PositiveDuration = 30.0  # silence in the middle of a request body
+    # A body may take body_timeout, and a second more for each body_min_rate's
+    # bytes that arrive ("0B/s" turns this bound of the whole off).
+    body_min_rate: ByteRate = 500
     send_timeout: PositiveDuration = 30.0  # a client that reads nothing of its answer
 
 

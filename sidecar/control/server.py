@@ -65,6 +65,7 @@ class RunningSidecar:
             max_headers=settings.max_headers,
             head_timeout=settings.head_timeout,
             body_timeout=settings.body_timeout,
+            body_min_rate=settings.body_min_rate,
             idle_timeout=settings.keepalive_timeout,
             send_timeout=settings.send_timeout,
             buffered_bodies=settings.max_buffered_bodies,

@@ -62,6 +62,7 @@ class Limits:
     max_headers: int = 100
     head_timeout: float = 10.0  # from a head's first byte to its end
     body_timeout: float = 30.0  # silence between two parts of a body
+    body_min_rate: int = 500  # bytes a second a body must average past body_timeout (0: off)
     idle_timeout: float = 75.0  # keep-alive: a connection waiting for its next request
     send_timeout: float = 30.0  # a write waiting for a client that stopped reading
     read_ahead: int = 256 * 1024  # body bytes buffered before the handler reads them
@@ -243,7 +244,8 @@ class Request:
 
     async def read_body(self, limit: int) -> bytes:
         """The whole body, refused (413) as soon as it passes ``limit`` bytes and
-        (408) when the client goes silent in the middle of it for ``body_timeout``."""
+        (408) when the client goes silent in the middle of it for ``body_timeout``
+        or sends it slower than ``body_min_rate`` on average past that time."""
         declared = self.content_length
         if declared is not None and declared > limit:
             raise RequestRefused(
@@ -268,19 +270,35 @@ class Request:
                 conn.write_raw(_CONTINUE)
             conn.resume_reading()
         loop = conn.loop
-        timeout = conn.limits.body_timeout
+        limits = conn.limits
+        timeout = limits.body_timeout
+        min_rate = limits.body_min_rate
+        # Silence is timed, and so is the whole: the body may take body_timeout, and
+        # a second more for each min_rate bytes, so a client trickling a byte now
+        # and then cannot hold its share of the bodies' budget for ever.
+        began = loop.time()
+        had = self._size
         while not self.complete:
             if self._size > limit:
                 break
             self._raise_if_failed()
+            wait = timeout
+            if min_rate:
+                left = began + timeout + (self._size - had) / min_rate - loop.time()
+                wait = max(min(wait, left), 0.0)
             waiter = loop.create_future()
             self._waiter = waiter
-            timer = loop.call_later(timeout, _time_out, waiter)
+            timer = loop.call_later(wait, _time_out, waiter)
             try:
                 await waiter
             except TimeoutError:
                 raise RequestRefused(
-                    408, "request_timeout", f"the request body stalled for {timeout:g}s"
+                    408,
+                    "request_timeout",
+                    f"the request body arrived slower than {min_rate} bytes/s"
+                    " (server.body_min_rate)"
+                    if self._size > had
+                    else f"the request body stalled for {timeout:g}s",
                 ) from None
             finally:
                 timer.cancel()

@@ -479,6 +479,55 @@ async def test_heads_and_bodies_that_trickle_are_cut_off_with_408(
     assert sorted(r["status"] for r in records) == [408, 408]
 
 
+async def trickle_body(
+    port: int, head: bytes, pieces: list[bytes], every: float
+) -> tuple[bytes, int]:
+    """Send ``head``, then ``pieces`` one each ``every`` seconds until the sidecar
+    answers; what came back and how many pieces went out."""
+    reader, writer = await asyncio.open_connection(LOOPBACK, port)
+    answer = asyncio.ensure_future(asyncio.wait_for(reader.read(), 20))
+    sent = 0
+    try:
+        writer.write(head)
+        for piece in pieces:
+            await asyncio.wait([answer], timeout=every)
+            if answer.done():
+                break
+            writer.write(piece)
+            sent += 1
+        return await answer, sent
+    finally:
+        answer.cancel()
+        writer.close()
+
+
+async def test_a_body_slower_than_body_min_rate_is_cut_off_while_one_at_that_rate_passes(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """Silence alone is not enough: a client sending a byte every 100 ms is never
+    silent for body_timeout, yet holds its share of the bodies' budget for as long
+    as it likes. The whole body may take body_timeout and a second a body_min_rate
+    bytes; a body that arrives faster passes even when it takes longer than
+    body_timeout."""
+    config = base_config(fake_model.url)
+    config["server"].update(body_timeout="500ms", body_min_rate="100B/s")
+    sidecar = await start_sidecar(config)
+    port = sidecar.running.main_port
+    head = b"POST /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
+    raw, sent = await trickle_body(port, head % 60, [b"a"] * 60, 0.1)
+    status, body = status_and_body(raw)
+    assert status == 408
+    error = orjson.loads(body)["error"]
+    assert "server.body_min_rate" in error["message"], error
+    assert sent < 30  # the allowance (0.5 s and 10 ms a byte) ran out near the 6th
+    assert fake_model.hits_for("/x") == []
+
+    raw, sent = await trickle_body(port, head % 1000, [b"b" * 100] * 10, 0.1)
+    assert status_and_body(raw)[0] == 200, raw
+    assert sent == 10  # a second at 1,000 bytes/s: longer than body_timeout, passed
+    assert [hit.body for hit in fake_model.hits_for("/x")] == [b"b" * 1000]
+
+
 async def test_a_client_that_stops_reading_releases_its_upstream_connection(
     start_sidecar: StartSidecar,
 ) -> None:

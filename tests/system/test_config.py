@@ -13,9 +13,11 @@ from sidecar.config.plan import load_plan
 from sidecar.config.schema import (
     ConfigError,
     bundled_config_dir,
+    format_byte_rate,
     format_duration,
     format_size,
     load_config,
+    parse_byte_rate,
     parse_config,
     parse_duration,
     parse_size,
@@ -143,6 +145,21 @@ def test_sizes(value: str, size: int) -> None:
 def test_sizes_without_a_known_unit_are_refused(value: object) -> None:
     with pytest.raises(ValueError, match="size"):
         parse_size(value)
+
+
+@pytest.mark.parametrize(
+    ("value", "per_second"),
+    [("500B/s", 500), ("1KiB/s", 1024), (" 2 MiB / s", 2 << 20), ("0B/s", 0)],
+)
+def test_byte_rates(value: str, per_second: int) -> None:
+    assert parse_byte_rate(value) == per_second
+    assert parse_byte_rate(format_byte_rate(per_second)) == per_second
+
+
+@pytest.mark.parametrize("value", [500, "500", "500B", "500B/m", "1KiB/h", "/s", "fast/s"])
+def test_byte_rates_without_a_size_per_second_are_refused(value: object) -> None:
+    with pytest.raises(ValueError, match=r"rate|size"):
+        parse_byte_rate(value)
 
 
 @pytest.mark.parametrize("seconds", [0.25, 10.0, 300.0, 3600.0, 5e-5, 1.5])
