@@ -1021,28 +1021,36 @@ async def test_a_monitor_with_a_long_interval_wakes_each_second_not_continuously
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Answers are taken in each second whatever the interval (the pending ones stay
-    few), and the monitor sleeps in between: it does not spin on the event loop."""
+    few), and the monitor sleeps in between: it does not spin on the event loop.
+    Checked by what it asks to sleep, not by wall-clock bounds."""
     m = Monitor(tmp_path, BASELINE, interval="60s")
     take = m.monitor._take_pending
     loop = asyncio.get_running_loop()
     passes: list[float] = []
+    first_pass = asyncio.Event()
+    slept: list[float] = []  # the test itself waits on events only
+    real_sleep = asyncio.sleep
+
+    async def recorded_sleep(delay: float) -> None:
+        slept.append(delay)
+        await real_sleep(delay)
 
     def counted() -> Any:
         passes.append(loop.time())
+        first_pass.set()
         return take()
 
     monkeypatch.setattr(m.monitor, "_take_pending", counted)
+    monkeypatch.setattr(asyncio, "sleep", recorded_sleep)
     started = loop.time()
     m.monitor.start()
     try:
-        for _ in range(500):  # bounded: until the first pass
-            if passes:
-                break
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(first_pass.wait(), 5)
     finally:
         await m.monitor.stop()
     assert len(passes) == 1
-    assert 1.0 <= passes[0] - started < 1.9
+    assert slept[0] == 1.0  # one second, not the 60 s interval, and not a spin
+    assert passes[0] - started >= 1.0
 
 
 def test_after_a_freeze_that_failed_the_next_freeze_after_answers_make_the_baseline(
