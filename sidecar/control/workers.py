@@ -13,7 +13,8 @@ config in service: the supervisor keeps a copy of the one it started with, repla
 at a SIGHUP when the file then loads, so a file edited but not reloaded (or broken:
 a replacement that cannot start used to stop every worker) is not what a lone
 replacement serves. A worker whose supervisor is gone (killed, OOM) drains and exits
-by itself, and signals only the supervisor it was started by.
+by itself, and signals only the supervisor it was started by. The folder of a
+supervisor killed outright (no cleanup runs) is removed by the next one to start.
 """
 
 from __future__ import annotations
@@ -80,6 +81,43 @@ def _reserve(source: str, key: str, host: str, port: int) -> socket.socket:
     return sock
 
 
+_FOLDER_PREFIX = "sidecar-metrics-"  # then the supervisor's pid, a dash, mkdtemp's letters
+_OUR_FOLDERS: set[str] = set()
+
+
+def _remove_folders_of_dead_supervisors() -> None:
+    """A supervisor killed with SIGKILL leaves its folder (the workers' metric files,
+    the config copy); a container restarted in place keeps its /tmp. Removed when
+    the process named in it is gone, or is this one without having made it (in a
+    container the supervisor is often pid 1 at every start). Another user's folders,
+    and those of a live process, are left alone."""
+    base = Path(tempfile.gettempdir())
+    me = os.getpid()
+    for path in base.glob(f"{_FOLDER_PREFIX}*-*"):
+        pid_text = path.name[len(_FOLDER_PREFIX) :].split("-", 1)[0]
+        if not pid_text.isdigit() or str(path) in _OUR_FOLDERS:
+            continue
+        try:
+            if path.is_symlink() or not path.is_dir() or path.stat().st_uid != os.getuid():
+                continue
+        except OSError:
+            continue
+        pid = int(pid_text)
+        if pid != me and _alive(pid):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
 class Supervisor:
     def __init__(self, loaded: LoadedConfig, workers: int) -> None:
         self.loaded = loaded
@@ -98,7 +136,9 @@ class Supervisor:
             self._main.close()
             raise
         self.admin_port = self._admin.getsockname()[1] if self._admin else 0
-        self._metrics_dir = tempfile.mkdtemp(prefix="sidecar-metrics-")
+        _remove_folders_of_dead_supervisors()
+        self._metrics_dir = tempfile.mkdtemp(prefix=f"{_FOLDER_PREFIX}{os.getpid()}-")
+        _OUR_FOLDERS.add(self._metrics_dir)
         # In the supervisor's own folder (mode 0700: the file may hold key digests).
         self._config_copy = Path(self._metrics_dir) / "config-in-service.yaml"
         self._keep(loaded.data)

@@ -48,13 +48,15 @@ class Connection:
         self.writer.close()
 
 
-async def start_workers(config_path: Path) -> tuple[asyncio.subprocess.Process, int]:
-    process, port, _admin = await start_workers_with_admin(config_path)
+async def start_workers(
+    config_path: Path, env: dict[str, str] | None = None
+) -> tuple[asyncio.subprocess.Process, int]:
+    process, port, _admin = await start_workers_with_admin(config_path, env)
     return process, port
 
 
 async def start_workers_with_admin(
-    config_path: Path,
+    config_path: Path, env: dict[str, str] | None = None
 ) -> tuple[asyncio.subprocess.Process, int, int]:
     """Two workers; the supervisor, the main port and the admin port (0: none)."""
     process = await asyncio.create_subprocess_exec(
@@ -67,6 +69,7 @@ async def start_workers_with_admin(
         "--workers",
         "2",
         stdout=asyncio.subprocess.PIPE,
+        env=env,
     )
     assert process.stdout is not None
     started = 0
@@ -162,12 +165,15 @@ async def test_two_workers_serve_drain_and_reload_together(
         await end_with_the_test(process)
 
 
-async def test_workers_stop_when_their_supervisor_is_killed(
+async def test_workers_stop_when_their_supervisor_is_killed_and_the_next_removes_its_folder(
     fake_model: FakeModel, tmp_path: Path
 ) -> None:
     config_path = tmp_path / "sidecar.yaml"
     config_path.write_text(yaml.safe_dump(base_config(fake_model.url, admin={"enabled": False})))
-    process, port = await start_workers(config_path)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {**os.environ, "TMPDIR": str(temp)}
+    process, port = await start_workers(config_path, env)
     connections = await one_connection_per_worker(port)
     workers = list(connections)
     for connection in connections.values():
@@ -184,6 +190,23 @@ async def test_workers_stop_when_their_supervisor_is_killed(
         else:
             os.kill(pid, signal.SIGKILL)
             raise AssertionError(f"worker {pid} kept running without its supervisor")
+
+    # Its folder (the workers' metric files) outlived it; the next supervisor
+    # removes it, and leaves alone one whose process lives (this test's).
+    left = [path.name for path in temp.iterdir()]
+    assert [name.split("-")[2] for name in left] == [str(process.pid)]
+    alive = temp / f"sidecar-metrics-{os.getpid()}-other"
+    alive.mkdir()
+    process, _ = await start_workers(config_path, env)
+    try:
+        names = sorted(path.name for path in temp.iterdir())
+        assert left[0] not in names
+        assert alive.name in names
+        assert [name.split("-")[2] for name in names if name != alive.name] == [str(process.pid)]
+    finally:
+        process.terminate()
+        await asyncio.wait_for(process.wait(), 30)
+    assert [path.name for path in temp.iterdir()] == [alive.name]
 
 
 def children(pid: int) -> set[int]:
