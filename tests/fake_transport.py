@@ -25,6 +25,9 @@ class FakeTransport:
     def writelines(self, parts: Any) -> None:
         self.write(b"".join(parts))
 
+    def get_write_buffer_size(self) -> int:
+        return 0  # every write went out at once
+
     def pause_reading(self) -> None:
         self.paused = True
 

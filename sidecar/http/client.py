@@ -385,6 +385,13 @@ class UpstreamConnection(FlowControlled):
             return
         if not self._parser.should_keep_alive():
             self.keep_alive = False
+        transport = self._transport
+        if transport is not None and transport.get_write_buffer_size():
+            # Answered before the whole request was written: what the upstream makes
+            # of the rest is unknown (a naive one parses a body as requests, and
+            # answers the next client with them). Not reused, like NGINX's
+            # request_body_sent check; the rest is dropped with the connection.
+            self.keep_alive = False
         response = self.response
         if response is not None:
             response._finish()

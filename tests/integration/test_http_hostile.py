@@ -14,6 +14,7 @@ from aiohttp import web
 
 from tests.conftest import LOOPBACK, FakeModel, StartSidecar, base_config, raw_request
 from tests.integration.test_http_layer import (
+    answer,
     raw_upstream,
     read_head,
     status_and_body,
@@ -433,3 +434,48 @@ async def test_an_answer_in_another_http_version_becomes_our_502(
             sidecar.running.main_port, b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
         )
     assert raw.startswith(b"HTTP/1.1 502 ")
+
+
+async def test_an_upstream_that_answers_before_reading_the_body_is_not_reused(
+    start_sidecar: StartSidecar,
+) -> None:
+    """A model that answers (413) at once, keeping the connection, while the body is
+    still being written to it: the connection went back to the pool with the rest of
+    the body queued, the next client's request was written behind it, and the model,
+    taking the rest of the body for requests, answered that client with the answer
+    to a request the body smuggled. Like NGINX (no keep-alive unless the request
+    body was sent) it is not reused."""
+    smuggled = b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: int) -> None:
+        head = await read_head(reader, writer)
+        if head.startswith(b"POST"):
+            writer.write(answer(b"too large", status=b"413 Payload Too Large"))
+            await writer.drain()
+            # A naive server reads on: the body's bytes become its next requests, the
+            # first answered when the real next one comes (a slow model's order).
+            seen = b""
+            while b"GET /next" not in seen:
+                data = await reader.read(1024 * 1024)
+                if not data:
+                    return
+                seen = seen[-64:] + data
+            writer.write(answer(b"SMUGGLED"))
+        else:
+            writer.write(answer(b"fresh"))
+        await writer.drain()
+        await reader.read()
+
+    async with raw_upstream(script) as (url, _):
+        config = upstream_config(url, max_body_size="16MiB", max_buffered_bodies="64MiB")
+        sidecar = await start_sidecar(config, wait_ready=False)
+        port = sidecar.running.main_port
+        body = smuggled * (12 * 1024 * 1024 // len(smuggled))  # more than socket buffers take
+        raw = await raw_request(
+            port,
+            b"POST /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body) + body,
+        )
+        assert raw.startswith(b"HTTP/1.1 413 "), raw[:100]
+        raw = await raw_request(port, b"GET /next HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status_and_body(raw) == (200, b"fresh")
