@@ -277,7 +277,8 @@ class ServerSettings(_Strict):
     head_timeout: PositiveDuration = 10.0  # from a request head's first byte to its end
     body_timeout: PositiveDuration = 30.0  # silence in the middle of a request body
     # A body may take body_timeout, and a second more for each body_min_rate's
-    # bytes that arrive ("0B/s" turns this bound of the whole off).
+    # bytes that arrive, never banking more than body_timeout ahead ("0B/s" turns
+    # this bound of the whole off).
     body_min_rate: ByteRate = 500
     send_timeout: PositiveDuration = 30.0  # a client that reads nothing of its answer
 

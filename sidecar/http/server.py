@@ -245,7 +245,8 @@ class Request:
     async def read_body(self, limit: int) -> bytes:
         """The whole body, refused (413) as soon as it passes ``limit`` bytes and
         (408) when the client goes silent in the middle of it for ``body_timeout``
-        or sends it slower than ``body_min_rate`` on average past that time."""
+        or sends it slower than ``body_min_rate`` past that time (a fast part earns
+        at most ``body_timeout`` ahead)."""
         declared = self.content_length
         if declared is not None and declared > limit:
             raise RequestRefused(
@@ -275,17 +276,24 @@ class Request:
         min_rate = limits.body_min_rate
         # Silence is timed, and so is the whole: the body may take body_timeout, and
         # a second more for each min_rate bytes, so a client trickling a byte now
-        # and then cannot hold its share of the bodies' budget for ever.
-        began = loop.time()
-        had = self._size
+        # and then cannot hold its share of the bodies' budget for ever. The time a
+        # part earns is never more than body_timeout ahead of now: uncapped, a body
+        # sent fast up to its last bytes earned a second a min_rate bytes (1 MiB at
+        # 500B/s: 35 minutes) to trickle those in, holding the most budget longest.
+        deadline = loop.time() + timeout
+        had = counted = self._size
         while not self.complete:
             if self._size > limit:
                 break
             self._raise_if_failed()
             wait = timeout
             if min_rate:
-                left = began + timeout + (self._size - had) / min_rate - loop.time()
-                wait = max(min(wait, left), 0.0)
+                now = loop.time()
+                if self._size > counted:
+                    earned = deadline + (self._size - counted) / min_rate
+                    deadline = min(earned, now + timeout)
+                    counted = self._size
+                wait = max(min(wait, deadline - now), 0.0)
             waiter = loop.create_future()
             self._waiter = waiter
             timer = loop.call_later(wait, _time_out, waiter)

@@ -528,6 +528,30 @@ async def test_a_body_slower_than_body_min_rate_is_cut_off_while_one_at_that_rat
     assert [hit.body for hit in fake_model.hits_for("/x")] == [b"b" * 1000]
 
 
+async def test_a_body_sent_fast_then_trickled_does_not_bank_time_for_the_trickle(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """A body's fast start earned a second a body_min_rate bytes without a cap: sent
+    fast up to its last bytes, those could then come a byte every few seconds for
+    hours (1 MiB at 500B/s: 35 minutes), the body holding the most of
+    max_buffered_bodies the longest (four such 1 MiB bodies kept a 4 MiB budget
+    full, every other POST answered 503). What a part earns is never more than
+    body_timeout ahead of now."""
+    config = base_config(fake_model.url)
+    config["server"].update(body_timeout="500ms", body_min_rate="1KiB/s")
+    sidecar = await start_sidecar(config)
+    head = b"POST /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 100020\r\n\r\n"
+    # 100,000 bytes at once once the body is awaited (97 s at 1 KiB/s), then a
+    # byte every 200 ms: never silent for body_timeout, 5 bytes a second.
+    pieces = [b"a" * 100_000] + [b"a"] * 20
+    raw, sent = await trickle_body(sidecar.running.main_port, head, pieces, 0.2)
+    status, body = status_and_body(raw)
+    assert status == 408, raw[:200]
+    assert "server.body_min_rate" in orjson.loads(body)["error"]["message"]
+    assert sent < 8  # cut about body_timeout after the fast part (not after 97 s)
+    assert fake_model.hits_for("/x") == []
+
+
 async def test_a_client_that_stops_reading_releases_its_upstream_connection(
     start_sidecar: StartSidecar,
 ) -> None:
