@@ -61,6 +61,8 @@ class LiveRuntime:
         self.process = ProcessMonitor(metrics)
         self.current = self._build(plan, None)
         self._pipeline = build_pipeline(self.current)
+        # Told of each runtime a reload puts in service (the HTTP layer's limits).
+        self.on_swap: Callable[[Runtime], None] | None = None
 
     def _build(self, plan: Plan, previous: Runtime | None) -> Runtime:
         runtime = Runtime(
@@ -144,6 +146,8 @@ class LiveRuntime:
                 return self._ignored()
             self.current, self._pipeline = fresh, build_pipeline(fresh)  # the swap
             fresh.put_in_service(old)
+            if self.on_swap is not None:
+                self.on_swap(fresh)
             self._publish(loaded)
             self._retired.append(old)
             self._retiring.spawn(self._retire(old), name="retire-runtime")

@@ -15,7 +15,7 @@ import structlog
 
 import sidecar
 from sidecar.config.plan import Plan
-from sidecar.config.schema import cannot_listen
+from sidecar.config.schema import ServerSettings, cannot_listen
 from sidecar.control import interpreter
 from sidecar.control.app import AdminEndpoints
 from sidecar.control.live import LiveRuntime
@@ -27,6 +27,22 @@ from sidecar.telemetry.metrics import Metrics
 from sidecar.upstream.upstreams import ConnectionPools
 
 log = structlog.get_logger("sidecar.control.server")
+
+
+def _http_limits(settings: ServerSettings) -> Limits:
+    header_size = settings.max_header_size
+    return Limits(
+        max_line=header_size,
+        max_head=max(settings.max_head_size, header_size),
+        max_headers=settings.max_headers,
+        head_timeout=settings.head_timeout,
+        body_timeout=settings.body_timeout,
+        body_min_rate=settings.body_min_rate,
+        idle_timeout=settings.keepalive_timeout,
+        send_timeout=settings.send_timeout,
+        buffered_bodies=settings.max_buffered_bodies,
+        buffered_heads=settings.max_buffered_heads,
+    )
 
 
 class RunningSidecar:
@@ -57,20 +73,7 @@ class RunningSidecar:
             plan, metrics=self.metrics, logs=self.logs, pools=self.pools, clock=clock, env=env
         )
         self._reuse_port = reuse_port
-        settings = config.server
-        header_size = settings.max_header_size
-        limits = Limits(
-            max_line=header_size,
-            max_head=max(settings.max_head_size, header_size),
-            max_headers=settings.max_headers,
-            head_timeout=settings.head_timeout,
-            body_timeout=settings.body_timeout,
-            body_min_rate=settings.body_min_rate,
-            idle_timeout=settings.keepalive_timeout,
-            send_timeout=settings.send_timeout,
-            buffered_bodies=settings.max_buffered_bodies,
-            buffered_heads=settings.max_buffered_heads,
-        )
+        limits = _http_limits(config.server)
         self._main = HttpServer(self.live.dispatch, self.live.refuse, limits)
         main = self._main
         # Server-wide refusals have no route label: the HTTP layer refuses before it
@@ -97,6 +100,15 @@ class RunningSidecar:
         self.main_port = 0
         self.admin_port = 0
         self._stopped = False
+        self.live.on_swap = self._swapped
+
+    def _swapped(self, runtime: Runtime) -> None:
+        """A reload's server.* limits of the HTTP layer (timeouts, sizes, budgets)
+        apply from now: a reload answered ok while they stayed as they were at start."""
+        limits = _http_limits(runtime.config.server)
+        for server in (self._main, self._admin):
+            if server is not None and server.limits != limits:
+                server.set_limits(limits)
 
     @property
     def runtime(self) -> Runtime:

@@ -1023,6 +1023,16 @@ class HttpServer:
             self._loop = asyncio.get_running_loop()
         return self._loop
 
+    def set_limits(self, limits: Limits) -> None:
+        """A reload's limits: for new connections, and for what open ones do next (a
+        kept-alive client's next request; a body being read keeps the timing it
+        began with, a deadline already set stays)."""
+        self.limits = limits
+        for conn in self.connections:
+            conn.limits = limits
+        shortest = min(limits.head_timeout, limits.idle_timeout)
+        self._tick = max(0.01, min(0.5, shortest / 4))
+
     async def listen(self, host: str, port: int, *, reuse_port: bool = False) -> int:
         """Start accepting on ``host:port``; returns the bound port."""
         server = await self.loop.create_server(

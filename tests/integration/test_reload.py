@@ -25,6 +25,7 @@ from tests.conftest import (
     start_sidecar_process,
 )
 from tests.integration.test_endpoints import metric_value
+from tests.integration.test_http_layer import status_and_body
 from tests.integration.test_resilience import (
     metrics_text,
     open_the_secondarys_circuit,
@@ -767,3 +768,52 @@ async def test_a_secondary_step_refused_by_a_reload_does_not_close_the_secondary
     assert breaker.state != CLOSED
     text = await metrics_text(sidecar)
     assert metric_value(text, "sidecar_circuit_state", upstream="simple") != 0
+
+
+async def _trickle(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes
+) -> bytes:
+    """A 30-byte body at 10 bytes a second after ``head``, until the sidecar answers
+    and closes."""
+    answer = asyncio.ensure_future(asyncio.wait_for(reader.read(), 10))
+    writer.write(head)
+    for _ in range(30):
+        await asyncio.wait([answer], timeout=0.1)
+        if answer.done():
+            break
+        writer.write(b"b")
+    return await answer
+
+
+async def test_a_reload_changes_the_http_layers_limits(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """server.body_min_rate (and the HTTP layer's other server.* limits) were read
+    once at start: a reload that set it answered ok, and a body trickled at 10 B/s
+    still went on to the model. Now it applies from the swap, on new connections and
+    on the next request of one kept alive from before."""
+    config = base_config(fake_model.url)
+    config["server"].update(body_timeout="1s", body_min_rate="0B/s")
+    sidecar = await start_sidecar(config)
+    port = sidecar.running.main_port
+    head = b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 30\r\n\r\n"
+    closing = b"\r\nConnection: close\r\n\r\n"
+    kept_reader, kept = await asyncio.open_connection(LOOPBACK, port)
+    fresh_reader, fresh = await asyncio.open_connection(LOOPBACK, port)
+    try:
+        kept.write(head + b"a" * 30)  # answered, and the connection kept alive
+        first = await asyncio.wait_for(kept_reader.readuntil(b"\r\n\r\n"), 10)
+        length = int(first.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+        await asyncio.wait_for(kept_reader.readexactly(length), 10)
+        config["server"]["body_min_rate"] = "1KiB/s"
+        sidecar.running.live.config_path.write_text(yaml.safe_dump(config))
+        assert (await sidecar.running.reload())["result"] == "ok"
+        for reader, writer in ((fresh_reader, fresh), (kept_reader, kept)):
+            raw = await _trickle(reader, writer, head.replace(b"\r\n\r\n", closing))
+            status, body = status_and_body(raw)
+            assert status == 408
+            assert "server.body_min_rate" in orjson.loads(body)["error"]["message"]
+    finally:
+        kept.close()
+        fresh.close()
+    assert [hit.body for hit in fake_model.hits_for("/x")] == [b"a" * 30]
