@@ -287,13 +287,16 @@ class Request:
                 break
             self._raise_if_failed()
             wait = timeout
+            slow = False  # the rate's deadline comes before the silence's
             if min_rate:
                 now = loop.time()
                 if self._size > counted:
                     earned = deadline + (self._size - counted) / min_rate
                     deadline = min(earned, now + timeout)
                     counted = self._size
-                wait = max(min(wait, deadline - now), 0.0)
+                slow = self._size > had and deadline < now + timeout
+                if slow:
+                    wait = max(deadline - now, 0.0)
             waiter = loop.create_future()
             self._waiter = waiter
             timer = loop.call_later(wait, _time_out, waiter)
@@ -305,8 +308,8 @@ class Request:
                     "request_timeout",
                     f"the request body arrived slower than {min_rate} bytes/s"
                     " (server.body_min_rate)"
-                    if self._size > had
-                    else f"the request body stalled for {timeout:g}s",
+                    if slow
+                    else f"no bytes of the request body arrived for {timeout:g}s",
                 ) from None
             finally:
                 timer.cancel()
