@@ -64,6 +64,9 @@ class FakeTransport:
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         pass
 
+    def get_write_buffer_size(self) -> int:
+        return 0  # every write is taken whole
+
     def write(self, data: bytes) -> None:
         self.on_write(data)
 
