@@ -717,6 +717,9 @@ class LoggingSettings(_Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
     queue_size: int = Field(default=10_000, ge=1)
     queue_bytes: PositiveByteSize = 64 * 1024 * 1024  # per log: what its queued records may hold
+    # At a stop: how long the logs together may take to write what they hold (a stuck
+    # sink's records are then dropped and counted, so the stop never waits on it).
+    flush_timeout: PositiveDuration = 10.0
     access_log: AccessLogSettings = AccessLogSettings()
     payload_log: PayloadLogSettings | None = None
     shadow_log: PayloadLogSettings | None = None

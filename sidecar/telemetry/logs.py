@@ -186,6 +186,7 @@ class Logs:
         settings = loaded.config.logging
         size = settings.queue_size
         budget = settings.queue_bytes
+        self.flush_timeout = settings.flush_timeout
         given = dict(sinks or {})
         self.events = LogWriter(
             "events",
@@ -245,11 +246,14 @@ class Logs:
         if capture_events:
             EVENT_STREAM.attach(self.events)
 
-    async def stop(self, flush_within: float = 10.0) -> None:
-        """Flush and close every log within about ``flush_within`` s in all: the
-        others together, then the event log with what time is left, a second at
-        least (it takes what they logged while stopping). Stuck sinks cost their
-        records, never the exit (one after another, four stuck logs took 80 s)."""
+    async def stop(self, flush_within: float | None = None) -> None:
+        """Flush and close every log within about ``flush_within`` s in all
+        (``logging.flush_timeout`` unless given): the others together, then the event
+        log with what time is left, a second at least (it takes what they logged while
+        stopping). Stuck sinks cost their records, never the exit (one after another,
+        four stuck logs took 80 s)."""
+        if flush_within is None:
+            flush_within = self.flush_timeout
         loop = asyncio.get_running_loop()
         deadline = loop.time() + flush_within
         await asyncio.gather(
