@@ -9,6 +9,7 @@ import asyncio
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -232,7 +233,8 @@ async def test_resources_cover_the_measured_worker(fake_model: FakeModel, tmp_pa
             await asyncio.gather(*(client() for _ in range(32)))
         peak = _kib(status, "VmHWM") * 1024
     finally:
-        process.terminate()
+        # SIGINT: the pod's drain_delay (5 s of serving on after SIGTERM) is not measured.
+        process.send_signal(signal.SIGINT)
         await asyncio.wait_for(process.wait(), 30)
     request = quantity(limits["requests"]["memory"])
     limit = quantity(limits["limits"]["memory"])
