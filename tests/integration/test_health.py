@@ -257,9 +257,15 @@ async def test_a_hung_shadow_candidates_probe_never_makes_the_primary_stale(
     }
     config["routes"][0]["shadow"] = {"upstream": "candidate", "fraction": 0.0}
     sidecar = await start_sidecar(config, wait_ready=False)
-    await asyncio.sleep(3.2)  # the candidate's first probe has timed out
+    for _ in range(100):  # bounded: until it has started (its first pass done)
+        async with sidecar.session.get(sidecar.admin_url + "/readyz") as resp:
+            if resp.status == 200:
+                break
+        await asyncio.sleep(0.1)
     statuses = []
-    for _ in range(20):  # 4 s: past the primary's staleness limit (3 x 0.7 s)
+    # 4 s: past the primary's staleness limit (3 x 0.7 s), and past the candidate's
+    # first probe timing out (3 s after the start).
+    for _ in range(20):
         async with sidecar.session.get(sidecar.admin_url + "/readyz") as resp:
             statuses.append((resp.status, (await resp.json()).get("reasons")))
         await asyncio.sleep(0.2)
