@@ -244,11 +244,13 @@ async def test_a_reload_while_a_worker_restarts_does_not_kill_it(
             raise AssertionError("the killed worker was not restarted")
         (worker,) = restarted
         process.send_signal(signal.SIGHUP)  # while that worker is starting
-        while True:  # bounded by the timeout: until the restarted worker serves
+        # Bounded by the timeout: until the restarted worker serves and both workers
+        # have reloaded (the restarted one once it could: the SIGHUP waited for it).
+        served, reloads = False, 0
+        while not served or reloads < 2:
             record = orjson.loads(await asyncio.wait_for(process.stdout.readline(), 30))
-            if record["event"] == "sidecar_started" and record["pid"] == worker:
-                break
-        await asyncio.sleep(1)
+            served = served or (record["event"] == "sidecar_started" and record["pid"] == worker)
+            reloads += record["event"] == "config_reloaded"
         os.kill(worker, 0)  # alive
         assert children(process.pid) == (first - {min(first)}) | {worker}
         process.send_signal(signal.SIGTERM)
