@@ -157,7 +157,7 @@ class ModelAnswer:
             return [], "eof", None
         mark = token(k)
         if self.framing.startswith("sse"):
-            body = b"".join(b"data: " + mark + b"\n\n" for _ in range(self.repeats))
+            body = (b"data: " + mark + b"\n\n") * self.repeats
             content_type = b"text/event-stream"
         else:
             body = mark * self.repeats

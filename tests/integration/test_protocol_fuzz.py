@@ -17,6 +17,7 @@ as many cases (``SIDECAR_FUZZ_SOAK=1 pytest tests/integration/test_protocol_fuzz
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import hashlib
 import json
@@ -720,6 +721,7 @@ TOKEN = re.compile(rb"<[0-9a-f]{12}>")
 FRACTION = st.integers(0, 1 << 16)  # a position in something whose length is not known yet
 
 
+@functools.cache  # checked against every marker an answer carries
 def token(k: int) -> bytes:
     """A marker only request ``k``'s answer carries (in its head and its body)."""
     return b"<" + hashlib.sha1(b"%d" % k).hexdigest()[:12].encode() + b">"  # noqa: S324 (a tag)
