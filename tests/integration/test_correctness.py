@@ -368,18 +368,18 @@ async def test_a_small_answer_trickled_under_the_idle_limit_ends_at_the_attempts
 ) -> None:
     """A small answer is read whole before it is sent on; a model that sends one byte
     of it every 0.1 s (under the 0.3 s idle limit) must not hold the request for as
-    long as it likes: the attempt's 1 s limit covers the whole answer, and the
+    long as it likes: the attempt's 0.6 s limit covers the whole answer, and the
     fallback answers in its place."""
     stop = asyncio.Event()
     fake_model.on("/trickle", trickling_answer(stop, length=200))  # 20 s, were it let
-    config = idle_limit_config(fake_model.url, timeout="1s")
+    config = idle_limit_config(fake_model.url, timeout="600ms")
     sidecar = await start_sidecar(config)
     async with sidecar.session.get(sidecar.url + "/trickle") as resp:
         assert resp.status == 504
         error = (await resp.json())["error"]
     stop.set()
     assert error["type"] == "upstream_timeout"
-    assert error["message"] == "upstream 'model' did not finish its answer within 1s"
+    assert error["message"] == "upstream 'model' did not finish its answer within 0.6s"
     config["routes"][0]["fallback"] = {
         "triggers": ["timeout"],
         "chain": [{"static": {"name": "default", "status": 200, "body": {"label": -1}}}],
@@ -396,8 +396,8 @@ async def test_a_small_answer_trickled_under_the_idle_limit_ends_at_the_attempts
 async def test_a_retrys_small_answer_ends_within_what_is_left_of_the_routes_deadline(
     fake_model: FakeModel, start_sidecar: StartSidecar
 ) -> None:
-    """The first attempt hangs its 1.5 s; the retry has what is left of the route's 2 s
-    (about 0.5 s), for its whole small answer too, not another 1.5 s past the deadline."""
+    """The first attempt hangs its 1 s; the retry has what is left of the route's 1.5 s
+    (about 0.5 s), for its whole small answer too, not another 1 s past the deadline."""
     stop = asyncio.Event()
     trickles = trickling_answer(stop, length=100)
 
@@ -407,9 +407,9 @@ async def test_a_retrys_small_answer_ends_within_what_is_left_of_the_routes_dead
         return await trickles(request)
 
     fake_model.on("/infer", hangs_then_trickles)
-    config = idle_limit_config(fake_model.url, timeout="2s")
+    config = idle_limit_config(fake_model.url, timeout="1500ms")
     config["routes"][0].update(
-        {"retryable": True, "per_try_timeout": "1500ms", "retry": {"attempts": 2}}
+        {"retryable": True, "per_try_timeout": "1s", "retry": {"attempts": 2}}
     )
     config["routes"][0]["retry"].update({"backoff_base": "1ms", "backoff_max": "1ms"})
     sidecar = await start_sidecar(config)
@@ -420,7 +420,7 @@ async def test_a_retrys_small_answer_ends_within_what_is_left_of_the_routes_dead
     assert len(fake_model.hits_for("/infer")) == 2
     found = re.fullmatch(r"upstream 'model' did not finish its answer within ([0-9.]+)s", message)
     assert found is not None, message
-    assert float(found.group(1)) < 1.0  # what was left of 2 s after 1.5 s, not 1.5 s
+    assert float(found.group(1)) < 1.0  # what was left of 1.5 s after 1 s, not 1 s
 
 
 async def test_a_small_5xx_trickled_under_the_idle_limit_ends_at_the_attempts_limit(
@@ -429,10 +429,10 @@ async def test_a_small_5xx_trickled_under_the_idle_limit_ends_at_the_attempts_li
     """The model's own 503 (a status the breaker counts), passed on with no fallback
     to answer, was read whole bounded only by the idle limit: trickled a byte every
     0.1 s it held the request 10 s on a route whose attempts have 1 s. Like any small
-    answer it must arrive whole within the attempt's limit."""
+    answer it must arrive whole within the attempt's limit (0.6 s here)."""
     stop = asyncio.Event()
     fake_model.on("/trickle", trickling_answer(stop, status=503, length=100))  # 10 s
-    sidecar = await start_sidecar(idle_limit_config(fake_model.url, timeout="1s"))
+    sidecar = await start_sidecar(idle_limit_config(fake_model.url, timeout="600ms"))
     try:
         async with sidecar.session.get(sidecar.url + "/trickle") as resp:
             status = resp.status
@@ -441,7 +441,7 @@ async def test_a_small_5xx_trickled_under_the_idle_limit_ends_at_the_attempts_li
         stop.set()
     assert status == 504, body
     assert orjson.loads(body)["error"]["message"] == (
-        "upstream 'model' did not finish its answer within 1s"
+        "upstream 'model' did not finish its answer within 0.6s"
     )
 
 
