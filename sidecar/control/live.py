@@ -137,9 +137,15 @@ class LiveRuntime:
                 await fresh.start()
                 # Readiness is known before it serves (unchanged upstreams' carries on).
                 await fresh.upstreams.first_pass_done.wait()
-            except BaseException:
-                await fresh.stop()  # nothing of a reload that failed keeps running
-                raise
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, after the stop
+                failed: BaseException | None = exc
+            else:
+                failed = None
+            if failed is not None:
+                # Nothing of a reload that failed keeps running. Awaited outside the
+                # except clause (tests/unit/test_native_exceptions.py).
+                await fresh.stop()
+                raise failed
             old = self.current
             if old.draining:  # shutting down began meanwhile: it must stay not ready
                 await fresh.stop()

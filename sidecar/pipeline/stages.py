@@ -219,10 +219,14 @@ class Pipeline:
             if not self.body_arrived(request, ctx):
                 await self.read_body(request, ctx)
         except SchemaFailed as failed:
-            # Listing what failed is the slow part: a thread, never the loop.
-            validator = self.validators[ctx.route_name]
-            raise await asyncio.to_thread(validator.violation, failed.document) from None
-        return await self.admit(request, ctx)
+            invalid = failed.document
+        else:
+            return await self.admit(request, ctx)
+        # Listing what failed is the slow part: a thread, never the loop. Awaited
+        # outside the except clause: compiled code closed while suspended in one
+        # leaves its error as the thread's (tests/unit/test_native_exceptions.py).
+        validator = self.validators[ctx.route_name]
+        raise await asyncio.to_thread(validator.violation, invalid)
 
     def identify(self, request: Request) -> RequestContext:
         """Accept or make the request id and trace context; bind them to log lines."""
@@ -309,10 +313,14 @@ class Pipeline:
                 request.headers.get("Authorization"),
                 request.headers.get(header) if header else None,
             )
-        except errors.Unauthorized:
+        except errors.Unauthorized as exc:
+            refused: errors.Unauthorized | None = exc
+        else:
+            refused = None
+        if refused is not None:  # awaited outside the except clause, as above
             if self.limiter is not None:
                 await self.limiter.check_failed_auth()
-            raise
+            raise refused
         route = ctx.route
         if route is not None:
             authenticator.authorize(principal, route.name, request.method)

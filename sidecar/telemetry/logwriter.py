@@ -426,10 +426,13 @@ class LogWriter:
                 self.last_error = f"{type(exc).__name__}: {exc}"[:200]
                 if delay is None or self._stopping:
                     return False
-                await asyncio.sleep(delay)
+                pause = delay
             else:
                 self.failing = False
                 return True
+            # Outside the except clause: compiled code closed while suspended in one
+            # leaves its error as the thread's (tests/unit/test_native_exceptions.py).
+            await asyncio.sleep(pause)
         return False
 
     async def stop(self, flush_within: float = 10.0) -> None:
@@ -440,11 +443,14 @@ class LogWriter:
         self._woken = True
         self._wakeup.set()
         if self._task is not None and not self._task.done():
+            stuck = False
             try:
                 async with asyncio.timeout(flush_within):
                     await asyncio.shield(self._task)
             except TimeoutError:
-                await self._tasks.stop()  # the sink is stuck
+                stuck = True
+            if stuck:  # awaited outside the except clause, as in _write
+                await self._tasks.stop()
         self._closed = True
         self._unwritten.inc(len(self._queue))
         self._queue.clear()
