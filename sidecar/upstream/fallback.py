@@ -116,6 +116,52 @@ def restamp_id(body: bytes, request_body: bytes, protocol: str, request_id: str)
         return body
 
 
+def asks_for_a_stream(request_body: bytes) -> bool:
+    """An OpenAI-style request with ``"stream": true``: its client reads events."""
+    if b'"stream"' not in request_body:
+        return False
+    try:
+        request = orjson.loads(request_body)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(request, dict) and request.get("stream") is True
+
+
+def as_event_stream(answer: Response) -> Response:
+    """A whole OpenAI-style answer (a rule's, the static one, the cache's) in the
+    form a client that asked for a stream reads: one server-sent event holding it (a
+    chat completion as its one chunk, each choice's ``message`` as its ``delta``),
+    then ``[DONE]``. Sent as JSON, the openai package found no event in it and gave
+    the user an empty stream without an error. Other answers (an error status, a
+    body that is not a JSON object, one that is a stream already) are left alone."""
+    if not 200 <= answer.status < 300 or answer.content_type != "application/json":
+        return answer
+    try:
+        document = orjson.loads(answer.body)
+    except orjson.JSONDecodeError:
+        return answer
+    if not isinstance(document, dict):
+        return answer
+    choices = document.get("choices")
+    if document.get("object") == "chat.completion" or (
+        isinstance(choices, list) and any(isinstance(c, dict) and "message" in c for c in choices)
+    ):
+        document["object"] = "chat.completion.chunk"
+        if isinstance(choices, list):
+            document["choices"] = [
+                {("delta" if key == "message" else key): value for key, value in choice.items()}
+                if isinstance(choice, dict)
+                else choice
+                for choice in choices
+            ]
+    # orjson writes no newline, which would end the event's data line.
+    body = b"data: " + orjson.dumps(document) + b"\n\ndata: [DONE]\n\n"
+    headers = answer.headers.copy()
+    headers["Content-Type"] = "text/event-stream"
+    headers["Cache-Control"] = "no-cache"
+    return Response(answer.status, body, headers)
+
+
 # Directives by which a model says an answer to an authorized request may be shared
 # (RFC 9111, section 3.5).
 _SHAREABLE: Final = frozenset({"public", "s-maxage", "must-revalidate"})
@@ -410,6 +456,7 @@ class FallbackChain:
         that its answers mean the same here); it goes on holding, and counting in its
         budget, what both chains store."""
         self.triggers = frozenset(policy.triggers)
+        self.protocol = protocol
         self.statuses = frozenset(policy.statuses)
         # What readiness needs to know: the secondary models the chain asks, and
         # whether a step answers without any model (cache, rules, static).
@@ -457,13 +504,22 @@ class FallbackChain:
         answer: Response | SecondaryAnswer | None
         for step in self._steps:
             if isinstance(step, _Canned):
-                return step.response()
+                return self._as_asked(step.response(), body)
             if isinstance(step, SecondaryUpstream):
-                answer = await step.answer(call)
-            elif isinstance(step, ResponseCache):
+                answer = await step.answer(call)  # asked the request itself: it streams
+                if answer is not None:
+                    return answer
+                continue
+            if isinstance(step, ResponseCache):
                 answer = step.answer(call.method, call.target, body, call.request_id)
             else:
                 answer = step.answer(body)
             if answer is not None:
-                return answer
+                return self._as_asked(answer, body)
         return None
+
+    def _as_asked(self, answer: Response, body: bytes) -> Response:
+        """A whole answer made here, as a stream when an OpenAI client asked for one."""
+        if self.protocol == "openai" and asks_for_a_stream(body):
+            return as_event_stream(answer)
+        return answer

@@ -204,3 +204,69 @@ async def test_openai_streams_complete_as_200_and_errors_read_as_openai_errors(
     completed = [r for r in records if r["status"] == 200]
     assert len(completed) == streams + 1  # every stream counted complete: none a 500
     assert {r["outcome"] for r in completed} == {"ok"}
+
+
+async def test_a_canned_fallback_answers_an_openai_stream_as_a_stream(
+    aiohttp_server: Any, start_sidecar: Any
+) -> None:
+    # The model down, a rule answers with a chat completion. To a request with
+    # "stream": true it went as that JSON: the openai package found no event in it
+    # and gave an empty stream, no error: a completion silently lost.
+    model = await aiohttp_server(fake_openai_server(), host=LOOPBACK)
+    config = base_config(f"http://{LOOPBACK}:{model.port}")
+    answer = {
+        "id": "fallback-1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "rules",
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "stop",
+                "message": {"role": "assistant", "content": "try again later"},
+            }
+        ],
+    }
+    config["routes"] = [
+        {
+            "name": "chat",
+            "path_prefix": "/v1",
+            "upstream": "model",
+            "protocol": "openai",
+            "timeout": "200ms",
+            "fallback": {
+                "chain": [
+                    {
+                        "rules": [
+                            {
+                                "name": "busy",
+                                "when": {"field": "model", "eq": "hang"},
+                                "respond": {"status": 200, "body": answer},
+                            }
+                        ]
+                    }
+                ]
+            },
+        }
+    ]
+    sidecar = await start_sidecar(config)
+    client = openai.AsyncOpenAI(
+        base_url=f"{sidecar.url}/v1", api_key="unused", max_retries=0, timeout=10
+    )
+    try:
+        stream = await client.chat.completions.with_raw_response.create(
+            model="hang", messages=[{"role": "user", "content": "?"}], stream=True
+        )
+        assert stream.headers["X-Sidecar-Fallback"] == "busy"
+        chunks = [chunk async for chunk in stream.parse()]
+        whole = await client.chat.completions.create(
+            model="hang", messages=[{"role": "user", "content": "?"}]
+        )
+    finally:
+        await client.close()
+    assert [c.choices[0].delta.content for c in chunks] == ["try again later"]
+    assert chunks[0].object == "chat.completion.chunk"
+    assert chunks[0].choices[0].finish_reason == "stop"
+    # Without "stream", the configured answer as it is.
+    assert whole.object == "chat.completion"
+    assert whole.choices[0].message.content == "try again later"

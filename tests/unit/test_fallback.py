@@ -305,6 +305,56 @@ RULES = {
 }
 
 
+async def test_an_openai_stream_gets_a_made_up_answer_as_one_event_and_others_as_they_are() -> None:
+    completion = {"object": "chat.completion", "choices": [{"index": 0, "message": {"c": 1}}]}
+    text = {"object": "text_completion", "choices": [{"index": 0, "text": "t"}]}
+    steps = {
+        "rules": [
+            {"name": "chat", "when": {"field": "k", "eq": "c"}, "respond": {"body": completion}},
+            {"name": "text", "when": {"field": "k", "eq": "t"}, "respond": {"body": text}},
+            {"name": "e", "when": {"field": "k", "eq": "e"}, "respond": {"status": 503}},
+            {
+                "name": "sse",
+                "when": {"field": "k", "eq": "s"},
+                "respond": {"body": "x", "headers": {"Content-Type": "text/event-stream"}},
+            },
+        ]
+    }
+    settings = FallbackPolicy.model_validate({"chain": [steps]})
+    fallback = FallbackChain(settings, {}, FakeClock(), protocol="openai")
+    plain = chain(steps)
+
+    async def ask(chain: FallbackChain, body: dict[str, Any]) -> Any:
+        answer = await chain.answer(call(), orjson.dumps(body))
+        assert answer is not None
+        return answer
+
+    streamed = await ask(fallback, {"k": "c", "stream": True})
+    assert streamed.headers["Content-Type"] == "text/event-stream"
+    assert streamed.headers[FALLBACK_HEADER] == "chat"
+    event, done = streamed.body.split(b"\n\n", 1)
+    assert done == b"data: [DONE]\n\n"
+    chunk = orjson.loads(event.removeprefix(b"data: "))
+    assert chunk == {
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": {"c": 1}}],
+    }
+    text_event = (await ask(fallback, {"k": "t", "stream": True})).body.split(b"\n\n")[0]
+    assert orjson.loads(text_event.removeprefix(b"data: ")) == text  # its streamed form too
+    # Not asked for a stream, not an answer of its own success, already a stream, or
+    # not an OpenAI route: as configured.
+    for chain_, body in (
+        (fallback, {"k": "c"}),
+        (fallback, {"k": "c", "stream": "yes"}),
+        (fallback, {"k": "e", "stream": True}),
+        (fallback, {"k": "s", "stream": True}),
+        (plain, {"k": "c", "stream": True}),
+    ):
+        answer = await ask(chain_, body)
+        assert answer.headers["Content-Type"] != "text/event-stream" or body["k"] == "s"
+        assert not answer.body.startswith(b"data: ")
+
+
 async def test_the_first_rule_that_matches_answers() -> None:
     fallback = chain(RULES, {"static": {"body": "default"}})
     big = await fallback.answer(call(), b'{"x": 11}')
