@@ -43,8 +43,10 @@ from sidecar.telemetry.metrics import Metrics
 from sidecar.upstream.breaker import BreakerFailure, UpstreamBreaker
 from sidecar.upstream.fallback import (
     FALLBACK_HEADER,
+    JSON_HEAD_LENGTH,
     FallbackChain,
     SecondaryAnswer,
+    json_head_length,
     keeps,
 )
 from sidecar.upstream.retry import RetryBudget, backoff_delay, parse_retry_after
@@ -560,6 +562,8 @@ def _record(
                 # a charset is part of what the bytes mean.
                 answer.headers.get("Content-Type"),
                 body,
+                json_head_length(answer.headers.get(JSON_HEAD_LENGTH), len(body)),
+                json_head_length(request.headers.get(JSON_HEAD_LENGTH), len(request_body)),
             )
         if path.drift is not None:
             path.drift.observe(request_body, body)

@@ -33,6 +33,9 @@ from sidecar.upstream.upstreams import UpstreamCall, UpstreamClient
 log: Final = structlog.get_logger("sidecar.upstream.fallback")
 
 FALLBACK_HEADER: Final = "X-Sidecar-Fallback"
+# V2's binary tensor extension (Triton; tritonclient asks for binary outputs by
+# default): the body is a JSON head of this many bytes, then the tensors' bytes.
+JSON_HEAD_LENGTH: Final = "Inference-Header-Content-Length"
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,12 +68,28 @@ class _CacheEntry:
     status: int
     content_type: str | None
     body: bytes
+    json_head: int | None  # the body's JSON head in bytes (binary V2 tensors follow)
 
 
-def canonical_key(method: str, target: str, body: bytes, protocol: str = "plain") -> str:
+def json_head_length(value: str | None, size: int) -> int | None:
+    """An ``Inference-Header-Content-Length``: the JSON head's length when it is
+    one within a body of ``size`` bytes, else None."""
+    if value is None or not value.isascii() or not value.isdigit():
+        return None
+    length = int(value)
+    return length if length <= size else None
+
+
+def canonical_key(
+    method: str, target: str, body: bytes, protocol: str = "plain", json_head: int | None = None
+) -> str:
     """The same request to the same model gives the same key, whatever the JSON's key
     order or spacing; the method and target keep two models behind one route apart.
-    A V2 request's top-level ``id`` names the request, not its inputs: it is left out."""
+    A V2 request's top-level ``id`` names the request, not its inputs: it is left out.
+    ``json_head``: a binary V2 request's JSON is its first bytes, its tensors follow."""
+    tensors = b""
+    if json_head is not None:
+        body, tensors = body[:json_head], body[json_head:]
     try:
         document = orjson.loads(body)
         if protocol == "v2" and isinstance(document, dict):
@@ -81,6 +100,8 @@ def canonical_key(method: str, target: str, body: bytes, protocol: str = "plain"
         # the bytes as they came are the key.
         canonical = body
     digest = hashlib.blake2b(digest_size=16)
+    if json_head is not None:  # the head's length keeps it apart from the tensors
+        canonical = b"%d\n%b%b" % (len(canonical), canonical, tensors)
     for part in (method.encode(), b" ", target.encode(), b"\n", canonical):
         digest.update(part)
     return digest.hexdigest()
@@ -239,9 +260,13 @@ class ResponseCache:
         status: int,
         content_type: str | None,
         body: bytes,
+        json_head: int | None = None,
+        request_json_head: int | None = None,
     ) -> None:
+        """``json_head``, ``request_json_head``: the answer's and the request's
+        Inference-Header-Content-Length (binary V2 tensors), when they have one."""
         settings = self._settings
-        key = canonical_key(method, target, request_body, self._protocol)
+        key = canonical_key(method, target, request_body, self._protocol, request_json_head)
         old = self._entries.pop(key, None)
         if old is not None:
             self._bytes -= len(old.body)
@@ -250,7 +275,7 @@ class ResponseCache:
             # more). One over max_bytes is not stored either: to make room, every
             # other answer was evicted before it was itself.
             return
-        self._entries[key] = _CacheEntry(self._clock(), status, content_type, body)
+        self._entries[key] = _CacheEntry(self._clock(), status, content_type, body, json_head)
         self._bytes += len(body)
         while len(self._entries) > settings.max_entries or self._bytes > settings.max_bytes:
             _, evicted = self._entries.popitem(last=False)
@@ -259,12 +284,21 @@ class ResponseCache:
                 self._evicted.inc()
 
     def answer(
-        self, method: str, target: str, request_body: bytes, request_id: str
+        self,
+        method: str,
+        target: str,
+        request_body: bytes,
+        request_id: str,
+        request_json_head: int | None = None,
     ) -> Response | None:
         # A HEAD is answered with the head of the GET (RFC 9110 section 9.3.2): its
         # Content-Length and fields are the GET's; the server sends no body.
         key = canonical_key(
-            "GET" if method == "HEAD" else method, target, request_body, self._protocol
+            "GET" if method == "HEAD" else method,
+            target,
+            request_body,
+            self._protocol,
+            request_json_head,
         )
         entry = self._entries.get(key)
         if entry is None:
@@ -278,7 +312,19 @@ class ResponseCache:
         headers = Headers([(FALLBACK_HEADER, self.name), ("Age", str(int(age)))])
         if entry.content_type:
             headers["Content-Type"] = entry.content_type
-        body = restamp_id(entry.body, request_body, self._protocol, request_id)
+        if request_json_head is not None:
+            request_body = request_body[:request_json_head]
+        if entry.json_head is None:
+            body = restamp_id(entry.body, request_body, self._protocol, request_id)
+        else:
+            # Binary tensors after a JSON head: without the field saying where the head
+            # ends, tritonclient read the whole body as JSON and failed. The id is the
+            # head's, whose length it changes.
+            head = restamp_id(
+                entry.body[: entry.json_head], request_body, self._protocol, request_id
+            )
+            body = head + entry.body[entry.json_head :]
+            headers[JSON_HEAD_LENGTH] = str(len(head))
         return Response(entry.status, body, headers)
 
 
@@ -511,7 +557,13 @@ class FallbackChain:
                     return answer
                 continue
             if isinstance(step, ResponseCache):
-                answer = step.answer(call.method, call.target, body, call.request_id)
+                answer = step.answer(
+                    call.method,
+                    call.target,
+                    body,
+                    call.request_id,
+                    json_head_length(call.headers.get(JSON_HEAD_LENGTH), len(body)),
+                )
             else:
                 answer = step.answer(body)
             if answer is not None:

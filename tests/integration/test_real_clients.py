@@ -5,6 +5,7 @@ sidecar's errors as their own, and complete streams must count as complete."""
 from __future__ import annotations
 
 import asyncio
+import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -108,6 +109,78 @@ async def test_a_method_the_v2_route_does_not_take_is_refused_in_v2s_shape(
         await asyncio.to_thread(metadata)
     assert caught.value.status() == "405"
     assert caught.value.message() == "method GET is not allowed here"
+
+
+MODEL_DOWN = web.AppKey("model_down", list[bool])
+
+
+async def binary_v2_model(request: web.Request) -> web.Response:
+    """A V2 server using the binary tensor extension as Triton does: a JSON head of
+    Inference-Header-Content-Length bytes, then the tensors' raw bytes. 503 once
+    told to fail."""
+    if request.app[MODEL_DOWN][0]:
+        return web.json_response({"error": "unavailable"}, status=503)
+    raw = await request.read()
+    size = request.headers.get("Inference-Header-Content-Length")
+    document = orjson.loads(raw[: int(size)] if size else raw)
+    head: dict[str, Any] = {"model_name": "iris", "model_version": "1"}
+    if "id" in document:
+        head["id"] = document["id"]
+    data = struct.pack("<q", 2)
+    head["outputs"] = [
+        {
+            "name": "label",
+            "shape": [1],
+            "datatype": "INT64",
+            "parameters": {"binary_data_size": len(data)},
+        }
+    ]
+    json_head = orjson.dumps(head)
+    return web.Response(
+        body=json_head + data,
+        content_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": str(len(json_head))},
+    )
+
+
+async def test_a_cached_binary_v2_answer_reads_in_tritonclient(
+    aiohttp_server: Any, start_sidecar: StartSidecar
+) -> None:
+    # tritonclient asks for binary outputs by default. The cache kept such an answer's
+    # body and Content-Type but not its Inference-Header-Content-Length: served while
+    # the model was down, tritonclient read JSON followed by tensor bytes and failed
+    # with a JSONDecodeError of its own.
+    app = web.Application()
+    app[MODEL_DOWN] = down = [False]
+    app.router.add_post("/v2/models/iris/infer", binary_v2_model)
+    app.router.add_get("/v2/health/ready", _ok)
+    model = await aiohttp_server(app, host=LOOPBACK)
+    config = v2_config(f"http://{LOOPBACK}:{model.port}")
+    config["routes"][0]["fallback"] = {"chain": [{"cache": {}}]}
+    sidecar = await start_sidecar(config)
+
+    def infer(request_id: str) -> tuple[list[int], str | None]:
+        client = triton.InferenceServerClient(f"{LOOPBACK}:{sidecar.running.main_port}")
+        try:
+            tensor = triton.InferInput("input-0", [1, 4], "FP32")
+            tensor.set_data_from_numpy(
+                np.array([[6.9, 3.1, 5.4, 2.1]], dtype=np.float32), binary_data=False
+            )
+            result = client.infer(
+                "iris",
+                [tensor],
+                outputs=[triton.InferRequestedOutput("label")],
+                request_id=request_id,
+            )
+            return result.as_numpy("label").tolist(), result.get_response().get("id")
+        finally:
+            client.close()
+
+    assert await asyncio.to_thread(infer, "first") == ([2], "first")
+    down[0] = True
+    # From the cache: the tensor read, and the id this request's.
+    assert await asyncio.to_thread(infer, "second") == ([2], "second")
+    assert await asyncio.to_thread(infer, "") == ([2], None)
 
 
 CHUNKS = [

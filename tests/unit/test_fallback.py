@@ -33,6 +33,7 @@ from sidecar.upstream.fallback import (
     SecondaryAnswer,
     SecondaryUpstream,
     canonical_key,
+    json_head_length,
     keeps,
     restamp_id,
 )
@@ -168,6 +169,36 @@ def test_the_cache_restamps_ids_by_protocol() -> None:
     assert response is not None
     assert response.body is not None
     assert orjson.loads(response.body) == {"id": "cached-r-5"}
+
+
+def test_a_binary_v2_answer_keeps_its_json_head_length_and_its_tensors() -> None:
+    c = cache(FakeClock(), protocol="v2")
+    head = b'{"id":"old","outputs":[]}'
+    tensors = b"\x02\x00\x00\x00\x00\x00\x00\x00"
+    request = b'{"id":"a","inputs":[]}' + b"\x01\x02"
+    c.store("POST", "/infer", request, 200, None, head + tensors, len(head), len(request) - 2)
+    # Another id in the request's JSON head: the same request; other tensors: not.
+    again = b'{"inputs":[],"id":"b-2"}' + b"\x01\x02"
+    response = c.answer("POST", "/infer", again, "r-1", len(again) - 2)
+    assert response is not None
+    length = int(response.headers["Inference-Header-Content-Length"])
+    assert orjson.loads(response.body[:length]) == {"id": "b-2", "outputs": []}
+    assert response.body[length:] == tensors
+    assert c.answer("POST", "/infer", b'{"inputs":[]}\x01\x03', "r-1", 13) is None
+    # A JSON answer has no such field; a length that cannot be one is none.
+    c.store("POST", "/json", b"{}", 200, None, b'{"id":"x"}')
+    plain = c.answer("POST", "/json", b"{}", "r-1")
+    assert plain is not None
+    assert "Inference-Header-Content-Length" not in plain.headers
+    assert [json_head_length(v, 10) for v in (None, "", "4", "10", "11", "-1", "\u0664")] == [
+        None,
+        None,
+        4,
+        10,
+        None,
+        None,
+        None,
+    ]
 
 
 def test_an_answer_lives_exactly_its_ttl_then_is_forgotten() -> None:
