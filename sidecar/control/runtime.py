@@ -194,7 +194,11 @@ class Runtime:
             self.limiter.take_over(previous.limiter)
         self.validators = {
             route.name: RequestValidator(
-                route.name, route.validate_, plan.schemas.get(route.name), self.metrics
+                route.name,
+                route.validate_,
+                plan.schemas.get(route.name),
+                self.metrics,
+                binary_tensors=route.protocol == "v2",
             )
             for route in config.routes
             if route.validate_ is not None

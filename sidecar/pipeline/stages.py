@@ -58,6 +58,8 @@ CLIENT_CLOSED_STATUS: Final = 499
 # them unchecked (a POST without a body is still not JSON).
 _BODILESS_METHODS: Final = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
 _OWN_ALLOW: Final = "GET, HEAD"  # what the own endpoints (/livez, ...) answer
+# V2's binary tensor extension: the body's JSON head is this many bytes.
+_JSON_HEAD_LENGTH: Final = b"inference-header-content-length"
 
 
 class Parts(Protocol):
@@ -350,23 +352,30 @@ class Pipeline:
         body = request.arrived_body(ctx.body_limit)
         if body is None:
             return False
-        self.check_body(ctx, body, validator)
+        self.check_body(request, ctx, body, validator)
         return True
 
     async def read_body(self, request: Request, ctx: RequestContext) -> None:
         """The body within the route's limit (413, or 408 when it stalls), checked."""
         assert ctx.route is not None
         body = await read_body(request, ctx.body_limit)
-        self.check_body(ctx, body, self.validators.get(ctx.route.name))
+        self.check_body(request, ctx, body, self.validators.get(ctx.route.name))
 
     def check_body(
-        self, ctx: RequestContext, body: bytes, validator: RequestValidator | None
+        self,
+        request: Request,
+        ctx: RequestContext,
+        body: bytes,
+        validator: RequestValidator | None,
     ) -> None:
         """JSON (400 invalid_json) and schema (``SchemaFailed``), as the route asks."""
         ctx.body = body
         ctx.bytes_in = len(body)
         if validator is not None:
-            ctx.document = validator.check_body(body)
+            json_head = (
+                request.headers.get_raw(_JSON_HEAD_LENGTH) if validator.binary_tensors else None
+            )
+            ctx.document = validator.check_body(body, json_head)
 
     async def admit(self, request: Request, ctx: RequestContext) -> Answer:
         """Load shedding: caps on requests in flight, per route and server-wide.

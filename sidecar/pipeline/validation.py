@@ -115,8 +115,12 @@ class RequestValidator:
         settings: ValidationSettings,
         schema: CompiledSchema | None,
         metrics: Metrics,
+        binary_tensors: bool = False,
     ) -> None:
+        """``binary_tensors``: a V2 route, whose requests may use the binary tensor
+        extension (``Inference-Header-Content-Length``)."""
         self.route = route
+        self.binary_tensors = binary_tensors
         self.content_types = frozenset(settings.content_types)
         self.needs_json = settings.require_json or schema is not None
         self.max_depth = settings.max_depth
@@ -130,10 +134,23 @@ class RequestValidator:
                 f"content type {content_type or '(none)'!r} is not accepted here; use {allowed}"
             )
 
-    def check_body(self, body: bytes) -> Any:
-        """The parsed JSON document (or None when the route does not ask for JSON)."""
+    def check_body(self, body: bytes, json_head: bytes | None = None) -> Any:
+        """The parsed JSON document (or None when the route does not ask for JSON).
+
+        ``json_head``: the request's ``Inference-Header-Content-Length`` on a V2 route.
+        tritonclient sends numpy arrays that way by default (a JSON head of that many
+        bytes, then the tensors' raw bytes), and the whole body, checked as JSON, was
+        refused 400: the head alone is the JSON, checked as strictly."""
         if not self.needs_json:
             return None
+        if json_head is not None and self.binary_tensors:
+            length = int(json_head) if json_head.isdigit() else -1
+            if not 0 <= length <= len(body):
+                raise errors.InvalidJson(
+                    "Inference-Header-Content-Length is not the length of a JSON head "
+                    f"within the {len(body)}-byte body"
+                )
+            body = body[:length]
         try:
             document = orjson.loads(body)  # bounds its own recursion (1024 levels)
         except orjson.JSONDecodeError as exc:

@@ -183,6 +183,51 @@ async def test_a_cached_binary_v2_answer_reads_in_tritonclient(
     assert await asyncio.to_thread(infer, "") == ([2], None)
 
 
+async def test_tritonclients_binary_tensors_pass_a_strict_json_v2_route(
+    aiohttp_server: Any, start_sidecar: StartSidecar
+) -> None:
+    # tritonclient sends a numpy array as binary data by default: a JSON head of
+    # Inference-Header-Content-Length bytes, then the tensor's bytes. The route
+    # `sidecar init --protocol v2` writes checks strict JSON, and answered every such
+    # request 400 "the body is not valid JSON". Now the head is what is checked.
+    app = web.Application()
+    app[MODEL_DOWN] = [False]
+    app.router.add_post("/v2/models/iris/infer", binary_v2_model)
+    app.router.add_get("/v2/health/ready", _ok)
+    model = await aiohttp_server(app, host=LOOPBACK)
+    config = v2_config(f"http://{LOOPBACK}:{model.port}")
+    config["routes"][0]["validate"] = {"json": True, "max_depth": 8}
+    sidecar = await start_sidecar(config)
+
+    def infer() -> list[int]:
+        client = triton.InferenceServerClient(f"{LOOPBACK}:{sidecar.running.main_port}")
+        try:
+            tensor = triton.InferInput("input-0", [1, 4], "FP32")
+            tensor.set_data_from_numpy(np.array([[6.9, 3.1, 5.4, 2.1]], dtype=np.float32))
+            result = client.infer("iris", [tensor])
+            return result.as_numpy("label").tolist()  # type: ignore[no-any-return]
+        finally:
+            client.close()
+
+    assert await asyncio.to_thread(infer) == [2]
+    # The head is checked as strictly as a whole JSON body is; a length that cannot
+    # be the head's is refused.
+    url = f"{sidecar.url}/v2/models/iris/infer"
+    for head, length in (
+        (b'{"inputs": [], "inputs": []}', None),
+        (b"[" * 20 + b"]" * 20, None),
+        (b"{NaN}", None),
+        (b'{"inputs": []}', "99"),
+        (b'{"inputs": []}', "x"),
+    ):
+        size = length or str(len(head))
+        headers = {"Inference-Header-Content-Length": size}
+        async with sidecar.session.post(url, data=head + b"\x00\x01", headers=headers) as resp:
+            body = orjson.loads(await resp.read())
+        assert resp.status == 400, (head, length)
+        assert body["type"] == "invalid_json"
+
+
 CHUNKS = [
     {"choices": [{"index": 0, "delta": {"content": word}}], "object": "chat.completion.chunk"}
     for word in ("iris", " is", " setosa")
