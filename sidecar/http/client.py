@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import os
 import socket
 from collections import deque
@@ -446,13 +447,19 @@ class Deadlines:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._slots: dict[int, set[asyncio.Future[Any]]] = {}
+        # The timers run in a context of their own. Made in the request's, a timer
+        # kept that context (its log binding: the request, its body) alive until its
+        # slot fired, never cancelled, the route's whole timeout after the answer:
+        # 40 requests of 8 MiB held 385 MB for 30 s past server.max_buffered_bodies
+        # (16 MiB), the bodies of every request of the last route timeout.
+        self._context = contextvars.Context()
 
     def add(self, deadline: float, waiter: asyncio.Future[Any]) -> int:
         slot = int(deadline / self.RESOLUTION) + 1  # rounded up (an int, not math.ceil's call)
         due = self._slots.get(slot)
         if due is None:
             due = self._slots[slot] = set()
-            self._loop.call_at(slot * self.RESOLUTION, self._fire, slot)
+            self._loop.call_at(slot * self.RESOLUTION, self._fire, slot, context=self._context)
         due.add(waiter)
         return slot
 

@@ -4,6 +4,9 @@ nothing is kept once its request is answered."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import gc
+import weakref
 
 import pytest
 
@@ -39,3 +42,30 @@ async def test_an_answered_waiter_is_let_go_and_its_neighbours_still_expire() ->
         await late
     assert answered.result() == "answer"
     assert deadlines._slots == {}
+
+
+class _Held:
+    """Stands for what a request's log binding holds (its body, its parsed JSON)."""
+
+
+_REQUEST: contextvars.ContextVar[_Held | None] = contextvars.ContextVar("request", default=None)
+
+
+async def test_a_deadline_keeps_nothing_of_the_request_that_set_it() -> None:
+    # The slot's timer was made in the context of the request that opened the slot,
+    # and kept it (the request and its body) until it fired, a route's whole timeout
+    # after the answer: 40 answered requests of 8 MiB held 385 MB for 30 s.
+    loop = asyncio.get_running_loop()
+    deadlines = Deadlines(loop)
+    waiter: asyncio.Future[None] = loop.create_future()
+
+    def request() -> tuple[int, weakref.ref[_Held]]:
+        held = _Held()
+        _REQUEST.set(held)
+        return deadlines.add(loop.time() + 60, waiter), weakref.ref(held)
+
+    slot, held = contextvars.copy_context().run(request)
+    waiter.set_result(None)
+    deadlines.discard(slot, waiter)
+    gc.collect()
+    assert held() is None
