@@ -531,6 +531,9 @@ class ShadowSettings(_Strict):
     fraction: float = Field(default=0.1, ge=0.0, le=1.0)
     timeout: PositiveDuration = 5.0
     max_in_flight: int = Field(default=32, ge=1)
+    # The request bodies the copies out hold together (each until its candidate
+    # answers or times out, after the request itself has ended): past it, skipped.
+    max_bytes: ByteSize = 16 * 1024 * 1024
     compare: ShadowCompare = ShadowCompare()
     governor: ShadowGovernor = ShadowGovernor()
 

@@ -57,10 +57,11 @@ class InFlightCount:
     replaces, whose requests may still be out (each runtime counting its own let a
     reload pass a cap twice)."""
 
-    __slots__ = ("count",)
+    __slots__ = ("bytes", "count")
 
     def __init__(self) -> None:
         self.count = 0
+        self.bytes = 0  # what they hold (a route's shadow copies: their request bodies)
 
 
 class UpstreamCall:

@@ -490,6 +490,33 @@ async def test_copies_past_the_cap_are_skipped_not_queued(
     await m.mirror.stop(drain_within=0.01)
 
 
+async def test_copies_past_the_bytes_they_may_hold_are_skipped_not_queued(
+    make_fake_model: MakeFakeModel, pools: list[Pool]
+) -> None:
+    # A copy holds the request body until the candidate answers or its timeout: 40
+    # bodies of 8 MiB against a candidate taking 3 s took the process from 90 to
+    # 419 MB (32 copies' worth) with server.max_buffered_bodies at 16 MiB.
+    model = await candidate(make_fake_model, V2)
+    m = Mirror(model.url, pools, max_bytes="10KiB")
+    body = b"x" * 4096
+    first, second = m.mirror.mirror(m.call(body)), m.mirror.mirror(m.call(body))
+    assert first is not None
+    assert second is not None
+    assert m.mirror.copies_out.bytes == 8192
+    assert m.mirror.mirror(m.call(body)) is None  # 12 KiB would be out
+    assert m.mirror.mirror(m.call(b"x" * 2048)) is not None  # exactly 10 KiB is not past
+    assert m.mirror.mirror(m.call(b"{}")) is None
+    assert m.count("sidecar_shadow_requests_total", outcome="skipped_busy") == 2.0
+    for ticket in (first, second):
+        ticket.resolve(None)
+    await asyncio.sleep(0)
+    await m.mirror.stop(drain_within=5)
+    assert m.mirror.copies_out.bytes == 0  # every copy gave its bytes back
+    assert m.mirror.mirror(m.call(b"x" * 10240)) is not None
+    await m.mirror.stop(drain_within=0.01)
+    assert m.mirror.copies_out.bytes == 0
+
+
 async def test_stop_cancels_copies_still_waiting_for_their_primary(
     make_fake_model: MakeFakeModel, pools: list[Pool]
 ) -> None:
