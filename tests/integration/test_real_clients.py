@@ -219,6 +219,7 @@ async def test_tritonclients_binary_tensors_pass_a_strict_json_v2_route(
         (b"{NaN}", None),
         (b'{"inputs": []}', "99"),
         (b'{"inputs": []}', "x"),
+        (b'{"inputs": []}', "1" * 5000),  # past int()'s 4,300 digits: was a 500
     ):
         size = length or str(len(head))
         headers = {"Inference-Header-Content-Length": size}
