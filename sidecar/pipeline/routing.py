@@ -25,6 +25,11 @@ class RouteTable:
             _Entry(r.path_prefix, r.path_prefix.rstrip("/") + "/", frozenset(r.methods), r)
             for r in routes
         )
+        # The error shape of a request no route took (a mistyped path, say): when
+        # every route speaks one protocol, its clients are that protocol's (an openai
+        # client reads its error's type and code), else the plain one.
+        protocols = {r.protocol for r in routes}
+        self.unrouted_protocol = protocols.pop() if len(protocols) == 1 else "plain"
 
     def match(self, path: str, method: str) -> tuple[Route | None, Route | None]:
         """Return ``(route, path_route)``: the route, and the first route whose path

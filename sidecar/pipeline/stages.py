@@ -183,7 +183,8 @@ class Pipeline:
     ) -> Response:
         if request.answer_started:
             raise ClientGone("the answer had started; the connection is cut instead")
-        protocol = ctx.route.protocol if ctx.route is not None else "plain"
+        route = ctx.route
+        protocol = route.protocol if route is not None else self.routes.unrouted_protocol
         response = errors.error_response(error, ctx.request_id, protocol)
         ctx.stamp(response.headers)
         ctx.bytes_out = len(response.body)
@@ -486,7 +487,9 @@ def refusal_answer(
     route, path_route = parts.routes.match(path, method)
     shape = route or path_route
     response = errors.error_response(
-        error, request_id, shape.protocol if shape is not None else "plain"
+        error,
+        request_id,
+        shape.protocol if shape is not None else parts.routes.unrouted_protocol,
     )
     ctx = RequestContext(request_id=request_id, sidecar_id=request_id, traceparent="", trace_id="")
     ctx.outcome = error.outcome

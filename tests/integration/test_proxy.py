@@ -550,6 +550,39 @@ async def test_a_refused_request_is_answered_in_its_routes_shape(
     # The HTTP layer answers an HTTP/1.0 client's refusal as HTTP/1.0.
     raw = await raw_request(port, b"GET /v2/x HTTP/1.0\r\n" + big + b"\r\n")
     assert raw.startswith(b"HTTP/1.0 431 "), raw[:100]
+    # A path no route takes, with routes of two protocols: the plain shape.
+    raw = await raw_request(port, b"GET /v3/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    error = orjson.loads(raw.partition(b"\r\n\r\n")[2])["error"]
+    assert (error["type"], "code" in error) == ("no_route", False), error
+    assert fake_model.hits == []
+
+
+async def test_a_request_no_route_takes_is_answered_in_the_protocol_every_route_speaks(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """A mistyped path on a sidecar whose routes all speak OpenAI: its clients are
+    openai clients, which read an error object (its type and code; the plain shape
+    left code None); by the pipeline (404) and by the HTTP layer (431) alike."""
+    config = base_config(fake_model.url)
+    config["routes"] = [
+        {"name": "chat", "path_prefix": "/v1/chat/", "protocol": "openai", "upstream": "model"},
+        {"name": "models", "path_prefix": "/v1/models", "protocol": "openai", "upstream": "model"},
+    ]
+    sidecar = await start_sidecar(config)
+    big = b"X-Big: " + b"a" * 20_000 + b"\r\n"
+    for request, status in (
+        (b"POST /v1/chat-completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", b"404"),
+        (b"GET /nope HTTP/1.1\r\nHost: x\r\n" + big + b"\r\n", b"431"),
+    ):
+        raw = await raw_request(sidecar.running.main_port, request)
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.split(b" ")[1] == status, head
+        error = orjson.loads(body)["error"]
+        assert error["code"] == error["type"], error
+        assert (
+            error["request_id"]
+            == dict(line.split(": ", 1) for line in head.decode().split("\r\n")[1:])["X-Request-ID"]
+        )
     assert fake_model.hits == []
 
 
