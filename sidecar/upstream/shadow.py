@@ -242,6 +242,9 @@ class ShadowMirror:
         # out, the request long gone and out of server.max_buffered_bodies. A slow
         # candidate held max_in_flight of the largest bodies (32 x 8 MiB went to
         # 419 MB with the bodies' budget at 16 MiB).
+        if size > self.settings.max_bytes:  # never fits, however few copies are out
+            self._requests.labels(self.route, "skipped_too_large").inc()
+            return None
         if (
             copies_out.count >= self.settings.max_in_flight
             or copies_out.bytes + size > self.settings.max_bytes

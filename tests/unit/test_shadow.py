@@ -515,6 +515,10 @@ async def test_copies_past_the_bytes_they_may_hold_are_skipped_not_queued(
     assert m.mirror.mirror(m.call(b"x" * 10240)) is not None
     await m.mirror.stop(drain_within=0.01)
     assert m.mirror.copies_out.bytes == 0
+    # A body over max_bytes alone would never fit: too large, not busy.
+    assert m.mirror.mirror(m.call(b"x" * 10241)) is None
+    assert m.count("sidecar_shadow_requests_total", outcome="skipped_too_large") == 1.0
+    assert m.count("sidecar_shadow_requests_total", outcome="skipped_busy") == 2.0
 
 
 async def test_stop_cancels_copies_still_waiting_for_their_primary(
