@@ -23,7 +23,7 @@ from sidecar.config.schema import (
     UpstreamFallback,
 )
 from sidecar.http.client import READ_AHEAD, Pool
-from sidecar.http.messages import Headers
+from sidecar.http.messages import Headers, Response
 from sidecar.telemetry.metrics import Metrics
 from sidecar.upstream.breaker import CLOSED, OPEN, UpstreamBreaker
 from sidecar.upstream.fallback import (
@@ -32,6 +32,8 @@ from sidecar.upstream.fallback import (
     ResponseCache,
     SecondaryAnswer,
     SecondaryUpstream,
+    as_event_stream,
+    asks_for_a_stream,
     canonical_key,
     json_head_length,
     keeps,
@@ -829,3 +831,85 @@ async def test_a_secondary_step_cancelled_while_its_answer_arrives_frees_the_con
     with pytest.raises(asyncio.CancelledError):
         await asking
     assert step.upstream.pool.open == 0  # closed, not left in use
+
+
+@pytest.mark.parametrize(
+    ("body", "asks"),
+    [
+        (b'{"model": "m", "stream": true}', True),
+        (b'{"stream": false}', False),
+        (b'{"stream": 1}', False),  # true itself, as the openai package sends it
+        (b'{"note": "stream"}', False),
+        (b'[{"stream": true}]', False),
+        (b'{"stream": true', False),  # not JSON
+        (b"{}", False),
+    ],
+)
+def test_which_requests_ask_for_a_stream(body: bytes, asks: bool) -> None:
+    assert asks_for_a_stream(body) is asks
+
+
+def completion(**fields: Any) -> Response:
+    document = {
+        "id": "c-1",
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": {"content": "setosa"}, "finish_reason": "stop"}],
+        **fields,
+    }
+    headers = Headers([(FALLBACK_HEADER, "rule")])
+    return Response(200, orjson.dumps(document), headers, content_type="application/json")
+
+
+def events(answer: Response) -> list[Any]:
+    """The event stream's data, each parsed (``[DONE]`` as is); it ends the stream."""
+    assert answer.body.endswith(b"\n\n")
+    found: list[Any] = []
+    for event in answer.body[:-2].split(b"\n\n"):
+        assert event.startswith(b"data: "), answer.body
+        data = event.removeprefix(b"data: ")
+        found.append(data.decode() if data == b"[DONE]" else orjson.loads(data))
+    return found
+
+
+def test_a_made_chat_completion_is_sent_as_its_one_chunk_then_done() -> None:
+    """With "stream": true the openai package reads events: a whole completion sent
+    as JSON gave its user an empty stream, without an error."""
+    streamed = as_event_stream(completion())
+    assert streamed.status == 200
+    assert streamed.headers["Content-Type"] == "text/event-stream"
+    assert streamed.headers["Cache-Control"] == "no-cache"
+    assert streamed.headers[FALLBACK_HEADER] == "rule"
+    chunk, done = events(streamed)
+    assert done == "[DONE]"
+    assert chunk == {
+        "id": "c-1",
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": {"content": "setosa"}, "finish_reason": "stop"}],
+    }
+    # A chat completion by its object alone, or by a choice's message alone.
+    (chunk, _) = events(as_event_stream(completion(choices=[])))
+    assert chunk["object"] == "chat.completion.chunk"
+    (chunk, _) = events(as_event_stream(completion(object="a")))
+    assert chunk["object"] == "chat.completion.chunk"
+    # Anything else is one event as it is (a text completion has no message).
+    text = completion(object="a", choices=[{"index": 0, "text": "setosa"}, "odd"])
+    (chunk, _) = events(as_event_stream(text))
+    assert chunk["object"] == "a"
+    assert chunk["choices"] == [{"index": 0, "text": "setosa"}, "odd"]
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        Response(503, b'{"error": {}}', content_type="application/json"),
+        Response(199, b"{}", content_type="application/json"),
+        Response(300, b"{}", content_type="application/json"),
+        Response(200, b"setosa", content_type="text/plain"),
+        Response(200, b"data: {}\n\n", content_type="text/event-stream"),
+        Response(200, b"not json", content_type="application/json"),
+        Response(200, b"[1, 2]", content_type="application/json"),
+    ],
+    ids=["error", "199", "300", "text", "a-stream-already", "not-json", "not-an-object"],
+)
+def test_other_answers_are_left_as_they_are(answer: Response) -> None:
+    assert as_event_stream(answer) is answer
