@@ -998,6 +998,12 @@ def _public_reason(exc: BaseException) -> str:
     return f"malformed HTTP request: {match.group(0)}" if match else "malformed HTTP request"
 
 
+def _sweep_period(limits: Limits) -> float:
+    """How late a head or idle deadline may fire: a quarter of the shorter one,
+    within 10 ms and half a second."""
+    return max(0.01, min(0.5, min(limits.head_timeout, limits.idle_timeout) / 4))
+
+
 class HttpServer:
     """Listening sockets and their connections, and a graceful drain."""
 
@@ -1016,8 +1022,7 @@ class HttpServer:
         self._servers: list[asyncio.Server] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.Task[None] | None = None
-        shortest = min(self.limits.head_timeout, self.limits.idle_timeout)
-        self._tick = max(0.01, min(0.5, shortest / 4))  # how late a deadline may fire
+        self._tick = _sweep_period(self.limits)
         self.waiting = 0  # connections' tasks waiting for a next request
 
     @property
@@ -1033,8 +1038,7 @@ class HttpServer:
         self.limits = limits
         for conn in self.connections:
             conn.limits = limits
-        shortest = min(limits.head_timeout, limits.idle_timeout)
-        self._tick = max(0.01, min(0.5, shortest / 4))
+        self._tick = _sweep_period(limits)
 
     async def listen(self, host: str, port: int, *, reuse_port: bool = False) -> int:
         """Start accepting on ``host:port``; returns the bound port."""

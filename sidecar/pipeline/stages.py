@@ -44,6 +44,7 @@ from sidecar.pipeline.routing import RouteTable
 from sidecar.pipeline.validation import RequestValidator, SchemaFailed
 from sidecar.telemetry.logwriter import LogWriter
 from sidecar.telemetry.metrics import OUTCOME_CLIENT_CLOSED, OUTCOME_ERROR, Metrics
+from sidecar.upstream.fallback import JSON_HEAD_LENGTH
 from sidecar.upstream.upstreams import InFlightCount
 
 log: Final = structlog.get_logger("sidecar.pipeline.stages")
@@ -58,8 +59,6 @@ CLIENT_CLOSED_STATUS: Final = 499
 # them unchecked (a POST without a body is still not JSON).
 _BODILESS_METHODS: Final = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
 _OWN_ALLOW: Final = "GET, HEAD"  # what the own endpoints (/livez, ...) answer
-# V2's binary tensor extension: the body's JSON head is this many bytes.
-_JSON_HEAD_LENGTH: Final = b"inference-header-content-length"
 
 
 class Parts(Protocol):
@@ -373,9 +372,7 @@ class Pipeline:
         ctx.body = body
         ctx.bytes_in = len(body)
         if validator is not None:
-            json_head = (
-                request.headers.get_raw(_JSON_HEAD_LENGTH) if validator.binary_tensors else None
-            )
+            json_head = request.headers.get(JSON_HEAD_LENGTH) if validator.binary_tensors else None
             ctx.document = validator.check_body(body, json_head)
 
     async def admit(self, request: Request, ctx: RequestContext) -> Answer:

@@ -16,6 +16,7 @@ from sidecar.config.schema import ValidationSettings
 from sidecar.config.schemas import CompiledSchema
 from sidecar.http import errors
 from sidecar.telemetry.metrics import Metrics
+from sidecar.upstream.fallback import json_head_length
 
 # Keep only brackets, and make both kinds one kind (valid JSON pairs them properly).
 _ONE_BRACKET_KIND: Final = bytes.maketrans(b"{}", b"[]")
@@ -134,7 +135,7 @@ class RequestValidator:
                 f"content type {content_type or '(none)'!r} is not accepted here; use {allowed}"
             )
 
-    def check_body(self, body: bytes, json_head: bytes | None = None) -> Any:
+    def check_body(self, body: bytes, json_head: str | None = None) -> Any:
         """The parsed JSON document (or None when the route does not ask for JSON).
 
         ``json_head``: the request's ``Inference-Header-Content-Length`` on a V2 route.
@@ -144,9 +145,8 @@ class RequestValidator:
         if not self.needs_json:
             return None
         if json_head is not None and self.binary_tensors:
-            # At most 18 digits: past 4,300 int() raises (a 500 for the client's field).
-            length = int(json_head) if json_head.isdigit() and len(json_head) <= 18 else -1
-            if not 0 <= length <= len(body):
+            length = json_head_length(json_head, len(body))
+            if length is None:
                 raise errors.InvalidJson(
                     "Inference-Header-Content-Length is not the length of a JSON head "
                     f"within the {len(body)}-byte body"

@@ -645,16 +645,23 @@ def superseded(monitor: Monitor) -> float | None:
 AGE = [{"name": "age", "field": "age"}]
 
 
-def test_only_the_pairs_the_windows_keep_are_parsed(tmp_path: Path) -> None:
-    """Newest first, until every window is full: the older pairs are let go unparsed
-    (and counted), and the PSI is what it would be had they been parsed."""
-    pairs = [pair(float(n % 2), age=float(20 + n)) for n in range(35)]
+def kept_and_every(tmp_path: Path, pairs: list[tuple[bytes, bytes]]) -> tuple[Monitor, Monitor]:
+    """One monitor that observed ``pairs`` and one that digested each; their PSI (both
+    signals) is checked equal, as letting unkept pairs go unparsed must keep it."""
     kept = Monitor(tmp_path, BASELINE, window=10, features=AGE)
     for request, response in pairs:
         kept.monitor.observe(request, response)
     every = Monitor(tmp_path / "every", BASELINE, window=10, features=AGE)
     assert kept.monitor.evaluate() == digest_each(every, pairs)
     assert set(kept.monitor.last_psi) == {"prediction", "age"}
+    return kept, every
+
+
+def test_only_the_pairs_the_windows_keep_are_parsed(tmp_path: Path) -> None:
+    """Newest first, until every window is full: the older pairs are let go unparsed
+    (and counted), and the PSI is what it would be had they been parsed."""
+    pairs = [pair(float(n % 2), age=float(20 + n)) for n in range(35)]
+    kept, every = kept_and_every(tmp_path, pairs)
     assert superseded(kept) == 25
     assert superseded(every) == 0
 
@@ -850,12 +857,7 @@ def test_answers_of_several_predictions_fill_the_window_and_the_rest_is_let_go(
         (orjson.dumps({"age": 20.0 + n}), orjson.dumps({"predictions": [0.0, 1.0, n % 2]}))
         for n in range(30)
     ]
-    kept = Monitor(tmp_path, BASELINE, window=10, features=AGE)
-    for request, response in pairs:
-        kept.monitor.observe(request, response)
-    every = Monitor(tmp_path / "every", BASELINE, window=10, features=AGE)
-    assert kept.monitor.evaluate() == digest_each(every, pairs)
-    assert set(kept.monitor.last_psi) == {"prediction", "age"}
+    kept, _ = kept_and_every(tmp_path, pairs)
     assert superseded(kept) == 20  # the feature needed ten pairs
 
 

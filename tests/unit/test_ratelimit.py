@@ -320,13 +320,25 @@ async def test_a_global_refusal_gives_back_exactly_the_one_token_it_took() -> No
     assert refused.headers["RateLimit-Remaining"] == "2"
 
 
+SPENT_SETTINGS: dict[str, Any] = {
+    "per_principal": {"rate": "1/h", "burst": 1},
+    "global": {"rate": "1/h", "burst": 2},
+}
+
+
+async def spent_limiter(clock: FakeClock) -> Limiter:
+    """alice's bucket and the batch key's spent, the global one at one of two."""
+    before = Limiter(clock, per_key={"batch": rate("1/h", 1)}, **SPENT_SETTINGS)
+    await before.check("alice")
+    await before.check("batch")
+    return before
+
+
 async def test_a_reload_with_the_same_limits_keeps_the_buckets_as_they_are() -> None:
     """Fresh full buckets at every reload handed every client its whole burst again."""
     clock = FakeClock()
-    settings = {"per_principal": {"rate": "1/h", "burst": 1}, "global": {"rate": "1/h", "burst": 2}}
-    before = Limiter(clock, per_key={"batch": rate("1/h", 1)}, **settings)
-    await before.check("alice")
-    await before.check("batch")
+    before = await spent_limiter(clock)
+    settings = SPENT_SETTINGS
     same = Limiter(clock, per_key={"batch": rate("1/h", 1)}, **settings)
     same.limiter.take_over(before.limiter)
     await same.refused("alice")  # alice's bucket is still spent
@@ -336,10 +348,8 @@ async def test_a_reload_with_the_same_limits_keeps_the_buckets_as_they_are() -> 
 
 async def test_a_reload_that_changes_the_limits_starts_with_full_buckets() -> None:
     clock = FakeClock()
-    settings = {"per_principal": {"rate": "1/h", "burst": 1}, "global": {"rate": "1/h", "burst": 2}}
-    before = Limiter(clock, per_key={"batch": rate("1/h", 1)}, **settings)
-    await before.check("alice")
-    await before.check("batch")
+    before = await spent_limiter(clock)
+    settings = SPENT_SETTINGS
     other_key = Limiter(clock, per_key={"batch": rate("1/h", 2)}, **settings)
     other_key.limiter.take_over(before.limiter)
     assert (await other_key.check("alice"))["RateLimit-Remaining"] == "0"  # a fresh bucket
