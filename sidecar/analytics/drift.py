@@ -27,7 +27,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
-import orjson
 import structlog
 
 from sidecar.analytics.predictions import PredictionReader, json_object
@@ -35,6 +34,7 @@ from sidecar.background import BackgroundTasks
 from sidecar.config.baselines import Baseline, Histogram, psi
 from sidecar.config.rules import MISSING, FieldPath, lookup, parse_field_path
 from sidecar.config.schema import DriftSettings
+from sidecar.config.tensors import read_v2
 from sidecar.telemetry.metrics import Metrics
 
 log: Final = structlog.get_logger("sidecar.analytics.drift")
@@ -54,6 +54,11 @@ DIGEST_SLICE: Final = 0.0001
 # is the client's choice (its batch), and keeping them all took hundreds of MB, then
 # a sort of them all on the event loop.
 FREEZE_VALUES: Final = 100_000
+
+
+# A request body, its answer's, and each one's JSON head length when it carries binary
+# V2 tensors.
+_Pair = tuple[bytes, bytes, int | None, int | None]
 
 
 class SignalExtractor:
@@ -130,7 +135,7 @@ class DriftMonitor:
         self.baseline_path = baseline_path
         self._metrics = metrics
         self._extractor = SignalExtractor(settings)
-        self._pending: deque[tuple[bytes, bytes]] = deque()
+        self._pending: deque[_Pair] = deque()
         self._pending_bytes = 0
         self._max_pending_bytes = settings.max_pending_bytes
         self._max_pair_bytes = settings.max_pair_bytes
@@ -141,7 +146,8 @@ class DriftMonitor:
         self._said_too_large = False
         # Pairs let go unparsed: newer ones had filled every window.
         self._superseded = metrics.dropped.labels("drift_superseded", route)
-        # Pairs whose reading failed (a bug, or an answer no reader foresaw).
+        # Pairs that could not be read: not JSON (nor a V2 head and its tensors), or an
+        # answer no reader foresaw.
         self._unreadable = metrics.dropped.labels("drift_unreadable", route)
         self.last_error: str | None = None  # the latest failure, reading or evaluating
         self._task: asyncio.Task[None] | None = None
@@ -159,7 +165,15 @@ class DriftMonitor:
 
     # -- the hot path -------------------------------------------------------------
 
-    def observe(self, request_body: bytes, response_body: bytes) -> None:
+    def observe(
+        self,
+        request_body: bytes,
+        response_body: bytes,
+        request_head: int | None = None,
+        response_head: int | None = None,
+    ) -> None:
+        """``request_head``, ``response_head``: a binary V2 body's JSON head length
+        (``Inference-Header-Content-Length``); its tensors are read as data."""
         if not self._extractor.features:
             request_body = b""  # only features read the request: neither kept nor parsed
         size = len(request_body) + len(response_body)
@@ -179,7 +193,7 @@ class DriftMonitor:
         if self._pending_bytes + size > self._max_pending_bytes:
             self._dropped.inc()
             return
-        self._pending.append((request_body, response_body))
+        self._pending.append((request_body, response_body, request_head, response_head))
         self._pending_bytes += size
 
     # -- the background -----------------------------------------------------------
@@ -219,11 +233,11 @@ class DriftMonitor:
                 self.last_error = f"{type(exc).__name__}: {exc}"[:200]
                 log.exception("drift_evaluation_failed", route=self.route)
 
-    def _take_pending(self) -> deque[tuple[bytes, bytes]]:
+    def _take_pending(self) -> deque[_Pair]:
         pending, self._pending, self._pending_bytes = self._pending, deque(), 0
         return pending
 
-    async def _digest_in_slices(self, pending: deque[tuple[bytes, bytes]]) -> None:
+    async def _digest_in_slices(self, pending: deque[_Pair]) -> None:
         """``_digest``, with a pass of the event loop after each ``DIGEST_SLICE``
         seconds of parsing. One pair is parsed in one step, so pairs larger than
         ``max_pair_bytes`` are never taken (1 MiB by default, about 3 ms of parsing;
@@ -236,11 +250,11 @@ class DriftMonitor:
                 await asyncio.sleep(0)
                 until = clock() + DIGEST_SLICE
 
-    def _digest(self, pending: deque[tuple[bytes, bytes]]) -> None:
+    def _digest(self, pending: deque[_Pair]) -> None:
         for _ in self._digesting(pending):
             pass
 
-    def _digesting(self, pending: deque[tuple[bytes, bytes]]) -> Iterator[None]:
+    def _digesting(self, pending: deque[_Pair]) -> Iterator[None]:
         """Parse bodies into the numbers each signal needs; the bodies are let go.
         Yields after each pair. A baseline being frozen reads oldest first, so each
         answer's values go into the windows as it is read; otherwise the windows take
@@ -259,7 +273,7 @@ class DriftMonitor:
         failures = 0
         first_failure: Exception | None = None
         freeze_after = self.settings.freeze_after or 0
-        for parsed, (request_body, response_body) in enumerate(
+        for parsed, (request_body, response_body, request_head, response_head) in enumerate(
             iter(pending) if freezing else reversed(pending)
         ):
             if not lacking and not freezing:
@@ -270,11 +284,8 @@ class DriftMonitor:
             into_baseline = freezing and self._frozen_from < freeze_after
             limit = max(self._window, self._freeze_share) if into_baseline else self._window
             try:
-                response = orjson.loads(response_body)
-                request = orjson.loads(request_body) if self._extractor.features else None
-            except orjson.JSONDecodeError:
-                continue
-            try:
+                response = read_v2(response_body, response_head)
+                request = read_v2(request_body, request_head) if self._extractor.features else None
                 signals = self._extractor.extract(request, response, problems, limit)
             except Exception as exc:  # noqa: BLE001 - one answer lost, never the monitor
                 failures += 1

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import orjson
 
 from sidecar.config.rules import MISSING, FieldPath, lookup, parse_field_path
+from sidecar.config.tensors import Tensor
 
 PredictionProtocol = Literal["v2", "v1", "openai", "json_path"]
 
@@ -40,7 +41,7 @@ def _numbers(node: Any) -> Iterator[float]:
                 continue
             if isinstance(item, float) or isinstance(item, int):  # noqa: SIM101 - compiled: two type checks
                 yield float(item)
-            elif isinstance(item, list):
+            elif isinstance(item, list) or isinstance(item, Tensor):  # noqa: SIM101
                 stack.append(iter(item))
                 break
             elif isinstance(item, dict):

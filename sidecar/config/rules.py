@@ -19,6 +19,8 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from sidecar.config.tensors import Tensor
+
 Predicate = Callable[[Any], bool]
 FieldPath = tuple[str | int, ...]
 
@@ -63,7 +65,8 @@ def lookup(document: Any, path: FieldPath) -> Any:
     node = document
     for part in path:
         if isinstance(part, int):
-            if not isinstance(node, list) or part >= len(node):
+            # A binary V2 tensor's data reads as a JSON array does (config.tensors).
+            if not isinstance(node, list | Tensor) or part >= len(node):
                 return MISSING
             node = node[part]
         else:

@@ -20,13 +20,14 @@ import random
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 import structlog
 
 from sidecar.analytics.drift import DriftMonitor
 from sidecar.analytics.sampling import sampled
 from sidecar.config.schema import Route
+from sidecar.config.tensors import JSON_HEAD_LENGTH, json_head_length
 from sidecar.http import errors
 from sidecar.http.client import BrokenAnswer, ClientResponse
 from sidecar.http.messages import Answer, Response
@@ -38,15 +39,14 @@ from sidecar.pipeline.relay import (
     relay,
     upstream_request_headers,
 )
+from sidecar.telemetry.logs import JSON_HEADS
 from sidecar.telemetry.logwriter import LogWriter
 from sidecar.telemetry.metrics import Metrics
 from sidecar.upstream.breaker import BreakerFailure, UpstreamBreaker
 from sidecar.upstream.fallback import (
     FALLBACK_HEADER,
-    JSON_HEAD_LENGTH,
     FallbackChain,
     SecondaryAnswer,
-    json_head_length,
     keeps,
 )
 from sidecar.upstream.retry import RetryBudget, backoff_delay, parse_retry_after
@@ -545,38 +545,54 @@ def _record(
     status = answer.status
     if 200 <= status < 300:
         cache = path.fallback.cache if path.fallback is not None else None
-        # The sidecar's own credential is never sent on: a client's Authorization
-        # reached the model only when the sidecar does not take that field itself.
-        if cache is not None and keeps(
-            status,
-            answer.headers,
-            authorized=_AUTHORIZATION not in path.credentials
-            and request.headers.has(_AUTHORIZATION),
-        ):
-            cache.store(
-                request.method,
-                request.target,
-                request_body,
-                status,
-                # The whole field, not ``answer.content_type`` (the media type alone):
-                # a charset is part of what the bytes mean.
-                answer.headers.get("Content-Type"),
-                body,
-                json_head_length(answer.headers.get(JSON_HEAD_LENGTH), len(body)),
-                json_head_length(request.headers.get(JSON_HEAD_LENGTH), len(request_body)),
+        drift = path.drift
+        if cache is None and drift is None:
+            pass
+        else:
+            # Binary V2 tensors follow a JSON head of this length (config.tensors).
+            answer_head = json_head_length(answer.headers.get(JSON_HEAD_LENGTH), len(body))
+            request_head = json_head_length(
+                request.headers.get(JSON_HEAD_LENGTH), len(request_body)
             )
-        if path.drift is not None:
-            path.drift.observe(request_body, body)
+            # The sidecar's own credential is never sent on: a client's Authorization
+            # reached the model only when the sidecar does not take that field itself.
+            if cache is not None and keeps(
+                status,
+                answer.headers,
+                authorized=_AUTHORIZATION not in path.credentials
+                and request.headers.has(_AUTHORIZATION),
+            ):
+                cache.store(
+                    request.method,
+                    request.target,
+                    request_body,
+                    status,
+                    # The whole field, not ``answer.content_type`` (the media type alone):
+                    # a charset is part of what the bytes mean.
+                    answer.headers.get("Content-Type"),
+                    body,
+                    answer_head,
+                    request_head,
+                )
+            if drift is not None:
+                drift.observe(request_body, body, request_head, answer_head)
     if path.payload_log is not None and sampled(path.route.payload_sample):
+        record: dict[str, Any] = {
+            "timestamp": time.time(),
+            "request_id": ctx.request_id,
+            "route": path.route.name,
+            "status": answer.status,
+            "request": request_body,
+            "response": body,
+        }
+        heads = (
+            json_head_length(request.headers.get(JSON_HEAD_LENGTH), len(request_body)),
+            json_head_length(answer.headers.get(JSON_HEAD_LENGTH), len(body)),
+        )
+        if heads != (None, None):
+            record[JSON_HEADS] = heads
         path.payload_log.submit(
-            {
-                "timestamp": time.time(),
-                "request_id": ctx.request_id,
-                "route": path.route.name,
-                "status": answer.status,
-                "request": request_body,
-                "response": body,
-            },
+            record,
             # The bodies are what it holds: the log's byte budget counts them.
             size=len(request_body) + len(body) + 256,
         )

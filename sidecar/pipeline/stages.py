@@ -25,6 +25,7 @@ from typing import Any, Final, Protocol
 import structlog
 
 from sidecar.config.schema import Config
+from sidecar.config.tensors import JSON_HEAD_LENGTH
 from sidecar.http import errors
 from sidecar.http.messages import Answer, Response
 from sidecar.http.server import ClientGone, Request, RequestRefused
@@ -44,7 +45,6 @@ from sidecar.pipeline.routing import RouteTable
 from sidecar.pipeline.validation import RequestValidator, SchemaFailed
 from sidecar.telemetry.logwriter import LogWriter
 from sidecar.telemetry.metrics import OUTCOME_CLIENT_CLOSED, OUTCOME_ERROR, Metrics
-from sidecar.upstream.fallback import JSON_HEAD_LENGTH
 from sidecar.upstream.upstreams import InFlightCount
 
 log: Final = structlog.get_logger("sidecar.pipeline.stages")

@@ -14,9 +14,9 @@ import orjson
 
 from sidecar.config.schema import ValidationSettings
 from sidecar.config.schemas import CompiledSchema
+from sidecar.config.tensors import json_head_length
 from sidecar.http import errors
 from sidecar.telemetry.metrics import Metrics
-from sidecar.upstream.fallback import json_head_length
 
 # Keep only brackets, and make both kinds one kind (valid JSON pairs them properly).
 _ONE_BRACKET_KIND: Final = bytes.maketrans(b"{}", b"[]")

@@ -20,6 +20,7 @@ import orjson
 import structlog
 
 from sidecar.config.schema import ConfigError, ConfigIssue, LoadedConfig, PayloadLogSettings
+from sidecar.config.tensors import read_v2
 from sidecar.telemetry.logwriter import (
     FileSink,
     LogWriter,
@@ -110,20 +111,22 @@ def payload_renderer(settings: PayloadLogSettings, redactor: Redactor) -> Any:
     """Bodies are kept as bytes on the hot path; decoding and redaction happen here."""
     limit = settings.max_body_size
 
-    def decode(body: bytes) -> Any:
+    def decode(body: bytes, json_head: int | None) -> Any:
         if len(body) > limit:
             return {"truncated": True, "size": len(body)}
         try:
-            return redactor.json(orjson.loads(body))
-        except orjson.JSONDecodeError:
+            # A binary V2 body is written as the JSON it stands for (config.tensors).
+            return redactor.json(read_v2(body, json_head, as_lists=True))
+        except ValueError:
             return {"non_json": True, "size": len(body)}
 
     def render_payload(record: Record) -> bytes:
         if not isinstance(record, dict):
             return render(record)
         sizes = {side: len(record[side]) for side in _SIDES}
-        for side in _SIDES:
-            record[side] = decode(record[side])
+        heads = record.pop(JSON_HEADS, None) or (None, None)
+        for side, json_head in zip(_SIDES, heads, strict=True):
+            record[side] = decode(record[side], json_head)
         try:
             return render(record)
         except orjson.JSONEncodeError:
@@ -145,6 +148,9 @@ def payload_renderer(settings: PayloadLogSettings, redactor: Redactor) -> Any:
 
 
 _SIDES: Final = ("request", "response")
+# A payload record's key (not written) for its bodies' JSON head lengths, when either
+# carries binary V2 tensors: (request's, response's).
+JSON_HEADS: Final = "json_heads"
 
 
 def deep_json_text(document: Any) -> str:

@@ -24,6 +24,7 @@ import structlog
 
 from sidecar.config.rules import Predicate, compile_condition
 from sidecar.config.schema import Answer, CacheFallback, FallbackPolicy, UpstreamFallback
+from sidecar.config.tensors import JSON_HEAD_LENGTH, json_head_length, read_v2
 from sidecar.http import errors
 from sidecar.http.client import READ_AHEAD, BrokenAnswer, ClientResponse
 from sidecar.http.messages import Headers, Response
@@ -33,9 +34,6 @@ from sidecar.upstream.upstreams import UpstreamCall, UpstreamClient
 log: Final = structlog.get_logger("sidecar.upstream.fallback")
 
 FALLBACK_HEADER: Final = "X-Sidecar-Fallback"
-# V2's binary tensor extension (Triton; tritonclient asks for binary outputs by
-# default): the body is a JSON head of this many bytes, then the tensors' bytes.
-JSON_HEAD_LENGTH: Final = "Inference-Header-Content-Length"
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,16 +67,6 @@ class _CacheEntry:
     content_type: str | None
     body: bytes
     json_head: int | None  # the body's JSON head in bytes (binary V2 tensors follow)
-
-
-def json_head_length(value: str | None, size: int) -> int | None:
-    """An ``Inference-Header-Content-Length``: the JSON head's length when it is
-    one within a body of ``size`` bytes, else None."""
-    # At most 18 digits: past 4,300 int() raises, on the request path.
-    if value is None or len(value) > 18 or not value.isascii() or not value.isdigit():
-        return None
-    length = int(value)
-    return length if length <= size else None
 
 
 def canonical_key(
@@ -333,10 +321,12 @@ class RuleSet:
     def __init__(self, rules: tuple[tuple[str, Predicate, _Canned], ...]) -> None:
         self._rules = rules
 
-    def answer(self, request_body: bytes) -> Response | None:
+    def answer(self, request_body: bytes, json_head: int | None = None) -> Response | None:
+        """The first rule's answer whose condition the request meets. ``json_head``: a
+        binary V2 request's JSON head length; its tensors' elements are read as data."""
         try:
-            document: Any = orjson.loads(request_body)
-        except orjson.JSONDecodeError:
+            document: Any = read_v2(request_body, json_head)
+        except ValueError:
             return None
         for _name, matches, canned in self._rules:
             if matches(document):
@@ -549,6 +539,7 @@ class FallbackChain:
 
     async def answer(self, call: UpstreamCall, body: bytes) -> Response | SecondaryAnswer | None:
         answer: Response | SecondaryAnswer | None
+        json_head = json_head_length(call.headers.get(JSON_HEAD_LENGTH), len(body))
         for step in self._steps:
             if isinstance(step, _Canned):
                 return self._as_asked(step.response(), body)
@@ -563,10 +554,10 @@ class FallbackChain:
                     call.target,
                     body,
                     call.request_id,
-                    json_head_length(call.headers.get(JSON_HEAD_LENGTH), len(body)),
+                    json_head,
                 )
             else:
-                answer = step.answer(body)
+                answer = step.answer(body, json_head)
             if answer is not None:
                 return self._as_asked(answer, body)
         return None

@@ -8,6 +8,7 @@ import asyncio
 import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -227,6 +228,80 @@ async def test_tritonclients_binary_tensors_pass_a_strict_json_v2_route(
             body = orjson.loads(await resp.read())
         assert resp.status == 400, (head, length)
         assert body["type"] == "invalid_json"
+
+
+async def test_tritonclients_binary_tensors_reach_drift_the_payload_log_and_the_rules(
+    aiohttp_server: Any, start_sidecar: StartSidecar, tmp_path: Path
+) -> None:
+    # With tritonclient's defaults (binary inputs, binary outputs) drift skipped every
+    # pair unseen and uncounted, the payload log wrote {"non_json": true}, and a rule
+    # on inputs[0].data[2] never matched: the model down, the client got a 503.
+    app = web.Application()
+    app[MODEL_DOWN] = down = [False]
+    app.router.add_post("/v2/models/iris/infer", binary_v2_model)
+    app.router.add_get("/v2/health/ready", _ok)
+    model = await aiohttp_server(app, host=LOOPBACK)
+    config = v2_config(f"http://{LOOPBACK}:{model.port}")
+    payloads = tmp_path / "payloads.jsonl"
+    config["logging"] = {"payload_log": {"path": str(payloads)}}
+    route = config["routes"][0]
+    route["payload_sample"] = 1.0
+    route["drift"] = {
+        "protocol": "v2",
+        "output": "label",
+        "baseline": str(tmp_path / "frozen.json"),
+        "freeze_after": 10,
+        "min_samples": 10,
+        "features": [{"name": "petal_length", "field": "inputs[0].data[2]"}],
+    }
+    route["fallback"] = {
+        "chain": [
+            {
+                "rules": [
+                    {
+                        "name": "long-petals",
+                        "when": {"field": "inputs[0].data[2]", "gt": 5},
+                        "respond": {
+                            "body": {
+                                "outputs": [
+                                    {
+                                        "name": "label",
+                                        "datatype": "INT64",
+                                        "shape": [1],
+                                        "data": [2],
+                                    }
+                                ]
+                            },
+                        },
+                    }
+                ]
+            }
+        ]
+    }
+    sidecar = await start_sidecar(config)
+
+    def infer() -> list[int]:
+        client = triton.InferenceServerClient(f"{LOOPBACK}:{sidecar.running.main_port}")
+        try:
+            tensor = triton.InferInput("input-0", [1, 4], "FP32")
+            tensor.set_data_from_numpy(np.array([[6.9, 3.1, 5.4, 2.1]], dtype=np.float32))
+            result = client.infer("iris", [tensor], outputs=[triton.InferRequestedOutput("label")])
+            return result.as_numpy("label").tolist()  # type: ignore[no-any-return]
+        finally:
+            client.close()
+
+    assert [await asyncio.to_thread(infer) for _ in range(2)] == [[2], [2]]
+    monitor = sidecar.running.runtime.paths["infer"].drift
+    assert monitor is not None
+    monitor.evaluate()
+    assert list(monitor._windows["prediction"]) == [2.0, 2.0]
+    assert list(monitor._windows["petal_length"]) == [pytest.approx(5.4)] * 2
+    down[0] = True
+    assert await asyncio.to_thread(infer) == [2]  # the rule read the binary tensor
+    await sidecar.running.stop()
+    first = orjson.loads(payloads.read_text().splitlines()[0])
+    assert first["request"]["inputs"][0]["data"] == pytest.approx([6.9, 3.1, 5.4, 2.1])
+    assert first["response"]["outputs"][0]["data"] == [2]
 
 
 CHUNKS = [

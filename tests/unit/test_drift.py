@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import struct
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
@@ -318,6 +319,40 @@ def test_feature_problems_are_counted_by_kind(tmp_path: Path) -> None:
         1.0,
         2.0,
     ]
+
+
+def test_binary_v2_tensors_are_read_by_their_head_lengths_and_unreadable_pairs_counted(
+    tmp_path: Path,
+) -> None:
+    """tritonclient sends (and asks for) binary tensors by default: such pairs were
+    skipped unseen, and drift saw nothing of that traffic."""
+    v2 = {"protocol": "v2", "output": "label", "window": 10}
+    m = Monitor(tmp_path, BASELINE, **v2, features=[{"name": "age", "field": "inputs[0].data[1]"}])
+
+    def binary(section: str, datatype: str, raw: bytes) -> tuple[bytes, int]:
+        head = orjson.dumps(
+            {
+                section: [
+                    {
+                        "name": "label" if section == "outputs" else "x",
+                        "datatype": datatype,
+                        "parameters": {"binary_data_size": len(raw)},
+                    }
+                ]
+            }
+        )
+        return head + raw, len(head)
+
+    for label in (0, 1):
+        request, request_head = binary("inputs", "FP32", struct.pack("<2f", 1.5, 80.0))
+        answer, answer_head = binary("outputs", "INT64", struct.pack("<q", label))
+        m.monitor.observe(request, answer, request_head, answer_head)
+    # Without the head lengths the bodies are not JSON: counted, not silently skipped.
+    m.monitor.observe(request, answer)
+    m.monitor.evaluate()
+    assert list(m.monitor._windows["prediction"]) == [0.0, 1.0]
+    assert list(m.monitor._windows["age"]) == [80.0, 80.0]
+    assert m.sample("sidecar_dropped_total", buffer="drift_unreadable") == 1
 
 
 def test_a_feature_without_a_baseline_histogram_is_not_range_checked(tmp_path: Path) -> None:
