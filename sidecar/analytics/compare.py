@@ -18,10 +18,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-
 from sidecar.analytics.predictions import PredictionReader, embeddings
 from sidecar.config.schema import ShadowCompare
+from sidecar.config.tensors import json_head_length, read_v2
 
 MAX_DIFFERENCES = 5
 
@@ -60,7 +59,11 @@ class Comparer:
         shadow_body: bytes,
         *,
         streamed: bool = False,
+        primary_head: str | None = None,
+        shadow_head: str | None = None,
     ) -> Comparison:
+        """``primary_head``, ``shadow_head``: each answer's Inference-Header-Content-Length,
+        when it has one (binary V2 tensors follow a JSON head of that many bytes)."""
         if primary_status != shadow_status:
             return Comparison(
                 "mismatch",
@@ -90,8 +93,14 @@ class Comparer:
                 ],
             )
         try:
-            primary_doc, shadow_doc = orjson.loads(primary_body), orjson.loads(shadow_body)
-        except orjson.JSONDecodeError:
+            # Lists, not lazy tensors: whole documents may be compared for equality.
+            primary_doc = read_v2(
+                primary_body, json_head_length(primary_head, len(primary_body)), as_lists=True
+            )
+            shadow_doc = read_v2(
+                shadow_body, json_head_length(shadow_head, len(shadow_body)), as_lists=True
+            )
+        except ValueError:
             if primary_body == shadow_body:
                 return Comparison("match")
             return Comparison("error", "an answer is not JSON")

@@ -404,7 +404,13 @@ def _primary_outcome(ctx: RequestContext, answer: Answer | None) -> PrimaryOutco
     latency = ctx.upstream_seconds
     encoding = answer.headers.get_raw(b"content-encoding")
     if isinstance(answer, Response):
-        return PrimaryOutcome(answer.status, answer.body, latency, encoding=encoding)
+        return PrimaryOutcome(
+            answer.status,
+            answer.body,
+            latency,
+            encoding=encoding,
+            json_head=answer.headers.get(JSON_HEAD_LENGTH),
+        )
     if ctx.ending is not None:
         # The stream broke off (the model, or the client left): what was captured is a
         # fragment, and comparing it would count the cut as the candidate disagreeing.

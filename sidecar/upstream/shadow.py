@@ -28,6 +28,7 @@ from sidecar.analytics.compare import Comparer, Comparison
 from sidecar.analytics.sampling import sampled
 from sidecar.background import BackgroundTasks
 from sidecar.config.schema import ShadowGovernor, ShadowSettings
+from sidecar.config.tensors import JSON_HEAD_LENGTH
 from sidecar.http import errors
 from sidecar.http.client import BrokenAnswer, ClientResponse
 from sidecar.telemetry.logwriter import LogWriter
@@ -51,6 +52,17 @@ class PrimaryOutcome:
     streamed: bool = False
     reason: str | None = None  # why there is nothing to compare
     encoding: bytes | None = None  # its Content-Encoding, as sent
+    json_head: str | None = None  # its Inference-Header-Content-Length (binary V2 tensors)
+
+
+@dataclass(slots=True)
+class _ShadowAnswer:
+    outcome: str  # "ok", or why there is no body to compare
+    status: int  # 0: no answer
+    body: bytes | None  # None: too large to compare, or no answer
+    latency: float
+    encoding: bytes | None = None  # its Content-Encoding, as sent
+    json_head: str | None = None  # its Inference-Header-Content-Length
 
 
 @dataclass(slots=True)
@@ -321,8 +333,7 @@ class ShadowMirror:
             if self.in_flight == 0:
                 self._idle.set()
 
-    async def _send(self, call: UpstreamCall) -> tuple[str, int, bytes | None, float, bytes | None]:
-        """(outcome, status, body or None when too large, seconds, Content-Encoding)."""
+    async def _send(self, call: UpstreamCall) -> _ShadowAnswer:
         limit = self.settings.compare.max_body_size
         started = time.perf_counter()
         self._requests.labels(self.route, "sent").inc()
@@ -334,37 +345,41 @@ class ShadowMirror:
                     body = await _read_capped(response, limit)
                 finally:
                     response.release()  # reused only when read to the end
-                latency = time.perf_counter() - started
-                encoding = response.headers.get_raw(b"content-encoding")
-                if body is None:
-                    return "skipped_too_large", response.status, None, latency, encoding
-                return "ok", response.status, body, latency, encoding
+                return _ShadowAnswer(
+                    "ok" if body is not None else "skipped_too_large",
+                    response.status,
+                    body,
+                    time.perf_counter() - started,
+                    response.headers.get_raw(b"content-encoding"),
+                    response.headers.get(JSON_HEAD_LENGTH),
+                )
         except (TimeoutError, errors.UpstreamTimeout):
-            return "timeout", 0, None, time.perf_counter() - started, None
+            return _ShadowAnswer("timeout", 0, None, time.perf_counter() - started)
         except (errors.SidecarError, BrokenAnswer):
-            return "error", 0, None, time.perf_counter() - started, None
+            return _ShadowAnswer("error", 0, None, time.perf_counter() - started)
 
-    def _compare(
-        self,
-        primary: PrimaryOutcome,
-        status: int,
-        body: bytes,
-        encoding: bytes | None,
-        limit: int,
-    ) -> Comparison:
+    def _compare(self, primary: PrimaryOutcome, shadow: _ShadowAnswer, limit: int) -> Comparison:
         """Compare what the two answers hold: encoded ones (clients' Accept-Encoding
         reaches both models) are decoded first."""
         assert primary.body is not None
+        assert shadow.body is not None
         primary_body = decoded(primary.body, primary.encoding, limit)
-        shadow_body = decoded(body, encoding, limit)
+        shadow_body = decoded(shadow.body, shadow.encoding, limit)
         if primary_body is None or shadow_body is None:
             return Comparison("error", "an answer's content encoding could not be undone")
         return self._comparer.compare(
-            primary.status, primary_body, status, shadow_body, streamed=primary.streamed
+            primary.status,
+            primary_body,
+            shadow.status,
+            shadow_body,
+            streamed=primary.streamed,
+            primary_head=primary.json_head,
+            shadow_head=shadow.json_head,
         )
 
     async def _compare_when_both_in(self, call: UpstreamCall, ticket: ShadowTicket) -> None:
-        outcome, status, body, latency, encoding = await self._send(call)
+        shadow = await self._send(call)
+        outcome, status, body, latency = shadow.outcome, shadow.status, shadow.body, shadow.latency
         self.governor.record_shadow(failed=outcome in ("error", "timeout") or status >= 500)
         primary = await ticket.outcome
         record: dict[str, object] = {
@@ -400,12 +415,12 @@ class ShadowMirror:
             record.update(result="error", agreement=None, reason=f"shadow {outcome}")
         else:
             compare = functools.partial(
-                self._compare, primary, status, body, encoding, self.settings.compare.max_body_size
+                self._compare, primary, shadow, self.settings.compare.max_body_size
             )
             if (
                 len(primary.body) + len(body) > _COMPARE_INLINE
                 or primary.encoding is not None
-                or encoding is not None
+                or shadow.encoding is not None
             ):
                 # Reading every prediction number is Python work (about 20 ms per MiB):
                 # on the loop it would hold up every primary request meanwhile; in a

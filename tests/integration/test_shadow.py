@@ -645,6 +645,43 @@ async def test_compressed_answers_are_compared_by_what_they_hold(
     assert decoded(b"{}", None, 100) == b"{}"
 
 
+async def test_binary_v2_answers_are_compared_by_their_tensors(
+    make_fake_model: MakeFakeModel, start_sidecar: StartSidecar, tmp_path: Path
+) -> None:
+    """tritonclient asks for binary outputs by default: each comparison of such
+    answers was an error ("an answer is not JSON") unless the bytes were the same."""
+    import struct
+
+    primary, candidate = await make_fake_model(), await make_fake_model()
+
+    def binary(probabilities: list[float]) -> Any:
+        raw = struct.pack(f"<{len(probabilities)}f", *probabilities)
+        tensor = {"name": "probabilities", "datatype": "FP32", "shape": [1, len(probabilities)]}
+        head = orjson.dumps({"outputs": [tensor | {"parameters": {"binary_data_size": len(raw)}}]})
+
+        async def answer(request: web.Request) -> web.Response:
+            await request.read()
+            length = {"Inference-Header-Content-Length": str(len(head))}
+            return web.Response(body=head + raw, headers=length)
+
+        return answer
+
+    primary.on("/infer", binary([0.9, 0.05, 0.05]))
+    candidate.on("/infer", binary([0.895, 0.055, 0.05]))  # within abs_tol 0.01
+    candidate.on("/far", binary([0.1, 0.8, 0.1]))
+    primary.on("/far", binary([0.9, 0.05, 0.05]))
+    sidecar = await start_sidecar(shadow_config(primary.url, candidate.url, tmp_path))
+    for path in ("/infer", "/far"):
+        async with sidecar.session.post(sidecar.url + path, data=b"{}") as resp:
+            assert resp.status == 200
+    text = await settled_metrics(sidecar)
+    for result, count in (("match", 1), ("mismatch", 1), ("error", 0)):
+        assert (
+            metric_value(text, "sidecar_shadow_comparisons_total", route="all", result=result)
+            == count
+        ), result
+
+
 async def test_rejected_requests_are_not_mirrored(
     make_fake_model: MakeFakeModel, start_sidecar: StartSidecar, tmp_path: Path
 ) -> None:

@@ -385,3 +385,42 @@ def test_an_embedding_holding_nan_or_infinity_is_a_comparison_error() -> None:
         )
         assert (comparison.result, comparison.agreement) == ("error", None)
         assert comparison.reason == "an embedding holds a number that is not finite"
+
+
+def binary_v2(*values: float, name: str = "out") -> tuple[bytes, str]:
+    """An answer with its output as a binary tensor (tritonclient asks for that by
+    default), and its Inference-Header-Content-Length."""
+    raw = array.array("d", values).tobytes()  # this machine is little-endian, as V2 is
+    head = orjson.dumps(
+        {
+            "outputs": [
+                {"name": name, "datatype": "FP64", "parameters": {"binary_data_size": len(raw)}}
+            ]
+        }
+    )
+    return head + raw, str(len(head))
+
+
+def test_binary_v2_answers_are_compared_by_their_tensors_not_called_errors() -> None:
+    """Each was "an answer is not JSON" unless the bytes were the same."""
+    c = comparer(abs_tol=0.01)
+    (primary, primary_head), (close, close_head) = binary_v2(1.0, 2.0), binary_v2(1.0, 2.005)
+    result = c.compare(200, primary, 200, close, primary_head=primary_head, shadow_head=close_head)
+    assert result.result == "match"
+    far, far_head = binary_v2(1.0, 3.0)
+    result = c.compare(200, primary, 200, far, primary_head=primary_head, shadow_head=far_head)
+    assert (result.result, result.max_abs_diff) == ("mismatch", pytest.approx(1.0))
+    # One binary, one JSON: the same values either way.
+    assert c.compare(200, primary, 200, v2(1.0, 2.0), primary_head=primary_head).result == "match"
+    # Without their head lengths they are not JSON; with none to read, documents are
+    # compared whole, tensors included.
+    assert c.compare(200, primary, 200, far).result == "error"
+    other, other_head = binary_v2(5.0, name="other")
+    reader = comparer(output="out")
+    assert (
+        reader.compare(200, other, 200, other, primary_head=other_head, shadow_head=other_head)
+    ).result == "match"
+    changed, _ = binary_v2(6.0, name="other")
+    assert (
+        reader.compare(200, other, 200, changed, primary_head=other_head, shadow_head=other_head)
+    ).result == "mismatch"
