@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from sidecar.config.tensors import Tensor
+from sidecar.config.tensors import BytesTensor, Tensor
 
 Predicate = Callable[[Any], bool]
 FieldPath = tuple[str | int, ...]
@@ -65,10 +65,19 @@ def lookup(document: Any, path: FieldPath) -> Any:
     node = document
     for part in path:
         if isinstance(part, int):
-            # A binary V2 tensor's data reads as a JSON array does (config.tensors).
-            if not isinstance(node, list | Tensor) or part >= len(node):
+            if isinstance(node, list):
+                if part >= len(node):
+                    return MISSING
+                node = node[part]
+            elif isinstance(node, Tensor | BytesTensor):
+                # A binary V2 tensor's data reads as a JSON array does (config.tensors);
+                # not by its length: a BYTES tensor's is found by walking all of it.
+                try:
+                    node = node[part]
+                except IndexError:
+                    return MISSING
+            else:
                 return MISSING
-            node = node[part]
         else:
             if not isinstance(node, dict) or part not in node:
                 return MISSING

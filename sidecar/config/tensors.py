@@ -84,20 +84,65 @@ class Tensor(Sequence[Any]):
             yield value
 
 
-def _bytes_elements(data: memoryview) -> list[str]:
-    """A BYTES tensor's elements, as text (undecodable bytes replaced)."""
-    elements = []
-    at = 0
-    while at < len(data):
-        if at + 4 > len(data):
-            raise ValueError("a BYTES element's length is cut off")
-        (length,) = _BYTES_LENGTH.unpack_from(data, at)
-        at += 4
-        if at + length > len(data):
-            raise ValueError("a BYTES element runs past its tensor")
-        elements.append(bytes(data[at : at + length]).decode("utf-8", "replace"))
-        at += length
-    return elements
+class BytesTensor(Sequence[str]):
+    """A BYTES tensor's elements, as text (undecodable bytes replaced), found as they
+    are read: each is a 4-byte length, then its bytes, so reading one walks the ones
+    before it, and no further. A 16 MiB tensor of empty strings is four million of
+    them: walked whole on the event loop, for a rule that reads the first, it would
+    hold every other request up for a second.
+
+    Bytes that cannot be an element end the tensor there (``broken`` says so)."""
+
+    __slots__ = ("_data", "_ends", "broken")
+
+    def __init__(self, data: memoryview) -> None:
+        self._data = data
+        self._ends = [0]  # where each element found so far ends (the first: 0)
+        self.broken = False
+
+    def _walk(self, count: int | None) -> None:
+        """Find elements until ``count`` are known (None: all of them)."""
+        data, ends = self._data, self._ends
+        while count is None or len(ends) <= count:
+            at = ends[-1]
+            if at == len(data):
+                return
+            if at + 4 > len(data):
+                self.broken = True
+                return
+            (length,) = _BYTES_LENGTH.unpack_from(data, at)
+            if at + 4 + length > len(data):
+                self.broken = True
+                return
+            ends.append(at + 4 + length)
+
+    def __len__(self) -> int:
+        self._walk(None)
+        return len(self._ends) - 1
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[str]: ...
+    def __getitem__(self, index: int | slice) -> str | list[str]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        self._walk(index + 1)
+        if not 0 <= index < len(self._ends) - 1:
+            raise IndexError("tensor index out of range")
+        start, end = self._ends[index] + 4, self._ends[index + 1]
+        return bytes(self._data[start:end]).decode("utf-8", "replace")
+
+    def __iter__(self) -> Iterator[str]:
+        index = 0
+        while True:
+            self._walk(index + 1)
+            if index >= len(self._ends) - 1:
+                return
+            yield self[index]
+            index += 1
 
 
 def _binary_size(tensor: dict[str, Any]) -> int | None:
@@ -113,11 +158,12 @@ def _binary_size(tensor: dict[str, Any]) -> int | None:
 def read_v2(body: bytes, json_head: int | None, *, as_lists: bool = False) -> Any:
     """A V2 body as the JSON document it stands for: with binary tensors (``json_head``,
     the head's length), its JSON head with each binary tensor's elements as that
-    tensor's ``data``, as a ``Tensor`` (or, ``as_lists``, a list, to write out).
-    A tensor of a datatype V2 does not name is left without data.
+    tensor's ``data``: a ``Tensor`` or ``BytesTensor``, each element read when asked
+    for; or, ``as_lists``, lists, to write out or compare whole. A tensor of a
+    datatype V2 does not name is left without data.
 
     Raises ``ValueError`` (orjson's decode error is one) when the body is not JSON
-    or its tensors do not fit it."""
+    or its tensors do not fit it (with ``as_lists``, also a broken BYTES element)."""
     if json_head is None:
         return orjson.loads(body)
     document = orjson.loads(memoryview(body)[:json_head])
@@ -140,9 +186,17 @@ def read_v2(body: bytes, json_head: int | None, *, as_lists: bool = False) -> An
             data = view[at : at + size]
             at += size
             datatype = tensor.get("datatype")
+            elements: Tensor | BytesTensor
             if datatype == "BYTES":
-                tensor["data"] = _bytes_elements(data)
+                elements = BytesTensor(data)
             elif isinstance(datatype, str) and datatype in _ELEMENTS:
                 elements = Tensor(data, _ELEMENTS[datatype])
-                tensor["data"] = list(elements) if as_lists else elements
+            else:
+                continue
+            if as_lists:
+                tensor["data"] = list(elements)
+                if isinstance(elements, BytesTensor) and elements.broken:
+                    raise ValueError(f"BYTES tensor {tensor.get('name')!r} has a broken element")
+            else:
+                tensor["data"] = elements
     return document

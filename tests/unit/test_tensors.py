@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from sidecar.config.rules import MISSING, compile_condition, lookup, parse_field_path
-from sidecar.config.tensors import Tensor, json_head_length, read_v2
+from sidecar.config.tensors import BytesTensor, Tensor, json_head_length, read_v2
 
 
 def binary_body(*tensors: tuple[str, str, bytes], section: str = "inputs") -> tuple[bytes, int]:
@@ -98,11 +98,36 @@ def test_an_answer_s_binary_outputs_read_as_its_inputs_do() -> None:
 def test_bytes_elements_are_length_prefixed_text() -> None:
     raw = b"".join(struct.pack("<I", len(s)) + s for s in (b"hello", b"", b"\xff\xfeok"))
     body, head = binary_body(("t", "BYTES", raw))
-    assert read_v2(body, head)["inputs"][0]["data"] == ["hello", "", "\ufffd\ufffdok"]
-    for cut in (raw[:2], raw[:7], raw + b"\x01"):
-        body, head = binary_body(("t", "BYTES", cut))
-        with pytest.raises(ValueError, match="BYTES element"):
-            read_v2(body, head)
+    data = read_v2(body, head)["inputs"][0]["data"]
+    assert isinstance(data, BytesTensor)
+    assert (data[2], data[0], data[-2]) == ("\ufffd\ufffdok", "hello", "")
+    assert list(data) == ["hello", "", "\ufffd\ufffdok"]
+    assert (len(data), data[1:], data.broken) == (3, ["", "\ufffd\ufffdok"], False)
+    with pytest.raises(IndexError):
+        data[3]
+    assert read_v2(body, head, as_lists=True)["inputs"][0]["data"] == list(data)
+
+
+@pytest.mark.parametrize("cut", [2, 7, None])
+def test_a_broken_bytes_element_ends_the_tensor_and_cannot_be_written_out(cut: int | None) -> None:
+    whole = struct.pack("<I", 1) + b"a" + struct.pack("<I", 5) + b"abcde"
+    raw = whole[:cut] if cut is not None else whole + b"\x01"
+    body, head = binary_body(("t", "BYTES", raw))
+    data = read_v2(body, head)["inputs"][0]["data"]
+    found = {2: [], 7: ["a"], None: ["a", "abcde"]}[cut]
+    assert (list(data), len(data), data.broken) == (found, len(found), True)
+    with pytest.raises(ValueError, match="broken element"):
+        read_v2(body, head, as_lists=True)
+    assert lookup(read_v2(body, head), parse_field_path("inputs[0].data[2]")) is MISSING
+
+
+def test_a_bytes_element_is_found_by_walking_only_the_ones_before_it() -> None:
+    """Four million empty strings in 16 MiB: a rule reading the first must not walk
+    them all on the event loop."""
+    body, head = binary_body(("t", "BYTES", b"\x00" * (16 << 20)))
+    data = read_v2(body, head)["inputs"][0]["data"]
+    assert lookup({"d": data}, parse_field_path("d[2]")) == ""
+    assert len(data._ends) == 4  # three elements found, none past them
 
 
 def test_an_unknown_datatype_is_skipped_over_without_data() -> None:
