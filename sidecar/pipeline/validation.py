@@ -14,7 +14,7 @@ import orjson
 
 from sidecar.config.schema import ValidationSettings
 from sidecar.config.schemas import CompiledSchema
-from sidecar.config.tensors import json_head_length
+from sidecar.config.tensors import json_head_length, read_v2
 from sidecar.http import errors
 from sidecar.telemetry.metrics import Metrics
 
@@ -144,6 +144,8 @@ class RequestValidator:
         refused 400: the head alone is the JSON, checked as strictly."""
         if not self.needs_json:
             return None
+        whole = body
+        length: int | None = None
         if json_head is not None and self.binary_tensors:
             length = json_head_length(json_head, len(body))
             if length is None:
@@ -166,8 +168,19 @@ class RequestValidator:
             raise errors.InvalidJson(
                 "the body repeats a key in one object: models may read either copy"
             )
-        if self.schema is not None and not self.schema.fast.is_valid(document):
-            raise SchemaFailed(document)
+        if self.schema is not None:
+            if length is not None:
+                # The schema is of the request the tensors make: their elements are
+                # its data (an iris schema requires inputs[0].data, which the head
+                # alone never has). As many numbers as the same request in JSON.
+                try:
+                    document = read_v2(whole, length, as_lists=True)
+                except ValueError as exc:
+                    raise errors.InvalidJson(
+                        f"the binary tensors do not fit the body: {exc}"
+                    ) from None
+            if not self.schema.fast.is_valid(document):
+                raise SchemaFailed(document)
         return document
 
     def _too_deep(self) -> errors.InvalidJson:

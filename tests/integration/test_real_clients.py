@@ -230,6 +230,50 @@ async def test_tritonclients_binary_tensors_pass_a_strict_json_v2_route(
         assert body["type"] == "invalid_json"
 
 
+async def test_tritonclients_binary_tensors_are_checked_against_the_routes_schema(
+    aiohttp_server: Any, start_sidecar: StartSidecar
+) -> None:
+    # The bundled iris schema requires inputs[0].data, which a binary request's JSON
+    # head never has: every tritonclient request with its default binary tensors was
+    # refused 400 as failing the schema. The tensors' elements are now the data the
+    # schema checks, out-of-range values included.
+    from sidecar.config.schema import bundled_config_dir
+
+    app = web.Application()
+    app[MODEL_DOWN] = [False]
+    app.router.add_post("/v2/models/iris/infer", binary_v2_model)
+    model = await aiohttp_server(app, host=LOOPBACK)
+    config = v2_config(f"http://{LOOPBACK}:{model.port}")
+    schema = bundled_config_dir() / "schemas" / "iris-v2-request.json"
+    config["routes"][0]["validate"] = {"json": True, "schema": str(schema)}
+    sidecar = await start_sidecar(config)
+
+    def infer(row: list[float]) -> list[int]:
+        client = triton.InferenceServerClient(f"{LOOPBACK}:{sidecar.running.main_port}")
+        try:
+            tensor = triton.InferInput("input-0", [1, 4], "FP32")
+            tensor.set_data_from_numpy(np.array([row], dtype=np.float32))
+            result = client.infer("iris", [tensor])
+            return result.as_numpy("label").tolist()  # type: ignore[no-any-return]
+        finally:
+            client.close()
+
+    assert await asyncio.to_thread(infer, [6.9, 3.1, 5.4, 2.1]) == [2]
+    with pytest.raises(InferenceServerException) as caught:
+        await asyncio.to_thread(infer, [6.9, 3.1, 500.0, 2.1])  # the schema's maximum is 100
+    assert caught.value.status() == "422"  # the schema's answer, as for JSON
+    assert "inputs[0].data[2]" in (caught.value.message() or "")
+    # Tensors that do not fit the body are refused as the malformed request they are.
+    head = b'{"inputs":[{"name":"input-0","shape":[1,4],"datatype":"FP32",'
+    head += b'"parameters":{"binary_data_size":16}}]}'
+    url = f"{sidecar.url}/v2/models/iris/infer"
+    headers = {"Inference-Header-Content-Length": str(len(head))}
+    async with sidecar.session.post(url, data=head + b"\x00" * 8, headers=headers) as resp:
+        body = orjson.loads(await resp.read())
+    assert (resp.status, body["type"]) == (400, "invalid_json")
+    assert "runs past the body" in body["error"]
+
+
 async def test_tritonclients_binary_tensors_reach_drift_the_payload_log_and_the_rules(
     aiohttp_server: Any, start_sidecar: StartSidecar, tmp_path: Path
 ) -> None:
