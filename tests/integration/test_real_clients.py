@@ -144,6 +144,32 @@ async def binary_v2_model(request: web.Request) -> web.Response:
     )
 
 
+async def binary_v2_server(aiohttp_server: Any) -> tuple[Any, list[bool]]:
+    """``binary_v2_model`` on a port of its own, and the flag that takes it down."""
+    app = web.Application()
+    app[MODEL_DOWN] = down = [False]
+    app.router.add_post("/v2/models/iris/infer", binary_v2_model)
+    app.router.add_get("/v2/health/ready", _ok)
+    return await aiohttp_server(app, host=LOOPBACK), down
+
+
+def infer_binary(port: int, row: list[float], *, ask_for_label: bool = False) -> list[int]:
+    """tritonclient with its defaults: the row as a binary tensor, and (when it asks
+    for the label output) the label asked for as a binary one."""
+    client = triton.InferenceServerClient(f"{LOOPBACK}:{port}")
+    try:
+        tensor = triton.InferInput("input-0", [1, 4], "FP32")
+        tensor.set_data_from_numpy(np.array([row], dtype=np.float32))
+        outputs = [triton.InferRequestedOutput("label")] if ask_for_label else None
+        result = client.infer("iris", [tensor], outputs=outputs)
+        return result.as_numpy("label").tolist()  # type: ignore[no-any-return]
+    finally:
+        client.close()
+
+
+IRIS_ROW = [6.9, 3.1, 5.4, 2.1]
+
+
 async def test_a_cached_binary_v2_answer_reads_in_tritonclient(
     aiohttp_server: Any, start_sidecar: StartSidecar
 ) -> None:
@@ -151,11 +177,7 @@ async def test_a_cached_binary_v2_answer_reads_in_tritonclient(
     # body and Content-Type but not its Inference-Header-Content-Length: served while
     # the model was down, tritonclient read JSON followed by tensor bytes and failed
     # with a JSONDecodeError of its own.
-    app = web.Application()
-    app[MODEL_DOWN] = down = [False]
-    app.router.add_post("/v2/models/iris/infer", binary_v2_model)
-    app.router.add_get("/v2/health/ready", _ok)
-    model = await aiohttp_server(app, host=LOOPBACK)
+    model, down = await binary_v2_server(aiohttp_server)
     config = v2_config(f"http://{LOOPBACK}:{model.port}")
     config["routes"][0]["fallback"] = {"chain": [{"cache": {}}]}
     sidecar = await start_sidecar(config)
@@ -191,26 +213,12 @@ async def test_tritonclients_binary_tensors_pass_a_strict_json_v2_route(
     # Inference-Header-Content-Length bytes, then the tensor's bytes. The route
     # `sidecar init --protocol v2` writes checks strict JSON, and answered every such
     # request 400 "the body is not valid JSON". Now the head is what is checked.
-    app = web.Application()
-    app[MODEL_DOWN] = [False]
-    app.router.add_post("/v2/models/iris/infer", binary_v2_model)
-    app.router.add_get("/v2/health/ready", _ok)
-    model = await aiohttp_server(app, host=LOOPBACK)
+    model, _ = await binary_v2_server(aiohttp_server)
     config = v2_config(f"http://{LOOPBACK}:{model.port}")
     config["routes"][0]["validate"] = {"json": True, "max_depth": 8}
     sidecar = await start_sidecar(config)
 
-    def infer() -> list[int]:
-        client = triton.InferenceServerClient(f"{LOOPBACK}:{sidecar.running.main_port}")
-        try:
-            tensor = triton.InferInput("input-0", [1, 4], "FP32")
-            tensor.set_data_from_numpy(np.array([[6.9, 3.1, 5.4, 2.1]], dtype=np.float32))
-            result = client.infer("iris", [tensor])
-            return result.as_numpy("label").tolist()  # type: ignore[no-any-return]
-        finally:
-            client.close()
-
-    assert await asyncio.to_thread(infer) == [2]
+    assert await asyncio.to_thread(infer_binary, sidecar.running.main_port, IRIS_ROW) == [2]
     # The head is checked as strictly as a whole JSON body is; a length that cannot
     # be the head's is refused.
     url = f"{sidecar.url}/v2/models/iris/infer"
@@ -239,28 +247,17 @@ async def test_tritonclients_binary_tensors_are_checked_against_the_routes_schem
     # schema checks, out-of-range values included.
     from sidecar.config.schema import bundled_config_dir
 
-    app = web.Application()
-    app[MODEL_DOWN] = [False]
-    app.router.add_post("/v2/models/iris/infer", binary_v2_model)
-    model = await aiohttp_server(app, host=LOOPBACK)
+    model, _ = await binary_v2_server(aiohttp_server)
     config = v2_config(f"http://{LOOPBACK}:{model.port}")
     schema = bundled_config_dir() / "schemas" / "iris-v2-request.json"
     config["routes"][0]["validate"] = {"json": True, "schema": str(schema)}
     sidecar = await start_sidecar(config)
 
-    def infer(row: list[float]) -> list[int]:
-        client = triton.InferenceServerClient(f"{LOOPBACK}:{sidecar.running.main_port}")
-        try:
-            tensor = triton.InferInput("input-0", [1, 4], "FP32")
-            tensor.set_data_from_numpy(np.array([row], dtype=np.float32))
-            result = client.infer("iris", [tensor])
-            return result.as_numpy("label").tolist()  # type: ignore[no-any-return]
-        finally:
-            client.close()
-
-    assert await asyncio.to_thread(infer, [6.9, 3.1, 5.4, 2.1]) == [2]
+    port = sidecar.running.main_port
+    assert await asyncio.to_thread(infer_binary, port, IRIS_ROW) == [2]
     with pytest.raises(InferenceServerException) as caught:
-        await asyncio.to_thread(infer, [6.9, 3.1, 500.0, 2.1])  # the schema's maximum is 100
+        # The schema's maximum is 100.
+        await asyncio.to_thread(infer_binary, port, [6.9, 3.1, 500.0, 2.1])
     assert caught.value.status() == "422"  # the schema's answer, as for JSON
     assert "inputs[0].data[2]" in (caught.value.message() or "")
     # Tensors that do not fit the body are refused as the malformed request they are.
@@ -280,11 +277,7 @@ async def test_tritonclients_binary_tensors_reach_drift_the_payload_log_and_the_
     # With tritonclient's defaults (binary inputs, binary outputs) drift skipped every
     # pair unseen and uncounted, the payload log wrote {"non_json": true}, and a rule
     # on inputs[0].data[2] never matched: the model down, the client got a 503.
-    app = web.Application()
-    app[MODEL_DOWN] = down = [False]
-    app.router.add_post("/v2/models/iris/infer", binary_v2_model)
-    app.router.add_get("/v2/health/ready", _ok)
-    model = await aiohttp_server(app, host=LOOPBACK)
+    model, down = await binary_v2_server(aiohttp_server)
     config = v2_config(f"http://{LOOPBACK}:{model.port}")
     payloads = tmp_path / "payloads.jsonl"
     config["logging"] = {"payload_log": {"path": str(payloads)}}
@@ -325,14 +318,7 @@ async def test_tritonclients_binary_tensors_reach_drift_the_payload_log_and_the_
     sidecar = await start_sidecar(config)
 
     def infer() -> list[int]:
-        client = triton.InferenceServerClient(f"{LOOPBACK}:{sidecar.running.main_port}")
-        try:
-            tensor = triton.InferInput("input-0", [1, 4], "FP32")
-            tensor.set_data_from_numpy(np.array([[6.9, 3.1, 5.4, 2.1]], dtype=np.float32))
-            result = client.infer("iris", [tensor], outputs=[triton.InferRequestedOutput("label")])
-            return result.as_numpy("label").tolist()  # type: ignore[no-any-return]
-        finally:
-            client.close()
+        return infer_binary(sidecar.running.main_port, IRIS_ROW, ask_for_label=True)
 
     assert [await asyncio.to_thread(infer) for _ in range(2)] == [[2], [2]]
     monitor = sidecar.running.runtime.paths["infer"].drift
