@@ -21,6 +21,7 @@ payload log, or frozen from the first ``freeze_after`` responses and written out
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -84,10 +85,17 @@ class SignalExtractor:
         """Values per signal (at most ``limit`` predictions); a feature that is
         missing, null or not a number gets no value, and (when ``problems`` is given)
         says which."""
-        out = {PREDICTION: self.reader.values(response, limit)}
+        # JSON holds no NaN nor infinity; a binary V2 tensor may. Taken in, they froze
+        # into a baseline written with nulls (which did not load) and unordered edges.
+        predictions = self.reader.values(response, limit)
+        out = {PREDICTION: [v for v in predictions if math.isfinite(v)]}
         for name, path in self.features:
             value = lookup(request, path)
-            if (isinstance(value, float) or isinstance(value, int)) and not isinstance(value, bool):  # noqa: SIM101
+            if (
+                (isinstance(value, float) or isinstance(value, int))  # noqa: SIM101
+                and not isinstance(value, bool)
+                and math.isfinite(value)
+            ):
                 out[name] = [float(value)]
                 continue
             out[name] = []

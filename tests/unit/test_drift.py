@@ -355,6 +355,39 @@ def test_binary_v2_tensors_are_read_by_their_head_lengths_and_unreadable_pairs_c
     assert m.sample("sidecar_dropped_total", buffer="drift_unreadable") == 1
 
 
+def test_binary_tensors_holding_nan_or_infinity_give_drift_no_value(tmp_path: Path) -> None:
+    """JSON cannot hold NaN or infinity; a binary FP32 tensor can. Taken in, they froze
+    into a baseline whose file did not load (written as null) and whose quantile
+    edges were out of order."""
+    m = Monitor(
+        tmp_path,
+        None,
+        protocol="v2",
+        freeze_after=10,
+        window=10,
+        bins=3,
+        features=[{"name": "age", "field": "inputs[0].data[0]"}],
+    )
+
+    def binary(section: str, value: float) -> tuple[bytes, int]:
+        raw = struct.pack("<f", value)
+        tensor = {"name": "y", "datatype": "FP32", "parameters": {"binary_data_size": 4}}
+        head = orjson.dumps({section: [tensor]})
+        return head + raw, len(head)
+
+    for value in (float("nan"), float("inf"), -float("inf"), *(1.0, 2.0) * 3, 1.0):
+        request, request_head = binary("inputs", value)
+        answer, answer_head = binary("outputs", value)
+        m.monitor.observe(request, answer, request_head, answer_head)
+    m.monitor.evaluate()
+    baseline = m.monitor.baseline
+    assert baseline is not None
+    assert Baseline.load(m.path) == baseline
+    assert baseline.histograms["prediction"].points == (1.0, 2.0)
+    assert baseline.histograms["age"].points == (1.0, 2.0)
+    assert m.quality("age", "not_a_number") == 3.0
+
+
 def test_a_feature_without_a_baseline_histogram_is_not_range_checked(tmp_path: Path) -> None:
     m = Monitor(tmp_path, BASELINE, features=[{"name": "height", "field": "h"}])
     m.monitor.observe(*pair(1.0, h=1e9))
