@@ -157,6 +157,10 @@ class Comparer:
 
     def _labels(self, primary: list[float], shadow: list[float]) -> Comparison:
         width = self.settings.classes
+        if not width and not all(map(math.isfinite, (*primary, *shadow))):
+            # A binary tensor may hold NaN or infinity (JSON cannot): round() raised,
+            # and the comparison was lost with the shadow's task.
+            return Comparison("error", "a label is not a finite number")
         a = _argmax_rows(primary, width) if width else [round(v) for v in primary]
         b = _argmax_rows(shadow, width) if width else [round(v) for v in shadow]
         differences = [

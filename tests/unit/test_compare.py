@@ -424,3 +424,21 @@ def test_binary_v2_answers_are_compared_by_their_tensors_not_called_errors() -> 
     assert (
         reader.compare(200, other, 200, changed, primary_head=other_head, shadow_head=other_head)
     ).result == "mismatch"
+
+
+def test_a_label_that_is_nan_or_infinity_is_a_comparison_error_not_an_exception() -> None:
+    """JSON holds no NaN nor infinity, a binary tensor may: rounding one to a label
+    raised, out of the shadow's task, and the comparison was neither counted nor
+    logged."""
+    c = comparer(kind="label")
+    good, good_head = binary_v2(1.0, 0.0)
+    for bad_value in (math.nan, math.inf, -math.inf):
+        bad, bad_head = binary_v2(1.0, bad_value)
+        for result in (
+            c.compare(200, bad, 200, good, primary_head=bad_head, shadow_head=good_head),
+            c.compare(200, good, 200, bad, primary_head=good_head, shadow_head=bad_head),
+        ):
+            assert (result.result, result.agreement) == ("error", None)
+            assert result.reason == "a label is not a finite number"
+    same = c.compare(200, good, 200, good, primary_head=good_head, shadow_head=good_head)
+    assert same.result == "match"
