@@ -53,6 +53,7 @@ MODULES = (
     "sidecar/telemetry/metrics.py",
     "sidecar/telemetry/logwriter.py",
     "sidecar/control/live.py",
+    "sidecar/config/jsontext.py",
 )
 GROUP = "sidecar_native"  # the shared library the modules' code lives in
 STAMP = ROOT / "build" / "native-stamp"

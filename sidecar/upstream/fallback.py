@@ -12,6 +12,7 @@ compiled when the config is loaded; answering only reads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
 from collections import OrderedDict
@@ -22,6 +23,7 @@ from typing import Any, Final, TypeAlias
 import orjson
 import structlog
 
+from sidecar.config.jsontext import repeats_a_key
 from sidecar.config.rules import Predicate, compile_condition
 from sidecar.config.schema import Answer, CacheFallback, FallbackPolicy, UpstreamFallback
 from sidecar.config.tensors import JSON_HEAD_LENGTH, json_head_length, read_v2
@@ -79,15 +81,22 @@ def canonical_key(
     tensors = b""
     if json_head is not None:
         body, tensors = body[:json_head], body[json_head:]
+    # The bytes as they came are the key when the body is not JSON, when it is nested
+    # deeper than orjson writes (254 levels; it reads 1024), or when it names a key
+    # twice: orjson keeps the last copy, Triton's parser the first, so as canonical
+    # JSON a body whose first "inputs" were another's took the key of the body holding
+    # only the second, and once the model was down that body's client got its answer.
+    canonical = body
     try:
         document = orjson.loads(body)
-        if protocol == "v2" and isinstance(document, dict):
-            document.pop("id", None)
-        canonical = orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
-    except (orjson.JSONDecodeError, orjson.JSONEncodeError):
-        # Not JSON, or nested deeper than orjson writes (254 levels; it reads 1024):
-        # the bytes as they came are the key.
-        canonical = body
+    except orjson.JSONDecodeError:
+        pass
+    else:
+        if not repeats_a_key(body, document):
+            if protocol == "v2" and isinstance(document, dict):
+                document.pop("id", None)
+            with contextlib.suppress(orjson.JSONEncodeError):
+                canonical = orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
     digest = hashlib.blake2b(digest_size=16)
     if json_head is not None:  # the head's length keeps it apart from the tensors
         canonical = b"%d\n%b%b" % (len(canonical), canonical, tensors)

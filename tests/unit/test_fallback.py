@@ -106,6 +106,29 @@ def test_bodies_that_are_not_json_are_keyed_by_their_bytes() -> None:
     assert canonical_key("POST", "/a", b"raw  one") != canonical_key("POST", "/a", b"raw one")
 
 
+def test_a_body_that_repeats_a_key_is_keyed_by_its_bytes_not_as_the_copy_orjson_kept() -> None:
+    """orjson keeps a repeated key's last copy, Triton (RapidJSON) reads the first: a
+    request whose first "inputs" were another's had the key of a request holding only
+    the second, and once the model was down that request got the first one's answer.
+    So too a binary V2 head repeating "binary_data_size" (its tensors read otherwise)."""
+    evil = b'{"inputs": [{"name": "x", "data": [9]}], "inputs": [{"name": "x", "data": [1]}]}'
+    victim = b'{"inputs": [{"name": "x", "data": [1]}]}'
+    assert canonical_key("POST", "/a", evil, "v2") != canonical_key("POST", "/a", victim, "v2")
+    tensors = struct.pack("<2f", 1.0, 2.0)
+    repeated = (
+        b'{"inputs":[{"name":"x","datatype":"FP32",'
+        b'"parameters":{"binary_data_size":4,"binary_data_size":8}}]}'
+    )
+    once = b'{"inputs":[{"name":"x","datatype":"FP32","parameters":{"binary_data_size":8}}]}'
+    assert canonical_key("POST", "/a", repeated + tensors, "v2", len(repeated)) != canonical_key(
+        "POST", "/a", once + tensors, "v2", len(once)
+    )
+    # A colon inside a string is no key: the same JSON in another order keeps its key.
+    assert canonical_key("POST", "/a", b'{"a": "x:y", "b": 1}', "v2") == canonical_key(
+        "POST", "/a", b'{"b": 1, "a": "x:y"}', "v2"
+    )
+
+
 # restamp_id
 
 

@@ -11,16 +11,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from sidecar.config.jsontext import _key_count, _keys_in, repeats_a_key
 from sidecar.config.schema import ValidationSettings
 from sidecar.config.schemas import CompiledSchema, SchemaError, load_schema
 from sidecar.http import errors
 from sidecar.pipeline.validation import (
     RequestValidator,
     SchemaFailed,
-    _key_count,
-    _keys_in,
     nesting_exceeds,
-    repeats_a_key,
     schema_field,
 )
 from sidecar.telemetry.metrics import Metrics
