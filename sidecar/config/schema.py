@@ -456,6 +456,9 @@ class FallbackPolicy(_Strict):
     # A model's answer with one of these statuses counts as upstream_error.
     statuses: tuple[HttpStatus, ...] = UNAVAILABLE_STATUSES
     chain: tuple[FallbackStep, ...]
+    # Request bodies past this are not parsed (on the event loop, 5-15 ms a MiB, in
+    # one step): rules do not read them (counted), the cache keys them by their bytes.
+    max_parse_bytes: ByteSize = 1024 * 1024
 
     @field_validator("chain")
     @classmethod

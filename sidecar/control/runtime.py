@@ -94,6 +94,7 @@ class Runtime:
                         metrics.dropped.labels("fallback_too_large", route.name),
                         _kept_cache(previous, route, config.upstreams[route.upstream]),
                         breakers,
+                        metrics.dropped.labels("fallback_unparsed", route.name),
                     )
                     if route.fallback
                     else None
@@ -320,7 +321,8 @@ def _cache_settings(policy: FallbackPolicy | None) -> CacheFallback | None:
 def _kept_cache(previous: Runtime | None, route: Route, upstream: Upstream) -> ResponseCache | None:
     """The fallback cache of ``previous`` for this route, when a reload changed nothing
     that decides what a cached answer is: the cache's settings, the route's protocol
-    (its key, and the ``id`` a cached answer is given) and the model that gave the
+    and the fallback's max_parse_bytes (its key, and the ``id`` a cached answer is
+    given) and the model that gave the
     answers (the route's upstream: where it is, the URL, and the headers it is sent).
     A model that is down during a reload can still be stood in for by its last good
     answers. The cache is shared with the retired chain, whose stragglers store into
@@ -343,6 +345,9 @@ def _kept_cache(previous: Runtime | None, route: Route, upstream: Upstream) -> R
         or before_upstream is None
         or before_upstream.url != upstream.url
         or before_upstream.headers != upstream.headers
+        # Which requests are keyed by their bytes: a cache keeps its own limit.
+        or before.fallback is None
+        or before.fallback.max_parse_bytes != route.fallback.max_parse_bytes
     ):
         return None
     return cache

@@ -72,12 +72,18 @@ class _CacheEntry:
 
 
 def canonical_key(
-    method: str, target: str, body: bytes, protocol: str = "plain", json_head: int | None = None
+    method: str,
+    target: str,
+    body: bytes,
+    protocol: str = "plain",
+    json_head: int | None = None,
+    max_parse_bytes: int | None = None,
 ) -> str:
     """The same request to the same model gives the same key, whatever the JSON's key
     order or spacing; the method and target keep two models behind one route apart.
     A V2 request's top-level ``id`` names the request, not its inputs: it is left out.
-    ``json_head``: a binary V2 request's JSON is its first bytes, its tensors follow."""
+    ``json_head``: a binary V2 request's JSON is its first bytes, its tensors follow.
+    A body (or head) longer than ``max_parse_bytes`` is keyed by its bytes, unparsed."""
     tensors = b""
     if json_head is not None:
         body, tensors = body[:json_head], body[json_head:]
@@ -87,16 +93,17 @@ def canonical_key(
     # JSON a body whose first "inputs" were another's took the key of the body holding
     # only the second, and once the model was down that body's client got its answer.
     canonical = body
-    try:
-        document = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        pass
-    else:
-        if not repeats_a_key(body, document):
-            if protocol == "v2" and isinstance(document, dict):
-                document.pop("id", None)
-            with contextlib.suppress(orjson.JSONEncodeError):
-                canonical = orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
+    if max_parse_bytes is None or len(body) <= max_parse_bytes:
+        try:
+            document = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            pass
+        else:
+            if not repeats_a_key(body, document):
+                if protocol == "v2" and isinstance(document, dict):
+                    document.pop("id", None)
+                with contextlib.suppress(orjson.JSONEncodeError):
+                    canonical = orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
     digest = hashlib.blake2b(digest_size=16)
     if json_head is not None:  # the head's length keeps it apart from the tensors
         canonical = b"%d\n%b%b" % (len(canonical), canonical, tensors)
@@ -235,9 +242,11 @@ class ResponseCache:
         protocol: str = "plain",
         clock: Callable[[], float] = time.monotonic,
         evicted: Any = None,
+        max_parse_bytes: int | None = None,
     ):
         self._settings = settings
         self._protocol = protocol
+        self._max_parse_bytes = max_parse_bytes  # larger requests are keyed by their bytes
         self._clock = clock
         self._entries: OrderedDict[str, _CacheEntry] = OrderedDict()
         self._bytes = 0
@@ -264,7 +273,14 @@ class ResponseCache:
         """``json_head``, ``request_json_head``: the answer's and the request's
         Inference-Header-Content-Length (binary V2 tensors), when they have one."""
         settings = self._settings
-        key = canonical_key(method, target, request_body, self._protocol, request_json_head)
+        key = canonical_key(
+            method,
+            target,
+            request_body,
+            self._protocol,
+            request_json_head,
+            self._max_parse_bytes,
+        )
         old = self._entries.pop(key, None)
         if old is not None:
             self._bytes -= len(old.body)
@@ -297,6 +313,7 @@ class ResponseCache:
             request_body,
             self._protocol,
             request_json_head,
+            self._max_parse_bytes,
         )
         entry = self._entries.get(key)
         if entry is None:
@@ -327,12 +344,40 @@ class ResponseCache:
 
 
 class RuleSet:
-    def __init__(self, rules: tuple[tuple[str, Predicate, _Canned], ...]) -> None:
+    def __init__(
+        self,
+        rules: tuple[tuple[str, Predicate, _Canned], ...],
+        max_parse_bytes: int | None = None,
+        unparsed: Any = None,
+    ) -> None:
+        """``max_parse_bytes``: larger requests are not read (counted in ``unparsed``,
+        a counter child, or None): parsed on the event loop in one step, a 16 MiB body
+        held every other client up for a second."""
         self._rules = rules
+        self._max_parse_bytes = max_parse_bytes
+        self._unparsed = unparsed
+        self._said_unparsed = False
 
     def answer(self, request_body: bytes, json_head: int | None = None) -> Response | None:
         """The first rule's answer whose condition the request meets. ``json_head``: a
-        binary V2 request's JSON head length; its tensors' elements are read as data."""
+        binary V2 request's JSON head length; its tensors' elements are read as data
+        (each when a rule reads it, so only the head counts as parsed)."""
+        parsed = len(request_body) if json_head is None else json_head
+        limit = self._max_parse_bytes
+        if limit is not None and parsed > limit:
+            if self._unparsed is not None:
+                self._unparsed.inc()
+            if not self._said_unparsed:
+                self._said_unparsed = True
+                log.warning(
+                    "fallback_rules_skipped_large_body",
+                    bytes=parsed,
+                    max_parse_bytes=limit,
+                    message="rules do not read requests this large (counted in "
+                    'sidecar_dropped_total{buffer="fallback_unparsed"}); the next step '
+                    "answers; raise fallback.max_parse_bytes",
+                )
+            return None
         try:
             document: Any = read_v2(request_body, json_head)
         except ValueError:
@@ -493,9 +538,11 @@ class FallbackChain:
         too_large: Any = None,
         cache: ResponseCache | None = None,
         breakers: Mapping[str, UpstreamBreaker | None] | None = None,
+        unparsed: Any = None,
     ) -> None:
-        """``evicted``, ``too_large``: counters of cached answers evicted and of
-        secondary models' answers too large to take. ``breakers``: the upstreams'
+        """``evicted``, ``too_large``, ``unparsed``: counters of cached answers evicted,
+        of secondary models' answers too large to take, and of requests too large
+        for the rules to read. ``breakers``: the upstreams'
         breakers by name (None where one is switched off), which the secondary
         models' steps go through. ``cache``: the cache of the
         chain a reload replaces, carried on for the cache step (the caller checked
@@ -516,7 +563,7 @@ class FallbackChain:
                 self.cache = (
                     cache
                     if cache is not None
-                    else ResponseCache(step.cache, protocol, clock, evicted)
+                    else ResponseCache(step.cache, protocol, clock, evicted, policy.max_parse_bytes)
                 )
                 steps.append(self.cache)
             elif step.rules is not None:
@@ -529,7 +576,9 @@ class FallbackChain:
                                 _Canned.from_answer(rule.name, rule.respond),
                             )
                             for rule in step.rules
-                        )
+                        ),
+                        policy.max_parse_bytes,
+                        unparsed,
                     )
                 )
             elif step.static is not None:

@@ -677,13 +677,16 @@ async def test_a_reload_that_leaves_a_route_alone_keeps_its_fallback_cache(
     assert metric_value(text, "sidecar_dropped_total", buffer="fallback_cache", route="all") == 1
 
 
-@pytest.mark.parametrize("change", ["cache ttl", "model url", "model headers", "protocol"])
+@pytest.mark.parametrize(
+    "change", ["cache ttl", "model url", "model headers", "protocol", "max_parse_bytes"]
+)
 async def test_a_reload_that_changes_what_a_cached_answer_means_empties_the_cache(
     make_fake_model: MakeFakeModel, start_sidecar: StartSidecar, change: str
 ) -> None:
     """A cached answer is carried over a reload only when it would still be the
     answer: other cache settings start a new cache, and so does another model (another
-    URL, or other headers the sidecar sends it) or another protocol (another key)."""
+    URL, or other headers the sidecar sends it) or another protocol or
+    max_parse_bytes (another key)."""
     state = {"up": True}
     first, second = await make_fake_model(), await make_fake_model()
     first.on("/infer", _echo_unless_down(state))
@@ -698,6 +701,8 @@ async def test_a_reload_that_changes_what_a_cached_answer_means_empties_the_cach
         config["upstreams"]["model"]["url"] = second.url
     elif change == "model headers":
         config["upstreams"]["model"]["headers"] = {"X-Model-Version": "2"}
+    elif change == "max_parse_bytes":
+        config["routes"][0]["fallback"]["max_parse_bytes"] = "4B"
     else:
         config["routes"][0]["protocol"] = "v2"
     sidecar.running.live.config_path.write_text(yaml.safe_dump(config))

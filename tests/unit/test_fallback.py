@@ -5,6 +5,7 @@ no subprocess); everything else is plain calls on a fake clock."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import struct
 from collections.abc import AsyncIterator
 from typing import Any
@@ -44,6 +45,8 @@ from tests.conftest import LOOPBACK, FakeClock, MakeFakeModel, closed_port
 
 
 class Evictions:
+    """A counter child's stand-in (evictions, or any other count)."""
+
     def __init__(self) -> None:
         self.count = 0
 
@@ -440,6 +443,39 @@ async def test_rules_read_a_binary_v2_request_s_tensors_by_its_head_length() -> 
     assert answer.headers[FALLBACK_HEADER] == "big"
     for unmet in (binary(10, str(len(head))), binary(11, "x"), binary(11, str(len(head) - 1))):
         assert await fallback.answer(unmet, unmet.body or b"") is None
+
+
+async def test_requests_over_max_parse_bytes_are_not_read_by_rules_nor_canonicalised() -> None:
+    """Parsed on the event loop in one step, a 16 MiB body held every other client up
+    for a second (found by a hostile test with the model down)."""
+    counted = Evictions()
+    settings = FallbackPolicy.model_validate(
+        {"chain": [RULES, {"static": {"body": "default"}}], "max_parse_bytes": "16B"}
+    )
+    fallback = FallbackChain(settings, {}, FakeClock(), unparsed=counted)
+    read = await fallback.answer(call(), b'{"x": 11}')  # 9 bytes
+    skipped = await fallback.answer(call(), b'{"x": 11, "pad": "....."}')
+    assert read is not None
+    assert skipped is not None
+    assert (read.headers[FALLBACK_HEADER], skipped.headers[FALLBACK_HEADER]) == ("big", "static")
+    assert counted.count == 1
+    # A binary V2 request's head is what is parsed; its tensors are read as asked.
+    head = b'{"x": 11}'
+    binary = UpstreamCall(
+        "POST", "/infer", Headers([("Inference-Header-Content-Length", "9")]), head, "r-1"
+    )
+    tensors = head + b"\x00" * 64
+    answer = await fallback.answer(binary, tensors)
+    assert answer is not None
+    assert answer.headers[FALLBACK_HEADER] == "big"
+    # The cache keys a larger body by its bytes: the same JSON in another key order
+    # is another request there.
+    small, small_reordered = b'{"a":1,"b":2}', b'{"b":2,"a":1}'
+    large, large_reordered = b'{"a":1,"b":2,"c":"....."}', b'{"c":".....","b":2,"a":1}'
+    key = functools.partial(canonical_key, "POST", "/infer", max_parse_bytes=16)
+    assert key(small) == key(small_reordered)
+    assert key(large) != key(large_reordered)
+    assert key(large) == canonical_key("POST", "/infer", large, max_parse_bytes=16)
 
 
 async def test_the_cache_comes_first_when_it_has_the_answer() -> None:
