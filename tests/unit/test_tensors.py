@@ -63,10 +63,11 @@ def test_each_numeric_datatype_reads_as_its_little_endian_elements(
     assert isinstance(data, Tensor)
     assert len(data) == 3
     assert list(data) == values
-    assert [data[0], data[2], data[-1]] == [values[0], values[2], values[2]]
+    assert [data[0], data[2], data[-1], data[-3]] == [values[0], values[2], values[2], values[0]]
     assert data[1:] == values[1:]
-    with pytest.raises(IndexError):
-        data[3]
+    for past in (3, 100, -4):
+        with pytest.raises(IndexError):
+            data[past]
     assert read_v2(body, head, as_lists=True)["inputs"][0]["data"] == values
 
 
@@ -103,22 +104,34 @@ def test_bytes_elements_are_length_prefixed_text() -> None:
     assert (data[2], data[0], data[-2]) == ("\ufffd\ufffdok", "hello", "")
     assert list(data) == ["hello", "", "\ufffd\ufffdok"]
     assert (len(data), data[1:], data.broken) == (3, ["", "\ufffd\ufffdok"], False)
-    with pytest.raises(IndexError):
-        data[3]
+    assert (data[-1], data[-3]) == ("\ufffd\ufffdok", "hello")
+    for past in (3, 100, -4):
+        with pytest.raises(IndexError):
+            data[past]
     assert read_v2(body, head, as_lists=True)["inputs"][0]["data"] == list(data)
 
 
-@pytest.mark.parametrize("cut", [2, 7, None])
+@pytest.mark.parametrize("cut", [2, 7, 8, 12, 13, None])
 def test_a_broken_bytes_element_ends_the_tensor_and_cannot_be_written_out(cut: int | None) -> None:
     whole = struct.pack("<I", 1) + b"a" + struct.pack("<I", 5) + b"abcde"
     raw = whole[:cut] if cut is not None else whole + b"\x01"
     body, head = binary_body(("t", "BYTES", raw))
     data = read_v2(body, head)["inputs"][0]["data"]
-    found = {2: [], 7: ["a"], None: ["a", "abcde"]}[cut]
-    assert (list(data), len(data), data.broken) == (found, len(found), True)
+    found = {2: [], 7: ["a"], 8: ["a"], 12: ["a"], 13: ["a"], None: ["a", "abcde"]}[cut]
+    # Iterated first, with no length asked (list() asks for one, which walks all).
+    assert [element for element in data] == found
+    assert (len(data), data.broken) == (len(found), True)
     with pytest.raises(ValueError, match="broken element"):
         read_v2(body, head, as_lists=True)
     assert lookup(read_v2(body, head), parse_field_path("inputs[0].data[2]")) is MISSING
+
+
+def test_long_and_empty_tensors_are_whole_tensors() -> None:
+    long = b"x" * 300
+    body, head = binary_body(("t", "BYTES", struct.pack("<I", 300) + long), ("e", "FP32", b""))
+    text, empty = read_v2(body, head)["inputs"]
+    assert ([e for e in text["data"]], text["data"].broken) == ([long.decode()], False)
+    assert list(empty["data"]) == []
 
 
 def test_a_bytes_element_is_found_by_walking_only_the_ones_before_it() -> None:
