@@ -28,6 +28,7 @@ import os
 import queue
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -35,6 +36,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -272,27 +274,43 @@ def _p50_p99_ms(latencies: list[float]) -> tuple[float, float]:
     return tuple(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 for q in (0.5, 0.99))  # type: ignore[return-value]
 
 
-def load_wrk(url: str, concurrency: int, duration: float, workdir: Path) -> LoadResult:
+def _wrk_script(workdir: Path) -> Path:
+    """The POST script, written once and whole: in a smoke run several wrk start at
+    once, and one must not read the file while another truncates it."""
     script = workdir / "post.lua"
-    script.write_text(_WRK_SCRIPT % (BODY.decode(), BENCH_KEY))
+    if not script.exists():
+        partial = workdir / f"post.lua.{threading.get_ident()}"
+        partial.write_text(_WRK_SCRIPT % (BODY.decode(), BENCH_KEY))
+        partial.replace(script)
+    return script
+
+
+def load_wrk(
+    url: str, concurrency: int, duration: float, workdir: Path, *, quick: bool = False
+) -> LoadResult:
+    script = _wrk_script(workdir)
     threads = min(2, concurrency)
-    result = subprocess.run(
-        [
-            "wrk",
-            f"-t{threads}",
-            f"-c{concurrency}",
-            f"-d{max(1, round(duration))}s",
-            "--latency",
-            "-s",
-            str(script),
-            url + "/v2/models/iris/infer",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=duration + 60,
-        check=True,
-    )
-    text = result.stdout
+    argv = [
+        "wrk",
+        f"-t{threads}",
+        f"-c{concurrency}",
+        f"-d{max(1, round(duration))}s",
+        "--latency",
+        "-s",
+        str(script),
+        url + "/v2/models/iris/infer",
+    ]
+    if quick:
+        cut = _parse_wrk(_wrk_cut_short(argv, duration))
+        if cut.requests:
+            return cut
+        # A smoke run must see answers: a cut run that saw none (a cold proxy taking
+        # its time over 256 new connections on a busy core) gets wrk's whole second.
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, check=True)
+    return _parse_wrk(run.stdout)
+
+
+def _parse_wrk(text: str) -> LoadResult:
     total = int(re.search(r"(\d+) requests in", text).group(1))  # type: ignore[union-attr]
     errors_match = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
     socket_errors = re.search(
@@ -303,6 +321,21 @@ def load_wrk(url: str, concurrency: int, duration: float, workdir: Path) -> Load
         errors += sum(int(g) for g in socket_errors.groups())
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))  # type: ignore[union-attr]
     return LoadResult(total, errors, rps, _wrk_latency(text, "50"), _wrk_latency(text, "99"))
+
+
+def _wrk_cut_short(argv: list[str], duration: float) -> str:
+    """wrk's output for a run cut at ``duration`` (wrk runs a second at least): on
+    SIGINT it stops and reports as usual, over the time it ran. It ignores a SIGINT
+    that comes before its threads start, so such a run takes its whole second."""
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as wrk:
+        try:
+            out, err = wrk.communicate(timeout=duration)
+        except subprocess.TimeoutExpired:
+            wrk.send_signal(signal.SIGINT)
+            out, err = wrk.communicate(timeout=60)
+    if wrk.returncode != 0:
+        raise subprocess.CalledProcessError(wrk.returncode, argv, out, err)
+    return out
 
 
 async def _load_aiohttp(url: str, concurrency: int, duration: float) -> LoadResult:
@@ -377,9 +410,11 @@ def load_open_loop(url: str, rate: float, duration: float) -> LoadResult:
     return asyncio.run(_open_loop(url, rate, duration, "/v2/models/iris/infer"))
 
 
-def load(url: str, concurrency: int, duration: float, workdir: Path) -> LoadResult:
+def load(
+    url: str, concurrency: int, duration: float, workdir: Path, *, quick: bool = False
+) -> LoadResult:
     if shutil.which("wrk"):
-        return load_wrk(url, concurrency, duration, workdir)
+        return load_wrk(url, concurrency, duration, workdir, quick=quick)
     return asyncio.run(_load_aiohttp(url, concurrency, duration))
 
 
@@ -414,11 +449,22 @@ class Row:
         )
 
 
-def measure(target: Running, concurrency: int, duration: float, workdir: Path) -> Row:
+def measure(
+    target: Running, concurrency: int, duration: float, workdir: Path, *, quick: bool = False
+) -> Row:
     cpu_before = target.cpu_seconds()
-    result = load(target.url, concurrency, duration, workdir)
+    result = load(target.url, concurrency, duration, workdir, quick=quick)
     cpu = target.cpu_seconds() - cpu_before
     return Row.of(target.name, concurrency, result, cpu_seconds=cpu, rss_mb=target.peak_rss_mb())
+
+
+def each(contenders: list[Running], run: Callable[[Running], Row], *, at_once: bool) -> list[Row]:
+    """``run`` for each contender in turn, or (a smoke run, whose numbers mean little)
+    for all of them at once: the same loads, without their waits adding up."""
+    if not at_once:
+        return [run(contender) for contender in contenders]
+    with ThreadPoolExecutor(max_workers=len(contenders)) as pool:
+        return list(pool.map(run, contenders))
 
 
 def alternate(
@@ -426,12 +472,19 @@ def alternate(
 ) -> dict[str, Row]:
     """Median row per contender over ``args.rounds`` in which they take turns."""
     per: dict[str, list[Row]] = {c.name: [] for c in contenders}
-    if not args.quick:  # whose numbers mean little: wrk's shortest run is a second
+    if not args.quick:  # whose numbers mean little
         for contender in contenders:  # warm the pools and the caches
             load(contender.url, concurrency, 1.0, workdir)
+    # Not 256 connections to each at once: cold on a small machine, they starve each
+    # other of answers for longer than a quick run lasts.
+    at_once = args.quick and concurrency <= 64
     for _ in range(args.rounds):
-        for contender in contenders:
-            per[contender.name].append(measure(contender, concurrency, args.duration, workdir))
+        for row in each(
+            contenders,
+            lambda c: measure(c, concurrency, args.duration, workdir, quick=args.quick),
+            at_once=at_once,
+        ):
+            per[row.contender].append(row)
     medians = {}
     for name, rows in per.items():
         rows.sort(key=lambda r: r.rps)
@@ -445,7 +498,7 @@ def suite_accesslog(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     wrk and the upstream), which a single pair would read as the log's cost."""
     upstream = start_upstream()
     targets = []
-    for replica in (1, 2):
+    for replica in (1,) if args.quick else (1, 2):  # a smoke run needs one of each
         targets.append(start_sidecar(f"log-off-{replica}", sidecar_config(upstream.url), workdir))
         log = {"enabled": True, "path": str(workdir / f"access-{replica}.jsonl")}
         targets.append(
@@ -488,8 +541,9 @@ def suite_shadow(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     shadowed = start_sidecar("shadow-100%", shadowed_config, workdir)
     rows: dict[str, list[Row]] = {"shadow-off": [], "shadow-100%": []}
     with running(primary, candidate, plain, shadowed):
-        for target in (plain, shadowed):  # warm-up
-            load_open_loop(target.url, args.rate, 1.0)
+        if not args.quick:
+            for target in (plain, shadowed):  # warm-up
+                load_open_loop(target.url, args.rate, 1.0)
         for _ in range(args.rounds):
             for target in (plain, shadowed):
                 cpu_before = target.cpu_seconds()
@@ -599,7 +653,7 @@ def _wait_port(port: int) -> None:
             with socket.create_connection((LOOPBACK, port), timeout=0.5):
                 return
         except OSError:
-            time.sleep(0.1)
+            time.sleep(0.02)
     raise RuntimeError(f"nothing listens on {port}")
 
 
@@ -827,12 +881,13 @@ async def _hold_idle(port: int, count: int) -> list[asyncio.StreamWriter]:
     return writers
 
 
-def idle_connections_rss(sidecar: Running, count: int) -> float:
-    """The sidecar's RSS while ``count`` kept-alive client connections sit idle."""
+def idle_connections_rss(sidecar: Running, count: int, settle: float = 1.0) -> float:
+    """The sidecar's RSS while ``count`` kept-alive client connections sit idle
+    (read ``settle`` seconds after the last one was answered)."""
 
     async def measure() -> float:
         writers = await _hold_idle(sidecar.port, count)
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(settle)
         rss = sidecar.rss_mb()
         for writer in writers:
             writer.close()
@@ -853,8 +908,8 @@ def suite_connections(args: argparse.Namespace, workdir: Path) -> dict[str, Any]
     sidecar = start_sidecar("sidecar-full", full_config(upstream.url, workdir), workdir)
     with running(upstream, sidecar):
         before = sidecar.rss_mb()
-        idle_rss = idle_connections_rss(sidecar, idle)
-        result = load(sidecar.url, 1000, args.duration, workdir)
+        idle_rss = idle_connections_rss(sidecar, idle, settle=0.1 if args.quick else 1.0)
+        result = load(sidecar.url, 1000, args.duration, workdir, quick=args.quick)
         row = Row.of("sidecar-full, 1000 connections", 1000, result, rss_mb=sidecar.peak_rss_mb())
     return {
         "rows": [asdict(row)],
@@ -872,7 +927,8 @@ def suite_soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     sidecar = start_sidecar("sidecar-full", full_config(upstream.url, workdir), workdir)
     rows = []
     with running(upstream, sidecar):
-        load_open_loop(sidecar.url, args.rate, min(5.0, args.soak_seconds))  # warm up
+        if not args.quick:
+            load_open_loop(sidecar.url, args.rate, min(5.0, args.soak_seconds))  # warm up
         start_rss = sidecar.rss_mb()
         # Minute-long runs (fewer for a short soak), each a row: RSS is read after each.
         runs = max(1, round(args.soak_seconds / 60.0))
@@ -1180,8 +1236,8 @@ def main() -> int:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a smoke run of the same suites (one round of the shortest measurements, "
-        "no warm-up, a 2 s soak): "
+        help="a smoke run of the same suites (one round of 0.25 s measurements, wrk's "
+        "cut short, no warm-up, a 1 s soak, contenders loaded at once; see README): "
         "checks that every contender starts and answers; its numbers mean little",
     )
     args = parser.parse_args()
@@ -1191,9 +1247,9 @@ def main() -> int:
     if stale:  # the sidecar would run compiled modules of older sources
         raise SystemExit(f"{stale}: run `python build_native.py --inplace` (or --clean)")
     if args.quick:
-        args.duration = min(args.duration, 0.5)
+        args.duration = min(args.duration, 0.25)
         args.rounds = 1
-        args.soak_seconds = min(args.soak_seconds, 2.0)
+        args.soak_seconds = min(args.soak_seconds, 1.0)
     results = {}
     with tempfile.TemporaryDirectory(prefix="sidecar-bench-") as tmp:
         for name in args.suite or ["compare", "accesslog", "shadow"]:
