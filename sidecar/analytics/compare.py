@@ -133,6 +133,10 @@ class Comparer:
         return self._numeric(primary, shadow)
 
     def _numeric(self, primary: list[float], shadow: list[float]) -> Comparison:
+        if not all(map(math.isfinite, (*primary, *shadow))):
+            # A binary tensor may hold NaN or infinity (JSON cannot): neither a match
+            # (NaN is close to nothing) nor a difference to measure.
+            return Comparison("error", "a prediction is not a finite number")
         s = self.settings
         differences = []
         worst = 0.0

@@ -442,3 +442,23 @@ def test_a_label_that_is_nan_or_infinity_is_a_comparison_error_not_an_exception(
             assert result.reason == "a label is not a finite number"
     same = c.compare(200, good, 200, good, primary_head=good_head, shadow_head=good_head)
     assert same.result == "match"
+
+
+def test_a_prediction_that_is_nan_or_infinity_is_a_comparison_error_not_a_mismatch() -> None:
+    """NaN is close to nothing, itself included: NaN against NaN counted as the
+    candidate disagreeing, and the largest difference was whatever max() made of it."""
+    c = comparer(abs_tol=0.01)
+    good, good_head = binary_v2(1.0, 0.5)
+    for bad_value in (math.nan, math.inf, -math.inf):
+        bad, bad_head = binary_v2(1.0, bad_value)
+        for result in (
+            c.compare(200, bad, 200, bad, primary_head=bad_head, shadow_head=bad_head),
+            c.compare(200, good, 200, bad, primary_head=good_head, shadow_head=bad_head),
+        ):
+            assert (result.result, result.reason) == (
+                "error",
+                "a prediction is not a finite number",
+            )
+    assert c.compare(
+        200, good, 200, good, primary_head=good_head, shadow_head=good_head
+    ).result == ("match")
