@@ -17,6 +17,7 @@ as many cases (``SIDECAR_FUZZ_SOAK=1 pytest tests/integration/test_protocol_fuzz
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import gc
 import hashlib
@@ -151,6 +152,7 @@ SMALL = Limits(
     write_buffer=512,
     max_pipelined=3,
     linger=1.0,
+    buffered_bodies=25_000,
 )
 BODY_LIMIT = 64 * 1024
 MODES = [
@@ -444,6 +446,7 @@ class ServerRun:
                 sweep(conn)
             self.check_state()
         assert client.lost, f"the connection never closed (paused={client.paused})"
+        assert server.body_bytes == 0, f"{server.body_bytes} body bytes still charged"
         await turns(5)
         me = asyncio.current_task()
         left = [task for task in asyncio.all_tasks() if task is not me]
@@ -470,6 +473,8 @@ class ServerRun:
             client.send_eof()
         elif kind == "reset":
             client.send_reset()
+        elif kind == "budget":  # a reload changes server.max_buffered_bodies
+            self.server.set_limits(dataclasses.replace(self.server.limits, buffered_bodies=args[0]))
 
     def send(self, size: int) -> None:
         if self.pending and self.client.can_send():
@@ -484,6 +489,10 @@ class ServerRun:
         conn = self.conn
         requests = {id(r): r for r in (conn._current, conn._parsing, *(conn._queue or ()))}
         held = sum(len(part) for r in requests.values() if r is not None for part in r._parts)
+        charged = sum(r._charged for r in requests.values() if r is not None)
+        assert self.server.body_bytes == charged, (
+            f"the server counts {self.server.body_bytes} body bytes, its requests {charged}"
+        )
         bound = max(self.limits.read_ahead, BODY_LIMIT) + 2 * self.largest_read + 1024
         assert held <= bound, f"{held} body bytes held (bound {bound})"
         queued = len(conn._queue or ())
@@ -672,6 +681,7 @@ _CLIENT_STEPS = st.lists(
         st.tuples(st.just("stop_reading")),
         st.tuples(st.just("stop_reading")),
         st.tuples(st.just("read_again")),
+        st.tuples(st.just("budget"), st.sampled_from([3_000, 25_000, 1 << 20])),
     ),
     max_size=40,
 )
