@@ -3,6 +3,8 @@ called directly."""
 
 from __future__ import annotations
 
+import math
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -405,3 +407,45 @@ def test_objects_alone_nested_past_the_limit_are_too_deep() -> None:
     assert nesting_exceeds(body, 3)
     assert Validator(json=True, max_depth=3).invalid(body) == "JSON nests deeper than 3 levels"
     assert nesting_exceeds(b"[[[[1]]]]", 3)  # arrays alone too
+
+
+@pytest.mark.parametrize("data_schema", ["iris", "any array"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_a_binary_tensor_holding_nan_or_infinity_is_not_json_the_schema_can_check(
+    tmp_path: Path, data_schema: str, bad: float
+) -> None:
+    """JSON cannot hold NaN nor infinity (a JSON body with them is 400), a binary FP32
+    tensor can. The fast validator refused NaN and the thorough one found nothing
+    wrong: a 422 listing no path at all ("at: $"), counted under "$". Infinity passed
+    a schema without bounds. Either is what a JSON body could not be: 400, naming it."""
+    from sidecar.config.schema import bundled_config_dir
+
+    if data_schema == "iris":
+        compiled = load_schema(bundled_config_dir() / "schemas" / "iris-v2-request.json")
+    else:
+        compiled = schema(
+            tmp_path,
+            {"type": "object", "properties": {"inputs": {"type": "array"}}},
+        )
+    validator = RequestValidator(
+        "infer", ValidationSettings.model_validate({}), compiled, Metrics(), binary_tensors=True
+    )
+    raw = struct.pack("<4f", 5.1, 3.5, bad, 0.2)
+    tensor = {"name": "x", "shape": [1, 4], "datatype": "FP32"}
+    head = orjson.dumps({"inputs": [tensor | {"parameters": {"binary_data_size": len(raw)}}]})
+    with pytest.raises(errors.InvalidJson) as refused:
+        validator.check_body(head + raw, str(len(head)))
+    assert "inputs[0].data[2]" in refused.value.message
+    assert "NaN or infinity" in refused.value.message
+    finite = head + struct.pack("<4f", 5.1, 3.5, 1.4, 0.2)
+    assert validator.check_body(finite, str(len(head)))["inputs"][0]["data"][2] == pytest.approx(
+        1.4
+    )
+    if data_schema != "iris":  # finite numbers whose sum overflows are no NaN
+        large = struct.pack("<2d", 1.7e308, 1.7e308)
+        wide = {"name": "x", "datatype": "FP64", "parameters": {"binary_data_size": 16}}
+        head = orjson.dumps({"inputs": [wide]})
+        assert validator.check_body(head + large, str(len(head)))["inputs"][0]["data"] == [
+            1.7e308,
+            1.7e308,
+        ]
