@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
+from itertools import islice
 from typing import Any
 
 from sidecar.config.tensors import BytesTensor, Tensor
@@ -85,6 +86,15 @@ def lookup(document: Any, path: FieldPath) -> Any:
     return node
 
 
+def _as_array(value: Any, longest: int) -> Any:
+    """A binary tensor's data as the JSON array it stands for, to be tested for
+    equality with arrays of at most ``longest`` elements: one element more tells a
+    longer tensor apart, so a tensor of millions is not read whole."""
+    if isinstance(value, Tensor | BytesTensor):
+        return list(islice(value, longest + 1))
+    return value
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -103,16 +113,18 @@ def _leaf(path: FieldPath, operator: str, operand: Any, where: str) -> Predicate
         if not isinstance(operand, list) or not operand:
             raise ValueError(f"{where}: 'in' takes a non-empty list")
         choices = tuple(operand)
+        longest = max((len(c) for c in choices if isinstance(c, list)), default=0)
         return lambda doc: (
-            (value := lookup(doc, path)) is not MISSING
+            (value := _as_array(lookup(doc, path), longest)) is not MISSING
             and any(type(value) is type(c) and value == c for c in choices)
         )
     if operator in ("eq", "ne"):
         expected = operand
         equal = operator == "eq"
+        longest = len(expected) if isinstance(expected, list) else 0
 
         def compare_equal(doc: Any) -> bool:
-            value = lookup(doc, path)
+            value = _as_array(lookup(doc, path), longest)
             if value is MISSING:
                 return False
             same = type(value) is type(expected) and value == expected

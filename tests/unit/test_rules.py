@@ -196,3 +196,44 @@ def test_a_bad_field_path_names_the_character_at_odd_places_too() -> None:
 def test_not_stands_alone_in_its_mapping() -> None:
     with pytest.raises(ValueError, match="'not' stands alone"):
         compile_condition({"not": {"field": "a", "exists": True}, "field": "b"})
+
+
+@pytest.mark.parametrize(
+    ("condition", "expected"),
+    [
+        ({"field": "inputs[0].data", "eq": [0, 0, 7]}, True),
+        ({"field": "inputs[0].data", "eq": [0, 0]}, False),  # a prefix is not the array
+        ({"field": "inputs[0].data", "eq": [0, 0, 7, 0]}, False),
+        ({"field": "inputs[0].data", "ne": [0, 0, 7]}, False),
+        ({"field": "inputs[0].data", "ne": [0, 0, 0]}, True),
+        ({"field": "inputs[0].data", "in": [[1], [0, 0, 7]]}, True),
+        ({"field": "inputs[0].data", "in": [[1], 7]}, False),
+        ({"field": "inputs[1].data", "eq": ["a", ""]}, True),
+        ({"field": "inputs[1].data", "ne": ["a", ""]}, False),
+    ],
+)
+def test_a_binary_tensor_s_data_compares_as_the_json_array_it_stands_for(
+    condition: dict[str, Any], expected: bool
+) -> None:
+    """The README: inputs[0].data "reads the same in either form". Compared whole, a
+    binary tensor's data was never equal to an array (eq, in: false; ne: true), so a
+    rule met by a JSON request was missed by the same request in tritonclient's
+    default binary form, and one asking ne was met by every binary request."""
+    import struct
+
+    import orjson
+
+    from sidecar.config.tensors import read_v2
+
+    numbers = struct.pack("<3q", 0, 0, 7)
+    strings = struct.pack("<I", 1) + b"a" + struct.pack("<I", 0)
+    tensors = [
+        {"name": "x", "datatype": "INT64", "parameters": {"binary_data_size": len(numbers)}},
+        {"name": "s", "datatype": "BYTES", "parameters": {"binary_data_size": len(strings)}},
+    ]
+    head = orjson.dumps({"inputs": tensors})
+    binary = read_v2(head + numbers + strings, len(head))
+    as_json = read_v2(head + numbers + strings, len(head), as_lists=True)
+    predicate = compile_condition(condition)
+    assert predicate(as_json) is expected  # the same request in JSON
+    assert predicate(binary) is expected
