@@ -420,7 +420,12 @@ def _primary_outcome(ctx: RequestContext, answer: Answer | None) -> PrimaryOutco
         return PrimaryOutcome(answer.status, None, latency, reason="too_large")
     streamed = answer.content_type == "text/event-stream"
     return PrimaryOutcome(
-        answer.status, b"".join(capture.chunks), latency, streamed=streamed, encoding=encoding
+        answer.status,
+        b"".join(capture.chunks),
+        latency,
+        streamed=streamed,
+        encoding=encoding,
+        json_head=answer.headers.get(JSON_HEAD_LENGTH),  # a large binary V2 answer comes here
     )
 
 

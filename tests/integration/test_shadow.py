@@ -645,11 +645,14 @@ async def test_compressed_answers_are_compared_by_what_they_hold(
     assert decoded(b"{}", None, 100) == b"{}"
 
 
+@pytest.mark.parametrize("padding", [0, 300 * 1024])
 async def test_binary_v2_answers_are_compared_by_their_tensors(
-    make_fake_model: MakeFakeModel, start_sidecar: StartSidecar, tmp_path: Path
+    make_fake_model: MakeFakeModel, start_sidecar: StartSidecar, tmp_path: Path, padding: int
 ) -> None:
     """tritonclient asks for binary outputs by default: each comparison of such
-    answers was an error ("an answer is not JSON") unless the bytes were the same."""
+    answers was an error ("an answer is not JSON") unless the bytes were the same.
+    ``padding``: a second output that makes the answer one relayed as it comes (past
+    256 KiB), whose head length the comparison was not given."""
     import struct
 
     primary, candidate = await make_fake_model(), await make_fake_model()
@@ -657,7 +660,12 @@ async def test_binary_v2_answers_are_compared_by_their_tensors(
     def binary(probabilities: list[float]) -> Any:
         raw = struct.pack(f"<{len(probabilities)}f", *probabilities)
         tensor = {"name": "probabilities", "datatype": "FP32", "shape": [1, len(probabilities)]}
-        head = orjson.dumps({"outputs": [tensor | {"parameters": {"binary_data_size": len(raw)}}]})
+        outputs = [tensor | {"parameters": {"binary_data_size": len(raw)}}]
+        if padding:
+            pad = {"name": "pad", "datatype": "UINT8", "shape": [padding]}
+            outputs.append(pad | {"parameters": {"binary_data_size": padding}})
+            raw += bytes(padding)
+        head = orjson.dumps({"outputs": outputs})
 
         async def answer(request: web.Request) -> web.Response:
             await request.read()
