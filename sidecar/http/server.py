@@ -148,7 +148,7 @@ class Request:
         self._conn = conn
         self._parts: list[bytes] = []
         self._size = 0
-        self._charged = 0  # bytes counted in the server's body_bytes (a declared length whole)
+        self._charged = 0  # of its body's bytes, counted in the server's body_bytes
         self._waiter: asyncio.Future[None] | None = None
         self._error: BaseException | None = None  # the body can no longer arrive
         self._continue_sent = False
@@ -174,16 +174,12 @@ class Request:
         if self._error is not None:
             return  # refused, or the client left: its bytes are not kept
         size = len(chunk)
-        # Only bytes past what is charged already: a declared length is charged whole
-        # once its body is awaited (read_body).
-        extra = self._size + size - self._charged
-        if extra > 0:
-            server = self._conn.server
-            if server.body_bytes + extra > server.limits.buffered_bodies:
-                self._refuse_for_memory()
-                return
-            server.body_bytes += extra
-            self._charged += extra
+        server = self._conn.server
+        if server.body_bytes + size > server.limits.buffered_bodies:
+            self._refuse_for_memory()
+            return
+        server.body_bytes += size
+        self._charged += size
         self._parts.append(chunk)
         self._size += size
         self._wake()
@@ -261,14 +257,9 @@ class Request:
         conn = self._conn
         if not self.complete and declared is not None:
             server = conn.server
-            # Refused before the body is sent when it could not be held anyway; else
-            # all of it is charged now, so that two bodies that fit the budget only
-            # one at a time are not both let in to have one refused half-sent.
+            # Refused before the body is sent when it could not be held anyway.
             if server.body_bytes - self._charged + declared > server.limits.buffered_bodies:
                 self._refuse_for_memory()
-            else:
-                server.body_bytes += declared - self._charged
-                self._charged = declared
         self._raise_if_failed()
         if not self.complete:
             if (
