@@ -349,6 +349,14 @@ class Pipeline:
                 validator = None
             else:
                 validator.check_content_type(request.content_type, request.body_exists)
+        if (
+            validator is not None
+            and validator.binary_schema
+            and validator.checks_in_a_thread(
+                request.headers.get(JSON_HEAD_LENGTH), request.content_length or 0
+            )
+        ):
+            return False  # read_body checks it in a thread
         body = request.arrived_body(ctx.body_limit)
         if body is None:
             return False
@@ -356,10 +364,24 @@ class Pipeline:
         return True
 
     async def read_body(self, request: Request, ctx: RequestContext) -> None:
-        """The body within the route's limit (413, or 408 when it stalls), checked."""
+        """The body within the route's limit (413, or 408 when it stalls), checked (in
+        a thread when that is long work: ``RequestValidator.checks_in_a_thread``)."""
         assert ctx.route is not None
         body = await read_body(request, ctx.body_limit)
-        self.check_body(request, ctx, body, self.validators.get(ctx.route.name))
+        validator = self.validators.get(ctx.route.name)
+        if validator is not None:
+            json_head = self.json_head(request, validator)
+            if validator.checks_in_a_thread(json_head, len(body)):
+                ctx.body = body
+                ctx.bytes_in = len(body)
+                ctx.document = await asyncio.to_thread(validator.check_body, body, json_head)
+                return
+        self.check_body(request, ctx, body, validator)
+
+    @staticmethod
+    def json_head(request: Request, validator: RequestValidator) -> str | None:
+        """Its Inference-Header-Content-Length, on a route that reads binary tensors."""
+        return request.headers.get(JSON_HEAD_LENGTH) if validator.binary_tensors else None
 
     def check_body(
         self,
@@ -372,8 +394,7 @@ class Pipeline:
         ctx.body = body
         ctx.bytes_in = len(body)
         if validator is not None:
-            json_head = request.headers.get(JSON_HEAD_LENGTH) if validator.binary_tensors else None
-            ctx.document = validator.check_body(body, json_head)
+            ctx.document = validator.check_body(body, self.json_head(request, validator))
 
     async def admit(self, request: Request, ctx: RequestContext) -> Answer:
         """Load shedding: caps on requests in flight, per route and server-wide.
