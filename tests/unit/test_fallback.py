@@ -44,8 +44,8 @@ from sidecar.upstream.upstreams import UpstreamCall, UpstreamClient
 from tests.conftest import LOOPBACK, FakeClock, MakeFakeModel, closed_port
 
 
-class Evictions:
-    """A counter child's stand-in (evictions, or any other count)."""
+class FakeCounter:
+    """A counter child's stand-in."""
 
     def __init__(self) -> None:
         self.count = 0
@@ -251,7 +251,7 @@ def test_storing_the_same_request_again_replaces_the_answer() -> None:
 
 
 def test_the_least_recently_used_answer_is_evicted_beyond_max_entries() -> None:
-    evicted = Evictions()
+    evicted = FakeCounter()
     c = cache(FakeClock(), evicted=evicted, max_entries=2)
     c.store("POST", "/a", b"{}", 200, None, b"a")
     c.store("POST", "/b", b"{}", 200, None, b"bb")
@@ -264,7 +264,7 @@ def test_the_least_recently_used_answer_is_evicted_beyond_max_entries() -> None:
 
 
 def test_answers_are_evicted_to_stay_within_max_bytes() -> None:
-    evicted = Evictions()
+    evicted = FakeCounter()
     c = cache(FakeClock(), evicted=evicted, max_bytes="10B")
     c.store("POST", "/a", b"{}", 200, None, b"aaaa")
     c.store("POST", "/b", b"{}", 200, None, b"bbbbbb")
@@ -278,7 +278,7 @@ def test_an_answer_larger_than_max_bytes_is_not_kept_and_evicts_nothing() -> Non
     """An answer within max_body_size but over max_bytes (a config may set them so)
     was stored, then everything was evicted to make room for it, itself last: one
     large answer emptied the cache, and counted every answer it threw out."""
-    evicted = Evictions()
+    evicted = FakeCounter()
     c = cache(FakeClock(), evicted=evicted, max_bytes="10B", max_body_size="1KiB")
     c.store("POST", "/a", b"{}", 200, None, b"aaaa")
     c.store("POST", "/b", b"{}", 200, None, b"bbbb")
@@ -448,7 +448,7 @@ async def test_rules_read_a_binary_v2_request_s_tensors_by_its_head_length() -> 
 async def test_requests_over_max_parse_bytes_are_not_read_by_rules_nor_canonicalised() -> None:
     """Parsed on the event loop in one step, a 16 MiB body held every other client up
     for a second (found by a hostile test with the model down)."""
-    counted = Evictions()
+    counted = FakeCounter()
     settings = FallbackPolicy.model_validate(
         {"chain": [RULES, {"static": {"body": "default"}}], "max_parse_bytes": "16B"}
     )
@@ -825,7 +825,7 @@ async def test_a_secondary_answer_larger_than_its_step_takes_fails_the_step_and_
 ) -> None:
     model = await make_fake_model()
     client = secondary(model.url, pools).upstream
-    too_large = Evictions()
+    too_large = FakeCounter()
     step = SecondaryUpstream(
         client, UpstreamFallback(name="simple", max_body_size="10B"), too_large=too_large
     )
