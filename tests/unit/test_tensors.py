@@ -35,6 +35,9 @@ def test_a_head_length_is_a_plain_count_of_bytes_within_the_body() -> None:
     values = (None, "", "4", "10", "11", "-1", "\u0664", "0" * 4999 + "4", " 4", "4.0")
     got = [json_head_length(v, 10) for v in values]
     assert got == [None, None, 4, 10, None, None, None, None, None, None]
+    # Eighteen digits are a length (past 4,300, int() raises): nineteen are not.
+    assert json_head_length("1" * 18, 10**19) == int("1" * 18)
+    assert json_head_length("1" * 19, 10**19) is None
 
 
 @pytest.mark.parametrize(
@@ -124,6 +127,24 @@ def test_a_broken_bytes_element_ends_the_tensor_and_cannot_be_written_out(cut: i
     with pytest.raises(ValueError, match="broken element"):
         read_v2(body, head, as_lists=True)
     assert lookup(read_v2(body, head), parse_field_path("inputs[0].data[2]")) is MISSING
+
+
+def test_a_fresh_bytes_tensor_reads_any_element_first_and_iterates_past_256() -> None:
+    raw = b"".join(struct.pack("<I", len(s)) + s for s in (b"a", b"b", b""))
+    body, head = binary_body(("t", "BYTES", raw))
+    assert read_v2(body, head)["inputs"][0]["data"][1] == "b"  # an odd index, first
+    ends_empty = read_v2(body, head)["inputs"][0]["data"]
+    assert ([e for e in ends_empty], ends_empty.broken) == (["a", "b", ""], False)
+    body, head = binary_body(("t", "BYTES", struct.pack("<I", 0) * 300))
+    many = read_v2(body, head)["inputs"][0]["data"]
+    assert sum(1 for _ in many) == 300  # iterated before its length is known
+
+
+def test_an_entry_that_is_not_a_tensor_is_passed_over() -> None:
+    raw = struct.pack("<2b", 1, 2)
+    tensor = {"name": "x", "datatype": "INT8", "parameters": {"binary_data_size": 2}}
+    head = orjson.dumps({"inputs": [5, tensor]})
+    assert read_v2(head + raw, len(head), as_lists=True)["inputs"][1]["data"] == [1, 2]
 
 
 def test_long_and_empty_tensors_are_whole_tensors() -> None:
