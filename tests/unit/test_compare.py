@@ -426,39 +426,29 @@ def test_binary_v2_answers_are_compared_by_their_tensors_not_called_errors() -> 
     ).result == "mismatch"
 
 
-def test_a_label_that_is_nan_or_infinity_is_a_comparison_error_not_an_exception() -> None:
-    """JSON holds no NaN nor infinity, a binary tensor may: rounding one to a label
-    raised, out of the shadow's task, and the comparison was neither counted nor
-    logged."""
-    c = comparer(kind="label")
+@pytest.mark.parametrize(
+    ("settings", "reason"),
+    [
+        ({"kind": "label"}, "a label is not a finite number"),
+        ({"abs_tol": 0.01}, "a prediction is not a finite number"),
+    ],
+)
+def test_a_prediction_that_is_nan_or_infinity_is_a_comparison_error(
+    settings: dict[str, Any], reason: str
+) -> None:
+    """JSON holds no NaN nor infinity, a binary tensor may. Rounding one to a label
+    raised, out of the shadow's task (the comparison neither counted nor logged);
+    compared as numbers, NaN is close to nothing, itself included, so NaN against NaN
+    counted as the candidate disagreeing."""
+    c = comparer(**settings)
     good, good_head = binary_v2(1.0, 0.0)
     for bad_value in (math.nan, math.inf, -math.inf):
         bad, bad_head = binary_v2(1.0, bad_value)
         for result in (
             c.compare(200, bad, 200, good, primary_head=bad_head, shadow_head=good_head),
             c.compare(200, good, 200, bad, primary_head=good_head, shadow_head=bad_head),
+            c.compare(200, bad, 200, bad, primary_head=bad_head, shadow_head=bad_head),
         ):
-            assert (result.result, result.agreement) == ("error", None)
-            assert result.reason == "a label is not a finite number"
+            assert (result.result, result.agreement, result.reason) == ("error", None, reason)
     same = c.compare(200, good, 200, good, primary_head=good_head, shadow_head=good_head)
     assert same.result == "match"
-
-
-def test_a_prediction_that_is_nan_or_infinity_is_a_comparison_error_not_a_mismatch() -> None:
-    """NaN is close to nothing, itself included: NaN against NaN counted as the
-    candidate disagreeing, and the largest difference was whatever max() made of it."""
-    c = comparer(abs_tol=0.01)
-    good, good_head = binary_v2(1.0, 0.5)
-    for bad_value in (math.nan, math.inf, -math.inf):
-        bad, bad_head = binary_v2(1.0, bad_value)
-        for result in (
-            c.compare(200, bad, 200, bad, primary_head=bad_head, shadow_head=bad_head),
-            c.compare(200, good, 200, bad, primary_head=good_head, shadow_head=bad_head),
-        ):
-            assert (result.result, result.reason) == (
-                "error",
-                "a prediction is not a finite number",
-            )
-    assert c.compare(
-        200, good, 200, good, primary_head=good_head, shadow_head=good_head
-    ).result == ("match")
