@@ -557,9 +557,7 @@ def _record(
     if 200 <= status < 300:
         cache = path.fallback.cache if path.fallback is not None else None
         drift = path.drift
-        if cache is None and drift is None:
-            pass
-        else:
+        if cache is not None or drift is not None:
             # Binary V2 tensors follow a JSON head of this length (config.tensors).
             answer_head = json_head_length(answer.headers.get(JSON_HEAD_LENGTH), len(body))
             request_head = json_head_length(
