@@ -18,6 +18,7 @@ from typing import Any, Final, overload
 import orjson
 
 JSON_HEAD_LENGTH: Final = "Inference-Header-Content-Length"
+JSON_HEAD_KEY: Final = b"inference-header-content-length"  # as the HTTP layer keys fields
 
 # The elements of the numeric datatypes (little-endian).
 _ELEMENTS: Final = {

@@ -27,7 +27,7 @@ import structlog
 from sidecar.analytics.drift import DriftMonitor
 from sidecar.analytics.sampling import sampled
 from sidecar.config.schema import Route
-from sidecar.config.tensors import JSON_HEAD_LENGTH, json_head_length
+from sidecar.config.tensors import JSON_HEAD_KEY, json_head_length
 from sidecar.http import errors
 from sidecar.http.client import BrokenAnswer, ClientResponse
 from sidecar.http.messages import Answer, Response
@@ -409,7 +409,7 @@ def _primary_outcome(ctx: RequestContext, answer: Answer | None) -> PrimaryOutco
             answer.body,
             latency,
             encoding=encoding,
-            json_head=answer.headers.get(JSON_HEAD_LENGTH),
+            json_head=answer.headers.text(JSON_HEAD_KEY),
         )
     if ctx.ending is not None:
         # The stream broke off (the model, or the client left): what was captured is a
@@ -425,7 +425,7 @@ def _primary_outcome(ctx: RequestContext, answer: Answer | None) -> PrimaryOutco
         latency,
         streamed=streamed,
         encoding=encoding,
-        json_head=answer.headers.get(JSON_HEAD_LENGTH),  # a large binary V2 answer comes here
+        json_head=answer.headers.text(JSON_HEAD_KEY),  # a large binary V2 answer comes here
     )
 
 
@@ -559,10 +559,8 @@ def _record(
         drift = path.drift
         if cache is not None or drift is not None:
             # Binary V2 tensors follow a JSON head of this length (config.tensors).
-            answer_head = json_head_length(answer.headers.get(JSON_HEAD_LENGTH), len(body))
-            request_head = json_head_length(
-                request.headers.get(JSON_HEAD_LENGTH), len(request_body)
-            )
+            answer_head = json_head_length(answer.headers.text(JSON_HEAD_KEY), len(body))
+            request_head = json_head_length(request.headers.text(JSON_HEAD_KEY), len(request_body))
             # The sidecar's own credential is never sent on: a client's Authorization
             # reached the model only when the sidecar does not take that field itself.
             if cache is not None and keeps(
@@ -595,8 +593,8 @@ def _record(
             "response": body,
         }
         heads = (
-            json_head_length(request.headers.get(JSON_HEAD_LENGTH), len(request_body)),
-            json_head_length(answer.headers.get(JSON_HEAD_LENGTH), len(body)),
+            json_head_length(request.headers.text(JSON_HEAD_KEY), len(request_body)),
+            json_head_length(answer.headers.text(JSON_HEAD_KEY), len(body)),
         )
         if heads != (None, None):
             record[JSON_HEADS] = heads

@@ -25,7 +25,7 @@ from typing import Any, Final, Protocol
 import structlog
 
 from sidecar.config.schema import Config
-from sidecar.config.tensors import JSON_HEAD_LENGTH
+from sidecar.config.tensors import JSON_HEAD_KEY
 from sidecar.http import errors
 from sidecar.http.messages import Answer, Response
 from sidecar.http.server import ClientGone, Request, RequestRefused
@@ -353,7 +353,7 @@ class Pipeline:
             validator is not None
             and validator.binary_schema
             and validator.checks_in_a_thread(
-                request.headers.get(JSON_HEAD_LENGTH), request.content_length or 0
+                request.headers.text(JSON_HEAD_KEY), request.content_length or 0
             )
         ):
             return False  # read_body checks it in a thread
@@ -381,7 +381,7 @@ class Pipeline:
     @staticmethod
     def json_head(request: Request, validator: RequestValidator) -> str | None:
         """Its Inference-Header-Content-Length, on a route that reads binary tensors."""
-        return request.headers.get(JSON_HEAD_LENGTH) if validator.binary_tensors else None
+        return request.headers.text(JSON_HEAD_KEY) if validator.binary_tensors else None
 
     def check_body(
         self,

@@ -28,7 +28,7 @@ from sidecar.analytics.compare import Comparer, Comparison
 from sidecar.analytics.sampling import sampled
 from sidecar.background import BackgroundTasks
 from sidecar.config.schema import ShadowGovernor, ShadowSettings
-from sidecar.config.tensors import JSON_HEAD_LENGTH
+from sidecar.config.tensors import JSON_HEAD_KEY
 from sidecar.http import errors
 from sidecar.http.client import BrokenAnswer, ClientResponse
 from sidecar.telemetry.logwriter import LogWriter
@@ -351,7 +351,7 @@ class ShadowMirror:
                     body,
                     time.perf_counter() - started,
                     response.headers.get_raw(b"content-encoding"),
-                    response.headers.get(JSON_HEAD_LENGTH),
+                    response.headers.text(JSON_HEAD_KEY),
                 )
         except (TimeoutError, errors.UpstreamTimeout):
             return _ShadowAnswer("timeout", 0, None, time.perf_counter() - started)
