@@ -449,3 +449,24 @@ def test_a_binary_tensor_holding_nan_or_infinity_is_not_json_the_schema_can_chec
             1.7e308,
             1.7e308,
         ]
+
+
+def test_only_a_large_binary_body_on_a_route_with_a_schema_is_checked_in_a_thread(
+    tmp_path: Path,
+) -> None:
+    """Checked as the lists its tensors make, a binary body is Python work in
+    proportion to its elements; a JSON one is parsed in C, and without a schema the
+    tensors are not read."""
+    from sidecar.pipeline.validation import CHECK_INLINE_BYTES
+
+    def validator(compiled: CompiledSchema | None, binary: bool) -> RequestValidator:
+        settings = ValidationSettings.model_validate({"json": True})
+        return RequestValidator("infer", settings, compiled, Metrics(), binary_tensors=binary)
+
+    with_schema = validator(schema(tmp_path), binary=True)
+    assert CHECK_INLINE_BYTES == 16 * 1024
+    assert with_schema.checks_in_a_thread("10", CHECK_INLINE_BYTES + 1)
+    assert not with_schema.checks_in_a_thread("10", CHECK_INLINE_BYTES)
+    assert not with_schema.checks_in_a_thread(None, 1 << 20)  # JSON
+    for other in (validator(None, binary=True), validator(schema(tmp_path), binary=False)):
+        assert not other.checks_in_a_thread("10", 1 << 20)
