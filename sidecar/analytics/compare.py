@@ -128,15 +128,16 @@ class Comparer:
             )
         if kind == "embedding":
             return self._embedding(primary, shadow)
+        if not all(map(math.isfinite, (*primary, *shadow))):
+            # A binary tensor may hold NaN or infinity (JSON cannot): no label to round
+            # (round() raised, out of the shadow's task), nor a difference to measure
+            # (NaN is close to nothing, itself included).
+            return Comparison("error", "a prediction is not a finite number")
         if kind == "label":
             return self._labels(primary, shadow)
         return self._numeric(primary, shadow)
 
     def _numeric(self, primary: list[float], shadow: list[float]) -> Comparison:
-        if not all(map(math.isfinite, (*primary, *shadow))):
-            # A binary tensor may hold NaN or infinity (JSON cannot): neither a match
-            # (NaN is close to nothing) nor a difference to measure.
-            return Comparison("error", "a prediction is not a finite number")
         s = self.settings
         differences = []
         worst = 0.0
@@ -161,10 +162,6 @@ class Comparer:
 
     def _labels(self, primary: list[float], shadow: list[float]) -> Comparison:
         width = self.settings.classes
-        if not width and not all(map(math.isfinite, (*primary, *shadow))):
-            # A binary tensor may hold NaN or infinity (JSON cannot): round() raised,
-            # and the comparison was lost with the shadow's task.
-            return Comparison("error", "a label is not a finite number")
         a = _argmax_rows(primary, width) if width else [round(v) for v in primary]
         b = _argmax_rows(shadow, width) if width else [round(v) for v in shadow]
         differences = [
