@@ -660,6 +660,41 @@ async def test_pipelined_requests_are_answered_in_order(
     assert raw.index(b"slow") < raw.index(b"fast")
 
 
+async def test_a_pipelined_request_reads_its_body_when_its_turn_comes(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """A request pipelined behind one being answered waits with reading paused; its
+    body, sent after its head, must be read once its turn comes (not left unread
+    until body_timeout)."""
+    gate = asyncio.Event()
+    entered = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        entered.set()
+        await gate.wait()
+        return web.Response(text="slow")
+
+    fake_model.on("/slow", slow)
+    sidecar = await start_sidecar(base_config(fake_model.url))
+    reader, writer = await asyncio.open_connection(LOOPBACK, sidecar.running.main_port)
+    try:
+        writer.write(
+            b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"POST /late HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 5\r\n\r\n"
+        )
+        await asyncio.wait_for(entered.wait(), 5)  # both heads were parsed by then
+        (conn,) = sidecar.running._main.connections
+        assert conn._reading_paused  # the POST waits its turn, unread
+        writer.write(b"hello")
+        gate.set()
+        raw = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        gate.set()
+        writer.close()
+    assert raw.count(b"HTTP/1.1 200 OK") == 2, raw[:300]
+    assert fake_model.hits_for("/late")[0].body == b"hello"
+
+
 async def _one_answer(reader: asyncio.StreamReader) -> bytes:
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
     length = int(head.lower().split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0])

@@ -142,6 +142,45 @@ async def test_route_body_limit_overrides_the_server_default(
         assert resp.status == 200
 
 
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_a_body_of_exactly_the_limit_is_forwarded_and_one_byte_more_refused(
+    fake_model: FakeModel, start_sidecar: StartSidecar, framing: str
+) -> None:
+    """max_body_size is the largest body taken, declared or chunked; the byte past it
+    is refused at once, even while the client has more to send. The body follows a
+    100 Continue: read in parts, not as one that came with its head."""
+    config = base_config(fake_model.url)
+    config["server"]["max_body_size"] = "10B"
+    sidecar = await start_sidecar(config)
+
+    async def post(body: bytes, *, ended: bool = True) -> bytes:
+        head = b"POST /limit HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nConnection: close\r\n"
+        if framing == "content-length":
+            head += b"Content-Length: %d\r\n\r\n" % len(body)
+        else:
+            head += b"Transfer-Encoding: chunked\r\n\r\n"
+            body = b"%x\r\n%s\r\n" % (len(body), body) + (b"0\r\n\r\n" if ended else b"")
+        reader, writer = await asyncio.open_connection(LOOPBACK, sidecar.running.main_port)
+        try:
+            writer.write(head)
+            first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            if first != b"HTTP/1.1 100 Continue\r\n\r\n":
+                return first + await asyncio.wait_for(reader.read(), 5)
+            writer.write(body)
+            return await asyncio.wait_for(reader.read(), 5)
+        finally:
+            writer.close()
+
+    assert (await post(b"a" * 10)).startswith(b"HTTP/1.1 200 ")
+    refused = await post(b"a" * 11)
+    assert refused.startswith(b"HTTP/1.1 413 ")
+    assert orjson.loads(refused.partition(b"\r\n\r\n")[2])["error"]["type"] == "body_too_large"
+    if framing == "chunked":
+        # 11 bytes and the body not ended: refused now, not after body_timeout.
+        assert (await post(b"a" * 11, ended=False)).startswith(b"HTTP/1.1 413 ")
+    assert [len(hit.body) for hit in fake_model.hits_for("/limit")] == [10]
+
+
 @pytest.mark.parametrize(
     ("content_type", "parts"),
     [
