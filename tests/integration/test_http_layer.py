@@ -332,6 +332,44 @@ async def test_a_fat_head_is_refused_431_without_being_kept(
     assert fake_model.hits_for("/x") == []
 
 
+async def test_head_limits_hold_at_their_edges(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """Each head limit at its edge (defaults: 100 fields, 8 KiB a line, 32 KiB a
+    head): the 100th field passes and the 101st is refused; the request line counts
+    toward the head's size; a field that has not ended yet is refused as soon as it
+    passes 8 KiB, not held until head_timeout."""
+    sidecar = await start_sidecar(base_config(fake_model.url))
+    port = sidecar.running.main_port
+    hundred = b"Host: x\r\nConnection: close\r\n" + b"".join(b"X-F%d: 1\r\n" % i for i in range(98))
+    raw = await raw_request(port, b"GET /hundred HTTP/1.1\r\n" + hundred + b"\r\n")
+    assert raw.startswith(b"HTTP/1.1 200 "), raw[:100]
+    raw = await raw_request(port, b"GET /more HTTP/1.1\r\n" + hundred + b"X-F98: 1\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 431 "), raw[:100]
+    # Fields of 26 KB behind a 7 KB target: 33 KB, past the head limit together.
+    fields = b"".join(b"X-F%d: %s\r\n" % (i, b"a" * 6500) for i in range(4))
+    target = b"/long?" + b"q" * 7000
+    raw = await raw_request(
+        port, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + fields + b"\r\n"
+    )
+    assert raw.startswith(b"HTTP/1.1 431 "), raw[:100]
+    # A field still arriving: its first 9000 bytes, in a read of their own.
+    server = sidecar.running._main
+    reader, writer = await asyncio.open_connection(LOOPBACK, port)
+    try:
+        writer.write(b"GET /unended HTTP/1.1\r\nHost: x\r\nX-Long: ")
+        for _ in range(500):  # bounded: until the head's start has been read
+            if any(conn._in_head for conn in server.connections):
+                break
+            await asyncio.sleep(0.01)
+        writer.write(b"a" * 9000)
+        raw = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    assert raw.startswith(b"HTTP/1.1 431 "), raw[:100]
+    assert [hit.path for hit in fake_model.hits] == ["/hundred"]
+
+
 async def test_bodies_held_by_all_requests_together_are_bounded_and_refusals_answered(
     fake_model: FakeModel, start_sidecar: StartSidecar
 ) -> None:
