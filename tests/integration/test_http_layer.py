@@ -218,12 +218,17 @@ async def test_a_reason_phrase_with_tabs_and_obs_text_is_relayed(
         assert raw.endswith(b"\r\n\r\nok")
 
 
+@pytest.mark.parametrize(
+    "interim",
+    [b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n", b"HTTP/1.1 100 Continue\r\n\r\n"],
+    ids=["103", "100"],
+)
 async def test_informational_answers_are_skipped_and_the_final_one_relayed(
-    start_sidecar: StartSidecar,
+    start_sidecar: StartSidecar, interim: bytes
 ) -> None:
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
         await read_head(reader, writer)
-        writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + answer(b"final"))
+        writer.write(interim + answer(b"final"))
         await writer.drain()
         await asyncio.sleep(1)
 
@@ -293,6 +298,43 @@ async def test_a_kept_alive_connection_closed_under_a_request_is_replayed_only_w
         assert served == (2 if expected == 200 else 1)
         replayed = await metric(sidecar, "sidecar_upstream_replayed_total", upstream="model")
         assert replayed == (1 if expected == 200 else 0)
+
+
+@pytest.mark.parametrize("case", ["fresh-connection", "answer-begun"])
+async def test_no_replay_on_a_fresh_connection_nor_once_the_answer_began(
+    start_sidecar: StartSidecar, case: str
+) -> None:
+    """A request is sent again only when a kept-alive connection closed before any
+    byte of its answer (the upstream's keep-alive timeout raced it): not when a
+    fresh connection closes unanswered (the upstream itself fails), nor once part
+    of the answer came (the upstream may have acted on it)."""
+    requests = 0
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        nonlocal requests
+        while True:
+            await read_head(reader, writer)
+            requests += 1
+            if case == "fresh-connection" and requests == 1:
+                return  # closed unanswered
+            if case == "answer-begun" and requests == 2:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-")
+                await writer.drain()
+                return  # closed in the middle of the answer's head
+            writer.write(answer(b"answer-%d" % requests))
+            await writer.drain()
+
+    async with raw_upstream(script) as (url, _):
+        config = upstream_config(url)
+        config["routes"][0]["retry"] = {"attempts": 1}
+        sidecar = await start_sidecar(config, wait_ready=False)
+        if case == "answer-begun":
+            async with sidecar.session.get(sidecar.url + "/x") as resp:
+                assert await resp.read() == b"answer-1"
+        async with sidecar.session.get(sidecar.url + "/x") as resp:
+            assert resp.status == 502
+        assert requests == (2 if case == "answer-begun" else 1)
+        assert await metric(sidecar, "sidecar_upstream_replayed_total", upstream="model") == 0
 
 
 # -- hostile clients ---------------------------------------------------------------
@@ -1005,6 +1047,39 @@ async def test_a_body_sent_after_a_head_answer_never_reaches_the_next_request() 
             )
             assert await asyncio.wait_for(response.read(), 5) == b"after"
             response.release()
+            assert len(connections) == 2
+        finally:
+            pool.close()
+
+
+async def test_an_answer_released_before_its_end_does_not_go_back_to_the_pool() -> None:
+    """A connection goes back to the pool only once its answer was read to the end:
+    released with part of the body still to come, it is closed, and the next request
+    gets a fresh one (the rest of that body would be read as the next answer)."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        while True:
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            if request.startswith(b"GET /first "):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf-")
+            else:
+                writer.write(answer(b"second"))
+            await writer.drain()
+
+    async with raw_upstream(script) as (url, connections):
+        pool = Pool(LOOPBACK, int(url.rsplit(":", 1)[1]), max_connections=1)
+        try:
+            first = await asyncio.wait_for(
+                pool.request("GET", "/first", [], None, replayable=True), 5
+            )
+            assert await asyncio.wait_for(first.read_chunk(), 5) == b"half-"
+            first.release()  # the other five bytes have not come
+            assert pool.idle_count == 0
+            second = await asyncio.wait_for(
+                pool.request("GET", "/second", [], None, replayable=True), 5
+            )
+            assert await asyncio.wait_for(second.read(), 5) == b"second"
+            second.release()
             assert len(connections) == 2
         finally:
             pool.close()
