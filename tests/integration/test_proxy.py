@@ -224,6 +224,40 @@ async def test_first_part_arrives_while_upstream_holds_the_stream(
     assert order == ["upstream sent first", "client got first", "upstream released"]
 
 
+async def test_a_streamed_answer_to_an_http_1_0_client_ends_with_the_connection(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """HTTP/1.0 has no chunked coding: a streamed answer of unknown length goes to a
+    1.0 client as it is, and ends where the connection does."""
+    release = asyncio.Event()
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        await response.write(b"data: first\n\n")
+        await release.wait()
+        await response.write(b"data: second\n\n")
+        await response.write_eof()
+        return response
+
+    fake_model.on("/stream", stream)
+    sidecar = await start_sidecar(base_config(fake_model.url))
+    reader, writer = await asyncio.open_connection(LOOPBACK, sidecar.running.main_port)
+    try:
+        writer.write(b"GET /stream HTTP/1.0\r\nHost: x\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)  # streaming begun
+        release.set()
+        body = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        release.set()
+        writer.close()
+    assert head.startswith(b"HTTP/1.0 200 "), head
+    assert b"transfer-encoding" not in head.lower()
+    assert b"content-length" not in head.lower()
+    assert body == b"data: first\n\ndata: second\n\n"
+
+
 async def test_chunked_answer_that_arrived_whole_goes_out_with_a_length(
     start_sidecar: StartSidecar,
 ) -> None:
