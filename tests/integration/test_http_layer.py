@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -682,6 +683,41 @@ async def test_a_client_that_stops_reading_releases_its_upstream_connection(
         assert await metric(sidecar, "sidecar_slow_clients_total") == 1
         writer.close()
         assert len(used) == 2
+
+
+async def test_pipelined_requests_wait_while_the_answers_before_them_are_unread(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """A client that pipelines requests for large answers and reads none of them: the
+    next request waits until the answers before it have gone out (at most a write
+    buffer over the last answer held), it is not sent upstream with its answer
+    piled onto the others in memory."""
+    blob = b"x" * (256 * 1024)  # the largest answer written whole
+
+    async def large(request: web.Request) -> web.Response:
+        return web.Response(body=blob)
+
+    fake_model.on("/blob", large)
+    sidecar = await start_sidecar(base_config(fake_model.url))
+    server = sidecar.running._main
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # reads nothing: fills soon
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (LOOPBACK, sidecar.running.main_port))
+    _, writer = await asyncio.open_connection(sock=sock)
+    try:
+        writer.write(b"GET /blob HTTP/1.1\r\nHost: x\r\n\r\n" * 33)  # 8 MiB of answers
+        for _ in range(500):  # bounded: until the answers wait for the client
+            if any(conn._drain_waiter is not None for conn in server.connections):
+                break
+            await asyncio.sleep(0.01)
+        (conn,) = server.connections
+        assert conn._drain_waiter is not None
+        assert conn._transport is not None
+        assert conn._transport.get_write_buffer_size() <= len(blob) + 64 * 1024
+        assert len(fake_model.hits_for("/blob")) < 33
+    finally:
+        writer.close()
 
 
 async def test_a_client_that_leaves_cancels_its_upstream_call(
