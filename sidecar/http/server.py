@@ -698,8 +698,14 @@ class HttpConnection(FlowControlled):
                     request._release()
                 if self.closed or not self._reusable(request):
                     # Bytes of the client's may be left unread: its body, or what it
-                    # sent after it.
-                    self.close(linger=not request.complete or bool(self._queue) or self._in_head)
+                    # sent after it (parsed, or refused and left unread, such as
+                    # anything after a request that said Connection: close).
+                    self.close(
+                        linger=not request.complete
+                        or bool(self._queue)
+                        or self._in_head
+                        or self._pending_refusal is not None
+                    )
                     return
                 if not self._queue:
                     self._current = request = None  # not kept while the next is awaited

@@ -811,6 +811,51 @@ async def test_a_pipelined_request_reads_its_body_when_its_turn_comes(
     assert fake_model.hits_for("/late")[0].body == b"hello"
 
 
+@pytest.mark.parametrize(
+    ("first", "version"),
+    [
+        # A request that says close, and a client that sends more all the same.
+        (b"GET /first HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", b"1.1"),
+        # A kept-alive HTTP/1.0 client whose answer is streamed: ended by closing.
+        (b"GET /events HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n", b"1.0"),
+    ],
+    ids=["connection-close", "http-1.0-streamed"],
+)
+async def test_closing_with_pipelined_bytes_unread_does_not_reset_the_answer(
+    fake_model: FakeModel, start_sidecar: StartSidecar, first: bytes, version: bytes
+) -> None:
+    """A connection that closes after its answer, with more pipelined behind it than
+    one read takes: closing with those bytes unread resets the connection, and the
+    reset destroys the answer before the client reads it. The sidecar ends its side
+    and reads on (lingering close), so the answer arrives whole."""
+
+    async def events(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: one\n\n")
+        await response.write_eof()
+        return response
+
+    fake_model.on("/events", events)
+    sidecar = await start_sidecar(base_config(fake_model.url))
+    reader, writer = await asyncio.open_connection(LOOPBACK, sidecar.running.main_port)
+    try:
+        writer.write(
+            first + b"POST /next HTTP/" + version + b"\r\nHost: x\r\nConnection: keep-alive\r\n"
+            b"Content-Length: 1000000\r\n\r\n" + b"a" * 1_000_000
+        )
+        raw = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/" + version + b" 200 OK"), raw[:100]
+    if version == b"1.0":
+        assert body == b"data: one\n\n"
+    else:
+        assert orjson.loads(body)["path"] == "/first"
+    assert fake_model.hits_for("/next") == []
+
+
 async def _one_answer(reader: asyncio.StreamReader) -> bytes:
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
     length = int(head.lower().split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0])
