@@ -15,6 +15,8 @@ import pytest
 from aiohttp import web
 
 from sidecar.http.client import Pool
+from sidecar.http.messages import Answer, Response
+from sidecar.http.server import HttpServer, Limits, Request, RequestRefused
 from sidecar.pipeline.auth import hash_key
 from tests.conftest import (
     LOOPBACK,
@@ -718,6 +720,46 @@ async def test_pipelined_requests_wait_while_the_answers_before_them_are_unread(
         assert len(fake_model.hits_for("/blob")) < 33
     finally:
         writer.close()
+
+
+async def test_a_body_its_handler_has_not_asked_for_is_read_ahead_only_so_far() -> None:
+    """Until the handler reads a request's body, the server reads at most read_ahead
+    of it and then stops reading: a client cannot push its whole body into memory
+    ahead of a handler that is busy (with the head's checks, or waiting for an
+    upstream slot). Reading resumes when the handler asks for the body."""
+    gate = asyncio.Event()
+
+    async def handle(request: Request) -> Answer:
+        await gate.wait()
+        body = await request.read_body(8 * 1024 * 1024)
+        return Response(200, b"%d" % len(body))
+
+    def refuse(refusal: RequestRefused, method: str, target: str, peer: str) -> Response:
+        return Response(refusal.status, refusal.message.encode(), close=True)
+
+    read_ahead = 64 * 1024
+    server = HttpServer(handle, refuse, Limits(read_ahead=read_ahead))
+    port = await server.listen(LOOPBACK, 0)
+    reader, writer = await asyncio.open_connection(LOOPBACK, port)
+    try:
+        body = b"a" * (4 * 1024 * 1024)
+        writer.write(
+            b"POST /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body) + body
+        )
+        for _ in range(500):  # bounded: until the server stops reading
+            if any(conn._reading_paused for conn in server.connections):
+                break
+            await asyncio.sleep(0.01)
+        assert any(conn._reading_paused for conn in server.connections)
+        assert server.body_bytes <= read_ahead + 256 * 1024  # and what one read took
+        gate.set()
+        raw = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        gate.set()
+        writer.close()
+        await server.stop(1)
+    assert status_and_body(raw) == (200, b"%d" % len(body))
 
 
 async def test_a_client_that_leaves_cancels_its_upstream_call(
