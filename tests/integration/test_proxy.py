@@ -127,6 +127,30 @@ async def test_chunked_body_over_the_limit_is_refused(
     assert fake_model.hits_for("/infer") == []
 
 
+async def test_a_refused_body_closes_the_connection_even_when_it_was_read_whole(
+    fake_model: FakeModel, start_sidecar: StartSidecar
+) -> None:
+    """A refusal of the HTTP layer (here 413) closes the connection after its answer,
+    as RequestRefused promises, also when the client had sent the whole body and
+    asked to keep the connection."""
+    sidecar = await start_sidecar(base_config(fake_model.url, server={"max_body_size": "10B"}))
+    reader, writer = await asyncio.open_connection(LOOPBACK, sidecar.running.main_port)
+    try:
+        writer.write(
+            b"POST /infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"b\r\n" + b"a" * 11 + b"\r\n0\r\n\r\n"
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 413 ")
+        assert b"\r\nConnection: close\r\n" in head
+        length = int(head.lower().split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0])
+        await asyncio.wait_for(reader.readexactly(length), 5)
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # and it closes
+    finally:
+        writer.close()
+    assert fake_model.hits_for("/infer") == []
+
+
 async def test_route_body_limit_overrides_the_server_default(
     fake_model: FakeModel, start_sidecar: StartSidecar
 ) -> None:
