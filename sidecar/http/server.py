@@ -20,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import socket
+import struct
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -53,6 +55,8 @@ log: Final = structlog.get_logger("sidecar.http.server")
 _FRAMING: Final = HOP_BY_HOP | {b"content-length"}
 _SAFE_REASON: Final = re.compile(r"[A-Za-z][A-Za-z0-9 ,.'()-]{0,100}")
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+# SO_LINGER on, 0 seconds: closing sends a reset (RST), not a clean end (FIN).
+_LINGER_ZERO: Final = struct.pack("ii", 1, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -388,6 +392,7 @@ class BodyWriter:
             conn.abort()
             return
         await conn.drain()
+        conn._reset_if_cut = False  # every byte of a close-delimited answer went out
 
     def abort(self) -> None:
         """Cut the answer off: the client sees it end without its final part."""
@@ -417,6 +422,7 @@ class HttpConnection(FlowControlled):
         "_queue",
         "_raw_headers",
         "_refusal",
+        "_reset_if_cut",
         "_task",
         "_url",
         "_write_paused",
@@ -462,6 +468,9 @@ class HttpConnection(FlowControlled):
         self._drain_waiter: asyncio.Future[None] | None = None
         self._close_after_answer = False
         self._lingering = False  # our side is closed; the client's bytes are discarded
+        # A close-delimited answer (to an HTTP/1.0 client) is under way: its client
+        # takes a clean close for its end, so cutting it short must reset instead.
+        self._reset_if_cut = False
 
     # -- transport events ----------------------------------------------------------
 
@@ -872,6 +881,7 @@ class HttpConnection(FlowControlled):
             else:
                 close = True  # an HTTP/1.0 client reads to the end of the connection
         keep_alive = self._keeps_alive(request, close)
+        self._reset_if_cut = close and sends_body
         self.write_raw(b"".join(self._head(request, status, reason, headers, framing, keep_alive)))
         writer = BodyWriter(
             self, request, StreamedAnswer(status, headers), chunked, length, sends_body
@@ -933,10 +943,17 @@ class HttpConnection(FlowControlled):
         self._arm(self.limits.linger, self.abort)
 
     def abort(self) -> None:
-        """Close at once, dropping anything unsent."""
-        if self._transport is not None and not self.closed:
+        """Close at once, dropping anything unsent. A close-delimited answer cut
+        short is reset: its client would read a clean close as the answer's end."""
+        transport = self._transport
+        if transport is not None and not self.closed:
             self.closed = True
-            self._transport.abort()
+            if self._reset_if_cut:
+                sock = transport.get_extra_info("socket")
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+            transport.abort()
 
     # -- refusals and timers -------------------------------------------------------
 

@@ -479,3 +479,47 @@ async def test_an_upstream_that_answers_before_reading_the_body_is_not_reused(
         assert raw.startswith(b"HTTP/1.1 413 "), raw[:100]
         raw = await raw_request(port, b"GET /next HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert status_and_body(raw) == (200, b"fresh")
+
+
+@pytest.mark.parametrize("cut", ["model-breaks-off", "drain-ends"])
+async def test_a_stream_cut_short_for_an_http_1_0_client_ends_in_a_reset(
+    start_sidecar: StartSidecar, cut: str
+) -> None:
+    """An HTTP/1.0 client reads a streamed answer (no length) until the connection
+    closes, so a clean close (FIN) says the answer is whole. A stream cut short (the
+    model broke it off, or the drain time ran out on a stop) was closed cleanly all the
+    same: the client took the fragment for the whole answer. It is reset instead, as
+    the sidecar's own client reads a reset from an upstream (RFC 9112 section 8)."""
+    relayed = asyncio.Event()  # the client has read the first event
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        await read_head(reader, writer)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\nb\r\ndata: one\n\n\r\n"
+        )
+        await writer.drain()
+        if cut == "model-breaks-off":
+            await asyncio.wait_for(relayed.wait(), 5)
+            writer.write(b"zz\r\n")  # not a chunk size: the answer is broken
+            await writer.drain()
+        await reader.read()
+
+    async with raw_upstream(script) as (url, _):
+        config = upstream_config(url, drain_timeout="200ms")
+        sidecar = await start_sidecar(config, wait_ready=False)
+        reader, writer = await asyncio.open_connection(LOOPBACK, sidecar.running.main_port)
+        try:
+            writer.write(b"GET /stream HTTP/1.0\r\nHost: x\r\n\r\n")
+            await writer.drain()
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.0 200 ")
+            assert b"content-length" not in head.lower()  # read until the close
+            assert await asyncio.wait_for(reader.readexactly(11), 5) == b"data: one\n\n"
+            relayed.set()
+            if cut == "drain-ends":
+                await sidecar.running.stop()
+            with pytest.raises(ConnectionResetError):
+                await _read_until_close(reader, 5)
+        finally:
+            writer.close()
