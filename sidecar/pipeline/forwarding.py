@@ -41,7 +41,7 @@ from sidecar.pipeline.relay import (
 )
 from sidecar.telemetry.logs import JSON_HEADS
 from sidecar.telemetry.logwriter import LogWriter
-from sidecar.telemetry.metrics import Metrics
+from sidecar.telemetry.metrics import OUTCOME_ABORTED, Metrics
 from sidecar.upstream.breaker import BreakerFailure, UpstreamBreaker
 from sidecar.upstream.fallback import (
     FALLBACK_HEADER,
@@ -437,6 +437,7 @@ async def _answer(
     if breaker is not None:
         ctx.breaker_state = breaker.state
     cause: errors.SidecarError | ModelFailed
+    streamed_probe: bool | None = None  # a stream's breaker outcome waits for its end
     try:
         if ctx.shed is not None:
             raise ctx.shed  # the fallback did not answer
@@ -449,6 +450,11 @@ async def _answer(
                 response = await _with_retries(path, ctx, call, probe)
                 if _read_whole_first(request, response):
                     await _arrive_whole(path, ctx, response)
+                elif not response.complete and not path.falls_back_on(response.status):
+                    # Relayed as it comes: whether the model finishes it is known at
+                    # its end.
+                    streamed_probe = probe
+                    breaker.defer()
     except BreakerFailure as failure:
         cause = failure.cause
     except (errors.CircuitOpen, errors.Overloaded) as exc:
@@ -465,6 +471,15 @@ async def _answer(
                 # one that fails after its first byte is cut short inside relay.)
                 cause = exc
             else:
+                ending = ctx.ending
+                # A stream whose client left (client_closed) says nothing, as a
+                # cancelled attempt does.
+                if (
+                    streamed_probe is not None
+                    and breaker is not None
+                    and (ending is None or ending == OUTCOME_ABORTED)
+                ):
+                    breaker.settle_late(streamed_probe, failed=ending is not None)
                 _record(request, path, ctx, body, answer)
                 return answer
             finally:

@@ -102,6 +102,9 @@ class UpstreamBreaker:
         # above zero, and a success must reset it. Kept here because pybreaker's
         # fail_counter is two interpreted calls, and every request would ask.
         self._failures_reported = False
+        # The attempt whose block is ending reports nothing: its answer, a stream,
+        # reports when it ends (``defer``, ``settle_late``).
+        self._deferred = False
         self._closed_attempt = Attempt(self, probe=False)
         self._probe_attempt = Attempt(self, probe=True)
         self._breaker = pybreaker.CircuitBreaker(
@@ -214,12 +217,34 @@ class UpstreamBreaker:
         with self.attempt() as probe:
             return await attempt(probe)
 
+    def defer(self) -> None:
+        """The last step of an attempt's block whose answer is relayed as it comes:
+        the block's exit reports nothing (a probe's slot is freed all the same), and
+        the caller reports the outcome when the answer has ended (``settle_late``). A
+        stream the model breaks off after its head is the model failing; its head
+        alone, reported as a success, reset the count of failures before it. Nothing
+        may be awaited between this call and the end of the block."""
+        self._deferred = True
+
+    def settle_late(self, probe: bool, failed: bool) -> None:
+        """The outcome of an attempt whose block deferred it (``defer``): the answer
+        ended whole, or the model cut it short (broke it off, went silent). A client
+        that left says nothing: do not call this then."""
+        failure = BreakerFailure(RuntimeError("the answer was cut short")) if failed else None
+        self._outcome(probe, failure)
+
     def _settle(self, probe: bool, failure: BaseException | None) -> None:
+        if probe:
+            self._probes_in_flight -= 1
+        if self._deferred:
+            self._deferred = False
+            return
+        self._outcome(probe, failure)
+
+    def _outcome(self, probe: bool, failure: BaseException | None) -> None:
         """The outcome of an attempt that got through: reported while the circuit is
         still in the state it started in (a late result from before a trip must not
         extend or end the open period); a run of failures is reset by a success."""
-        if probe:
-            self._probes_in_flight -= 1
         if isinstance(failure, BreakerFailure):
             self._report(failure, HALF_OPEN if probe else CLOSED)
         elif failure is None:

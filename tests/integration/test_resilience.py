@@ -1285,6 +1285,45 @@ async def test_answers_that_stall_in_their_body_open_the_breaker(
         never.set()
 
 
+@pytest.mark.parametrize("how", ["stalls", "breaks-off"])
+async def test_streams_the_model_cuts_short_open_the_breaker(
+    fake_model: FakeModel, start_sidecar: StartSidecar, how: str
+) -> None:
+    """A streamed answer the model breaks off, or goes silent in for idle_timeout,
+    after its head: the model is unavailable, as for an answer read whole (above).
+    Its head counted as a success and the cut as nothing, so an LLM server whose
+    engine hangs after the first event never opened the circuit."""
+    never = asyncio.Event()
+
+    async def cut(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: one\n\n")
+        if how == "stalls":
+            await never.wait()
+        assert request.transport is not None
+        request.transport.close()
+        return response
+
+    fake_model.on("/stream", cut)
+    config = config_with(
+        fake_model.url, {"idle_timeout": "200ms"}, breaker={"failures": 2, "reset_timeout": "1h"}
+    )
+    sidecar = await start_sidecar(config)
+    try:
+        for _ in range(2):
+            async with sidecar.session.post(sidecar.url + "/stream", data=b"{}") as resp:
+                assert resp.status == 200
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await resp.read()
+        async with sidecar.session.post(sidecar.url + "/stream", data=b"{}") as resp:
+            assert resp.status == 503
+            assert (await resp.json())["error"]["type"] == "circuit_open"
+        assert len(fake_model.hits_for("/stream")) == 2
+    finally:
+        never.set()
+
+
 async def test_overload_is_refused_at_once_with_retry_after(
     fake_model: FakeModel, start_sidecar: StartSidecar
 ) -> None:

@@ -206,6 +206,37 @@ async def test_a_cancelled_probe_leaves_the_circuit_half_open_for_the_next_reque
     assert await b.call(ok) == "probe"
 
 
+async def test_a_deferred_outcome_counts_when_it_is_settled_not_when_the_block_ends() -> None:
+    """A stream's attempt defers its outcome to the stream's end: its head alone is
+    no success (which reset the run of failures before), and a probe's slot is freed
+    when the block ends."""
+    clock = FakeClock()
+    b = breaker(clock, failures=2)
+
+    def streamed() -> bool:
+        with b.attempt() as probe:
+            b.defer()
+        return probe
+
+    await failures(b, 1)
+    b.settle_late(streamed(), failed=True)
+    assert b.state == "open"  # two failures in a row, a head between them
+    clock.advance(10.0)
+    first, second = streamed(), streamed()  # the slot is freed as each block ends
+    assert (first, second) == (True, True)
+    assert b.state == "half-open"
+    b.settle_late(first, failed=False)
+    assert b.state == "closed"
+    b.settle_late(streamed(), failed=False)  # a success: nothing to reset, stays closed
+    assert b.state == "closed"
+    b.settle_late(streamed(), failed=True)
+    assert b.state == "closed"  # one failure of two
+    with b.attempt():
+        pass  # not deferred: a success at once, the run reset
+    b.settle_late(streamed(), failed=True)
+    assert b.state == "closed"
+
+
 async def test_a_late_outcome_from_before_the_trip_changes_nothing() -> None:
     clock = FakeClock()
     b = breaker(clock, failures=2, reset=10.0)
