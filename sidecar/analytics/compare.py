@@ -6,7 +6,8 @@
                  ``classes`` numbers (probabilities)
     embedding    cosine similarity at least ``min_cosine``, per vector (OpenAI-style
                  answers: each item of data[], lists or base64 alike)
-    stream       event streams: the same bytes
+    stream       event streams: the same bytes, but for each JSON event's id, time
+                 and system fingerprint (an LLM server gives each answer its own)
 
 A comparison says match or mismatch (or error when an answer cannot be read) and
 keeps the first differing fields with both values, for the comparison log.
@@ -17,6 +18,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 from sidecar.analytics.predictions import PredictionReader, embeddings
 from sidecar.config.schema import ShadowCompare
@@ -71,6 +74,9 @@ class Comparer:
                 [{"field": "status", "primary": primary_status, "shadow": shadow_status}],
             )
         if streamed:
+            if primary_body == shadow_body:
+                return Comparison("match")
+            primary_body, shadow_body = _stable_events(primary_body), _stable_events(shadow_body)
             if primary_body == shadow_body:
                 return Comparison("match")
             at = next(
@@ -252,3 +258,23 @@ def _without_volatile(document: Any) -> Any:
     if isinstance(document, dict):
         return {k: v for k, v in document.items() if k not in _VOLATILE}
     return document
+
+
+def _stable_events(body: bytes) -> bytes:
+    """An event stream with the volatile fields left out of each event whose data is
+    a JSON object (an OpenAI-style chunk repeats its answer's id and time); every
+    other line as it is."""
+    lines = body.split(b"\n")
+    for index, line in enumerate(lines):
+        if not line.startswith(b"data:"):
+            continue
+        data = line[5:].strip()
+        if not data.startswith(b"{"):
+            continue
+        try:
+            event = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(event, dict) and any(key in event for key in _VOLATILE):
+            lines[index] = b"data: " + orjson.dumps(_without_volatile(event))
+    return b"\n".join(lines)

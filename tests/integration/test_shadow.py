@@ -488,6 +488,60 @@ async def test_streams_are_compared_whole_and_big_ones_skipped(
     )
 
 
+async def test_openai_streams_of_the_same_words_match_whatever_their_ids(
+    make_fake_model: MakeFakeModel, start_sidecar: StartSidecar, tmp_path: Path
+) -> None:
+    """vLLM, llama.cpp and TGI give every streamed answer an id of its own, in each
+    chunk, and its time: two streams of the same words never had the same bytes, so
+    every mirrored LLM stream counted as a mismatch (the answers read whole already
+    leave these fields out)."""
+    primary, candidate = await make_fake_model(), await make_fake_model()
+    answers = iter(range(100))
+
+    def chat(words: list[str]) -> Any:
+        async def stream(request: web.Request) -> web.StreamResponse:
+            await request.read()
+            number = next(answers)
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            for word in words:
+                chunk = {
+                    "id": f"chatcmpl-{number}",
+                    "object": "chat.completion.chunk",
+                    "created": 1700000000 + number,
+                    "model": "llm",
+                    "system_fingerprint": f"fp-{number}",
+                    "choices": [{"index": 0, "delta": {"content": word}}],
+                }
+                await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+            return response
+
+        return stream
+
+    primary.on("/v1/same", chat(["iris ", "is ", "setosa"]))
+    candidate.on("/v1/same", chat(["iris ", "is ", "setosa"]))
+    primary.on("/v1/other", chat(["iris ", "is ", "setosa"]))
+    candidate.on("/v1/other", chat(["iris ", "is ", "virginica"]))
+    compare = {"protocol": "openai", "kind": "numeric"}
+    config = shadow_config(primary.url, candidate.url, tmp_path, compare=compare)
+    sidecar = await start_sidecar(config)
+    for path in ("/v1/same", "/v1/other"):
+        async with sidecar.session.post(sidecar.url + path, data=b"{}") as resp:
+            assert resp.status == 200
+            await resp.read()
+    text = await settled_metrics(sidecar)
+    assert metric_value(text, "sidecar_shadow_comparisons_total", route="all", result="match") == 1
+    assert (
+        metric_value(text, "sidecar_shadow_comparisons_total", route="all", result="mismatch") == 1
+    )
+    await sidecar.running.stop()  # the comparison log written out
+    lines = (tmp_path / "shadow.jsonl").read_bytes().splitlines()
+    (mismatch,) = [r for r in map(orjson.loads, lines) if r["result"] == "mismatch"]
+    assert "virginica" in mismatch["differences"][0]["shadow"]  # the words, not the ids
+
+
 async def test_a_primary_stream_cut_short_is_not_counted_as_a_disagreement(
     make_fake_model: MakeFakeModel, start_sidecar: StartSidecar, tmp_path: Path
 ) -> None:
