@@ -58,6 +58,21 @@ class Hit:
 ModelHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+class GatedHandler:
+    """A fake model handler that holds each request until ``gate`` is set
+    (``entered`` says one has arrived), then answers ``text``."""
+
+    def __init__(self, text: str = "slow") -> None:
+        self.gate = asyncio.Event()
+        self.entered = asyncio.Event()
+        self.text = text
+
+    async def __call__(self, request: web.Request) -> web.Response:
+        self.entered.set()
+        await self.gate.wait()
+        return web.Response(text=self.text)
+
+
 @dataclass
 class FakeModel:
     """A model server whose answers each test scripts; it records every request."""

@@ -10,9 +10,8 @@ import struct
 
 import orjson
 import pytest
-from aiohttp import web
 
-from tests.conftest import LOOPBACK, FakeModel, StartSidecar, base_config, raw_request
+from tests.conftest import LOOPBACK, FakeModel, GatedHandler, StartSidecar, base_config, raw_request
 from tests.integration.test_http_layer import (
     answer,
     raw_upstream,
@@ -252,14 +251,8 @@ async def test_a_flood_of_pipelined_requests_is_capped(
     of the read was parsed and queued (about 4,500 per connection, ~1 KB each, 35
     times the bytes sent). The queue is capped; past it the client gets a 400 after
     the answers it is owed, and the connection closes."""
-    gate = asyncio.Event()
-    entered = asyncio.Event()
-
-    async def slow(request: web.Request) -> web.Response:
-        entered.set()
-        await gate.wait()
-        return web.Response(text="slow")
-
+    slow = GatedHandler()
+    gate, entered = slow.gate, slow.entered
     fake_model.on("/slow", slow)
     sidecar = await start_sidecar(base_config(fake_model.url))
     reader, writer = await asyncio.open_connection(LOOPBACK, sidecar.running.main_port)

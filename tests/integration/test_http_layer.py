@@ -21,6 +21,7 @@ from sidecar.pipeline.auth import hash_key
 from tests.conftest import (
     LOOPBACK,
     FakeModel,
+    GatedHandler,
     StartSidecar,
     base_config,
     clients_that_sent,
@@ -824,14 +825,8 @@ async def test_a_pipelined_request_reads_its_body_when_its_turn_comes(
     """A request pipelined behind one being answered waits with reading paused; its
     body, sent after its head, must be read once its turn comes (not left unread
     until body_timeout)."""
-    gate = asyncio.Event()
-    entered = asyncio.Event()
-
-    async def slow(request: web.Request) -> web.Response:
-        entered.set()
-        await gate.wait()
-        return web.Response(text="slow")
-
+    slow = GatedHandler()
+    gate, entered = slow.gate, slow.entered
     fake_model.on("/slow", slow)
     sidecar = await start_sidecar(base_config(fake_model.url))
     reader, writer = await asyncio.open_connection(LOOPBACK, sidecar.running.main_port)
